@@ -1,0 +1,18 @@
+"""The artifact room: versioned TorchScript policies with manifests. Imports neither offline nor service."""
+
+from model_store.manifest import OBJECTIVES, LambdaPoint, Manifest
+from model_store.store import Artifact, ArtifactError, ModelStore, atomic_write_bytes, sha256_file
+from model_store.torchscript import load_scripted, save_scripted
+
+__all__ = [
+    "OBJECTIVES",
+    "Artifact",
+    "ArtifactError",
+    "LambdaPoint",
+    "Manifest",
+    "ModelStore",
+    "atomic_write_bytes",
+    "load_scripted",
+    "save_scripted",
+    "sha256_file",
+]

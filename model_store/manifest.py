@@ -1,0 +1,93 @@
+"""The manifest that travels beside every exported policy: everything the service needs to run it."""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
+
+OBJECTIVES = ("value", "dt-lagrangian", "dt-literal")
+
+
+@dataclass(frozen=True)
+class LambdaPoint:
+    """One calibration point: running every user through the policy at `lam` costs/earns this per user."""
+
+    lam: float
+    cost_per_user: float
+    revenue_per_user: float
+
+
+@dataclass(frozen=True)
+class Manifest:
+    version: str
+    created_at: str
+    model_sha256: str
+    feature_dim: int
+    num_actions: int
+    context_length: int
+    max_timestep: int
+    objective: str
+    # To-go targets at a user's first step, in currency units; after each observed outcome the service
+    # subtracts the realized reward / cost (RTG_{t+1} = RTG_t - r_t, CTG_{t+1} = CTG_t - c_t).
+    initial_rtg: float
+    initial_ctg: float
+    format: str = "torchscript"
+    # Normalisation baked into the exported module, recorded here for audit only.
+    normalisation: dict[str, Any] = field(default_factory=dict)
+    # Mean realized cost per action in the training logs (index = action), for operators' reference.
+    action_costs: list[float] = field(default_factory=list)
+    lambda_table: list[LambdaPoint] = field(default_factory=list)
+    default_lambda: float | None = None
+    data_sha256: str = ""
+    metrics: dict[str, Any] = field(default_factory=dict)
+    model_config: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        for name in ("feature_dim", "num_actions", "context_length", "max_timestep"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"manifest field {name} must be a positive integer, got {value!r}")
+        if self.num_actions < 2:
+            raise ValueError("manifest field num_actions must be >= 2 (no coupon + at least one coupon)")
+        if self.objective not in OBJECTIVES:
+            raise ValueError(f"manifest field objective must be one of {OBJECTIVES}, got {self.objective!r}")
+        if len(self.model_sha256) != 64:
+            raise ValueError("manifest field model_sha256 must be a sha256 hex digest")
+        for name in ("initial_rtg", "initial_ctg"):
+            if not math.isfinite(getattr(self, name)):
+                raise ValueError(f"manifest field {name} must be finite")
+
+    def lambda_for_budget_per_user(self, budget_per_user: float) -> float | None:
+        """Smallest calibrated lambda whose spend per user fits `budget_per_user` (None without a table)."""
+        if not self.lambda_table:
+            return self.default_lambda
+        fitting = [p for p in self.lambda_table if p.cost_per_user <= budget_per_user]
+        if not fitting:
+            return max(p.lam for p in self.lambda_table)
+        return min(p.lam for p in fitting)
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> Manifest:
+        known = {f.name for f in fields(cls)}
+        missing = [
+            name for name in ("version", "created_at", "model_sha256", "feature_dim", "num_actions",
+                              "context_length", "max_timestep", "objective", "initial_rtg", "initial_ctg")
+            if name not in data
+        ]
+        if missing:
+            raise ValueError(f"manifest lacks field(s): {', '.join(missing)}")
+        kwargs = {k: v for k, v in data.items() if k in known}
+        kwargs["lambda_table"] = [
+            p if isinstance(p, LambdaPoint) else LambdaPoint(**p) for p in kwargs.get("lambda_table", [])
+        ]
+        for name in ("initial_rtg", "initial_ctg"):
+            kwargs[name] = float(kwargs[name])
+        return cls(**kwargs)
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def to_json_bytes(self) -> bytes:
+        return (json.dumps(self.to_json(), indent=2, sort_keys=True) + "\n").encode()

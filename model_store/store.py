@@ -1,0 +1,225 @@
+"""A versioned, checksummed directory of exported policies with an atomic `CURRENT` pointer.
+
+Layout::
+
+    <root>/versions/<version>/model.pt        the TorchScript policy
+    <root>/versions/<version>/manifest.json   see `Manifest`
+    <root>/CURRENT                            the serving version (one line)
+    <root>/HISTORY                            versions that were current, oldest first (for rollback)
+
+Every write goes to a temporary file in the same directory, is fsynced, then renamed, so a reader sees
+either the old file or the new one. A version directory is published by renaming a complete staging
+directory, so a half-written version is never visible. Loading verifies the model file's sha256.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import re
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from model_store.manifest import Manifest
+
+MODEL_FILE = "model.pt"
+MANIFEST_FILE = "manifest.json"
+_VERSION_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+
+
+class ArtifactError(RuntimeError):
+    """A version is missing, corrupt, or does not match what the caller expects."""
+
+
+@dataclass(frozen=True)
+class Artifact:
+    version: str
+    path: Path
+    manifest: Manifest
+
+    @property
+    def model_path(self) -> Path:
+        return self.path / MODEL_FILE
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write `data` to `path` so that readers see the old or the new content, never a mix."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+        _fsync_dir(path.parent)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+class ModelStore:
+    def __init__(self, root: str | os.PathLike[str]) -> None:
+        self.root = Path(root)
+
+    @property
+    def versions_dir(self) -> Path:
+        return self.root / "versions"
+
+    # ---- reading -------------------------------------------------------------------------------
+    def list_versions(self) -> list[str]:
+        """Published versions, oldest first."""
+        if not self.versions_dir.is_dir():
+            return []
+        found = [p for p in self.versions_dir.iterdir() if p.is_dir() and (p / MANIFEST_FILE).is_file()]
+        return [p.name for p in sorted(found, key=lambda p: (p.stat().st_mtime, p.name))]
+
+    def current_version(self) -> str | None:
+        pointer = self.root / "CURRENT"
+        if not pointer.is_file():
+            return None
+        version = pointer.read_text().strip()
+        return version or None
+
+    def history(self) -> list[str]:
+        path = self.root / "HISTORY"
+        return [v for v in path.read_text().split() if v] if path.is_file() else []
+
+    def load(self, version: str | None = None) -> Artifact:
+        """The named (default: current) version, with its checksum verified."""
+        version = version or self.current_version()
+        if version is None:
+            raise ArtifactError(f"model store {self.root} has no current version (train one with `saco train`)")
+        self._check_version_name(version)
+        path = self.versions_dir / version
+        if not (path / MANIFEST_FILE).is_file() or not (path / MODEL_FILE).is_file():
+            raise ArtifactError(f"version {version!r} is not in model store {self.root}")
+        try:
+            manifest = Manifest.from_json(json.loads((path / MANIFEST_FILE).read_text()))
+        except (ValueError, KeyError, TypeError) as exc:
+            raise ArtifactError(f"version {version!r}: unreadable manifest: {exc}") from exc
+        actual = sha256_file(path / MODEL_FILE)
+        if actual != manifest.model_sha256:
+            raise ArtifactError(
+                f"version {version!r}: model file checksum {actual[:12]}… does not match the manifest's "
+                f"{manifest.model_sha256[:12]}… (corrupt or tampered artifact)"
+            )
+        if manifest.version != version:
+            raise ArtifactError(f"version {version!r}: manifest names version {manifest.version!r}")
+        return Artifact(version=version, path=path, manifest=manifest)
+
+    # ---- writing -------------------------------------------------------------------------------
+    def new_version_name(self) -> str:
+        stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime())
+        existing = set(self.list_versions())
+        n = 1
+        while f"v{stamp}-{n}" in existing:
+            n += 1
+        return f"v{stamp}-{n}"
+
+    def publish(
+        self,
+        model_file: str | os.PathLike[str],
+        manifest: dict[str, Any],
+        *,
+        version: str | None = None,
+        make_current: bool = True,
+        validate: Any = None,
+    ) -> Artifact:
+        """Copy `model_file` and its manifest into a new version, atomically.
+
+        `manifest` is completed with version, created_at and model_sha256. `validate(artifact)`, if
+        given, runs on the staged copy before it becomes visible (e.g. load it and run a forward);
+        any exception it raises aborts the publish and leaves the store as it was.
+        """
+        version = version or self.new_version_name()
+        self._check_version_name(version)
+        self.versions_dir.mkdir(parents=True, exist_ok=True)
+        final = self.versions_dir / version
+        if final.exists():
+            raise ArtifactError(f"version {version!r} already exists in {self.root}")
+        staging = Path(tempfile.mkdtemp(prefix=f".staging-{version}-", dir=self.versions_dir))
+        try:
+            shutil.copyfile(model_file, staging / MODEL_FILE)
+            with open(staging / MODEL_FILE, "rb+") as fh:
+                os.fsync(fh.fileno())
+            full = dict(manifest)
+            full.update(
+                version=version,
+                created_at=full.get("created_at") or time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                model_sha256=sha256_file(staging / MODEL_FILE),
+            )
+            manifest_obj = Manifest.from_json(full)  # refuses an incomplete manifest before publishing
+            atomic_write_bytes(staging / MANIFEST_FILE, manifest_obj.to_json_bytes())
+            if validate is not None:
+                validate(Artifact(version=version, path=staging, manifest=manifest_obj))
+            os.rename(staging, final)
+            _fsync_dir(self.versions_dir)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+        if make_current:
+            self.promote(version)
+        return self.load(version)
+
+    def update_manifest(self, version: str, **fields: Any) -> Artifact:
+        """Replace manifest fields (e.g. the lambda table after calibration); the model is untouched."""
+        artifact = self.load(version)
+        data = artifact.manifest.to_json()
+        data.update(fields)
+        atomic_write_bytes(artifact.path / MANIFEST_FILE, Manifest.from_json(data).to_json_bytes())
+        return self.load(version)
+
+    def promote(self, version: str) -> None:
+        """Make `version` current after verifying it loads (checksum, manifest)."""
+        self.load(version)
+        previous = self.current_version()
+        if previous == version:
+            return
+        hist = self.history()
+        if previous is not None:
+            hist.append(previous)
+        atomic_write_bytes(self.root / "HISTORY", ("\n".join(hist) + "\n").encode())
+        atomic_write_bytes(self.root / "CURRENT", (version + "\n").encode())
+
+    def rollback(self) -> str:
+        """Make the previously current version current again; returns it."""
+        hist = self.history()
+        while hist:
+            candidate = hist.pop()
+            try:
+                self.load(candidate)
+            except ArtifactError:
+                continue  # a corrupt predecessor is skipped, never made current
+            atomic_write_bytes(self.root / "HISTORY", ("\n".join(hist) + "\n").encode())
+            atomic_write_bytes(self.root / "CURRENT", (candidate + "\n").encode())
+            return candidate
+        raise ArtifactError(f"model store {self.root} has no earlier valid version to roll back to")
+
+    @staticmethod
+    def _check_version_name(version: str) -> None:
+        if not _VERSION_RE.match(version):
+            raise ArtifactError(f"invalid version name {version!r}")
