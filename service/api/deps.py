@@ -1,0 +1,50 @@
+"""Route dependencies, as `Annotated` aliases."""
+
+from __future__ import annotations
+
+import hmac
+from typing import Annotated
+
+from fastapi import Depends, HTTPException, Path, Request, status
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+
+from service.engine import DecisionEngine
+from service.runtime import Runtime
+from service.schemas import CAMPAIGN_ID_PATTERN
+
+
+def get_runtime(request: Request) -> Runtime:
+    runtime: Runtime = request.app.state.runtime
+    return runtime
+
+
+def get_engine(request: Request) -> DecisionEngine:
+    engine: DecisionEngine = request.app.state.runtime.engine
+    return engine
+
+
+RuntimeDep = Annotated[Runtime, Depends(get_runtime)]
+EngineDep = Annotated[DecisionEngine, Depends(get_engine)]
+CampaignId = Annotated[str, Path(pattern=CAMPAIGN_ID_PATTERN, description="letters, digits, . _ : -")]
+
+_bearer = HTTPBearer(auto_error=False)
+
+
+def require_admin(
+    runtime: RuntimeDep,
+    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
+) -> None:
+    """Bearer SACO_ADMIN_TOKEN. Without a configured token the admin routes do not exist (404)."""
+    token = runtime.settings.admin_token
+    if token is None or not token.get_secret_value():
+        raise HTTPException(status.HTTP_404_NOT_FOUND, "admin API is disabled (SACO_ADMIN_TOKEN is not set)")
+    given = credentials.credentials if credentials is not None else ""
+    if not hmac.compare_digest(given.encode(), token.get_secret_value().encode()):
+        raise HTTPException(
+            status.HTTP_401_UNAUTHORIZED,
+            "missing or wrong admin bearer token",
+            headers={"WWW-Authenticate": "Bearer"},
+        )
+
+
+AdminDep = Depends(require_admin)

@@ -1,0 +1,42 @@
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter, HTTPException, status
+
+from service.api.deps import AdminDep, CampaignId, EngineDep, RuntimeDep
+from service.policy import PolicyRejected
+from service.schemas import CampaignPatch, CampaignPut, CampaignView, ReloadResponse
+
+router = APIRouter(prefix="/v1/admin", tags=["admin"], dependencies=[AdminDep])
+
+
+@router.put("/campaigns/{campaign_id}", response_model=CampaignView)
+async def put_campaign(campaign_id: CampaignId, body: CampaignPut, engine: EngineDep) -> dict[str, Any]:
+    return await engine.put_campaign(campaign_id, body)
+
+
+@router.patch("/campaigns/{campaign_id}", response_model=CampaignView)
+async def patch_campaign(campaign_id: CampaignId, body: CampaignPatch, engine: EngineDep) -> dict[str, Any]:
+    return await engine.patch_campaign(campaign_id, body)
+
+
+@router.get("/campaigns/{campaign_id}", response_model=CampaignView)
+async def get_campaign(campaign_id: CampaignId, engine: EngineDep) -> dict[str, Any]:
+    return await engine.get_campaign(campaign_id)
+
+
+@router.post("/models/reload")
+async def reload_model(runtime: RuntimeDep) -> ReloadResponse:
+    """Load the store's current version, verify it (checksum, dimensions, test forward), then swap."""
+    try:
+        previous, current = await runtime.policies.reload()
+    except PolicyRejected as exc:
+        raise HTTPException(
+            status.HTTP_409_CONFLICT, f"model not loaded, the incumbent keeps serving: {exc}"
+        ) from exc
+    if previous.version != current.version:
+        runtime.metrics.set_model(previous.version, current.version)
+    return ReloadResponse(
+        version=current.version, previous=previous.version, changed=previous.version != current.version
+    )

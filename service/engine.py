@@ -1,0 +1,362 @@
+"""The decision and settlement logic behind the routes (the routes only translate HTTP)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import time
+from collections import Counter
+from typing import Any
+
+import numpy as np
+
+from model_store import Manifest
+from service.batcher import MicroBatcher
+from service.metrics import ServiceMetrics
+from service.money import from_cents, to_cents
+from service.policy import PolicyHolder, PolicyInputs
+from service.schemas import CampaignPatch, CampaignPut, DecisionsRequest, OutcomesRequest, OutcomesResponse
+from service.settings import Settings
+from service.state import (
+    CampaignNotFound,
+    CampaignState,
+    CampaignUpdate,
+    NewStep,
+    Outcome,
+    ReserveItem,
+    StateStore,
+    StateStoreError,
+    UserContext,
+)
+from service.state.base import STEP_ACTION, STEP_CTG, STEP_FEATURES, STEP_RTG, STEP_T
+
+log = logging.getLogger("saco.service.engine")
+
+
+class InvalidInput(ValueError):
+    """Input that pydantic could not check alone (it depends on the model or the campaign): a 422."""
+
+    def __init__(self, loc: tuple[str | int, ...], msg: str, value: Any = None) -> None:
+        super().__init__(msg)
+        self.errors = [{"type": "value_error", "loc": ("body", *loc), "msg": msg, "input": value}]
+
+
+def new_decision_id() -> str:
+    return "d-" + os.urandom(12).hex()
+
+
+def now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+def campaign_lambda(campaign: CampaignState, manifest: Manifest) -> tuple[float, str]:
+    """The campaign's lambda and where it came from: admin-set, calibration table, model default, none."""
+    if campaign.admin_lambda is not None:
+        return campaign.admin_lambda, "admin"
+    if campaign.expected_users and manifest.lambda_table:
+        lam = manifest.lambda_for_budget_per_user(from_cents(campaign.budget) / campaign.expected_users)
+        if lam is not None:
+            return float(lam), "calibration"
+    if manifest.default_lambda is not None:
+        return float(manifest.default_lambda), "model-default"
+    return 0.0, "none"
+
+
+def build_inputs(
+    manifest: Manifest, features: np.ndarray, contexts: list[UserContext | None], lam: float
+) -> PolicyInputs:
+    """Right-aligned model inputs: each user's last context_length-1 steps, then the current decision."""
+    rows, dim = features.shape
+    capacity = manifest.context_length - 1
+    pasts: list[list[list[Any]]] = []
+    current_t = np.zeros(rows, np.int64)
+    current_rtg = np.full(rows, manifest.initial_rtg, np.float32)
+    current_ctg = np.full(rows, manifest.initial_ctg, np.float32)
+    for i, context in enumerate(contexts):
+        if context is None:
+            pasts.append([])
+            continue
+        steps = context["s"]
+        pasts.append(steps[-capacity:] if capacity > 0 and steps else [])
+        current_t[i], current_rtg[i], current_ctg[i] = context["t"], context["g"], context["k"]
+    length = 1 + max(len(p) for p in pasts)
+    positions: list[int] = []
+    flat_steps: list[list[Any]] = []
+    for i, past in enumerate(pasts):
+        if past:
+            start = i * length + length - 1 - len(past)
+            positions.extend(range(start, start + len(past)))
+            flat_steps.extend(past)
+    current = np.arange(rows) * length + length - 1
+
+    states = np.zeros((rows * length, dim), np.float32)
+    actions = np.zeros(rows * length, np.int64)
+    rtg = np.zeros(rows * length, np.float32)
+    ctg = np.zeros(rows * length, np.float32)
+    timesteps = np.zeros(rows * length, np.int64)
+    mask = np.zeros(rows * length, np.bool_)
+    if flat_steps:
+        packed = bytes.fromhex("".join(step[STEP_FEATURES] for step in flat_steps))
+        states[positions] = np.frombuffer(packed, "<f4").reshape(len(flat_steps), dim)
+        actions[positions] = [step[STEP_ACTION] for step in flat_steps]
+        rtg[positions] = [step[STEP_RTG] for step in flat_steps]
+        ctg[positions] = [step[STEP_CTG] for step in flat_steps]
+        timesteps[positions] = [step[STEP_T] for step in flat_steps]
+        mask[positions] = True
+    states[current] = features
+    rtg[current] = current_rtg
+    ctg[current] = current_ctg
+    timesteps[current] = current_t
+    mask[current] = True
+    np.minimum(timesteps, manifest.max_timestep - 1, out=timesteps)
+    return PolicyInputs(
+        states=states.reshape(rows, length, dim),
+        actions=actions.reshape(rows, length),
+        rtg=rtg.reshape(rows, length),
+        ctg=ctg.reshape(rows, length),
+        timesteps=timesteps.reshape(rows, length),
+        lam=np.full(rows, lam, np.float32),
+        mask=mask.reshape(rows, length),
+    )
+
+
+def preferences(scores: np.ndarray, offered: list[int]) -> tuple[list[list[int]], np.ndarray]:
+    """Per row: offered actions by descending score, cut after action 0 (nothing below "no coupon" is
+    preferable to it); and the priority order of rows (largest gain of the best coupon over none first)."""
+    allowed = np.zeros(scores.shape[1], np.bool_)
+    allowed[0] = True
+    allowed[[a for a in offered if 0 < a < scores.shape[1]]] = True
+    masked = np.where(allowed, scores, -np.inf)
+    ranked = np.argsort(-masked, axis=1, kind="stable").tolist()
+    prefs = []
+    for row in ranked:
+        cut = row.index(0) + 1
+        prefs.append(row[:cut])
+    gain = masked.max(axis=1) - masked[:, 0]
+    return prefs, np.argsort(-gain, kind="stable")
+
+
+class DecisionEngine:
+    def __init__(
+        self,
+        settings: Settings,
+        policies: PolicyHolder,
+        store: StateStore,
+        batcher: MicroBatcher,
+        metrics: ServiceMetrics,
+    ) -> None:
+        self.settings = settings
+        self.policies = policies
+        self.store = store
+        self.batcher = batcher
+        self.metrics = metrics
+
+    # ---- decisions -------------------------------------------------------------------------------
+    async def decide(self, campaign_id: str, body: DecisionsRequest) -> bytes:
+        """The hot path; returns the response body (JSON bytes)."""
+        policy = self.policies.current
+        manifest = policy.manifest
+        requests = body.requests
+        if len(requests) > self.settings.max_batch:
+            raise InvalidInput(
+                ("requests",), f"at most {self.settings.max_batch} requests per call, got {len(requests)}"
+            )
+        for i, item in enumerate(requests):
+            if len(item.features) != manifest.feature_dim:
+                raise InvalidInput(
+                    ("requests", i, "features"),
+                    f"must have {manifest.feature_dim} values "
+                    f"(the model's feature_dim), got {len(item.features)}",
+                )
+        features = np.array([item.features for item in requests], np.float32)
+        if not np.isfinite(features).all():  # finite doubles that overflow float32
+            row = int(np.argwhere(~np.isfinite(features))[0][0])
+            raise InvalidInput(("requests", row, "features"), "values must fit a 32-bit float")
+        self.metrics.decision_batch_users.observe(len(requests))
+
+        with self.batcher.expect() as ticket:
+            campaign, contexts = await self.store.load_for_decision(
+                campaign_id, [r.user_id for r in requests]
+            )
+            if campaign is None:
+                raise CampaignNotFound(campaign_id)
+            lam, _ = campaign_lambda(campaign, manifest)
+            inputs = build_inputs(manifest, features, contexts, lam)
+            scores = await self.batcher.scores(policy, inputs, ticket)
+
+        prefs, priority = preferences(scores, list(campaign.coupons))
+        items = [
+            ReserveItem(new_decision_id(), requests[i].user_id, requests[i].request_id, prefs[i])
+            for i in priority.tolist()
+        ]
+        settings = self.settings
+        result = await self.store.reserve(
+            campaign_id,
+            items,
+            model_version=policy.version,
+            lam=lam,
+            now_ms=now_ms(),
+            reservation_expiry_ms=settings.reservation_expiry_s * 1000,
+            decision_ttl_ms=settings.decision_ttl_s * 1000,
+        )
+        decisions: list[dict[str, Any]] = [{}] * len(requests)
+        new_steps: list[NewStep] = []
+        little_endian = features.astype("<f4", copy=False)
+        by_action: Counter[int] = Counter()
+        downgraded = replayed = 0
+        for row, decided in zip(priority.tolist(), result.decisions, strict=True):
+            decisions[row] = {
+                "user_id": decided.user_id,
+                "decision_id": decided.decision_id,
+                "action": decided.action,
+                "cost": from_cents(decided.cost),
+                "model_version": decided.model_version,
+                "lambda": decided.lam,
+            }
+            if decided.new:
+                new_steps.append(
+                    NewStep(
+                        decided.user_id,
+                        decided.decision_id,
+                        decided.action,
+                        little_endian[row].tobytes().hex(),
+                    )
+                )
+                by_action[decided.action] += 1
+                downgraded += decided.downgraded
+            else:
+                replayed += 1
+        try:
+            await self.store.append_steps(
+                campaign_id,
+                new_steps,
+                capacity=manifest.context_length - 1,
+                ttl_ms=settings.context_ttl_s * 1000,
+                initial_rtg=manifest.initial_rtg,
+                initial_ctg=manifest.initial_ctg,
+            )
+        except StateStoreError:
+            # the reservations are made and valid: answer them; the users' next steps lack this one
+            log.warning("context write failed after a successful reservation", exc_info=True)
+        for action, count in by_action.items():
+            self.metrics.decisions.labels(action=str(action)).inc(count)
+        if downgraded:
+            self.metrics.reservations_refused.labels(campaign=campaign_id).inc(downgraded)
+        if replayed:
+            self.metrics.idempotent_replays.inc(replayed)
+        self.metrics.budget_remaining.labels(campaign=campaign_id).set(from_cents(max(0, result.remaining)))
+        return json.dumps({"decisions": decisions}, separators=(",", ":")).encode()
+
+    # ---- outcomes --------------------------------------------------------------------------------
+    async def record_outcomes(self, campaign_id: str, body: OutcomesRequest) -> OutcomesResponse:
+        outcomes = [Outcome(o.decision_id, o.reward, to_cents(o.cost)) for o in body.outcomes]
+        result = await self.store.settle(campaign_id, outcomes)
+        try:
+            await self.store.apply_outcomes_to_contexts(
+                campaign_id, result.context_updates, ttl_ms=self.settings.context_ttl_s * 1000
+            )
+        except StateStoreError:
+            log.warning("context update failed after settling outcomes", exc_info=True)
+        for name, count in (
+            ("accepted", result.accepted),
+            ("duplicate", result.duplicates),
+            ("unknown", result.unknown),
+        ):
+            if count:
+                self.metrics.outcomes.labels(result=name).inc(count)
+        self.metrics.budget_remaining.labels(campaign=campaign_id).set(from_cents(max(0, result.remaining)))
+        return OutcomesResponse(
+            accepted=result.accepted, duplicates=result.duplicates, unknown=result.unknown
+        )
+
+    # ---- campaigns -------------------------------------------------------------------------------
+    def _coupons(self, coupons: list[Any]) -> dict[int, int]:
+        num_actions = self.policies.current.manifest.num_actions
+        table: dict[int, int] = {}
+        for i, coupon in enumerate(coupons):
+            if coupon.action >= num_actions:
+                raise InvalidInput(
+                    ("coupons", i, "action"),
+                    f"must be within 1..{num_actions - 1} (the model's actions)",
+                    coupon.action,
+                )
+            if coupon.action in table:
+                raise InvalidInput(
+                    ("coupons", i, "action"), f"action {coupon.action} is listed twice", coupon.action
+                )
+            table[coupon.action] = to_cents(coupon.cost)
+        return table
+
+    async def put_campaign(self, campaign_id: str, body: CampaignPut) -> dict[str, Any]:
+        update = CampaignUpdate(
+            replace=True,
+            budget=to_cents(body.budget),
+            coupons=self._coupons(body.coupons),
+            admin_lambda=body.lambda_,
+            expected_users=body.expected_users,
+        )
+        return self.view(await self.store.upsert_campaign(campaign_id, update))
+
+    async def patch_campaign(self, campaign_id: str, body: CampaignPatch) -> dict[str, Any]:
+        given = body.model_fields_set
+        update = CampaignUpdate(
+            replace=False,
+            budget=None if body.budget is None else to_cents(body.budget),
+            coupons=None if body.coupons is None else self._coupons(body.coupons),
+            admin_lambda=body.lambda_,
+            clear_lambda="lambda_" in given and body.lambda_ is None,
+            expected_users=body.expected_users,
+            clear_expected_users="expected_users" in given and body.expected_users is None,
+        )
+        if "budget" in given and body.budget is None:
+            raise InvalidInput(("budget",), "must be a number", None)
+        if "coupons" in given and body.coupons is None:
+            raise InvalidInput(("coupons",), "must be a list", None)
+        return self.view(await self.store.upsert_campaign(campaign_id, update))
+
+    async def get_campaign(self, campaign_id: str) -> dict[str, Any]:
+        released = await self.store.sweep_expired(campaign_id, now_ms())
+        if released:
+            self.metrics.reservations_expired.labels(campaign=campaign_id).inc(released)
+        campaign = await self.store.get_campaign(campaign_id)
+        if campaign is None:
+            raise CampaignNotFound(campaign_id)
+        return self.view(campaign)
+
+    def view(self, campaign: CampaignState) -> dict[str, Any]:
+        lam, source = campaign_lambda(campaign, self.policies.current.manifest)
+        self.metrics.budget_remaining.labels(campaign=campaign.campaign_id).set(
+            from_cents(campaign.remaining)
+        )
+        return {
+            "campaign_id": campaign.campaign_id,
+            "budget": from_cents(campaign.budget),
+            "spent": from_cents(campaign.spent),
+            "reserved": from_cents(campaign.reserved),
+            "remaining": from_cents(campaign.remaining),
+            "lambda": lam,
+            "model_version": campaign.model_version,
+            "decisions": campaign.decisions,
+            "coupons": [{"action": a, "cost": from_cents(c)} for a, c in sorted(campaign.coupons.items())],
+            "lambda_source": source,
+            "expected_users": campaign.expected_users,
+            "overrun": from_cents(campaign.overrun),
+        }
+
+    # ---- background ------------------------------------------------------------------------------
+    async def sweep_forever(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.sweep_interval_s)
+            try:
+                for campaign_id in await self.store.campaign_ids():
+                    released = await self.store.sweep_expired(campaign_id, now_ms())
+                    if released:
+                        self.metrics.reservations_expired.labels(campaign=campaign_id).inc(released)
+                        log.info(
+                            "released expired reservations",
+                            extra={"campaign": campaign_id, "released": released},
+                        )
+            except StateStoreError:
+                log.warning("reservation sweep failed (state store unavailable)")

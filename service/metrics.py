@@ -1,0 +1,102 @@
+"""Prometheus metrics, one registry per app (so several apps can live in one process, e.g. tests)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+_LATENCY_BUCKETS = (
+    0.0005,
+    0.001,
+    0.002,
+    0.003,
+    0.005,
+    0.0075,
+    0.01,
+    0.015,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+)
+_ROWS_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
+
+
+class ServiceMetrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.request_seconds = Histogram(
+            "saco_http_request_duration_seconds",
+            "HTTP request latency",
+            ["method", "route", "status"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.decision_batch_users = Histogram(
+            "saco_decision_request_users",
+            "users per decisions request",
+            buckets=_ROWS_BUCKETS,
+            registry=r,
+        )
+        self.batch_rows = Histogram(
+            "saco_batch_rows",
+            "rows per coalesced model forward",
+            buckets=_ROWS_BUCKETS,
+            registry=r,
+        )
+        self.queue_wait = Histogram(
+            "saco_batch_queue_wait_seconds",
+            "time a request waited for its forward to start",
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.inference_seconds = Histogram(
+            "saco_inference_seconds",
+            "duration of one coalesced forward",
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.decisions = Counter("saco_decisions_total", "new decisions by action", ["action"], registry=r)
+        self.idempotent_replays = Counter(
+            "saco_decisions_replayed_total",
+            "decisions returned again for a repeated request_id",
+            registry=r,
+        )
+        self.reservations_refused = Counter(
+            "saco_reservations_refused_total",
+            "preferred coupons that did not fit the remaining budget (replaced by a cheaper one or none)",
+            ["campaign"],
+            registry=r,
+        )
+        self.budget_remaining = Gauge(
+            "saco_budget_remaining",
+            "remaining budget per campaign (currency units)",
+            ["campaign"],
+            registry=r,
+        )
+        self.outcomes = Counter("saco_outcomes_total", "outcomes by result", ["result"], registry=r)
+        self.reservations_expired = Counter(
+            "saco_reservations_expired_total",
+            "reservations released by the expiry sweep",
+            ["campaign"],
+            registry=r,
+        )
+        self.overloaded = Counter(
+            "saco_batcher_overloaded_total", "requests refused by a full queue", registry=r
+        )
+        self.state_store_errors = Counter(
+            "saco_state_store_errors_total",
+            "requests answered 503 because the state store failed",
+            registry=r,
+        )
+        self.model_info = Gauge(
+            "saco_model_info", "the serving model version (value 1)", ["version"], registry=r
+        )
+
+    def set_model(self, previous: str | None, version: str) -> None:
+        if previous is not None:
+            self.model_info.remove(previous)
+        self.model_info.labels(version=version).set(1)

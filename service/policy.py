@@ -1,0 +1,178 @@
+"""The served policy: load a model-store version, verify it, run forwards, swap versions atomically."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from model_store import Artifact, ArtifactError, Manifest, ModelStore, load_scripted
+
+log = logging.getLogger("saco.service.policy")
+
+
+class PolicyRejected(RuntimeError):
+    """A model version that must not serve (checksum, dimensions, failing forward)."""
+
+
+@dataclass(frozen=True)
+class PolicyInputs:
+    """One batch of model inputs, right-aligned (padding on the left, the last position is the decision)."""
+
+    states: np.ndarray  # f32 [B, L, d]
+    actions: np.ndarray  # i64 [B, L]
+    rtg: np.ndarray  # f32 [B, L]
+    ctg: np.ndarray  # f32 [B, L]
+    timesteps: np.ndarray  # i64 [B, L]
+    lam: np.ndarray  # f32 [B]
+    mask: np.ndarray  # bool [B, L]
+
+    @property
+    def rows(self) -> int:
+        return int(self.states.shape[0])
+
+    @property
+    def length(self) -> int:
+        return int(self.states.shape[1])
+
+    @staticmethod
+    def concatenate(parts: list[PolicyInputs]) -> PolicyInputs:
+        """Stack batches, left-padding the shorter ones to the longest context."""
+        if len(parts) == 1:
+            return parts[0]
+        rows = sum(p.rows for p in parts)
+        length = max(p.length for p in parts)
+        dim = parts[0].states.shape[2]
+        out = PolicyInputs(
+            states=np.zeros((rows, length, dim), np.float32),
+            actions=np.zeros((rows, length), np.int64),
+            rtg=np.zeros((rows, length), np.float32),
+            ctg=np.zeros((rows, length), np.float32),
+            timesteps=np.zeros((rows, length), np.int64),
+            lam=np.concatenate([p.lam for p in parts]),
+            mask=np.zeros((rows, length), np.bool_),
+        )
+        row = 0
+        for p in parts:
+            rs, cs = slice(row, row + p.rows), slice(length - p.length, length)
+            out.states[rs, cs] = p.states
+            out.actions[rs, cs] = p.actions
+            out.rtg[rs, cs] = p.rtg
+            out.ctg[rs, cs] = p.ctg
+            out.timesteps[rs, cs] = p.timesteps
+            out.mask[rs, cs] = p.mask
+            row += p.rows
+        return out
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise PolicyRejected("SACO_DEVICE=cuda but no CUDA device is available")
+    return torch.device(name)
+
+
+@dataclass(frozen=True)
+class LoadedPolicy:
+    artifact: Artifact
+    module: torch.jit.ScriptModule
+    device: torch.device
+
+    @property
+    def manifest(self) -> Manifest:
+        return self.artifact.manifest
+
+    @property
+    def version(self) -> str:
+        return self.artifact.version
+
+    def scores(self, inputs: PolicyInputs) -> np.ndarray:
+        """f32 [B, num_actions]; blocking: call it on the inference thread."""
+        device = self.device
+        with torch.inference_mode():
+            out = self.module(
+                torch.from_numpy(inputs.states).to(device),
+                torch.from_numpy(inputs.actions).to(device),
+                torch.from_numpy(inputs.rtg).to(device),
+                torch.from_numpy(inputs.ctg).to(device),
+                torch.from_numpy(inputs.timesteps).to(device),
+                torch.from_numpy(inputs.lam).to(device),
+                torch.from_numpy(inputs.mask).to(device),
+            )
+        return out.float().cpu().numpy()
+
+
+def smoke_inputs(manifest: Manifest, rows: int = 2) -> PolicyInputs:
+    length = min(2, manifest.context_length)
+    mask = np.ones((rows, length), np.bool_)
+    if length > 1:
+        mask[0, 0] = False
+    return PolicyInputs(
+        states=np.zeros((rows, length, manifest.feature_dim), np.float32),
+        actions=np.zeros((rows, length), np.int64),
+        rtg=np.full((rows, length), manifest.initial_rtg, np.float32),
+        ctg=np.full((rows, length), manifest.initial_ctg, np.float32),
+        timesteps=np.tile(np.arange(length, dtype=np.int64), (rows, 1)),
+        lam=np.zeros(rows, np.float32),
+        mask=mask,
+    )
+
+
+def load_policy(store_root: str, device_name: str, version: str | None = None) -> LoadedPolicy:
+    """Load and verify a version: checksum (model store), then a test forward of the expected shape."""
+    try:
+        artifact = ModelStore(store_root).load(version)
+    except ArtifactError as exc:
+        raise PolicyRejected(str(exc)) from exc
+    device = resolve_device(device_name)
+    try:
+        module = load_scripted(artifact.model_path, device)
+    except Exception as exc:  # a corrupt or incompatible TorchScript file
+        raise PolicyRejected(
+            f"version {artifact.version!r}: cannot load the TorchScript model: {exc}"
+        ) from exc
+    policy = LoadedPolicy(artifact, module, device)
+    manifest = artifact.manifest
+    try:
+        scores = policy.scores(smoke_inputs(manifest))
+    except Exception as exc:
+        raise PolicyRejected(f"version {artifact.version!r}: test forward failed: {exc}") from exc
+    if scores.shape != (2, manifest.num_actions):
+        raise PolicyRejected(
+            f"version {artifact.version!r}: test forward gave shape {tuple(scores.shape)}, "
+            f"the manifest says (batch, {manifest.num_actions})"
+        )
+    if not np.isfinite(scores).all():
+        raise PolicyRejected(f"version {artifact.version!r}: test forward gave non-finite scores")
+    return policy
+
+
+class PolicyHolder:
+    """The serving policy; `reload` verifies a candidate off the event loop, then swaps the reference."""
+
+    def __init__(self, policy: LoadedPolicy, store_root: str, device_name: str) -> None:
+        self.current = policy
+        self._store_root = store_root
+        self._device_name = device_name
+        self._reload_lock = asyncio.Lock()
+
+    async def reload(self) -> tuple[LoadedPolicy, LoadedPolicy]:
+        """(previous, new). Raises PolicyRejected and keeps the incumbent when the candidate fails."""
+        async with self._reload_lock:
+            previous = self.current
+            candidate = await asyncio.to_thread(load_policy, self._store_root, self._device_name)
+            old, new = previous.manifest, candidate.manifest
+            for field in ("feature_dim", "num_actions"):
+                if getattr(old, field) != getattr(new, field):
+                    raise PolicyRejected(
+                        f"version {candidate.version!r} changes {field} from {getattr(old, field)} to "
+                        f"{getattr(new, field)}; that changes the API and the stored contexts, so it needs a "
+                        "new deployment, not a reload"
+                    )
+            self.current = candidate
+            log.info("model swapped", extra={"previous": previous.version, "version": candidate.version})
+            return previous, candidate

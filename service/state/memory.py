@@ -1,0 +1,334 @@
+"""The embedded state store: the same semantics as the Redis one, in process, under one asyncio lock.
+
+The default when no Redis URL is configured (a single service process). Expiry is emulated with
+deadlines checked on access and purged by the sweep.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass, field, replace
+
+from service.state.base import (
+    STEP_COST,
+    STEP_CTG,
+    STEP_DECISION,
+    STEP_REWARD,
+    STEP_RTG,
+    CampaignNotFound,
+    CampaignState,
+    CampaignUpdate,
+    CostAboveReservation,
+    NewStep,
+    Outcome,
+    ReservedDecision,
+    ReserveItem,
+    ReserveResult,
+    SettleResult,
+    StateStore,
+    UserContext,
+)
+
+RESERVED, SETTLED, EXPIRED = "R", "S", "X"
+
+
+def _now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+@dataclass
+class _DecisionRecord:
+    user_id: str
+    action: int
+    probability: float
+    reserved: int
+    status: str
+    model_version: str
+    lam: float
+    expires_ms: int
+    reward: float | None = None
+    cost: int | None = None
+
+
+@dataclass
+class _Campaign:
+    state: CampaignState
+    decisions: dict[str, _DecisionRecord] = field(default_factory=dict)
+    requests: dict[str, tuple[str, int]] = field(default_factory=dict)  # request_id -> (decision_id, expiry)
+    pending: dict[str, int] = field(default_factory=dict)  # decision_id -> release deadline (ms)
+
+
+def append_step(
+    context: UserContext | None, step: NewStep, capacity: int, initial_rtg: float, initial_ctg: float
+) -> UserContext:
+    """A new context with `step` appended (the Lua script `append_step.lua` does the same)."""
+    if context is None:
+        context = {"t": 0, "g": initial_rtg, "k": initial_ctg, "s": []}
+    steps = list(context["s"] or [])
+    steps.append(
+        [step.decision_id, step.action, 0, 0, context["g"], context["k"], context["t"], step.features_hex]
+    )
+    if len(steps) > capacity:
+        steps = steps[len(steps) - capacity :] if capacity > 0 else []
+    return {"t": context["t"] + 1, "g": context["g"], "k": context["k"], "s": steps}
+
+
+def apply_outcome(context: UserContext, decision_id: str, reward: float, cost: float) -> UserContext:
+    """A new context with an outcome written into its step; later steps and the running to-go values drop."""
+    steps = []
+    found = False
+    for old in context["s"] or []:
+        step = list(old)
+        if found:
+            step[STEP_RTG] -= reward
+            step[STEP_CTG] -= cost
+        if step[STEP_DECISION] == decision_id:
+            step[STEP_REWARD] = reward
+            step[STEP_COST] = cost
+            found = True
+        steps.append(step)
+    return {"t": context["t"], "g": context["g"] - reward, "k": context["k"] - cost, "s": steps}
+
+
+class MemoryStateStore(StateStore):
+    def __init__(self) -> None:
+        self._lock = asyncio.Lock()
+        self._campaigns: dict[str, _Campaign] = {}
+        self._contexts: dict[tuple[str, str], tuple[UserContext, int]] = {}  # -> (context, expiry ms)
+
+    async def ping(self) -> bool:
+        return True
+
+    async def close(self) -> None:
+        return None
+
+    # ---- campaigns -------------------------------------------------------------------------------
+    async def upsert_campaign(self, campaign_id: str, update: CampaignUpdate) -> CampaignState:
+        async with self._lock:
+            current = self._campaigns.get(campaign_id)
+            if current is None:
+                if not update.replace:
+                    raise CampaignNotFound(campaign_id)
+                state = CampaignState(campaign_id, 0, 0, 0, {}, None, None, None, 0, 0)
+                current = self._campaigns[campaign_id] = _Campaign(state)
+            state = current.state
+            if update.replace:
+                state = replace(state, admin_lambda=None, expected_users=None)
+            if update.budget is not None:
+                state = replace(state, budget=update.budget)
+            if update.coupons is not None:
+                state = replace(state, coupons=dict(update.coupons))
+            if update.admin_lambda is not None:
+                state = replace(state, admin_lambda=update.admin_lambda)
+            elif update.clear_lambda:
+                state = replace(state, admin_lambda=None)
+            if update.expected_users is not None:
+                state = replace(state, expected_users=update.expected_users)
+            elif update.clear_expected_users:
+                state = replace(state, expected_users=None)
+            current.state = state
+            return state
+
+    async def get_campaign(self, campaign_id: str) -> CampaignState | None:
+        campaign = self._campaigns.get(campaign_id)
+        return campaign.state if campaign else None
+
+    async def campaign_ids(self) -> list[str]:
+        return list(self._campaigns)
+
+    # ---- decisions -------------------------------------------------------------------------------
+    async def load_for_decision(
+        self, campaign_id: str, user_ids: list[str]
+    ) -> tuple[CampaignState | None, list[UserContext | None]]:
+        campaign = self._campaigns.get(campaign_id)
+        if campaign is None:
+            return None, []
+        now = _now_ms()
+        contexts: list[UserContext | None] = []
+        for user_id in user_ids:
+            entry = self._contexts.get((campaign_id, user_id))
+            contexts.append(entry[0] if entry is not None and entry[1] > now else None)
+        return campaign.state, contexts
+
+    async def reserve(
+        self,
+        campaign_id: str,
+        items: list[ReserveItem],
+        *,
+        model_version: str,
+        lam: float,
+        now_ms: int,
+        reservation_expiry_ms: int,
+        decision_ttl_ms: int,
+    ) -> ReserveResult:
+        async with self._lock:
+            campaign = self._campaigns.get(campaign_id)
+            if campaign is None:
+                raise CampaignNotFound(campaign_id)
+            state = campaign.state
+            available = state.budget - state.spent - state.reserved
+            new_reserved = 0
+            new_count = 0
+            out: list[ReservedDecision] = []
+            for item in items:
+                if item.request_id is not None:
+                    known = campaign.requests.get(item.request_id)
+                    record = (
+                        campaign.decisions.get(known[0]) if known is not None and known[1] > now_ms else None
+                    )
+                    if known is not None and record is not None:
+                        out.append(
+                            ReservedDecision(
+                                known[0],
+                                record.user_id,
+                                record.action,
+                                record.reserved,
+                                record.model_version,
+                                record.lam,
+                                new=False,
+                            )
+                        )
+                        continue
+                action, cost = 0, 0
+                for candidate in item.preferences:
+                    if candidate == 0:
+                        break
+                    price = state.coupons.get(candidate)
+                    if price is not None and price <= available - new_reserved:
+                        action, cost = candidate, price
+                        break
+                downgraded = (
+                    bool(item.preferences) and item.preferences[0] != 0 and action != item.preferences[0]
+                )
+                new_reserved += cost
+                new_count += 1
+                campaign.decisions[item.decision_id] = _DecisionRecord(
+                    item.user_id, action, 1.0, cost, RESERVED, model_version, lam, now_ms + decision_ttl_ms
+                )
+                if cost > 0:
+                    campaign.pending[item.decision_id] = now_ms + reservation_expiry_ms
+                if item.request_id is not None:
+                    campaign.requests[item.request_id] = (item.decision_id, now_ms + decision_ttl_ms)
+                out.append(
+                    ReservedDecision(
+                        item.decision_id,
+                        item.user_id,
+                        action,
+                        cost,
+                        model_version,
+                        lam,
+                        new=True,
+                        downgraded=downgraded,
+                    )
+                )
+            state = replace(
+                state,
+                reserved=state.reserved + new_reserved,
+                decisions=state.decisions + new_count,
+                model_version=model_version if new_count else state.model_version,
+            )
+            campaign.state = state
+            return ReserveResult(out, state.budget - state.spent - state.reserved)
+
+    async def append_steps(
+        self,
+        campaign_id: str,
+        steps: list[NewStep],
+        *,
+        capacity: int,
+        ttl_ms: int,
+        initial_rtg: float,
+        initial_ctg: float,
+    ) -> None:
+        async with self._lock:
+            now = _now_ms()
+            for step in steps:
+                key = (campaign_id, step.user_id)
+                entry = self._contexts.get(key)
+                context = entry[0] if entry is not None and entry[1] > now else None
+                self._contexts[key] = (
+                    append_step(context, step, capacity, initial_rtg, initial_ctg),
+                    now + ttl_ms,
+                )
+
+    # ---- outcomes --------------------------------------------------------------------------------
+    async def settle(self, campaign_id: str, outcomes: list[Outcome]) -> SettleResult:
+        async with self._lock:
+            campaign = self._campaigns.get(campaign_id)
+            if campaign is None:
+                raise CampaignNotFound(campaign_id)
+            now = _now_ms()
+
+            def live(decision_id: str) -> _DecisionRecord | None:
+                record = campaign.decisions.get(decision_id)
+                return record if record is not None and record.expires_ms > now else None
+
+            for index, outcome in enumerate(outcomes):
+                record = live(outcome.decision_id)
+                if record is not None and record.status != SETTLED and outcome.cost > record.reserved:
+                    raise CostAboveReservation(index, outcome.cost, record.reserved)
+            result = SettleResult()
+            state = campaign.state
+            for outcome in outcomes:
+                record = live(outcome.decision_id)
+                if record is None:
+                    result.unknown += 1
+                    continue
+                if record.status == SETTLED:
+                    result.duplicates += 1
+                    continue
+                if record.status == RESERVED:
+                    state = replace(
+                        state, reserved=state.reserved - record.reserved, spent=state.spent + outcome.cost
+                    )
+                    campaign.pending.pop(outcome.decision_id, None)
+                else:  # the reservation expired and was released: charge what still fits
+                    fits = max(0, min(outcome.cost, state.budget - state.spent - state.reserved))
+                    state = replace(
+                        state, spent=state.spent + fits, overrun=state.overrun + outcome.cost - fits
+                    )
+                record.status, record.reward, record.cost = SETTLED, outcome.reward, outcome.cost
+                result.accepted += 1
+                result.context_updates.append(
+                    (record.user_id, outcome.decision_id, outcome.reward, outcome.cost)
+                )
+            campaign.state = state
+            result.remaining = state.budget - state.spent - state.reserved
+            return result
+
+    async def apply_outcomes_to_contexts(
+        self, campaign_id: str, updates: list[tuple[str, str, float, int]], *, ttl_ms: int
+    ) -> None:
+        async with self._lock:
+            now = _now_ms()
+            for user_id, decision_id, reward, cost in updates:
+                key = (campaign_id, user_id)
+                entry = self._contexts.get(key)
+                if entry is None or entry[1] <= now:
+                    continue
+                self._contexts[key] = (apply_outcome(entry[0], decision_id, reward, cost / 100), now + ttl_ms)
+
+    async def sweep_expired(self, campaign_id: str, now_ms: int, limit: int = 1000) -> int:
+        async with self._lock:
+            campaign = self._campaigns.get(campaign_id)
+            if campaign is None:
+                return 0
+            due = sorted((deadline, d) for d, deadline in campaign.pending.items() if deadline <= now_ms)[
+                :limit
+            ]
+            released = 0
+            state = campaign.state
+            for _, decision_id in due:
+                del campaign.pending[decision_id]
+                record = campaign.decisions.get(decision_id)
+                if record is not None and record.status == RESERVED:
+                    record.status = EXPIRED
+                    state = replace(state, reserved=state.reserved - record.reserved)
+                    released += 1
+            campaign.state = state
+            # expire old records the way Redis TTLs would
+            campaign.decisions = {d: r for d, r in campaign.decisions.items() if r.expires_ms > now_ms}
+            campaign.requests = {q: v for q, v in campaign.requests.items() if v[1] > now_ms}
+            self._contexts = {k: v for k, v in self._contexts.items() if v[1] > now_ms}
+            return released

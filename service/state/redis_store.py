@@ -1,0 +1,339 @@
+"""The Redis state store: one Lua script per ledger operation, so every one is atomic.
+
+Key layout (P = configured prefix, T = the campaign's hash tag ``{c:<campaign_id>}``)::
+
+    P T:campaign          hash: budget, spent, reserved, overrun (cents), coupons (JSON), lambda, users,
+                          model_version, decisions
+    P T:pending           zset: decision ids holding a reservation, scored by their release deadline (ms)
+    P T:d:<decision_id>   hash: u user, a action, p probability, r reserved cents, s status (R/S/X), v, l, q
+    P T:r:<request_id>    string: the decision record returned again for a repeated request_id
+    P ctx:<campaign>:<user>  string: the user's context JSON (see service.state.base); spreads freely
+    P campaigns           set of campaign ids (for the periodic sweep)
+
+Every key one script touches shares the campaign's hash tag, so the scripts are Redis Cluster safe.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Awaitable, Callable, Sequence
+from pathlib import Path
+from typing import Any, TypeVar, cast
+
+import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.exceptions import NoScriptError, RedisError
+
+from service.state.base import (
+    CampaignNotFound,
+    CampaignState,
+    CampaignUpdate,
+    CostAboveReservation,
+    NewStep,
+    Outcome,
+    ReservedDecision,
+    ReserveItem,
+    ReserveResult,
+    SettleResult,
+    StateStore,
+    StateStoreError,
+    UserContext,
+)
+
+T = TypeVar("T")
+LUA_DIR = Path(__file__).resolve().parents[1] / "lua"
+SCRIPT_NAMES = ("upsert_campaign", "reserve", "settle", "sweep", "append_step", "apply_outcome")
+
+
+class _Script:
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.source = (LUA_DIR / f"{name}.lua").read_text()
+        self.sha = hashlib.sha1(self.source.encode()).hexdigest()
+
+
+def parse_context(raw: str | None) -> UserContext | None:
+    if raw is None:
+        return None
+    context: UserContext = json.loads(raw)
+    if not isinstance(context["s"], list):  # Lua's cjson writes an empty array as {}
+        context["s"] = []
+    return context
+
+
+def _parse_campaign(campaign_id: str, flat: Sequence[str] | dict[str, str]) -> CampaignState | None:
+    fields = flat if isinstance(flat, dict) else dict(zip(flat[::2], flat[1::2], strict=True))
+    if not fields:
+        return None
+    return CampaignState(
+        campaign_id=campaign_id,
+        budget=int(fields["budget"]),
+        spent=int(fields["spent"]),
+        reserved=int(fields["reserved"]),
+        coupons={int(a): int(c) for a, c in json.loads(fields["coupons"]).items()},
+        admin_lambda=float(fields["lambda"]) if fields.get("lambda") else None,
+        expected_users=int(fields["users"]) if fields.get("users") else None,
+        model_version=fields.get("model_version") or None,
+        decisions=int(fields.get("decisions", 0)),
+        overrun=int(fields.get("overrun", 0)),
+    )
+
+
+class RedisStateStore(StateStore):
+    def __init__(self, url: str, *, prefix: str = "saco:", socket_timeout_s: float = 0.5) -> None:
+        self.prefix = prefix
+        self.client: aioredis.Redis = aioredis.Redis.from_url(
+            url,
+            decode_responses=True,
+            socket_timeout=socket_timeout_s,
+            socket_connect_timeout=socket_timeout_s,
+            retry=Retry(NoBackoff(), 1),
+            health_check_interval=30,
+        )
+        self.scripts = {name: _Script(name) for name in SCRIPT_NAMES}
+
+    # ---- keys ------------------------------------------------------------------------------------
+    def _tag(self, campaign_id: str) -> str:
+        return f"{self.prefix}{{c:{campaign_id}}}"
+
+    def campaign_key(self, campaign_id: str) -> str:
+        return self._tag(campaign_id) + ":campaign"
+
+    def pending_key(self, campaign_id: str) -> str:
+        return self._tag(campaign_id) + ":pending"
+
+    def decision_key(self, campaign_id: str, decision_id: str) -> str:
+        return f"{self._tag(campaign_id)}:d:{decision_id}"
+
+    def request_key(self, campaign_id: str, request_id: str) -> str:
+        return f"{self._tag(campaign_id)}:r:{request_id}"
+
+    def context_key(self, campaign_id: str, user_id: str) -> str:
+        return f"{self.prefix}ctx:{campaign_id}:{user_id}"
+
+    @property
+    def campaigns_key(self) -> str:
+        return f"{self.prefix}campaigns"
+
+    # ---- plumbing --------------------------------------------------------------------------------
+    async def _guard(self, call: Callable[[], Awaitable[T]]) -> T:
+        try:
+            return await call()
+        except (RedisError, OSError, TimeoutError) as exc:
+            raise StateStoreError(f"state store unavailable: {type(exc).__name__}: {exc}") from exc
+
+    async def load_scripts(self) -> None:
+        for script in self.scripts.values():
+            await self.client.script_load(script.source)
+
+    async def _eval(self, name: str, keys: Sequence[str], args: Sequence[Any]) -> Any:
+        script = self.scripts[name]
+
+        async def call() -> Any:
+            try:
+                return await self.client.evalsha(script.sha, len(keys), *keys, *args)
+            except NoScriptError:
+                await self.client.script_load(script.source)
+                return await self.client.evalsha(script.sha, len(keys), *keys, *args)
+
+        return await self._guard(call)
+
+    async def _eval_many(self, name: str, calls: list[tuple[list[str], list[Any]]]) -> list[Any]:
+        """One pipeline of script calls (one round trip); NOSCRIPT reloads the script and retries."""
+        script = self.scripts[name]
+
+        async def run() -> list[Any]:
+            async with self.client.pipeline(transaction=False) as pipe:
+                for keys, args in calls:
+                    pipe.evalsha(script.sha, len(keys), *keys, *args)
+                return await pipe.execute()
+
+        async def call() -> list[Any]:
+            try:
+                return await run()
+            except NoScriptError:
+                await self.client.script_load(script.source)
+                return await run()
+
+        return await self._guard(call)
+
+    async def ping(self) -> bool:
+        try:
+            return bool(await self.client.ping())
+        except (RedisError, OSError, TimeoutError):
+            return False
+
+    async def close(self) -> None:
+        await self.client.aclose()
+
+    # ---- campaigns -------------------------------------------------------------------------------
+    async def upsert_campaign(self, campaign_id: str, update: CampaignUpdate) -> CampaignState:
+        def optional(value: Any, clear: bool) -> str:
+            return "-" if clear else ("" if value is None else repr(value))
+
+        args = [
+            "1" if update.replace else "0",
+            "" if update.budget is None else str(update.budget),
+            ""
+            if update.coupons is None
+            else json.dumps({str(a): c for a, c in sorted(update.coupons.items())}),
+            optional(update.admin_lambda, update.clear_lambda and update.admin_lambda is None),
+            optional(update.expected_users, update.clear_expected_users and update.expected_users is None),
+            campaign_id,
+        ]
+        flat = await self._eval("upsert_campaign", [self.campaign_key(campaign_id)], args)
+        if flat is None:
+            raise CampaignNotFound(campaign_id)
+        await self._guard(lambda: self.client.sadd(self.campaigns_key, campaign_id))
+        state = _parse_campaign(campaign_id, flat)
+        assert state is not None
+        return state
+
+    async def get_campaign(self, campaign_id: str) -> CampaignState | None:
+        fields = await self._guard(lambda: self.client.hgetall(self.campaign_key(campaign_id)))
+        return _parse_campaign(campaign_id, cast(dict[str, str], fields))
+
+    async def campaign_ids(self) -> list[str]:
+        members = await self._guard(lambda: self.client.smembers(self.campaigns_key))
+        return sorted(cast(set[str], members))
+
+    # ---- decisions -------------------------------------------------------------------------------
+    async def load_for_decision(
+        self, campaign_id: str, user_ids: list[str]
+    ) -> tuple[CampaignState | None, list[UserContext | None]]:
+        keys = [self.context_key(campaign_id, user_id) for user_id in user_ids]
+
+        async def call() -> list[Any]:
+            async with self.client.pipeline(transaction=False) as pipe:
+                pipe.hgetall(self.campaign_key(campaign_id))
+                pipe.mget(keys)
+                return await pipe.execute()
+
+        fields, raw_contexts = await self._guard(call)
+        campaign = _parse_campaign(campaign_id, fields)
+        if campaign is None:
+            return None, []
+        return campaign, [parse_context(raw) for raw in raw_contexts]
+
+    async def reserve(
+        self,
+        campaign_id: str,
+        items: list[ReserveItem],
+        *,
+        model_version: str,
+        lam: float,
+        now_ms: int,
+        reservation_expiry_ms: int,
+        decision_ttl_ms: int,
+    ) -> ReserveResult:
+        keys = [self.campaign_key(campaign_id), self.pending_key(campaign_id)]
+        args: list[Any] = [
+            now_ms,
+            reservation_expiry_ms,
+            decision_ttl_ms,
+            model_version,
+            repr(lam),
+            len(items),
+        ]
+        for item in items:
+            keys.append(self.decision_key(campaign_id, item.decision_id))
+            if item.request_id is not None:
+                keys.append(self.request_key(campaign_id, item.request_id))
+            args += [item.decision_id, item.user_id, item.request_id or "", len(item.preferences)]
+            args += item.preferences
+        reply = await self._eval("reserve", keys, args)
+        if reply[0] == "missing":
+            raise CampaignNotFound(campaign_id)
+        decisions = []
+        for record, flag in zip(reply[1::2], reply[2::2], strict=True):
+            decision_id, action, cost, version, lam_text, user_id = record.split("\t", 5)
+            decisions.append(
+                ReservedDecision(
+                    decision_id,
+                    user_id,
+                    int(action),
+                    int(cost),
+                    version,
+                    float(lam_text),
+                    new=flag != 0,
+                    downgraded=flag == 2,
+                )
+            )
+        return ReserveResult(decisions, int(reply[0]))
+
+    async def append_steps(
+        self,
+        campaign_id: str,
+        steps: list[NewStep],
+        *,
+        capacity: int,
+        ttl_ms: int,
+        initial_rtg: float,
+        initial_ctg: float,
+    ) -> None:
+        if not steps:
+            return
+        rtg, ctg = repr(float(initial_rtg)), repr(float(initial_ctg))
+        await self._eval_many(
+            "append_step",
+            [
+                (
+                    [self.context_key(campaign_id, s.user_id)],
+                    [s.decision_id, s.action, s.features_hex, capacity, ttl_ms, rtg, ctg],
+                )
+                for s in steps
+            ],
+        )
+
+    # ---- outcomes --------------------------------------------------------------------------------
+    async def settle(self, campaign_id: str, outcomes: list[Outcome]) -> SettleResult:
+        keys = [self.campaign_key(campaign_id), self.pending_key(campaign_id)]
+        keys += [self.decision_key(campaign_id, o.decision_id) for o in outcomes]
+        args: list[Any] = []
+        for outcome in outcomes:
+            args += [outcome.cost, repr(float(outcome.reward))]
+        reply = await self._eval("settle", keys, args)
+        if reply[0] == "missing":
+            raise CampaignNotFound(campaign_id)
+        if reply[0] == "too_high":
+            index = int(reply[1])
+            raise CostAboveReservation(index, outcomes[index].cost, int(reply[2]))
+        result = SettleResult(remaining=int(reply[0]))
+        for outcome, code, user_id in zip(outcomes, reply[1::2], reply[2::2], strict=True):
+            if code == "A":
+                result.accepted += 1
+                result.context_updates.append((user_id, outcome.decision_id, outcome.reward, outcome.cost))
+            elif code == "D":
+                result.duplicates += 1
+            else:
+                result.unknown += 1
+        return result
+
+    async def apply_outcomes_to_contexts(
+        self, campaign_id: str, updates: list[tuple[str, str, float, int]], *, ttl_ms: int
+    ) -> None:
+        if not updates:
+            return
+        await self._eval_many(
+            "apply_outcome",
+            [
+                (
+                    [self.context_key(campaign_id, user_id)],
+                    [decision_id, repr(float(reward)), repr(cost / 100), ttl_ms],
+                )
+                for user_id, decision_id, reward, cost in updates
+            ],
+        )
+
+    async def sweep_expired(self, campaign_id: str, now_ms: int, limit: int = 1000) -> int:
+        pending = self.pending_key(campaign_id)
+        due = cast(
+            list[str],
+            await self._guard(lambda: self.client.zrangebyscore(pending, "-inf", now_ms, start=0, num=limit)),
+        )
+        if not due:
+            return 0
+        keys = [self.campaign_key(campaign_id), pending] + [self.decision_key(campaign_id, d) for d in due]
+        return int(await self._eval("sweep", keys, [now_ms, *due]))

@@ -1,0 +1,283 @@
+"""The state-store contract, run against both implementations (embedded and a real Redis)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable, Iterator
+from typing import Any
+
+import pytest
+
+from service.state import (
+    CampaignNotFound,
+    CampaignUpdate,
+    CostAboveReservation,
+    NewStep,
+    Outcome,
+    ReserveItem,
+    StateStore,
+)
+from service.state.memory import MemoryStateStore
+from service.state.redis_store import RedisStateStore
+
+Scenario = Callable[[StateStore], Awaitable[Any]]
+DAY_MS = 86_400_000
+
+
+@pytest.fixture(params=["memory", "redis"])
+def run(request: pytest.FixtureRequest) -> Iterator[Callable[[Scenario], Any]]:
+    """Run an async scenario against a fresh store of the parametrized kind."""
+
+    def runner(scenario: Scenario) -> Any:
+        async def main() -> Any:
+            store: StateStore
+            if request.param == "memory":
+                store = MemoryStateStore()
+            else:
+                url = request.getfixturevalue("redis_url")
+                prefix = request.getfixturevalue("redis_prefix")
+                store = RedisStateStore(url, prefix=prefix)
+            try:
+                return await scenario(store)
+            finally:
+                await store.close()
+
+        return asyncio.run(main())
+
+    yield runner
+
+
+def put(budget: int, coupons: dict[int, int] | None = None, **kw: Any) -> CampaignUpdate:
+    return CampaignUpdate(replace=True, budget=budget, coupons=coupons or {1: 200, 2: 500, 3: 1000}, **kw)
+
+
+async def reserve(store: StateStore, campaign: str, items: list[ReserveItem], now: int | None = None,
+                  expiry_ms: int = DAY_MS) -> Any:
+    return await store.reserve(campaign, items, model_version="v1", lam=0.25,
+                               now_ms=now if now is not None else int(time.time() * 1000),
+                               reservation_expiry_ms=expiry_ms, decision_ttl_ms=30 * DAY_MS)
+
+
+def item(n: int, prefs: list[int], request_id: str | None = None, user: str | None = None) -> ReserveItem:
+    return ReserveItem(f"d-{n}", user or f"u{n}", request_id, prefs)
+
+
+def test_campaign_put_patch_get(run: Callable[[Scenario], Any]) -> None:
+    async def scenario(store: StateStore) -> None:
+        assert await store.get_campaign("c") is None
+        with pytest.raises(CampaignNotFound):
+            await store.upsert_campaign("c", CampaignUpdate(replace=False, budget=5))
+        state = await store.upsert_campaign("c", put(10_000, admin_lambda=0.3, expected_users=10))
+        assert (state.budget, state.spent, state.reserved, state.admin_lambda) == (10_000, 0, 0, 0.3)
+        assert state.coupons == {1: 200, 2: 500, 3: 1000} and state.expected_users == 10
+        state = await store.upsert_campaign("c", CampaignUpdate(replace=False, budget=20_000))
+        assert state.budget == 20_000 and state.admin_lambda == 0.3 and state.coupons[3] == 1000
+        state = await store.upsert_campaign("c", CampaignUpdate(replace=False, clear_lambda=True))
+        assert state.admin_lambda is None
+        state = await store.upsert_campaign("c", CampaignUpdate(replace=False, admin_lambda=0.5))
+        assert state.admin_lambda == 0.5
+        state = await store.upsert_campaign("c", put(100))  # PUT clears what it does not name
+        assert state.admin_lambda is None and state.expected_users is None and state.budget == 100
+        assert await store.campaign_ids() == ["c"]
+        got = await store.get_campaign("c")
+        assert got == state
+
+    run(scenario)
+
+
+def test_reserve_fits_budget_in_priority_order_with_fallback(run: Callable[[Scenario], Any]) -> None:
+    async def scenario(store: StateStore) -> None:
+        await store.upsert_campaign("c", put(1_200))
+        result = await reserve(store, "c", [
+            item(1, [3, 2, 0]),  # 10.00 fits (12.00 left)
+            item(2, [3, 1, 0]),  # 10.00 does not fit 2.00 -> the next preferred that fits: 1 (2.00)
+            item(3, [2, 1, 0]),  # nothing left
+            item(4, [0]),  # the policy prefers no coupon
+        ])
+        got = [(d.decision_id, d.action, d.cost, d.new, d.downgraded) for d in result.decisions]
+        assert got == [("d-1", 3, 1000, True, False), ("d-2", 1, 200, True, True), ("d-3", 0, 0, True, True),
+                       ("d-4", 0, 0, True, False)]
+        assert result.remaining == 0
+        state = await store.get_campaign("c")
+        assert state is not None and (state.reserved, state.spent, state.decisions) == (1_200, 0, 4)
+        assert state.model_version == "v1"
+        assert result.decisions[0].lam == 0.25 and result.decisions[0].model_version == "v1"
+
+    run(scenario)
+
+
+def test_preferences_below_no_coupon_are_never_issued(run: Callable[[Scenario], Any]) -> None:
+    async def scenario(store: StateStore) -> None:
+        await store.upsert_campaign("c", put(100))  # only 1.00: nothing fits
+        result = await reserve(store, "c", [item(1, [1, 0, 2])])
+        assert result.decisions[0].action == 0
+
+    run(scenario)
+
+
+def test_coupons_not_in_the_campaign_are_skipped(run: Callable[[Scenario], Any]) -> None:
+    async def scenario(store: StateStore) -> None:
+        await store.upsert_campaign("c", put(10_000, {2: 500}))
+        result = await reserve(store, "c", [item(1, [3, 2, 0])])
+        assert (result.decisions[0].action, result.decisions[0].cost) == (2, 500)
+
+    run(scenario)
+
+
+def test_request_id_is_idempotent(run: Callable[[Scenario], Any]) -> None:
+    async def scenario(store: StateStore) -> None:
+        await store.upsert_campaign("c", put(10_000))
+        first = await reserve(store, "c", [item(1, [3, 0], "r1"), item(2, [2, 0], "r1")])
+        assert [d.decision_id for d in first.decisions] == ["d-1", "d-1"]  # same request_id twice in a batch
+        assert [d.new for d in first.decisions] == [True, False]
+        again = await reserve(store, "c", [item(9, [1, 0], "r1", user="other")])
+        d = again.decisions[0]
+        assert (d.decision_id, d.action, d.cost, d.user_id, d.new) == ("d-1", 3, 1000, "u1", False)
+        state = await store.get_campaign("c")
+        assert state is not None and state.reserved == 1000 and state.decisions == 1
+
+    run(scenario)
+
+
+def test_unknown_campaign(run: Callable[[Scenario], Any]) -> None:
+    async def scenario(store: StateStore) -> None:
+        with pytest.raises(CampaignNotFound):
+            await reserve(store, "nope", [item(1, [1, 0])])
+        with pytest.raises(CampaignNotFound):
+            await store.settle("nope", [Outcome("d-1", 1.0, 0)])
+        campaign, contexts = await store.load_for_decision("nope", ["a"])
+        assert campaign is None and contexts == []
+
+    run(scenario)
+
+
+def test_settle_replaces_reservation_with_realized_cost(run: Callable[[Scenario], Any]) -> None:
+    async def scenario(store: StateStore) -> None:
+        await store.upsert_campaign("c", put(10_000))
+        await reserve(store, "c", [item(1, [3, 0]), item(2, [2, 0]), item(3, [1, 0]), item(4, [0])])
+        result = await store.settle("c", [Outcome("d-1", 12.5, 700), Outcome("d-2", 0.0, 0),
+                                          Outcome("d-1", 12.5, 700), Outcome("zzz", 1.0, 0),
+                                          Outcome("d-4", 3.0, 0)])
+        assert (result.accepted, result.duplicates, result.unknown) == (3, 1, 1)
+        assert sorted(u for u, *_ in result.context_updates) == ["u1", "u2", "u4"]
+        state = await store.get_campaign("c")
+        assert state is not None and (state.spent, state.reserved) == (700, 200)
+        assert result.remaining == 10_000 - 900
+        again = await store.settle("c", [Outcome("d-1", 12.5, 700)])
+        assert (again.accepted, again.duplicates) == (0, 1)
+
+    run(scenario)
+
+
+def test_cost_above_reservation_refuses_the_whole_batch(run: Callable[[Scenario], Any]) -> None:
+    async def scenario(store: StateStore) -> None:
+        await store.upsert_campaign("c", put(10_000))
+        await reserve(store, "c", [item(1, [1, 0]), item(2, [1, 0]), item(3, [0])])
+        with pytest.raises(CostAboveReservation) as info:
+            await store.settle("c", [Outcome("d-1", 1.0, 200), Outcome("d-2", 1.0, 201)])
+        assert info.value.index == 1
+        with pytest.raises(CostAboveReservation):
+            await store.settle("c", [Outcome("d-3", 1.0, 1)])  # no coupon, no cost
+        state = await store.get_campaign("c")
+        assert state is not None and (state.spent, state.reserved) == (0, 400)
+
+    run(scenario)
+
+
+def test_sweep_releases_expired_reservations_and_late_outcomes_still_count(
+    run: Callable[[Scenario], Any],
+) -> None:
+    async def scenario(store: StateStore) -> None:
+        await store.upsert_campaign("c", put(1_500))
+        now = int(time.time() * 1000)
+        await reserve(store, "c", [item(1, [3, 0]), item(2, [2, 0])], now=now, expiry_ms=1000)
+        assert await store.sweep_expired("c", now + 999) == 0
+        assert await store.sweep_expired("c", now + 1000) == 2
+        assert await store.sweep_expired("c", now + 5000) == 0
+        state = await store.get_campaign("c")
+        assert state is not None and state.reserved == 0
+        # a new reservation takes the freed budget; a late outcome is charged only as far as it fits
+        await reserve(store, "c", [item(3, [3, 0])], now=now + 2000)
+        late = await store.settle("c", [Outcome("d-2", 4.0, 500), Outcome("d-1", 1.0, 1000)])
+        assert late.accepted == 2
+        state = await store.get_campaign("c")
+        assert state is not None
+        assert (state.reserved, state.spent, state.overrun) == (1000, 500, 1000)
+        assert state.spent + state.reserved <= state.budget
+
+    run(scenario)
+
+
+def test_lowering_the_budget_below_the_ledger_stops_new_coupons(run: Callable[[Scenario], Any]) -> None:
+    async def scenario(store: StateStore) -> None:
+        await store.upsert_campaign("c", put(2_000))
+        await reserve(store, "c", [item(1, [3, 0]), item(2, [3, 0])])
+        state = await store.upsert_campaign("c", CampaignUpdate(replace=False, budget=1_500))
+        assert (state.reserved, state.remaining) == (2_000, 0)
+        result = await reserve(store, "c", [item(3, [1, 0])])
+        assert result.decisions[0].action == 0 and result.remaining == -500
+        await store.settle("c", [Outcome("d-1", 0.0, 0)])
+        result = await reserve(store, "c", [item(4, [3, 0])])
+        assert result.decisions[0].action == 0  # 5.00 left: the 10.00 coupon does not fit
+        result = await reserve(store, "c", [item(5, [3, 2, 0])])
+        assert result.decisions[0].action == 2
+
+    run(scenario)
+
+
+def test_contexts_append_trim_and_take_outcomes(run: Callable[[Scenario], Any]) -> None:
+    async def scenario(store: StateStore) -> None:
+        await store.upsert_campaign("c", put(10_000))
+        kw = {"capacity": 3, "ttl_ms": DAY_MS, "initial_rtg": 50.0, "initial_ctg": 20.0}
+        for n in range(5):
+            await store.append_steps("c", [NewStep("u", f"d-{n}", n % 4, "0000803f")], **kw)
+        await store.append_steps("c", [NewStep("v", "d-v", 1, "00000040")], **kw)
+        campaign, (u, v, w) = await store.load_for_decision("c", ["u", "v", "w"])
+        assert campaign is not None and w is None
+        assert u is not None and v is not None
+        assert u["t"] == 5 and [s[0] for s in u["s"]] == ["d-2", "d-3", "d-4"]
+        assert [s[6] for s in u["s"]] == [2, 3, 4] and u["s"][0][7] == "0000803f"
+        assert v == {"t": 1, "g": 50.0, "k": 20.0, "s": [["d-v", 1, 0, 0, 50.0, 20.0, 0, "00000040"]]}
+        await store.apply_outcomes_to_contexts("c", [("u", "d-3", 10.0, 250), ("u", "d-0", 1.0, 0)], ttl_ms=DAY_MS)
+        _, (u,) = await store.load_for_decision("c", ["u"])
+        assert u is not None
+        assert u["g"] == pytest.approx(39.0) and u["k"] == pytest.approx(17.5)
+        d2, d3, d4 = u["s"]
+        assert (d2[2], d2[3], d2[4]) == (0, 0, 50.0)
+        assert (d3[2], d3[3], d3[4], d3[5]) == (10.0, 2.5, 50.0, 20.0)
+        assert (d4[4], d4[5]) == (40.0, 17.5)
+        await store.append_steps("c", [NewStep("u", "d-5", 2, "0000803f")], **kw)
+        _, (u,) = await store.load_for_decision("c", ["u"])
+        assert u is not None and u["s"][-1][4:7] == [pytest.approx(39.0), pytest.approx(17.5), 5]
+
+    run(scenario)
+
+
+def test_context_capacity_zero_keeps_only_running_values(run: Callable[[Scenario], Any]) -> None:
+    async def scenario(store: StateStore) -> None:
+        await store.upsert_campaign("c", put(10_000))
+        await store.append_steps("c", [NewStep("u", "d-1", 1, "00")], capacity=0, ttl_ms=DAY_MS,
+                                 initial_rtg=5.0, initial_ctg=2.0)
+        _, (u,) = await store.load_for_decision("c", ["u"])
+        assert u == {"t": 1, "g": 5.0, "k": 2.0, "s": []}
+
+    run(scenario)
+
+
+def test_concurrent_reservations_never_overspend(run: Callable[[Scenario], Any]) -> None:
+    async def scenario(store: StateStore) -> None:
+        await store.upsert_campaign("c", put(5_000))
+
+        async def worker(w: int) -> int:
+            total = 0
+            for r in range(10):
+                res = await reserve(store, "c", [item(w * 1000 + r * 10 + j, [3, 2, 1, 0]) for j in range(5)])
+                total += sum(d.cost for d in res.decisions)
+            return total
+
+        totals = await asyncio.gather(*(worker(w) for w in range(8)))
+        state = await store.get_campaign("c")
+        assert state is not None and sum(totals) == state.reserved <= 5_000
+
+    run(scenario)
