@@ -170,7 +170,8 @@ class DecisionEngine:
                     f"must have {manifest.feature_dim} values "
                     f"(the model's feature_dim), got {len(item.features)}",
                 )
-        features = np.array([item.features for item in requests], np.float32)
+        with np.errstate(over="ignore"):
+            features = np.array([item.features for item in requests], np.float32)
         if not np.isfinite(features).all():  # finite doubles that overflow float32
             row = int(np.argwhere(~np.isfinite(features))[0][0])
             raise InvalidInput(("requests", row, "features"), "values must fit a 32-bit float")

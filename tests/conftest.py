@@ -128,16 +128,32 @@ def _stopgap_store(store: Path) -> Path:
             self.bias = torch.nn.Parameter(torch.tensor([0.0, 1.0, 1.5, 2.0]))
             self.cost = torch.nn.Parameter(torch.tensor([0.0, 2.0, 5.0, 10.0]), requires_grad=False)
 
-        def forward(self, states: torch.Tensor, actions: torch.Tensor, rtg: torch.Tensor, ctg: torch.Tensor,
-                    timesteps: torch.Tensor, lam: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        def forward(
+            self,
+            states: torch.Tensor,
+            actions: torch.Tensor,
+            rtg: torch.Tensor,
+            ctg: torch.Tensor,
+            timesteps: torch.Tensor,
+            lam: torch.Tensor,
+            mask: torch.Tensor,
+        ) -> torch.Tensor:
             last = states[:, -1] @ self.weight
             history = (mask.float() * rtg).sum(1, keepdim=True) * 1e-4
             return last + self.bias + history - lam[:, None] * self.cost[None, :] * 0.1
 
     model_file = store.parent / "tiny.pt"
     save_scripted(TinyPolicy(), model_file)
-    manifest = {"feature_dim": 8, "num_actions": 4, "context_length": 10, "max_timestep": 64,
-                "objective": "value", "initial_rtg": 50.0, "initial_ctg": 20.0,
-                "action_costs": [0.0, 2.0, 5.0, 10.0], "default_lambda": 0.1}
+    manifest = {
+        "feature_dim": 8,
+        "num_actions": 4,
+        "context_length": 10,
+        "max_timestep": 64,
+        "objective": "value",
+        "initial_rtg": 50.0,
+        "initial_ctg": 20.0,
+        "action_costs": [0.0, 2.0, 5.0, 10.0],
+        "default_lambda": 0.1,
+    }
     ModelStore(store).publish(model_file, manifest)
     return store

@@ -12,7 +12,7 @@ local ledger = redis.call('HMGET', campaign, 'budget', 'spent', 'reserved', 'cou
 if not ledger[1] then return {'missing'} end
 local available = tonumber(ledger[1]) - tonumber(ledger[2]) - tonumber(ledger[3])
 local coupons = cjson.decode(ledger[4])
-local now, expiry, ttl = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
+local now, expiry = tonumber(ARGV[1]), tonumber(ARGV[2])
 local version, lam = ARGV[4], ARGV[5]
 local n_items = tonumber(ARGV[6])
 local a, k = 7, 3

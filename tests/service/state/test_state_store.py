@@ -52,11 +52,22 @@ def put(budget: int, coupons: dict[int, int] | None = None, **kw: Any) -> Campai
     return CampaignUpdate(replace=True, budget=budget, coupons=coupons or {1: 200, 2: 500, 3: 1000}, **kw)
 
 
-async def reserve(store: StateStore, campaign: str, items: list[ReserveItem], now: int | None = None,
-                  expiry_ms: int = DAY_MS) -> Any:
-    return await store.reserve(campaign, items, model_version="v1", lam=0.25,
-                               now_ms=now if now is not None else int(time.time() * 1000),
-                               reservation_expiry_ms=expiry_ms, decision_ttl_ms=30 * DAY_MS)
+async def reserve(
+    store: StateStore,
+    campaign: str,
+    items: list[ReserveItem],
+    now: int | None = None,
+    expiry_ms: int = DAY_MS,
+) -> Any:
+    return await store.reserve(
+        campaign,
+        items,
+        model_version="v1",
+        lam=0.25,
+        now_ms=now if now is not None else int(time.time() * 1000),
+        reservation_expiry_ms=expiry_ms,
+        decision_ttl_ms=30 * DAY_MS,
+    )
 
 
 def item(n: int, prefs: list[int], request_id: str | None = None, user: str | None = None) -> ReserveItem:
@@ -89,15 +100,23 @@ def test_campaign_put_patch_get(run: Callable[[Scenario], Any]) -> None:
 def test_reserve_fits_budget_in_priority_order_with_fallback(run: Callable[[Scenario], Any]) -> None:
     async def scenario(store: StateStore) -> None:
         await store.upsert_campaign("c", put(1_200))
-        result = await reserve(store, "c", [
-            item(1, [3, 2, 0]),  # 10.00 fits (12.00 left)
-            item(2, [3, 1, 0]),  # 10.00 does not fit 2.00 -> the next preferred that fits: 1 (2.00)
-            item(3, [2, 1, 0]),  # nothing left
-            item(4, [0]),  # the policy prefers no coupon
-        ])
+        result = await reserve(
+            store,
+            "c",
+            [
+                item(1, [3, 2, 0]),  # 10.00 fits (12.00 left)
+                item(2, [3, 1, 0]),  # 10.00 does not fit 2.00 -> the next preferred that fits: 1 (2.00)
+                item(3, [2, 1, 0]),  # nothing left
+                item(4, [0]),  # the policy prefers no coupon
+            ],
+        )
         got = [(d.decision_id, d.action, d.cost, d.new, d.downgraded) for d in result.decisions]
-        assert got == [("d-1", 3, 1000, True, False), ("d-2", 1, 200, True, True), ("d-3", 0, 0, True, True),
-                       ("d-4", 0, 0, True, False)]
+        assert got == [
+            ("d-1", 3, 1000, True, False),
+            ("d-2", 1, 200, True, True),
+            ("d-3", 0, 0, True, True),
+            ("d-4", 0, 0, True, False),
+        ]
         assert result.remaining == 0
         state = await store.get_campaign("c")
         assert state is not None and (state.reserved, state.spent, state.decisions) == (1_200, 0, 4)
@@ -156,9 +175,16 @@ def test_settle_replaces_reservation_with_realized_cost(run: Callable[[Scenario]
     async def scenario(store: StateStore) -> None:
         await store.upsert_campaign("c", put(10_000))
         await reserve(store, "c", [item(1, [3, 0]), item(2, [2, 0]), item(3, [1, 0]), item(4, [0])])
-        result = await store.settle("c", [Outcome("d-1", 12.5, 700), Outcome("d-2", 0.0, 0),
-                                          Outcome("d-1", 12.5, 700), Outcome("zzz", 1.0, 0),
-                                          Outcome("d-4", 3.0, 0)])
+        result = await store.settle(
+            "c",
+            [
+                Outcome("d-1", 12.5, 700),
+                Outcome("d-2", 0.0, 0),
+                Outcome("d-1", 12.5, 700),
+                Outcome("zzz", 1.0, 0),
+                Outcome("d-4", 3.0, 0),
+            ],
+        )
         assert (result.accepted, result.duplicates, result.unknown) == (3, 1, 1)
         assert sorted(u for u, *_ in result.context_updates) == ["u1", "u2", "u4"]
         state = await store.get_campaign("c")
@@ -239,7 +265,9 @@ def test_contexts_append_trim_and_take_outcomes(run: Callable[[Scenario], Any]) 
         assert u["t"] == 5 and [s[0] for s in u["s"]] == ["d-2", "d-3", "d-4"]
         assert [s[6] for s in u["s"]] == [2, 3, 4] and u["s"][0][7] == "0000803f"
         assert v == {"t": 1, "g": 50.0, "k": 20.0, "s": [["d-v", 1, 0, 0, 50.0, 20.0, 0, "00000040"]]}
-        await store.apply_outcomes_to_contexts("c", [("u", "d-3", 10.0, 250), ("u", "d-0", 1.0, 0)], ttl_ms=DAY_MS)
+        await store.apply_outcomes_to_contexts(
+            "c", [("u", "d-3", 10.0, 250), ("u", "d-0", 1.0, 0)], ttl_ms=DAY_MS
+        )
         _, (u,) = await store.load_for_decision("c", ["u"])
         assert u is not None
         assert u["g"] == pytest.approx(39.0) and u["k"] == pytest.approx(17.5)
@@ -257,8 +285,9 @@ def test_contexts_append_trim_and_take_outcomes(run: Callable[[Scenario], Any]) 
 def test_context_capacity_zero_keeps_only_running_values(run: Callable[[Scenario], Any]) -> None:
     async def scenario(store: StateStore) -> None:
         await store.upsert_campaign("c", put(10_000))
-        await store.append_steps("c", [NewStep("u", "d-1", 1, "00")], capacity=0, ttl_ms=DAY_MS,
-                                 initial_rtg=5.0, initial_ctg=2.0)
+        await store.append_steps(
+            "c", [NewStep("u", "d-1", 1, "00")], capacity=0, ttl_ms=DAY_MS, initial_rtg=5.0, initial_ctg=2.0
+        )
         _, (u,) = await store.load_for_decision("c", ["u"])
         assert u == {"t": 1, "g": 5.0, "k": 2.0, "s": []}
 

@@ -1,0 +1,39 @@
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from fastapi.testclient import TestClient
+
+from model_store import ModelStore
+from service.app import create_app
+from service.settings import Settings
+
+from svc_http import ADMIN_TOKEN
+
+
+@pytest.fixture(params=["memory", "redis"])
+def settings(request: pytest.FixtureRequest, model_store_dir: Path) -> Settings:
+    overrides: dict[str, Any] = {"store": str(model_store_dir), "admin_token": ADMIN_TOKEN, "device": "cpu"}
+    if request.param == "redis":
+        overrides["redis_url"] = request.getfixturevalue("redis_url")
+        overrides["redis_prefix"] = request.getfixturevalue("redis_prefix")
+    return Settings(**overrides)
+
+
+@pytest.fixture
+def client(settings: Settings) -> Iterator[TestClient]:
+    with TestClient(create_app(settings)) as test_client:
+        yield test_client
+
+
+@pytest.fixture
+def feature_dim(model_store_dir: Path) -> int:
+    return ModelStore(model_store_dir).load().manifest.feature_dim
+
+
+@pytest.fixture
+def num_actions(model_store_dir: Path) -> int:
+    return ModelStore(model_store_dir).load().manifest.num_actions
