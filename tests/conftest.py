@@ -92,8 +92,6 @@ def trained_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A model store with one version trained by the project pipeline on a small simulated world."""
     root = tmp_path_factory.mktemp("pipeline")
     logs, store = root / "logs.parquet", root / "store"
-    if not _pipeline_available():
-        return _stopgap_store(store)
     saco = str(Path(sys.executable).with_name("saco"))
     _run([saco, "simulate", "--users", "300", "--rounds", "4", "--seed", "1", "--out", str(logs)])
     _run([saco, "train", "--logs", str(logs), "--store", str(store), "--epochs", "1", "--seed", "0"])
@@ -107,53 +105,3 @@ def model_store_dir(trained_store: Path, tmp_path: Path) -> Path:
     shutil.copytree(trained_store, copy)
     return copy
 
-
-# ---- STOPGAP until `saco simulate` / `saco train` exist: a tiny TorchScript policy with the contract's
-# forward signature. Removed once the pipeline is available (trained_store then always uses it).
-def _pipeline_available() -> bool:
-    saco = Path(sys.executable).with_name("saco")
-    done = subprocess.run([str(saco), "--help"], capture_output=True, text=True, cwd=REPO)
-    return done.returncode == 0 and "train" in done.stdout and "simulate" in done.stdout
-
-
-def _stopgap_store(store: Path) -> Path:
-    import torch
-
-    from model_store import ModelStore, save_scripted
-
-    class TinyPolicy(torch.nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.weight = torch.nn.Parameter(torch.linspace(-0.5, 0.5, 8 * 4).reshape(8, 4))
-            self.bias = torch.nn.Parameter(torch.tensor([0.0, 1.0, 1.5, 2.0]))
-            self.cost = torch.nn.Parameter(torch.tensor([0.0, 2.0, 5.0, 10.0]), requires_grad=False)
-
-        def forward(
-            self,
-            states: torch.Tensor,
-            actions: torch.Tensor,
-            rtg: torch.Tensor,
-            ctg: torch.Tensor,
-            timesteps: torch.Tensor,
-            lam: torch.Tensor,
-            mask: torch.Tensor,
-        ) -> torch.Tensor:
-            last = states[:, -1] @ self.weight
-            history = (mask.float() * rtg).sum(1, keepdim=True) * 1e-4
-            return last + self.bias + history - lam[:, None] * self.cost[None, :] * 0.1
-
-    model_file = store.parent / "tiny.pt"
-    save_scripted(TinyPolicy(), model_file)
-    manifest = {
-        "feature_dim": 8,
-        "num_actions": 4,
-        "context_length": 10,
-        "max_timestep": 64,
-        "objective": "value",
-        "initial_rtg": 50.0,
-        "initial_ctg": 20.0,
-        "action_costs": [0.0, 2.0, 5.0, 10.0],
-        "default_lambda": 0.1,
-    }
-    ModelStore(store).publish(model_file, manifest)
-    return store

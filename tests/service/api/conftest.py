@@ -6,12 +6,11 @@ from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
+from svc_http import ADMIN_TOKEN
 
 from model_store import ModelStore
 from service.app import create_app
 from service.settings import Settings
-
-from svc_http import ADMIN_TOKEN
 
 
 @pytest.fixture(params=["memory", "redis"])
