@@ -1,0 +1,129 @@
+"""The budget invariant under a race (CONTRACT.md §4): 4 service processes on one Redis, concurrent
+clients issuing 20,000+ decisions against a small budget, retries through other processes, outcomes
+settling as they go, and a poller checking `spent + reserved <= budget` at every observation."""
+
+from __future__ import annotations
+
+import random
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import pytest
+import redis
+from svc_served import ADMIN, serve
+
+from model_store import ModelStore
+
+BUDGET = 300.0
+COUPONS = [{"action": 1, "cost": 2.0}, {"action": 2, "cost": 5.0}, {"action": 3, "cost": 10.0}]
+CLIENTS, BATCHES, USERS_PER_BATCH = 16, 40, 32  # 20,480 decisions, each batch retried once
+
+
+@pytest.mark.slow
+def test_four_processes_never_overspend(
+    model_store_dir: Path, redis_url: str, redis_prefix: str, tmp_path: Path
+) -> None:
+    dim = ModelStore(model_store_dir).load().manifest.feature_dim
+    with serve(model_store_dir, redis_url, prefix=redis_prefix, count=4, log_dir=tmp_path) as bases:
+        admin = httpx.Client(timeout=30)
+        # lambda 0 makes coupons attractive, so the budget is the binding constraint
+        resp = admin.put(
+            bases[0] + "/v1/admin/campaigns/race",
+            headers=ADMIN,
+            json={"budget": BUDGET, "coupons": COUPONS, "lambda": 0.0},
+        )
+        assert resp.status_code == 200
+
+        issued: dict[str, float] = {}  # decision_id -> cost of every coupon handed out
+        settled: dict[str, float] = {}  # decision_id -> realized cost sent as its outcome
+        errors: list[str] = []
+        observations: list[tuple[float, float]] = []
+        lock = threading.Lock()
+        done = threading.Event()
+
+        def poll() -> None:
+            with httpx.Client(timeout=30) as http:
+                while not done.is_set():
+                    camp = http.get(
+                        bases[len(observations) % 4] + "/v1/admin/campaigns/race", headers=ADMIN
+                    ).json()
+                    observations.append((camp["spent"], camp["reserved"]))
+                    time.sleep(0.02)
+
+        def client(k: int) -> None:
+            rng = random.Random(k)
+            with httpx.Client(timeout=60) as http:
+                for b in range(BATCHES):
+                    reqs = [
+                        {
+                            "user_id": f"r{k}-{rng.randrange(200)}",
+                            "features": [rng.gauss(0, 1) for _ in range(dim)],
+                            "request_id": f"q{k}-{b}-{j}",
+                        }
+                        for j in range(USERS_PER_BATCH)
+                    ]
+                    first = http.post(bases[k % 4] + "/v1/campaigns/race/decisions", json={"requests": reqs})
+                    retry = http.post(
+                        bases[(k + 1) % 4] + "/v1/campaigns/race/decisions", json={"requests": reqs}
+                    )
+                    if first.status_code != 200 or retry.status_code != 200:
+                        errors.append(f"{first.status_code} {retry.status_code} {first.text[:100]}")
+                        continue
+                    decisions = first.json()["decisions"]
+                    if retry.json()["decisions"] != decisions:
+                        errors.append("a retried request_id gave another decision")
+                    coupons = [d for d in decisions if d["action"] > 0]
+                    with lock:
+                        for d in coupons:
+                            issued[d["decision_id"]] = d["cost"]
+                    # settle some: the realized cost is the reservation or nothing (never more)
+                    outcomes = [
+                        {
+                            "decision_id": d["decision_id"],
+                            "reward": 1.0,
+                            "cost": d["cost"] if rng.random() < 0.5 else 0.0,
+                        }
+                        for d in coupons
+                        if rng.random() < 0.3
+                    ]
+                    if outcomes:
+                        resp = http.post(
+                            bases[(k + 2) % 4] + "/v1/campaigns/race/outcomes", json={"outcomes": outcomes}
+                        )
+                        if resp.status_code != 200 or resp.json()["accepted"] != len(outcomes):
+                            errors.append(f"outcomes {resp.status_code} {resp.text[:100]}")
+                        with lock:
+                            settled.update((o["decision_id"], o["cost"]) for o in outcomes)
+
+        poller = threading.Thread(target=poll)
+        poller.start()
+        started = time.monotonic()
+        with ThreadPoolExecutor(CLIENTS) as pool:
+            list(pool.map(client, range(CLIENTS)))
+        elapsed = time.monotonic() - started
+        done.set()
+        poller.join()
+
+        assert not errors, errors[:3]
+        assert len(observations) > 10
+        for spent, reserved in observations:
+            assert spent + reserved <= BUDGET + 1e-9, (spent, reserved)
+        camp = admin.get(bases[3] + "/v1/admin/campaigns/race", headers=ADMIN).json()
+        assert camp["decisions"] == CLIENTS * BATCHES * USERS_PER_BATCH  # retries reserved nothing more
+        live = {d: c for d, c in issued.items() if d not in settled}
+        assert camp["reserved"] == pytest.approx(sum(live.values()), abs=1e-6)
+        assert camp["spent"] == pytest.approx(sum(settled.values()), abs=1e-6)
+        assert camp["spent"] + camp["reserved"] <= BUDGET
+        assert sum(issued.values()) > BUDGET / 2  # the race really fought over the budget
+        # the ledger equals the sum of the live reservations recorded in Redis itself
+        r = redis.Redis.from_url(redis_url, decode_responses=True)
+        tag = f"{redis_prefix}{{c:race}}"
+        pending = r.zrange(f"{tag}:pending", 0, -1)
+        amounts = [int(r.hget(f"{tag}:d:{d}", "r") or 0) for d in pending]
+        assert sum(amounts) == round(camp["reserved"] * 100)
+        assert set(pending) == set(live)
+        r.close()
+        print(f"race: {camp['decisions']} decisions in {elapsed:.1f}s, {len(observations)} observations")
