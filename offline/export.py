@@ -1,0 +1,93 @@
+"""Export a trained model as a TorchScript policy + manifest and publish it in the model store."""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from model_store import Artifact, ModelStore, load_scripted, save_scripted
+from offline.logs import Logs
+from offline.model import PolicyModule, parameter_count
+from offline.train import TrainResult, config_dict
+from offline.trajectories import make_batch
+
+PARITY_TOLERANCE = 1e-5
+
+
+class ExportError(RuntimeError):
+    """The scripted policy does not reproduce the eager model, or fails its smoke test."""
+
+
+def parity_batch(result: TrainResult, n: int = 256, seed: int = 0) -> tuple[torch.Tensor, ...]:
+    """Real inputs from held-out windows (with padding) to compare eager and scripted outputs."""
+    traj = result.trajectories
+    windows = traj.windows(loss_on_every_step=False)
+    rng = np.random.default_rng(seed)
+    pick = windows[rng.choice(len(windows), size=min(n, len(windows)), replace=False)]
+    lam = rng.uniform(0.0, 2.0, size=len(pick))
+    b = make_batch(traj, pick, result.config.objective, lam, result.initial_rtg, result.initial_ctg)
+    return b.states, b.actions, b.rtg, b.ctg, b.timesteps, b.lam, b.mask
+
+
+def smoke_test(module: torch.nn.Module, feature_dim: int, num_actions: int, context_length: int) -> None:
+    """A forward on a padded batch must give finite [B, K] scores."""
+    b, L = 3, context_length
+    mask = torch.ones(b, L, dtype=torch.bool)
+    mask[0, : L - 1] = False  # a user at their first step
+    with torch.inference_mode():
+        out = module(torch.zeros(b, L, feature_dim), torch.zeros(b, L, dtype=torch.long), torch.zeros(b, L),
+                     torch.zeros(b, L), torch.arange(L).repeat(b, 1), torch.zeros(b), mask)
+    if tuple(out.shape) != (b, num_actions) or not torch.isfinite(out).all():
+        raise ExportError(f"policy smoke test failed: output shape {tuple(out.shape)}, expected {(b, num_actions)}")
+
+
+def export_and_publish(
+    result: TrainResult, logs: Logs, store: ModelStore, extra_metrics: dict[str, Any] | None = None,
+    make_current: bool = True,
+) -> Artifact:
+    model = result.model.eval()
+    module = PolicyModule(model).eval()
+    cfg = model.cfg
+    inputs = parity_batch(result)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "model.pt"
+        save_scripted(module, path)
+        loaded = load_scripted(path)
+        with torch.inference_mode():
+            eager, scripted = module(*inputs), loaded(*inputs)
+        diff = float((eager - scripted).abs().max())
+        if not diff <= PARITY_TOLERANCE:
+            raise ExportError(f"scripted policy differs from the eager model by {diff:.2e} (> {PARITY_TOLERANCE})")
+        action_costs = [
+            float(logs.cost[logs.action == a].mean()) if np.any(logs.action == a) else 0.0
+            for a in range(cfg.num_actions)
+        ]
+        manifest = {
+            "feature_dim": cfg.feature_dim,
+            "num_actions": cfg.num_actions,
+            "context_length": cfg.context_length,
+            "max_timestep": cfg.max_timestep,
+            "objective": cfg.objective,
+            "initial_rtg": result.initial_rtg,
+            "initial_ctg": result.initial_ctg,
+            "normalisation": {
+                "state_mean": model.state_mean.tolist(),
+                "state_std": model.state_std.tolist(),
+                "rtg_scale": float(model.rtg_scale),
+                "ctg_scale": float(model.ctg_scale),
+            },
+            "action_costs": action_costs,
+            "data_sha256": logs.sha256,
+            "metrics": {**result.metrics, "export_parity_max_abs_diff": diff, "parameters": parameter_count(model),
+                        "train_seconds": round(result.seconds, 1), **(extra_metrics or {})},
+            "model_config": {**cfg.to_dict(), "train": config_dict(result.config)},
+        }
+
+        def validate(artifact: Artifact) -> None:
+            smoke_test(load_scripted(artifact.model_path), cfg.feature_dim, cfg.num_actions, cfg.context_length)
+
+        return store.publish(path, manifest, make_current=make_current, validate=validate)

@@ -1,0 +1,246 @@
+"""Logged interactions (CONTRACT §1): load, validate, write.
+
+One row per (user, interaction): user_id, t, action, cost, reward, f0..f{d-1}. Validation refuses the
+whole file with one message naming the column and the first bad row (1-based, header excluded); nothing
+downstream ever sees a partly valid log.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.csv as pacsv
+import pyarrow.dataset as pads
+import pyarrow.parquet as pq
+
+REQUIRED = ("user_id", "t", "action", "cost", "reward")
+_FEATURE_RE = re.compile(r"^f(\d+)$")
+
+
+class LogValidationError(ValueError):
+    """The logs break CONTRACT §1; the message names the column and the first bad row."""
+
+
+@dataclass(frozen=True)
+class Logs:
+    """Validated logs, sorted by (user, t). Row i of every array is one interaction."""
+
+    user: np.ndarray  # [n] int64 dense user index (0..n_users-1), in order of first appearance
+    user_ids: np.ndarray  # [n_users] the original ids (str)
+    t: np.ndarray  # [n] int64
+    action: np.ndarray  # [n] int64
+    cost: np.ndarray  # [n] float64
+    reward: np.ndarray  # [n] float64
+    features: np.ndarray  # [n, d] float32
+    feature_names: tuple[str, ...]
+    sha256: str  # hash of the validated content (training-data hash in manifests)
+
+    @property
+    def n_rows(self) -> int:
+        return int(self.t.shape[0])
+
+    @property
+    def n_users(self) -> int:
+        return int(self.user_ids.shape[0])
+
+    @property
+    def feature_dim(self) -> int:
+        return int(self.features.shape[1])
+
+    @property
+    def num_actions(self) -> int:
+        return int(self.action.max()) + 1 if self.n_rows else 0
+
+    def user_slices(self) -> np.ndarray:
+        """Start offsets of each user's rows, plus the end: rows of user u are starts[u]:starts[u+1]."""
+        return np.concatenate([[0], np.flatnonzero(np.diff(self.user)) + 1, [self.n_rows]])
+
+    def subset_users(self, users: np.ndarray) -> Logs:
+        """Logs of the given dense user indices (re-indexed 0..len-1, in the given order)."""
+        starts = self.user_slices()
+        rows = np.concatenate([np.arange(starts[u], starts[u + 1]) for u in users]) if len(users) else []
+        rows = np.asarray(rows, dtype=np.int64)
+        new_index = np.repeat(np.arange(len(users)), [starts[u + 1] - starts[u] for u in users])
+        return Logs(
+            user=new_index.astype(np.int64),
+            user_ids=self.user_ids[users],
+            t=self.t[rows],
+            action=self.action[rows],
+            cost=self.cost[rows],
+            reward=self.reward[rows],
+            features=self.features[rows],
+            feature_names=self.feature_names,
+            sha256=self.sha256,
+        )
+
+
+def _read_table(path: Path) -> pa.Table:
+    if not path.exists():
+        raise LogValidationError(f"logs not found: {path}")
+    suffix = path.suffix.lower()
+    try:
+        if path.is_dir() or suffix in (".parquet", ".pq"):
+            return pads.dataset(str(path), format="parquet").to_table()
+        if suffix in (".csv", ".gz") or path.name.endswith(".csv.gz"):
+            return pacsv.read_csv(
+                str(path),
+                convert_options=pacsv.ConvertOptions(column_types={"user_id": pa.string()}),
+            )
+    except (pa.ArrowInvalid, OSError) as exc:
+        raise LogValidationError(f"cannot read logs {path}: {exc}") from exc
+    raise LogValidationError(f"unsupported logs format {path.name!r}: use .parquet, a Parquet directory or .csv")
+
+
+def _first_bad(mask: np.ndarray) -> int:
+    return int(np.flatnonzero(mask)[0]) + 1
+
+
+def _numeric(table: pa.Table, name: str) -> np.ndarray:
+    col = table.column(name)
+    if pa.types.is_string(col.type) or pa.types.is_large_string(col.type):
+        return np.array([_to_float(v) for v in col.to_pylist()], dtype=np.float64)
+    if col.null_count:
+        arr = col.to_numpy(zero_copy_only=False).astype(np.float64)
+        return np.where(pc.is_null(col).to_numpy(zero_copy_only=False), np.nan, arr)
+    if not (pa.types.is_integer(col.type) or pa.types.is_floating(col.type) or pa.types.is_boolean(col.type)):
+        raise LogValidationError(f"column {name!r} has type {col.type}, expected a number")
+    return col.to_numpy(zero_copy_only=False).astype(np.float64)
+
+
+def _to_float(value: object) -> float:
+    try:
+        return float(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return float("nan")
+
+
+def validate_table(table: pa.Table) -> Logs:
+    """Check CONTRACT §1 and return sorted, typed arrays; raises LogValidationError naming column + row."""
+    names = table.column_names
+    for name in REQUIRED:
+        if name not in names:
+            raise LogValidationError(f"logs lack required column {name!r} (have: {', '.join(names)})")
+    feature_cols = sorted((n for n in names if _FEATURE_RE.match(n)), key=lambda n: int(n[1:]))
+    if not feature_cols:
+        raise LogValidationError("logs have no feature columns (expected f0 .. f{d-1})")
+    expected = [f"f{i}" for i in range(len(feature_cols))]
+    if feature_cols != expected:
+        missing = sorted(set(expected) - set(feature_cols), key=lambda n: int(n[1:]))
+        raise LogValidationError(f"feature columns must be f0..f{len(feature_cols) - 1}; missing column {missing[0]!r}")
+    n = table.num_rows
+    if n == 0:
+        raise LogValidationError("logs have no rows")
+
+    uid_col = table.column("user_id")
+    if uid_col.null_count:
+        raise LogValidationError(
+            f"column 'user_id' is empty at row {_first_bad(pc.is_null(uid_col).to_numpy(zero_copy_only=False))}"
+        )
+    user_ids_raw = np.asarray(uid_col.cast(pa.string()).to_pylist(), dtype=object)
+    empty = np.array([len(u) == 0 for u in user_ids_raw])
+    if empty.any():
+        raise LogValidationError(f"column 'user_id' is empty at row {_first_bad(empty)}")
+
+    columns: dict[str, np.ndarray] = {}
+    for name in ("t", "action", "cost", "reward", *feature_cols):
+        values = _numeric(table, name)
+        bad = ~np.isfinite(values)
+        if bad.any():
+            row = _first_bad(bad)
+            raise LogValidationError(f"column {name!r} has a missing or non-finite value ({values[row - 1]}) at row {row}")
+        columns[name] = values
+    for name in ("t", "action"):
+        frac = columns[name] != np.round(columns[name])
+        if frac.any():
+            row = _first_bad(frac)
+            raise LogValidationError(f"column {name!r} must be an integer; row {row} has {columns[name][row - 1]}")
+    neg_action = columns["action"] < 0
+    if neg_action.any():
+        raise LogValidationError(f"column 'action' must be >= 0 (0 = no coupon); row {_first_bad(neg_action)} is negative")
+    neg_cost = columns["cost"] < 0
+    if neg_cost.any():
+        row = _first_bad(neg_cost)
+        raise LogValidationError(f"column 'cost' must be >= 0; row {row} has {columns['cost'][row - 1]}")
+
+    unique_ids, first_pos, dense = np.unique(user_ids_raw.astype(str), return_index=True, return_inverse=True)
+    # dense user index in order of first appearance, for stable, readable output
+    order_of_first = np.argsort(first_pos)
+    rank = np.empty_like(order_of_first)
+    rank[order_of_first] = np.arange(len(order_of_first))
+    user = rank[dense].astype(np.int64)
+    t = columns["t"].astype(np.int64)
+    order = np.lexsort((t, user))
+    user_s, t_s = user[order], t[order]
+    dup = (np.diff(user_s) == 0) & (np.diff(t_s) == 0)
+    if dup.any():
+        row = int(order[np.flatnonzero(dup)[0] + 1]) + 1
+        raise LogValidationError(
+            f"column 't' cannot order user {user_ids_raw[row - 1]!r}: value {t[row - 1]} repeats at row {row}"
+        )
+
+    features = np.stack([columns[c] for c in feature_cols], axis=1)[order].astype(np.float32)
+    digest = hashlib.sha256()
+    for arr in (user_s, t_s, columns["action"][order], columns["cost"][order], columns["reward"][order], features):
+        digest.update(np.ascontiguousarray(arr).tobytes())
+    return Logs(
+        user=user_s,
+        user_ids=unique_ids[order_of_first].astype(str),
+        t=t_s,
+        action=columns["action"][order].astype(np.int64),
+        cost=columns["cost"][order],
+        reward=columns["reward"][order],
+        features=features,
+        feature_names=tuple(feature_cols),
+        sha256=digest.hexdigest(),
+    )
+
+
+def load_logs(path: str | os.PathLike[str]) -> Logs:
+    return validate_table(_read_table(Path(path)))
+
+
+def logs_table(
+    user_id: np.ndarray, t: np.ndarray, action: np.ndarray, cost: np.ndarray, reward: np.ndarray, features: np.ndarray,
+    extra: dict[str, np.ndarray] | None = None,
+) -> pa.Table:
+    data: dict[str, object] = {
+        "user_id": pa.array(user_id.astype(str)),
+        "t": pa.array(t.astype(np.int64)),
+        "action": pa.array(action.astype(np.int64)),
+        "cost": pa.array(cost.astype(np.float64)),
+        "reward": pa.array(reward.astype(np.float64)),
+    }
+    for j in range(features.shape[1]):
+        data[f"f{j}"] = pa.array(features[:, j].astype(np.float64))
+    for name, values in (extra or {}).items():
+        data[name] = pa.array(values)
+    return pa.table(data)
+
+
+def write_logs(table: pa.Table, path: str | os.PathLike[str]) -> Path:
+    """Write Parquet or CSV by the extension of `path`, atomically (temp file + rename)."""
+    path = Path(path)
+    suffix = path.suffix.lower()
+    if suffix not in (".parquet", ".pq", ".csv"):
+        raise ValueError(f"unsupported output {path.name!r}: use .parquet or .csv")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    os.close(fd)
+    try:
+        if suffix == ".csv":
+            pacsv.write_csv(table, tmp)
+        else:
+            pq.write_table(table, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path

@@ -1,0 +1,177 @@
+"""Training (Algorithm 1): AdamW over trajectory windows, early stopping on held-out users."""
+
+from __future__ import annotations
+
+import copy
+import math
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from offline.logs import Logs
+from offline.model import ModelConfig, SacoTransformer
+from offline.trajectories import Trajectories, build_trajectories, make_batch, split_users
+
+
+@dataclass
+class TrainConfig:
+    objective: str = "value"
+    token_layout: str = "step"
+    context_length: int = 10
+    d_model: int = 64
+    n_layers: int = 2
+    n_heads: int = 4
+    dropout: float = 0.1
+    epochs: int = 40
+    patience: int = 5  # epochs without validation improvement before stopping
+    batch_size: int = 128  # windows per step
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+    lambda_draws: int = 10  # lambda augmentation per trajectory (dt objectives; value ignores lambda)
+    lambda_max: float = 1.0
+    val_fraction: float = 0.2
+    max_timestep: int = 64
+    future_weight: float = 1.0
+    seed: int = 0
+    threads: int = 0  # 0 = torch default
+
+    def model_config(self, feature_dim: int, num_actions: int) -> ModelConfig:
+        return ModelConfig(
+            feature_dim=feature_dim, num_actions=num_actions, context_length=self.context_length,
+            max_timestep=self.max_timestep, d_model=self.d_model, n_layers=self.n_layers, n_heads=self.n_heads,
+            dropout=self.dropout, token_layout=self.token_layout, objective=self.objective,
+            future_weight=self.future_weight,
+        )
+
+
+@dataclass
+class TrainResult:
+    model: SacoTransformer
+    config: TrainConfig
+    trajectories: Trajectories
+    train_users: np.ndarray
+    val_users: np.ndarray
+    initial_rtg: float
+    initial_ctg: float
+    metrics: dict[str, float] = field(default_factory=dict)
+    seconds: float = 0.0
+
+
+def _loss(model: SacoTransformer, batch, value_weights: torch.Tensor) -> torch.Tensor:
+    logits, values = model(batch.states, batch.actions, batch.rtg, batch.ctg, batch.timesteps, batch.lam, batch.mask)
+    mask = batch.mask
+    if model.value_objective:
+        scale = torch.stack([model.rtg_scale, model.ctg_scale, model.rtg_scale, model.ctg_scale])
+        idx = batch.actions.unsqueeze(-1).unsqueeze(-1).expand(*batch.actions.shape, 4, 1)
+        pred = values.gather(3, idx).squeeze(-1)  # [B, L, 4] prediction for the logged action
+        err = (pred - batch.value_targets / scale) ** 2 / value_weights
+        return err.sum(-1)[mask].mean()
+    return F.cross_entropy(logits[mask], batch.actions[mask])
+
+
+def train(logs: Logs, cfg: TrainConfig, progress: bool = True) -> TrainResult:
+    """Fit the SACO model on `logs`; returns the best model on held-out users."""
+    started = time.time()
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    torch.manual_seed(cfg.seed)
+    rng = np.random.default_rng(cfg.seed)
+    num_actions = max(logs.num_actions, 2)
+    traj = build_trajectories(logs, cfg.context_length)
+    train_users, val_users = split_users(logs.n_users, cfg.val_fraction, cfg.seed)
+    if len(train_users) == 0:
+        raise ValueError("too few users to train on")
+    in_train = np.isin(logs.user, train_users)
+    windows = traj.windows()
+    end_user = logs.user[windows[:, -1]]
+    train_windows = windows[np.isin(end_user, train_users)]
+    val_windows = windows[np.isin(end_user, val_users)]
+
+    model = SacoTransformer(cfg.model_config(logs.feature_dim, num_actions))
+    feats = logs.features[in_train]
+    rtg_scale, ctg_scale = traj.scales()
+    model.set_normalisation(
+        torch.from_numpy(feats.mean(0)), torch.from_numpy(feats.std(0)), rtg_scale, ctg_scale
+    )
+    if cfg.objective == "value":
+        initial_rtg, initial_ctg = traj.initial_targets()
+        draws = 1
+    else:
+        first = traj.position == 0
+        initial_rtg = float(np.quantile(traj.rtg[first], 0.75))
+        initial_ctg = float(np.mean(traj.ctg[first]))
+        draws = cfg.lambda_draws
+    # each value head's loss is divided by its target variance so now/later, revenue/cost weigh alike
+    tgt = np.stack([logs.reward / rtg_scale, logs.cost / ctg_scale, (traj.rtg - logs.reward) / rtg_scale,
+                    (traj.ctg - logs.cost) / ctg_scale], axis=1)[in_train]
+    value_weights = torch.from_numpy(np.maximum(tgt.var(0), 1e-6).astype(np.float32))
+
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    steps_per_epoch = max(1, math.ceil(len(train_windows) * draws / cfg.batch_size))
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(
+        optimizer, max_lr=cfg.lr, total_steps=cfg.epochs * steps_per_epoch, pct_start=0.1
+    )
+    val_lam = rng.uniform(0, cfg.lambda_max, size=len(val_windows))
+
+    def val_loss() -> float:
+        model.eval()
+        total, count = 0.0, 0
+        with torch.inference_mode():
+            for i in range(0, len(val_windows), 2048):
+                w = val_windows[i:i + 2048]
+                b = make_batch(traj, w, cfg.objective, val_lam[i:i + 2048], initial_rtg, initial_ctg)
+                total += float(_loss(model, b, value_weights)) * len(w)
+                count += len(w)
+        model.train()
+        return total / max(count, 1)
+
+    best, best_state, stale, history = math.inf, copy.deepcopy(model.state_dict()), 0, []
+    bar = tqdm(total=cfg.epochs * steps_per_epoch, desc="train", unit="step", file=sys.stderr,
+               disable=not progress, mininterval=1.0)
+    model.train()
+    epoch = 0
+    for epoch in range(1, cfg.epochs + 1):
+        order = np.tile(np.arange(len(train_windows)), draws)
+        rng.shuffle(order)
+        lam_all = rng.uniform(0, cfg.lambda_max, size=len(order))
+        running = 0.0
+        for step in range(steps_per_epoch):
+            sel = order[step * cfg.batch_size:(step + 1) * cfg.batch_size]
+            if len(sel) == 0:
+                continue
+            batch = make_batch(traj, train_windows[sel], cfg.objective,
+                               lam_all[step * cfg.batch_size:step * cfg.batch_size + len(sel)],
+                               initial_rtg, initial_ctg)
+            loss = _loss(model, batch, value_weights)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            optimizer.step()
+            scheduler.step()
+            running += float(loss.detach())
+            bar.update(1)
+        current = val_loss() if len(val_windows) else running / steps_per_epoch
+        history.append(current)
+        bar.set_postfix(epoch=epoch, train=f"{running / steps_per_epoch:.4f}", val=f"{current:.4f}")
+        if current < best - 1e-5:
+            best, best_state, stale = current, copy.deepcopy(model.state_dict()), 0
+        else:
+            stale += 1
+            if stale >= cfg.patience:
+                break
+    bar.close()
+    model.load_state_dict(best_state)
+    model.eval()
+    metrics = {"val_loss": best, "epochs_run": float(epoch), "train_windows": float(len(train_windows)),
+               "val_windows": float(len(val_windows))}
+    return TrainResult(model, cfg, traj, train_users, val_users, initial_rtg, initial_ctg, metrics,
+                       time.time() - started)
+
+
+def config_dict(cfg: TrainConfig) -> dict[str, object]:
+    return asdict(cfg)

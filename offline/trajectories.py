@@ -1,0 +1,152 @@
+"""Logs -> per-user trajectories of (state, action, reward, cost, RTG, CTG, t) and training windows.
+
+RTG_t = sum_{t' >= t} r_t' and CTG_t = sum_{t' >= t} c_t' (gamma = 1), computed per user over the
+logged steps in `t` order. What the model is conditioned on depends on the objective:
+
+- "value" (default): the to-go inputs are *targets minus what has happened so far*:
+  RTG_in_t = initial_rtg - sum_{t' < t} r_t', CTG_in_t = initial_ctg - sum_{t' < t} c_t'. The service
+  computes exactly the same numbers online (start at the manifest targets, subtract each observed
+  outcome), so nothing the model sees in training is unavailable when it decides. The value heads are
+  fitted to the realised revenue/cost now (r_t, c_t) and later (RTG_t - r_t, CTG_t - c_t).
+- "dt-literal" (the paper): hindsight RTG_t / CTG_t as inputs, lambda drawn uniformly and independently
+  of the trajectory (so it carries no information), cross-entropy on the logged action.
+- "dt-lagrangian": like dt-literal, but the return input is the Lagrangian return-to-go
+  sum (r - lambda c) under the drawn lambda, so lambda changes what the model is asked to achieve.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from offline.logs import Logs
+
+
+@dataclass(frozen=True)
+class Trajectories:
+    logs: Logs
+    position: np.ndarray  # [n] 0-based step index within the user's trajectory
+    rtg: np.ndarray  # [n] return-to-go including this step
+    ctg: np.ndarray  # [n] cost-to-go including this step
+    reward_before: np.ndarray  # [n] sum of the user's rewards before this step
+    cost_before: np.ndarray  # [n]
+    context_length: int
+
+    @property
+    def n_rows(self) -> int:
+        return self.logs.n_rows
+
+    def initial_targets(self) -> tuple[float, float]:
+        """Mean total return and cost per user: the to-go targets at a user's first step."""
+        first = self.position == 0
+        return float(self.rtg[first].mean()), float(self.ctg[first].mean())
+
+    def scales(self) -> tuple[float, float]:
+        first = self.position == 0
+        rtg_scale = float(np.std(self.rtg[first])) or 1.0
+        ctg_scale = float(np.std(self.ctg[first])) or 1.0
+        return rtg_scale, ctg_scale
+
+    def windows(self, loss_on_every_step: bool = True) -> np.ndarray:
+        """Row indices [W, L] of training windows, right-aligned, -1 = padding.
+
+        Windows end at every L-th step of a user and at the user's last step, so together they put
+        every logged step in exactly one window's loss while each keeps as much history as fits.
+        """
+        L = self.context_length
+        starts = self.logs.user_slices()
+        lengths = np.diff(starts)
+        last_of_user = np.zeros(self.n_rows, dtype=bool)
+        last_of_user[starts[1:] - 1] = True
+        if loss_on_every_step:
+            ends = np.flatnonzero(((self.position + 1) % L == 0) | last_of_user)
+        else:
+            ends = np.arange(self.n_rows)
+        offsets = np.arange(-L + 1, 1)
+        idx = ends[:, None] + offsets[None, :]
+        user_start = np.repeat(starts[:-1], lengths)[ends]
+        idx = np.where(idx >= user_start[:, None], idx, -1)
+        return idx.astype(np.int64)
+
+
+def build_trajectories(logs: Logs, context_length: int) -> Trajectories:
+    starts = logs.user_slices()
+    lengths = np.diff(starts)
+    user_start = np.repeat(starts[:-1], lengths)
+    position = np.arange(logs.n_rows) - user_start
+    rtg, ctg = _reverse_cumsum_by_user(logs.reward, starts), _reverse_cumsum_by_user(logs.cost, starts)
+    reward_before = _cumsum_by_user(logs.reward, starts) - logs.reward
+    cost_before = _cumsum_by_user(logs.cost, starts) - logs.cost
+    return Trajectories(logs, position, rtg, ctg, reward_before, cost_before, context_length)
+
+
+def _cumsum_by_user(x: np.ndarray, starts: np.ndarray) -> np.ndarray:
+    total = np.cumsum(x)
+    before_user = np.concatenate([[0.0], total[starts[1:-1] - 1]])
+    return total - np.repeat(before_user, np.diff(starts))
+
+
+def _reverse_cumsum_by_user(x: np.ndarray, starts: np.ndarray) -> np.ndarray:
+    inclusive = _cumsum_by_user(x, starts)
+    user_total = np.repeat(inclusive[starts[1:] - 1], np.diff(starts))
+    return user_total - inclusive + x
+
+
+def split_users(n_users: int, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Dense user indices for training and validation (80/20 by user by default)."""
+    perm = np.random.default_rng(seed).permutation(n_users)
+    n_val = round(n_users * val_fraction)
+    return np.sort(perm[n_val:]), np.sort(perm[:n_val])
+
+
+@dataclass
+class Batch:
+    states: torch.Tensor
+    actions: torch.Tensor
+    rtg: torch.Tensor
+    ctg: torch.Tensor
+    timesteps: torch.Tensor
+    lam: torch.Tensor
+    mask: torch.Tensor
+    # training targets (scaled where the model predicts scaled values)
+    value_targets: torch.Tensor  # [B, L, 4]: revenue now, cost now, revenue later, cost later (raw units)
+
+
+def make_batch(
+    traj: Trajectories,
+    window: np.ndarray,
+    objective: str,
+    lam: np.ndarray,
+    initial_rtg: float,
+    initial_ctg: float,
+) -> Batch:
+    """Gather windows [B, L] of rows into model inputs for `objective` with per-window lambda [B]."""
+    logs = traj.logs
+    mask = window >= 0
+    rows = np.where(mask, window, 0)
+    lam_rows = np.broadcast_to(lam[:, None], rows.shape)
+    if objective == "value":
+        rtg_in = initial_rtg - traj.reward_before[rows]
+        ctg_in = initial_ctg - traj.cost_before[rows]
+    elif objective == "dt-literal":
+        rtg_in, ctg_in = traj.rtg[rows], traj.ctg[rows]
+    elif objective == "dt-lagrangian":
+        rtg_in, ctg_in = traj.rtg[rows] - lam_rows * traj.ctg[rows], traj.ctg[rows]
+    else:
+        raise ValueError(f"unknown objective {objective!r}")
+    targets = np.stack(
+        [logs.reward[rows], logs.cost[rows], traj.rtg[rows] - logs.reward[rows], traj.ctg[rows] - logs.cost[rows]],
+        axis=-1,
+    )
+    return Batch(
+        states=torch.from_numpy(logs.features[rows]),
+        actions=torch.from_numpy(np.where(mask, logs.action[rows], 0)),
+        rtg=torch.from_numpy(np.where(mask, rtg_in, 0.0).astype(np.float32)),
+        ctg=torch.from_numpy(np.where(mask, ctg_in, 0.0).astype(np.float32)),
+        timesteps=torch.from_numpy(np.where(mask, traj.position[rows], 0)),
+        lam=torch.from_numpy(lam.astype(np.float32)),
+        mask=torch.from_numpy(mask),
+        value_targets=torch.from_numpy(np.where(mask[..., None], targets, 0.0).astype(np.float32)),
+    )

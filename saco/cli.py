@@ -1,0 +1,243 @@
+"""`saco`: the command line (CONTRACT §2). A thin face over offline/, model_store/ and service/.
+
+Progress goes to stderr; the last line of stdout is one JSON object; errors exit non-zero with one line
+on stderr.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, Any, TypeVar
+
+import typer
+
+app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, no_args_is_help=True,
+                  help="SACO coupon decisioning: simulate, train, calibrate, evaluate, serve.")
+models_app = typer.Typer(no_args_is_help=True, help="List, promote and roll back model versions.")
+app.add_typer(models_app, name="models")
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def _emit(result: dict[str, Any]) -> None:
+    print(json.dumps(result, default=float), flush=True)
+
+
+def _fail(message: str, code: int = 2) -> None:
+    print(f"error: {message}", file=sys.stderr, flush=True)
+    raise typer.Exit(code)
+
+
+def _errors_as_one_line(fn: F) -> F:
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        from model_store import ArtifactError
+        from offline.logs import LogValidationError
+
+        try:
+            return fn(*args, **kwargs)
+        except (LogValidationError, ArtifactError, ValueError, RuntimeError, OSError) as exc:
+            _fail(str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+
+    return wrapper  # type: ignore[return-value]
+
+
+def _progress(desc: str, total: int | None, unit: str = "it") -> Any:
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, unit=unit, file=sys.stderr, mininterval=0.5)
+
+
+@app.command()
+@_errors_as_one_line
+def simulate(
+    users: Annotated[int, typer.Option(min=1, help="number of users")] = 10_000,
+    rounds: Annotated[int, typer.Option(min=1, help="rounds per user")] = 10,
+    seed: Annotated[int, typer.Option(help="random seed")] = 0,
+    out: Annotated[Path, typer.Option(help="output .parquet or .csv")] = Path("logs.parquet"),
+    behaviour_bias: Annotated[float, typer.Option(help="0 = uniform random logging policy; >0 tilts it")] = 0.0,
+    effects: Annotated[bool, typer.Option(help="carry-over effects (habit, fatigue, reference) on/off")] = True,
+) -> None:
+    """Logs of the built-in sequential synthetic world under a random behaviour policy."""
+    from offline.logs import write_logs
+    from offline.simulate import simulate_logs
+    from offline.world import WorldConfig
+
+    config = WorldConfig(users=users, rounds=rounds, seed=seed)
+    if not effects:
+        config = config.myopic()
+    with _progress("simulate", rounds, "round") as bar:
+        table = simulate_logs(config, behaviour_bias, progress=bar.update)
+    path = write_logs(table, out)
+    _emit({"rows": table.num_rows, "path": str(path)})
+
+
+@app.command()
+@_errors_as_one_line
+def train(
+    logs: Annotated[Path, typer.Option(help="logs (.parquet, Parquet directory, or .csv)")],
+    store: Annotated[Path, typer.Option(help="model store directory")],
+    epochs: Annotated[int, typer.Option(min=1)] = 40,
+    seed: Annotated[int, typer.Option()] = 0,
+    objective: Annotated[str, typer.Option(help="value | dt-lagrangian | dt-literal")] = "value",
+    token_layout: Annotated[str, typer.Option(help="step (one token per step) | dt4 (the paper's 4 tokens)")] = "step",
+    context_length: Annotated[int, typer.Option(min=1)] = 10,
+    d_model: Annotated[int, typer.Option(min=8)] = 64,
+    layers: Annotated[int, typer.Option(min=1)] = 2,
+    heads: Annotated[int, typer.Option(min=1)] = 4,
+    no_promote: Annotated[bool, typer.Option(help="publish without making it current")] = False,
+) -> None:
+    """Train the SACO model on logs, export TorchScript and publish a new version."""
+    from model_store import OBJECTIVES, ModelStore
+    from offline.export import export_and_publish
+    from offline.logs import load_logs
+    from offline.train import TrainConfig
+    from offline.train import train as fit
+
+    if objective not in OBJECTIVES:
+        raise ValueError(f"--objective must be one of {', '.join(OBJECTIVES)}")
+    started = time.time()
+    data = load_logs(logs)
+    print(f"loaded {data.n_rows} rows, {data.n_users} users, {data.feature_dim} features, "
+          f"{data.num_actions} actions", file=sys.stderr)
+    cfg = TrainConfig(objective=objective, token_layout=token_layout, context_length=context_length,
+                      d_model=d_model, n_layers=layers, n_heads=heads, epochs=epochs, seed=seed)
+    result = fit(data, cfg)
+    artifact = export_and_publish(result, data, ModelStore(store), make_current=not no_promote)
+    _emit({"version": artifact.version, "store": str(store), "objective": objective,
+           "val_loss": result.metrics["val_loss"], "epochs_run": int(result.metrics["epochs_run"]),
+           "train_seconds": round(result.seconds, 1), "total_seconds": round(time.time() - started, 1),
+           "current": not no_promote})
+
+
+@app.command()
+@_errors_as_one_line
+def calibrate(
+    store: Annotated[Path, typer.Option(help="model store directory")],
+    logs: Annotated[Path, typer.Option(help="logs the offline environment is learned from")],
+    budget: Annotated[float, typer.Option(help="total budget B over the simulated users")],
+    users: Annotated[int | None, typer.Option(min=1, help="users to simulate (default: the logs' users)")] = None,
+    version: Annotated[str | None, typer.Option(help="model version (default: current)")] = None,
+    method: Annotated[str, typer.Option(help="monotone (default) | slsqp (the paper's Algorithm 2)")] = "monotone",
+    seed: Annotated[int, typer.Option()] = 0,
+) -> None:
+    """Find lambda so that the policy spends close to, and not above, budget B; store it in the manifest."""
+    from model_store import LambdaPoint, ModelStore, load_scripted
+    from offline.calibrate import search_monotone, search_slsqp, spend_table
+    from offline.env import LogEnvironment
+    from offline.logs import load_logs
+    from offline.policy import SequencePolicy, rollout
+
+    if budget <= 0:
+        raise ValueError("--budget must be > 0")
+    model_store = ModelStore(store)
+    artifact = model_store.load(version)
+    data = load_logs(logs)
+    m = artifact.manifest
+    if data.feature_dim != m.feature_dim:
+        raise ValueError(f"logs have {data.feature_dim} features, model {artifact.version} expects {m.feature_dim}")
+    print("fitting the offline environment on the logs...", file=sys.stderr, flush=True)
+    env = LogEnvironment.fit(data)
+    policy = SequencePolicy(load_scripted(artifact.model_path), m.context_length, m.initial_rtg, m.initial_ctg,
+                            m.feature_dim)
+
+    def simulate_at(lam: float) -> tuple[float, float]:
+        r = rollout(env, policy, lam, n_users=users, seed=seed)
+        return r.revenue, r.cost
+
+    bar = _progress("calibrate", None, "pass")
+
+    def tick(ev: Any) -> None:
+        bar.set_postfix(lam=f"{ev.lam:.4g}", barate=f"{ev.cost / budget:.4f}")
+        bar.update(1)
+
+    search = search_slsqp if method == "slsqp" else search_monotone
+    if method not in ("monotone", "slsqp"):
+        raise ValueError("--method must be monotone or slsqp")
+    result = search(simulate_at, budget, progress=tick)
+    bar.close()
+    n_users = users or data.n_users
+    grid = sorted({0.0, *(result.lam * f for f in (0.25, 0.5, 2.0, 4.0) if result.lam > 0)})
+    table = [LambdaPoint(result.lam, result.cost / n_users, result.revenue / n_users)]
+    table += [LambdaPoint(e.lam, e.cost / n_users, e.revenue / n_users) for e in spend_table(simulate_at, grid)]
+    table.sort(key=lambda p: p.lam)
+    model_store.update_manifest(artifact.version, lambda_table=table, default_lambda=result.lam,
+                                metrics={**m.metrics, "env_fit": env.fit_metrics})
+    _emit({**result.to_json(), "users": n_users, "version": artifact.version})
+
+
+@app.command()
+@_errors_as_one_line
+def serve(
+    store: Annotated[Path, typer.Option(envvar="SACO_STORE", help="model store directory")] = Path("var/store"),
+    host: Annotated[str, typer.Option()] = "127.0.0.1",
+    port: Annotated[int, typer.Option()] = 8000,
+    redis_url: Annotated[str | None, typer.Option(envvar="SACO_REDIS_URL", help="state store; none = embedded")] = None,
+    bootstrap: Annotated[bool, typer.Option(help="train a bootstrap model on a synthetic world if the store is empty")] = False,
+) -> None:
+    """Run the HTTP decision service."""
+    from model_store import ModelStore
+
+    if ModelStore(store).current_version() is None:
+        if not bootstrap:
+            raise ValueError(f"model store {store} has no current version: run `saco train` or pass --bootstrap")
+        _bootstrap(store)
+    from service.server import run
+
+    run(str(store), host, port, redis_url)
+
+
+def _bootstrap(store: Path) -> None:
+    """Simulate a small world, train and publish: a demo model so the service can start on a fresh machine."""
+    from model_store import ModelStore
+    from offline.export import export_and_publish
+    from offline.logs import validate_table
+    from offline.simulate import simulate_logs
+    from offline.train import TrainConfig
+    from offline.train import train as fit
+    from offline.world import WorldConfig
+
+    print("store is empty: training a bootstrap model on a synthetic world (2,000 users x 10 rounds)...",
+          file=sys.stderr, flush=True)
+    data = validate_table(simulate_logs(WorldConfig(users=2000, rounds=10, seed=0)))
+    result = fit(data, TrainConfig(epochs=10))
+    artifact = export_and_publish(result, data, ModelStore(store))
+    print(f"bootstrap model {artifact.version} published in {store}", file=sys.stderr, flush=True)
+
+
+@models_app.command("list")
+@_errors_as_one_line
+def models_list(store: Annotated[Path, typer.Option()]) -> None:
+    """Versions in the store, oldest first, and which one is current."""
+    from model_store import ModelStore
+
+    s = ModelStore(store)
+    _emit({"current": s.current_version(), "versions": s.list_versions()})
+
+
+@models_app.command("promote")
+@_errors_as_one_line
+def models_promote(store: Annotated[Path, typer.Option()], version: Annotated[str, typer.Argument()]) -> None:
+    """Make VERSION current (after verifying its checksum)."""
+    from model_store import ModelStore
+
+    ModelStore(store).promote(version)
+    _emit({"current": version})
+
+
+@models_app.command("rollback")
+@_errors_as_one_line
+def models_rollback(store: Annotated[Path, typer.Option()]) -> None:
+    """Make the previously current version current again."""
+    from model_store import ModelStore
+
+    _emit({"current": ModelStore(store).rollback()})
+
+
+def main() -> None:  # pragma: no cover
+    app()
