@@ -3,7 +3,11 @@ and the doubly robust value of a (soft) decision under the uniform logging polic
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from itertools import pairwise
+from typing import Any, TypeVar, cast
 
 import numpy as np
 import torch
@@ -74,3 +78,29 @@ def dr_value(policy_probs: torch.Tensor, baseline: torch.Tensor, action: torch.T
 
 def to_tensor(x: np.ndarray, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(x)).to(dtype)
+
+
+@contextmanager
+def torch_threads(n: int = 1) -> Iterator[None]:
+    """Run small-network training on `n` intra-op threads (restored afterwards): for MLPs this size one
+    thread is as fast as two on an idle machine and ~15x faster on a busy one."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def single_threaded(fn: F) -> F:
+    """Decorator: run `fn` under `torch_threads(1)`."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        with torch_threads(1):
+            return fn(*args, **kwargs)
+
+    return cast(F, wrapper)

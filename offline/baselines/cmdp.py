@@ -25,7 +25,14 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from offline.baselines._common import Standardizer, lambda_scale, mlp, num_actions_of, to_tensor
+from offline.baselines._common import (
+    Standardizer,
+    lambda_scale,
+    mlp,
+    num_actions_of,
+    single_threaded,
+    to_tensor,
+)
 from offline.logs import Logs
 from offline.policy import Policy
 
@@ -115,6 +122,7 @@ class CMDP(Policy):
         self.begin(0)
 
     @classmethod
+    @single_threaded
     def fit(cls, logs: Logs, lam0: float = 0.5, cfg: CMDPConfig | None = None) -> CMDP:
         cfg = cfg or CMDPConfig()
         torch.manual_seed(cfg.seed)
