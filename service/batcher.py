@@ -93,9 +93,7 @@ class MicroBatcher:
         finally:
             ticket.close()
 
-    async def scores(
-        self, policy: LoadedPolicy, inputs: PolicyInputs, ticket: Ticket | None = None
-    ) -> np.ndarray:
+    async def scores(self, policy: LoadedPolicy, inputs: PolicyInputs, ticket: Ticket | None = None) -> np.ndarray:
         future: asyncio.Future[np.ndarray] = asyncio.get_running_loop().create_future()
         try:
             self._queue.put_nowait(_Job(policy, inputs, future))

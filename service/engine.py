@@ -167,8 +167,7 @@ class DecisionEngine:
             if len(item.features) != manifest.feature_dim:
                 raise InvalidInput(
                     ("requests", i, "features"),
-                    f"must have {manifest.feature_dim} values "
-                    f"(the model's feature_dim), got {len(item.features)}",
+                    f"must have {manifest.feature_dim} values (the model's feature_dim), got {len(item.features)}",
                 )
         with np.errstate(over="ignore"):
             features = np.array([item.features for item in requests], np.float32)
@@ -178,9 +177,7 @@ class DecisionEngine:
         self.metrics.decision_batch_users.observe(len(requests))
 
         with self.batcher.expect() as ticket:
-            campaign, contexts = await self.store.load_for_decision(
-                campaign_id, [r.user_id for r in requests]
-            )
+            campaign, contexts = await self.store.load_for_decision(campaign_id, [r.user_id for r in requests])
             if campaign is None:
                 raise CampaignNotFound(campaign_id)
             lam, _ = campaign_lambda(campaign, manifest)
@@ -268,9 +265,7 @@ class DecisionEngine:
             if count:
                 self.metrics.outcomes.labels(result=name).inc(count)
         self.metrics.budget_remaining.labels(campaign=campaign_id).set(from_cents(max(0, result.remaining)))
-        return OutcomesResponse(
-            accepted=result.accepted, duplicates=result.duplicates, unknown=result.unknown
-        )
+        return OutcomesResponse(accepted=result.accepted, duplicates=result.duplicates, unknown=result.unknown)
 
     # ---- campaigns -------------------------------------------------------------------------------
     def _coupons(self, coupons: list[Any]) -> dict[int, int]:
@@ -284,9 +279,7 @@ class DecisionEngine:
                     coupon.action,
                 )
             if coupon.action in table:
-                raise InvalidInput(
-                    ("coupons", i, "action"), f"action {coupon.action} is listed twice", coupon.action
-                )
+                raise InvalidInput(("coupons", i, "action"), f"action {coupon.action} is listed twice", coupon.action)
             table[coupon.action] = to_cents(coupon.cost)
         return table
 
@@ -328,9 +321,7 @@ class DecisionEngine:
 
     def view(self, campaign: CampaignState) -> dict[str, Any]:
         lam, source = campaign_lambda(campaign, self.policies.current.manifest)
-        self.metrics.budget_remaining.labels(campaign=campaign.campaign_id).set(
-            from_cents(campaign.remaining)
-        )
+        self.metrics.budget_remaining.labels(campaign=campaign.campaign_id).set(from_cents(campaign.remaining))
         return {
             "campaign_id": campaign.campaign_id,
             "budget": from_cents(campaign.budget),

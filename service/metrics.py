@@ -84,17 +84,13 @@ class ServiceMetrics:
             ["campaign"],
             registry=r,
         )
-        self.overloaded = Counter(
-            "saco_batcher_overloaded_total", "requests refused by a full queue", registry=r
-        )
+        self.overloaded = Counter("saco_batcher_overloaded_total", "requests refused by a full queue", registry=r)
         self.state_store_errors = Counter(
             "saco_state_store_errors_total",
             "requests answered 503 because the state store failed",
             registry=r,
         )
-        self.model_info = Gauge(
-            "saco_model_info", "the serving model version (value 1)", ["version"], registry=r
-        )
+        self.model_info = Gauge("saco_model_info", "the serving model version (value 1)", ["version"], registry=r)
 
     def set_model(self, previous: str | None, version: str) -> None:
         if previous is not None:

@@ -132,9 +132,7 @@ def load_policy(store_root: str, device_name: str, version: str | None = None) -
     try:
         module = load_scripted(artifact.model_path, device)
     except Exception as exc:  # a corrupt or incompatible TorchScript file
-        raise PolicyRejected(
-            f"version {artifact.version!r}: cannot load the TorchScript model: {exc}"
-        ) from exc
+        raise PolicyRejected(f"version {artifact.version!r}: cannot load the TorchScript model: {exc}") from exc
     policy = LoadedPolicy(artifact, module, device)
     manifest = artifact.manifest
     try:

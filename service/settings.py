@@ -17,37 +17,21 @@ class Settings(BaseSettings):
     store: str = Field(
         default="model_store", description="model store directory (the service loads its CURRENT version)"
     )
-    redis_url: str | None = Field(
-        default=None, description="Redis URL; without one state lives in an embedded store"
-    )
+    redis_url: str | None = Field(default=None, description="Redis URL; without one state lives in an embedded store")
     redis_prefix: str = Field(default="saco:", description="prefix of every Redis key this service writes")
     redis_socket_timeout_s: float = Field(default=0.5, gt=0, description="Redis connect/read timeout")
-    admin_token: SecretStr | None = Field(
-        default=None, description="bearer token of the admin routes (off without)"
-    )
+    admin_token: SecretStr | None = Field(default=None, description="bearer token of the admin routes (off without)")
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    torch_threads: int = Field(
-        default=0, ge=0, description="intra-op threads of the inference worker; 0 = cores // 2"
-    )
+    torch_threads: int = Field(default=0, ge=0, description="intra-op threads of the inference worker; 0 = cores // 2")
 
     max_batch: int = Field(default=1024, ge=1, description="most users in one decisions request")
     batcher_max_rows: int = Field(default=2048, ge=1, description="most rows in one coalesced forward")
-    batcher_max_wait_ms: float = Field(
-        default=1.0, ge=0, le=2.0, description="longest a row waits for company"
-    )
-    batcher_queue_size: int = Field(
-        default=256, ge=1, description="most requests waiting for inference (then 503)"
-    )
+    batcher_max_wait_ms: float = Field(default=1.0, ge=0, le=2.0, description="longest a row waits for company")
+    batcher_queue_size: int = Field(default=256, ge=1, description="most requests waiting for inference (then 503)")
 
-    decision_ttl_s: int = Field(
-        default=30 * DAY_S, ge=1, description="how long outcomes are accepted for a decision"
-    )
-    reservation_expiry_s: int = Field(
-        default=DAY_S, ge=1, description="reservations without an outcome are released"
-    )
-    context_ttl_s: int = Field(
-        default=30 * DAY_S, ge=1, description="a user's trajectory context expires when idle"
-    )
+    decision_ttl_s: int = Field(default=30 * DAY_S, ge=1, description="how long outcomes are accepted for a decision")
+    reservation_expiry_s: int = Field(default=DAY_S, ge=1, description="reservations without an outcome are released")
+    context_ttl_s: int = Field(default=30 * DAY_S, ge=1, description="a user's trajectory context expires when idle")
     sweep_interval_s: float = Field(default=30.0, gt=0, description="period of the expired-reservation sweep")
 
     log_level: str = "INFO"
@@ -55,9 +39,7 @@ class Settings(BaseSettings):
     @model_validator(mode="after")
     def _consistent(self) -> Settings:
         if self.reservation_expiry_s > self.decision_ttl_s:
-            raise ValueError(
-                "reservation_expiry_s must not exceed decision_ttl_s (a reservation outlives its record)"
-            )
+            raise ValueError("reservation_expiry_s must not exceed decision_ttl_s (a reservation outlives its record)")
         if self.max_batch > self.batcher_max_rows:
             raise ValueError("max_batch must not exceed batcher_max_rows")
         return self

@@ -1,16 +1,26 @@
 -- Append a decision as the newest step of a user's context, keeping the last ARGV[4] steps.
+-- The context is text, so this script never parses JSON: a header "t|rtg|ctg" (next step index,
+-- running return-to-go and cost-to-go) then one JSON array per step and line (see service.state.base).
 -- KEYS[1] context key
--- ARGV[1] decision id, [2] action, [3] features (hex, opaque here), [4] capacity, [5] ttl ms,
---   [6] initial return-to-go, [7] initial cost-to-go
+-- ARGV[1] decision id, [2] action, [3] features (hex), [4] capacity, [5] ttl ms,
+--   [6] initial return-to-go, [7] initial cost-to-go (JSON numbers)
 local raw = redis.call('GET', KEYS[1])
-local ctx
-if raw then ctx = cjson.decode(raw) else
-  ctx = {t = 0, g = tonumber(ARGV[6]), k = tonumber(ARGV[7]), s = {}}
+local header, body = '0|' .. ARGV[6] .. '|' .. ARGV[7], ''
+if raw then
+  local newline = string.find(raw, '\n', 1, true)
+  if newline then
+    header, body = string.sub(raw, 1, newline - 1), string.sub(raw, newline + 1)
+  else
+    header = raw
+  end
 end
-local steps = ctx.s
-steps[#steps + 1] = {ARGV[1], tonumber(ARGV[2]), 0, 0, ctx.g, ctx.k, ctx.t, ARGV[3]}
-local capacity = tonumber(ARGV[4])
-while #steps > capacity do table.remove(steps, 1) end
-ctx.t = ctx.t + 1
-redis.call('SET', KEYS[1], cjson.encode(ctx), 'PX', ARGV[5])
+local t, rtg, ctg = string.match(header, '^([^|]*)|([^|]*)|([^|]*)$')
+local lines = {}
+for line in string.gmatch(body, '[^\n]+') do lines[#lines + 1] = line end
+lines[#lines + 1] = '["' .. ARGV[1] .. '",' .. ARGV[2] .. ',0,0,' .. rtg .. ',' .. ctg .. ',' .. t .. ',"'
+  .. ARGV[3] .. '"]'
+local first = math.max(1, #lines - tonumber(ARGV[4]) + 1)
+local value = string.format('%d', tonumber(t) + 1) .. '|' .. rtg .. '|' .. ctg
+if first <= #lines then value = value .. '\n' .. table.concat(lines, '\n', first, #lines) end
+redis.call('SET', KEYS[1], value, 'PX', ARGV[5])
 return 1

@@ -3,10 +3,11 @@
 -- KEYS[1] campaign hash, KEYS[2] pending-reservations zset (deadline ms), then per item its decision
 --   key and, when it has a request_id, its request key (all share the campaign's hash tag).
 -- ARGV[1] now ms, [2] reservation expiry ms, [3] decision ttl ms, [4] model version, [5] lambda,
---   [6] item count, then per item: decision id, user id, request id or '', n, n preferred actions
---   (offered actions by descending score, cut after '0').
--- Returns {'missing'} for an unknown campaign, else {remaining cents, record, flag, record, flag, ...}; record = "id\taction\tcost\tversion\tlambda\tuser",
---   flag 0 = earlier decision returned again, 1 = new, 2 = new and the preferred coupon did not fit.
+--   [6] JSON items [[decision id, user id, request id or "", [preferred actions]], ...]; preferred actions
+--   are the offered ones by descending score, cut after 0.
+-- Returns {'missing'} for an unknown campaign, else {remaining cents, record, flag, record, flag, ...};
+--   record = "id\taction\tcost\tversion\tlambda\tuser", flag 0 = earlier decision returned again,
+--   1 = new, 2 = new and the preferred coupon did not fit.
 local campaign, pending = KEYS[1], KEYS[2]
 local ledger = redis.call('HMGET', campaign, 'budget', 'spent', 'reserved', 'coupons')
 if not ledger[1] then return {'missing'} end
@@ -14,12 +15,12 @@ local available = tonumber(ledger[1]) - tonumber(ledger[2]) - tonumber(ledger[3]
 local coupons = cjson.decode(ledger[4])
 local now, expiry = tonumber(ARGV[1]), tonumber(ARGV[2])
 local version, lam = ARGV[4], ARGV[5]
-local n_items = tonumber(ARGV[6])
-local a, k = 7, 3
+local items = cjson.decode(ARGV[6])
+local k = 3
 local new_reserved, new_count = 0, 0
 local out = {0}
-for _ = 1, n_items do
-  local decision_id, user, request_id, n_prefs = ARGV[a], ARGV[a + 1], ARGV[a + 2], tonumber(ARGV[a + 3])
+for _, item in ipairs(items) do
+  local decision_id, user, request_id, prefs = item[1], item[2], item[3], item[4]
   local decision_key = KEYS[k]
   k = k + 1
   local request_key = nil
@@ -32,31 +33,30 @@ for _ = 1, n_items do
     out[#out + 1] = earlier
     out[#out + 1] = 0
   else
-    local action, cost = '0', 0
-    for j = 0, n_prefs - 1 do
-      local candidate = ARGV[a + 4 + j]
-      if candidate == '0' then break end
-      local price = coupons[candidate]
+    local action, cost = 0, 0
+    for _, candidate in ipairs(prefs) do
+      if candidate == 0 then break end
+      local price = coupons[string.format('%d', candidate)]
       if price and price <= available - new_reserved then
         action, cost = candidate, price
         break
       end
     end
     local flag = 1
-    if n_prefs > 0 and ARGV[a + 4] ~= '0' and action ~= ARGV[a + 4] then flag = 2 end
-    local cost_text = string.format('%d', cost)
+    if #prefs > 0 and prefs[1] ~= 0 and action ~= prefs[1] then flag = 2 end
+    local action_text, cost_text = string.format('%d', action), string.format('%d', cost)
     new_reserved = new_reserved + cost
     new_count = new_count + 1
-    redis.call('HSET', decision_key, 'u', user, 'a', action, 'p', '1', 'r', cost_text, 's', 'R',
+    redis.call('HSET', decision_key, 'u', user, 'a', action_text, 'p', '1', 'r', cost_text, 's', 'R',
       'v', version, 'l', lam, 'q', request_id, 'at', ARGV[1])
     redis.call('PEXPIRE', decision_key, ARGV[3])
     if cost > 0 then redis.call('ZADD', pending, string.format('%d', now + expiry), decision_id) end
-    local record = decision_id .. '\t' .. action .. '\t' .. cost_text .. '\t' .. version .. '\t' .. lam .. '\t' .. user
+    local record = decision_id .. '\t' .. action_text .. '\t' .. cost_text .. '\t' .. version .. '\t' .. lam
+      .. '\t' .. user
     if request_key then redis.call('SET', request_key, record, 'PX', ARGV[3]) end
     out[#out + 1] = record
     out[#out + 1] = flag
   end
-  a = a + 4 + n_prefs
 end
 if new_reserved > 0 then redis.call('HINCRBY', campaign, 'reserved', string.format('%d', new_reserved)) end
 if new_count > 0 then

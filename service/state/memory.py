@@ -66,9 +66,7 @@ def append_step(
     if context is None:
         context = {"t": 0, "g": initial_rtg, "k": initial_ctg, "s": []}
     steps = list(context["s"] or [])
-    steps.append(
-        [step.decision_id, step.action, 0, 0, context["g"], context["k"], context["t"], step.features_hex]
-    )
+    steps.append([step.decision_id, step.action, 0, 0, context["g"], context["k"], context["t"], step.features_hex])
     if len(steps) > capacity:
         steps = steps[len(steps) - capacity :] if capacity > 0 else []
     return {"t": context["t"] + 1, "g": context["g"], "k": context["k"], "s": steps}
@@ -174,9 +172,7 @@ class MemoryStateStore(StateStore):
             for item in items:
                 if item.request_id is not None:
                     known = campaign.requests.get(item.request_id)
-                    record = (
-                        campaign.decisions.get(known[0]) if known is not None and known[1] > now_ms else None
-                    )
+                    record = campaign.decisions.get(known[0]) if known is not None and known[1] > now_ms else None
                     if known is not None and record is not None:
                         out.append(
                             ReservedDecision(
@@ -198,9 +194,7 @@ class MemoryStateStore(StateStore):
                     if price is not None and price <= available - new_reserved:
                         action, cost = candidate, price
                         break
-                downgraded = (
-                    bool(item.preferences) and item.preferences[0] != 0 and action != item.preferences[0]
-                )
+                downgraded = bool(item.preferences) and item.preferences[0] != 0 and action != item.preferences[0]
                 new_reserved += cost
                 new_count += 1
                 campaign.decisions[item.decision_id] = _DecisionRecord(
@@ -279,20 +273,14 @@ class MemoryStateStore(StateStore):
                     result.duplicates += 1
                     continue
                 if record.status == RESERVED:
-                    state = replace(
-                        state, reserved=state.reserved - record.reserved, spent=state.spent + outcome.cost
-                    )
+                    state = replace(state, reserved=state.reserved - record.reserved, spent=state.spent + outcome.cost)
                     campaign.pending.pop(outcome.decision_id, None)
                 else:  # the reservation expired and was released: charge what still fits
                     fits = max(0, min(outcome.cost, state.budget - state.spent - state.reserved))
-                    state = replace(
-                        state, spent=state.spent + fits, overrun=state.overrun + outcome.cost - fits
-                    )
+                    state = replace(state, spent=state.spent + fits, overrun=state.overrun + outcome.cost - fits)
                 record.status, record.reward, record.cost = SETTLED, outcome.reward, outcome.cost
                 result.accepted += 1
-                result.context_updates.append(
-                    (record.user_id, outcome.decision_id, outcome.reward, outcome.cost)
-                )
+                result.context_updates.append((record.user_id, outcome.decision_id, outcome.reward, outcome.cost))
             campaign.state = state
             result.remaining = state.budget - state.spent - state.reserved
             return result
@@ -314,9 +302,7 @@ class MemoryStateStore(StateStore):
             campaign = self._campaigns.get(campaign_id)
             if campaign is None:
                 return 0
-            due = sorted((deadline, d) for d, deadline in campaign.pending.items() if deadline <= now_ms)[
-                :limit
-            ]
+            due = sorted((deadline, d) for d, deadline in campaign.pending.items() if deadline <= now_ms)[:limit]
             released = 0
             state = campaign.state
             for _, decision_id in due:

@@ -7,7 +7,8 @@ Key layout (P = configured prefix, T = the campaign's hash tag ``{c:<campaign_id
     P T:pending           zset: decision ids holding a reservation, scored by their release deadline (ms)
     P T:d:<decision_id>   hash: u user, a action, p probability, r reserved cents, s status (R/S/X), v, l, q
     P T:r:<request_id>    string: the decision record returned again for a repeated request_id
-    P ctx:<campaign>:<user>  string: the user's context JSON (see service.state.base); spreads freely
+    P ctx:<campaign>:<user>  string: the user's context, "t|rtg|ctg" then one JSON step per line, so that
+                          appending a step is string work in Lua (no JSON parsing); spreads freely
     P campaigns           set of campaign ids (for the periodic sweep)
 
 Every key one script touches shares the campaign's hash tag, so the scripts are Redis Cluster safe.
@@ -55,12 +56,13 @@ class _Script:
 
 
 def parse_context(raw: str | None) -> UserContext | None:
+    """The stored text "t|rtg|ctg" + one JSON step per line, as the dict of service.state.base."""
     if raw is None:
         return None
-    context: UserContext = json.loads(raw)
-    if not isinstance(context["s"], list):  # Lua's cjson writes an empty array as {}
-        context["s"] = []
-    return context
+    header, _, body = raw.partition("\n")
+    t, rtg, ctg = header.split("|")
+    steps = json.loads("[" + body.replace("\n", ",") + "]") if body else []
+    return {"t": int(t), "g": float(rtg), "k": float(ctg), "s": steps}
 
 
 def _parse_campaign(campaign_id: str, flat: Sequence[str] | dict[str, str]) -> CampaignState | None:
@@ -176,9 +178,7 @@ class RedisStateStore(StateStore):
         args = [
             "1" if update.replace else "0",
             "" if update.budget is None else str(update.budget),
-            ""
-            if update.coupons is None
-            else json.dumps({str(a): c for a, c in sorted(update.coupons.items())}),
+            "" if update.coupons is None else json.dumps({str(a): c for a, c in sorted(update.coupons.items())}),
             optional(update.admin_lambda, update.clear_lambda and update.admin_lambda is None),
             optional(update.expected_users, update.clear_expected_users and update.expected_users is None),
             campaign_id,
@@ -229,20 +229,13 @@ class RedisStateStore(StateStore):
         decision_ttl_ms: int,
     ) -> ReserveResult:
         keys = [self.campaign_key(campaign_id), self.pending_key(campaign_id)]
-        args: list[Any] = [
-            now_ms,
-            reservation_expiry_ms,
-            decision_ttl_ms,
-            model_version,
-            repr(lam),
-            len(items),
-        ]
+        packed = []
         for item in items:
             keys.append(self.decision_key(campaign_id, item.decision_id))
             if item.request_id is not None:
                 keys.append(self.request_key(campaign_id, item.request_id))
-            args += [item.decision_id, item.user_id, item.request_id or "", len(item.preferences)]
-            args += item.preferences
+            packed.append([item.decision_id, item.user_id, item.request_id or "", item.preferences])
+        args = [now_ms, reservation_expiry_ms, decision_ttl_ms, model_version, repr(lam), json.dumps(packed)]
         reply = await self._eval("reserve", keys, args)
         if reply[0] == "missing":
             raise CampaignNotFound(campaign_id)

@@ -32,9 +32,7 @@ async def reload_model(runtime: RuntimeDep) -> ReloadResponse:
     try:
         previous, current = await runtime.policies.reload()
     except PolicyRejected as exc:
-        raise HTTPException(
-            status.HTTP_409_CONFLICT, f"model not loaded, the incumbent keeps serving: {exc}"
-        ) from exc
+        raise HTTPException(status.HTTP_409_CONFLICT, f"model not loaded, the incumbent keeps serving: {exc}") from exc
     if previous.version != current.version:
         runtime.metrics.set_model(previous.version, current.version)
     return ReloadResponse(

@@ -14,7 +14,5 @@ async def decide(campaign_id: CampaignId, body: DecisionsRequest, engine: Engine
 
 
 @router.post("/{campaign_id}/outcomes")
-async def record_outcomes(
-    campaign_id: CampaignId, body: OutcomesRequest, engine: EngineDep
-) -> OutcomesResponse:
+async def record_outcomes(campaign_id: CampaignId, body: OutcomesRequest, engine: EngineDep) -> OutcomesResponse:
     return await engine.record_outcomes(campaign_id, body)

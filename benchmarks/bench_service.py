@@ -1,0 +1,252 @@
+"""Benchmark of the decision service, end to end over HTTP (a real `python -m service.server` process).
+
+Prints p50 / p99 latency and throughput for requests of 1, 16, 128 and 1024 users, on the embedded store
+and on Redis, the per-user cost of a 128-user request against a 1-user request, and the speed-up of the
+batched path over a per-user model loop (one forward per user, the paper's way).
+
+    python benchmarks/bench_service.py                    # trains a small model, starts a throwaway Redis
+    python benchmarks/bench_service.py --store DIR --redis-url redis://127.0.0.1:6379/15
+
+Users keep their context between requests (each batch size reuses its users), so after the warm-up the
+model sees full contexts (context_length steps), as in production.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+import httpx
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+TOKEN = "bench-admin-token"
+COUPONS = [{"action": 1, "cost": 2.0}, {"action": 2, "cost": 5.0}, {"action": 3, "cost": 10.0}]
+BATCH_SIZES = (1, 16, 128, 1024)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def train_small_model(root: Path, users: int) -> Path:
+    saco = str(Path(sys.executable).with_name("saco"))
+    logs, store = root / "logs.parquet", root / "store"
+    for cmd in (
+        [saco, "simulate", "--users", str(users), "--rounds", "4", "--seed", "1", "--out", str(logs)],
+        [saco, "train", "--logs", str(logs), "--store", str(store), "--epochs", "1", "--seed", "0"],
+    ):
+        subprocess.run(cmd, check=True, capture_output=True, cwd=REPO)
+    return store
+
+
+def start_service(store: Path, redis_url: str | None, prefix: str) -> tuple[subprocess.Popen[bytes], str]:
+    port = free_port()
+    env = dict(os.environ, SACO_ADMIN_TOKEN=TOKEN, SACO_REDIS_PREFIX=prefix, SACO_LOG_LEVEL="WARNING")
+    env.pop("SACO_REDIS_URL", None)
+    cmd = [sys.executable, "-m", "service.server", "--store", str(store), "--port", str(port)]
+    if redis_url:
+        cmd += ["--redis-url", redis_url]
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    base = f"http://127.0.0.1:{port}"
+    for _ in range(300):
+        try:
+            if httpx.get(base + "/readyz", timeout=1).status_code == 200:
+                return proc, base
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    proc.kill()
+    raise RuntimeError("service did not become ready")
+
+
+def measure(http: httpx.Client, base: str, dim: int, users: int, repeats: int, warmup: int) -> dict[str, float]:
+    rng = np.random.default_rng(users)
+    url = f"{base}/v1/campaigns/bench/decisions"
+    bodies = [
+        json.dumps(
+            {
+                "requests": [
+                    {"user_id": f"b{users}-{j}", "features": rng.normal(size=dim).round(4).tolist()}
+                    for j in range(users)
+                ]
+            }
+        ).encode()
+        for _ in range(8)
+    ]
+    headers = {"Content-Type": "application/json"}
+    for i in range(warmup):
+        assert http.post(url, content=bodies[i % 8], headers=headers).status_code == 200
+    times = []
+    started = time.perf_counter()
+    for i in range(repeats):
+        t0 = time.perf_counter()
+        resp = http.post(url, content=bodies[i % 8], headers=headers)
+        times.append(time.perf_counter() - t0)
+        assert resp.status_code == 200, resp.text
+    wall = time.perf_counter() - started
+    ms = np.array(times) * 1000
+    return {
+        "users": users,
+        "p50_ms": float(np.percentile(ms, 50)),
+        "p99_ms": float(np.percentile(ms, 99)),
+        "users_per_s": users * repeats / wall,
+    }
+
+
+def model_loop_speedup(store: Path, users: int = 128, repeats: int = 30) -> dict[str, float]:
+    """One batched forward over `users` full contexts vs one forward per user (same inputs)."""
+    import torch
+
+    from service.policy import PolicyInputs, load_policy
+
+    torch.set_num_threads(max(1, (os.cpu_count() or 2) // 2))
+    policy = load_policy(str(store), "cpu")
+    m = policy.manifest
+    rng = np.random.default_rng(0)
+    length = m.context_length
+    batch = PolicyInputs(
+        states=rng.normal(size=(users, length, m.feature_dim)).astype(np.float32),
+        actions=rng.integers(0, m.num_actions, size=(users, length)),
+        rtg=np.full((users, length), m.initial_rtg, np.float32),
+        ctg=np.full((users, length), m.initial_ctg, np.float32),
+        timesteps=np.tile(np.arange(length), (users, 1)),
+        lam=np.zeros(users, np.float32),
+        mask=np.ones((users, length), np.bool_),
+    )
+    singles = [
+        PolicyInputs(
+            batch.states[i : i + 1],
+            batch.actions[i : i + 1],
+            batch.rtg[i : i + 1],
+            batch.ctg[i : i + 1],
+            batch.timesteps[i : i + 1],
+            batch.lam[i : i + 1],
+            batch.mask[i : i + 1],
+        )
+        for i in range(users)
+    ]
+    for _ in range(5):
+        policy.scores(batch)
+        policy.scores(singles[0])
+    t0 = time.perf_counter()
+    for _ in range(repeats):
+        policy.scores(batch)
+    batched = (time.perf_counter() - t0) / repeats
+    t0 = time.perf_counter()
+    for _ in range(max(1, repeats // 5)):
+        for single in singles:
+            policy.scores(single)
+    looped = (time.perf_counter() - t0) / max(1, repeats // 5)
+    return {
+        "users": users,
+        "batched_ms": batched * 1000,
+        "per_user_loop_ms": looped * 1000,
+        "speedup": looped / batched,
+    }
+
+
+def run_suite(name: str, store: Path, redis_url: str | None, dim: int) -> list[dict[str, float]]:
+    prefix = f"bench-{uuid.uuid4().hex[:8]}:"
+    proc, base = start_service(store, redis_url, prefix)
+    rows = []
+    try:
+        with httpx.Client(timeout=60) as http:
+            resp = http.put(
+                f"{base}/v1/admin/campaigns/bench",
+                headers={"Authorization": f"Bearer {TOKEN}"},
+                json={"budget": 1e12, "coupons": COUPONS},
+            )
+            assert resp.status_code == 200, resp.text
+            plan = {1: (400, 40), 16: (300, 30), 128: (200, 20), 1024: (40, 10)}
+            for users in BATCH_SIZES:
+                repeats, warmup = plan[users]
+                rows.append(measure(http, base, dim, users, repeats, warmup) | {"store": name})
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=30)
+        if redis_url:
+            import redis
+
+            client = redis.Redis.from_url(redis_url)
+            keys = list(client.scan_iter(match=prefix + "*", count=1000))
+            for i in range(0, len(keys), 500):
+                client.delete(*keys[i : i + 500])
+            client.close()
+    return rows
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--store", help="model store (default: train a small model on a 600-user world)")
+    parser.add_argument("--redis-url", help="Redis to use (default: a throwaway redis-server)")
+    parser.add_argument("--json", help="also write the figures to this file")
+    args = parser.parse_args()
+
+    tmp = Path(tempfile.mkdtemp(prefix="saco-bench-"))
+    redis_proc = None
+    try:
+        store = Path(args.store) if args.store else train_small_model(tmp, users=600)
+        redis_url = args.redis_url
+        if not redis_url:
+            port = free_port()
+            redis_proc = subprocess.Popen(
+                [
+                    shutil.which("redis-server") or "/usr/bin/redis-server",
+                    "--port",
+                    str(port),
+                    "--bind",
+                    "127.0.0.1",
+                    "--save",
+                    "",
+                    "--appendonly",
+                    "no",
+                ],
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
+            redis_url = f"redis://127.0.0.1:{port}/0"
+            time.sleep(0.5)
+        from model_store import ModelStore
+
+        dim = ModelStore(store).load().manifest.feature_dim
+        rows = run_suite("embedded", store, None, dim) + run_suite("redis", store, redis_url, dim)
+        loop = model_loop_speedup(store)
+    finally:
+        if redis_proc is not None:
+            redis_proc.terminate()
+            redis_proc.wait(timeout=10)
+        shutil.rmtree(tmp, ignore_errors=True)
+
+    print(f"{'store':9} {'users':>5} {'p50 ms':>8} {'p99 ms':>8} {'users/s':>10} {'per-user vs 1-user':>19}")
+    for row in rows:
+        one = next(r for r in rows if r["store"] == row["store"] and r["users"] == 1)
+        gain = one["p50_ms"] / (row["p50_ms"] / row["users"])
+        print(
+            f"{row['store']:9} {row['users']:>5} {row['p50_ms']:8.2f} {row['p99_ms']:8.2f} "
+            f"{row['users_per_s']:10.0f} {gain:18.1f}x"
+        )
+    print(
+        f"model only, {loop['users']} users at full context: batched forward {loop['batched_ms']:.2f} ms, "
+        f"per-user loop {loop['per_user_loop_ms']:.2f} ms -> batched path {loop['speedup']:.1f}x faster"
+    )
+    if args.json:
+        Path(args.json).write_text(json.dumps({"http": rows, "model_loop": loop}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
