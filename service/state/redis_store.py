@@ -268,14 +268,11 @@ class RedisStateStore(StateStore):
     ) -> None:
         if not steps:
             return
-        rtg, ctg = repr(float(initial_rtg)), repr(float(initial_ctg))
+        shared = f"{capacity}|{ttl_ms}|{float(initial_rtg)!r}|{float(initial_ctg)!r}"
         await self._eval_many(
             "append_step",
             [
-                (
-                    [self.context_key(campaign_id, s.user_id)],
-                    [s.decision_id, s.action, s.features_hex, capacity, ttl_ms, rtg, ctg],
-                )
+                ([self.context_key(campaign_id, s.user_id)], [f"{s.decision_id}|{s.action}|{s.features_hex}", shared])
                 for s in steps
             ],
         )
