@@ -25,6 +25,7 @@ import tempfile
 import time
 import uuid
 from pathlib import Path
+from typing import Any
 
 import httpx
 import numpy as np
@@ -159,7 +160,7 @@ def model_loop_speedup(store: Path, users: int = 128, repeats: int = 30) -> dict
     }
 
 
-def run_suite(name: str, store: Path, redis_url: str | None, dim: int) -> list[dict[str, float]]:
+def run_suite(name: str, store: Path, redis_url: str | None, dim: int) -> list[dict[str, Any]]:
     prefix = f"bench-{uuid.uuid4().hex[:8]}:"
     proc, base = start_service(store, redis_url, prefix)
     rows = []

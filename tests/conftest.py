@@ -104,4 +104,3 @@ def model_store_dir(trained_store: Path, tmp_path: Path) -> Path:
     copy = tmp_path / "store"
     shutil.copytree(trained_store, copy)
     return copy
-

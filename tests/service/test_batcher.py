@@ -36,8 +36,10 @@ def policy(model_store_dir: Path) -> LoadedPolicy:
 
 
 def test_coalesced_forward_equals_separate_forwards(policy: LoadedPolicy) -> None:
-    jobs = [random_inputs(policy, rows, length, seed)
-            for seed, (rows, length) in enumerate([(1, 1), (3, 4), (16, policy.manifest.context_length), (2, 2)])]
+    jobs = [
+        random_inputs(policy, rows, length, seed)
+        for seed, (rows, length) in enumerate([(1, 1), (3, 4), (16, policy.manifest.context_length), (2, 2)])
+    ]
     separate = [policy.scores(inputs) for inputs in jobs]
 
     async def main() -> tuple[list[np.ndarray], ServiceMetrics]:
@@ -46,8 +48,9 @@ def test_coalesced_forward_equals_separate_forwards(policy: LoadedPolicy) -> Non
         await batcher.start()
         try:
             tickets = [batcher.expect().__enter__() for _ in jobs]
-            results = await asyncio.gather(*(batcher.scores(policy, inputs, ticket)
-                                             for inputs, ticket in zip(jobs, tickets, strict=True)))
+            results = await asyncio.gather(
+                *(batcher.scores(policy, inputs, ticket) for inputs, ticket in zip(jobs, tickets, strict=True))
+            )
         finally:
             await batcher.stop()
         return list(results), metrics

@@ -18,12 +18,14 @@ def test_build_inputs_right_aligns_each_users_context(model_store_dir: Path) -> 
     context = None
     for n in range(capacity + 3):  # more steps than fit: the oldest fall out
         feats = np.full(dim, n, "<f4").tobytes().hex()
-        context = append_step(context, NewStep("u", f"d-{n}", n % m.num_actions, feats), capacity,
-                              m.initial_rtg, m.initial_ctg)
+        context = append_step(
+            context, NewStep("u", f"d-{n}", n % m.num_actions, feats), capacity, m.initial_rtg, m.initial_ctg
+        )
     assert context is not None
     context["g"] -= 1.5  # as if an outcome had arrived
-    short = append_step(None, NewStep("v", "d-v", 1, np.full(dim, 7, "<f4").tobytes().hex()), capacity,
-                        m.initial_rtg, m.initial_ctg)
+    short = append_step(
+        None, NewStep("v", "d-v", 1, np.full(dim, 7, "<f4").tobytes().hex()), capacity, m.initial_rtg, m.initial_ctg
+    )
     current = np.arange(3 * dim, dtype=np.float32).reshape(3, dim)
     inputs = build_inputs(m, current, [context, short, None], lam=0.4)
     length = capacity + 1
@@ -40,9 +42,14 @@ def test_build_inputs_right_aligns_each_users_context(model_store_dir: Path) -> 
 
 
 def test_preferences_mask_unoffered_and_cut_after_no_coupon() -> None:
-    scores = np.array([[0.0, 3.0, 2.0, 1.0],  # best: 1 (not offered) -> 2, 3, then 0
-                       [1.0, 0.5, 2.0, 0.9],  # 2, then 0: 3 is below "no coupon"
-                       [5.0, 1.0, 2.0, 3.0]], np.float32)  # no coupon preferred
+    scores = np.array(
+        [
+            [0.0, 3.0, 2.0, 1.0],  # best: 1 (not offered) -> 2, 3, then 0
+            [1.0, 0.5, 2.0, 0.9],  # 2, then 0: 3 is below "no coupon"
+            [5.0, 1.0, 2.0, 3.0],
+        ],
+        np.float32,
+    )  # no coupon preferred
     prefs, priority = preferences(scores, [2, 3])
     assert prefs == [[2, 3, 0], [2, 0], [0]]
     assert priority.tolist() == [0, 1, 2]  # gain 2.0, 1.0, 0.0

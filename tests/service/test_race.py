@@ -47,9 +47,7 @@ def test_four_processes_never_overspend(
         def poll() -> None:
             with httpx.Client(timeout=30) as http:
                 while not done.is_set():
-                    camp = http.get(
-                        bases[len(observations) % 4] + "/v1/admin/campaigns/race", headers=ADMIN
-                    ).json()
+                    camp = http.get(bases[len(observations) % 4] + "/v1/admin/campaigns/race", headers=ADMIN).json()
                     observations.append((camp["spent"], camp["reserved"]))
                     time.sleep(0.02)
 
@@ -66,9 +64,7 @@ def test_four_processes_never_overspend(
                         for j in range(USERS_PER_BATCH)
                     ]
                     first = http.post(bases[k % 4] + "/v1/campaigns/race/decisions", json={"requests": reqs})
-                    retry = http.post(
-                        bases[(k + 1) % 4] + "/v1/campaigns/race/decisions", json={"requests": reqs}
-                    )
+                    retry = http.post(bases[(k + 1) % 4] + "/v1/campaigns/race/decisions", json={"requests": reqs})
                     if first.status_code != 200 or retry.status_code != 200:
                         errors.append(f"{first.status_code} {retry.status_code} {first.text[:100]}")
                         continue
@@ -121,8 +117,8 @@ def test_four_processes_never_overspend(
         # the ledger equals the sum of the live reservations recorded in Redis itself
         r = redis.Redis.from_url(redis_url, decode_responses=True)
         tag = f"{redis_prefix}{{c:race}}"
-        pending = r.zrange(f"{tag}:pending", 0, -1)
-        amounts = [int(r.hget(f"{tag}:d:{d}", "r") or 0) for d in pending]
+        pending = [str(d) for d in r.zrange(f"{tag}:pending", 0, -1)]
+        amounts = [int(str(r.hget(f"{tag}:d:{d}", "r") or 0)) for d in pending]
         assert sum(amounts) == round(camp["reserved"] * 100)
         assert set(pending) == set(live)
         r.close()

@@ -33,13 +33,8 @@ def test_served_contract_round_trip(
         httpx.Client() as http,
     ):
         assert http.get(base + "/healthz").status_code == 200
-        assert (
-            http.put(base + "/v1/admin/campaigns/c1", json={"budget": 100.0, "coupons": COUPONS}).status_code
-            == 401
-        )
-        resp = http.put(
-            base + "/v1/admin/campaigns/c1", json={"budget": 100.0, "coupons": COUPONS}, headers=ADMIN
-        )
+        assert http.put(base + "/v1/admin/campaigns/c1", json={"budget": 100.0, "coupons": COUPONS}).status_code == 401
+        resp = http.put(base + "/v1/admin/campaigns/c1", json={"budget": 100.0, "coupons": COUPONS}, headers=ADMIN)
         assert resp.status_code == 200
         reqs = [{"user_id": "a", "features": feats, "request_id": "x1"}, {"user_id": "b", "features": feats}]
         first = http.post(base + "/v1/campaigns/c1/decisions", json={"requests": reqs})
@@ -50,9 +45,7 @@ def test_served_contract_round_trip(
         out = {"outcomes": [{"decision_id": d0["decision_id"], "reward": 3.0, "cost": 0.0}]}
         assert http.post(base + "/v1/campaigns/c1/outcomes", json=out).json()["accepted"] == 1
         assert http.post(base + "/v1/campaigns/c1/outcomes", json=out).json()["duplicates"] == 1
-        bad = http.post(
-            base + "/v1/campaigns/c1/decisions", json={"requests": [{"user_id": "a", "features": ["x"]}]}
-        )
+        bad = http.post(base + "/v1/campaigns/c1/decisions", json={"requests": [{"user_id": "a", "features": ["x"]}]})
         assert bad.status_code == 422
         assert http.post(base + "/v1/campaigns/nope/decisions", json={"requests": reqs}).status_code == 404
         camp = http.get(base + "/v1/admin/campaigns/c1", headers=ADMIN).json()
@@ -64,9 +57,7 @@ def test_served_contract_round_trip(
     assert "service ready" in log and "served-admin-token" not in log
 
 
-def test_redis_going_away_gives_503_quickly_and_no_unreserved_coupon(
-    model_store_dir: Path, tmp_path: Path
-) -> None:
+def test_redis_going_away_gives_503_quickly_and_no_unreserved_coupon(model_store_dir: Path, tmp_path: Path) -> None:
     port = free_port()
     redis = subprocess.Popen(
         [
@@ -89,9 +80,7 @@ def test_redis_going_away_gives_503_quickly_and_no_unreserved_coupon(
     try:
         time.sleep(0.3)
         with serve(model_store_dir, url, log_dir=tmp_path) as (base,), httpx.Client(timeout=30) as http:
-            http.put(
-                base + "/v1/admin/campaigns/c1", json={"budget": 1000.0, "coupons": COUPONS}, headers=ADMIN
-            )
+            http.put(base + "/v1/admin/campaigns/c1", json={"budget": 1000.0, "coupons": COUPONS}, headers=ADMIN)
             assert http.post(base + "/v1/campaigns/c1/decisions", json=reqs).status_code == 200
             redis.terminate()
             redis.wait(timeout=10)
@@ -120,7 +109,5 @@ def test_redis_unreachable_at_start_is_not_ready(model_store_dir: Path, tmp_path
         httpx.Client(timeout=30) as http,
     ):
         started = time.monotonic()
-        resp = http.post(
-            base + "/v1/campaigns/c1/decisions", json={"requests": [{"user_id": "a", "features": feats}]}
-        )
+        resp = http.post(base + "/v1/campaigns/c1/decisions", json={"requests": [{"user_id": "a", "features": feats}]})
         assert resp.status_code == 503 and time.monotonic() - started < 3.0

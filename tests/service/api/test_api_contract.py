@@ -9,7 +9,11 @@ from fastapi.testclient import TestClient
 from svc_http import ADMIN, COUPONS, campaign_body, users
 
 
-def put_campaign(client: TestClient, cid: str = "c1", budget: float = 100.0, **extra: Any) -> dict[str, Any]:
+def put_campaign(
+    client: TestClient, cid: str = "c1", budget: float = 100.0, lam: float | None = None, **extra: Any
+) -> dict[str, Any]:
+    if lam is not None:
+        extra["lambda"] = lam
     resp = client.put(f"/v1/admin/campaigns/{cid}", json=campaign_body(budget, **extra), headers=ADMIN)
     assert resp.status_code == 200, resp.text
     return resp.json()
@@ -36,7 +40,7 @@ def test_health_ready_metrics(client: TestClient) -> None:
 
 # ---- decisions -----------------------------------------------------------------------------------
 def test_decisions_answer_in_request_order_with_reservations(client: TestClient, feature_dim: int) -> None:
-    put_campaign(client, budget=1000.0, **{"lambda": 0.3})
+    put_campaign(client, budget=1000.0, lam=0.3)
     reqs = users(5, feature_dim)
     resp = decide(client, reqs)
     assert resp.status_code == 200, resp.text
@@ -53,10 +57,8 @@ def test_decisions_answer_in_request_order_with_reservations(client: TestClient,
     assert camp["remaining"] == pytest.approx(1000.0 - camp["reserved"])
 
 
-def test_budget_is_never_exceeded_and_exhaustion_gives_no_coupon(
-    client: TestClient, feature_dim: int
-) -> None:
-    put_campaign(client, budget=7.0, **{"lambda": 0.0})
+def test_budget_is_never_exceeded_and_exhaustion_gives_no_coupon(client: TestClient, feature_dim: int) -> None:
+    put_campaign(client, budget=7.0, lam=0.0)
     issued = 0.0
     for i in range(10):
         for d in decide(client, users(8, feature_dim, prefix=f"b{i}-", value=0.3 * i)).json()["decisions"]:
@@ -103,9 +105,7 @@ def test_context_is_kept_between_calls(client: TestClient, feature_dim: int) -> 
 def test_unknown_campaign_is_404(client: TestClient, feature_dim: int) -> None:
     resp = decide(client, users(1, feature_dim), cid="nope")
     assert resp.status_code == 404 and "nope" in resp.json()["detail"]
-    resp = client.post(
-        "/v1/campaigns/nope/outcomes", json={"outcomes": [{"decision_id": "d", "reward": 1, "cost": 0}]}
-    )
+    resp = client.post("/v1/campaigns/nope/outcomes", json={"outcomes": [{"decision_id": "d", "reward": 1, "cost": 0}]})
     assert resp.status_code == 404
 
 
@@ -161,9 +161,7 @@ def test_bad_decision_input_is_422_naming_the_field(
 
 
 def test_malformed_json_and_bad_campaign_id_are_422(client: TestClient) -> None:
-    resp = client.post(
-        "/v1/campaigns/c1/decisions", content=b"{not json", headers={"Content-Type": "application/json"}
-    )
+    resp = client.post("/v1/campaigns/c1/decisions", content=b"{not json", headers={"Content-Type": "application/json"})
     assert resp.status_code == 422
     resp = client.post("/v1/campaigns/bad%7Bid%7D/decisions", json={"requests": []})
     assert resp.status_code == 422 and field_of(resp) == ["path", "campaign_id"]
@@ -171,7 +169,7 @@ def test_malformed_json_and_bad_campaign_id_are_422(client: TestClient) -> None:
 
 # ---- outcomes ------------------------------------------------------------------------------------
 def test_outcomes_settle_count_duplicates_and_unknown(client: TestClient, feature_dim: int) -> None:
-    put_campaign(client, budget=1000.0, **{"lambda": 0.0})
+    put_campaign(client, budget=1000.0, lam=0.0)
     decisions = decide(client, users(4, feature_dim)).json()["decisions"]
     coupon = next((d for d in decisions if d["action"] > 0), None)
     outcomes = [{"decision_id": d["decision_id"], "reward": 3.5, "cost": 0.0} for d in decisions]
@@ -194,9 +192,7 @@ def test_outcomes_settle_count_duplicates_and_unknown(client: TestClient, featur
     assert ctx["g"] == pytest.approx(manifest.initial_rtg - 3.5)
 
 
-def test_outcome_cost_above_reservation_is_422_and_changes_nothing(
-    client: TestClient, feature_dim: int
-) -> None:
+def test_outcome_cost_above_reservation_is_422_and_changes_nothing(client: TestClient, feature_dim: int) -> None:
     put_campaign(client, budget=1000.0)
     d = decide(client, users(1, feature_dim)).json()["decisions"][0]
     too_much = round(d["cost"] + 0.01, 2)
@@ -239,10 +235,9 @@ def test_admin_needs_the_bearer_token(client: TestClient) -> None:
 
 
 def test_campaign_put_patch_get(client: TestClient) -> None:
-    created = put_campaign(client, budget=10_000.0, **{"lambda": 0.3})
+    created = put_campaign(client, budget=10_000.0, lam=0.3)
     assert {
-        k: created[k]
-        for k in ("campaign_id", "budget", "spent", "reserved", "remaining", "lambda", "decisions")
+        k: created[k] for k in ("campaign_id", "budget", "spent", "reserved", "remaining", "lambda", "decisions")
     } == {
         "campaign_id": "c1",
         "budget": 10_000.0,
@@ -254,9 +249,7 @@ def test_campaign_put_patch_get(client: TestClient) -> None:
     }
     resp = client.patch("/v1/admin/campaigns/c1", json={"budget": 50.25}, headers=ADMIN)
     assert resp.status_code == 200 and resp.json()["budget"] == 50.25 and resp.json()["lambda"] == 0.3
-    resp = client.patch(
-        "/v1/admin/campaigns/c1", json={"coupons": [{"action": 1, "cost": 0.5}]}, headers=ADMIN
-    )
+    resp = client.patch("/v1/admin/campaigns/c1", json={"coupons": [{"action": 1, "cost": 0.5}]}, headers=ADMIN)
     assert resp.json()["coupons"] == [{"action": 1, "cost": 0.5}]
     resp = client.patch("/v1/admin/campaigns/c1", json={"lambda": None}, headers=ADMIN)
     assert resp.json()["lambda_source"] != "admin"
@@ -311,7 +304,7 @@ def test_bad_campaign_is_422(client: TestClient, body: dict[str, Any], loc: list
 
 
 def test_replacing_a_campaign_keeps_live_reservations(client: TestClient, feature_dim: int) -> None:
-    put_campaign(client, budget=30.0, **{"lambda": 0.0})
+    put_campaign(client, budget=30.0, lam=0.0)
     decisions = decide(client, users(8, feature_dim)).json()["decisions"]
     reserved = sum(d["cost"] for d in decisions)
     got = put_campaign(client, budget=1.0)  # below the ledger: remaining 0, no new coupons

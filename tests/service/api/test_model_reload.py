@@ -23,8 +23,7 @@ def republish(store_dir: Path, **manifest_changes: Any) -> str:
     return store.publish(current.model_path, manifest).version
 
 
-def test_reload_swaps_to_the_new_current_version(client: TestClient, model_store_dir: Path,
-                                                 feature_dim: int) -> None:
+def test_reload_swaps_to_the_new_current_version(client: TestClient, model_store_dir: Path, feature_dim: int) -> None:
     before = client.get("/readyz").json()["model_version"]
     same = client.post("/v1/admin/models/reload", headers=ADMIN).json()
     assert same == {"version": before, "previous": before, "changed": False}
@@ -46,15 +45,17 @@ def check_refused(client: TestClient, feature_dim: int, incumbent: str, reason: 
     assert ok.status_code == 200 and ok.json()["decisions"][0]["model_version"] == incumbent
 
 
-def test_reload_refuses_a_model_whose_forward_fails(client: TestClient, model_store_dir: Path,
-                                                    feature_dim: int) -> None:
+def test_reload_refuses_a_model_whose_forward_fails(
+    client: TestClient, model_store_dir: Path, feature_dim: int
+) -> None:
     incumbent = client.get("/readyz").json()["model_version"]
     republish(model_store_dir, feature_dim=feature_dim + 1)
     check_refused(client, feature_dim, incumbent, "test forward failed")
 
 
-def test_reload_refuses_wrong_output_dimensions(client: TestClient, model_store_dir: Path,
-                                                feature_dim: int, num_actions: int) -> None:
+def test_reload_refuses_wrong_output_dimensions(
+    client: TestClient, model_store_dir: Path, feature_dim: int, num_actions: int
+) -> None:
     incumbent = client.get("/readyz").json()["model_version"]
     republish(model_store_dir, num_actions=num_actions + 1)
     check_refused(client, feature_dim, incumbent, "shape")

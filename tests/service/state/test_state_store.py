@@ -255,7 +255,7 @@ def test_lowering_the_budget_below_the_ledger_stops_new_coupons(run: Callable[[S
 def test_contexts_append_trim_and_take_outcomes(run: Callable[[Scenario], Any]) -> None:
     async def scenario(store: StateStore) -> None:
         await store.upsert_campaign("c", put(10_000))
-        kw = {"capacity": 3, "ttl_ms": DAY_MS, "initial_rtg": 50.0, "initial_ctg": 20.0}
+        kw: dict[str, Any] = {"capacity": 3, "ttl_ms": DAY_MS, "initial_rtg": 50.0, "initial_ctg": 20.0}
         for n in range(5):
             await store.append_steps("c", [NewStep("u", f"d-{n}", n % 4, "0000803f")], **kw)
         await store.append_steps("c", [NewStep("v", "d-v", 1, "00000040")], **kw)
@@ -265,9 +265,7 @@ def test_contexts_append_trim_and_take_outcomes(run: Callable[[Scenario], Any]) 
         assert u["t"] == 5 and [s[0] for s in u["s"]] == ["d-2", "d-3", "d-4"]
         assert [s[6] for s in u["s"]] == [2, 3, 4] and u["s"][0][7] == "0000803f"
         assert v == {"t": 1, "g": 50.0, "k": 20.0, "s": [["d-v", 1, 0, 0, 50.0, 20.0, 0, "00000040"]]}
-        await store.apply_outcomes_to_contexts(
-            "c", [("u", "d-3", 10.0, 250), ("u", "d-0", 1.0, 0)], ttl_ms=DAY_MS
-        )
+        await store.apply_outcomes_to_contexts("c", [("u", "d-3", 10.0, 250), ("u", "d-0", 1.0, 0)], ttl_ms=DAY_MS)
         _, (u,) = await store.load_for_decision("c", ["u"])
         assert u is not None
         assert u["g"] == pytest.approx(39.0) and u["k"] == pytest.approx(17.5)
