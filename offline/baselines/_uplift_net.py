@@ -26,6 +26,8 @@ class NetConfig:
 
 
 class ResponseNet(nn.Module):
+    y_scale: torch.Tensor  # buffer [2]: standard deviations of reward and cost
+
     def __init__(self, input_dim: int, num_actions: int, hidden: int, y_scale: tuple[float, float]) -> None:
         super().__init__()
         self.num_actions = num_actions

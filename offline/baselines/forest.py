@@ -30,10 +30,10 @@ from offline.policy import Policy
 
 @dataclass
 class ForestConfig:
-    n_estimators: int = 50
-    min_samples_leaf: int = 40  # on the splitting half
+    n_estimators: int = 60
+    min_samples_leaf: int = 100  # on the splitting half
     max_features: float = 0.7
-    max_samples: float = 0.5  # per-tree subsample of the splitting half
+    max_samples: float = 0.3  # per-tree subsample of the splitting half
     min_leaf_group: int = 5  # treated and control rows an estimation leaf needs, else the tree's own value
     n_jobs: int = 2
     seed: int = 0

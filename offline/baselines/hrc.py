@@ -46,6 +46,7 @@ class HiddenRepClustering(Policy):
                  cost: np.ndarray) -> None:
         self.classifier, self.scaler = classifier, scaler
         self.cluster_reward, self.cluster_cost = reward, cost  # [clusters, K]
+        self.distil_accuracy = float("nan")  # share of training rows the classifier puts in their cluster
 
     @classmethod
     @single_threaded
