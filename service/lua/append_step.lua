@@ -16,7 +16,10 @@ if raw then
     header = raw
   end
 end
-local t, rtg, ctg = string.match(header, '^([^|]*)|([^|]*)|([^|]*)$')
+local t, rtg, ctg = string.match(header, '^(%d+)|([^|]+)|([^|]+)$')
+if not t then -- unreadable (not written by this service): start the context afresh
+  t, rtg, ctg, body = '0', initial_rtg, initial_ctg, ''
+end
 local lines = {}
 for line in string.gmatch(body, '[^\n]+') do lines[#lines + 1] = line end
 lines[#lines + 1] = '["' .. decision_id .. '",' .. action .. ',0,0,' .. rtg .. ',' .. ctg .. ',' .. t .. ',"'

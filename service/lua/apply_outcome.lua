@@ -7,7 +7,8 @@ local function num(x) return string.format('%.17g', x) end
 local reward, cost = tonumber(ARGV[2]), tonumber(ARGV[3])
 local lines = {}
 for line in string.gmatch(raw, '[^\n]+') do lines[#lines + 1] = line end
-local t, rtg, ctg = string.match(lines[1], '^([^|]*)|([^|]*)|([^|]*)$')
+local t, rtg, ctg = string.match(lines[1], '^(%d+)|([^|]+)|([^|]+)$')
+if not t then return 0 end
 lines[1] = t .. '|' .. num(tonumber(rtg) - reward) .. '|' .. num(tonumber(ctg) - cost)
 local found = false
 for i = 2, #lines do

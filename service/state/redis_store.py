@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any, TypeVar, cast
@@ -44,6 +45,7 @@ from service.state.base import (
 )
 
 T = TypeVar("T")
+log = logging.getLogger("saco.service.state")
 LUA_DIR = Path(__file__).resolve().parents[1] / "lua"
 SCRIPT_NAMES = ("upsert_campaign", "reserve", "settle", "sweep", "append_step", "apply_outcome")
 
@@ -56,13 +58,19 @@ class _Script:
 
 
 def parse_context(raw: str | None) -> UserContext | None:
-    """The stored text "t|rtg|ctg" + one JSON step per line, as the dict of service.state.base."""
+    """The stored text "t|rtg|ctg" + one JSON step per line, as the dict of service.state.base.
+
+    An unreadable value (written by something else) is treated as no context, never as an error."""
     if raw is None:
         return None
     header, _, body = raw.partition("\n")
-    t, rtg, ctg = header.split("|")
-    steps = json.loads("[" + body.replace("\n", ",") + "]") if body else []
-    return {"t": int(t), "g": float(rtg), "k": float(ctg), "s": steps}
+    try:
+        t, rtg, ctg = header.split("|")
+        steps = json.loads("[" + body.replace("\n", ",") + "]") if body else []
+        return {"t": int(t), "g": float(rtg), "k": float(ctg), "s": steps}
+    except ValueError:
+        log.warning("ignoring an unreadable user context", extra={"value_prefix": raw[:40]})
+        return None
 
 
 def _parse_campaign(campaign_id: str, flat: Sequence[str] | dict[str, str]) -> CampaignState | None:

@@ -308,3 +308,23 @@ def test_concurrent_reservations_never_overspend(run: Callable[[Scenario], Any])
         assert state is not None and sum(totals) == state.reserved <= 5_000
 
     run(scenario)
+
+
+def test_an_unreadable_context_value_is_treated_as_no_context(redis_url: str, redis_prefix: str) -> None:
+    async def scenario() -> None:
+        store = RedisStateStore(redis_url, prefix=redis_prefix)
+        try:
+            await store.upsert_campaign("c", put(10_000))
+            await store.client.set(store.context_key("c", "u"), '{"t": 3, "s": {}}')  # e.g. an older format
+            _, (ctx,) = await store.load_for_decision("c", ["u"])
+            assert ctx is None
+            await store.apply_outcomes_to_contexts("c", [("u", "d-1", 1.0, 100)], ttl_ms=DAY_MS)
+            await store.append_steps(
+                "c", [NewStep("u", "d-2", 1, "00")], capacity=3, ttl_ms=DAY_MS, initial_rtg=5.0, initial_ctg=2.0
+            )
+            _, (ctx,) = await store.load_for_decision("c", ["u"])
+            assert ctx == {"t": 1, "g": 5.0, "k": 2.0, "s": [["d-2", 1, 0, 0, 5.0, 2.0, 0, "00"]]}
+        finally:
+            await store.close()
+
+    asyncio.run(scenario())
