@@ -124,6 +124,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         timed = Timed(policy)
         results = [rollout(world, timed, lam, n, seed) for lam in LAMBDAS]
         cost, revenue = curve(results)
+        spend = np.array([r.cost for r in results])  # in lambda order
+        rise = float(np.max(np.diff(spend) / np.maximum(spend[:-1], 1e-9), initial=0.0))
         rev = [at_spend(cost, revenue, b) for b in budgets]
         rows[name] = {
             "train_s": train_s,
@@ -131,6 +133,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "ratio": [r / o for r, o in zip(rev, oracle_at, strict=True)],
             "incr": [(r - no_coupon) / (o - no_coupon) for r, o in zip(rev, oracle_at, strict=True)],
             "spend_range": (float(cost.min()), float(cost.max())),
+            "max_rise": max(rise, 0.0),  # largest relative spend increase between consecutive lambdas
         }
         print(f"  {name:<12} trained in {train_s:6.1f}s", flush=True)
 
@@ -138,15 +141,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     print("\nrevenue / myopic-oracle revenue at equal spend (budget = % of the oracle's max spend "
           f"{o_cost.max():,.0f}; oracle revenue there: {', '.join(f'{v:,.0f}' for v in oracle_at)}; "
           f"no-coupon revenue {no_coupon:,.0f})")
-    print(f"{'method':<12} {'train s':>8} {'act ms':>7} | {head} |  mean | incr. revenue / oracle's: {head}")
+    print(f"{'method':<12} {'train s':>8} {'act ms':>7} {'rise':>6} | {head} |  mean | "
+          f"incr. revenue / oracle's: {head}")
     for name, row in rows.items():
         ratio = " ".join(f"{v:6.3f}" for v in row["ratio"])
         incr = " ".join(f"{v:6.3f}" for v in row["incr"])
         mean = np.nanmean(row["ratio"]) if np.isfinite(row["ratio"]).any() else float("nan")
-        print(f"{name:<12} {row['train_s']:8.1f} {row['act_ms']:7.1f} | {ratio} | {mean:5.3f} |"
+        print(f"{name:<12} {row['train_s']:8.1f} {row['act_ms']:7.1f} {row['max_rise']:6.3f} | {ratio} | {mean:5.3f} |"
               f"                           {incr}")
-    print("act ms = wall time of one act() call for all evaluation users (one round); NaN = budget outside "
-          "the method's spend range over the lambda grid")
+    print("act ms = wall time of one act() call for all evaluation users (one round); rise = largest relative "
+          "increase of spend from one lambda to the next (0 = spend never rises with lambda); NaN = budget "
+          "outside the method's spend range over the lambda grid")
     return rows
 
 

@@ -44,7 +44,7 @@ class CMDPConfig:
     hidden: int = 64
     layers: int = 2
     iterations: int | None = None  # fitted-Q iterations; default: the logged horizon
-    epochs_per_iteration: int = 2
+    epochs_per_iteration: int = 1  # more epochs per iteration overfit the noisy max-targets here
     batch_size: int = 2048
     lr: float = 3e-3
     weight_decay: float = 1e-4
