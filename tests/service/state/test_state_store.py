@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import socket
 import time
 from collections.abc import Awaitable, Callable, Iterator
 from typing import Any
@@ -328,3 +329,59 @@ def test_an_unreadable_context_value_is_treated_as_no_context(redis_url: str, re
             await store.close()
 
     asyncio.run(scenario())
+
+
+def test_scripts_are_reloaded_after_noscript(tmp_path: Any) -> None:
+    """A Redis that lost its script cache (restart, SCRIPT FLUSH) answers NOSCRIPT: the store reloads."""
+    import shutil
+    import subprocess
+
+    import redis as sync_redis
+
+    with socket.create_server(("127.0.0.1", 0)) as probe:
+        free = probe.getsockname()[1]
+    proc = subprocess.Popen(
+        [
+            shutil.which("redis-server") or "/usr/bin/redis-server",
+            "--port",
+            str(free),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    url = f"redis://127.0.0.1:{free}/0"
+    try:
+        for _ in range(100):
+            try:
+                sync_redis.Redis.from_url(url).ping()
+                break
+            except sync_redis.ConnectionError:
+                time.sleep(0.05)
+
+        async def scenario() -> None:
+            store = RedisStateStore(url, prefix="noscript:")
+            try:
+                await store.load_scripts()
+                await store.upsert_campaign("c", put(10_000))
+                await store.client.script_flush()
+                result = await reserve(store, "c", [item(1, [3, 0])])
+                assert result.decisions[0].action == 3
+                await store.client.script_flush()
+                await store.append_steps(
+                    "c", [NewStep("u", "d-1", 3, "00")], capacity=3, ttl_ms=DAY_MS, initial_rtg=1.0, initial_ctg=1.0
+                )
+                _, (ctx,) = await store.load_for_decision("c", ["u"])
+                assert ctx is not None and ctx["t"] == 1
+            finally:
+                await store.close()
+
+        asyncio.run(scenario())
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
