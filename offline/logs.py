@@ -155,7 +155,9 @@ def validate_table(table: pa.Table) -> Logs:
         bad = ~np.isfinite(values)
         if bad.any():
             row = _first_bad(bad)
-            raise LogValidationError(f"column {name!r} has a missing or non-finite value ({values[row - 1]}) at row {row}")
+            raise LogValidationError(
+                f"column {name!r} has a missing or non-finite value ({values[row - 1]}) at row {row}"
+            )
         columns[name] = values
     for name in ("t", "action"):
         frac = columns[name] != np.round(columns[name])
@@ -164,7 +166,8 @@ def validate_table(table: pa.Table) -> Logs:
             raise LogValidationError(f"column {name!r} must be an integer; row {row} has {columns[name][row - 1]}")
     neg_action = columns["action"] < 0
     if neg_action.any():
-        raise LogValidationError(f"column 'action' must be >= 0 (0 = no coupon); row {_first_bad(neg_action)} is negative")
+        row = _first_bad(neg_action)
+        raise LogValidationError(f"column 'action' must be >= 0 (0 = no coupon); row {row} is negative")
     neg_cost = columns["cost"] < 0
     if neg_cost.any():
         row = _first_bad(neg_cost)

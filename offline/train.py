@@ -37,6 +37,7 @@ class TrainConfig:
     val_fraction: float = 0.2
     max_timestep: int = 64
     future_weight: float = 1.0
+    later_loss_weight: float = 1.0  # weight of the "later" value heads in the loss (0 = a myopic sequence model)
     seed: int = 0
     threads: int = 0  # 0 = torch default
 
@@ -64,7 +65,7 @@ class TrainResult:
 
 def _loss(model: SacoTransformer, batch, value_weights: torch.Tensor) -> torch.Tensor:
     logits, values = model(batch.states, batch.actions, batch.rtg, batch.ctg, batch.timesteps, batch.lam, batch.mask)
-    mask = batch.mask
+    mask = batch.loss_mask
     if model.value_objective:
         scale = torch.stack([model.rtg_scale, model.ctg_scale, model.rtg_scale, model.ctg_scale])
         idx = batch.actions.unsqueeze(-1).unsqueeze(-1).expand(*batch.actions.shape, 4, 1)
@@ -110,6 +111,10 @@ def train(logs: Logs, cfg: TrainConfig, progress: bool = True) -> TrainResult:
     tgt = np.stack([logs.reward / rtg_scale, logs.cost / ctg_scale, (traj.rtg - logs.reward) / rtg_scale,
                     (traj.ctg - logs.cost) / ctg_scale], axis=1)[in_train]
     value_weights = torch.from_numpy(np.maximum(tgt.var(0), 1e-6).astype(np.float32))
+    if cfg.later_loss_weight <= 0:
+        value_weights[2:] = float("inf")  # later heads take no loss
+    else:
+        value_weights[2:] /= cfg.later_loss_weight
 
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     steps_per_epoch = max(1, math.ceil(len(train_windows) * draws / cfg.batch_size))

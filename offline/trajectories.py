@@ -52,8 +52,8 @@ class Trajectories:
     def windows(self, loss_on_every_step: bool = True) -> np.ndarray:
         """Row indices [W, L] of training windows, right-aligned, -1 = padding.
 
-        Windows end at every L-th step of a user and at the user's last step, so together they put
-        every logged step in exactly one window's loss while each keeps as much history as fits.
+        Windows end at every L-th step of a user and at the user's last step, each keeping as much
+        history as fits; `make_batch`'s loss mask then puts every logged step in exactly one loss.
         """
         L = self.context_length
         starts = self.logs.user_slices()
@@ -110,6 +110,7 @@ class Batch:
     timesteps: torch.Tensor
     lam: torch.Tensor
     mask: torch.Tensor
+    loss_mask: torch.Tensor  # [B, L] steps this window is responsible for (each step in one window only)
     # training targets (scaled where the model predicts scaled values)
     value_targets: torch.Tensor  # [B, L, 4]: revenue now, cost now, revenue later, cost later (raw units)
 
@@ -126,6 +127,8 @@ def make_batch(
     logs = traj.logs
     mask = window >= 0
     rows = np.where(mask, window, 0)
+    first_owned = (traj.position[window[:, -1]] // traj.context_length) * traj.context_length
+    loss_mask = mask & (traj.position[rows] >= first_owned[:, None])
     lam_rows = np.broadcast_to(lam[:, None], rows.shape)
     if objective == "value":
         rtg_in = initial_rtg - traj.reward_before[rows]
@@ -148,5 +151,6 @@ def make_batch(
         timesteps=torch.from_numpy(np.where(mask, traj.position[rows], 0)),
         lam=torch.from_numpy(lam.astype(np.float32)),
         mask=torch.from_numpy(mask),
+        loss_mask=torch.from_numpy(loss_mask),
         value_targets=torch.from_numpy(np.where(mask[..., None], targets, 0.0).astype(np.float32)),
     )

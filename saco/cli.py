@@ -60,8 +60,8 @@ def simulate(
     rounds: Annotated[int, typer.Option(min=1, help="rounds per user")] = 10,
     seed: Annotated[int, typer.Option(help="random seed")] = 0,
     out: Annotated[Path, typer.Option(help="output .parquet or .csv")] = Path("logs.parquet"),
-    behaviour_bias: Annotated[float, typer.Option(help="0 = uniform random logging policy; >0 tilts it")] = 0.0,
-    effects: Annotated[bool, typer.Option(help="carry-over effects (habit, fatigue, reference) on/off")] = True,
+    behaviour_bias: Annotated[float, typer.Option(help="0 = uniform random logging; >0 tilts it")] = 0.0,
+    effects: Annotated[bool, typer.Option(help="carry-over effects (habit, fatigue, reference)")] = True,
 ) -> None:
     """Logs of the built-in sequential synthetic world under a random behaviour policy."""
     from offline.logs import write_logs
@@ -173,12 +173,32 @@ def calibrate(
 
 @app.command()
 @_errors_as_one_line
+def evaluate(
+    out: Annotated[Path, typer.Option(help="directory for results.md and the PNG figures")] = Path("docs/evaluation"),
+    users: Annotated[int, typer.Option(min=10, help="users in the training logs")] = 10_000,
+    rounds: Annotated[int, typer.Option(min=1)] = 10,
+    eval_users: Annotated[int, typer.Option(min=10, help="users in the evaluation population")] = 5_000,
+    epochs: Annotated[int, typer.Option(min=1)] = 40,
+    seed: Annotated[int, typer.Option()] = 0,
+    objective: Annotated[str, typer.Option(help="value | dt-lagrangian | dt-literal")] = "value",
+) -> None:
+    """SACO vs random, two-stage and the myopic oracle at 9 budgets, carry-over effects on and off."""
+    from offline.evaluate import EvalConfig, run_evaluation
+    from offline.train import TrainConfig
+
+    cfg = EvalConfig(users=users, rounds=rounds, eval_users=eval_users, seed=seed,
+                     train=TrainConfig(epochs=epochs, seed=seed, objective=objective))
+    _emit(run_evaluation(cfg, out))
+
+
+@app.command()
+@_errors_as_one_line
 def serve(
     store: Annotated[Path, typer.Option(envvar="SACO_STORE", help="model store directory")] = Path("var/store"),
     host: Annotated[str, typer.Option()] = "127.0.0.1",
     port: Annotated[int, typer.Option()] = 8000,
     redis_url: Annotated[str | None, typer.Option(envvar="SACO_REDIS_URL", help="state store; none = embedded")] = None,
-    bootstrap: Annotated[bool, typer.Option(help="train a bootstrap model on a synthetic world if the store is empty")] = False,
+    bootstrap: Annotated[bool, typer.Option(help="train a demo model if the store is empty")] = False,
 ) -> None:
     """Run the HTTP decision service."""
     from model_store import ModelStore

@@ -1,0 +1,3 @@
+from saco.cli import app
+
+app(prog_name="saco")
