@@ -112,6 +112,7 @@ class CampaignView(BaseModel):
     decisions: int
     coupons: list[Coupon]
     lambda_source: str
+    expected_users: int | None
     overrun: float
 
 

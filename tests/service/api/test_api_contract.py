@@ -277,6 +277,7 @@ def test_lambda_defaults_come_from_the_model(client: TestClient) -> None:
         got = put_campaign(client, expected_users=100)
         assert got["lambda"] == pytest.approx(manifest.lambda_for_budget_per_user(1.0))
         assert got["lambda_source"] == "calibration"
+    assert put_campaign(client, expected_users=40)["expected_users"] == 40
 
 
 @pytest.mark.parametrize(
