@@ -21,7 +21,7 @@ from offline.baselines import MyopicOracle, RandomAtSpend, TwoStage
 from offline.calibrate import CalibrationResult, search_monotone
 from offline.logs import Logs, validate_table
 from offline.model import PolicyModule
-from offline.policy import Policy, SequencePolicy, rollout
+from offline.policy import Environment, Policy, SequencePolicy, rollout
 from offline.simulate import simulate_logs
 from offline.train import TrainConfig, TrainResult, train
 from offline.world import SyntheticWorld, WorldConfig
@@ -70,7 +70,7 @@ class WorldReport:
 class CachedSimulator:
     """lambda -> (revenue, cost) of one policy on one population, memoised across budget levels."""
 
-    def __init__(self, world: SyntheticWorld, policy: Policy, n_users: int, seed: int) -> None:
+    def __init__(self, world: Environment, policy: Policy, n_users: int, seed: int) -> None:
         self.world, self.policy, self.n_users, self.seed = world, policy, n_users, seed
         self.cache: dict[float, tuple[float, float]] = {}
 
@@ -79,6 +79,16 @@ class CachedSimulator:
             r = rollout(self.world, self.policy, lam, n_users=self.n_users, seed=self.seed)
             self.cache[lam] = (r.revenue, r.cost)
         return self.cache[lam]
+
+
+def calibrate_levels(policy: str, simulate: Callable[[float], tuple[float, float]], reference: float
+                     ) -> list[PolicyRow]:
+    """Calibrate one policy to the 9 budgets (BUDGET_LEVELS x reference spend) with the monotone search."""
+    rows = []
+    for name, frac in zip(LEVEL_NAMES, BUDGET_LEVELS, strict=True):
+        budget = frac * reference
+        rows.append(PolicyRow(policy, name, frac, budget, search_monotone(simulate, budget)))
+    return rows
 
 
 def saco_policy(result: TrainResult, feature_dim: int, name: str = "saco") -> SequencePolicy:
@@ -105,10 +115,7 @@ def evaluate_world(
     reference = min(sim(0.0)[1] for sim in sims.values())
     rows: list[PolicyRow] = []
     for p in policies:
-        for name, frac in zip(LEVEL_NAMES, BUDGET_LEVELS, strict=True):
-            budget = frac * reference
-            res = search_monotone(sims[p.name], budget)
-            rows.append(PolicyRow(p.name, name, frac, budget, res))
+        rows += calibrate_levels(p.name, sims[p.name], reference)
         log(f"[{label}] calibrated {p.name}: BARate {min(r.result.barate for r in rows if r.policy == p.name):.4f}"
             f"..{max(r.result.barate for r in rows if r.policy == p.name):.4f}")
     saco_sim = sims["saco"]
