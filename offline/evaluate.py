@@ -81,13 +81,13 @@ class CachedSimulator:
         return self.cache[lam]
 
 
-def calibrate_levels(policy: str, simulate: Callable[[float], tuple[float, float]], reference: float
-                     ) -> list[PolicyRow]:
+def calibrate_levels(policy: str, simulate: Callable[[float], tuple[float, float]], reference: float,
+                     max_passes: int = 40) -> list[PolicyRow]:
     """Calibrate one policy to the 9 budgets (BUDGET_LEVELS x reference spend) with the monotone search."""
     rows = []
     for name, frac in zip(LEVEL_NAMES, BUDGET_LEVELS, strict=True):
         budget = frac * reference
-        rows.append(PolicyRow(policy, name, frac, budget, search_monotone(simulate, budget)))
+        rows.append(PolicyRow(policy, name, frac, budget, search_monotone(simulate, budget, max_passes=max_passes)))
     return rows
 
 

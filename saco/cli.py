@@ -259,5 +259,24 @@ def models_rollback(store: Annotated[Path, typer.Option()]) -> None:
     _emit({"current": ModelStore(store).rollback()})
 
 
+@app.command()
+@_errors_as_one_line
+def report(
+    out: Annotated[Path, typer.Option(help="directory for results.md, results.json, PNGs")] = Path("docs"),
+    quick: Annotated[bool, typer.Option(help="tiny worlds, 1 seed, 1 epoch (CI, < 5 min)")] = False,
+    hillstrom: Annotated[Path | None, typer.Option(envvar="SACO_HILLSTROM",
+                                                   help="hillstrom.csv (default: <repo>/../shared/data/)")] = None,
+    seeds: Annotated[int, typer.Option(min=1, help="number of seeds (full run)")] = 3,
+    ablations: Annotated[bool, typer.Option(help="train and score the SACO ablations")] = True,
+) -> None:
+    """SACO vs every baseline at 9 budgets on sequential, single-round and real (Hillstrom) data + ablations."""
+    from offline.report import ReportConfig, run_report
+
+    cfg = ReportConfig.quick_config(hillstrom) if quick else ReportConfig(hillstrom_path=hillstrom,
+                                                                          seeds=tuple(range(seeds)))
+    cfg.ablations = ablations
+    _emit(run_report(cfg, out))
+
+
 def main() -> None:  # pragma: no cover
     app()
