@@ -41,7 +41,10 @@ class ModelConfig:
     dropout: float = 0.1
     token_layout: str = "step"
     objective: str = "value"
-    future_weight: float = 1.0  # weight of the "later" value heads in the score (1 = undiscounted)
+    future_weight: float = 0.0  # weight of the "later" value heads in the score (0 = revenue and cost now)
+    # Exponential moving averages of past actions / rewards / costs / purchases fed to each step token
+    # ("step" layout): carry-over state (fatigue, habit, reference) in a form one layer can read.
+    history_decays: tuple[float, ...] = (0.5, 0.8)
 
     def to_dict(self) -> dict[str, object]:
         return asdict(self)
@@ -110,6 +113,9 @@ class SacoTransformer(nn.Module):
         self.embed_rtg = nn.Linear(1, h)
         self.embed_ctg = nn.Linear(1, h)
         self.embed_outcome = nn.Linear(2, h)  # previous reward and cost (step layout)
+        self.register_buffer("history_decay", torch.tensor(list(cfg.history_decays) or [0.0], dtype=torch.float32))
+        self.use_history = len(cfg.history_decays) > 0
+        self.embed_history = nn.Linear(max(len(cfg.history_decays), 1) * (k + 3), h)
         self.embed_time = nn.Embedding(cfg.max_timestep, h)
         self.embed_lambda = nn.Linear(1, h)
         self.ln_in = nn.LayerNorm(h)
@@ -169,6 +175,8 @@ class SacoTransformer(nn.Module):
             prev_outcome = prev_outcome * prev_real.unsqueeze(-1).to(g.dtype)
             x = (self.embed_state(s) + self.embed_rtg(g) + self.embed_ctg(c) + self.embed_action(prev_action)
                  + self.embed_outcome(prev_outcome) + common)
+            if self.use_history:
+                x = x + self.embed_history(self._history(actions, g[..., 0], c[..., 0], mask))
             return self.drop(self.ln_in(x)), mask
         tokens = torch.stack(
             [self.embed_rtg(g), self.embed_ctg(c), self.embed_state(s), self.embed_action(actions)], dim=2
@@ -176,6 +184,26 @@ class SacoTransformer(nn.Module):
         # the last step's action token is the decision being made: drop it, so the state token is last
         x = tokens.reshape(b, 4 * n, -1)[:, :-1]
         return self.drop(self.ln_in(x)), mask.repeat_interleave(4, dim=1)[:, :-1]
+
+    def _history(self, actions: torch.Tensor, g: torch.Tensor, c: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """[B, L, D*(K+3)]: for each step, decayed sums over the steps before it of (action one-hot,
+        reward, cost, purchase), one set per decay rate. Step j's reward is g_j - g_{j+1}."""
+        b, n = actions.shape
+        real = mask.to(g.dtype)
+        reward = torch.zeros_like(g)
+        cost = torch.zeros_like(c)
+        reward[:, :-1] = (g[:, :-1] - g[:, 1:]) * real[:, :-1] * real[:, 1:]
+        cost[:, :-1] = (c[:, :-1] - c[:, 1:]) * real[:, :-1] * real[:, 1:]
+        onehot = F.one_hot(actions, self.num_actions).to(g.dtype) * real.unsqueeze(-1)
+        onehot[:, -1] = 0.0  # the last step's action is the decision being made
+        events = torch.cat([onehot, reward.unsqueeze(-1), cost.unsqueeze(-1), (reward > 0).to(g.dtype).unsqueeze(-1)],
+                           dim=-1)
+        idx = torch.arange(n, device=g.device)
+        lag = (idx.view(-1, 1) - idx.view(1, -1) - 1).to(g.dtype)  # i - j - 1 >= 0 for strictly past steps
+        weights = torch.where(lag >= 0, self.history_decay.view(-1, 1, 1) ** lag.clamp(min=0.0),
+                              torch.zeros_like(lag))  # [D, L, L]
+        summary = torch.einsum("dij,bjf->bidf", weights, events)
+        return summary.reshape(b, n, -1)
 
     @staticmethod
     def _attention_mask(token_mask: torch.Tensor, queries: int) -> torch.Tensor:

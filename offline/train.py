@@ -36,7 +36,8 @@ class TrainConfig:
     lambda_max: float = 1.0
     val_fraction: float = 0.2
     max_timestep: int = 64
-    future_weight: float = 1.0
+    future_weight: float = 0.0  # weight of the "later" value heads in the decision (see docs/offline.md)
+    history_decays: tuple[float, ...] = (0.5, 0.8)
     later_loss_weight: float = 1.0  # weight of the "later" value heads in the loss (0 = a myopic sequence model)
     seed: int = 0
     threads: int = 0  # 0 = torch default
@@ -46,7 +47,7 @@ class TrainConfig:
             feature_dim=feature_dim, num_actions=num_actions, context_length=self.context_length,
             max_timestep=self.max_timestep, d_model=self.d_model, n_layers=self.n_layers, n_heads=self.n_heads,
             dropout=self.dropout, token_layout=self.token_layout, objective=self.objective,
-            future_weight=self.future_weight,
+            future_weight=self.future_weight, history_decays=tuple(self.history_decays),
         )
 
 

@@ -59,7 +59,7 @@ def test_corrupted_export_is_refused(tmp_path: Path, tiny_logs, tiny_model):
 
 
 def test_padding_does_not_change_the_decision():
-    model = SacoTransformer(ModelConfig(feature_dim=3, num_actions=4, context_length=5)).eval()
+    model = SacoTransformer(ModelConfig(feature_dim=3, num_actions=4, context_length=5, future_weight=1.0)).eval()
     B, L = 2, 5
     mask = torch.tensor([[False, False, True, True, True]] * 2)
     x = [torch.randn(B, L, 3), torch.randint(0, 4, (B, L)), torch.randn(B, L), torch.randn(B, L),
