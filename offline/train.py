@@ -38,7 +38,7 @@ class TrainConfig:
     max_timestep: int = 64
     future_weight: float = 0.0  # weight of the "later" value heads in the decision (see docs/offline.md)
     history_decays: tuple[float, ...] = (0.5, 0.8)
-    later_loss_weight: float = 1.0  # weight of the "later" value heads in the loss (0 = a myopic sequence model)
+    later_loss_weight: float = 0.0  # loss weight of the "later" value heads (an auxiliary task; 0 = off)
     seed: int = 0
     threads: int = 0  # 0 = torch default
 
