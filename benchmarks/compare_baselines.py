@@ -36,32 +36,12 @@ from offline.baselines import (
 )
 from offline.logs import Logs, validate_table
 from offline.policy import Policy, RolloutResult, rollout
+from offline.report import Timed
 from offline.simulate import simulate_logs
 from offline.world import SyntheticWorld, WorldConfig
 
 LAMBDAS = (0.0, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 2.5, 3.0, 3.5, 4.0, 5.0, 6.0, 8.0, 10.0, 14.0, 20.0, 30.0)
 BUDGETS = (0.05, 0.1, 0.2, 0.3, 0.45)  # fractions of the oracle's spend at lambda = 0
-
-
-class Timed(Policy):
-    """Delegates to a policy and accumulates the wall time of its `act` calls."""
-
-    def __init__(self, inner: Policy) -> None:
-        self.inner, self.name, self.needs_oracle = inner, inner.name, inner.needs_oracle
-        self.seconds, self.calls = 0.0, 0
-
-    def begin(self, n_users: int) -> None:
-        self.inner.begin(n_users)
-
-    def act(self, features, t, lam, expected=None):
-        start = time.perf_counter()
-        out = self.inner.act(features, t, lam, expected)
-        self.seconds += time.perf_counter() - start
-        self.calls += 1
-        return out
-
-    def observe(self, actions: np.ndarray, reward: np.ndarray, cost: np.ndarray) -> None:
-        self.inner.observe(actions, reward, cost)
 
 
 def methods(num_actions: int) -> dict[str, Callable[[Logs], Policy]]:
@@ -129,7 +109,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         rev = [at_spend(cost, revenue, b) for b in budgets]
         rows[name] = {
             "train_s": train_s,
-            "act_ms": 1000 * timed.seconds / max(timed.calls, 1),
+            "act_ms": 1000 * timed.seconds * n / max(timed.decisions, 1),  # one round of n users
             "ratio": [r / o for r, o in zip(rev, oracle_at, strict=True)],
             "incr": [(r - no_coupon) / (o - no_coupon) for r, o in zip(rev, oracle_at, strict=True)],
             "spend_range": (float(cost.min()), float(cost.max())),

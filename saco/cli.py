@@ -82,7 +82,7 @@ def simulate(
 def train(
     logs: Annotated[Path, typer.Option(help="logs (.parquet, Parquet directory, or .csv)")],
     store: Annotated[Path, typer.Option(help="model store directory")],
-    epochs: Annotated[int, typer.Option(min=1)] = 40,
+    epochs: Annotated[int, typer.Option(min=1)] = 12,
     seed: Annotated[int, typer.Option()] = 0,
     objective: Annotated[str, typer.Option(help="value | dt-lagrangian | dt-literal")] = "value",
     token_layout: Annotated[str, typer.Option(help="step (one token per step) | dt4 (the paper's 4 tokens)")] = "step",
@@ -178,7 +178,7 @@ def evaluate(
     users: Annotated[int, typer.Option(min=10, help="users in the training logs")] = 10_000,
     rounds: Annotated[int, typer.Option(min=1)] = 10,
     eval_users: Annotated[int, typer.Option(min=10, help="users in the evaluation population")] = 5_000,
-    epochs: Annotated[int, typer.Option(min=1)] = 40,
+    epochs: Annotated[int, typer.Option(min=1)] = 12,
     seed: Annotated[int, typer.Option()] = 0,
     objective: Annotated[str, typer.Option(help="value | dt-lagrangian | dt-literal")] = "value",
 ) -> None:

@@ -37,7 +37,9 @@ def test_simulate_train_calibrate_end_to_end(tmp_path: Path) -> None:
     manifest = ModelStore(store).load().manifest
     assert manifest.default_lambda == cal["lambda"] and len(manifest.lambda_table) >= 3
     costs = [p.cost_per_user for p in manifest.lambda_table]  # sorted by lambda: spend falls
-    assert all(a >= b - 1e-9 for a, b in itertools.pairwise(costs))
+    # in a sequential environment fewer coupons now can mean slightly more redemptions later: allow 1%
+    assert all(a >= b - 0.01 * costs[0] for a, b in itertools.pairwise(costs)), costs
+    assert costs[0] > 2 * costs[-1], costs
     listed = last_json(saco("models", "list", "--store", str(store)).stdout)
     assert listed["current"] == info["version"]
 
