@@ -239,7 +239,10 @@ def write_logs(table: pa.Table, path: str | os.PathLike[str]) -> Path:
     os.close(fd)
     try:
         if suffix == ".csv":
-            pacsv.write_csv(table, tmp)
+            # pyarrow quotes header names; write a plain header line (our column names never need quotes)
+            with open(tmp, "wb") as fh:
+                fh.write((",".join(table.column_names) + "\n").encode())
+                pacsv.write_csv(table, fh, pacsv.WriteOptions(include_header=False, quoting_style="needed"))
         else:
             pq.write_table(table, tmp)
         os.replace(tmp, path)
