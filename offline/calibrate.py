@@ -45,7 +45,7 @@ class CalibrationResult:
     def barate(self) -> float:
         return self.cost / self.budget if self.budget > 0 else float("nan")
 
-    def to_json(self) -> dict[str, float | int | str | bool]:
+    def to_json(self) -> dict[str, float | int | str | bool | None]:
         return {"lambda": self.lam, "revenue": self.revenue, "cost": self.cost, "budget": self.budget,
                 "barate": self.barate, "roi": self.revenue / self.cost if self.cost > 0 else None,
                 "passes": self.passes, "method": self.method, "converged": self.converged}

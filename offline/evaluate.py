@@ -70,7 +70,7 @@ class WorldReport:
 class CachedSimulator:
     """lambda -> (revenue, cost) of one policy on one population, memoised across budget levels."""
 
-    def __init__(self, world: Environment, policy: Policy, n_users: int, seed: int) -> None:
+    def __init__(self, world: Environment, policy: Policy, n_users: int | None, seed: int) -> None:
         self.world, self.policy, self.n_users, self.seed = world, policy, n_users, seed
         self.cache: dict[float, tuple[float, float]] = {}
 

@@ -66,8 +66,8 @@ class Logs:
     def subset_users(self, users: np.ndarray) -> Logs:
         """Logs of the given dense user indices (re-indexed 0..len-1, in the given order)."""
         starts = self.user_slices()
-        rows = np.concatenate([np.arange(starts[u], starts[u + 1]) for u in users]) if len(users) else []
-        rows = np.asarray(rows, dtype=np.int64)
+        parts = [np.arange(starts[u], starts[u + 1]) for u in users]
+        rows = np.concatenate(parts).astype(np.int64) if parts else np.zeros(0, dtype=np.int64)
         new_index = np.repeat(np.arange(len(users)), [starts[u + 1] - starts[u] for u in users])
         return Logs(
             user=new_index.astype(np.int64),

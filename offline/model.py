@@ -88,6 +88,12 @@ class Block(nn.Module):
 
 
 class SacoTransformer(nn.Module):
+    state_mean: torch.Tensor
+    state_std: torch.Tensor
+    rtg_scale: torch.Tensor
+    ctg_scale: torch.Tensor
+    history_decay: torch.Tensor
+
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         if cfg.token_layout not in TOKEN_LAYOUTS:

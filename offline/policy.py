@@ -110,7 +110,7 @@ class SequencePolicy(Policy):
         self.ctg = np.zeros((n_users, L), dtype=np.float32)
         self.timesteps = np.zeros((n_users, L), dtype=np.int64)
         self.mask = np.zeros((n_users, L), dtype=bool)
-        self.rtg_now = None
+        self.rtg_now: np.ndarray | None = None
         self.ctg_now = np.full(n_users, self.initial_ctg, dtype=np.float64)
         self.step_index = 0
 

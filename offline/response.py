@@ -32,6 +32,10 @@ class ResponseConfig:
 class ResponseModel(nn.Module):
     """MLP x -> (E[reward | x, a], E[cost | x, a]) for every action a, in raw units."""
 
+    x_mean: torch.Tensor
+    x_std: torch.Tensor
+    y_scale: torch.Tensor
+
     def __init__(self, input_dim: int, num_actions: int, cfg: ResponseConfig | None = None) -> None:
         super().__init__()
         self.cfg = cfg or ResponseConfig()

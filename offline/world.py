@@ -227,6 +227,6 @@ def behaviour_actions(
         probs = np.exp(logits - logits.max(axis=1, keepdims=True))
         probs /= probs.sum(axis=1, keepdims=True)
     cum = probs.cumsum(axis=1)
-    u = rng.random(n)[:, None]
+    u = np.asarray(rng.random(n)).reshape(-1, 1)
     actions = np.minimum((u > cum).sum(axis=1), num_actions - 1)
     return actions, probs[np.arange(n), actions]
