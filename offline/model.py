@@ -18,8 +18,6 @@ Two kinds of output, read at the decision token:
   prices cost exactly as in the dual (6) and spend is monotone in lambda by construction.
 """
 
-from __future__ import annotations
-
 from dataclasses import asdict, dataclass
 
 import torch
