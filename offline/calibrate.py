@@ -16,9 +16,14 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from scipy.optimize import minimize
+
+if TYPE_CHECKING:
+    from model_store import ModelStore
+    from offline.logs import Logs
 
 TARGET_LOW = 0.98  # BARate = C / B target band [0.98, 1.00]
 
@@ -156,3 +161,40 @@ def spend_table(simulate: Simulator, lams: list[float]) -> list[Evaluation]:
         revenue, cost = simulate(lam)
         out.append(Evaluation(float(lam), float(revenue), float(cost)))
     return out
+
+
+def calibrate_artifact(
+    store: ModelStore, data: Logs, budget: float, *, version: str | None = None, users: int | None = None,
+    method: str = "monotone", seed: int = 0, progress: Callable[[Evaluation], None] | None = None,
+    log: Callable[[str], None] | None = None,
+) -> dict[str, Any]:
+    """`saco calibrate`: run the exported policy through the environment learned from `data`, find lambda
+    for `budget`, and record it (plus a spend-vs-lambda table) in the version's manifest."""
+    from model_store import LambdaPoint, load_scripted
+    from offline.env import LogEnvironment
+    from offline.policy import SequencePolicy, rollout
+
+    artifact = store.load(version)
+    m = artifact.manifest
+    if data.feature_dim != m.feature_dim:
+        raise ValueError(f"logs have {data.feature_dim} features, model {artifact.version} expects {m.feature_dim}")
+    if log is not None:
+        log("fitting the offline environment on the logs...")
+    env = LogEnvironment.fit(data)
+    policy = SequencePolicy(load_scripted(artifact.model_path), m.context_length, m.initial_rtg, m.initial_ctg,
+                            m.feature_dim)
+
+    def simulate_at(lam: float) -> tuple[float, float]:
+        r = rollout(env, policy, lam, n_users=users, seed=seed)
+        return r.revenue, r.cost
+
+    search = search_slsqp if method == "slsqp" else search_monotone
+    result = search(simulate_at, budget, progress=progress)
+    n_users = users or data.n_users
+    grid = sorted({0.0, *(result.lam * f for f in (0.25, 0.5, 2.0, 4.0) if result.lam > 0)})
+    table = [LambdaPoint(result.lam, result.cost / n_users, result.revenue / n_users)]
+    table += [LambdaPoint(e.lam, e.cost / n_users, e.revenue / n_users) for e in spend_table(simulate_at, grid)]
+    table.sort(key=lambda p: p.lam)
+    store.update_manifest(artifact.version, lambda_table=table, default_lambda=result.lam,
+                          metrics={**m.metrics, "env_fit": env.fit_metrics})
+    return {**result.to_json(), "users": n_users, "version": artifact.version}

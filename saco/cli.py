@@ -127,48 +127,27 @@ def calibrate(
     seed: Annotated[int, typer.Option()] = 0,
 ) -> None:
     """Find lambda so that the policy spends close to, and not above, budget B; store it in the manifest."""
-    from model_store import LambdaPoint, ModelStore, load_scripted
-    from offline.calibrate import search_monotone, search_slsqp, spend_table
-    from offline.env import LogEnvironment
+    from model_store import ModelStore
+    from offline.calibrate import calibrate_artifact
     from offline.logs import load_logs
-    from offline.policy import SequencePolicy, rollout
 
+    if method not in ("monotone", "slsqp"):
+        raise ValueError("--method must be monotone or slsqp")
     if budget <= 0:
         raise ValueError("--budget must be > 0")
     model_store = ModelStore(store)
-    artifact = model_store.load(version)
+    model_store.load(version)  # a missing or corrupt model fails before the logs are read
     data = load_logs(logs)
-    m = artifact.manifest
-    if data.feature_dim != m.feature_dim:
-        raise ValueError(f"logs have {data.feature_dim} features, model {artifact.version} expects {m.feature_dim}")
-    print("fitting the offline environment on the logs...", file=sys.stderr, flush=True)
-    env = LogEnvironment.fit(data)
-    policy = SequencePolicy(load_scripted(artifact.model_path), m.context_length, m.initial_rtg, m.initial_ctg,
-                            m.feature_dim)
-
-    def simulate_at(lam: float) -> tuple[float, float]:
-        r = rollout(env, policy, lam, n_users=users, seed=seed)
-        return r.revenue, r.cost
-
     bar = _progress("calibrate", None, "pass")
 
     def tick(ev: Any) -> None:
         bar.set_postfix(lam=f"{ev.lam:.4g}", barate=f"{ev.cost / budget:.4f}")
         bar.update(1)
 
-    search = search_slsqp if method == "slsqp" else search_monotone
-    if method not in ("monotone", "slsqp"):
-        raise ValueError("--method must be monotone or slsqp")
-    result = search(simulate_at, budget, progress=tick)
+    result = calibrate_artifact(model_store, data, budget, version=version, users=users, method=method,
+                                seed=seed, progress=tick, log=lambda msg: print(msg, file=sys.stderr, flush=True))
     bar.close()
-    n_users = users or data.n_users
-    grid = sorted({0.0, *(result.lam * f for f in (0.25, 0.5, 2.0, 4.0) if result.lam > 0)})
-    table = [LambdaPoint(result.lam, result.cost / n_users, result.revenue / n_users)]
-    table += [LambdaPoint(e.lam, e.cost / n_users, e.revenue / n_users) for e in spend_table(simulate_at, grid)]
-    table.sort(key=lambda p: p.lam)
-    model_store.update_manifest(artifact.version, lambda_table=table, default_lambda=result.lam,
-                                metrics={**m.metrics, "env_fit": env.fit_metrics})
-    _emit({**result.to_json(), "users": n_users, "version": artifact.version})
+    _emit(result)
 
 
 @app.command()
@@ -215,6 +194,7 @@ def serve(
 def _bootstrap(store: Path) -> None:
     """Simulate a small world, train and publish: a demo model so the service can start on a fresh machine."""
     from model_store import ModelStore
+    from offline.calibrate import calibrate_artifact
     from offline.export import export_and_publish
     from offline.logs import validate_table
     from offline.simulate import simulate_logs
@@ -227,7 +207,10 @@ def _bootstrap(store: Path) -> None:
     data = validate_table(simulate_logs(WorldConfig(users=2000, rounds=10, seed=0)))
     result = fit(data, TrainConfig(epochs=10))
     artifact = export_and_publish(result, data, ModelStore(store))
-    print(f"bootstrap model {artifact.version} published in {store}", file=sys.stderr, flush=True)
+    # a default lambda: the one that spends 30% of what the random logging policy spent
+    cal = calibrate_artifact(ModelStore(store), data, 0.3 * float(data.cost.sum()), version=artifact.version)
+    print(f"bootstrap model {artifact.version} published in {store} (default lambda {cal['lambda']:.3g})",
+          file=sys.stderr, flush=True)
 
 
 @models_app.command("list")
