@@ -48,6 +48,7 @@ from offline.baselines import (
     ThompsonBandit,
     TwoStage,
 )
+from offline.calibrate import TARGET_LOW
 from offline.env import LogEnvironment
 from offline.evaluate import BUDGET_LEVELS, LEVEL_NAMES, CachedSimulator, calibrate_levels, saco_policy
 from offline.logs import Logs, logs_table, validate_table
@@ -222,6 +223,8 @@ class Ablation:
     token_layout: str = "step"
     context_length: int | None = None  # None = the product's
     later_loss_weight: float | None = None
+    future_weight: float | None = None
+    history_decays: tuple[float, ...] | None = None
     zero_rtg: bool = False
     zero_ctg: bool = False
     zero_lam: bool = False
@@ -245,15 +248,20 @@ ABLATIONS = (
              lagrangian_rtg=True),
     Ablation("context-1", "the product with context_length = 1 (no history in the sequence model)",
              context_length=1),
-    Ablation("myopic-heads", "the product with later_loss_weight = 0 (the 'later' value heads are not trained: "
-             "a myopic sequence model)", later_loss_weight=0.0),
+    Ablation("long-term-heads", "the product with the 'later' value heads trained (later_loss_weight = 1) and "
+             "used in the decision (future_weight = 1): revenue and cost to the end of the trajectory, as "
+             "estimated under the random logging policy", later_loss_weight=1.0, future_weight=1.0),
+    Ablation("no-history", "the product without the history moving averages in the step tokens "
+             "(history_decays = ()): history only through attention", history_decays=()),
 )
 
 
 def ablation_policy(ab: Ablation, logs: Logs, base: TrainConfig, seed: int) -> tuple[Policy, float]:
     cfg = replace(base, objective=ab.objective, token_layout=ab.token_layout, seed=seed,
                   context_length=ab.context_length or base.context_length,
-                  later_loss_weight=base.later_loss_weight if ab.later_loss_weight is None else ab.later_loss_weight)
+                  later_loss_weight=base.later_loss_weight if ab.later_loss_weight is None else ab.later_loss_weight,
+                  future_weight=base.future_weight if ab.future_weight is None else ab.future_weight,
+                  history_decays=base.history_decays if ab.history_decays is None else ab.history_decays)
     started = time.perf_counter()
     with zeroed_training_inputs(ab.zero_rtg, ab.zero_ctg, ab.zero_lam):
         result = train(logs, cfg, progress=False)
@@ -349,7 +357,7 @@ def _calibrated_rows(ds: Dataset, cfg: ReportConfig, seed: int, name: str, timed
     out = []
     note = ""
     try:
-        calibrated = calibrate_levels(name, sim, reference, cfg.max_passes)
+        calibrated = calibrate_levels(name, sim, reference, cfg.max_passes, target_low=TARGET_LOW)
     except RuntimeError:
         # lambda alone cannot bring spend under some budget (e.g. a cost head that predicts <= 0): price at the
         # lambda of least spend seen, and withhold coupons from a random subset of users beyond it
@@ -358,7 +366,7 @@ def _calibrated_rows(ds: Dataset, cfg: ReportConfig, seed: int, name: str, timed
         sim = CachedSimulator(ds.env, knob, ds.eval_users, ds.eval_seed)
         note = f"lambda alone could not meet the budget: coupons withheld at random beyond lambda={split:g}"
         try:
-            calibrated = calibrate_levels(name, sim, reference, cfg.max_passes)
+            calibrated = calibrate_levels(name, sim, reference, cfg.max_passes, target_low=TARGET_LOW)
         except RuntimeError as exc:
             calibrated, note = [], str(exc).splitlines()[0]
     if not calibrated:  # spend cannot be brought under a budget: report, never exceed it
@@ -689,7 +697,7 @@ def run_report(cfg: ReportConfig, out_dir: Path, log: Callable[[str], None] | No
             ds_rows, reference = run_dataset(ds, cfg, seed, log)
             rows += ds_rows
             references.setdefault(name, []).append(reference)
-            if name == "seq-effects-on" and cfg.ablations:
+            if name == "seq-effects-on" and cfg.ablations and seed == cfg.seeds[0]:  # ablations: first seed
                 rows += [replace(r, dataset=ABLATION_SET) for r in ds_rows if r.method in ("saco", FOREST)]
                 rows += run_ablations(ds, cfg, seed, reference, log)
             if seed == cfg.seeds[-1]:
