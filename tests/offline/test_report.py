@@ -21,6 +21,8 @@ def test_quick_report_end_to_end(tmp_path: Path) -> None:
     try:
         hs.resolve_path()
     except hs.HillstromError as exc:  # pragma: no cover
+        if os.environ.get("CI"):  # CI clones shared/ beside the repo: the data must be there
+            raise
         pytest.skip(str(exc))
     out = tmp_path / "docs"
     proc = subprocess.run([sys.executable, "-m", "saco", "report", "--quick", "--out", str(out)],
