@@ -218,6 +218,28 @@ class SacoTransformer(nn.Module):
         allowed = (cols <= rows).unsqueeze(0) & token_mask.unsqueeze(1)
         return (allowed | (cols == rows).unsqueeze(0)).unsqueeze(1)
 
+    def _hidden(
+        self,
+        states: torch.Tensor,
+        actions: torch.Tensor,
+        rtg: torch.Tensor,
+        ctg: torch.Tensor,
+        timesteps: torch.Tensor,
+        lam: torch.Tensor,
+        mask: torch.Tensor,
+        decision_only: bool,
+    ) -> torch.Tensor:
+        """Final hidden states [B, M, h] of every token, or [B, 1, h] of the decision token only (then the
+        last block computes that one query: every earlier block must still see all tokens)."""
+        x, token_mask = self._tokens(states, actions, rtg, ctg, timesteps, lam, mask)
+        m = x.shape[1]
+        attn_mask = self._attention_mask(token_mask, m)
+        for block in self.blocks:
+            x = block(x, attn_mask, m)
+        if decision_only:
+            return self.ln_out(self.last_block(x, self._attention_mask(token_mask, 1), 1))
+        return self.ln_out(self.last_block(x, attn_mask, m))
+
     def forward(
         self,
         states: torch.Tensor,
@@ -230,12 +252,7 @@ class SacoTransformer(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Training: action logits [B, L, K] and value heads [B, L, 4, K] (scaled units) at every step."""
         b, n = actions.shape
-        x, token_mask = self._tokens(states, actions, rtg, ctg, timesteps, lam, mask)
-        m = x.shape[1]
-        attn_mask = self._attention_mask(token_mask, m)
-        for block in self.blocks:
-            x = block(x, attn_mask, m)
-        x = self.ln_out(self.last_block(x, attn_mask, m))
+        x = self._hidden(states, actions, rtg, ctg, timesteps, lam, mask, False)
         if not self.step_layout:
             x = torch.cat([x, x[:, -1:]], dim=1).reshape(b, n, 4, -1)[:, :, 2]  # read at the state tokens
         return self.action_head(x), self.value_head(x).view(b, n, 4, self.num_actions)
@@ -252,12 +269,7 @@ class SacoTransformer(nn.Module):
     ) -> torch.Tensor:
         """Serving: decision scores [B, K] for the last step. The last block runs for that token only."""
         b = actions.shape[0]
-        x, token_mask = self._tokens(states, actions, rtg, ctg, timesteps, lam, mask)
-        m = x.shape[1]
-        attn_mask = self._attention_mask(token_mask, m)
-        for block in self.blocks:
-            x = block(x, attn_mask, m)
-        x = self.ln_out(self.last_block(x, self._attention_mask(token_mask, 1), 1))[:, 0]
+        x = self._hidden(states, actions, rtg, ctg, timesteps, lam, mask, True)[:, 0]
         if self.value_objective:
             v = self.value_head(x).view(b, 4, self.num_actions)
             revenue = (v[:, 0] + self.future_weight * v[:, 2]) * self.rtg_scale
