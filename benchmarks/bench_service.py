@@ -7,8 +7,8 @@ batched path over a per-user model loop (one forward per user, the paper's way).
     python benchmarks/bench_service.py                    # trains a small model, starts a throwaway Redis
     python benchmarks/bench_service.py --store DIR --redis-url redis://127.0.0.1:6379/15
 
-Users keep their context between requests (each batch size reuses its users), so after the warm-up the
-model sees full contexts (context_length steps), as in production.
+Requests cycle over 8 disjoint groups of users that keep their context between requests, and a warm-up
+fills every context first, so the model sees full contexts (context_length steps), as in production.
 """
 
 from __future__ import annotations
@@ -74,28 +74,32 @@ def start_service(store: Path, redis_url: str | None, prefix: str) -> tuple[subp
     raise RuntimeError("service did not become ready")
 
 
-def measure(http: httpx.Client, base: str, dim: int, users: int, repeats: int, warmup: int) -> dict[str, float]:
+def measure(http: httpx.Client, base: str, dim: int, users: int, repeats: int, context_length: int) -> dict[str, float]:
+    """Latency of `repeats` sequential requests of `users` users each. Requests cycle over 8 disjoint user
+    groups (a user's next request comes 8 requests later, as with real traffic, not back to back), and a
+    warm-up of `context_length` passes fills every user's context first."""
     rng = np.random.default_rng(users)
     url = f"{base}/v1/campaigns/bench/decisions"
+    groups = 8
     bodies = [
         json.dumps(
             {
                 "requests": [
-                    {"user_id": f"b{users}-{j}", "features": rng.normal(size=dim).round(4).tolist()}
+                    {"user_id": f"b{users}-{g}-{j}", "features": rng.normal(size=dim).round(4).tolist()}
                     for j in range(users)
                 ]
             }
         ).encode()
-        for _ in range(8)
+        for g in range(groups)
     ]
     headers = {"Content-Type": "application/json"}
-    for i in range(warmup):
-        assert http.post(url, content=bodies[i % 8], headers=headers).status_code == 200
+    for i in range(groups * context_length):
+        assert http.post(url, content=bodies[i % groups], headers=headers).status_code == 200
     times = []
     started = time.perf_counter()
     for i in range(repeats):
         t0 = time.perf_counter()
-        resp = http.post(url, content=bodies[i % 8], headers=headers)
+        resp = http.post(url, content=bodies[i % groups], headers=headers)
         times.append(time.perf_counter() - t0)
         assert resp.status_code == 200, resp.text
     wall = time.perf_counter() - started
@@ -160,7 +164,7 @@ def model_loop_speedup(store: Path, users: int = 128, repeats: int = 30) -> dict
     }
 
 
-def run_suite(name: str, store: Path, redis_url: str | None, dim: int) -> list[dict[str, Any]]:
+def run_suite(name: str, store: Path, redis_url: str | None, dim: int, context_length: int) -> list[dict[str, Any]]:
     prefix = f"bench-{uuid.uuid4().hex[:8]}:"
     proc, base = start_service(store, redis_url, prefix)
     rows = []
@@ -172,10 +176,9 @@ def run_suite(name: str, store: Path, redis_url: str | None, dim: int) -> list[d
                 json={"budget": 1e12, "coupons": COUPONS},
             )
             assert resp.status_code == 200, resp.text
-            plan = {1: (400, 40), 16: (300, 30), 128: (200, 20), 1024: (40, 10)}
+            repeats = {1: 1000, 16: 500, 128: 300, 1024: 60}
             for users in BATCH_SIZES:
-                repeats, warmup = plan[users]
-                rows.append(measure(http, base, dim, users, repeats, warmup) | {"store": name})
+                rows.append(measure(http, base, dim, users, repeats[users], context_length) | {"store": name})
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(timeout=30)
@@ -223,8 +226,9 @@ def main() -> int:
             time.sleep(0.5)
         from model_store import ModelStore
 
-        dim = ModelStore(store).load().manifest.feature_dim
-        rows = run_suite("embedded", store, None, dim) + run_suite("redis", store, redis_url, dim)
+        manifest = ModelStore(store).load().manifest
+        dim, length = manifest.feature_dim, manifest.context_length
+        rows = run_suite("embedded", store, None, dim, length) + run_suite("redis", store, redis_url, dim, length)
         loop = model_loop_speedup(store)
     finally:
         if redis_proc is not None:

@@ -88,7 +88,7 @@ def train(
     token_layout: Annotated[str, typer.Option(help="step (one token per step) | dt4 (the paper's 4 tokens)")] = "step",
     context_length: Annotated[int, typer.Option(min=1)] = 10,
     d_model: Annotated[int, typer.Option(min=8)] = 64,
-    layers: Annotated[int, typer.Option(min=1)] = 2,
+    layers: Annotated[int, typer.Option(min=1)] = 1,
     heads: Annotated[int, typer.Option(min=1)] = 4,
     no_promote: Annotated[bool, typer.Option(help="publish without making it current")] = False,
 ) -> None:

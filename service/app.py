@@ -79,6 +79,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     finally:
         for task in runtime.background:
             task.cancel()
+        await engine.drain()
         await batcher.stop()
         await store.close()
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import os
 import time
@@ -11,6 +10,7 @@ from collections import Counter
 from typing import Any
 
 import numpy as np
+import orjson
 
 from model_store import Manifest
 from service.batcher import MicroBatcher
@@ -30,7 +30,7 @@ from service.state import (
     StateStoreError,
     UserContext,
 )
-from service.state.base import STEP_ACTION, STEP_CTG, STEP_FEATURES, STEP_RTG, STEP_T
+from service.state.context import gather
 
 log = logging.getLogger("saco.service.engine")
 
@@ -43,8 +43,10 @@ class InvalidInput(ValueError):
         self.errors = [{"type": "value_error", "loc": ("body", *loc), "msg": msg, "input": value}]
 
 
-def new_decision_id() -> str:
-    return "d-" + os.urandom(12).hex()
+def new_decision_ids(count: int) -> list[str]:
+    """Random ids, 96 bits each (collisions are not a concern at any realistic volume)."""
+    hexed = os.urandom(12 * count).hex()
+    return ["d-" + hexed[i : i + 24] for i in range(0, 24 * count, 24)]
 
 
 def now_ms() -> int:
@@ -69,27 +71,13 @@ def build_inputs(
 ) -> PolicyInputs:
     """Right-aligned model inputs: each user's last context_length-1 steps, then the current decision."""
     rows, dim = features.shape
-    capacity = manifest.context_length - 1
-    pasts: list[list[list[Any]]] = []
-    current_t = np.zeros(rows, np.int64)
-    current_rtg = np.full(rows, manifest.initial_rtg, np.float32)
-    current_ctg = np.full(rows, manifest.initial_ctg, np.float32)
-    for i, context in enumerate(contexts):
-        if context is None:
-            pasts.append([])
-            continue
-        steps = context["s"]
-        pasts.append(steps[-capacity:] if capacity > 0 and steps else [])
-        current_t[i], current_rtg[i], current_ctg[i] = context["t"], context["g"], context["k"]
-    length = 1 + max(len(p) for p in pasts)
-    positions: list[int] = []
-    flat_steps: list[list[Any]] = []
-    for i, past in enumerate(pasts):
-        if past:
-            start = i * length + length - 1 - len(past)
-            positions.extend(range(start, start + len(past)))
-            flat_steps.extend(past)
-    current = np.arange(rows) * length + length - 1
+    past = gather(contexts, dim, manifest.context_length - 1, manifest.initial_rtg, manifest.initial_ctg)
+    length = 1 + int(past.counts.max(initial=0))
+    # flat position of every kept step: user i's steps end just before its decision at i*length + length-1
+    ends = np.arange(rows) * length + length - 1
+    first = np.cumsum(past.counts) - past.counts  # index of each user's first step in past.steps
+    positions = np.arange(len(past.steps)) + np.repeat(ends - past.counts - first, past.counts)
+    current = ends
 
     states = np.zeros((rows * length, dim), np.float32)
     actions = np.zeros(rows * length, np.int64)
@@ -97,20 +85,19 @@ def build_inputs(
     ctg = np.zeros(rows * length, np.float32)
     timesteps = np.zeros(rows * length, np.int64)
     mask = np.zeros(rows * length, np.bool_)
-    if flat_steps:
-        packed = bytes.fromhex("".join(step[STEP_FEATURES] for step in flat_steps))
-        states[positions] = np.frombuffer(packed, "<f4").reshape(len(flat_steps), dim)
-        actions[positions] = [step[STEP_ACTION] for step in flat_steps]
-        rtg[positions] = [step[STEP_RTG] for step in flat_steps]
-        ctg[positions] = [step[STEP_CTG] for step in flat_steps]
-        timesteps[positions] = [step[STEP_T] for step in flat_steps]
-        mask[positions] = True
+    steps = past.steps
+    states[positions] = steps["features"]
+    actions[positions] = steps["action"]
+    rtg[positions] = steps["rtg"]
+    ctg[positions] = steps["ctg"]
+    timesteps[positions] = steps["t"]
+    mask[positions] = True
     states[current] = features
-    rtg[current] = current_rtg
-    ctg[current] = current_ctg
-    timesteps[current] = current_t
+    rtg[current] = past.rtg
+    ctg[current] = past.ctg
+    timesteps[current] = past.t
     mask[current] = True
-    np.minimum(timesteps, manifest.max_timestep - 1, out=timesteps)
+    np.clip(timesteps, 0, manifest.max_timestep - 1, out=timesteps)
     return PolicyInputs(
         states=states.reshape(rows, length, dim),
         actions=actions.reshape(rows, length),
@@ -152,6 +139,8 @@ class DecisionEngine:
         self.store = store
         self.batcher = batcher
         self.metrics = metrics
+        # context writes still in flight, by (campaign, user): the next read of that user waits for them
+        self._writes: dict[tuple[str, str], asyncio.Task[None]] = {}
 
     # ---- decisions -------------------------------------------------------------------------------
     async def decide(self, campaign_id: str, body: DecisionsRequest) -> bytes:
@@ -176,8 +165,10 @@ class DecisionEngine:
             raise InvalidInput(("requests", row, "features"), "values must fit a 32-bit float")
         self.metrics.decision_batch_users.observe(len(requests))
 
+        user_ids = [r.user_id for r in requests]
         with self.batcher.expect() as ticket:
-            campaign, contexts = await self.store.load_for_decision(campaign_id, [r.user_id for r in requests])
+            await self.contexts_written(campaign_id, user_ids)
+            campaign, contexts = await self.store.load_for_decision(campaign_id, user_ids)
             if campaign is None:
                 raise CampaignNotFound(campaign_id)
             lam, _ = campaign_lambda(campaign, manifest)
@@ -185,9 +176,10 @@ class DecisionEngine:
             scores = await self.batcher.scores(policy, inputs, ticket)
 
         prefs, priority = preferences(scores, list(campaign.coupons))
+        order = priority.tolist()
         items = [
-            ReserveItem(new_decision_id(), requests[i].user_id, requests[i].request_id, prefs[i])
-            for i in priority.tolist()
+            ReserveItem(decision_id, requests[i].user_id, requests[i].request_id, prefs[i])
+            for decision_id, i in zip(new_decision_ids(len(order)), order, strict=True)
         ]
         settings = self.settings
         result = await self.store.reserve(
@@ -204,7 +196,7 @@ class DecisionEngine:
         little_endian = features.astype("<f4", copy=False)
         by_action: Counter[int] = Counter()
         downgraded = replayed = 0
-        for row, decided in zip(priority.tolist(), result.decisions, strict=True):
+        for row, decided in zip(order, result.decisions, strict=True):
             decisions[row] = {
                 "user_id": decided.user_id,
                 "decision_id": decided.decision_id,
@@ -215,29 +207,16 @@ class DecisionEngine:
             }
             if decided.new:
                 new_steps.append(
-                    NewStep(
-                        decided.user_id,
-                        decided.decision_id,
-                        decided.action,
-                        little_endian[row].tobytes().hex(),
-                    )
+                    NewStep(decided.user_id, decided.decision_id, decided.action, little_endian[row].tobytes())
                 )
                 by_action[decided.action] += 1
                 downgraded += decided.downgraded
             else:
                 replayed += 1
-        try:
-            await self.store.append_steps(
-                campaign_id,
-                new_steps,
-                capacity=manifest.context_length - 1,
-                ttl_ms=settings.context_ttl_s * 1000,
-                initial_rtg=manifest.initial_rtg,
-                initial_ctg=manifest.initial_ctg,
-            )
-        except StateStoreError:
-            # the reservations are made and valid: answer them; the users' next steps lack this one
-            log.warning("context write failed after a successful reservation", exc_info=True)
+        if new_steps:
+            # The answer does not wait for the context write: the reservations are what must be durable
+            # before it. The next decision or outcome for these users in this process waits for it.
+            self._write_behind(campaign_id, new_steps, manifest)
         for action, count in by_action.items():
             self.metrics.decisions.labels(action=str(action)).inc(count)
         if downgraded:
@@ -245,12 +224,55 @@ class DecisionEngine:
         if replayed:
             self.metrics.idempotent_replays.inc(replayed)
         self.metrics.budget_remaining.labels(campaign=campaign_id).set(from_cents(max(0, result.remaining)))
-        return json.dumps({"decisions": decisions}, separators=(",", ":")).encode()
+        return orjson.dumps({"decisions": decisions})
+
+    def _write_behind(self, campaign_id: str, steps: list[NewStep], manifest: Manifest) -> None:
+        async def write() -> None:
+            try:
+                await self.store.append_steps(
+                    campaign_id,
+                    steps,
+                    capacity=manifest.context_length - 1,
+                    ttl_ms=self.settings.context_ttl_s * 1000,
+                    initial_rtg=manifest.initial_rtg,
+                    initial_ctg=manifest.initial_ctg,
+                )
+            except StateStoreError:
+                # the reservations are made and answered: the users' next steps lack this one
+                self.metrics.context_write_failures.inc()
+                log.warning("context write failed after a successful reservation", exc_info=True)
+
+        task = asyncio.get_running_loop().create_task(write())
+        keys = [(campaign_id, step.user_id) for step in steps]
+        for key in keys:
+            self._writes[key] = task
+
+        def forget(_: asyncio.Task[None]) -> None:
+            for key in keys:
+                if self._writes.get(key) is task:
+                    del self._writes[key]
+
+        task.add_done_callback(forget)
+
+    async def contexts_written(self, campaign_id: str, user_ids: list[str]) -> None:
+        """Wait for the context writes in flight for these users."""
+        if self._writes:
+            writes = self._writes
+            pending = {writes[key] for key in ((campaign_id, u) for u in user_ids) if key in writes}
+            if pending:
+                await asyncio.wait(pending)
+
+    async def drain(self) -> None:
+        """Wait for every context write in flight (shutdown; tests that read the store directly)."""
+        while self._writes:
+            await asyncio.wait(set(self._writes.values()))
 
     # ---- outcomes --------------------------------------------------------------------------------
     async def record_outcomes(self, campaign_id: str, body: OutcomesRequest) -> OutcomesResponse:
         outcomes = [Outcome(o.decision_id, o.reward, to_cents(o.cost)) for o in body.outcomes]
         result = await self.store.settle(campaign_id, outcomes)
+        if result.context_updates:
+            await self.contexts_written(campaign_id, [user_id for user_id, *_ in result.context_updates])
         try:
             await self.store.apply_outcomes_to_contexts(
                 campaign_id, result.context_updates, ttl_ms=self.settings.context_ttl_s * 1000

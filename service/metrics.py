@@ -78,6 +78,11 @@ class ServiceMetrics:
             registry=r,
         )
         self.outcomes = Counter("saco_outcomes_total", "outcomes by result", ["result"], registry=r)
+        self.context_write_failures = Counter(
+            "saco_context_write_failures_total",
+            "decision requests whose steps could not be appended to the users' contexts (answered anyway)",
+            registry=r,
+        )
         self.reservations_expired = Counter(
             "saco_reservations_expired_total",
             "reservations released by the expiry sweep",

@@ -19,6 +19,8 @@ local items = cjson.decode(ARGV[6])
 local k = 3
 local new_reserved, new_count = 0, 0
 local out = {0}
+local deadline = string.format('%d', now + expiry)
+local deadlines = {} -- score, member, ...: one ZADD for the batch
 for _, item in ipairs(items) do
   local decision_id, user, request_id, prefs = item[1], item[2], item[3], item[4]
   local decision_key = KEYS[k]
@@ -50,13 +52,19 @@ for _, item in ipairs(items) do
     redis.call('HSET', decision_key, 'u', user, 'a', action_text, 'p', '1', 'r', cost_text, 's', 'R',
       'v', version, 'l', lam, 'q', request_id, 'at', ARGV[1])
     redis.call('PEXPIRE', decision_key, ARGV[3])
-    if cost > 0 then redis.call('ZADD', pending, string.format('%d', now + expiry), decision_id) end
+    if cost > 0 then
+      deadlines[#deadlines + 1] = deadline
+      deadlines[#deadlines + 1] = decision_id
+    end
     local record = decision_id .. '\t' .. action_text .. '\t' .. cost_text .. '\t' .. version .. '\t' .. lam
       .. '\t' .. user
     if request_key then redis.call('SET', request_key, record, 'PX', ARGV[3]) end
     out[#out + 1] = record
     out[#out + 1] = flag
   end
+end
+for first = 1, #deadlines, 2000 do -- unpack() is bounded by the Lua C stack (8000 values)
+  redis.call('ZADD', pending, unpack(deadlines, first, math.min(first + 1999, #deadlines)))
 end
 if new_reserved > 0 then redis.call('HINCRBY', campaign, 'reserved', string.format('%d', new_reserved)) end
 if new_count > 0 then

@@ -4,25 +4,19 @@ Two implementations share these semantics exactly (the store test suite runs aga
 `RedisStateStore` (Lua scripts, one atomic script per ledger operation) and `MemoryStateStore`
 (in-process, one asyncio lock). All money is integer cents.
 
-A user context is a plain dict, kept compact because it travels on every decision::
-
-    {"t": next step index, "g": running return-to-go, "k": running cost-to-go, "s": [step, ...]}
-
-and each step is a list ``[decision_id, action, reward, cost, rtg, ctg, t, features_hex]`` where
-`features_hex` is the float32 little-endian bytes of the state features, hex encoded (opaque to Lua,
-and the whole batch decodes with one `bytes.fromhex`).
+A user context is one binary value (`service.state.context` defines the format and the pure-Python
+operations on it; the Redis scripts do the same by byte offset). It travels on every decision, so it
+is compact and a batch of them turns into model inputs without per-step parsing.
 """
 
 from __future__ import annotations
 
 import abc
 from dataclasses import dataclass, field
-from typing import Any
 
-# positions inside a stored step
-STEP_DECISION, STEP_ACTION, STEP_REWARD, STEP_COST, STEP_RTG, STEP_CTG, STEP_T, STEP_FEATURES = range(8)
+from service.state.context import new_step_bytes
 
-UserContext = dict[str, Any]
+UserContext = bytes  # see service.state.context
 
 
 class StateStoreError(RuntimeError):
@@ -108,7 +102,10 @@ class NewStep:
     user_id: str
     decision_id: str
     action: int
-    features_hex: str
+    features: bytes  # float32 little-endian
+
+    def encoded(self) -> bytes:
+        return new_step_bytes(self.decision_id, self.action, self.features)
 
 
 @dataclass(frozen=True)

@@ -11,11 +11,6 @@ import time
 from dataclasses import dataclass, field, replace
 
 from service.state.base import (
-    STEP_COST,
-    STEP_CTG,
-    STEP_DECISION,
-    STEP_REWARD,
-    STEP_RTG,
     CampaignNotFound,
     CampaignState,
     CampaignUpdate,
@@ -29,6 +24,7 @@ from service.state.base import (
     StateStore,
     UserContext,
 )
+from service.state.context import append_step, apply_outcome, empty_context
 
 RESERVED, SETTLED, EXPIRED = "R", "S", "X"
 
@@ -57,36 +53,6 @@ class _Campaign:
     decisions: dict[str, _DecisionRecord] = field(default_factory=dict)
     requests: dict[str, tuple[str, int]] = field(default_factory=dict)  # request_id -> (decision_id, expiry)
     pending: dict[str, int] = field(default_factory=dict)  # decision_id -> release deadline (ms)
-
-
-def append_step(
-    context: UserContext | None, step: NewStep, capacity: int, initial_rtg: float, initial_ctg: float
-) -> UserContext:
-    """A new context with `step` appended (the Lua script `append_step.lua` does the same)."""
-    if context is None:
-        context = {"t": 0, "g": initial_rtg, "k": initial_ctg, "s": []}
-    steps = list(context["s"] or [])
-    steps.append([step.decision_id, step.action, 0, 0, context["g"], context["k"], context["t"], step.features_hex])
-    if len(steps) > capacity:
-        steps = steps[len(steps) - capacity :] if capacity > 0 else []
-    return {"t": context["t"] + 1, "g": context["g"], "k": context["k"], "s": steps}
-
-
-def apply_outcome(context: UserContext, decision_id: str, reward: float, cost: float) -> UserContext:
-    """A new context with an outcome written into its step; later steps and the running to-go values drop."""
-    steps = []
-    found = False
-    for old in context["s"] or []:
-        step = list(old)
-        if found:
-            step[STEP_RTG] -= reward
-            step[STEP_CTG] -= cost
-        if step[STEP_DECISION] == decision_id:
-            step[STEP_REWARD] = reward
-            step[STEP_COST] = cost
-            found = True
-        steps.append(step)
-    return {"t": context["t"], "g": context["g"] - reward, "k": context["k"] - cost, "s": steps}
 
 
 class MemoryStateStore(StateStore):
@@ -241,10 +207,8 @@ class MemoryStateStore(StateStore):
                 key = (campaign_id, step.user_id)
                 entry = self._contexts.get(key)
                 context = entry[0] if entry is not None and entry[1] > now else None
-                self._contexts[key] = (
-                    append_step(context, step, capacity, initial_rtg, initial_ctg),
-                    now + ttl_ms,
-                )
+                initial = empty_context(len(step.features) // 4, initial_rtg, initial_ctg)
+                self._contexts[key] = (append_step(context, step.encoded(), capacity, initial), now + ttl_ms)
 
     # ---- outcomes --------------------------------------------------------------------------------
     async def settle(self, campaign_id: str, outcomes: list[Outcome]) -> SettleResult:
@@ -295,7 +259,9 @@ class MemoryStateStore(StateStore):
                 entry = self._contexts.get(key)
                 if entry is None or entry[1] <= now:
                     continue
-                self._contexts[key] = (apply_outcome(entry[0], decision_id, reward, cost / 100), now + ttl_ms)
+                updated = apply_outcome(entry[0], decision_id, reward, cost / 100)
+                if updated is not None:
+                    self._contexts[key] = (updated, now + ttl_ms)
 
     async def sweep_expired(self, campaign_id: str, now_ms: int, limit: int = 1000) -> int:
         async with self._lock:

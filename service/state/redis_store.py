@@ -7,11 +7,15 @@ Key layout (P = configured prefix, T = the campaign's hash tag ``{c:<campaign_id
     P T:pending           zset: decision ids holding a reservation, scored by their release deadline (ms)
     P T:d:<decision_id>   hash: u user, a action, p probability, r reserved cents, s status (R/S/X), v, l, q
     P T:r:<request_id>    string: the decision record returned again for a repeated request_id
-    P ctx:<campaign>:<user>  string: the user's context, "t|rtg|ctg" then one JSON step per line, so that
-                          appending a step is string work in Lua (no JSON parsing); spreads freely
+    P ctx:<campaign>:<user>  string: the user's context in the binary format of service.state.context;
+                          no hash tag, so contexts spread freely
     P campaigns           set of campaign ids (for the periodic sweep)
 
-Every key one script touches shares the campaign's hash tag, so the scripts are Redis Cluster safe.
+Every key a ledger script touches shares the campaign's hash tag, so those scripts are Redis Cluster
+safe. The context scripts handle each of their keys on its own: any subset of keys can go in one call
+(one call per slot on a Cluster); the store sends a request's users in one call.
+
+The client speaks bytes (contexts are binary); text fields are decoded where they are read.
 """
 
 from __future__ import annotations
@@ -43,11 +47,12 @@ from service.state.base import (
     StateStoreError,
     UserContext,
 )
+from service.state.context import empty_context, encode_decision_id
 
 T = TypeVar("T")
 log = logging.getLogger("saco.service.state")
 LUA_DIR = Path(__file__).resolve().parents[1] / "lua"
-SCRIPT_NAMES = ("upsert_campaign", "reserve", "settle", "sweep", "append_step", "apply_outcome")
+SCRIPT_NAMES = ("upsert_campaign", "reserve", "settle", "sweep", "append_steps", "apply_outcomes")
 
 
 class _Script:
@@ -57,24 +62,13 @@ class _Script:
         self.sha = hashlib.sha1(self.source.encode()).hexdigest()
 
 
-def parse_context(raw: str | None) -> UserContext | None:
-    """The stored text "t|rtg|ctg" + one JSON step per line, as the dict of service.state.base.
-
-    An unreadable value (written by something else) is treated as no context, never as an error."""
-    if raw is None:
-        return None
-    header, _, body = raw.partition("\n")
-    try:
-        t, rtg, ctg = header.split("|")
-        steps = json.loads("[" + body.replace("\n", ",") + "]") if body else []
-        return {"t": int(t), "g": float(rtg), "k": float(ctg), "s": steps}
-    except ValueError:
-        log.warning("ignoring an unreadable user context", extra={"value_prefix": raw[:40]})
-        return None
+def _text(value: bytes | str | None) -> str:
+    return value.decode() if isinstance(value, bytes) else (value or "")
 
 
-def _parse_campaign(campaign_id: str, flat: Sequence[str] | dict[str, str]) -> CampaignState | None:
-    fields = flat if isinstance(flat, dict) else dict(zip(flat[::2], flat[1::2], strict=True))
+def _parse_campaign(campaign_id: str, flat: Sequence[bytes] | dict[bytes, bytes]) -> CampaignState | None:
+    pairs = flat.items() if isinstance(flat, dict) else zip(flat[::2], flat[1::2], strict=True)
+    fields = {_text(k): _text(v) for k, v in pairs}
     if not fields:
         return None
     return CampaignState(
@@ -96,7 +90,7 @@ class RedisStateStore(StateStore):
         self.prefix = prefix
         self.client: aioredis.Redis = aioredis.Redis.from_url(
             url,
-            decode_responses=True,
+            decode_responses=False,
             socket_timeout=socket_timeout_s,
             socket_connect_timeout=socket_timeout_s,
             retry=Retry(NoBackoff(), 1),
@@ -150,25 +144,6 @@ class RedisStateStore(StateStore):
 
         return await self._guard(call)
 
-    async def _eval_many(self, name: str, calls: list[tuple[list[str], list[Any]]]) -> list[Any]:
-        """One pipeline of script calls (one round trip); NOSCRIPT reloads the script and retries."""
-        script = self.scripts[name]
-
-        async def run() -> list[Any]:
-            async with self.client.pipeline(transaction=False) as pipe:
-                for keys, args in calls:
-                    pipe.evalsha(script.sha, len(keys), *keys, *args)
-                return await pipe.execute()
-
-        async def call() -> list[Any]:
-            try:
-                return await run()
-            except NoScriptError:
-                await self.client.script_load(script.source)
-                return await run()
-
-        return await self._guard(call)
-
     async def ping(self) -> bool:
         try:
             return bool(await self.client.ping())
@@ -201,11 +176,11 @@ class RedisStateStore(StateStore):
 
     async def get_campaign(self, campaign_id: str) -> CampaignState | None:
         fields = await self._guard(lambda: self.client.hgetall(self.campaign_key(campaign_id)))
-        return _parse_campaign(campaign_id, cast(dict[str, str], fields))
+        return _parse_campaign(campaign_id, cast(dict[bytes, bytes], fields))
 
     async def campaign_ids(self) -> list[str]:
         members = await self._guard(lambda: self.client.smembers(self.campaigns_key))
-        return sorted(cast(set[str], members))
+        return sorted(_text(m) for m in cast(set[bytes], members))
 
     # ---- decisions -------------------------------------------------------------------------------
     async def load_for_decision(
@@ -219,11 +194,11 @@ class RedisStateStore(StateStore):
                 pipe.mget(keys)
                 return await pipe.execute()
 
-        fields, raw_contexts = await self._guard(call)
+        fields, contexts = await self._guard(call)
         campaign = _parse_campaign(campaign_id, fields)
         if campaign is None:
             return None, []
-        return campaign, [parse_context(raw) for raw in raw_contexts]
+        return campaign, contexts
 
     async def reserve(
         self,
@@ -245,11 +220,11 @@ class RedisStateStore(StateStore):
             packed.append([item.decision_id, item.user_id, item.request_id or "", item.preferences])
         args = [now_ms, reservation_expiry_ms, decision_ttl_ms, model_version, repr(lam), json.dumps(packed)]
         reply = await self._eval("reserve", keys, args)
-        if reply[0] == "missing":
+        if reply[0] == b"missing":
             raise CampaignNotFound(campaign_id)
         decisions = []
         for record, flag in zip(reply[1::2], reply[2::2], strict=True):
-            decision_id, action, cost, version, lam_text, user_id = record.split("\t", 5)
+            decision_id, action, cost, version, lam_text, user_id = record.decode().split("\t", 5)
             decisions.append(
                 ReservedDecision(
                     decision_id,
@@ -276,14 +251,9 @@ class RedisStateStore(StateStore):
     ) -> None:
         if not steps:
             return
-        shared = f"{capacity}|{ttl_ms}|{float(initial_rtg)!r}|{float(initial_ctg)!r}"
-        await self._eval_many(
-            "append_step",
-            [
-                ([self.context_key(campaign_id, s.user_id)], [f"{s.decision_id}|{s.action}|{s.features_hex}", shared])
-                for s in steps
-            ],
-        )
+        initial = empty_context(len(steps[0].features) // 4, initial_rtg, initial_ctg)
+        keys = [self.context_key(campaign_id, s.user_id) for s in steps]
+        await self._eval("append_steps", keys, [capacity, ttl_ms, initial, *(s.encoded() for s in steps)])
 
     # ---- outcomes --------------------------------------------------------------------------------
     async def settle(self, campaign_id: str, outcomes: list[Outcome]) -> SettleResult:
@@ -293,17 +263,17 @@ class RedisStateStore(StateStore):
         for outcome in outcomes:
             args += [outcome.cost, repr(float(outcome.reward))]
         reply = await self._eval("settle", keys, args)
-        if reply[0] == "missing":
+        if reply[0] == b"missing":
             raise CampaignNotFound(campaign_id)
-        if reply[0] == "too_high":
+        if reply[0] == b"too_high":
             index = int(reply[1])
             raise CostAboveReservation(index, outcomes[index].cost, int(reply[2]))
         result = SettleResult(remaining=int(reply[0]))
         for outcome, code, user_id in zip(outcomes, reply[1::2], reply[2::2], strict=True):
-            if code == "A":
+            if code == b"A":
                 result.accepted += 1
-                result.context_updates.append((user_id, outcome.decision_id, outcome.reward, outcome.cost))
-            elif code == "D":
+                result.context_updates.append((user_id.decode(), outcome.decision_id, outcome.reward, outcome.cost))
+            elif code == b"D":
                 result.duplicates += 1
             else:
                 result.unknown += 1
@@ -314,23 +284,21 @@ class RedisStateStore(StateStore):
     ) -> None:
         if not updates:
             return
-        await self._eval_many(
-            "apply_outcome",
-            [
-                (
-                    [self.context_key(campaign_id, user_id)],
-                    [decision_id, repr(float(reward)), repr(cost / 100), ttl_ms],
-                )
-                for user_id, decision_id, reward, cost in updates
-            ],
-        )
+        keys = [self.context_key(campaign_id, user_id) for user_id, *_ in updates]
+        args: list[Any] = [ttl_ms]
+        for _, decision_id, reward, cost in updates:
+            args += [encode_decision_id(decision_id), repr(float(reward)), repr(cost / 100)]
+        await self._eval("apply_outcomes", keys, args)
 
     async def sweep_expired(self, campaign_id: str, now_ms: int, limit: int = 1000) -> int:
         pending = self.pending_key(campaign_id)
-        due = cast(
-            list[str],
-            await self._guard(lambda: self.client.zrangebyscore(pending, "-inf", now_ms, start=0, num=limit)),
-        )
+        due = [
+            _text(d)
+            for d in cast(
+                list[bytes],
+                await self._guard(lambda: self.client.zrangebyscore(pending, "-inf", now_ms, start=0, num=limit)),
+            )
+        ]
         if not due:
             return 0
         keys = [self.campaign_key(campaign_id), pending] + [self.decision_key(campaign_id, d) for d in due]

@@ -2,30 +2,34 @@
 
 from __future__ import annotations
 
+import asyncio
+import json
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from model_store import ModelStore
-from service.engine import build_inputs, preferences
+from service.app import create_app
+from service.engine import DecisionEngine, build_inputs, preferences
+from service.schemas import CampaignPut, DecisionsRequest, OutcomesRequest
+from service.settings import Settings
 from service.state.base import NewStep
-from service.state.memory import append_step
+from service.state.context import HEADER, append_step, decode_context, empty_context
 
 
 def test_build_inputs_right_aligns_each_users_context(model_store_dir: Path) -> None:
     m = ModelStore(model_store_dir).load().manifest
     dim, capacity = m.feature_dim, m.context_length - 1
+    initial = empty_context(dim, m.initial_rtg, m.initial_ctg)
     context = None
     for n in range(capacity + 3):  # more steps than fit: the oldest fall out
-        feats = np.full(dim, n, "<f4").tobytes().hex()
-        context = append_step(
-            context, NewStep("u", f"d-{n}", n % m.num_actions, feats), capacity, m.initial_rtg, m.initial_ctg
-        )
+        step = NewStep("u", f"d-{n}", n % m.num_actions, np.full(dim, n, "<f4").tobytes())
+        context = append_step(context, step.encoded(), capacity, initial)
     assert context is not None
-    context["g"] -= 1.5  # as if an outcome had arrived
-    short = append_step(
-        None, NewStep("v", "d-v", 1, np.full(dim, 7, "<f4").tobytes().hex()), capacity, m.initial_rtg, m.initial_ctg
-    )
+    _, size, t, rtg, ctg = HEADER.unpack_from(context)
+    context = HEADER.pack(1, size, t, rtg - 1.5, ctg) + context[HEADER.size :]  # as if an outcome had arrived
+    short = append_step(None, NewStep("v", "d-v", 1, np.full(dim, 7, "<f4").tobytes()).encoded(), capacity, initial)
     current = np.arange(3 * dim, dtype=np.float32).reshape(3, dim)
     inputs = build_inputs(m, current, [context, short, None], lam=0.4)
     length = capacity + 1
@@ -53,3 +57,38 @@ def test_preferences_mask_unoffered_and_cut_after_no_coupon() -> None:
     prefs, priority = preferences(scores, [2, 3])
     assert prefs == [[2, 3, 0], [2, 0], [0]]
     assert priority.tolist() == [0, 1, 2]  # gain 2.0, 1.0, 0.0
+
+
+def test_context_writes_behind_the_answer_are_seen_by_the_next_call(model_store_dir: Path) -> None:
+    """The step is appended after the answer; a decision or outcome right after it still sees it."""
+    settings = Settings(store=str(model_store_dir), device="cpu")
+    app = create_app(settings)
+    dim = ModelStore(model_store_dir).load().manifest.feature_dim
+
+    async def scenario() -> None:
+        async with app.router.lifespan_context(app):
+            engine: DecisionEngine = app.state.runtime.engine
+            seen: list[list[bytes | None]] = []
+            load = engine.store.load_for_decision
+
+            async def spy(campaign_id: str, user_ids: list[str]) -> Any:
+                campaign, contexts = await load(campaign_id, user_ids)
+                seen.append(contexts)
+                return campaign, contexts
+
+            engine.store.load_for_decision = spy  # type: ignore[method-assign]
+            await engine.put_campaign("c", CampaignPut.model_validate({"budget": 100.0, "coupons": []}))
+            body = DecisionsRequest.model_validate({"requests": [{"user_id": "u", "features": [0.5] * dim}]})
+            first = json.loads(await engine.decide("c", body))["decisions"][0]
+            await engine.decide("c", body)  # no await in between: the first write may still be in flight
+            outcome = OutcomesRequest.model_validate(
+                {"outcomes": [{"decision_id": first["decision_id"], "reward": 2.5, "cost": 0.0}]}
+            )
+            await engine.record_outcomes("c", outcome)
+            await engine.drain()
+            _, (raw,) = await load("c", ["u"])
+            second_view, final = decode_context(seen[1][0]), decode_context(raw)
+            assert second_view is not None and second_view.decision_ids == [first["decision_id"]]
+            assert final is not None and final.t == 2 and final.steps["reward"].tolist() == [2.5, 0.0]
+
+    asyncio.run(scenario())

@@ -8,6 +8,8 @@ import pytest
 from fastapi.testclient import TestClient
 from svc_http import ADMIN, COUPONS, campaign_body, users
 
+from service.state.context import decode_context
+
 
 def put_campaign(
     client: TestClient, cid: str = "c1", budget: float = 100.0, lam: float | None = None, **extra: Any
@@ -97,9 +99,11 @@ def test_context_is_kept_between_calls(client: TestClient, feature_dim: int) -> 
     put_campaign(client, budget=1000.0)
     for _ in range(3):
         assert decide(client, users(1, feature_dim)).status_code == 200
-    store = client.app.state.runtime.store  # type: ignore[attr-defined]
-    _, (ctx,) = client.portal.call(store.load_for_decision, "c1", ["u0"])  # type: ignore[union-attr]
-    assert ctx["t"] == 3 and len(ctx["s"]) == 3
+    runtime = client.app.state.runtime  # type: ignore[attr-defined]
+    client.portal.call(runtime.engine.drain)  # type: ignore[union-attr]
+    _, (raw,) = client.portal.call(runtime.store.load_for_decision, "c1", ["u0"])  # type: ignore[union-attr]
+    ctx = decode_context(raw)
+    assert ctx is not None and ctx.t == 3 and len(ctx.steps) == 3
 
 
 def test_unknown_campaign_is_404(client: TestClient, feature_dim: int) -> None:
@@ -185,11 +189,13 @@ def test_outcomes_settle_count_duplicates_and_unknown(client: TestClient, featur
     )
     assert resp.json() == {"accepted": 0, "duplicates": 1, "unknown": 1}
     # the outcome reached the user's context: reward and cost in its step, to-go values lowered
-    store = client.app.state.runtime.store  # type: ignore[attr-defined]
-    _, (ctx,) = client.portal.call(store.load_for_decision, "c1", ["u0"])  # type: ignore[union-attr]
-    assert ctx["s"][-1][2] == 3.5
+    runtime = client.app.state.runtime  # type: ignore[attr-defined]
+    client.portal.call(runtime.engine.drain)  # type: ignore[union-attr]
+    _, (raw,) = client.portal.call(runtime.store.load_for_decision, "c1", ["u0"])  # type: ignore[union-attr]
+    ctx = decode_context(raw)
+    assert ctx is not None and ctx.steps["reward"][-1] == 3.5
     manifest = client.app.state.runtime.policies.current.manifest  # type: ignore[attr-defined]
-    assert ctx["g"] == pytest.approx(manifest.initial_rtg - 3.5)
+    assert ctx.rtg == pytest.approx(manifest.initial_rtg - 3.5)
 
 
 def test_outcome_cost_above_reservation_is_422_and_changes_nothing(client: TestClient, feature_dim: int) -> None:

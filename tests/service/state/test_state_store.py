@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import struct
 import time
 from collections.abc import Awaitable, Callable, Iterator
 from typing import Any
@@ -19,6 +20,7 @@ from service.state import (
     ReserveItem,
     StateStore,
 )
+from service.state.context import decode_context
 from service.state.memory import MemoryStateStore
 from service.state.redis_store import RedisStateStore
 
@@ -253,42 +255,81 @@ def test_lowering_the_budget_below_the_ledger_stops_new_coupons(run: Callable[[S
     run(scenario)
 
 
+ONE, TWO = struct.pack("<f", 1.0), struct.pack("<f", 2.0)  # 1-feature states
+
+
 def test_contexts_append_trim_and_take_outcomes(run: Callable[[Scenario], Any]) -> None:
     async def scenario(store: StateStore) -> None:
         await store.upsert_campaign("c", put(10_000))
         kw: dict[str, Any] = {"capacity": 3, "ttl_ms": DAY_MS, "initial_rtg": 50.0, "initial_ctg": 20.0}
         for n in range(5):
-            await store.append_steps("c", [NewStep("u", f"d-{n}", n % 4, "0000803f")], **kw)
-        await store.append_steps("c", [NewStep("v", "d-v", 1, "00000040")], **kw)
-        campaign, (u, v, w) = await store.load_for_decision("c", ["u", "v", "w"])
-        assert campaign is not None and w is None
+            await store.append_steps("c", [NewStep("u", f"d-{n}", n % 4, ONE)], **kw)
+        await store.append_steps("c", [NewStep("v", "d-v", 1, TWO)], **kw)
+        campaign, raw = await store.load_for_decision("c", ["u", "v", "w"])
+        assert campaign is not None and raw[2] is None
+        u, v = decode_context(raw[0]), decode_context(raw[1])
         assert u is not None and v is not None
-        assert u["t"] == 5 and [s[0] for s in u["s"]] == ["d-2", "d-3", "d-4"]
-        assert [s[6] for s in u["s"]] == [2, 3, 4] and u["s"][0][7] == "0000803f"
-        assert v == {"t": 1, "g": 50.0, "k": 20.0, "s": [["d-v", 1, 0, 0, 50.0, 20.0, 0, "00000040"]]}
-        await store.apply_outcomes_to_contexts("c", [("u", "d-3", 10.0, 250), ("u", "d-0", 1.0, 0)], ttl_ms=DAY_MS)
-        _, (u,) = await store.load_for_decision("c", ["u"])
+        assert u.t == 5 and u.decision_ids == ["d-2", "d-3", "d-4"]
+        assert u.steps["t"].tolist() == [2, 3, 4] and u.steps["features"].tolist() == [[1.0]] * 3
+        assert (v.t, v.rtg, v.ctg, v.decision_ids) == (1, 50.0, 20.0, ["d-v"])
+        assert v.steps[0].tolist() == (b"d-v", 1, 0.0, 0.0, 50.0, 20.0, 0, [2.0])
+        # one call for several outcomes, two of them for the same user, one for a trimmed step
+        await store.apply_outcomes_to_contexts(
+            "c", [("u", "d-3", 10.0, 250), ("v", "d-v", 2.0, 0), ("u", "d-0", 1.0, 0)], ttl_ms=DAY_MS
+        )
+        _, (raw_u,) = await store.load_for_decision("c", ["u"])
+        u = decode_context(raw_u)
         assert u is not None
-        assert u["g"] == pytest.approx(39.0) and u["k"] == pytest.approx(17.5)
-        d2, d3, d4 = u["s"]
-        assert (d2[2], d2[3], d2[4]) == (0, 0, 50.0)
-        assert (d3[2], d3[3], d3[4], d3[5]) == (10.0, 2.5, 50.0, 20.0)
-        assert (d4[4], d4[5]) == (40.0, 17.5)
-        await store.append_steps("c", [NewStep("u", "d-5", 2, "0000803f")], **kw)
-        _, (u,) = await store.load_for_decision("c", ["u"])
-        assert u is not None and u["s"][-1][4:7] == [pytest.approx(39.0), pytest.approx(17.5), 5]
+        assert u.rtg == pytest.approx(39.0) and u.ctg == pytest.approx(17.5)
+        d2, d3, d4 = u.steps.tolist()
+        assert d2[2:5] == (0.0, 0.0, 50.0)
+        assert d3[2:6] == (10.0, 2.5, 50.0, 20.0)
+        assert d4[4:6] == (40.0, 17.5)
+        # one call appending for several users
+        await store.append_steps("c", [NewStep("u", "d-5", 2, ONE), NewStep("w", "d-w", 3, TWO)], **kw)
+        _, raw = await store.load_for_decision("c", ["u", "w"])
+        u, w = decode_context(raw[0]), decode_context(raw[1])
+        assert u is not None and w is not None
+        assert u.steps[-1].tolist()[4:7] == (pytest.approx(39.0), pytest.approx(17.5), 5)
+        assert (w.t, w.decision_ids, w.steps["action"].tolist()) == (1, ["d-w"], [3])
 
     run(scenario)
+
+
+def test_both_stores_write_byte_identical_contexts(redis_url: str, redis_prefix: str) -> None:
+    """The Lua scripts and the Python operations of service.state.context are one format."""
+
+    async def history(store: StateStore) -> list[bytes | None]:
+        kw: dict[str, Any] = {"capacity": 2, "ttl_ms": DAY_MS, "initial_rtg": 7.25, "initial_ctg": 3.5}
+        features = struct.pack("<3f", 0.5, -1.0, 1e-3)
+        for n in range(4):
+            await store.append_steps("c", [NewStep(u, f"d-{u}{n}", n, features) for u in ("a", "b")], **kw)
+            await store.apply_outcomes_to_contexts("c", [("a", f"d-a{n}", 1.5 * n, 25 * n)], ttl_ms=DAY_MS)
+        _, contexts = await store.load_for_decision("c", ["a", "b"])
+        return contexts
+
+    async def main() -> tuple[list[bytes | None], list[bytes | None]]:
+        memory, redis_store = MemoryStateStore(), RedisStateStore(redis_url, prefix=redis_prefix)
+        try:
+            for store in (memory, redis_store):
+                await store.upsert_campaign("c", put(10_000))
+            return await history(memory), await history(redis_store)
+        finally:
+            await redis_store.close()
+
+    in_memory, in_redis = asyncio.run(main())
+    assert in_memory == in_redis and all(in_memory)
 
 
 def test_context_capacity_zero_keeps_only_running_values(run: Callable[[Scenario], Any]) -> None:
     async def scenario(store: StateStore) -> None:
         await store.upsert_campaign("c", put(10_000))
         await store.append_steps(
-            "c", [NewStep("u", "d-1", 1, "00")], capacity=0, ttl_ms=DAY_MS, initial_rtg=5.0, initial_ctg=2.0
+            "c", [NewStep("u", "d-1", 1, ONE)], capacity=0, ttl_ms=DAY_MS, initial_rtg=5.0, initial_ctg=2.0
         )
-        _, (u,) = await store.load_for_decision("c", ["u"])
-        assert u == {"t": 1, "g": 5.0, "k": 2.0, "s": []}
+        _, (raw,) = await store.load_for_decision("c", ["u"])
+        u = decode_context(raw)
+        assert u is not None and (u.t, u.rtg, u.ctg, len(u.steps)) == (1, 5.0, 2.0, 0)
 
     run(scenario)
 
@@ -317,14 +358,15 @@ def test_an_unreadable_context_value_is_treated_as_no_context(redis_url: str, re
         try:
             await store.upsert_campaign("c", put(10_000))
             await store.client.set(store.context_key("c", "u"), '{"t": 3, "s": {}}')  # e.g. an older format
-            _, (ctx,) = await store.load_for_decision("c", ["u"])
-            assert ctx is None
+            _, (raw,) = await store.load_for_decision("c", ["u"])
+            assert decode_context(raw) is None
             await store.apply_outcomes_to_contexts("c", [("u", "d-1", 1.0, 100)], ttl_ms=DAY_MS)
             await store.append_steps(
-                "c", [NewStep("u", "d-2", 1, "00")], capacity=3, ttl_ms=DAY_MS, initial_rtg=5.0, initial_ctg=2.0
+                "c", [NewStep("u", "d-2", 1, ONE)], capacity=3, ttl_ms=DAY_MS, initial_rtg=5.0, initial_ctg=2.0
             )
-            _, (ctx,) = await store.load_for_decision("c", ["u"])
-            assert ctx == {"t": 1, "g": 5.0, "k": 2.0, "s": [["d-2", 1, 0, 0, 5.0, 2.0, 0, "00"]]}
+            _, (raw,) = await store.load_for_decision("c", ["u"])
+            ctx = decode_context(raw)
+            assert ctx is not None and (ctx.t, ctx.rtg, ctx.ctg, ctx.decision_ids) == (1, 5.0, 2.0, ["d-2"])
         finally:
             await store.close()
 
@@ -374,10 +416,11 @@ def test_scripts_are_reloaded_after_noscript(tmp_path: Any) -> None:
                 assert result.decisions[0].action == 3
                 await store.client.script_flush()
                 await store.append_steps(
-                    "c", [NewStep("u", "d-1", 3, "00")], capacity=3, ttl_ms=DAY_MS, initial_rtg=1.0, initial_ctg=1.0
+                    "c", [NewStep("u", "d-1", 3, ONE)], capacity=3, ttl_ms=DAY_MS, initial_rtg=1.0, initial_ctg=1.0
                 )
-                _, (ctx,) = await store.load_for_decision("c", ["u"])
-                assert ctx is not None and ctx["t"] == 1
+                _, (raw,) = await store.load_for_decision("c", ["u"])
+                ctx = decode_context(raw)
+                assert ctx is not None and ctx.t == 1
             finally:
                 await store.close()
 
