@@ -237,7 +237,7 @@ class DecisionEngine:
                     initial_rtg=manifest.initial_rtg,
                     initial_ctg=manifest.initial_ctg,
                 )
-            except StateStoreError:
+            except Exception:  # nobody awaits this task: every failure is logged and counted here
                 # the reservations are made and answered: the users' next steps lack this one
                 self.metrics.context_write_failures.inc()
                 log.warning("context write failed after a successful reservation", exc_info=True)
