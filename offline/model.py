@@ -60,20 +60,41 @@ class CausalSelfAttention(nn.Module):
     def forward(self, x: torch.Tensor, attn_mask: torch.Tensor, queries: int) -> torch.Tensor:
         """Attention outputs for the last `queries` tokens of `x` (all tokens when queries == n)."""
         b, n, c = x.shape
-        # queries only for the tokens asked for (the decision path asks for one): same weights as one qkv
-        q = F.linear(x[:, n - queries:], self.qkv.weight[:c], self.qkv.bias[:c])
+        h, dh = self.n_heads, c // self.n_heads
+        w_q, w_k, w_v = self.qkv.weight.split(c)
+        b_q, _, b_v = self.qkv.bias.split(c)  # the key bias moves no attention weight (see _one_query)
+        # queries only for the tokens asked for (the decision path asks for one)
+        q = F.linear(x[:, n - queries:], w_q, b_q).view(b, queries, h, dh).transpose(1, 2)
+        if queries == 1 and not self.training:
+            return self.proj(self._one_query(x, q[:, :, 0], attn_mask[:, :, 0], w_k, w_v, b_v)).unsqueeze(1)
         k, v = F.linear(x, self.qkv.weight[c:], self.qkv.bias[c:]).split(c, dim=2)
-        q = q.reshape(b, queries, self.n_heads, c // self.n_heads).transpose(1, 2)
-        k = k.view(b, n, self.n_heads, c // self.n_heads).transpose(1, 2)
-        v = v.view(b, n, self.n_heads, c // self.n_heads).transpose(1, 2)
+        k = k.view(b, n, h, dh).transpose(1, 2)
+        v = v.view(b, n, h, dh).transpose(1, 2)
         # explicit attention: with ~10 keys per query the fused CPU kernel's per-head setup dominates
         # (measured 0.8 ms vs 0.1 ms per call for 128 users); same result as scaled_dot_product_attention
-        scores = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(c // self.n_heads))
+        scores = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(dh))
         scores = scores.masked_fill(~attn_mask, float("-inf"))
         weights = torch.exp(scores - scores.amax(dim=-1, keepdim=True))  # softmax: 5x faster than the
         weights = weights / weights.sum(dim=-1, keepdim=True)  # library's on a last dim of ~10 (CPU)
         y = F.dropout(weights, self.dropout, self.training) @ v
         return self.proj(y.transpose(1, 2).reshape(b, queries, c))
+
+    def _one_query(self, x: torch.Tensor, q: torch.Tensor, attn_mask: torch.Tensor, w_k: torch.Tensor,
+                   w_v: torch.Tensor, b_v: torch.Tensor) -> torch.Tensor:
+        """One query per row (q [B, h, dh]) without projecting the n keys and values: the projections
+        move to the query side, so all per-token work is two [B, h, c] x [B, c, n] products.
+        q.(W_k x_j + b_k) = (W_k^T q).x_j + q.b_k, and q.b_k is the same for every key (the softmax drops it);
+        sum_j w_j (W_v x_j + b_v) = W_v (sum_j w_j x_j) + b_v, as the weights sum to 1."""
+        b, c = x.shape[0], x.shape[2]
+        h, dh = q.shape[1], q.shape[2]
+        q_in = torch.bmm(q.transpose(0, 1), w_k.view(h, dh, c)).transpose(0, 1)  # [B, h, c]
+        scores = torch.bmm(q_in, x.transpose(1, 2)) * (1.0 / math.sqrt(dh))  # [B, h, n]
+        scores = scores.masked_fill(~attn_mask, float("-inf"))
+        weights = torch.exp(scores - scores.amax(dim=-1, keepdim=True))
+        weights = weights / weights.sum(dim=-1, keepdim=True)
+        mixed = torch.bmm(weights, x)  # [B, h, c]: the attention-weighted input of each head
+        y = torch.bmm(mixed.transpose(0, 1), w_v.view(h, dh, c).transpose(1, 2))  # [h, B, dh]
+        return y.transpose(0, 1).reshape(b, c) + b_v
 
 
 class Block(nn.Module):
@@ -99,6 +120,7 @@ class SacoTransformer(nn.Module):
     rtg_scale: torch.Tensor
     ctg_scale: torch.Tensor
     history_decay: torch.Tensor
+    history_weights: torch.Tensor
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
@@ -126,6 +148,9 @@ class SacoTransformer(nn.Module):
         self.embed_ctg = nn.Linear(1, h)
         self.embed_outcome = nn.Linear(2, h)  # previous reward and cost (step layout)
         self.register_buffer("history_decay", torch.tensor(list(cfg.history_decays) or [0.0], dtype=torch.float32))
+        # derived from history_decay (not saved in checkpoints; kept by the TorchScript export)
+        self.register_buffer("history_weights", self._history_weights(self.history_decay, cfg.context_length),
+                             persistent=False)
         self.use_history = len(cfg.history_decays) > 0
         self.embed_history = nn.Linear(max(len(cfg.history_decays), 1) * (k + 3), h)
         self.embed_time = nn.Embedding(cfg.max_timestep, h)
@@ -168,7 +193,7 @@ class SacoTransformer(nn.Module):
         """Embedded tokens [B, M, h] and which of them are real [B, M]."""
         b, n = actions.shape
         s = (states - self.state_mean) / self.state_std
-        g = (rtg / self.rtg_scale).unsqueeze(-1)
+        g = (rtg / self.rtg_scale).unsqueeze(-1)  # [B, L, 1]
         c = (ctg / self.ctg_scale).unsqueeze(-1)
         t = torch.clamp(timesteps, 0, self.max_timestep - 1)
         common = self.embed_time(t)
@@ -176,19 +201,27 @@ class SacoTransformer(nn.Module):
             common = common + self.embed_lambda(lam.view(b, 1, 1).expand(b, n, 1))
 
         if self.step_layout:
-            prev_real = torch.zeros_like(mask)
-            prev_real[:, 1:] = mask[:, :-1]
-            prev_action = torch.full_like(actions, self.num_actions)
-            prev_action[:, 1:] = actions[:, :-1]
+            # each step's token sees the previous step's action, reward and cost ("none" before the first)
+            prev_real = torch.cat([torch.zeros_like(mask[:, :1]), mask[:, :-1]], dim=1)
+            prev_action = torch.cat([torch.full_like(actions[:, :1], self.num_actions), actions[:, :-1]], dim=1)
             prev_action = torch.where(prev_real, prev_action, torch.full_like(prev_action, self.num_actions))
-            prev_outcome = torch.zeros(b, n, 2, dtype=g.dtype, device=g.device)
-            prev_outcome[:, 1:, 0] = g[:, :-1, 0] - g[:, 1:, 0]
-            prev_outcome[:, 1:, 1] = c[:, :-1, 0] - c[:, 1:, 0]
-            prev_outcome = prev_outcome * prev_real.unsqueeze(-1).to(g.dtype)
-            x = (self.embed_state(s) + self.embed_rtg(g) + self.embed_ctg(c) + self.embed_action(prev_action)
-                 + self.embed_outcome(prev_outcome) + common)
+            # step j's reward and cost are the drops of the to-go values to step j+1 (0 where j+1 is unknown)
+            to_go = torch.cat([g, c], dim=2)  # [B, L, 2]
+            real = mask.to(g.dtype).unsqueeze(-1)
+            outcomes = torch.cat([(to_go[:, :-1] - to_go[:, 1:]) * real[:, :-1] * real[:, 1:],
+                                  torch.zeros_like(to_go[:, :1])], dim=1)
+            prev_outcome = torch.cat([torch.zeros_like(to_go[:, :1]), outcomes[:, :-1]], dim=1)
+            # the state, to-go, outcome and history embeddings are linear in their inputs: one matmul over
+            # the concatenated inputs with the concatenated weights is their sum (same parameters)
+            inputs = [s, to_go, prev_outcome]
+            weights = [self.embed_state.weight, self.embed_rtg.weight, self.embed_ctg.weight, self.embed_outcome.weight]
+            bias = self.embed_state.bias + self.embed_rtg.bias + self.embed_ctg.bias + self.embed_outcome.bias
             if self.use_history:
-                x = x + self.embed_history(self._history(actions, g[..., 0], c[..., 0], mask))
+                inputs.append(self._history(actions, outcomes, real))
+                weights.append(self.embed_history.weight)
+                bias = bias + self.embed_history.bias
+            x = (F.linear(torch.cat(inputs, dim=2), torch.cat(weights, dim=1), bias) + self.embed_action(prev_action)
+                 + common)
             return self.drop(self.ln_in(x)), mask
         tokens = torch.stack(
             [self.embed_rtg(g), self.embed_ctg(c), self.embed_state(s), self.embed_action(actions)], dim=2
@@ -197,25 +230,27 @@ class SacoTransformer(nn.Module):
         x = tokens.reshape(b, 4 * n, -1)[:, :-1]
         return self.drop(self.ln_in(x)), mask.repeat_interleave(4, dim=1)[:, :-1]
 
-    def _history(self, actions: torch.Tensor, g: torch.Tensor, c: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    def _history(self, actions: torch.Tensor, outcomes: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
         """[B, L, D*(K+3)]: for each step, decayed sums over the steps before it of (action one-hot,
-        reward, cost, purchase), one set per decay rate. Step j's reward is g_j - g_{j+1}."""
+        reward, cost, purchase), one set per decay rate. `outcomes` [B, L, 2]: each step's reward and cost."""
         b, n = actions.shape
-        real = mask.to(g.dtype)
-        reward = torch.zeros_like(g)
-        cost = torch.zeros_like(c)
-        reward[:, :-1] = (g[:, :-1] - g[:, 1:]) * real[:, :-1] * real[:, 1:]
-        cost[:, :-1] = (c[:, :-1] - c[:, 1:]) * real[:, :-1] * real[:, 1:]
-        onehot = F.one_hot(actions, self.num_actions).to(g.dtype) * real.unsqueeze(-1)
+        onehot = F.one_hot(actions, self.num_actions).to(outcomes.dtype) * real
         onehot[:, -1] = 0.0  # the last step's action is the decision being made
-        events = torch.cat([onehot, reward.unsqueeze(-1), cost.unsqueeze(-1), (reward > 0).to(g.dtype).unsqueeze(-1)],
-                           dim=-1)
-        idx = torch.arange(n, device=g.device)
-        lag = (idx.view(-1, 1) - idx.view(1, -1) - 1).to(g.dtype)  # i - j - 1 >= 0 for strictly past steps
-        weights = torch.where(lag >= 0, self.history_decay.view(-1, 1, 1) ** lag.clamp(min=0.0),
-                              torch.zeros_like(lag))  # [D, L, L]
-        summary = torch.einsum("dij,bjf->bidf", weights, events)
-        return summary.reshape(b, n, -1)
+        events = torch.cat([onehot, outcomes, (outcomes[:, :, :1] > 0).to(outcomes.dtype)], dim=2)
+        weights = self.history_weights
+        if n <= weights.shape[0]:  # the bottom-right block: weights depend on i - j only
+            weights = weights[weights.shape[0] - n:, :, weights.shape[0] - n:]
+        else:
+            weights = self._history_weights(self.history_decay, n)
+        # rows (i, d) of [L*D, L] times events [B, L, F]: [B, L*D, F], already in the (i, d, f) order
+        return torch.matmul(weights.reshape(n * weights.shape[1], n), events).reshape(b, n, -1)
+
+    @staticmethod
+    def _history_weights(decays: torch.Tensor, n: int) -> torch.Tensor:
+        """[L, D, L]: decay_d ** (i - j - 1) for the steps j before i, else 0."""
+        idx = torch.arange(n, device=decays.device)
+        lag = (idx.view(-1, 1, 1) - idx.view(1, 1, -1) - 1).to(decays.dtype)
+        return torch.where(lag >= 0, decays.view(1, -1, 1) ** lag.clamp(min=0.0), torch.zeros_like(lag))
 
     @staticmethod
     def _attention_mask(token_mask: torch.Tensor, queries: int) -> torch.Tensor:

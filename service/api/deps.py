@@ -13,12 +13,13 @@ from service.runtime import Runtime
 from service.schemas import CAMPAIGN_ID_PATTERN
 
 
-def get_runtime(request: Request) -> Runtime:
+async def get_runtime(request: Request) -> Runtime:
+    # async on purpose: FastAPI runs a plain `def` dependency on its thread pool (a thread hop per request)
     runtime: Runtime = request.app.state.runtime
     return runtime
 
 
-def get_engine(request: Request) -> DecisionEngine:
+async def get_engine(request: Request) -> DecisionEngine:
     engine: DecisionEngine = request.app.state.runtime.engine
     return engine
 
@@ -30,7 +31,7 @@ CampaignId = Annotated[str, Path(pattern=CAMPAIGN_ID_PATTERN, description="lette
 _bearer = HTTPBearer(auto_error=False)
 
 
-def require_admin(
+async def require_admin(
     runtime: RuntimeDep,
     credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
 ) -> None:

@@ -58,8 +58,17 @@ def test_corrupted_export_is_refused(tmp_path: Path, tiny_logs, tiny_model):
         store.load()
 
 
-def test_padding_does_not_change_the_decision():
-    model = SacoTransformer(ModelConfig(feature_dim=3, num_actions=4, context_length=5, future_weight=1.0)).eval()
+@pytest.mark.parametrize("n_layers", [1, 2])
+def test_padding_does_not_change_the_decision(n_layers: int):
+    """The decision path (one query, key/value projections folded into it) equals the training forward's
+    last step, and padded steps do not move it."""
+    model = SacoTransformer(
+        ModelConfig(feature_dim=3, num_actions=4, context_length=5, future_weight=1.0, n_layers=n_layers)
+    ).eval()
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for parameter in model.parameters():  # not the initial zero biases: every term must count
+            parameter.normal_(0.0, 0.3)
     B, L = 2, 5
     mask = torch.tensor([[False, False, True, True, True]] * 2)
     x = [torch.randn(B, L, 3), torch.randint(0, 4, (B, L)), torch.randn(B, L), torch.randn(B, L),
