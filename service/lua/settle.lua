@@ -4,30 +4,34 @@
 -- ARGV per outcome: cost cents, reward (text)
 -- Returns {'missing'} unknown campaign | {'too_high', index, reserved} | {remaining, code, user, ...}
 --   with code 'A' accepted, 'D' duplicate, 'U' unknown (or expired record).
+-- Decision record (reserve.lua): status, reserved, action, probability, at, version, lambda, reward, cost,
+--   length of the request id, request id, user id; tab-separated.
 local campaign, pending = KEYS[1], KEYS[2]
+local RECORD = '^(%u)\t(%d+)\t([^\t]*\t[^\t]*\t[^\t]*\t[^\t]*\t[^\t]*)\t[^\t]*\t[^\t]*\t(%d+)\t()'
 local function int(x) return string.format('%d', x) end
 if redis.call('EXISTS', campaign) == 0 then return {'missing'} end
 local n = #KEYS - 2
 for i = 1, n do
-  local rec = redis.call('HMGET', KEYS[2 + i], 's', 'r')
-  if rec[1] and rec[1] ~= 'S' and tonumber(ARGV[2 * i - 1]) > tonumber(rec[2]) then
-    return {'too_high', i - 1, rec[2]}
+  local status, reserved = string.match(redis.call('GET', KEYS[2 + i]) or '', RECORD)
+  if status and status ~= 'S' and tonumber(ARGV[2 * i - 1]) > tonumber(reserved) then
+    return {'too_high', i - 1, reserved}
   end
 end
 local out = {0}
 for i = 1, n do
   local key = KEYS[2 + i]
-  local rec = redis.call('HMGET', key, 's', 'r', 'u')
+  local value = redis.call('GET', key) or '' -- read again: the batch may name a decision twice
+  local status, reserved, middle, request_length, tail = string.match(value, RECORD)
   local cost = tonumber(ARGV[2 * i - 1])
-  if not rec[1] then
+  if not status then
     out[#out + 1] = 'U'
     out[#out + 1] = ''
-  elseif rec[1] == 'S' then
+  elseif status == 'S' then
     out[#out + 1] = 'D'
     out[#out + 1] = ''
   else
-    if rec[1] == 'R' then
-      redis.call('HINCRBY', campaign, 'reserved', int(-tonumber(rec[2])))
+    if status == 'R' then
+      redis.call('HINCRBY', campaign, 'reserved', int(-tonumber(reserved)))
       redis.call('HINCRBY', campaign, 'spent', int(cost))
       redis.call('ZREM', pending, string.match(key, '[^:]+$'))
     else -- 'X': the reservation expired and was released; charge only what still fits the budget
@@ -36,9 +40,11 @@ for i = 1, n do
       redis.call('HINCRBY', campaign, 'spent', int(fits))
       redis.call('HINCRBY', campaign, 'overrun', int(cost - fits))
     end
-    redis.call('HSET', key, 's', 'S', 'rw', ARGV[2 * i], 'c', ARGV[2 * i - 1])
+    local free_text = string.sub(value, tail)
+    redis.call('SET', key, table.concat({'S', reserved, middle, ARGV[2 * i], ARGV[2 * i - 1], request_length,
+      free_text}, '\t'), 'KEEPTTL')
     out[#out + 1] = 'A'
-    out[#out + 1] = rec[3]
+    out[#out + 1] = string.sub(free_text, tonumber(request_length) + 2)
   end
 end
 local ledger = redis.call('HMGET', campaign, 'budget', 'spent', 'reserved')

@@ -5,7 +5,10 @@ Key layout (P = configured prefix, T = the campaign's hash tag ``{c:<campaign_id
     P T:campaign          hash: budget, spent, reserved, overrun (cents), coupons (JSON), lambda, users,
                           model_version, decisions
     P T:pending           zset: decision ids holding a reservation, scored by their release deadline (ms)
-    P T:d:<decision_id>   hash: u user, a action, p probability, r reserved cents, s status (R/S/X), v, l, q
+    P T:d:<decision_id>   string, tab-separated (one SET per decision): status (R reserved, S settled,
+                          X expired), reserved cents, action, probability, decided at ms, model version,
+                          lambda, reward and cost (empty until settled), length of the request id, request id,
+                          user id; `parse_decision_record` reads it
     P T:r:<request_id>    string: the decision record returned again for a repeated request_id
     P ctx:<campaign>:<user>  string: the user's context in the binary format of service.state.context;
                           no hash tag, so contexts spread freely
@@ -64,6 +67,28 @@ class _Script:
 
 def _text(value: bytes | str | None) -> str:
     return value.decode() if isinstance(value, bytes) else (value or "")
+
+
+DECISION_FIELDS = (
+    "status",
+    "reserved",
+    "action",
+    "probability",
+    "decided_at_ms",
+    "model_version",
+    "lambda",
+    "reward",
+    "cost",
+)
+
+
+def parse_decision_record(raw: bytes) -> dict[str, str]:
+    """A decision record as reserve.lua, settle.lua and sweep.lua write it (for tests, tools, debugging)."""
+    *fixed, request_length, free_text = raw.decode().split("\t", len(DECISION_FIELDS) + 1)
+    record = dict(zip(DECISION_FIELDS, fixed, strict=True))
+    length = int(request_length)
+    record["request_id"], record["user_id"] = free_text[:length], free_text[length + 1 :]
+    return record
 
 
 def _parse_campaign(campaign_id: str, flat: Sequence[bytes] | dict[bytes, bytes]) -> CampaignState | None:

@@ -16,6 +16,7 @@ import redis
 from svc_served import ADMIN, serve
 
 from model_store import ModelStore
+from service.state.redis_store import parse_decision_record
 
 BUDGET = 300.0
 COUPONS = [{"action": 1, "cost": 2.0}, {"action": 2, "cost": 5.0}, {"action": 3, "cost": 10.0}]
@@ -115,10 +116,12 @@ def test_four_processes_never_overspend(
         assert camp["spent"] + camp["reserved"] <= BUDGET
         assert sum(issued.values()) > BUDGET / 2  # the race really fought over the budget
         # the ledger equals the sum of the live reservations recorded in Redis itself
-        r = redis.Redis.from_url(redis_url, decode_responses=True)
+        r = redis.Redis.from_url(redis_url)
         tag = f"{redis_prefix}{{c:race}}"
-        pending = [str(d) for d in r.zrange(f"{tag}:pending", 0, -1)]
-        amounts = [int(str(r.hget(f"{tag}:d:{d}", "r") or 0)) for d in pending]
+        pending = [d.decode() for d in r.zrange(f"{tag}:pending", 0, -1)]
+        records = [parse_decision_record(r.get(f"{tag}:d:{d}")) for d in pending]
+        assert {record["status"] for record in records} <= {"R"}
+        amounts = [int(record["reserved"]) for record in records]
         assert sum(amounts) == round(camp["reserved"] * 100)
         assert set(pending) == set(live)
         r.close()

@@ -22,7 +22,7 @@ from service.state import (
 )
 from service.state.context import decode_context
 from service.state.memory import MemoryStateStore
-from service.state.redis_store import RedisStateStore
+from service.state.redis_store import RedisStateStore, parse_decision_record
 
 Scenario = Callable[[StateStore], Awaitable[Any]]
 DAY_MS = 86_400_000
@@ -440,3 +440,33 @@ def test_scripts_are_reloaded_after_noscript(tmp_path: Any) -> None:
     finally:
         proc.terminate()
         proc.wait(timeout=10)
+
+
+def test_decision_records_keep_free_text_ids_through_settlement(redis_url: str, redis_prefix: str) -> None:
+    """The Redis decision record is one tab-separated string: user and request ids may hold tabs."""
+
+    async def scenario() -> None:
+        store = RedisStateStore(redis_url, prefix=redis_prefix)
+        try:
+            await store.upsert_campaign("c", put(10_000))
+            user, request = "user\twith\ttabs", "req\t1"
+            res = await reserve(store, "c", [ReserveItem("d-1", user, request, [2, 1, 0])], now=1_000)
+            assert res.decisions[0].user_id == user
+            key = store.decision_key("c", "d-1")
+            record = parse_decision_record(await store.client.get(key))
+            assert record == {
+                "status": "R", "reserved": "500", "action": "2", "probability": "1", "decided_at_ms": "1000",
+                "model_version": "v1", "lambda": "0.25", "reward": "", "cost": "", "request_id": request,
+                "user_id": user,
+            }  # fmt: skip
+            ttl = await store.client.pttl(key)
+            result = await store.settle("c", [Outcome("d-1", 12.5, 300)])
+            assert result.context_updates == [(user, "d-1", 12.5, 300)]
+            settled = parse_decision_record(await store.client.get(key))
+            assert (settled["status"], settled["reward"], settled["cost"]) == ("S", "12.5", "300")
+            assert (settled["user_id"], settled["request_id"], settled["action"]) == (user, request, "2")
+            assert 0 < await store.client.pttl(key) <= ttl  # settlement keeps the record's expiry
+        finally:
+            await store.close()
+
+    asyncio.run(scenario())
