@@ -207,13 +207,7 @@ class DecisionEngine:
             }
             if decided.new:
                 new_steps.append(
-                    NewStep(
-                        decided.user_id,
-                        decided.decision_id,
-                        decided.action,
-                        little_endian[row].tobytes(),
-                        contexts[row],
-                    )
+                    NewStep(decided.user_id, decided.decision_id, decided.action, little_endian[row].tobytes())
                 )
                 by_action[decided.action] += 1
                 downgraded += decided.downgraded

@@ -1,41 +1,33 @@
 -- Append each decision as the newest step of its user's context, keeping the last ARGV[1] steps.
 -- The value is binary (service/state/context.py): a header struct '<BHIdd' (format version, step record
--- size, next step index t, running rtg, running ctg), then fixed-size step records.
+-- size, next step index t, running rtg, running ctg), then fixed-size step records; this script only
+-- unpacks the header and concatenates, so its cost does not grow with the feature size.
 -- KEYS[i] a context key; ARGV[1] capacity (steps kept), ARGV[2] ttl ms, ARGV[3] the header of a new
---   context; then per key three values: the context the caller read for the decision ('' when absent),
---   that context with the step appended (computed by the caller), and the step itself (32-byte decision
---   id + i4 action + f4 features).
--- Compare-and-set: when the key still holds what the caller read, the caller's result is stored as is
--- (Lua building ~1 KB strings costs several times the GET and SET); when the context changed meanwhile
--- (an outcome, another process), the step is appended here to the current value.
+--   context; ARGV[3 + i] the step for KEYS[i]: 32-byte decision id + i4 action + f4 features.
 -- Each key is handled on its own, so any subset of keys may be sent together (one call per Redis
 -- Cluster slot there; the service sends a request's users in one call to a standalone Redis).
 local capacity, ttl, initial = tonumber(ARGV[1]), ARGV[2], ARGV[3]
 local HEADER, HEADER_SIZE, PREFIX_SIZE, RUNNING_SIZE = '<BHI4dd', 23, 36, 20
 for i, key in ipairs(KEYS) do
-  local read, appended, step = ARGV[3 * i + 1], ARGV[3 * i + 2], ARGV[3 * i + 3]
+  local step = ARGV[3 + i]
+  local size = #step + RUNNING_SIZE
   local raw = redis.call('GET', key)
-  if (raw or '') == read then
-    redis.call('SET', key, appended, 'PX', ttl)
-  else
-    local size = #step + RUNNING_SIZE
-    local version, stored_size, t, rtg, ctg
-    if raw and #raw >= HEADER_SIZE then
-      version, stored_size, t, rtg, ctg = struct.unpack(HEADER, raw)
-    end
-    if not raw or version ~= 1 or stored_size ~= size or (#raw - HEADER_SIZE) % size ~= 0 then
-      raw = initial -- absent, unreadable or written for another feature size: start afresh
-      version, stored_size, t, rtg, ctg = struct.unpack(HEADER, raw)
-    end
-    local record = string.sub(step, 1, PREFIX_SIZE) .. struct.pack('<ffffi4', 0, 0, rtg, ctg, t)
-      .. string.sub(step, PREFIX_SIZE + 1)
-    local body = string.sub(raw, HEADER_SIZE + 1) .. record
-    if capacity <= 0 then
-      body = ''
-    elseif #body > capacity * size then
-      body = string.sub(body, #body - capacity * size + 1)
-    end
-    redis.call('SET', key, struct.pack(HEADER, 1, size, t + 1, rtg, ctg) .. body, 'PX', ttl)
+  local version, stored_size, t, rtg, ctg
+  if raw and #raw >= HEADER_SIZE then
+    version, stored_size, t, rtg, ctg = struct.unpack(HEADER, raw)
   end
+  if not raw or version ~= 1 or stored_size ~= size or (#raw - HEADER_SIZE) % size ~= 0 then
+    raw = initial -- absent, unreadable or written for another feature size: start afresh
+    version, stored_size, t, rtg, ctg = struct.unpack(HEADER, raw)
+  end
+  local record = string.sub(step, 1, PREFIX_SIZE) .. struct.pack('<ffffi4', 0, 0, rtg, ctg, t)
+    .. string.sub(step, PREFIX_SIZE + 1)
+  local body = string.sub(raw, HEADER_SIZE + 1) .. record
+  if capacity <= 0 then
+    body = ''
+  elseif #body > capacity * size then
+    body = string.sub(body, #body - capacity * size + 1)
+  end
+  redis.call('SET', key, struct.pack(HEADER, 1, size, t + 1, rtg, ctg) .. body, 'PX', ttl)
 end
 return #KEYS

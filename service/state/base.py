@@ -103,9 +103,6 @@ class NewStep:
     decision_id: str
     action: int
     features: bytes  # float32 little-endian
-    # the context value the decision was made on (None: absent or not known). A hint, never trusted: a
-    # store may write the appended value with a compare-and-set against it, else it appends to what it holds
-    read: bytes | None = None
 
     def encoded(self) -> bytes:
         return new_step_bytes(self.decision_id, self.action, self.features)

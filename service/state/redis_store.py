@@ -50,7 +50,7 @@ from service.state.base import (
     StateStoreError,
     UserContext,
 )
-from service.state.context import append_step, empty_context, encode_decision_id
+from service.state.context import empty_context, encode_decision_id
 
 T = TypeVar("T")
 log = logging.getLogger("saco.service.state")
@@ -278,11 +278,7 @@ class RedisStateStore(StateStore):
             return
         initial = empty_context(len(steps[0].features) // 4, initial_rtg, initial_ctg)
         keys = [self.context_key(campaign_id, s.user_id) for s in steps]
-        args: list[Any] = [capacity, ttl_ms, initial]
-        for s in steps:
-            step = s.encoded()
-            args += [s.read or b"", append_step(s.read, step, capacity, initial), step]
-        await self._eval("append_steps", keys, args)
+        await self._eval("append_steps", keys, [capacity, ttl_ms, initial, *(s.encoded() for s in steps)])
 
     # ---- outcomes --------------------------------------------------------------------------------
     async def settle(self, campaign_id: str, outcomes: list[Outcome]) -> SettleResult:

@@ -297,40 +297,28 @@ def test_contexts_append_trim_and_take_outcomes(run: Callable[[Scenario], Any]) 
 
 
 def test_both_stores_write_byte_identical_contexts(redis_url: str, redis_prefix: str) -> None:
-    """The Lua scripts and the Python operations of service.state.context are one format, whether the Redis
-    store stores the value appended by the caller (its read still current) or appends in Lua (no read, or
-    a stale one: the context changed after the decision read it)."""
+    """The Lua scripts and the Python operations of service.state.context are one format."""
 
-    async def history(store: StateStore, hint: str) -> list[bytes | None]:
+    async def history(store: StateStore) -> list[bytes | None]:
         kw: dict[str, Any] = {"capacity": 2, "ttl_ms": DAY_MS, "initial_rtg": 7.25, "initial_ctg": 3.5}
         features = struct.pack("<3f", 0.5, -1.0, 1e-3)
-        _, stale = await store.load_for_decision("c", ["a", "b"])
         for n in range(4):
-            _, read = await store.load_for_decision("c", ["a", "b"])
-            hints = {"none": [None, None], "fresh": read, "stale": stale}[hint]
-            steps = [NewStep(u, f"d-{u}{n}", n, features, h) for u, h in zip(("a", "b"), hints, strict=True)]
-            await store.append_steps("c", steps, **kw)
+            await store.append_steps("c", [NewStep(u, f"d-{u}{n}", n, features) for u in ("a", "b")], **kw)
             await store.apply_outcomes_to_contexts("c", [("a", f"d-a{n}", 1.5 * n, 25 * n)], ttl_ms=DAY_MS)
-            stale = read
         _, contexts = await store.load_for_decision("c", ["a", "b"])
         return contexts
 
-    async def main() -> dict[str, list[bytes | None]]:
-        results = {}
-        for kind in ("memory", "none", "fresh", "stale"):
-            store = (
-                MemoryStateStore() if kind == "memory" else RedisStateStore(redis_url, prefix=f"{redis_prefix}{kind}:")
-            )
-            try:
+    async def main() -> tuple[list[bytes | None], list[bytes | None]]:
+        memory, redis_store = MemoryStateStore(), RedisStateStore(redis_url, prefix=redis_prefix)
+        try:
+            for store in (memory, redis_store):
                 await store.upsert_campaign("c", put(10_000))
-                results[kind] = await history(store, "none" if kind == "memory" else kind)
-            finally:
-                await store.close()
-        return results
+            return await history(memory), await history(redis_store)
+        finally:
+            await redis_store.close()
 
-    results = asyncio.run(main())
-    assert all(results["memory"])
-    assert results["none"] == results["fresh"] == results["stale"] == results["memory"]
+    in_memory, in_redis = asyncio.run(main())
+    assert in_memory == in_redis and all(in_memory)
 
 
 def test_context_capacity_zero_keeps_only_running_values(run: Callable[[Scenario], Any]) -> None:
