@@ -3,13 +3,15 @@
 -- size, next step index t, running rtg, running ctg), then fixed-size step records; this script only
 -- unpacks the header and concatenates, so its cost does not grow with the feature size.
 -- KEYS[i] a context key; ARGV[1] capacity (steps kept), ARGV[2] ttl ms, ARGV[3] the header of a new
---   context; ARGV[3 + i] the step for KEYS[i]: 32-byte decision id + i4 action + f4 features.
+--   context; ARGV[4] the steps for KEYS[1..n] concatenated, each 32-byte decision id + i4 action + f4
+--   features, all the same size (one argument, not one per key: the client packs each argument apart).
 -- Each key is handled on its own, so any subset of keys may be sent together (one call per Redis
 -- Cluster slot there; the service sends a request's users in one call to a standalone Redis).
-local capacity, ttl, initial = tonumber(ARGV[1]), ARGV[2], ARGV[3]
+local capacity, ttl, initial, steps = tonumber(ARGV[1]), ARGV[2], ARGV[3], ARGV[4]
+local step_size = #steps / #KEYS
 local HEADER, HEADER_SIZE, PREFIX_SIZE, RUNNING_SIZE = '<BHI4dd', 23, 36, 20
 for i, key in ipairs(KEYS) do
-  local step = ARGV[3 + i]
+  local step = string.sub(steps, (i - 1) * step_size + 1, i * step_size)
   local size = #step + RUNNING_SIZE
   local raw = redis.call('GET', key)
   local version, stored_size, t, rtg, ctg

@@ -5,8 +5,10 @@
 -- ARGV[1] now ms, [2] reservation expiry ms, [3] decision ttl ms, [4] model version, [5] lambda,
 --   [6] JSON items [[decision id, user id, request id or "", [preferred actions]], ...]; preferred actions
 --   are the offered ones by descending score, cut after 0.
--- Returns {'missing'} for an unknown campaign, else {remaining cents, record, flag, record, flag, ...};
---   record = "id\taction\tcost\tversion\tlambda\tuser", flag 0 = earlier decision returned again,
+-- Returns {'missing'} for an unknown campaign, else {remaining cents, then per item: action, cost, flag,
+--   then the earlier record of each item with flag 0, in item order}: integers, so the caller parses
+--   nothing for a new decision (it knows the ids, version and lambda it sent).
+--   flag 0 = earlier decision returned again (record = "id\taction\tcost\tversion\tlambda\tuser"),
 --   1 = new, 2 = new and the preferred coupon did not fit.
 local campaign, pending = KEYS[1], KEYS[2]
 local ledger = redis.call('HMGET', campaign, 'budget', 'spent', 'reserved', 'coupons')
@@ -19,6 +21,7 @@ local items = cjson.decode(ARGV[6])
 local k = 3
 local new_reserved, new_count = 0, 0
 local out = {0}
+local replays = {}
 local deadline = string.format('%d', now + expiry)
 local deadlines = {} -- score, member, ...: one ZADD for the batch
 for _, item in ipairs(items) do
@@ -32,8 +35,10 @@ for _, item in ipairs(items) do
   end
   local earlier = request_key and redis.call('GET', request_key)
   if earlier then
-    out[#out + 1] = earlier
     out[#out + 1] = 0
+    out[#out + 1] = 0
+    out[#out + 1] = 0
+    replays[#replays + 1] = earlier
   else
     local action, cost = 0, 0
     for _, candidate in ipairs(prefs) do
@@ -58,10 +63,12 @@ for _, item in ipairs(items) do
       deadlines[#deadlines + 1] = deadline
       deadlines[#deadlines + 1] = decision_id
     end
-    local record = decision_id .. '\t' .. action_text .. '\t' .. cost_text .. '\t' .. version .. '\t' .. lam
-      .. '\t' .. user
-    if request_key then redis.call('SET', request_key, record, 'PX', ARGV[3]) end
-    out[#out + 1] = record
+    if request_key then
+      redis.call('SET', request_key, decision_id .. '\t' .. action_text .. '\t' .. cost_text .. '\t' .. version
+        .. '\t' .. lam .. '\t' .. user, 'PX', ARGV[3])
+    end
+    out[#out + 1] = action
+    out[#out + 1] = cost
     out[#out + 1] = flag
   end
 end
@@ -74,4 +81,5 @@ if new_count > 0 then
   redis.call('HSET', campaign, 'model_version', version)
 end
 out[1] = available - new_reserved
+for _, record in ipairs(replays) do out[#out + 1] = record end
 return out

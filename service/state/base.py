@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import abc
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 from service.state.context import new_step_bytes
 
@@ -70,8 +71,9 @@ class CampaignUpdate:
     clear_expected_users: bool = False
 
 
-@dataclass(frozen=True)
-class ReserveItem:
+# One per user on the decision path: NamedTuples (a frozen dataclass costs ~2 us per instance, 0.3 ms for
+# a batch of 128; these are built, read and dropped within a request).
+class ReserveItem(NamedTuple):
     decision_id: str  # used only when the item makes a new decision
     user_id: str
     request_id: str | None
@@ -79,8 +81,7 @@ class ReserveItem:
     preferences: list[int]
 
 
-@dataclass(frozen=True)
-class ReservedDecision:
+class ReservedDecision(NamedTuple):
     decision_id: str
     user_id: str
     action: int
@@ -97,8 +98,7 @@ class ReserveResult:
     remaining: int
 
 
-@dataclass(frozen=True)
-class NewStep:
+class NewStep(NamedTuple):
     user_id: str
     decision_id: str
     action: int

@@ -247,21 +247,21 @@ class RedisStateStore(StateStore):
         reply = await self._eval("reserve", keys, args)
         if reply[0] == b"missing":
             raise CampaignNotFound(campaign_id)
+        replays = iter(reply[1 + 3 * len(items) :])
         decisions = []
-        for record, flag in zip(reply[1::2], reply[2::2], strict=True):
-            decision_id, action, cost, version, lam_text, user_id = record.decode().split("\t", 5)
-            decisions.append(
-                ReservedDecision(
-                    decision_id,
-                    user_id,
-                    int(action),
-                    int(cost),
-                    version,
-                    float(lam_text),
-                    new=flag != 0,
-                    downgraded=flag == 2,
+        for item, i in zip(items, range(1, 3 * len(items), 3), strict=True):
+            flag = reply[i + 2]
+            if flag:
+                decisions.append(
+                    ReservedDecision(
+                        item.decision_id, item.user_id, reply[i], reply[i + 1], model_version, lam, True, flag == 2
+                    )
                 )
-            )
+            else:
+                decision_id, action, cost, version, lam_text, user_id = next(replays).decode().split("\t", 5)
+                decisions.append(
+                    ReservedDecision(decision_id, user_id, int(action), int(cost), version, float(lam_text), False)
+                )
         return ReserveResult(decisions, int(reply[0]))
 
     async def append_steps(
@@ -278,7 +278,7 @@ class RedisStateStore(StateStore):
             return
         initial = empty_context(len(steps[0].features) // 4, initial_rtg, initial_ctg)
         keys = [self.context_key(campaign_id, s.user_id) for s in steps]
-        await self._eval("append_steps", keys, [capacity, ttl_ms, initial, *(s.encoded() for s in steps)])
+        await self._eval("append_steps", keys, [capacity, ttl_ms, initial, b"".join([s.encoded() for s in steps])])
 
     # ---- outcomes --------------------------------------------------------------------------------
     async def settle(self, campaign_id: str, outcomes: list[Outcome]) -> SettleResult:
