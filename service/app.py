@@ -69,6 +69,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     # full collections otherwise walk them all and show up as multi-millisecond tail latency.
     gc.collect()
     gc.freeze()
+    gc.callbacks.append(metrics.gc_pauses)
     log.info(
         "service ready",
         extra={
@@ -86,6 +87,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
             task.cancel()
         await engine.drain()
         await batcher.stop()
+        gc.callbacks.remove(metrics.gc_pauses)
         gc.unfreeze()
         await store.close()
 

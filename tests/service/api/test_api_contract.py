@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 from typing import Any
 
 import pytest
@@ -38,6 +39,13 @@ def test_health_ready_metrics(client: TestClient) -> None:
     metrics = client.get("/metrics")
     assert metrics.status_code == 200 and "text/plain" in metrics.headers["content-type"]
     assert "saco_model_info" in metrics.text
+    gc.collect()  # a full collection is timed into the pause histogram
+    count = next(
+        float(line.split()[-1])
+        for line in client.get("/metrics").text.splitlines()
+        if line.startswith('saco_gc_pause_seconds_count{generation="2"}')
+    )
+    assert count >= 1
 
 
 # ---- decisions -----------------------------------------------------------------------------------

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import socket
 import struct
 import time
@@ -458,3 +459,20 @@ def test_decision_records_keep_free_text_ids_through_settlement(redis_url: str, 
             await store.close()
 
     asyncio.run(scenario())
+
+
+def test_embedded_store_decisions_leave_the_cyclic_gc_nothing_to_walk() -> None:
+    """Every decision the embedded store keeps is a plain tuple of atomic values, which the GC stops
+    tracking: a store holding many decisions must not lengthen the collector's full passes."""
+
+    async def scenario() -> int:
+        store = MemoryStateStore()
+        await store.upsert_campaign("c", put(10**9))
+        gc.collect()
+        before = len(gc.get_objects())
+        for batch in range(20):
+            await reserve(store, "c", [item(batch * 100 + j, [1, 0], request_id=f"r{batch}-{j}") for j in range(100)])
+        gc.collect()
+        return len(gc.get_objects()) - before
+
+    assert asyncio.run(scenario()) < 200  # 2,000 decisions and request records kept
