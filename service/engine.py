@@ -20,6 +20,7 @@ from service.policy import PolicyHolder, PolicyInputs
 from service.schemas import CampaignPatch, CampaignPut, DecisionsRequest, OutcomesRequest, OutcomesResponse
 from service.settings import Settings
 from service.state import (
+    CampaignConfig,
     CampaignNotFound,
     CampaignState,
     CampaignUpdate,
@@ -53,7 +54,7 @@ def now_ms() -> int:
     return int(time.time() * 1000)
 
 
-def campaign_lambda(campaign: CampaignState, manifest: Manifest) -> tuple[float, str]:
+def campaign_lambda(campaign: CampaignConfig, manifest: Manifest) -> tuple[float, str]:
     """The campaign's lambda and where it came from: admin-set, calibration table, model default, none."""
     if campaign.admin_lambda is not None:
         return campaign.admin_lambda, "admin"
@@ -342,7 +343,7 @@ class DecisionEngine:
         return self.view(campaign)
 
     def view(self, campaign: CampaignState) -> dict[str, Any]:
-        lam, source = campaign_lambda(campaign, self.policies.current.manifest)
+        lam, source = campaign_lambda(campaign.config, self.policies.current.manifest)
         self.metrics.budget_remaining.labels(campaign=campaign.campaign_id).set(from_cents(campaign.remaining))
         return {
             "campaign_id": campaign.campaign_id,

@@ -1,6 +1,7 @@
 """State stores: one interface, a Redis implementation and an embedded in-process one."""
 
 from service.state.base import (
+    CampaignConfig,
     CampaignNotFound,
     CampaignState,
     CampaignUpdate,
@@ -17,6 +18,7 @@ from service.state.base import (
 )
 
 __all__ = [
+    "CampaignConfig",
     "CampaignNotFound",
     "CampaignState",
     "CampaignUpdate",

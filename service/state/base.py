@@ -41,6 +41,17 @@ class CostAboveReservation(ValueError):
 
 
 @dataclass(frozen=True)
+class CampaignConfig:
+    """What a decision reads of its campaign (the ledger is read and changed by the reservation alone)."""
+
+    campaign_id: str
+    budget: int  # cents
+    coupons: dict[int, int]  # action -> cost in cents
+    admin_lambda: float | None
+    expected_users: int | None
+
+
+@dataclass(frozen=True)
 class CampaignState:
     campaign_id: str
     budget: int
@@ -56,6 +67,10 @@ class CampaignState:
     @property
     def remaining(self) -> int:
         return max(0, self.budget - self.spent - self.reserved)
+
+    @property
+    def config(self) -> CampaignConfig:
+        return CampaignConfig(self.campaign_id, self.budget, self.coupons, self.admin_lambda, self.expected_users)
 
 
 @dataclass(frozen=True)
@@ -147,8 +162,8 @@ class StateStore(abc.ABC):
     @abc.abstractmethod
     async def load_for_decision(
         self, campaign_id: str, user_ids: list[str]
-    ) -> tuple[CampaignState | None, list[UserContext | None]]:
-        """The campaign and every user's context, in one round trip."""
+    ) -> tuple[CampaignConfig | None, list[UserContext | None]]:
+        """The campaign's configuration and every user's context, in one round trip."""
 
     @abc.abstractmethod
     async def reserve(

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any, NamedTuple
 
 from service.state.base import (
+    CampaignConfig,
     CampaignNotFound,
     CampaignState,
     CampaignUpdate,
@@ -125,7 +126,7 @@ class MemoryStateStore(StateStore):
     # ---- decisions -------------------------------------------------------------------------------
     async def load_for_decision(
         self, campaign_id: str, user_ids: list[str]
-    ) -> tuple[CampaignState | None, list[UserContext | None]]:
+    ) -> tuple[CampaignConfig | None, list[UserContext | None]]:
         campaign = self._campaigns.get(campaign_id)
         if campaign is None:
             return None, []
@@ -134,7 +135,7 @@ class MemoryStateStore(StateStore):
         for user_id in user_ids:
             entry = self._contexts.get((campaign_id, user_id))
             contexts.append(entry[0] if entry is not None and entry[1] > now else None)
-        return campaign.state, contexts
+        return campaign.state.config, contexts
 
     async def reserve(
         self,

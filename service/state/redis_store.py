@@ -4,6 +4,8 @@ Key layout (P = configured prefix, T = the campaign's hash tag ``{c:<campaign_id
 
     P T:campaign          hash: budget, spent, reserved, overrun (cents), coupons (JSON), lambda, users,
                           model_version, decisions
+    P T:config            string "budget\tlambda\tusers\tcoupons": what a decision reads of the campaign,
+                          written with the hash by upsert_campaign.lua (fetched in the contexts' MGET)
     P T:pending           zset: decision ids holding a reservation, scored by their release deadline (ms)
     P T:d:<decision_id>   string, tab-separated (one SET per decision): status (R reserved, S settled,
                           X expired), reserved cents, action, probability, decided at ms, model version,
@@ -27,6 +29,7 @@ import hashlib
 import json
 import logging
 from collections.abc import Awaitable, Callable, Sequence
+from functools import lru_cache
 from pathlib import Path
 from typing import Any, TypeVar, cast
 
@@ -36,6 +39,7 @@ from redis.backoff import NoBackoff
 from redis.exceptions import NoScriptError, RedisError
 
 from service.state.base import (
+    CampaignConfig,
     CampaignNotFound,
     CampaignState,
     CampaignUpdate,
@@ -91,6 +95,19 @@ def parse_decision_record(raw: bytes) -> dict[str, str]:
     return record
 
 
+@lru_cache(maxsize=1024)
+def _parse_config(campaign_id: str, raw: bytes) -> CampaignConfig:
+    """Cached: the same string comes back on every decision until an admin changes the campaign."""
+    budget, lam, users, coupons = raw.decode().split("\t", 3)
+    return CampaignConfig(
+        campaign_id=campaign_id,
+        budget=int(budget),
+        coupons={int(a): int(c) for a, c in json.loads(coupons).items()},
+        admin_lambda=float(lam) if lam else None,
+        expected_users=int(users) if users else None,
+    )
+
+
 def _parse_campaign(campaign_id: str, flat: Sequence[bytes] | dict[bytes, bytes]) -> CampaignState | None:
     pairs = flat.items() if isinstance(flat, dict) else zip(flat[::2], flat[1::2], strict=True)
     fields = {_text(k): _text(v) for k, v in pairs}
@@ -129,6 +146,9 @@ class RedisStateStore(StateStore):
 
     def campaign_key(self, campaign_id: str) -> str:
         return self._tag(campaign_id) + ":campaign"
+
+    def config_key(self, campaign_id: str) -> str:
+        return self._tag(campaign_id) + ":config"
 
     def pending_key(self, campaign_id: str) -> str:
         return self._tag(campaign_id) + ":pending"
@@ -191,7 +211,7 @@ class RedisStateStore(StateStore):
             optional(update.expected_users, update.clear_expected_users and update.expected_users is None),
             campaign_id,
         ]
-        flat = await self._eval("upsert_campaign", [self.campaign_key(campaign_id)], args)
+        flat = await self._eval("upsert_campaign", [self.campaign_key(campaign_id), self.config_key(campaign_id)], args)
         if flat is None:
             raise CampaignNotFound(campaign_id)
         await self._guard(lambda: self.client.sadd(self.campaigns_key, campaign_id))
@@ -210,20 +230,13 @@ class RedisStateStore(StateStore):
     # ---- decisions -------------------------------------------------------------------------------
     async def load_for_decision(
         self, campaign_id: str, user_ids: list[str]
-    ) -> tuple[CampaignState | None, list[UserContext | None]]:
-        keys = [self.context_key(campaign_id, user_id) for user_id in user_ids]
-
-        async def call() -> list[Any]:
-            async with self.client.pipeline(transaction=False) as pipe:
-                pipe.hgetall(self.campaign_key(campaign_id))
-                pipe.mget(keys)
-                return await pipe.execute()
-
-        fields, contexts = await self._guard(call)
-        campaign = _parse_campaign(campaign_id, fields)
-        if campaign is None:
-            return None, []
-        return campaign, contexts
+    ) -> tuple[CampaignConfig | None, list[UserContext | None]]:
+        keys = [self.config_key(campaign_id)] + [self.context_key(campaign_id, user_id) for user_id in user_ids]
+        config, *contexts = cast(list[bytes | None], await self._guard(lambda: self.client.mget(keys)))
+        if config is None:  # a campaign written before the config key existed, or none
+            state = await self.get_campaign(campaign_id)
+            return (None, []) if state is None else (state.config, contexts)
+        return _parse_config(campaign_id, config), contexts
 
     async def reserve(
         self,

@@ -476,3 +476,29 @@ def test_embedded_store_decisions_leave_the_cyclic_gc_nothing_to_walk() -> None:
         return len(gc.get_objects()) - before
 
     assert asyncio.run(scenario()) < 200  # 2,000 decisions and request records kept
+
+
+def test_decision_config_follows_every_campaign_change(redis_url: str, redis_prefix: str) -> None:
+    """Decisions read the campaign from its config string (one MGET with the contexts); a campaign hash
+    without one (written by an earlier release) is read from the hash instead."""
+
+    async def scenario() -> None:
+        store = RedisStateStore(redis_url, prefix=redis_prefix)
+        try:
+            await store.upsert_campaign("c", put(10_000, admin_lambda=0.5))
+            config, _ = await store.load_for_decision("c", ["u"])
+            assert config is not None and (config.budget, config.admin_lambda, config.coupons[2]) == (10_000, 0.5, 500)
+            await store.upsert_campaign(
+                "c", CampaignUpdate(replace=False, budget=7_000, clear_lambda=True, expected_users=40)
+            )
+            config, _ = await store.load_for_decision("c", ["u"])
+            assert config is not None
+            assert (config.budget, config.admin_lambda, config.expected_users) == (7_000, None, 40)
+            await store.client.delete(store.config_key("c"))
+            again, (context,) = await store.load_for_decision("c", ["u"])
+            assert again == config and context is None
+            assert await store.load_for_decision("other", ["u"]) == (None, [])
+        finally:
+            await store.close()
+
+    asyncio.run(scenario())
