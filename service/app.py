@@ -16,6 +16,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from service.api.body import add_raw_body_schemas
 from service.api.main import api_router
 from service.batcher import BatcherOverloaded, MicroBatcher
 from service.engine import DecisionEngine, InvalidInput
@@ -133,6 +134,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.settings = settings
     app.state.metrics = metrics = ServiceMetrics()
     app.include_router(api_router)
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            app.openapi_schema = add_raw_body_schemas(FastAPI.openapi(app))
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
     app.add_middleware(TimingMiddleware, metrics=metrics)
 
     @app.exception_handler(InvalidInput)

@@ -48,6 +48,18 @@ def test_health_ready_metrics(client: TestClient) -> None:
     assert count >= 1
 
 
+def test_openapi_documents_the_decisions_body(client: TestClient) -> None:
+    """The decisions route parses its body itself (one pass of pydantic's JSON parser); its schema is
+    still published, every reference resolving within the document."""
+    spec = client.get("/openapi.json").json()
+    body = spec["paths"]["/v1/campaigns/{campaign_id}/decisions"]["post"]["requestBody"]
+    assert body["content"]["application/json"]["schema"] == {"$ref": "#/components/schemas/DecisionsRequest"}
+    schemas = spec["components"]["schemas"]
+    items = schemas["DecisionsRequest"]["properties"]["requests"]["items"]
+    assert items == {"$ref": "#/components/schemas/DecisionRequestItem"}
+    assert set(schemas["DecisionRequestItem"]["properties"]) == {"user_id", "features", "request_id"}
+
+
 # ---- decisions -----------------------------------------------------------------------------------
 def test_decisions_answer_in_request_order_with_reservations(client: TestClient, feature_dim: int) -> None:
     put_campaign(client, budget=1000.0, lam=0.3)
