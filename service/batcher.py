@@ -1,19 +1,25 @@
 """The micro-batcher: coalesce concurrent requests into one forward on ONE inference thread.
 
-A lone request is flushed at once; the batcher only waits (at most `max_wait`) while other requests
-are known to be on their way (announced with `expect()` while they read their contexts), and rows that
-arrive while a forward runs are naturally batched into the next one. The queue is bounded: a full queue
-raises `BatcherOverloaded` (the route answers 503 with Retry-After).
+Requests put their rows in a bounded queue and await a future; the inference thread takes the queued
+rows (up to `max_rows`), runs one forward under `inference_mode` and hands each request its scores back
+with one `call_soon_threadsafe` per batch. A lone request is taken at once; the thread only waits (at
+most `max_wait`) while other requests are known to be on their way (announced with `expect()` while
+they read their contexts), and rows that arrive while a forward runs are naturally batched into the
+next one. A full queue raises `BatcherOverloaded` (the route answers 503 with Retry-After).
+
+The thread is the batcher (no event-loop task relays the work): a request costs one thread wake-up and
+one loop wake-up, and the loop spends nothing on batching.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import logging
+import threading
 import time
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -34,11 +40,14 @@ class Ticket:
 
     def __init__(self, batcher: MicroBatcher) -> None:
         self._batcher: MicroBatcher | None = batcher
-        batcher._expected += 1
+        with batcher._ready:
+            batcher._expected += 1
 
     def close(self) -> None:
         if self._batcher is not None:
-            self._batcher._expected -= 1
+            with self._batcher._ready:
+                self._batcher._expected -= 1
+                self._batcher._ready.notify()  # a thread waiting for this request stops waiting
             self._batcher = None
 
 
@@ -56,33 +65,31 @@ class MicroBatcher:
     ) -> None:
         self.max_rows = max_rows
         self.max_wait_s = max_wait_s
-        self._queue: asyncio.Queue[_Job] = asyncio.Queue(maxsize=queue_size)
-        self._carry: _Job | None = None
+        self.queue_size = queue_size
+        self._jobs: collections.deque[_Job] = collections.deque()
+        self._ready = threading.Condition()  # guards _jobs, _expected and _stopping
         self._expected = 0
+        self._stopping = False
         self._threads = threads
-        self._executor = ThreadPoolExecutor(
-            max_workers=1, thread_name_prefix="saco-inference", initializer=self._init_thread
-        )
-        self._task: asyncio.Task[None] | None = None
         self._metrics = metrics
-
-    def _init_thread(self) -> None:
-        torch.set_num_threads(self._threads)
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread = threading.Thread(target=self._work, name="saco-inference", daemon=True)
 
     async def start(self) -> None:
-        await asyncio.get_running_loop().run_in_executor(self._executor, lambda: None)  # warm the thread
-        self._task = asyncio.create_task(self._run(), name="saco-batcher")
+        self._loop = asyncio.get_running_loop()
+        self._thread.start()
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-        while not self._queue.empty():
-            job = self._queue.get_nowait()
+        with self._ready:
+            self._stopping = True
+            self._ready.notify()
+        if self._thread.is_alive():
+            await asyncio.to_thread(self._thread.join)
+        with self._ready:
+            left, self._jobs = list(self._jobs), collections.deque()
+        for job in left:
             if not job.future.done():
                 job.future.set_exception(BatcherOverloaded("service is shutting down"))
-        self._executor.shutdown(wait=True)
 
     @contextlib.contextmanager
     def expect(self) -> Iterator[Ticket]:
@@ -96,58 +103,74 @@ class MicroBatcher:
     async def scores(self, policy: LoadedPolicy, inputs: PolicyInputs, ticket: Ticket | None = None) -> np.ndarray:
         future: asyncio.Future[np.ndarray] = asyncio.get_running_loop().create_future()
         try:
-            self._queue.put_nowait(_Job(policy, inputs, future))
-        except asyncio.QueueFull:
-            self._metrics.overloaded.inc()
-            raise BatcherOverloaded("inference queue is full") from None
+            with self._ready:
+                if self._stopping or len(self._jobs) >= self.queue_size:
+                    self._metrics.overloaded.inc()
+                    raise BatcherOverloaded("inference queue is full")
+                self._jobs.append(_Job(policy, inputs, future))
+                self._ready.notify()
         finally:
             if ticket is not None:
                 ticket.close()
         return await future
 
-    async def _next_batch(self) -> list[_Job]:
-        first = self._carry or await self._queue.get()
-        self._carry = None
+    # ---- the inference thread --------------------------------------------------------------------
+    def _work(self) -> None:
+        torch.set_num_threads(self._threads)
+        while True:
+            with self._ready:
+                while not self._jobs and not self._stopping:
+                    self._ready.wait()
+                if self._stopping:
+                    return
+                jobs = self._take()
+            started = time.perf_counter()
+            try:
+                results: list[np.ndarray] | BaseException = _forward(jobs)
+                finished = time.perf_counter()
+                for job in jobs:
+                    self._metrics.queue_wait.observe(started - job.enqueued_at)
+                self._metrics.batch_rows.observe(sum(job.inputs.rows for job in jobs))
+                self._metrics.inference_seconds.observe(finished - started)
+            except Exception as exc:  # the thread must outlive any failure: every job gets an answer
+                log.exception("inference failed")
+                results = exc
+            assert self._loop is not None
+            try:
+                self._loop.call_soon_threadsafe(_deliver, jobs, results)
+            except RuntimeError:  # the loop is closed: nobody is waiting any more
+                return
+
+    def _take(self) -> list[_Job]:
+        """The next batch (called holding the lock): queued jobs up to max_rows; while fewer, wait for
+        announced requests until the first job has waited max_wait."""
+        first = self._jobs.popleft()
         jobs, rows = [first], first.inputs.rows
         deadline = first.enqueued_at + self.max_wait_s
-        while rows < self.max_rows:
-            try:
-                job = self._queue.get_nowait()
-            except asyncio.QueueEmpty:
-                remaining = deadline - time.perf_counter()
-                if self._expected == 0 or remaining <= 0:
+        while rows < self.max_rows and not self._stopping:
+            if self._jobs:
+                if rows + self._jobs[0].inputs.rows > self.max_rows:
                     break
-                try:
-                    job = await asyncio.wait_for(self._queue.get(), remaining)
-                except TimeoutError:
-                    break
-            if rows + job.inputs.rows > self.max_rows:
-                self._carry = job
+                job = self._jobs.popleft()
+                jobs.append(job)
+                rows += job.inputs.rows
+                continue
+            remaining = deadline - time.perf_counter()
+            if self._expected == 0 or remaining <= 0:
                 break
-            jobs.append(job)
-            rows += job.inputs.rows
+            self._ready.wait(remaining)
         return jobs
 
-    async def _run(self) -> None:
-        loop = asyncio.get_running_loop()
-        while True:
-            jobs = await self._next_batch()
-            started = time.perf_counter()
-            for job in jobs:
-                self._metrics.queue_wait.observe(started - job.enqueued_at)
-            try:
-                results = await loop.run_in_executor(self._executor, _forward, jobs)
-            except Exception as exc:
-                log.exception("inference failed")
-                for job in jobs:
-                    if not job.future.done():
-                        job.future.set_exception(exc)
-                continue
-            self._metrics.batch_rows.observe(sum(job.inputs.rows for job in jobs))
-            self._metrics.inference_seconds.observe(time.perf_counter() - started)
-            for job, result in zip(jobs, results, strict=True):
-                if not job.future.done():
-                    job.future.set_result(result)
+
+def _deliver(jobs: list[_Job], results: list[np.ndarray] | BaseException) -> None:
+    """On the event loop: each request gets its scores (or the forward's exception)."""
+    for index, job in enumerate(jobs):
+        if job.future.done():  # the request was cancelled (client gone)
+            continue
+        if isinstance(results, BaseException):
+            job.future.set_exception(results)
+        else:
+            job.future.set_result(results[index])
 
 
 def _forward(jobs: list[_Job]) -> list[np.ndarray]:

@@ -76,3 +76,21 @@ def test_full_queue_refuses(policy: LoadedPolicy) -> None:
     refused = [r for r in results if isinstance(r, BatcherOverloaded)]
     served = [r for r in results if isinstance(r, np.ndarray)]
     assert refused and served and len(refused) + len(served) == 8
+
+
+def test_a_failing_forward_answers_its_requests_and_the_thread_serves_on(policy: LoadedPolicy) -> None:
+    good = random_inputs(policy, 2, 3, seed=1)
+    bad = PolicyInputs(**{**good.__dict__, "states": good.states[:, :, :-1]})  # one feature short
+
+    async def main() -> tuple[BaseException | np.ndarray, np.ndarray]:
+        batcher = MicroBatcher(max_rows=64, max_wait_s=0.0, queue_size=4, threads=1, metrics=ServiceMetrics())
+        await batcher.start()
+        try:
+            failed = await asyncio.gather(batcher.scores(policy, bad), return_exceptions=True)
+            return failed[0], await batcher.scores(policy, good)
+        finally:
+            await batcher.stop()
+
+    failed, served = asyncio.run(main())
+    assert isinstance(failed, RuntimeError)
+    np.testing.assert_allclose(served, policy.scores(good), rtol=1e-5, atol=1e-5)
