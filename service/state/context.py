@@ -171,9 +171,8 @@ class ContextBatch:
     ctg: np.ndarray  # f32 [B]
 
 
-def gather(
-    contexts: list[bytes | None], feature_dim: int, capacity: int, initial_rtg: float, initial_ctg: float
-) -> ContextBatch:
+def gather(contexts: list[bytes | None], feature_dim: int, capacity: int, initial_rtg: float,
+           initial_ctg: float) -> ContextBatch:
     """Each user's last `capacity` steps and running values; absent or unreadable contexts count as empty."""
     rows = len(contexts)
     size = record_size(feature_dim)

@@ -29,11 +29,8 @@ def test_scripted_matches_eager_and_manifest_is_complete(tmp_path: Path, tiny_lo
 
 @pytest.mark.parametrize(("layout", "objective"), [("dt4", "dt-literal"), ("step", "dt-lagrangian")])
 def test_other_variants_export(tmp_path: Path, tiny_logs, layout: str, objective: str):
-    result = train(
-        tiny_logs,
-        TrainConfig(epochs=1, d_model=16, n_heads=2, context_length=3, token_layout=layout, objective=objective),
-        progress=False,
-    )
+    result = train(tiny_logs, TrainConfig(epochs=1, d_model=16, n_heads=2, context_length=3, token_layout=layout,
+                                          objective=objective), progress=False)
     artifact = export_and_publish(result, tiny_logs, ModelStore(tmp_path / "s"))
     assert artifact.manifest.objective == objective
 
@@ -47,9 +44,8 @@ def test_exported_file_runs_without_the_project(tmp_path: Path, tiny_logs, tiny_
         "assert not any(k.split('.')[0] in ('offline', 'saco', 'service', 'model_store') for k in sys.modules);"
         "print(json.dumps(list(out.shape)))"
     )
-    out = subprocess.run(
-        [sys.executable, "-c", code, str(artifact.model_path)], capture_output=True, text=True, cwd=tmp_path, check=True
-    )
+    out = subprocess.run([sys.executable, "-c", code, str(artifact.model_path)], capture_output=True, text=True,
+                         cwd=tmp_path, check=True)
     assert json.loads(out.stdout) == [2, 4]
 
 
@@ -66,24 +62,16 @@ def test_corrupted_export_is_refused(tmp_path: Path, tiny_logs, tiny_model):
 def test_padding_does_not_change_the_decision(n_layers: int):
     """The decision path (one query, key/value projections folded into it) equals the training forward's
     last step, and padded steps do not move it."""
-    model = SacoTransformer(
-        ModelConfig(feature_dim=3, num_actions=4, context_length=5, future_weight=1.0, n_layers=n_layers)
-    ).eval()
+    model = SacoTransformer(ModelConfig(feature_dim=3, num_actions=4, context_length=5, future_weight=1.0,
+                                        n_layers=n_layers)).eval()
     torch.manual_seed(0)
     with torch.no_grad():
         for parameter in model.parameters():  # not the initial zero biases: every term must count
             parameter.normal_(0.0, 0.3)
     B, L = 2, 5
     mask = torch.tensor([[False, False, True, True, True]] * 2)
-    x = [
-        torch.randn(B, L, 3),
-        torch.randint(0, 4, (B, L)),
-        torch.randn(B, L),
-        torch.randn(B, L),
-        torch.arange(L).repeat(B, 1),
-        torch.rand(B),
-        mask,
-    ]
+    x = [torch.randn(B, L, 3), torch.randint(0, 4, (B, L)), torch.randn(B, L), torch.randn(B, L),
+         torch.arange(L).repeat(B, 1), torch.rand(B), mask]
     with torch.inference_mode():
         a = model.decide(*x)
         x[0] = x[0].clone()
@@ -92,6 +80,5 @@ def test_padding_does_not_change_the_decision(n_layers: int):
         __, values = model(*x)
     assert torch.equal(a, b)
     full = (values[:, -1, 0] + values[:, -1, 2]) * model.rtg_scale - x[5].view(-1, 1) * (
-        values[:, -1, 1] + values[:, -1, 3]
-    ) * model.ctg_scale
+        values[:, -1, 1] + values[:, -1, 3]) * model.ctg_scale
     assert torch.allclose(a, full, atol=1e-5)
