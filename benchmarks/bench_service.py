@@ -15,6 +15,7 @@ services run side by side and the timed requests are spread over 5 rounds of eve
 from __future__ import annotations
 
 import argparse
+import contextlib
 import http.client
 import json
 import os
@@ -26,6 +27,7 @@ import sys
 import tempfile
 import time
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -45,35 +47,75 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def train_small_model(root: Path, users: int) -> Path:
-    saco = str(Path(sys.executable).with_name("saco"))
+def train_small_model(root: Path, users: int, repo: Path = REPO) -> Path:
+    """A model trained (1 epoch) on a simulated `users`-user world by the code of `repo`."""
+    saco = [sys.executable, "-m", "saco"]  # run from `repo`: its own packages come first on sys.path
     logs, store = root / "logs.parquet", root / "store"
     for cmd in (
-        [saco, "simulate", "--users", str(users), "--rounds", "4", "--seed", "1", "--out", str(logs)],
-        [saco, "train", "--logs", str(logs), "--store", str(store), "--epochs", "1", "--seed", "0"],
+        [*saco, "simulate", "--users", str(users), "--rounds", "4", "--seed", "1", "--out", str(logs)],
+        [*saco, "train", "--logs", str(logs), "--store", str(store), "--epochs", "1", "--seed", "0"],
     ):
-        subprocess.run(cmd, check=True, capture_output=True, cwd=REPO)
+        subprocess.run(cmd, check=True, capture_output=True, cwd=repo)
     return store
 
 
-def start_service(store: Path, redis_url: str | None, prefix: str) -> tuple[subprocess.Popen[bytes], str]:
+@contextlib.contextmanager
+def throwaway_redis() -> Iterator[str]:
+    """A redis-server on a free port, without persistence, stopped on exit; yields its URL."""
+    port = free_port()
+    server = shutil.which("redis-server") or "/usr/bin/redis-server"
+    proc = subprocess.Popen(
+        [server, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        time.sleep(0.5)
+        yield f"redis://127.0.0.1:{port}/0"
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+
+
+def start_service(
+    store: Path, redis_url: str | None, prefix: str, repo: Path = REPO
+) -> tuple[subprocess.Popen[bytes], str]:
+    """`python -m service.server` run from `repo` (its own code), ready and with the bench campaign."""
     port = free_port()
     env = dict(os.environ, SACO_ADMIN_TOKEN=TOKEN, SACO_REDIS_PREFIX=prefix, SACO_LOG_LEVEL="WARNING")
     env.pop("SACO_REDIS_URL", None)
     cmd = [sys.executable, "-m", "service.server", "--store", str(store), "--port", str(port)]
     if redis_url:
         cmd += ["--redis-url", redis_url]
-    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(cmd, cwd=repo, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     base = f"http://127.0.0.1:{port}"
     for _ in range(300):
         try:
             if httpx.get(base + "/readyz", timeout=1).status_code == 200:
-                return proc, base
+                break
         except httpx.HTTPError:
             pass
         time.sleep(0.2)
-    proc.kill()
-    raise RuntimeError("service did not become ready")
+    else:
+        proc.kill()
+        raise RuntimeError("service did not become ready")
+    resp = httpx.put(
+        f"{base}/v1/admin/campaigns/bench",
+        headers={"Authorization": f"Bearer {TOKEN}"},
+        json={"budget": 1e12, "coupons": COUPONS},
+    )
+    assert resp.status_code == 200, resp.text
+    return proc, base
+
+
+def delete_keys(redis_url: str, prefix: str) -> None:
+    import redis
+
+    client = redis.Redis.from_url(redis_url)
+    keys = list(client.scan_iter(match=prefix + "*", count=1000))
+    for i in range(0, len(keys), 500):
+        client.delete(*keys[i : i + 500])
+    client.close()
 
 
 class KeepAliveClient:
@@ -218,12 +260,6 @@ def run_suites(stores: dict[str, str | None], store: Path, dim: int, context_len
     try:
         for name, redis_url in stores.items():
             services[name] = proc, base = start_service(store, redis_url, prefix)
-            resp = httpx.put(
-                f"{base}/v1/admin/campaigns/bench",
-                headers={"Authorization": f"Bearer {TOKEN}"},
-                json={"budget": 1e12, "coupons": COUPONS},
-            )
-            assert resp.status_code == 200, resp.text
             client = KeepAliveClient(base)
             for users in BATCH_SIZES:
                 workloads[name, users] = Workload(client, dim, users)
@@ -238,13 +274,7 @@ def run_suites(stores: dict[str, str | None], store: Path, dim: int, context_len
             proc.send_signal(signal.SIGTERM)
             proc.wait(timeout=30)
         for redis_url in filter(None, stores.values()):
-            import redis
-
-            cleanup = redis.Redis.from_url(redis_url)
-            keys = list(cleanup.scan_iter(match=prefix + "*", count=1000))
-            for i in range(0, len(keys), 500):
-                cleanup.delete(*keys[i : i + 500])
-            cleanup.close()
+            delete_keys(redis_url, prefix)
     return [workload.figures() | {"store": name} for (name, _), workload in workloads.items()]
 
 
@@ -256,39 +286,17 @@ def main() -> int:
     args = parser.parse_args()
 
     tmp = Path(tempfile.mkdtemp(prefix="saco-bench-"))
-    redis_proc = None
     try:
-        store = Path(args.store) if args.store else train_small_model(tmp, users=600)
-        redis_url = args.redis_url
-        if not redis_url:
-            port = free_port()
-            redis_proc = subprocess.Popen(
-                [
-                    shutil.which("redis-server") or "/usr/bin/redis-server",
-                    "--port",
-                    str(port),
-                    "--bind",
-                    "127.0.0.1",
-                    "--save",
-                    "",
-                    "--appendonly",
-                    "no",
-                ],
-                stdout=subprocess.DEVNULL,
-                stderr=subprocess.DEVNULL,
-            )
-            redis_url = f"redis://127.0.0.1:{port}/0"
-            time.sleep(0.5)
-        from model_store import ModelStore
+        with contextlib.ExitStack() as stack:
+            store = Path(args.store) if args.store else train_small_model(tmp, users=600)
+            redis_url = args.redis_url or stack.enter_context(throwaway_redis())
+            from model_store import ModelStore
 
-        manifest = ModelStore(store).load().manifest
-        dim, length = manifest.feature_dim, manifest.context_length
-        rows = run_suites({"embedded": None, "redis": redis_url}, store, dim, length)
-        loop = model_loop_speedup(store)
+            manifest = ModelStore(store).load().manifest
+            dim, length = manifest.feature_dim, manifest.context_length
+            rows = run_suites({"embedded": None, "redis": redis_url}, store, dim, length)
+            loop = model_loop_speedup(store)
     finally:
-        if redis_proc is not None:
-            redis_proc.terminate()
-            redis_proc.wait(timeout=10)
         shutil.rmtree(tmp, ignore_errors=True)
 
     print(f"{'store':9} {'users':>5} {'p50 ms':>8} {'p99 ms':>8} {'users/s':>10} {'per-user vs 1-user':>19}")
