@@ -23,6 +23,7 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass
 from functools import lru_cache
+from typing import NamedTuple
 
 import numpy as np
 
@@ -76,8 +77,7 @@ def empty_context(feature_dim: int, initial_rtg: float, initial_ctg: float) -> b
     return HEADER.pack(FORMAT_VERSION, record_size(feature_dim), 0, initial_rtg, initial_ctg)
 
 
-@dataclass(frozen=True)
-class Header:
+class Header(NamedTuple):  # read once per user and step on the decision path: a tuple is cheapest
     t: int
     rtg: float
     ctg: float

@@ -226,13 +226,15 @@ class MemoryStateStore(StateStore):
         initial_rtg: float,
         initial_ctg: float,
     ) -> None:
+        if not steps:
+            return
+        initial = empty_context(len(steps[0].features) // 4, initial_rtg, initial_ctg)
         async with self._lock:
             now = _now_ms()
             for step in steps:
                 key = (campaign_id, step.user_id)
                 entry = self._contexts.get(key)
                 context = entry[0] if entry is not None and entry[1] > now else None
-                initial = empty_context(len(step.features) // 4, initial_rtg, initial_ctg)
                 self._contexts[key] = (append_step(context, step.encoded(), capacity, initial), now + ttl_ms)
 
     # ---- outcomes --------------------------------------------------------------------------------
