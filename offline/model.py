@@ -255,7 +255,9 @@ class SacoTransformer(nn.Module):
     @staticmethod
     def _attention_mask(token_mask: torch.Tensor, queries: int) -> torch.Tensor:
         """[B, 1, queries, M]: causal over real tokens; every query sees itself (no NaN on padding)."""
-        m = token_mask.shape[1]
+        b, m = token_mask.shape
+        if queries == 1:  # the decision token: every real token, and itself
+            return torch.cat([token_mask[:, :-1], torch.ones_like(token_mask[:, -1:])], dim=1).view(b, 1, 1, m)
         rows = torch.arange(m - queries, m, device=token_mask.device).unsqueeze(1)
         cols = torch.arange(m, device=token_mask.device).unsqueeze(0)
         allowed = (cols <= rows).unsqueeze(0) & token_mask.unsqueeze(1)
@@ -276,12 +278,13 @@ class SacoTransformer(nn.Module):
         last block computes that one query: every earlier block must still see all tokens)."""
         x, token_mask = self._tokens(states, actions, rtg, ctg, timesteps, lam, mask)
         m = x.shape[1]
-        attn_mask = self._attention_mask(token_mask, m)
-        for block in self.blocks:
-            x = block(x, attn_mask, m)
-        if decision_only:
-            return self.ln_out(self.last_block(x, self._attention_mask(token_mask, 1), 1))
-        return self.ln_out(self.last_block(x, attn_mask, m))
+        if len(self.blocks) > 0 or not decision_only:  # (a 1-layer decision path needs no full mask)
+            attn_mask = self._attention_mask(token_mask, m)
+            for block in self.blocks:
+                x = block(x, attn_mask, m)
+            if not decision_only:
+                return self.ln_out(self.last_block(x, attn_mask, m))
+        return self.ln_out(self.last_block(x, self._attention_mask(token_mask, 1), 1))
 
     def forward(
         self,
