@@ -9,10 +9,35 @@
 local campaign, pending = KEYS[1], KEYS[2]
 local RECORD = '^(%u)\t(%d+)\t([^\t]*\t[^\t]*\t[^\t]*\t[^\t]*\t[^\t]*)\t[^\t]*\t[^\t]*\t(%d+)\t()'
 local function int(x) return string.format('%d', x) end
+
+-- status, reserved cents, user id, and the record string (nil for a hash: records written by releases
+-- before the one-string record are hashes with fields s, r, u; read and settled as such until they expire)
+local function read(key)
+  local value = redis.pcall('GET', key)
+  if type(value) == 'table' and value.err then
+    local fields = redis.call('HMGET', key, 's', 'r', 'u')
+    return fields[1], fields[2], fields[3], nil
+  end
+  if not value then return nil end
+  local status, reserved, _, request_length, tail = string.match(value, RECORD)
+  if not status then return nil end
+  return status, reserved, string.sub(value, tail + tonumber(request_length) + 1), value
+end
+
+local function mark_settled(key, value, reward, cost)
+  if value == nil then
+    redis.call('HSET', key, 's', 'S', 'rw', reward, 'c', cost)
+    return
+  end
+  local _, reserved, middle, request_length, tail = string.match(value, RECORD)
+  redis.call('SET', key, table.concat({'S', reserved, middle, reward, cost, request_length, string.sub(value, tail)},
+    '\t'), 'KEEPTTL')
+end
+
 if redis.call('EXISTS', campaign) == 0 then return {'missing'} end
 local n = #KEYS - 2
 for i = 1, n do
-  local status, reserved = string.match(redis.call('GET', KEYS[2 + i]) or '', RECORD)
+  local status, reserved = read(KEYS[2 + i])
   if status and status ~= 'S' and tonumber(ARGV[2 * i - 1]) > tonumber(reserved) then
     return {'too_high', i - 1, reserved}
   end
@@ -20,8 +45,7 @@ end
 local out = {0}
 for i = 1, n do
   local key = KEYS[2 + i]
-  local value = redis.call('GET', key) or '' -- read again: the batch may name a decision twice
-  local status, reserved, middle, request_length, tail = string.match(value, RECORD)
+  local status, reserved, user, value = read(key) -- read again: the batch may name a decision twice
   local cost = tonumber(ARGV[2 * i - 1])
   if not status then
     out[#out + 1] = 'U'
@@ -40,11 +64,9 @@ for i = 1, n do
       redis.call('HINCRBY', campaign, 'spent', int(fits))
       redis.call('HINCRBY', campaign, 'overrun', int(cost - fits))
     end
-    local free_text = string.sub(value, tail)
-    redis.call('SET', key, table.concat({'S', reserved, middle, ARGV[2 * i], ARGV[2 * i - 1], request_length,
-      free_text}, '\t'), 'KEEPTTL')
+    mark_settled(key, value, ARGV[2 * i], ARGV[2 * i - 1])
     out[#out + 1] = 'A'
-    out[#out + 1] = string.sub(free_text, tonumber(request_length) + 2)
+    out[#out + 1] = user
   end
 end
 local ledger = redis.call('HMGET', campaign, 'budget', 'spent', 'reserved')

@@ -502,3 +502,30 @@ def test_decision_config_follows_every_campaign_change(redis_url: str, redis_pre
             await store.close()
 
     asyncio.run(scenario())
+
+
+def test_hash_decision_records_of_an_earlier_release_still_settle_and_expire(redis_url: str, redis_prefix: str) -> None:
+    """Decision records written before the one-string layout are hashes (fields u, a, p, r, s, ...): after
+    an upgrade their outcomes still settle and their reservations still expire, until the records do."""
+
+    async def scenario() -> None:
+        store = RedisStateStore(redis_url, prefix=redis_prefix)
+        try:
+            await store.upsert_campaign("c", put(10_000))
+            for decision_id, user in (("d-old1", "u1"), ("d-old2", "u2")):  # as the earlier reserve.lua wrote
+                await store.client.hset(
+                    store.decision_key("c", decision_id),
+                    mapping={"u": user, "a": "2", "p": "1", "r": "500", "s": "R", "v": "v0", "l": "0.1", "q": ""},
+                )
+                await store.client.zadd(store.pending_key("c"), {decision_id: 1_000})
+            await store.client.hincrby(store.campaign_key("c"), "reserved", 1_000)
+            result = await store.settle("c", [Outcome("d-old1", 3.0, 200), Outcome("d-old1", 3.0, 200)])
+            assert (result.accepted, result.duplicates, result.context_updates) == (1, 1, [("u1", "d-old1", 3.0, 200)])
+            assert await store.sweep_expired("c", now_ms=2_000) == 1
+            state = await store.get_campaign("c")
+            assert state is not None and (state.spent, state.reserved) == (200, 0)
+            assert await store.client.hget(store.decision_key("c", "d-old2"), "s") == b"X"
+        finally:
+            await store.close()
+
+    asyncio.run(scenario())
