@@ -36,7 +36,7 @@ from typing import Any, TypeVar, cast
 import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
-from redis.exceptions import NoScriptError, RedisError
+from redis.exceptions import DataError, NoScriptError, RedisError
 
 from service.state.base import (
     CampaignConfig,
@@ -67,6 +67,40 @@ class _Script:
         self.name = name
         self.source = (LUA_DIR / f"{name}.lua").read_text()
         self.sha = hashlib.sha1(self.source.encode()).hexdigest()
+
+
+def pack_command(args: tuple[Any, ...]) -> bytes:
+    """One command in RESP, byte for byte as redis-py's `Connection.pack_command` writes it (utf-8 strings,
+    ints and floats by repr, a multi-word first argument split), ~3x faster for the ~130-argument script
+    calls of a decision: redis-py re-joins its whole buffer once per argument."""
+    first = args[0]
+    if isinstance(first, str):
+        args = (*first.encode().split(), *args[1:])
+    elif b" " in first:
+        args = (*first.split(), *args[1:])
+    out = [b"*%d\r\n" % len(args)]
+    for arg in args:
+        if isinstance(arg, str):
+            arg = arg.encode()
+        elif isinstance(arg, bool):
+            raise DataError("Invalid input of type: 'bool'. Convert to a bytes, string, int or float first.")
+        elif isinstance(arg, int | float):
+            arg = repr(arg).encode()
+        elif isinstance(arg, memoryview | bytearray):
+            arg = bytes(arg)
+        elif not isinstance(arg, bytes):
+            raise DataError(
+                f"Invalid input of type: {type(arg).__name__!r}. Convert to a bytes, string, int or float first."
+            )
+        out += (b"$%d\r\n" % len(arg), arg, b"\r\n")
+    return b"".join(out)
+
+
+class _FastPacking:
+    """Mixed into the client's connection class (whatever the URL scheme chose: TCP, TLS, unix socket)."""
+
+    def pack_command(self, *args: Any) -> list[bytes]:
+        return [pack_command(args)]
 
 
 def _text(value: bytes | str | None) -> str:
@@ -137,6 +171,10 @@ class RedisStateStore(StateStore):
             socket_connect_timeout=socket_timeout_s,
             retry=Retry(NoBackoff(), 1),
             health_check_interval=30,
+        )
+        pool = self.client.connection_pool
+        pool.connection_class = type(
+            f"FastPacking{pool.connection_class.__name__}", (_FastPacking, pool.connection_class), {}
         )
         self.scripts = {name: _Script(name) for name in SCRIPT_NAMES}
 

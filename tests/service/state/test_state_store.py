@@ -23,7 +23,7 @@ from service.state import (
 )
 from service.state.context import decode_context
 from service.state.memory import MemoryStateStore
-from service.state.redis_store import RedisStateStore, parse_decision_record
+from service.state.redis_store import RedisStateStore, pack_command, parse_decision_record
 
 Scenario = Callable[[StateStore], Awaitable[Any]]
 DAY_MS = 86_400_000
@@ -529,3 +529,26 @@ def test_hash_decision_records_of_an_earlier_release_still_settle_and_expire(red
             await store.close()
 
     asyncio.run(scenario())
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ("EVALSHA", "a" * 40, 2, "k1", b"k2", 7, -3, 0.25, 1e-05, "é-ü", b"\x00\xff" * 600, memoryview(b"mv")),
+        ("CONFIG GET", "maxmemory"),
+        (b"CLIENT SETNAME", "x"),
+        ("MGET", *(f"ctx:{i}" for i in range(300))),
+    ],
+)
+def test_the_fast_command_packer_writes_what_redis_py_writes(args: tuple[Any, ...]) -> None:
+    from redis.asyncio.connection import Connection
+
+    assert pack_command(args) == b"".join(bytes(part) for part in Connection().pack_command(*args))
+
+
+def test_the_fast_command_packer_refuses_what_redis_py_refuses() -> None:
+    from redis.exceptions import DataError
+
+    for bad in (True, None, [1]):
+        with pytest.raises(DataError):
+            pack_command(("SET", "k", bad))
