@@ -20,7 +20,8 @@ Every key a ledger script touches shares the campaign's hash tag, so those scrip
 safe. The context scripts handle each of their keys on its own: any subset of keys can go in one call
 (one call per slot on a Cluster); the store sends a request's users in one call.
 
-The client speaks bytes (contexts are binary); text fields are decoded where they are read.
+Commands go over one multiplexed connection (service.state.resp), which speaks bytes (contexts are
+binary); text fields are decoded where they are read.
 """
 
 from __future__ import annotations
@@ -32,11 +33,6 @@ from collections.abc import Awaitable, Callable, Sequence
 from functools import lru_cache
 from pathlib import Path
 from typing import Any, TypeVar, cast
-
-import redis.asyncio as aioredis
-from redis.asyncio.retry import Retry
-from redis.backoff import NoBackoff
-from redis.exceptions import DataError, NoScriptError, RedisError
 
 from service.state.base import (
     CampaignConfig,
@@ -55,6 +51,7 @@ from service.state.base import (
     UserContext,
 )
 from service.state.context import empty_context, encode_decision_id
+from service.state.resp import ReplyError, RespConnection
 
 T = TypeVar("T")
 log = logging.getLogger("saco.service.state")
@@ -67,40 +64,6 @@ class _Script:
         self.name = name
         self.source = (LUA_DIR / f"{name}.lua").read_text()
         self.sha = hashlib.sha1(self.source.encode()).hexdigest()
-
-
-def pack_command(args: tuple[Any, ...]) -> bytes:
-    """One command in RESP, byte for byte as redis-py's `Connection.pack_command` writes it (utf-8 strings,
-    ints and floats by repr, a multi-word first argument split), ~3x faster for the ~130-argument script
-    calls of a decision: redis-py re-joins its whole buffer once per argument."""
-    first = args[0]
-    if isinstance(first, str):
-        args = (*first.encode().split(), *args[1:])
-    elif b" " in first:
-        args = (*first.split(), *args[1:])
-    out = [b"*%d\r\n" % len(args)]
-    for arg in args:
-        if isinstance(arg, str):
-            arg = arg.encode()
-        elif isinstance(arg, bool):
-            raise DataError("Invalid input of type: 'bool'. Convert to a bytes, string, int or float first.")
-        elif isinstance(arg, int | float):
-            arg = repr(arg).encode()
-        elif isinstance(arg, memoryview | bytearray):
-            arg = bytes(arg)
-        elif not isinstance(arg, bytes):
-            raise DataError(
-                f"Invalid input of type: {type(arg).__name__!r}. Convert to a bytes, string, int or float first."
-            )
-        out += (b"$%d\r\n" % len(arg), arg, b"\r\n")
-    return b"".join(out)
-
-
-class _FastPacking:
-    """Mixed into the client's connection class (whatever the URL scheme chose: TCP, TLS, unix socket)."""
-
-    def pack_command(self, *args: Any) -> list[bytes]:
-        return [pack_command(args)]
 
 
 def _text(value: bytes | str | None) -> str:
@@ -142,9 +105,9 @@ def _parse_config(campaign_id: str, raw: bytes) -> CampaignConfig:
     )
 
 
-def _parse_campaign(campaign_id: str, flat: Sequence[bytes] | dict[bytes, bytes]) -> CampaignState | None:
-    pairs = flat.items() if isinstance(flat, dict) else zip(flat[::2], flat[1::2], strict=True)
-    fields = {_text(k): _text(v) for k, v in pairs}
+def _parse_campaign(campaign_id: str, flat: Sequence[bytes]) -> CampaignState | None:
+    """A campaign hash as HGETALL (or upsert_campaign.lua) returns it: field, value, field, value..."""
+    fields = {_text(k): _text(v) for k, v in zip(flat[::2], flat[1::2], strict=True)}
     if not fields:
         return None
     return CampaignState(
@@ -164,18 +127,7 @@ def _parse_campaign(campaign_id: str, flat: Sequence[bytes] | dict[bytes, bytes]
 class RedisStateStore(StateStore):
     def __init__(self, url: str, *, prefix: str = "saco:", socket_timeout_s: float = 0.5) -> None:
         self.prefix = prefix
-        self.client: aioredis.Redis = aioredis.Redis.from_url(
-            url,
-            decode_responses=False,
-            socket_timeout=socket_timeout_s,
-            socket_connect_timeout=socket_timeout_s,
-            retry=Retry(NoBackoff(), 1),
-            health_check_interval=30,
-        )
-        pool = self.client.connection_pool
-        pool.connection_class = type(
-            f"FastPacking{pool.connection_class.__name__}", (_FastPacking, pool.connection_class), {}
-        )
+        self.redis = RespConnection.from_url(url, timeout_s=socket_timeout_s)
         self.scripts = {name: _Script(name) for name in SCRIPT_NAMES}
 
     # ---- keys ------------------------------------------------------------------------------------
@@ -208,33 +160,37 @@ class RedisStateStore(StateStore):
     async def _guard(self, call: Callable[[], Awaitable[T]]) -> T:
         try:
             return await call()
-        except (RedisError, OSError, TimeoutError) as exc:
+        except (ReplyError, OSError, TimeoutError) as exc:  # ConnectionError is an OSError
             raise StateStoreError(f"state store unavailable: {type(exc).__name__}: {exc}") from exc
 
+    async def _call(self, *args: Any) -> Any:
+        return await self._guard(lambda: self.redis.execute(*args))
+
     async def load_scripts(self) -> None:
-        for script in self.scripts.values():
-            await self.client.script_load(script.source)
+        await self._guard(lambda: self.redis.pipeline(*(("SCRIPT", "LOAD", s.source) for s in self.scripts.values())))
 
     async def _eval(self, name: str, keys: Sequence[str], args: Sequence[Any]) -> Any:
         script = self.scripts[name]
 
         async def call() -> Any:
             try:
-                return await self.client.evalsha(script.sha, len(keys), *keys, *args)
-            except NoScriptError:
-                await self.client.script_load(script.source)
-                return await self.client.evalsha(script.sha, len(keys), *keys, *args)
+                return await self.redis.execute("EVALSHA", script.sha, len(keys), *keys, *args)
+            except ReplyError as exc:
+                if not str(exc).startswith("NOSCRIPT"):
+                    raise
+                await self.redis.execute("SCRIPT", "LOAD", script.source)  # e.g. after a restart or SCRIPT FLUSH
+                return await self.redis.execute("EVALSHA", script.sha, len(keys), *keys, *args)
 
         return await self._guard(call)
 
     async def ping(self) -> bool:
         try:
-            return bool(await self.client.ping())
-        except (RedisError, OSError, TimeoutError):
+            return bool(await self.redis.execute("PING"))
+        except (ReplyError, OSError, TimeoutError):
             return False
 
     async def close(self) -> None:
-        await self.client.aclose()
+        await self.redis.close()
 
     # ---- campaigns -------------------------------------------------------------------------------
     async def upsert_campaign(self, campaign_id: str, update: CampaignUpdate) -> CampaignState:
@@ -252,25 +208,23 @@ class RedisStateStore(StateStore):
         flat = await self._eval("upsert_campaign", [self.campaign_key(campaign_id), self.config_key(campaign_id)], args)
         if flat is None:
             raise CampaignNotFound(campaign_id)
-        await self._guard(lambda: self.client.sadd(self.campaigns_key, campaign_id))
+        await self._call("SADD", self.campaigns_key, campaign_id)
         state = _parse_campaign(campaign_id, flat)
         assert state is not None
         return state
 
     async def get_campaign(self, campaign_id: str) -> CampaignState | None:
-        fields = await self._guard(lambda: self.client.hgetall(self.campaign_key(campaign_id)))
-        return _parse_campaign(campaign_id, cast(dict[bytes, bytes], fields))
+        return _parse_campaign(campaign_id, await self._call("HGETALL", self.campaign_key(campaign_id)))
 
     async def campaign_ids(self) -> list[str]:
-        members = await self._guard(lambda: self.client.smembers(self.campaigns_key))
-        return sorted(_text(m) for m in cast(set[bytes], members))
+        return sorted(_text(m) for m in await self._call("SMEMBERS", self.campaigns_key))
 
     # ---- decisions -------------------------------------------------------------------------------
     async def load_for_decision(
         self, campaign_id: str, user_ids: list[str]
     ) -> tuple[CampaignConfig | None, list[UserContext | None]]:
         keys = [self.config_key(campaign_id)] + [self.context_key(campaign_id, user_id) for user_id in user_ids]
-        config, *contexts = cast(list[bytes | None], await self._guard(lambda: self.client.mget(keys)))
+        config, *contexts = cast(list[bytes | None], await self._call("MGET", *keys))
         if config is None:  # a campaign written before the config key existed, or none
             state = await self.get_campaign(campaign_id)
             return (None, []) if state is None else (state.config, contexts)
@@ -368,13 +322,7 @@ class RedisStateStore(StateStore):
 
     async def sweep_expired(self, campaign_id: str, now_ms: int, limit: int = 1000) -> int:
         pending = self.pending_key(campaign_id)
-        due = [
-            _text(d)
-            for d in cast(
-                list[bytes],
-                await self._guard(lambda: self.client.zrangebyscore(pending, "-inf", now_ms, start=0, num=limit)),
-            )
-        ]
+        due = [_text(d) for d in await self._call("ZRANGEBYSCORE", pending, "-inf", now_ms, "LIMIT", 0, limit)]
         if not due:
             return 0
         keys = [self.campaign_key(campaign_id), pending] + [self.decision_key(campaign_id, d) for d in due]

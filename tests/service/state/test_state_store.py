@@ -11,6 +11,7 @@ from collections.abc import Awaitable, Callable, Iterator
 from typing import Any
 
 import pytest
+import redis.asyncio as aioredis
 
 from service.state import (
     CampaignNotFound,
@@ -23,7 +24,8 @@ from service.state import (
 )
 from service.state.context import decode_context
 from service.state.memory import MemoryStateStore
-from service.state.redis_store import RedisStateStore, pack_command, parse_decision_record
+from service.state.redis_store import RedisStateStore, parse_decision_record
+from service.state.resp import pack_command
 
 Scenario = Callable[[StateStore], Awaitable[Any]]
 DAY_MS = 86_400_000
@@ -355,10 +357,10 @@ def test_concurrent_reservations_never_overspend(run: Callable[[Scenario], Any])
 
 def test_an_unreadable_context_value_is_treated_as_no_context(redis_url: str, redis_prefix: str) -> None:
     async def scenario() -> None:
-        store = RedisStateStore(redis_url, prefix=redis_prefix)
+        store, direct = RedisStateStore(redis_url, prefix=redis_prefix), aioredis.Redis.from_url(redis_url)
         try:
             await store.upsert_campaign("c", put(10_000))
-            await store.client.set(store.context_key("c", "u"), '{"t": 3, "s": {}}')  # e.g. an older format
+            await direct.set(store.context_key("c", "u"), '{"t": 3, "s": {}}')  # e.g. an older format
             _, (raw,) = await store.load_for_decision("c", ["u"])
             assert decode_context(raw) is None
             await store.apply_outcomes_to_contexts("c", [("u", "d-1", 1.0, 100)], ttl_ms=DAY_MS)
@@ -370,6 +372,7 @@ def test_an_unreadable_context_value_is_treated_as_no_context(redis_url: str, re
             assert ctx is not None and (ctx.t, ctx.rtg, ctx.ctg, ctx.decision_ids) == (1, 5.0, 2.0, ["d-2"])
         finally:
             await store.close()
+            await direct.aclose()
 
     asyncio.run(scenario())
 
@@ -408,14 +411,14 @@ def test_scripts_are_reloaded_after_noscript(tmp_path: Any) -> None:
                 time.sleep(0.05)
 
         async def scenario() -> None:
-            store = RedisStateStore(url, prefix="noscript:")
+            store, direct = RedisStateStore(url, prefix="noscript:"), aioredis.Redis.from_url(url)
             try:
                 await store.load_scripts()
                 await store.upsert_campaign("c", put(10_000))
-                await store.client.script_flush()
+                await direct.script_flush()
                 result = await reserve(store, "c", [item(1, [3, 0])])
                 assert result.decisions[0].action == 3
-                await store.client.script_flush()
+                await direct.script_flush()
                 await store.append_steps(
                     "c", [NewStep("u", "d-1", 3, ONE)], capacity=3, ttl_ms=DAY_MS, initial_rtg=1.0, initial_ctg=1.0
                 )
@@ -424,6 +427,7 @@ def test_scripts_are_reloaded_after_noscript(tmp_path: Any) -> None:
                 assert ctx is not None and ctx.t == 1
             finally:
                 await store.close()
+                await direct.aclose()
 
         asyncio.run(scenario())
     finally:
@@ -435,28 +439,29 @@ def test_decision_records_keep_free_text_ids_through_settlement(redis_url: str, 
     """The Redis decision record is one tab-separated string: user and request ids may hold tabs."""
 
     async def scenario() -> None:
-        store = RedisStateStore(redis_url, prefix=redis_prefix)
+        store, direct = RedisStateStore(redis_url, prefix=redis_prefix), aioredis.Redis.from_url(redis_url)
         try:
             await store.upsert_campaign("c", put(10_000))
             user, request = "user\twith\ttabs", "req\t1"
             res = await reserve(store, "c", [ReserveItem("d-1", user, request, [2, 1, 0])], now=1_000)
             assert res.decisions[0].user_id == user
             key = store.decision_key("c", "d-1")
-            record = parse_decision_record(await store.client.get(key))
+            record = parse_decision_record(await direct.get(key))
             assert record == {
                 "status": "R", "reserved": "500", "action": "2", "probability": "1", "decided_at_ms": "1000",
                 "model_version": "v1", "lambda": "0.25", "reward": "", "cost": "", "request_id": request,
                 "user_id": user,
             }  # fmt: skip
-            ttl = await store.client.pttl(key)
+            ttl = await direct.pttl(key)
             result = await store.settle("c", [Outcome("d-1", 12.5, 300)])
             assert result.context_updates == [(user, "d-1", 12.5, 300)]
-            settled = parse_decision_record(await store.client.get(key))
+            settled = parse_decision_record(await direct.get(key))
             assert (settled["status"], settled["reward"], settled["cost"]) == ("S", "12.5", "300")
             assert (settled["user_id"], settled["request_id"], settled["action"]) == (user, request, "2")
-            assert 0 < await store.client.pttl(key) <= ttl  # settlement keeps the record's expiry
+            assert 0 < await direct.pttl(key) <= ttl  # settlement keeps the record's expiry
         finally:
             await store.close()
+            await direct.aclose()
 
     asyncio.run(scenario())
 
@@ -483,7 +488,7 @@ def test_decision_config_follows_every_campaign_change(redis_url: str, redis_pre
     without one (written by an earlier release) is read from the hash instead."""
 
     async def scenario() -> None:
-        store = RedisStateStore(redis_url, prefix=redis_prefix)
+        store, direct = RedisStateStore(redis_url, prefix=redis_prefix), aioredis.Redis.from_url(redis_url)
         try:
             await store.upsert_campaign("c", put(10_000, admin_lambda=0.5))
             config, _ = await store.load_for_decision("c", ["u"])
@@ -494,12 +499,13 @@ def test_decision_config_follows_every_campaign_change(redis_url: str, redis_pre
             config, _ = await store.load_for_decision("c", ["u"])
             assert config is not None
             assert (config.budget, config.admin_lambda, config.expected_users) == (7_000, None, 40)
-            await store.client.delete(store.config_key("c"))
+            await direct.delete(store.config_key("c"))
             again, (context,) = await store.load_for_decision("c", ["u"])
             assert again == config and context is None
             assert await store.load_for_decision("other", ["u"]) == (None, [])
         finally:
             await store.close()
+            await direct.aclose()
 
     asyncio.run(scenario())
 
@@ -509,24 +515,25 @@ def test_hash_decision_records_of_an_earlier_release_still_settle_and_expire(red
     an upgrade their outcomes still settle and their reservations still expire, until the records do."""
 
     async def scenario() -> None:
-        store = RedisStateStore(redis_url, prefix=redis_prefix)
+        store, direct = RedisStateStore(redis_url, prefix=redis_prefix), aioredis.Redis.from_url(redis_url)
         try:
             await store.upsert_campaign("c", put(10_000))
             for decision_id, user in (("d-old1", "u1"), ("d-old2", "u2")):  # as the earlier reserve.lua wrote
-                await store.client.hset(
+                await direct.hset(
                     store.decision_key("c", decision_id),
                     mapping={"u": user, "a": "2", "p": "1", "r": "500", "s": "R", "v": "v0", "l": "0.1", "q": ""},
                 )
-                await store.client.zadd(store.pending_key("c"), {decision_id: 1_000})
-            await store.client.hincrby(store.campaign_key("c"), "reserved", 1_000)
+                await direct.zadd(store.pending_key("c"), {decision_id: 1_000})
+            await direct.hincrby(store.campaign_key("c"), "reserved", 1_000)
             result = await store.settle("c", [Outcome("d-old1", 3.0, 200), Outcome("d-old1", 3.0, 200)])
             assert (result.accepted, result.duplicates, result.context_updates) == (1, 1, [("u1", "d-old1", 3.0, 200)])
             assert await store.sweep_expired("c", now_ms=2_000) == 1
             state = await store.get_campaign("c")
             assert state is not None and (state.spent, state.reserved) == (200, 0)
-            assert await store.client.hget(store.decision_key("c", "d-old2"), "s") == b"X"
+            assert await direct.hget(store.decision_key("c", "d-old2"), "s") == b"X"
         finally:
             await store.close()
+            await direct.aclose()
 
     asyncio.run(scenario())
 
