@@ -208,7 +208,13 @@ class DecisionEngine:
             }
             if decided.new:
                 new_steps.append(
-                    NewStep(decided.user_id, decided.decision_id, decided.action, little_endian[row].tobytes())
+                    NewStep(
+                        decided.user_id,
+                        decided.decision_id,
+                        decided.action,
+                        little_endian[row].tobytes(),
+                        contexts[row],
+                    )
                 )
                 by_action[decided.action] += 1
                 downgraded += decided.downgraded

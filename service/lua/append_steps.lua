@@ -5,31 +5,40 @@
 -- KEYS[i] a context key; ARGV[1] capacity (steps kept), ARGV[2] ttl ms, ARGV[3] the header of a new
 --   context; ARGV[4] the steps for KEYS[1..n] concatenated, each 32-byte decision id + i4 action + f4
 --   features, all the same size (one argument, not one per key: the client packs each argument apart).
+--   ARGV[4 + i] the first 23 bytes (the header) of KEYS[i]'s value as the caller read it ("" for none),
+--   ARGV[4 + n + i] the value the caller derived from that read with the step appended: stored as is when
+--   the header is unchanged (every writer changes it: an append moves t, an outcome the running to-go
+--   values), so Redis copies one string instead of rebuilding it; otherwise the step is appended here.
 -- Each key is handled on its own, so any subset of keys may be sent together (one call per Redis
 -- Cluster slot there; the service sends a request's users in one call to a standalone Redis).
 local capacity, ttl, initial, steps = tonumber(ARGV[1]), ARGV[2], ARGV[3], ARGV[4]
-local step_size = #steps / #KEYS
+local n = #KEYS
+local step_size = #steps / n
 local HEADER, HEADER_SIZE, PREFIX_SIZE, RUNNING_SIZE = '<BHI4dd', 23, 36, 20
 for i, key in ipairs(KEYS) do
-  local step = string.sub(steps, (i - 1) * step_size + 1, i * step_size)
-  local size = #step + RUNNING_SIZE
-  local raw = redis.call('GET', key)
-  local version, stored_size, t, rtg, ctg
-  if raw and #raw >= HEADER_SIZE then
-    version, stored_size, t, rtg, ctg = struct.unpack(HEADER, raw)
+  if redis.call('GETRANGE', key, 0, HEADER_SIZE - 1) == ARGV[4 + i] then
+    redis.call('SET', key, ARGV[4 + n + i], 'PX', ttl)
+  else
+    local step = string.sub(steps, (i - 1) * step_size + 1, i * step_size)
+    local size = #step + RUNNING_SIZE
+    local raw = redis.call('GET', key)
+    local version, stored_size, t, rtg, ctg
+    if raw and #raw >= HEADER_SIZE then
+      version, stored_size, t, rtg, ctg = struct.unpack(HEADER, raw)
+    end
+    if not raw or version ~= 1 or stored_size ~= size or (#raw - HEADER_SIZE) % size ~= 0 then
+      raw = initial -- absent, unreadable or written for another feature size: start afresh
+      version, stored_size, t, rtg, ctg = struct.unpack(HEADER, raw)
+    end
+    local record = string.sub(step, 1, PREFIX_SIZE) .. struct.pack('<ffffi4', 0, 0, rtg, ctg, t)
+      .. string.sub(step, PREFIX_SIZE + 1)
+    local body = string.sub(raw, HEADER_SIZE + 1) .. record
+    if capacity <= 0 then
+      body = ''
+    elseif #body > capacity * size then
+      body = string.sub(body, #body - capacity * size + 1)
+    end
+    redis.call('SET', key, struct.pack(HEADER, 1, size, t + 1, rtg, ctg) .. body, 'PX', ttl)
   end
-  if not raw or version ~= 1 or stored_size ~= size or (#raw - HEADER_SIZE) % size ~= 0 then
-    raw = initial -- absent, unreadable or written for another feature size: start afresh
-    version, stored_size, t, rtg, ctg = struct.unpack(HEADER, raw)
-  end
-  local record = string.sub(step, 1, PREFIX_SIZE) .. struct.pack('<ffffi4', 0, 0, rtg, ctg, t)
-    .. string.sub(step, PREFIX_SIZE + 1)
-  local body = string.sub(raw, HEADER_SIZE + 1) .. record
-  if capacity <= 0 then
-    body = ''
-  elseif #body > capacity * size then
-    body = string.sub(body, #body - capacity * size + 1)
-  end
-  redis.call('SET', key, struct.pack(HEADER, 1, size, t + 1, rtg, ctg) .. body, 'PX', ttl)
 end
 return #KEYS

@@ -118,6 +118,9 @@ class NewStep(NamedTuple):
     decision_id: str
     action: int
     features: bytes  # float32 little-endian
+    # the user's context as the decision read it: a store may write the appended value it derives from this
+    # when the context has not changed since (the Redis store checks the header), else it appends afresh
+    read: bytes | None = None
 
     def encoded(self) -> bytes:
         return new_step_bytes(self.decision_id, self.action, self.features)

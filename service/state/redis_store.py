@@ -50,7 +50,7 @@ from service.state.base import (
     StateStoreError,
     UserContext,
 )
-from service.state.context import empty_context, encode_decision_id
+from service.state.context import HEADER, append_step, empty_context, encode_decision_id
 from service.state.resp import ReplyError, RespConnection
 
 T = TypeVar("T")
@@ -283,7 +283,12 @@ class RedisStateStore(StateStore):
             return
         initial = empty_context(len(steps[0].features) // 4, initial_rtg, initial_ctg)
         keys = [self.context_key(campaign_id, s.user_id) for s in steps]
-        await self._eval("append_steps", keys, [capacity, ttl_ms, initial, b"".join([s.encoded() for s in steps])])
+        encoded = [s.encoded() for s in steps]
+        # the value each context becomes if it is still as the decision read it (checked by its header in
+        # the script): Redis then stores it as is instead of rebuilding it in Lua (~3x less Redis CPU)
+        seen = [b"" if s.read is None else s.read[: HEADER.size] for s in steps]
+        appended = [append_step(s.read, e, capacity, initial) for s, e in zip(steps, encoded, strict=True)]
+        await self._eval("append_steps", keys, [capacity, ttl_ms, initial, b"".join(encoded), *seen, *appended])
 
     # ---- outcomes --------------------------------------------------------------------------------
     async def settle(self, campaign_id: str, outcomes: list[Outcome]) -> SettleResult:

@@ -22,7 +22,7 @@ from service.state import (
     ReserveItem,
     StateStore,
 )
-from service.state.context import decode_context
+from service.state.context import append_step, decode_context, empty_context
 from service.state.memory import MemoryStateStore
 from service.state.redis_store import RedisStateStore, parse_decision_record
 from service.state.resp import pack_command
@@ -302,26 +302,68 @@ def test_contexts_append_trim_and_take_outcomes(run: Callable[[Scenario], Any]) 
 def test_both_stores_write_byte_identical_contexts(redis_url: str, redis_prefix: str) -> None:
     """The Lua scripts and the Python operations of service.state.context are one format."""
 
-    async def history(store: StateStore) -> list[bytes | None]:
+    async def history(store: StateStore, campaign: str, with_reads: bool) -> list[bytes | None]:
+        """Appends and outcomes; with_reads: each append carries the context as read just before it (the
+        decision path's way: Redis stores the value derived from it), else none (Redis appends in Lua)."""
+        await store.upsert_campaign(campaign, put(10_000))
         kw: dict[str, Any] = {"capacity": 2, "ttl_ms": DAY_MS, "initial_rtg": 7.25, "initial_ctg": 3.5}
         features = struct.pack("<3f", 0.5, -1.0, 1e-3)
         for n in range(4):
-            await store.append_steps("c", [NewStep(u, f"d-{u}{n}", n, features) for u in ("a", "b")], **kw)
-            await store.apply_outcomes_to_contexts("c", [("a", f"d-a{n}", 1.5 * n, 25 * n)], ttl_ms=DAY_MS)
-        _, contexts = await store.load_for_decision("c", ["a", "b"])
+            _, read = await store.load_for_decision(campaign, ["a", "b"])
+            steps = [
+                NewStep(u, f"d-{u}{n}", n, features, read[i] if with_reads else None) for i, u in enumerate(("a", "b"))
+            ]
+            await store.append_steps(campaign, steps, **kw)
+            await store.apply_outcomes_to_contexts(campaign, [("a", f"d-a{n}", 1.5 * n, 25 * n)], ttl_ms=DAY_MS)
+        _, contexts = await store.load_for_decision(campaign, ["a", "b"])
         return contexts
 
-    async def main() -> tuple[list[bytes | None], list[bytes | None]]:
+    async def main() -> list[list[bytes | None]]:
         memory, redis_store = MemoryStateStore(), RedisStateStore(redis_url, prefix=redis_prefix)
         try:
-            for store in (memory, redis_store):
-                await store.upsert_campaign("c", put(10_000))
-            return await history(memory), await history(redis_store)
+            return [
+                await history(memory, "c", with_reads=True),
+                await history(redis_store, "c", with_reads=False),
+                await history(redis_store, "c2", with_reads=True),
+            ]
         finally:
             await redis_store.close()
 
-    in_memory, in_redis = asyncio.run(main())
-    assert in_memory == in_redis and all(in_memory)
+    in_memory, in_redis_lua, in_redis_from_reads = asyncio.run(main())
+    assert in_memory == in_redis_lua == in_redis_from_reads and all(in_memory)
+
+
+def test_an_append_from_a_stale_read_keeps_what_changed_since(run: Callable[[Scenario], Any]) -> None:
+    """A decision's step carries the context as it read it; an outcome or another decision that changed
+    the context in between must not be lost (the Redis store then appends in Lua instead)."""
+
+    async def scenario(store: StateStore) -> None:
+        await store.upsert_campaign("c", put(10_000))
+        kw: dict[str, Any] = {"capacity": 5, "ttl_ms": DAY_MS, "initial_rtg": 50.0, "initial_ctg": 20.0}
+        await store.append_steps("c", [NewStep("u", "d-0", 1, ONE)], **kw)
+        _, (read,) = await store.load_for_decision("c", ["u"])
+        await store.apply_outcomes_to_contexts("c", [("u", "d-0", 3.0, 100)], ttl_ms=DAY_MS)  # after the read
+        await store.append_steps("c", [NewStep("u", "d-1", 2, ONE, read)], **kw)
+        _, (read,) = await store.load_for_decision("c", ["u"])
+        await store.append_steps("c", [NewStep("u", "d-2", 3, ONE)], **kw)  # another decision, after the read
+        await store.append_steps("c", [NewStep("u", "d-3", 1, ONE, read)], **kw)
+        _, (raw,) = await store.load_for_decision("c", ["u"])
+        u = decode_context(raw)
+        assert u is not None and (u.t, u.decision_ids) == (4, ["d-0", "d-1", "d-2", "d-3"])
+        assert (u.rtg, u.ctg) == (47.0, 19.0)
+        assert u.steps["reward"].tolist() == [3.0, 0.0, 0.0, 0.0] and u.steps["rtg"].tolist() == [
+            50.0,
+            47.0,
+            47.0,
+            47.0,
+        ]
+        # a fresh read: the stored value is exactly the read with the step appended
+        await store.append_steps("c", [NewStep("u", "d-4", 2, ONE, raw)], **kw)
+        _, (after,) = await store.load_for_decision("c", ["u"])
+        initial = empty_context(1, 50.0, 20.0)
+        assert after == append_step(raw, NewStep("u", "d-4", 2, ONE).encoded(), 5, initial)
+
+    run(scenario)
 
 
 def test_context_capacity_zero_keeps_only_running_values(run: Callable[[Scenario], Any]) -> None:
