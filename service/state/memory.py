@@ -26,7 +26,7 @@ from service.state.base import (
     StateStore,
     UserContext,
 )
-from service.state.context import append_step, apply_outcome, empty_context
+from service.state.context import append_steps_to, apply_outcome, empty_context
 
 RESERVED, SETTLED, EXPIRED = "R", "S", "X"
 
@@ -231,11 +231,21 @@ class MemoryStateStore(StateStore):
         initial = empty_context(len(steps[0].features) // 4, initial_rtg, initial_ctg)
         async with self._lock:
             now = _now_ms()
-            for step in steps:
-                key = (campaign_id, step.user_id)
-                entry = self._contexts.get(key)
-                context = entry[0] if entry is not None and entry[1] > now else None
-                self._contexts[key] = (append_step(context, step.encoded(), capacity, initial), now + ttl_ms)
+            if len({step.user_id for step in steps}) < len(steps):  # a user twice: each append sees the last
+                for step in steps:
+                    self._append(campaign_id, [step], capacity, ttl_ms, initial, now)
+            else:
+                self._append(campaign_id, steps, capacity, ttl_ms, initial, now)
+
+    def _append(
+        self, campaign_id: str, steps: list[NewStep], capacity: int, ttl_ms: int, initial: bytes, now: int
+    ) -> None:
+        keys = [(campaign_id, step.user_id) for step in steps]
+        entries = [self._contexts.get(key) for key in keys]
+        current = [entry[0] if entry is not None and entry[1] > now else None for entry in entries]
+        appended = append_steps_to(current, [step.encoded() for step in steps], capacity, initial)
+        for key, value in zip(keys, appended, strict=True):
+            self._contexts[key] = (value, now + ttl_ms)
 
     # ---- outcomes --------------------------------------------------------------------------------
     async def settle(self, campaign_id: str, outcomes: list[Outcome]) -> SettleResult:

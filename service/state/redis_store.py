@@ -50,7 +50,7 @@ from service.state.base import (
     StateStoreError,
     UserContext,
 )
-from service.state.context import HEADER, append_step, empty_context, encode_decision_id
+from service.state.context import HEADER, append_steps_to, empty_context, encode_decision_id
 from service.state.resp import ReplyError, RespConnection
 
 T = TypeVar("T")
@@ -287,7 +287,7 @@ class RedisStateStore(StateStore):
         # the value each context becomes if it is still as the decision read it (checked by its header in
         # the script): Redis then stores it as is instead of rebuilding it in Lua (~3x less Redis CPU)
         seen = [b"" if s.read is None else s.read[: HEADER.size] for s in steps]
-        appended = [append_step(s.read, e, capacity, initial) for s, e in zip(steps, encoded, strict=True)]
+        appended = append_steps_to([s.read for s in steps], encoded, capacity, initial)
         await self._eval("append_steps", keys, [capacity, ttl_ms, initial, b"".join(encoded), *seen, *appended])
 
     # ---- outcomes --------------------------------------------------------------------------------
