@@ -6,8 +6,14 @@ Key layout (P = configured prefix, T = the campaign's hash tag ``{c:<campaign_id
                           model_version, decisions
     P T:config            string "budget\tlambda\tusers\tcoupons": what a decision reads of the campaign,
                           written with the hash by upsert_campaign.lua (fetched in the contexts' MGET)
-    P T:pending           zset: decision ids holding a reservation, scored by their release deadline (ms)
-    P T:d:<decision_id>   string, tab-separated (one SET per decision): status (R reserved, S settled,
+    P T:pending           zset: what may hold reservations, scored by release deadline (ms): "b-<batch>" for a
+                          batch's records, a decision id for a record of its own; the sweep releases what
+                          is still reserved in it (settled records are skipped)
+    P T:b:<batch>         hash: field i is the record of decision "d-<batch>-<i>" (the ids the engine issues:
+                          one HSET per batch, TTL = decision TTL)
+    P T:d:<decision_id>   string: the record of a decision whose id is not a batch id (records of earlier
+                          releases, callers' own ids)
+                          A record is tab-separated: status (R reserved, S settled,
                           X expired), reserved cents, action, probability, decided at ms, model version,
                           lambda, reward and cost (empty until settled), length of the request id, request id,
                           user id; `parse_decision_record` reads it
@@ -29,6 +35,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import re
 from collections.abc import Awaitable, Callable, Sequence
 from functools import lru_cache
 from pathlib import Path
@@ -54,6 +61,7 @@ from service.state.context import HEADER, append_steps_to, empty_context, encode
 from service.state.resp import ReplyError, RespConnection
 
 T = TypeVar("T")
+BATCH_DECISION_ID = re.compile(r"d-([0-9a-f]{20})-([0-9]{1,5})")  # see service.engine.new_decision_ids
 log = logging.getLogger("saco.service.state")
 LUA_DIR = Path(__file__).resolve().parents[1] / "lua"
 SCRIPT_NAMES = ("upsert_campaign", "reserve", "settle", "sweep", "append_steps", "apply_outcomes")
@@ -145,6 +153,18 @@ class RedisStateStore(StateStore):
 
     def decision_key(self, campaign_id: str, decision_id: str) -> str:
         return f"{self._tag(campaign_id)}:d:{decision_id}"
+
+    def batch_key(self, campaign_id: str, batch: str) -> str:
+        return f"{self._tag(campaign_id)}:b:{batch}"
+
+    def decision_location(self, campaign_id: str, decision_id: str) -> tuple[str, str, str]:
+        """Where a decision's record lives: (key, field, pending member). A batch id ("d-<batch>-<i>", as
+        the engine issues them) is field i of its batch's hash, pending as "b-<batch>"; any other id is
+        a string key of its own (ids of earlier releases, callers' own ids), pending as itself."""
+        batch = BATCH_DECISION_ID.fullmatch(decision_id)
+        if batch is None:
+            return self.decision_key(campaign_id, decision_id), "", decision_id
+        return self.batch_key(campaign_id, batch[1]), batch[2], "b-" + batch[1]
 
     def request_key(self, campaign_id: str, request_id: str) -> str:
         return f"{self._tag(campaign_id)}:r:{request_id}"
@@ -242,12 +262,22 @@ class RedisStateStore(StateStore):
         decision_ttl_ms: int,
     ) -> ReserveResult:
         keys = [self.campaign_key(campaign_id), self.pending_key(campaign_id)]
+        record_keys: dict[str, int] = {}  # a batch's hash once, however many of its decisions
         packed = []
         for item in items:
-            keys.append(self.decision_key(campaign_id, item.decision_id))
+            key, field, member = self.decision_location(campaign_id, item.decision_id)
+            index = record_keys.get(key)
+            if index is None:
+                keys.append(key)
+                index = record_keys[key] = len(keys)
+            request_index = 0
             if item.request_id is not None:
                 keys.append(self.request_key(campaign_id, item.request_id))
-            packed.append([item.decision_id, item.user_id, item.request_id or "", item.preferences])
+                request_index = len(keys)
+            packed.append(
+                [item.decision_id, item.user_id, item.request_id or "", item.preferences, index, field, member,
+                 request_index]
+            )  # fmt: skip
         args = [now_ms, reservation_expiry_ms, decision_ttl_ms, model_version, repr(lam), json.dumps(packed)]
         reply = await self._eval("reserve", keys, args)
         if reply[0] == b"missing":
@@ -293,10 +323,11 @@ class RedisStateStore(StateStore):
     # ---- outcomes --------------------------------------------------------------------------------
     async def settle(self, campaign_id: str, outcomes: list[Outcome]) -> SettleResult:
         keys = [self.campaign_key(campaign_id), self.pending_key(campaign_id)]
-        keys += [self.decision_key(campaign_id, o.decision_id) for o in outcomes]
         args: list[Any] = []
         for outcome in outcomes:
-            args += [outcome.cost, repr(float(outcome.reward))]
+            key, field, _ = self.decision_location(campaign_id, outcome.decision_id)
+            keys.append(key)
+            args += [outcome.cost, repr(float(outcome.reward)), field]
         reply = await self._eval("settle", keys, args)
         if reply[0] == b"missing":
             raise CampaignNotFound(campaign_id)
@@ -326,9 +357,21 @@ class RedisStateStore(StateStore):
         await self._eval("apply_outcomes", keys, args)
 
     async def sweep_expired(self, campaign_id: str, now_ms: int, limit: int = 1000) -> int:
-        pending = self.pending_key(campaign_id)
-        due = [_text(d) for d in await self._call("ZRANGEBYSCORE", pending, "-inf", now_ms, "LIMIT", 0, limit)]
-        if not due:
-            return 0
-        keys = [self.campaign_key(campaign_id), pending] + [self.decision_key(campaign_id, d) for d in due]
-        return int(await self._eval("sweep", keys, [now_ms, *due]))
+        """Up to `limit` due pending entries, 16 per script call: a batch's entry holds up to max_batch
+        records, and no single call should hold Redis for long."""
+        pending, released, taken = self.pending_key(campaign_id), 0, 0
+        while taken < limit:
+            chunk = min(16, limit - taken)
+            due = [_text(m) for m in await self._call("ZRANGEBYSCORE", pending, "-inf", now_ms, "LIMIT", 0, chunk)]
+            if not due:
+                break
+            keys = [self.campaign_key(campaign_id), pending]
+            keys += [
+                self.batch_key(campaign_id, m[2:]) if m.startswith("b-") else self.decision_key(campaign_id, m)
+                for m in due
+            ]
+            released += int(await self._eval("sweep", keys, [now_ms, *due]))
+            taken += len(due)
+            if len(due) < chunk:
+                break
+        return released

@@ -118,11 +118,17 @@ def test_four_processes_never_overspend(
         # the ledger equals the sum of the live reservations recorded in Redis itself
         r = redis.Redis.from_url(redis_url)
         tag = f"{redis_prefix}{{c:race}}"
-        pending = [d.decode() for d in r.zrange(f"{tag}:pending", 0, -1)]
-        records = [parse_decision_record(r.get(f"{tag}:d:{d}")) for d in pending]
-        assert {record["status"] for record in records} <= {"R"}
-        amounts = [int(record["reserved"]) for record in records]
-        assert sum(amounts) == round(camp["reserved"] * 100)
-        assert set(pending) == set(live)
+        pending = [m.decode() for m in r.zrange(f"{tag}:pending", 0, -1)]
+        assert pending and all(m.startswith("b-") for m in pending)  # one entry per batch
+        reserved: dict[str, int] = {}  # decision id -> cents, of the records still reserved
+        for member in pending:
+            batch = member[2:]
+            for field, raw in r.hgetall(f"{tag}:b:{batch}").items():
+                record = parse_decision_record(raw)
+                assert record["status"] in {"R", "S"}
+                if record["status"] == "R" and int(record["reserved"]):
+                    reserved[f"d-{batch}-{field.decode()}"] = int(record["reserved"])
+        assert sum(reserved.values()) == round(camp["reserved"] * 100)
+        assert set(reserved) == set(live)
         r.close()
         print(f"race: {camp['decisions']} decisions in {elapsed:.1f}s, {len(observations)} observations")

@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 import redis.asyncio as aioredis
 
+from service.engine import new_decision_ids
 from service.state import (
     CampaignNotFound,
     CampaignUpdate,
@@ -601,3 +602,66 @@ def test_the_fast_command_packer_refuses_what_redis_py_refuses() -> None:
     for bad in (True, None, [1]):
         with pytest.raises(DataError):
             pack_command(("SET", "k", bad))
+
+
+def test_a_batch_of_decisions_settles_and_expires_record_by_record(run: Callable[[Scenario], Any]) -> None:
+    """The engine's ids ("d-<batch>-<i>"; Redis keeps the batch's records in one hash with one pending
+    entry): each decision still settles, counts a repeat once and expires on its own."""
+
+    async def scenario(store: StateStore) -> None:
+        await store.upsert_campaign("c", put(3_000))
+        ids = new_decision_ids(4)
+        now = int(time.time() * 1000)
+        batch = [
+            ReserveItem(ids[0], "u0", None, [3, 0]),
+            ReserveItem(ids[1], "u1", "req-1", [2, 0]),
+            ReserveItem(ids[2], "u2", None, [0]),
+            ReserveItem(ids[3], "u3", None, [3, 2, 1, 0]),  # 1000 + 500 taken: 1000 fits
+        ]
+        result = await reserve(store, "c", batch, now=now, expiry_ms=1000)
+        assert [(d.action, d.cost) for d in result.decisions] == [(3, 1000), (2, 500), (0, 0), (3, 1000)]
+        replay = await reserve(store, "c", [ReserveItem(new_decision_ids(1)[0], "u1", "req-1", [1, 0])], now=now)
+        assert (replay.decisions[0].decision_id, replay.decisions[0].new) == (ids[1], False)
+        with pytest.raises(CostAboveReservation):  # all or nothing: ids[0] is not settled either
+            await store.settle("c", [Outcome(ids[0], 5.0, 800), Outcome(ids[1], 1.0, 501)])
+        settled = await store.settle("c", [Outcome(ids[0], 5.0, 800), Outcome(ids[0], 5.0, 800), Outcome(ids[2], 0, 0)])
+        assert (settled.accepted, settled.duplicates, settled.unknown) == (2, 1, 0)
+        assert await store.sweep_expired("c", now + 999) == 0
+        assert await store.sweep_expired("c", now + 1000) == 2  # ids[1] and ids[3]; ids[0] was settled
+        state = await store.get_campaign("c")
+        assert state is not None and (state.spent, state.reserved, state.decisions) == (800, 0, 4)
+        late = await store.settle("c", [Outcome(ids[3], 2.0, 1000), Outcome(ids[0] + "9", 1.0, 0)])
+        assert (late.accepted, late.unknown) == (1, 1)
+        state = await store.get_campaign("c")
+        assert state is not None and (state.spent, state.overrun) == (1800, 0)
+
+    run(scenario)
+
+
+def test_redis_keeps_a_batch_in_one_hash_with_one_pending_entry(redis_url: str, redis_prefix: str) -> None:
+    async def scenario() -> None:
+        store, direct = RedisStateStore(redis_url, prefix=redis_prefix), aioredis.Redis.from_url(redis_url)
+        try:
+            await store.upsert_campaign("c", put(10**9))
+            ids = new_decision_ids(300)
+            await reserve(store, "c", [ReserveItem(d, f"u{i}", None, [1, 0]) for i, d in enumerate(ids)], now=5_000)
+            batch = ids[0].rsplit("-", 1)[0][2:]
+            key = store.batch_key("c", batch)
+            assert await direct.hlen(key) == 300 and 29 * DAY_MS < await direct.pttl(key) <= 30 * DAY_MS
+            record = parse_decision_record(await direct.hget(key, "299"))
+            assert (record["status"], record["reserved"], record["user_id"]) == ("R", "200", "u299")
+            assert await direct.zrange(store.pending_key("c"), 0, -1, withscores=True) == [
+                (f"b-{batch}".encode(), 5_000 + DAY_MS)
+            ]
+            assert await direct.exists(store.decision_key("c", ids[0])) == 0
+            await store.settle("c", [Outcome(ids[7], 1.0, 100)])
+            assert parse_decision_record(await direct.hget(key, "7"))["status"] == "S"
+            assert await store.sweep_expired("c", 5_000 + DAY_MS) == 299
+            assert {parse_decision_record(v)["status"] for v in (await direct.hgetall(key)).values()} == {"S", "X"}
+            state = await store.get_campaign("c")
+            assert state is not None and (state.reserved, state.spent) == (0, 100)
+        finally:
+            await store.close()
+            await direct.aclose()
+
+    asyncio.run(scenario())
