@@ -99,7 +99,7 @@ def build_inputs(
     ctg[current] = past.ctg
     timesteps[current] = past.t
     mask[current] = True
-    np.clip(timesteps, 0, manifest.max_timestep - 1, out=timesteps)
+    np.minimum(timesteps, manifest.max_timestep - 1, out=timesteps)  # never negative; np.clip costs ~30 us
     return PolicyInputs(
         states=states.reshape(rows, length, dim),
         actions=actions.reshape(rows, length),
