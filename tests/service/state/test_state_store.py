@@ -665,3 +665,22 @@ def test_redis_keeps_a_batch_in_one_hash_with_one_pending_entry(redis_url: str, 
             await direct.aclose()
 
     asyncio.run(scenario())
+
+
+def test_one_append_call_naming_a_user_twice_keeps_both_steps(run: Callable[[Scenario], Any]) -> None:
+    """A request may name a user twice: both decisions become steps, in order, whether or not the steps
+    carry the context their decision read (both read the same one)."""
+
+    async def scenario(store: StateStore) -> None:
+        await store.upsert_campaign("c", put(10_000))
+        kw: dict[str, Any] = {"capacity": 5, "ttl_ms": DAY_MS, "initial_rtg": 9.0, "initial_ctg": 3.0}
+        await store.append_steps("c", [NewStep("u", "d-0", 1, ONE)], **kw)
+        _, (read,) = await store.load_for_decision("c", ["u"])
+        await store.append_steps("c", [NewStep("u", "d-1", 2, ONE, read), NewStep("u", "d-2", 3, TWO, read)], **kw)
+        await store.append_steps("c", [NewStep("u", "d-3", 1, ONE), NewStep("u", "d-4", 2, ONE)], **kw)
+        _, (raw,) = await store.load_for_decision("c", ["u"])
+        u = decode_context(raw)
+        assert u is not None and (u.t, u.decision_ids) == (5, ["d-0", "d-1", "d-2", "d-3", "d-4"])
+        assert u.steps["t"].tolist() == [0, 1, 2, 3, 4] and u.steps["action"].tolist() == [1, 2, 3, 1, 2]
+
+    run(scenario)
