@@ -1,6 +1,6 @@
 -- Release reservations whose deadline passed (status R -> X, reserved -= amount).
 -- KEYS[1] campaign hash, KEYS[2] pending zset, KEYS[3..] the keys of the due members
--- ARGV[1] now ms, ARGV[2..] the pending members of KEYS[3..]: "b-<batch>" for a batch's hash of records
+-- ARGV[1] now ms, ARGV[2..] the pending members of KEYS[3..]: "b-<batch>" (20 hex digits) for a batch's hash of records
 --   (field -> record; its settled records are skipped), else a decision id whose record is its own key
 -- Returns the number released. Decision record: see reserve.lua (status first, then reserved cents); a
 -- hash record (fields s, r) of an earlier release is still released until it expires.
@@ -20,7 +20,7 @@ for i = 3, #KEYS do
   local deadline = redis.call('ZSCORE', pending, member)
   if deadline and tonumber(deadline) <= now then
     redis.call('ZREM', pending, member)
-    if string.sub(member, 1, 2) == 'b-' then
+    if #member == 22 and string.match(member, '^b%-%x+$') then -- "b-" and 20 hex digits
       local records = redis.call('HGETALL', key)
       for j = 1, #records, 2 do
         local value = records[j + 1]

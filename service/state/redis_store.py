@@ -62,6 +62,7 @@ from service.state.resp import ReplyError, RespConnection
 
 T = TypeVar("T")
 BATCH_DECISION_ID = re.compile(r"d-([0-9a-f]{20})-([0-9]{1,5})")  # see service.engine.new_decision_ids
+BATCH_MEMBER = re.compile(r"b-([0-9a-f]{20})")  # a batch's pending entry (sweep.lua tells it the same way)
 log = logging.getLogger("saco.service.state")
 LUA_DIR = Path(__file__).resolve().parents[1] / "lua"
 SCRIPT_NAMES = ("upsert_campaign", "reserve", "settle", "sweep", "append_steps", "apply_outcomes")
@@ -367,7 +368,7 @@ class RedisStateStore(StateStore):
                 break
             keys = [self.campaign_key(campaign_id), pending]
             keys += [
-                self.batch_key(campaign_id, m[2:]) if m.startswith("b-") else self.decision_key(campaign_id, m)
+                self.batch_key(campaign_id, m[2:]) if BATCH_MEMBER.fullmatch(m) else self.decision_key(campaign_id, m)
                 for m in due
             ]
             released += int(await self._eval("sweep", keys, [now_ms, *due]))
