@@ -144,10 +144,7 @@ class RespConnection:
 
     async def execute(self, *args: Any) -> Any:
         """One command; its reply as hiredis gives it (bytes, int, None, lists of those)."""
-        protocol = self._protocol
-        if protocol is None or protocol.closed:
-            protocol = await self._connect()
-        (reply,) = await self._await(protocol, protocol.send(pack_command(args), 1))
+        (reply,) = await self.pipeline(args)
         if isinstance(reply, ReplyError):
             raise reply
         return reply
@@ -158,14 +155,16 @@ class RespConnection:
         protocol = self._protocol
         if protocol is None or protocol.closed:
             protocol = await self._connect()
-        return await self._await(protocol, protocol.send(b"".join(pack_command(c) for c in commands), len(commands)))
+        return await self._roundtrip(protocol, commands)
 
     async def close(self) -> None:
         if self._protocol is not None:
             self._protocol.close(ConnectionError("connection closed by the service"))
             self._protocol = None
 
-    async def _await(self, protocol: _Protocol, futures: list[asyncio.Future[Any]]) -> list[Any]:
+    async def _roundtrip(self, protocol: _Protocol, commands: tuple[tuple[Any, ...], ...]) -> list[Any]:
+        futures = protocol.send(b"".join([pack_command(c) for c in commands]), len(commands))
+
         def expire() -> None:
             protocol.close(TimeoutError(f"no reply from redis within {self.timeout_s} s"))
 
@@ -201,9 +200,7 @@ class RespConnection:
             if endpoint.db:
                 setup.append(("SELECT", endpoint.db))
             if setup:
-                replies = await self._await(
-                    protocol, protocol.send(b"".join(pack_command(c) for c in setup), len(setup))
-                )
+                replies = await self._roundtrip(protocol, tuple(setup))
                 failed = [r for r in replies if isinstance(r, ReplyError)]
                 if failed:
                     protocol.close(ConnectionError("redis refused the connection setup"))
