@@ -74,41 +74,25 @@ def build_inputs(
     """Right-aligned model inputs: each user's last context_length-1 steps, then the current decision."""
     rows, dim = features.shape
     past = gather(contexts, dim, manifest.context_length - 1, manifest.initial_rtg, manifest.initial_ctg)
-    length = 1 + int(past.counts.max(initial=0))
-    # flat position of every kept step: user i's steps end just before its decision at i*length + length-1
-    ends = np.arange(rows) * length + length - 1
-    first = np.cumsum(past.counts) - past.counts  # index of each user's first step in past.steps
-    positions = np.arange(len(past.steps)) + np.repeat(ends - past.counts - first, past.counts)
-    current = ends
-
-    states = np.zeros((rows * length, dim), np.float32)
-    actions = np.zeros(rows * length, np.int64)
-    rtg = np.zeros(rows * length, np.float32)
-    ctg = np.zeros(rows * length, np.float32)
-    timesteps = np.zeros(rows * length, np.int64)
-    mask = np.zeros(rows * length, np.bool_)
-    steps = past.steps
-    states[positions] = steps["features"]
-    actions[positions] = steps["action"]
-    rtg[positions] = steps["rtg"]
-    ctg[positions] = steps["ctg"]
-    timesteps[positions] = steps["t"]
-    mask[positions] = True
-    states[current] = features
-    rtg[current] = past.rtg
-    ctg[current] = past.ctg
-    timesteps[current] = past.t
-    mask[current] = True
+    kept = int(past.counts.max(initial=0))  # the longest context sets the length; shorter ones are padded
+    length = kept + 1
+    window = past.steps[:, past.steps.shape[1] - kept :]  # [B, kept], zero records where padded
+    states = np.empty((rows, length, dim), np.float32)
+    actions = np.empty((rows, length), np.int64)
+    rtg = np.empty((rows, length), np.float32)
+    ctg = np.empty((rows, length), np.float32)
+    timesteps = np.empty((rows, length), np.int64)
+    mask = np.empty((rows, length), np.bool_)
+    states[:, :kept], states[:, kept] = window["features"], features
+    actions[:, :kept], actions[:, kept] = window["action"], 0
+    rtg[:, :kept], rtg[:, kept] = window["rtg"], past.rtg
+    ctg[:, :kept], ctg[:, kept] = window["ctg"], past.ctg
+    timesteps[:, :kept], timesteps[:, kept] = window["t"], past.t
+    mask[:, :kept], mask[:, kept] = np.arange(kept) >= (kept - past.counts)[:, None], True
     np.minimum(timesteps, manifest.max_timestep - 1, out=timesteps)  # never negative; np.clip costs ~30 us
-    return PolicyInputs(
-        states=states.reshape(rows, length, dim),
-        actions=actions.reshape(rows, length),
-        rtg=rtg.reshape(rows, length),
-        ctg=ctg.reshape(rows, length),
-        timesteps=timesteps.reshape(rows, length),
-        lam=np.full(rows, lam, np.float32),
-        mask=mask.reshape(rows, length),
-    )
+    lams = np.empty(rows, np.float32)
+    lams.fill(lam)
+    return PolicyInputs(states, actions, rtg, ctg, timesteps, lams, mask)
 
 
 def preferences(scores: np.ndarray, offered: list[int]) -> tuple[list[list[int]], np.ndarray]:

@@ -41,6 +41,8 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any, TypeVar, cast
 
+import orjson
+
 from service.state.base import (
     CampaignConfig,
     CampaignNotFound,
@@ -264,22 +266,31 @@ class RedisStateStore(StateStore):
     ) -> ReserveResult:
         keys = [self.campaign_key(campaign_id), self.pending_key(campaign_id)]
         record_keys: dict[str, int] = {}  # a batch's hash once, however many of its decisions
+        batches: dict[str, tuple[int, str]] = {}  # "d-<batch>" -> (its hash's key index, pending member)
         packed = []
         for item in items:
-            key, field, member = self.decision_location(campaign_id, item.decision_id)
-            index = record_keys.get(key)
-            if index is None:
-                keys.append(key)
-                index = record_keys[key] = len(keys)
+            decision_id = item.decision_id
+            head, _, field = decision_id.rpartition("-")
+            known = batches.get(head)
+            if known is not None and field.isascii() and field.isdigit() and len(field) <= 5:
+                index, member = known  # another decision of a batch already located (the usual case)
+            else:
+                key, field, member = self.decision_location(campaign_id, decision_id)
+                if key not in record_keys:
+                    keys.append(key)
+                    record_keys[key] = len(keys)
+                index = record_keys[key]
+                if field:
+                    batches[head] = index, member
             request_index = 0
             if item.request_id is not None:
                 keys.append(self.request_key(campaign_id, item.request_id))
                 request_index = len(keys)
             packed.append(
-                [item.decision_id, item.user_id, item.request_id or "", item.preferences, index, field, member,
+                [decision_id, item.user_id, item.request_id or "", item.preferences, index, field, member,
                  request_index]
             )  # fmt: skip
-        args = [now_ms, reservation_expiry_ms, decision_ttl_ms, model_version, repr(lam), json.dumps(packed)]
+        args = [now_ms, reservation_expiry_ms, decision_ttl_ms, model_version, repr(lam), orjson.dumps(packed)]
         reply = await self._eval("reserve", keys, args)
         if reply[0] == b"missing":
             raise CampaignNotFound(campaign_id)

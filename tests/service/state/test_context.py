@@ -1,11 +1,11 @@
-"""The context format's batch append is the per-context append, byte for byte."""
+"""The context format: batch append and batch read equal the per-context operations."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from service.state.context import append_step, append_steps_to, empty_context, new_step_bytes
+from service.state.context import append_step, append_steps_to, decode_context, empty_context, gather, new_step_bytes
 
 
 def grown(steps: int, dim: int, capacity: int, rng: np.random.Generator) -> bytes | None:
@@ -40,3 +40,34 @@ def test_batch_append_equals_one_by_one(capacity: int) -> None:
     if capacity > 1:
         assert len({len(raw or b"") for raw in raws}) > 3  # contexts of several lengths, grouped
     assert append_steps_to([], [], capacity, initial) == []
+
+
+@pytest.mark.parametrize("capacity", [0, 1, 3, 9])
+def test_gather_reads_each_users_last_steps(capacity: int) -> None:
+    """The batch read (contexts grouped by length) gives every user what decoding its context alone gives:
+    the last `capacity` steps right-aligned, the running values, and a fresh start for values not ours."""
+    rng = np.random.default_rng(10 + capacity)
+    dim, initial_rtg, initial_ctg = 5, 41.5, 12.25
+    raws: list[bytes | None] = [grown(int(rng.integers(0, 12)), dim, 9, rng) for _ in range(40)]
+    foreign = grown(4, dim, 9, rng)
+    assert foreign is not None
+    raws += [
+        None,
+        b"",
+        b"not a context",
+        grown(3, dim + 2, 9, rng),  # another feature size
+        bytes([2]) + foreign[1:],  # another format version, same length as ours
+    ]
+    batch = gather(raws, dim, capacity, initial_rtg, initial_ctg)
+    assert batch.steps.shape == (len(raws), capacity)
+    for i, raw in enumerate(raws):
+        view = decode_context(raw) if i < 40 else None
+        if view is None:
+            assert (batch.counts[i], batch.t[i], batch.rtg[i], batch.ctg[i]) == (0, 0, np.float32(41.5), 12.25)
+            assert not batch.steps[i].tobytes().strip(b"\0")
+            continue
+        kept = min(len(view.steps), capacity)
+        assert (batch.counts[i], batch.t[i]) == (kept, view.t)
+        assert (batch.rtg[i], batch.ctg[i]) == (np.float32(view.rtg), np.float32(view.ctg))
+        assert batch.steps[i, capacity - kept :].tobytes() == view.steps[len(view.steps) - kept :].tobytes()
+        assert not batch.steps[i, : capacity - kept].tobytes().strip(b"\0")

@@ -587,6 +587,7 @@ def test_hash_decision_records_of_an_earlier_release_still_settle_and_expire(red
         ("EVALSHA", "a" * 40, 2, "k1", b"k2", 7, -3, 0.25, 1e-05, "é-ü", b"\x00\xff" * 600, memoryview(b"mv")),
         ("CONFIG GET", "maxmemory"),
         (b"CLIENT SETNAME", "x"),
+        ("SET", "k", bytearray(b"ba"), 10**30, float("inf")),
         ("MGET", *(f"ctx:{i}" for i in range(300))),
     ],
 )
