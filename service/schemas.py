@@ -10,6 +10,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstra
 from service.money import to_cents
 
 CAMPAIGN_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$"
+CAMPAIGN_ID_TEXT = "letters, digits, . _ : -"
 
 
 def _two_decimals(value: float) -> float:

@@ -10,7 +10,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from service.engine import DecisionEngine
 from service.runtime import Runtime
-from service.schemas import CAMPAIGN_ID_PATTERN
+from service.schemas import CAMPAIGN_ID_PATTERN, CAMPAIGN_ID_TEXT
 
 
 async def get_runtime(request: Request) -> Runtime:
@@ -26,7 +26,7 @@ async def get_engine(request: Request) -> DecisionEngine:
 
 RuntimeDep = Annotated[Runtime, Depends(get_runtime)]
 EngineDep = Annotated[DecisionEngine, Depends(get_engine)]
-CampaignId = Annotated[str, Path(pattern=CAMPAIGN_ID_PATTERN, description="letters, digits, . _ : -")]
+CampaignId = Annotated[str, Path(pattern=CAMPAIGN_ID_PATTERN, description=CAMPAIGN_ID_TEXT)]
 
 _bearer = HTTPBearer(auto_error=False)
 

@@ -9,6 +9,7 @@ import pytest
 from fastapi.testclient import TestClient
 from svc_http import ADMIN, COUPONS, campaign_body, users
 
+from service.schemas import CAMPAIGN_ID_PATTERN
 from service.state.context import decode_context
 
 
@@ -49,10 +50,22 @@ def test_health_ready_metrics(client: TestClient) -> None:
 
 
 def test_openapi_documents_the_decisions_body(client: TestClient) -> None:
-    """The decisions route parses its body itself (one pass of pydantic's JSON parser); its schema is
-    still published, every reference resolving within the document."""
+    """The decisions route is a plain route that parses its body itself (one pass of pydantic's JSON
+    parser); its operation is still published as FastAPI writes one, every reference resolving."""
     spec = client.get("/openapi.json").json()
-    body = spec["paths"]["/v1/campaigns/{campaign_id}/decisions"]["post"]["requestBody"]
+    operation = spec["paths"]["/v1/campaigns/{campaign_id}/decisions"]["post"]
+    (parameter,) = operation["parameters"]
+    assert parameter["in"] == "path" and parameter["name"] == "campaign_id" and parameter["required"]
+    assert parameter["schema"]["pattern"] == CAMPAIGN_ID_PATTERN
+    ok = operation["responses"]["200"]["content"]["application/json"]["schema"]["$ref"]
+    assert ok == "#/components/schemas/DecisionsResponse"
+    assert spec["components"]["schemas"]["DecisionsResponse"]["properties"]["decisions"]["items"] == {
+        "$ref": "#/components/schemas/Decision"
+    }
+    assert set(spec["components"]["schemas"]["Decision"]["properties"]) >= {"decision_id", "action", "lambda"}
+    invalid = operation["responses"]["422"]["content"]["application/json"]["schema"]["$ref"]
+    assert invalid.split("/")[-1] in spec["components"]["schemas"]
+    body = operation["requestBody"]
     assert body["content"]["application/json"]["schema"] == {"$ref": "#/components/schemas/DecisionsRequest"}
     schemas = spec["components"]["schemas"]
     items = schemas["DecisionsRequest"]["properties"]["requests"]["items"]
