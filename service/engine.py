@@ -125,8 +125,9 @@ class DecisionEngine:
         self.store = store
         self.batcher = batcher
         self.metrics = metrics
-        # context writes still in flight, by (campaign, user): the next read of that user waits for them
-        self._writes: dict[tuple[str, str], asyncio.Task[None]] = {}
+        # context writes still in flight, each with its campaign and users: the next read of one of those
+        # users waits for it
+        self._writes: dict[asyncio.Task[None], tuple[str, frozenset[str]]] = {}
 
     # ---- decisions -------------------------------------------------------------------------------
     async def decide(self, campaign_id: str, body: DecisionsRequest) -> bytes:
@@ -138,14 +139,19 @@ class DecisionEngine:
             raise InvalidInput(
                 ("requests",), f"at most {self.settings.max_batch} requests per call, got {len(requests)}"
             )
-        for i, item in enumerate(requests):
-            if len(item.features) != manifest.feature_dim:
-                raise InvalidInput(
-                    ("requests", i, "features"),
-                    f"must have {manifest.feature_dim} values (the model's feature_dim), got {len(item.features)}",
-                )
-        with np.errstate(over="ignore"):
-            features = np.array([item.features for item in requests], np.float32)
+        dim = manifest.feature_dim
+        try:
+            with np.errstate(over="ignore"):
+                features = np.array([item.features for item in requests], np.float32)
+        except ValueError:  # rows of different lengths
+            features = np.empty((0, 0), np.float32)
+        if features.shape != (len(requests), dim):
+            for i, item in enumerate(requests):
+                if len(item.features) != dim:
+                    raise InvalidInput(
+                        ("requests", i, "features"),
+                        f"must have {dim} values (the model's feature_dim), got {len(item.features)}",
+                    )
         if not np.isfinite(features).all():  # finite doubles that overflow float32
             row = int(np.argwhere(~np.isfinite(features))[0][0])
             raise InvalidInput(("requests", row, "features"), "values must fit a 32-bit float")
@@ -163,10 +169,9 @@ class DecisionEngine:
 
         prefs, priority = preferences(scores, list(campaign.coupons))
         order = priority.tolist()
-        items = [
-            ReserveItem(decision_id, requests[i].user_id, requests[i].request_id, prefs[i])
-            for decision_id, i in zip(new_decision_ids(len(order)), order, strict=True)
-        ]
+        request_ids = [r.request_id for r in requests]
+        decision_ids = new_decision_ids(len(order))
+        items = [ReserveItem(decision_ids[k], user_ids[i], request_ids[i], prefs[i]) for k, i in enumerate(order)]
         settings = self.settings
         result = await self.store.reserve(
             campaign_id,
@@ -179,8 +184,9 @@ class DecisionEngine:
         )
         decisions: list[dict[str, Any]] = [{}] * len(requests)
         new_steps: list[NewStep] = []
-        little_endian = features.astype("<f4", copy=False)
-        by_action: Counter[int] = Counter()
+        step_features = features.astype("<f4", copy=False).tobytes()  # row i: [i * width, (i + 1) * width)
+        width = 4 * dim
+        taken: list[int] = []  # actions of the new decisions
         downgraded = replayed = 0
         for row, decided in zip(order, result.decisions, strict=True):
             decisions[row] = {
@@ -197,11 +203,11 @@ class DecisionEngine:
                         decided.user_id,
                         decided.decision_id,
                         decided.action,
-                        little_endian[row].tobytes(),
+                        step_features[row * width : (row + 1) * width],
                         contexts[row],
                     )
                 )
-                by_action[decided.action] += 1
+                taken.append(decided.action)
                 downgraded += decided.downgraded
             else:
                 replayed += 1
@@ -209,7 +215,7 @@ class DecisionEngine:
             # The answer does not wait for the context write: the reservations are what must be durable
             # before it. The next decision or outcome for these users in this process waits for it.
             self._write_behind(campaign_id, new_steps, manifest)
-        for action, count in by_action.items():
+        for action, count in Counter(taken).items():
             self.metrics.decisions.labels(action=str(action)).inc(count)
         if downgraded:
             self.metrics.reservations_refused.labels(campaign=campaign_id).inc(downgraded)
@@ -235,29 +241,24 @@ class DecisionEngine:
                 log.warning("context write failed after a successful reservation", exc_info=True)
 
         task = asyncio.get_running_loop().create_task(write())
-        keys = [(campaign_id, step.user_id) for step in steps]
-        for key in keys:
-            self._writes[key] = task
-
-        def forget(_: asyncio.Task[None]) -> None:
-            for key in keys:
-                if self._writes.get(key) is task:
-                    del self._writes[key]
-
-        task.add_done_callback(forget)
+        self._writes[task] = campaign_id, frozenset([step.user_id for step in steps])
+        task.add_done_callback(self._writes.pop)
 
     async def contexts_written(self, campaign_id: str, user_ids: list[str]) -> None:
         """Wait for the context writes in flight for these users."""
         if self._writes:
-            writes = self._writes
-            pending = {writes[key] for key in ((campaign_id, u) for u in user_ids) if key in writes}
+            pending = [
+                task
+                for task, (campaign, users) in self._writes.items()
+                if campaign == campaign_id and not users.isdisjoint(user_ids)
+            ]
             if pending:
                 await asyncio.wait(pending)
 
     async def drain(self) -> None:
         """Wait for every context write in flight (shutdown; tests that read the store directly)."""
         while self._writes:
-            await asyncio.wait(set(self._writes.values()))
+            await asyncio.wait(list(self._writes))
 
     # ---- outcomes --------------------------------------------------------------------------------
     async def record_outcomes(self, campaign_id: str, body: OutcomesRequest) -> OutcomesResponse:
