@@ -46,8 +46,13 @@ class Ticket:
     def close(self) -> None:
         if self._batcher is not None:
             with self._batcher._ready:
-                self._batcher._expected -= 1
-                self._batcher._ready.notify()  # a thread waiting for this request stops waiting
+                self.close_locked()
+
+    def close_locked(self) -> None:
+        """`close` for a caller that holds the batcher's lock."""
+        if self._batcher is not None:
+            self._batcher._expected -= 1
+            self._batcher._ready.notify()  # a thread waiting for this request stops waiting
             self._batcher = None
 
 
@@ -108,6 +113,10 @@ class MicroBatcher:
                     self._metrics.overloaded.inc()
                     raise BatcherOverloaded("inference queue is full")
                 self._jobs.append(_Job(policy, inputs, future))
+                if ticket is not None:
+                    # closed with the rows queued, under the same lock: the thread that takes them must not
+                    # see this request still announced and wait for it (an extra wake-up per request)
+                    ticket.close_locked()
                 self._ready.notify()
         finally:
             if ticket is not None:
