@@ -22,8 +22,10 @@ from offline.trajectories import Trajectories, build_trajectories, make_batch, s
 class TrainConfig:
     objective: str = "value"
     token_layout: str = "step"
-    context_length: int = 10
-    d_model: int = 64
+    # 6 steps and width 32: the same revenue at equal spend as 10 and 64 (benchmarks/model_variants.py, two
+    # seeds; docs/offline.md) for ~35% less of the serving forward at 128 users
+    context_length: int = 6
+    d_model: int = 32
     n_layers: int = 1  # serving budget: a 2nd layer gains <=0.8% revenue for ~3x the forward (docs/service.md)
     n_heads: int = 4
     dropout: float = 0.1

@@ -82,14 +82,14 @@ def simulate(
 def train(
     logs: Annotated[Path, typer.Option(help="logs (.parquet, Parquet directory, or .csv)")],
     store: Annotated[Path, typer.Option(help="model store directory")],
-    epochs: Annotated[int, typer.Option(min=1)] = 12,
+    epochs: Annotated[int | None, typer.Option(min=1, help="default: TrainConfig's (12)")] = None,
     seed: Annotated[int, typer.Option()] = 0,
     objective: Annotated[str, typer.Option(help="value | dt-lagrangian | dt-literal")] = "value",
     token_layout: Annotated[str, typer.Option(help="step (one token per step) | dt4 (the paper's 4 tokens)")] = "step",
-    context_length: Annotated[int, typer.Option(min=1)] = 10,
-    d_model: Annotated[int, typer.Option(min=8)] = 64,
-    layers: Annotated[int, typer.Option(min=1)] = 1,
-    heads: Annotated[int, typer.Option(min=1)] = 4,
+    context_length: Annotated[int | None, typer.Option(min=1, help="steps the model sees (default 6)")] = None,
+    d_model: Annotated[int | None, typer.Option(min=8, help="width (default 32)")] = None,
+    layers: Annotated[int | None, typer.Option(min=1, help="default 1")] = None,
+    heads: Annotated[int | None, typer.Option(min=1, help="default 4")] = None,
     no_promote: Annotated[bool, typer.Option(help="publish without making it current")] = False,
 ) -> None:
     """Train the SACO model on logs, export TorchScript and publish a new version."""
@@ -105,8 +105,10 @@ def train(
     data = load_logs(logs)
     print(f"loaded {data.n_rows} rows, {data.n_users} users, {data.feature_dim} features, "
           f"{data.num_actions} actions", file=sys.stderr)
-    cfg = TrainConfig(objective=objective, token_layout=token_layout, context_length=context_length,
-                      d_model=d_model, n_layers=layers, n_heads=heads, epochs=epochs, seed=seed)
+    given = {"context_length": context_length, "d_model": d_model, "n_layers": layers, "n_heads": heads,
+             "epochs": epochs}
+    cfg = TrainConfig(objective=objective, token_layout=token_layout, seed=seed,
+                      **{name: value for name, value in given.items() if value is not None})
     result = fit(data, cfg)
     artifact = export_and_publish(result, data, ModelStore(store), make_current=not no_promote)
     _emit({"version": artifact.version, "store": str(store), "objective": objective,
