@@ -105,7 +105,7 @@ def train(
     data = load_logs(logs)
     print(f"loaded {data.n_rows} rows, {data.n_users} users, {data.feature_dim} features, "
           f"{data.num_actions} actions", file=sys.stderr)
-    given = {"context_length": context_length, "d_model": d_model, "n_layers": layers, "n_heads": heads,
+    given: dict[str, Any] = {"context_length": context_length, "d_model": d_model, "n_layers": layers, "n_heads": heads,
              "epochs": epochs}
     cfg = TrainConfig(objective=objective, token_layout=token_layout, seed=seed,
                       **{name: value for name, value in given.items() if value is not None})
