@@ -11,7 +11,7 @@ import torch
 
 from model_store import Artifact, ModelStore, load_scripted, save_scripted
 from offline.logs import Logs
-from offline.model import PolicyModule, parameter_count
+from offline.model import PolicyModule, SacoTransformer, parameter_count
 from offline.train import TrainResult, config_dict
 from offline.trajectories import make_batch
 
@@ -45,23 +45,35 @@ def smoke_test(module: torch.nn.Module, feature_dim: int, num_actions: int, cont
         raise ExportError(f"policy smoke test failed: output shape {tuple(out.shape)}, expected {(b, num_actions)}")
 
 
+def write_policy(model: SacoTransformer, path: Path) -> PolicyModule:
+    """Write what is exported for `model` (its `PolicyModule`, scripted) to `path`; returns the eager module."""
+    module = PolicyModule(model.eval()).eval()
+    save_scripted(module, path)
+    return module
+
+
 def export_and_publish(
     result: TrainResult, logs: Logs, store: ModelStore, extra_metrics: dict[str, Any] | None = None,
     make_current: bool = True,
 ) -> Artifact:
     model = result.model.eval()
-    module = PolicyModule(model).eval()
     cfg = model.cfg
     inputs = parity_batch(result)
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "model.pt"
-        save_scripted(module, path)
+        module = write_policy(model, path)
         loaded = load_scripted(path)
         with torch.inference_mode():
-            eager, scripted = module(*inputs), loaded(*inputs)
+            reference, eager, scripted = model.decide(*inputs), module(*inputs), loaded(*inputs)
         diff = float((eager - scripted).abs().max())
         if not diff <= PARITY_TOLERANCE:
             raise ExportError(f"scripted policy differs from the eager model by {diff:.2e} (> {PARITY_TOLERANCE})")
+        # the policy folds the model's weights together: same scores as the training forward, up to float32
+        # rounding (relative to the scores' size: with a revenue scale of ~100 they reach ~40)
+        folded = float((eager - reference).abs().max()) / max(1.0, float(reference.abs().max()))
+        if not folded <= PARITY_TOLERANCE:
+            raise ExportError(f"policy differs from the model's forward by {folded:.2e} of the largest score "
+                              f"(> {PARITY_TOLERANCE})")
         action_costs = [
             float(logs.cost[logs.action == a].mean()) if np.any(logs.action == a) else 0.0
             for a in range(cfg.num_actions)

@@ -18,6 +18,7 @@ Two kinds of output, read at the decision token:
   prices cost exactly as in the dual (6) and spend is monotone in lambda by construction.
 """
 
+import copy
 import math
 from dataclasses import asdict, dataclass
 
@@ -57,16 +58,10 @@ class CausalSelfAttention(nn.Module):
         self.proj = nn.Linear(cfg.d_model, cfg.d_model)
         self.dropout = cfg.dropout
 
-    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor, queries: int) -> torch.Tensor:
-        """Attention outputs for the last `queries` tokens of `x` (all tokens when queries == n)."""
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor) -> torch.Tensor:
         b, n, c = x.shape
         h, dh = self.n_heads, c // self.n_heads
-        w_q, w_k, w_v = self.qkv.weight.split(c)
-        b_q, _, b_v = self.qkv.bias.split(c)  # the key bias moves no attention weight (see _one_query)
-        # queries only for the tokens asked for (the decision path asks for one)
-        q = F.linear(x[:, n - queries:], w_q, b_q).view(b, queries, h, dh).transpose(1, 2)
-        if queries == 1 and not self.training:
-            return self.proj(self._one_query(x, q[:, :, 0], attn_mask[:, :, 0], w_k, w_v, b_v)).unsqueeze(1)
+        q = F.linear(x, self.qkv.weight[:c], self.qkv.bias[:c]).view(b, n, h, dh).transpose(1, 2)
         k, v = F.linear(x, self.qkv.weight[c:], self.qkv.bias[c:]).split(c, dim=2)
         k = k.view(b, n, h, dh).transpose(1, 2)
         v = v.view(b, n, h, dh).transpose(1, 2)
@@ -77,24 +72,7 @@ class CausalSelfAttention(nn.Module):
         weights = torch.exp(scores - scores.amax(dim=-1, keepdim=True))  # softmax: 5x faster than the
         weights = weights / weights.sum(dim=-1, keepdim=True)  # library's on a last dim of ~10 (CPU)
         y = F.dropout(weights, self.dropout, self.training) @ v
-        return self.proj(y.transpose(1, 2).reshape(b, queries, c))
-
-    def _one_query(self, x: torch.Tensor, q: torch.Tensor, attn_mask: torch.Tensor, w_k: torch.Tensor,
-                   w_v: torch.Tensor, b_v: torch.Tensor) -> torch.Tensor:
-        """One query per row (q [B, h, dh]) without projecting the n keys and values: the projections
-        move to the query side, so all per-token work is two [B, h, c] x [B, c, n] products.
-        q.(W_k x_j + b_k) = (W_k^T q).x_j + q.b_k, and q.b_k is the same for every key (the softmax drops it);
-        sum_j w_j (W_v x_j + b_v) = W_v (sum_j w_j x_j) + b_v, as the weights sum to 1."""
-        b, c = x.shape[0], x.shape[2]
-        h, dh = q.shape[1], q.shape[2]
-        q_in = torch.bmm(q.transpose(0, 1), w_k.view(h, dh, c)).transpose(0, 1)  # [B, h, c]
-        scores = torch.bmm(q_in, x.transpose(1, 2)) * (1.0 / math.sqrt(dh))  # [B, h, n]
-        scores = scores.masked_fill(~attn_mask, float("-inf"))
-        weights = torch.exp(scores - scores.amax(dim=-1, keepdim=True))
-        weights = weights / weights.sum(dim=-1, keepdim=True)
-        mixed = torch.bmm(weights, x)  # [B, h, c]: the attention-weighted input of each head
-        y = torch.bmm(mixed.transpose(0, 1), w_v.view(h, dh, c).transpose(1, 2))  # [h, B, dh]
-        return y.transpose(0, 1).reshape(b, c) + b_v
+        return self.proj(y.transpose(1, 2).reshape(b, n, c))
 
 
 class Block(nn.Module):
@@ -108,9 +86,8 @@ class Block(nn.Module):
             nn.Dropout(cfg.dropout),
         )
 
-    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor, queries: int) -> torch.Tensor:
-        """The block's output for the last `queries` tokens (the decision path needs only one)."""
-        x = x[:, x.shape[1] - queries:] + self.attn(self.ln1(x), attn_mask, queries)
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.ln1(x), attn_mask)
         return x + self.mlp(self.ln2(x))
 
 
@@ -253,38 +230,13 @@ class SacoTransformer(nn.Module):
         return torch.where(lag >= 0, decays.view(1, -1, 1) ** lag.clamp(min=0.0), torch.zeros_like(lag))
 
     @staticmethod
-    def _attention_mask(token_mask: torch.Tensor, queries: int) -> torch.Tensor:
-        """[B, 1, queries, M]: causal over real tokens; every query sees itself (no NaN on padding)."""
-        b, m = token_mask.shape
-        if queries == 1:  # the decision token: every real token, and itself
-            return torch.cat([token_mask[:, :-1], torch.ones_like(token_mask[:, -1:])], dim=1).view(b, 1, 1, m)
-        rows = torch.arange(m - queries, m, device=token_mask.device).unsqueeze(1)
+    def _attention_mask(token_mask: torch.Tensor) -> torch.Tensor:
+        """[B, 1, M, M]: causal over real tokens; every token sees itself (no NaN on padding)."""
+        m = token_mask.shape[1]
+        rows = torch.arange(m, device=token_mask.device).unsqueeze(1)
         cols = torch.arange(m, device=token_mask.device).unsqueeze(0)
         allowed = (cols <= rows).unsqueeze(0) & token_mask.unsqueeze(1)
         return (allowed | (cols == rows).unsqueeze(0)).unsqueeze(1)
-
-    def _hidden(
-        self,
-        states: torch.Tensor,
-        actions: torch.Tensor,
-        rtg: torch.Tensor,
-        ctg: torch.Tensor,
-        timesteps: torch.Tensor,
-        lam: torch.Tensor,
-        mask: torch.Tensor,
-        decision_only: bool,
-    ) -> torch.Tensor:
-        """Final hidden states [B, M, h] of every token, or [B, 1, h] of the decision token only (then the
-        last block computes that one query: every earlier block must still see all tokens)."""
-        x, token_mask = self._tokens(states, actions, rtg, ctg, timesteps, lam, mask)
-        m = x.shape[1]
-        if len(self.blocks) > 0 or not decision_only:  # (a 1-layer decision path needs no full mask)
-            attn_mask = self._attention_mask(token_mask, m)
-            for block in self.blocks:
-                x = block(x, attn_mask, m)
-            if not decision_only:
-                return self.ln_out(self.last_block(x, attn_mask, m))
-        return self.ln_out(self.last_block(x, self._attention_mask(token_mask, 1), 1))
 
     def forward(
         self,
@@ -298,7 +250,11 @@ class SacoTransformer(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Training: action logits [B, L, K] and value heads [B, L, 4, K] (scaled units) at every step."""
         b, n = actions.shape
-        x = self._hidden(states, actions, rtg, ctg, timesteps, lam, mask, False)
+        x, token_mask = self._tokens(states, actions, rtg, ctg, timesteps, lam, mask)
+        attn_mask = self._attention_mask(token_mask)
+        for block in self.blocks:
+            x = block(x, attn_mask)
+        x = self.ln_out(self.last_block(x, attn_mask))
         if not self.step_layout:
             x = torch.cat([x, x[:, -1:]], dim=1).reshape(b, n, 4, -1)[:, :, 2]  # read at the state tokens
         return self.action_head(x), self.value_head(x).view(b, n, 4, self.num_actions)
@@ -313,23 +269,122 @@ class SacoTransformer(nn.Module):
         lam: torch.Tensor,
         mask: torch.Tensor,
     ) -> torch.Tensor:
-        """Serving: decision scores [B, K] for the last step. The last block runs for that token only."""
-        b = actions.shape[0]
-        x = self._hidden(states, actions, rtg, ctg, timesteps, lam, mask, True)[:, 0]
+        """Decision scores [B, K] for the last step, read from the training forward: the reference that
+        `PolicyModule` (what is exported) computes with folded weights."""
+        logits, values = self(states, actions, rtg, ctg, timesteps, lam, mask)
         if self.value_objective:
-            v = self.value_head(x).view(b, 4, self.num_actions)
+            v = values[:, -1]
             revenue = (v[:, 0] + self.future_weight * v[:, 2]) * self.rtg_scale
             cost = (v[:, 1] + self.future_weight * v[:, 3]) * self.ctg_scale
             return revenue - lam.view(-1, 1) * cost
-        return self.action_head(x)
+        return logits[:, -1]
 
 
 class PolicyModule(nn.Module):
-    """What is exported: raw inputs -> decision scores [B, K] for the last step (argmax = the policy)."""
+    """What is exported: raw inputs -> decision scores [B, K] for the last step (argmax = the policy).
+
+    `SacoTransformer.decide` with the model's linear maps folded together when this module is built, since a
+    CPU forward over ~10 steps costs mostly per-op overhead:
+    - a step token is a row of a per-timestep table plus one matmul of [states, to-go values, (lambda,)
+      history]. The state normalisation, every bias and the embeddings of the previous step's action and
+      outcome are in the two (that step's events are the history with decay 0), and the history's time
+      weights are one block matrix over the flattened events;
+    - the last block runs for the decision token only, with the key projection folded into the query's:
+      q.(W_k x + b_k) = (W_k^T q).x + q.b_k, and the softmax drops q.b_k; and the value projection into the
+      output projection: W_o (W_v sum_j w_j x_j + b_v), as the weights sum to 1;
+    - the value heads give revenue and cost in raw units directly, future weight included.
+    The folded tensors are a snapshot: build this module after training. They are non-persistent buffers (the
+    state dict is the model's); the TorchScript export keeps them.
+    """
+
+    token_weight: torch.Tensor
+    time_rows: torch.Tensor
+    history_decays: torch.Tensor
+    history_matrix: torch.Tensor
+    to_go_scale: torch.Tensor
+    action_ids: torch.Tensor
+    query_weight: torch.Tensor
+    query_bias: torch.Tensor
+    mix_weight: torch.Tensor
+    mix_bias: torch.Tensor
+    head_weight: torch.Tensor
+    head_bias: torch.Tensor
 
     def __init__(self, model: SacoTransformer) -> None:
         super().__init__()
         self.model = model
+        self.num_actions = model.num_actions
+        self.context_length = model.cfg.context_length
+        self.n_heads = model.cfg.n_heads
+        self.step_layout = model.step_layout
+        self.use_lambda = model.use_lambda
+        self.value_objective = model.value_objective
+        with torch.no_grad():
+            exact = copy.deepcopy(model).double()  # folded in float64, then rounded once
+            self._fold_tokens(exact)
+            self._fold_attention(exact.last_block.attn)
+            self._fold_heads(exact)
+
+    def _buffer(self, name: str, value: torch.Tensor) -> None:
+        if value.is_floating_point():
+            value = value.to(self.model.state_mean.dtype)
+        self.register_buffer(name, value.detach().clone().contiguous(), persistent=False)
+
+    def _fold_tokens(self, m: SacoTransformer) -> None:
+        k = m.num_actions
+        state = m.embed_state.weight / m.state_std  # W (s - mean) / std = (W / std) s - (W / std) mean
+        none = m.embed_action.weight[k]  # "no previous action"; a one-hot action a adds row a - row none
+        weights = [state, m.embed_rtg.weight, m.embed_ctg.weight]
+        bias = m.embed_state.bias - state @ m.state_mean + m.embed_rtg.bias + m.embed_ctg.bias + none
+        if self.use_lambda:
+            weights.append(m.embed_lambda.weight)
+            bias = bias + m.embed_lambda.bias
+        # the previous step's events: one-hot action, reward, cost (and the purchase, not read here)
+        weights += [(m.embed_action.weight[:k] - none).T, m.embed_outcome.weight, torch.zeros_like(m.embed_rtg.weight)]
+        bias = bias + m.embed_outcome.bias
+        if m.use_history:
+            weights.append(m.embed_history.weight)
+            bias = bias + m.embed_history.bias
+        self._buffer("token_weight", torch.cat(weights, dim=1).T)  # [inputs, h], as addmm_ takes it
+        self._buffer("time_rows", m.embed_time.weight + bias)
+        history = m.history_decay if m.use_history else m.history_decay[:0]  # (a placeholder decay when none)
+        decays = torch.cat([history.new_zeros(1), history])
+        self._buffer("history_decays", decays)
+        self._buffer("history_matrix", self._history_matrix(decays, self.context_length, k + 3))
+        self._buffer("to_go_scale", torch.stack([m.rtg_scale, m.ctg_scale]).view(2, 1))
+        self._buffer("action_ids", torch.arange(k, device=decays.device).view(k, 1))
+
+    @staticmethod
+    def _history_matrix(decays: torch.Tensor, n: int, f: int) -> torch.Tensor:
+        """[F*(L-1), L*D*F]: events [B, F, L-1] (steps 0..L-2; the last step's are never read), flattened,
+        times this are the decayed sums of `SacoTransformer._history` per step and decay, [B, L, D*F]."""
+        weights = SacoTransformer._history_weights(decays, n)[:, :, : n - 1].permute(2, 0, 1)  # [L-1, L, D]
+        eye = torch.eye(f, dtype=decays.dtype, device=decays.device)
+        return (eye.view(f, 1, 1, 1, f) * weights.unsqueeze(-1)).reshape(f * (n - 1), n * len(decays) * f)
+
+    def _fold_attention(self, attn: CausalSelfAttention) -> None:
+        c = attn.proj.weight.shape[0]
+        h, dh = self.n_heads, c // self.n_heads
+        w_q, w_k, w_v = (w.view(h, dh, c) for w in attn.qkv.weight.split(c))
+        b_q, _, b_v = attn.qkv.bias.split(c)
+        scale = 1.0 / math.sqrt(dh)
+        self._buffer("query_weight", (w_k.transpose(1, 2) @ w_q).reshape(h * c, c) * scale)
+        self._buffer("query_bias", (w_k.transpose(1, 2) @ b_q.view(h, dh, 1)).reshape(h * c) * scale)
+        w_o = attn.proj.weight.view(c, h, dh).transpose(0, 1)  # [h, c, dh]
+        self._buffer("mix_weight", (w_o @ w_v).transpose(0, 1).reshape(c, h * c))
+        self._buffer("mix_bias", attn.proj.weight @ b_v + attn.proj.bias)
+
+    def _fold_heads(self, m: SacoTransformer) -> None:
+        if self.value_objective:  # [revenue now + fw * later; cost now + fw * later] in raw units
+            w = m.value_head.weight.view(4, self.num_actions, -1)
+            b = m.value_head.bias.view(4, self.num_actions)
+            fw = m.future_weight
+            weight = torch.cat([(w[0] + fw * w[2]) * m.rtg_scale, (w[1] + fw * w[3]) * m.ctg_scale])
+            bias = torch.cat([(b[0] + fw * b[2]) * m.rtg_scale, (b[1] + fw * b[3]) * m.ctg_scale])
+        else:
+            weight, bias = m.action_head.weight, m.action_head.bias
+        self._buffer("head_weight", weight)
+        self._buffer("head_bias", bias)
 
     def forward(
         self,
@@ -341,7 +396,66 @@ class PolicyModule(nn.Module):
         lam: torch.Tensor,
         mask: torch.Tensor,
     ) -> torch.Tensor:
-        return self.model.decide(states, actions, rtg, ctg, timesteps, lam, mask)
+        if self.step_layout:
+            x = self._step_tokens(states, actions, rtg, ctg, timesteps, lam, mask)
+            token_mask = mask
+        else:
+            x, token_mask = self.model._tokens(states, actions, rtg, ctg, timesteps, lam, mask)
+        if len(self.model.blocks) > 0:
+            attn_mask = self.model._attention_mask(token_mask)
+            for block in self.model.blocks:
+                x = block(x, attn_mask)
+        x = self.model.ln_out(self._last_block(x, token_mask))
+        scores = F.linear(x, self.head_weight, self.head_bias)
+        if self.value_objective:
+            k = self.num_actions
+            return torch.addcmul(scores[..., :k], lam.view(-1, 1), scores[..., k:], value=-1.0)  # rev - lam * cost
+        return scores
+
+    def _step_tokens(
+        self,
+        states: torch.Tensor,
+        actions: torch.Tensor,
+        rtg: torch.Tensor,
+        ctg: torch.Tensor,
+        timesteps: torch.Tensor,
+        lam: torch.Tensor,
+        mask: torch.Tensor,
+    ) -> torch.Tensor:
+        """`SacoTransformer._tokens` of the step layout (eval mode), [B, L, h]."""
+        b, n = actions.shape
+        # the steps' events with time as the last dim (each shift is one slice): [B, F, L-1], steps 0..L-2
+        real = mask.to(states.dtype).unsqueeze(1)
+        to_go = torch.stack([rtg, ctg], dim=1) / self.to_go_scale  # [B, 2, L], as in training
+        outcomes = (to_go[..., :-1] - to_go[..., 1:]) * (real[..., :-1] * real[..., 1:])  # reward and cost
+        taken = torch.where(mask, actions, self.num_actions)[..., :-1].unsqueeze(1) == self.action_ids  # one-hot
+        events = torch.cat([taken.to(states.dtype), outcomes, (outcomes[:, :1] > 0).to(states.dtype)], dim=1)
+        matrix = self.history_matrix
+        if n != self.context_length:
+            matrix = self._history_matrix(self.history_decays, n, events.shape[1])
+        history = torch.mm(events.view(b, -1), matrix).view(b, n, -1)
+        inputs = [states, to_go.transpose(1, 2)]
+        if self.use_lambda:
+            inputs.append(lam.view(b, 1, 1).expand(b, n, 1))
+        inputs.append(history)
+        x = self.time_rows.index_select(0, timesteps.clamp(0, self.time_rows.shape[0] - 1).view(-1))
+        x.addmm_(torch.cat(inputs, dim=2).view(b * n, -1), self.token_weight)  # in place: one [B*L, h] less
+        return self.model.ln_in(x.view(b, n, -1))
+
+    def _last_block(self, x: torch.Tensor, token_mask: torch.Tensor) -> torch.Tensor:
+        """The last block's output [B, h] at the decision token (the last), which sees every real token."""
+        block = self.model.last_block
+        b = x.shape[0]
+        keys = block.ln1(x)
+        ignored = ~token_mask
+        ignored.select(1, -1).fill_(False)  # the decision token sees itself (no NaN when every step is padding)
+        q = F.linear(keys.select(1, -1), self.query_weight, self.query_bias).view(b, self.n_heads, -1)
+        scores = torch.bmm(q, keys.transpose(1, 2)).masked_fill(ignored.unsqueeze(1), float("-inf"))
+        weights = torch.exp(scores - scores.amax(dim=-1, keepdim=True))
+        weights = weights / weights.sum(dim=-1, keepdim=True)
+        mixed = torch.bmm(weights, keys).view(b, -1)  # [B, heads * h]: each head's weighted input
+        x = x.select(1, -1) + F.linear(mixed, self.mix_weight, self.mix_bias)
+        return x + block.mlp(block.ln2(x))
 
 
 def parameter_count(model: nn.Module) -> int:

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from model_store import ArtifactError, ModelStore, load_scripted
-from offline.export import PARITY_TOLERANCE, export_and_publish, parity_batch
+from offline.export import PARITY_TOLERANCE, export_and_publish, parity_batch, write_policy
 from offline.model import ModelConfig, PolicyModule, SacoTransformer
 from offline.train import TrainConfig, train
 
@@ -58,27 +58,79 @@ def test_corrupted_export_is_refused(tmp_path: Path, tiny_logs, tiny_model):
         store.load()
 
 
-@pytest.mark.parametrize("n_layers", [1, 2])
-def test_padding_does_not_change_the_decision(n_layers: int):
-    """The decision path (one query, key/value projections folded into it) equals the training forward's
-    last step, and padded steps do not move it."""
-    model = SacoTransformer(ModelConfig(feature_dim=3, num_actions=4, context_length=5, future_weight=1.0,
-                                        n_layers=n_layers)).eval()
-    torch.manual_seed(0)
+def random_model(seed: int, **config) -> SacoTransformer:
+    """Every parameter and normalisation buffer random (not the initial zero biases: every term must count)."""
+    torch.manual_seed(seed)
+    model = SacoTransformer(ModelConfig(feature_dim=3, num_actions=4, context_length=5, **config))
     with torch.no_grad():
-        for parameter in model.parameters():  # not the initial zero biases: every term must count
+        for parameter in model.parameters():
             parameter.normal_(0.0, 0.3)
-    B, L = 2, 5
-    mask = torch.tensor([[False, False, True, True, True]] * 2)
-    x = [torch.randn(B, L, 3), torch.randint(0, 4, (B, L)), torch.randn(B, L), torch.randn(B, L),
-         torch.arange(L).repeat(B, 1), torch.rand(B), mask]
+        model.set_normalisation(torch.randn(3), torch.rand(3) + 0.5, 2.5, 1.5)
+    return model.eval()
+
+
+def padded_inputs(batch: int, length: int, max_timestep: int, seed: int) -> list[torch.Tensor]:
+    """Right-aligned contexts of every length from 1 (a first step) to `length`, with garbage in the padding."""
+    g = torch.Generator().manual_seed(seed)
+    mask = torch.arange(length) >= length - (torch.arange(batch) % length + 1).view(-1, 1)
+    states = torch.randn(batch, length, 3, generator=g) * 2 + 1
+    actions = torch.randint(0, 4, (batch, length), generator=g)
+    # to-go values that drop by a reward and cost at some steps and stay at others (purchase or not)
+    rtg = (torch.rand(batch, length, generator=g) * 4 * (torch.rand(batch, length, generator=g) < 0.5)).flip(1)
+    rtg = rtg.cumsum(1).flip(1) + torch.rand(batch, 1, generator=g)
+    ctg = torch.rand(batch, length, generator=g).flip(1).cumsum(1).flip(1)
+    timesteps = torch.randint(0, max_timestep + 10, (batch, length), generator=g)  # beyond the table: clamped
+    lam = torch.rand(batch, generator=g) * 2
+    padding = ~mask
+    states[padding], rtg[padding], ctg[padding] = 1e3, -7.0, 5.0
+    actions[padding] = 3
+    return [states, actions, rtg, ctg, timesteps, lam, mask]
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        {"future_weight": 0.0},
+        {"future_weight": 0.7},
+        {"n_layers": 2},
+        {"history_decays": ()},
+        {"objective": "dt-lagrangian"},
+        {"token_layout": "dt4", "objective": "dt-literal"},
+    ],
+)
+def test_policy_is_the_training_forward_at_the_decision(tmp_path: Path, config: dict):
+    """The exported policy (weights folded together) gives the training forward's scores at the last step,
+    eager and as saved TorchScript, for contexts of every length, shorter and longer ones included; garbage
+    in padded steps moves nothing."""
+    model = random_model(0, **config)
+    module = write_policy(model, tmp_path / "model.pt")
+    scripted = load_scripted(tmp_path / "model.pt")
+    for length in (5, 1, 3, 7):
+        x = padded_inputs(16, length, model.cfg.max_timestep, seed=length)
+        clean = [t.clone() for t in x]
+        padding = ~x[6]
+        clean[0][padding], clean[1][padding], clean[2][padding], clean[3][padding] = 0.0, 0, 0.0, 0.0
+        with torch.inference_mode():
+            reference = model.decide(*x)
+            eager, eager_clean = module(*x), module(*clean)
+            exported, exported_clean = scripted(*x), scripted(*clean)
+        assert torch.equal(eager, eager_clean) and torch.equal(exported, exported_clean)
+        assert torch.allclose(reference, model.decide(*clean), atol=1e-5)
+        assert (eager - reference).abs().max() <= 1e-5, length
+        assert (exported - eager).abs().max() <= 1e-6, length
+        x[6][0] = False  # no real step at all: the decision token still sees itself
+        with torch.inference_mode():
+            reference, exported = model.decide(*x), scripted(*x)
+        assert torch.isfinite(exported).all() and (exported - reference).abs().max() <= 1e-5, length
+
+
+def test_policy_module_adds_nothing_to_the_checkpoint():
+    """The folded tensors are derived, not saved: a model's state dict loads as before."""
+    model = random_model(1)
+    module = PolicyModule(model)
+    assert set(module.state_dict()) == {f"model.{key}" for key in model.state_dict()}
+    fresh = SacoTransformer(model.cfg)
+    fresh.load_state_dict(model.state_dict())
+    x = padded_inputs(4, 5, model.cfg.max_timestep, seed=0)
     with torch.inference_mode():
-        a = model.decide(*x)
-        x[0] = x[0].clone()
-        x[0][:, :2] = 1e3  # garbage in the padded steps
-        b = model.decide(*x)
-        __, values = model(*x)
-    assert torch.equal(a, b)
-    full = (values[:, -1, 0] + values[:, -1, 2]) * model.rtg_scale - x[5].view(-1, 1) * (
-        values[:, -1, 1] + values[:, -1, 3]) * model.ctg_scale
-    assert torch.allclose(a, full, atol=1e-5)
+        assert torch.equal(PolicyModule(fresh.eval())(*x), module(*x))
