@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 from typing import Any
 
 import uvicorn
@@ -10,12 +12,33 @@ from service.app import create_app
 from service.settings import Settings
 
 
+# glibc's mallopt parameters
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
+
+
+def keep_freed_memory(mmap_threshold: int = 32 << 20, trim_threshold: int = 256 << 20) -> bool:
+    """Let freed blocks up to `mmap_threshold` bytes stay in the process (glibc only; False elsewhere).
+
+    By default glibc maps each block above ~128 KB-32 MB afresh and unmaps it when freed, so a forward's
+    [users x steps, width] buffers come back from the kernel zero-filled: at 1,024 users the inference thread
+    took ~5,000 page faults a second (~100 per forward). With these thresholds they are reused."""
+    name = ctypes.util.find_library("c")
+    if name is None:
+        return False
+    try:
+        mallopt = ctypes.CDLL(name).mallopt
+    except (OSError, AttributeError):  # not glibc (musl, macOS)
+        return False
+    return bool(mallopt(M_MMAP_THRESHOLD, mmap_threshold)) and bool(mallopt(M_TRIM_THRESHOLD, trim_threshold))
+
+
 def run(store: str, host: str = "127.0.0.1", port: int = 8000, redis_url: str | None = None) -> None:
     """Serve the current model of `store`; `redis_url` None falls back to SACO_REDIS_URL, else embedded."""
     overrides: dict[str, Any] = {"store": store}
     if redis_url is not None:
         overrides["redis_url"] = redis_url
     settings = Settings(**overrides)
+    keep_freed_memory()
     app = create_app(settings)
     uvicorn.run(
         app,
