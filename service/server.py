@@ -11,7 +11,6 @@ import uvicorn
 from service.app import create_app
 from service.settings import Settings
 
-
 # glibc's mallopt parameters
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
 
