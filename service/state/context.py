@@ -239,8 +239,8 @@ def decode_context(raw: bytes | None) -> ContextView | None:
 class ContextBatch:
     """The recent steps of a batch of users, ready for the model inputs."""
 
-    steps: np.ndarray  # structured step_dtype [B, capacity]: each user's kept steps, oldest first, right-aligned
-    # (zero records before them)
+    # structured step_dtype [B, capacity]: each user's kept steps oldest first, right-aligned after zero records
+    steps: np.ndarray
     counts: np.ndarray  # i64 [B]: steps per user
     t: np.ndarray  # i64 [B]: each user's next step index
     rtg: np.ndarray  # f32 [B]: running return-to-go (the initial value for a user without context)

@@ -40,9 +40,9 @@ def pack_command(args: tuple[Any, ...]) -> bytes:
     ints and floats by repr, a multi-word first argument split), packed by hiredis in C: redis-py re-joins
     its whole buffer once per argument, and even a Python loop costs ~0.5 us per argument (a 128-user
     decision sends ~650)."""
-    first = args[0]
-    if b" " in (first.encode() if isinstance(first, str) else first):
-        args = (*(first.encode() if isinstance(first, str) else first).split(), *args[1:])
+    first = args[0].encode() if isinstance(args[0], str) else args[0]
+    if b" " in first:
+        args = (*first.split(), *args[1:])
     try:
         return cast(bytes, hiredis.pack_command(args))
     except TypeError:
