@@ -6,6 +6,7 @@ batched path over a per-user model loop (one forward per user, the paper's way).
 
     python benchmarks/bench_service.py                    # trains a small model, starts a throwaway Redis
     python benchmarks/bench_service.py --store DIR --redis-url redis://127.0.0.1:6379/15
+    python benchmarks/bench_service.py --pin              # Redis on a CPU of its own, the services on the rest
 
 Requests cycle over 8 disjoint groups of users that keep their context between requests, and a warm-up
 fills every context first, so the model sees full contexts (context_length steps), as in production. Both
@@ -60,8 +61,9 @@ def train_small_model(root: Path, users: int, repo: Path = REPO) -> Path:
 
 
 @contextlib.contextmanager
-def throwaway_redis() -> Iterator[str]:
-    """A redis-server on a free port, without persistence, stopped on exit; yields its URL."""
+def throwaway_redis(cpus: set[int] | None = None) -> Iterator[str]:
+    """A redis-server on a free port, without persistence (every thread on `cpus` when given), stopped on
+    exit; yields its URL."""
     port = free_port()
     server = shutil.which("redis-server") or "/usr/bin/redis-server"
     proc = subprocess.Popen(
@@ -71,6 +73,9 @@ def throwaway_redis() -> Iterator[str]:
     )
     try:
         time.sleep(0.5)
+        if cpus is not None:
+            for thread in os.listdir(f"/proc/{proc.pid}/task"):
+                os.sched_setaffinity(int(thread), cpus)
         yield f"redis://127.0.0.1:{port}/0"
     finally:
         proc.terminate()
@@ -78,12 +83,15 @@ def throwaway_redis() -> Iterator[str]:
 
 
 def start_service(
-    store: Path, redis_url: str | None, prefix: str, repo: Path = REPO
+    store: Path, redis_url: str | None, prefix: str, repo: Path = REPO, cpus: set[int] | None = None
 ) -> tuple[subprocess.Popen[bytes], str]:
-    """`python -m service.server` run from `repo` (its own code), ready and with the bench campaign."""
+    """`python -m service.server` run from `repo` (its own code; on `cpus` when given), ready and with the
+    bench campaign."""
     port = free_port()
     env = dict(os.environ, SACO_ADMIN_TOKEN=TOKEN, SACO_REDIS_PREFIX=prefix, SACO_LOG_LEVEL="WARNING")
     env.pop("SACO_REDIS_URL", None)
+    if cpus is not None:
+        env["SACO_CPUS"] = ",".join(map(str, sorted(cpus)))
     cmd = [sys.executable, "-m", "service.server", "--store", str(store), "--port", str(port)]
     if redis_url:
         cmd += ["--redis-url", redis_url]
@@ -250,7 +258,9 @@ REPEATS = {1: 1000, 16: 500, 128: 300, 1024: 60}
 ROUNDS = 5
 
 
-def run_suites(stores: dict[str, str | None], store: Path, dim: int, context_length: int) -> list[dict[str, Any]]:
+def run_suites(
+    stores: dict[str, str | None], store: Path, dim: int, context_length: int, cpus: set[int] | None = None
+) -> list[dict[str, Any]]:
     """Both services run side by side and the timed requests go in ROUNDS rounds over every store and batch
     size, so a slow spell of this (shared, virtual) machine lands on all of them alike instead of on one
     row, and the per-user ratios compare figures taken over the same minutes."""
@@ -259,7 +269,7 @@ def run_suites(stores: dict[str, str | None], store: Path, dim: int, context_len
     workloads: dict[tuple[str, int], Workload] = {}
     try:
         for name, redis_url in stores.items():
-            services[name] = proc, base = start_service(store, redis_url, prefix)
+            services[name] = proc, base = start_service(store, redis_url, prefix, cpus=cpus)
             client = KeepAliveClient(base)
             for users in BATCH_SIZES:
                 workloads[name, users] = Workload(client, dim, users)
@@ -283,22 +293,34 @@ def main() -> int:
     parser.add_argument("--store", help="model store (default: train a small model on a 600-user world)")
     parser.add_argument("--redis-url", help="Redis to use (default: a throwaway redis-server)")
     parser.add_argument("--json", help="also write the figures to this file")
+    parser.add_argument(
+        "--pin",
+        action="store_true",
+        help="the throwaway Redis on the last CPU, the services on the others (SACO_CPUS), as when Redis has "
+        "cores of its own; without it everything shares every CPU",
+    )
     args = parser.parse_args()
+    cpus = sorted(os.sched_getaffinity(0))
+    if args.pin and (len(cpus) < 2 or args.redis_url):
+        parser.error("--pin needs two CPUs and the throwaway Redis (no --redis-url)")
+    service_cpus, redis_cpus = (set(cpus[:-1]), {cpus[-1]}) if args.pin else (None, None)
 
     tmp = Path(tempfile.mkdtemp(prefix="saco-bench-"))
     try:
         with contextlib.ExitStack() as stack:
             store = Path(args.store) if args.store else train_small_model(tmp, users=600)
-            redis_url = args.redis_url or stack.enter_context(throwaway_redis())
+            redis_url = args.redis_url or stack.enter_context(throwaway_redis(redis_cpus))
             from model_store import ModelStore
 
             manifest = ModelStore(store).load().manifest
             dim, length = manifest.feature_dim, manifest.context_length
-            rows = run_suites({"embedded": None, "redis": redis_url}, store, dim, length)
+            rows = run_suites({"embedded": None, "redis": redis_url}, store, dim, length, service_cpus)
             loop = model_loop_speedup(store)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
+    if args.pin:
+        print(f"services on CPUs {sorted(service_cpus or ())}, Redis on CPU {sorted(redis_cpus or ())}")
     print(f"{'store':9} {'users':>5} {'p50 ms':>8} {'p99 ms':>8} {'users/s':>10} {'per-user vs 1-user':>19}")
     for row in rows:
         one = next(r for r in rows if r["store"] == row["store"] and r["users"] == 1)

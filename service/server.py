@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import os
 from typing import Any
 
 import uvicorn
@@ -31,6 +32,13 @@ def keep_freed_memory(mmap_threshold: int = 32 << 20, trim_threshold: int = 256 
     return bool(mallopt(M_MMAP_THRESHOLD, mmap_threshold)) and bool(mallopt(M_TRIM_THRESHOLD, trim_threshold))
 
 
+def pin_process(cpus: set[int]) -> None:
+    """Every thread of this process on `cpus` (Linux): the threads the libraries started at import (BLAS,
+    OpenMP) one by one, and those started later (the inference thread) inherit it from the main thread."""
+    for thread in os.listdir("/proc/self/task"):
+        os.sched_setaffinity(int(thread), cpus)
+
+
 def run(store: str, host: str = "127.0.0.1", port: int = 8000, redis_url: str | None = None) -> None:
     """Serve the current model of `store`; `redis_url` None falls back to SACO_REDIS_URL, else embedded."""
     overrides: dict[str, Any] = {"store": store}
@@ -38,6 +46,9 @@ def run(store: str, host: str = "127.0.0.1", port: int = 8000, redis_url: str | 
         overrides["redis_url"] = redis_url
     settings = Settings(**overrides)
     keep_freed_memory()
+    cpus = settings.cpu_set()
+    if cpus is not None:
+        pin_process(cpus)
     app = create_app(settings)
     uvicorn.run(
         app,

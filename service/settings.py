@@ -5,10 +5,22 @@ from __future__ import annotations
 import os
 from typing import Literal
 
-from pydantic import Field, SecretStr, model_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 DAY_S = 24 * 3600
+
+
+def parse_cpu_list(text: str) -> set[int]:
+    """'0-3,8' -> {0, 1, 2, 3, 8} (the kernel's cpu-list format); ValueError naming what is wrong."""
+    cpus: set[int] = set()
+    for part in text.split(","):
+        first, dash, last = part.strip().partition("-")
+        last = last if dash else first
+        if not (first.isdecimal() and last.isdecimal() and int(first) <= int(last)):
+            raise ValueError(f"{part.strip()!r} is not a CPU number or range like 0-3 (in {text!r})")
+        cpus.update(range(int(first), int(last) + 1))
+    return cpus
 
 
 class Settings(BaseSettings):
@@ -23,6 +35,10 @@ class Settings(BaseSettings):
     admin_token: SecretStr | None = Field(default=None, description="bearer token of the admin routes (off without)")
     device: Literal["auto", "cpu", "cuda"] = "auto"
     torch_threads: int = Field(default=0, ge=0, description="intra-op threads of the inference worker; 0 = cores // 2")
+    cpus: str | None = Field(
+        default=None,
+        description="CPUs the serving process runs on, e.g. '0' or '0-3,8' (Linux); keep Redis off them",
+    )
 
     max_batch: int = Field(default=1024, ge=1, description="most users in one decisions request")
     batcher_max_rows: int = Field(default=2048, ge=1, description="most rows in one coalesced forward")
@@ -43,6 +59,16 @@ class Settings(BaseSettings):
         if self.max_batch > self.batcher_max_rows:
             raise ValueError("max_batch must not exceed batcher_max_rows")
         return self
+
+    @field_validator("cpus")
+    @classmethod
+    def _cpu_list(cls, value: str | None) -> str | None:
+        if value is not None:
+            parse_cpu_list(value)
+        return value
+
+    def cpu_set(self) -> set[int] | None:
+        return None if self.cpus is None else parse_cpu_list(self.cpus)
 
     def inference_threads(self) -> int:
         return self.torch_threads or max(1, (os.cpu_count() or 2) // 2)

@@ -2,10 +2,17 @@
 
 from __future__ import annotations
 
+import os
+import signal
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
+from pydantic import ValidationError
+from svc_served import REPO, free_port, wait_ready
+
+from service.settings import Settings
 
 CHECK = """
 import resource, sys
@@ -30,3 +37,39 @@ def test_freed_buffers_are_reused_without_page_faults() -> None:
         pytest.skip("not glibc: mallopt is not available")
     assert done.returncode == 0, done.stderr
     assert int(done.stdout) < 100
+
+
+def test_the_served_process_runs_on_the_cpus_it_is_given(model_store_dir: Path) -> None:
+    """SACO_CPUS pins the process before it starts its threads: every thread of a running service (event
+    loop, inference thread, torch's) is on the given CPU."""
+    cpu = min(os.sched_getaffinity(0))
+    port = free_port()
+    env = dict(os.environ, SACO_CPUS=str(cpu), SACO_DEVICE="cpu")
+    env.pop("SACO_REDIS_URL", None)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "service.server", "--store", str(model_store_dir), "--port", str(port)],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        wait_ready(f"http://127.0.0.1:{port}")
+        threads = list(Path(f"/proc/{proc.pid}/task").iterdir())
+        assert len(threads) >= 2  # the event loop and the inference thread at least
+        for thread in threads:
+            allowed = next(
+                line for line in (thread / "status").read_text().splitlines() if line.startswith("Cpus_allowed_list")
+            )
+            assert allowed.split()[-1] == str(cpu), (thread.name, allowed)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=30)
+
+
+def test_cpu_lists_are_read_as_the_kernel_writes_them() -> None:
+    assert Settings(cpus="0-2,5").cpu_set() == {0, 1, 2, 5}
+    assert Settings().cpu_set() is None
+    for bad in ("", "a", "3-1", "0,", "1-", "-1"):
+        with pytest.raises(ValidationError, match="CPU number or range"):
+            Settings(cpus=bad)
