@@ -35,8 +35,14 @@ def keep_freed_memory(mmap_threshold: int = 32 << 20, trim_threshold: int = 256 
 def pin_process(cpus: set[int]) -> None:
     """Every thread of this process on `cpus` (Linux): the threads the libraries started at import (BLAS,
     OpenMP) one by one, and those started later (the inference thread) inherit it from the main thread."""
-    for thread in os.listdir("/proc/self/task"):
-        os.sched_setaffinity(int(thread), cpus)
+    try:
+        for thread in os.listdir("/proc/self/task"):
+            os.sched_setaffinity(int(thread), cpus)
+    except OSError as exc:
+        raise ValueError(
+            f"SACO_CPUS: cannot run on CPUs {sorted(cpus)} ({exc.strerror}); this process may use "
+            f"{sorted(os.sched_getaffinity(0))}"
+        ) from None
 
 
 def run(store: str, host: str = "127.0.0.1", port: int = 8000, redis_url: str | None = None) -> None:

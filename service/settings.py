@@ -34,7 +34,9 @@ class Settings(BaseSettings):
     redis_socket_timeout_s: float = Field(default=0.5, gt=0, description="Redis connect/read timeout")
     admin_token: SecretStr | None = Field(default=None, description="bearer token of the admin routes (off without)")
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    torch_threads: int = Field(default=0, ge=0, description="intra-op threads of the inference worker; 0 = cores // 2")
+    torch_threads: int = Field(
+        default=0, ge=0, description="intra-op threads of the inference worker; 0 = half the cores (of SACO_CPUS)"
+    )
     cpus: str | None = Field(
         default=None,
         description="CPUs the serving process runs on, e.g. '0' or '0-3,8' (Linux); keep Redis off them",
@@ -71,4 +73,5 @@ class Settings(BaseSettings):
         return None if self.cpus is None else parse_cpu_list(self.cpus)
 
     def inference_threads(self) -> int:
-        return self.torch_threads or max(1, (os.cpu_count() or 2) // 2)
+        cpus = self.cpu_set()
+        return self.torch_threads or max(1, (len(cpus) if cpus else os.cpu_count() or 2) // 2)

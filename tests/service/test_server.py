@@ -73,3 +73,11 @@ def test_cpu_lists_are_read_as_the_kernel_writes_them() -> None:
     for bad in ("", "a", "3-1", "0,", "1-", "-1"):
         with pytest.raises(ValidationError, match="CPU number or range"):
             Settings(cpus=bad)
+
+
+def test_cpus_the_machine_lacks_are_refused_by_name() -> None:
+    from service.server import pin_process
+
+    with pytest.raises(ValueError, match="SACO_CPUS: cannot run on CPUs"):
+        pin_process({4095})
+    assert Settings(cpus="0-3").inference_threads() == 2
