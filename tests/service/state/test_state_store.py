@@ -685,3 +685,14 @@ def test_one_append_call_naming_a_user_twice_keeps_both_steps(run: Callable[[Sce
         assert u.steps["t"].tolist() == [0, 1, 2, 3, 4] and u.steps["action"].tolist() == [1, 2, 3, 1, 2]
 
     run(scenario)
+
+
+def test_locating_many_records_is_locating_each() -> None:
+    """The batch lookup (a batch's key worked out once) gives each id the place `decision_location` gives,
+    also for ids that only look like a batch's."""
+    store = RedisStateStore("redis://127.0.0.1:1/0", prefix="p:")
+    first, second = new_decision_ids(3), new_decision_ids(2)
+    head = first[0].rpartition("-")[0]
+    ids = [*first, f"{head}-x", f"{head}-123456", f"{head}-", "own-id", *second, first[1]]
+    assert store.decision_locations("c", ids) == [store.decision_location("c", d) for d in ids]
+    assert len({key for key, field, _ in store.decision_locations("c", ids) if field}) == 2
