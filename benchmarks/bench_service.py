@@ -74,8 +74,9 @@ def throwaway_redis(cpus: set[int] | None = None) -> Iterator[str]:
     try:
         time.sleep(0.5)
         if cpus is not None:
-            for thread in os.listdir(f"/proc/{proc.pid}/task"):
-                os.sched_setaffinity(int(thread), cpus)
+            from service.server import pin_process
+
+            pin_process(cpus, proc.pid)
         yield f"redis://127.0.0.1:{port}/0"
     finally:
         proc.terminate()

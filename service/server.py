@@ -32,11 +32,12 @@ def keep_freed_memory(mmap_threshold: int = 32 << 20, trim_threshold: int = 256 
     return bool(mallopt(M_MMAP_THRESHOLD, mmap_threshold)) and bool(mallopt(M_TRIM_THRESHOLD, trim_threshold))
 
 
-def pin_process(cpus: set[int]) -> None:
-    """Every thread of this process on `cpus` (Linux): the threads the libraries started at import (BLAS,
-    OpenMP) one by one, and those started later (the inference thread) inherit it from the main thread."""
+def pin_process(cpus: set[int], pid: int | None = None) -> None:
+    """Every thread of process `pid` (this one by default) on `cpus` (Linux): the threads already running
+    (here: those BLAS and OpenMP started at import) one by one; threads started later (the inference
+    thread) inherit it from the thread that starts them."""
     try:
-        for thread in os.listdir("/proc/self/task"):
+        for thread in os.listdir(f"/proc/{pid or 'self'}/task"):
             os.sched_setaffinity(int(thread), cpus)
     except OSError as exc:
         raise ValueError(
