@@ -33,8 +33,10 @@ binary); text fields are decoded where they are read.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import logging
+import operator
 import re
 from collections.abc import Awaitable, Callable, Sequence
 from functools import lru_cache
@@ -78,6 +80,17 @@ class _Script:
         self.sha = hashlib.sha1(self.source.encode()).hexdigest()
 
 
+_KEY_AND_MEMBER = operator.itemgetter(0, 2)  # of a decision location (key, field, pending member)
+
+
+def _record_tail(request_id: str | None, user_id: str) -> str:
+    """The end of a decision record: byte length of the request id (the scripts count bytes), request id,
+    user id."""
+    if request_id is None:
+        return "0\t\t" + user_id
+    return f"{len(request_id.encode())}\t{request_id}\t{user_id}"
+
+
 def _text(value: bytes | str | None) -> str:
     return value.decode() if isinstance(value, bytes) else (value or "")
 
@@ -97,10 +110,10 @@ DECISION_FIELDS = (
 
 def parse_decision_record(raw: bytes) -> dict[str, str]:
     """A decision record as reserve.lua, settle.lua and sweep.lua write it (for tests, tools, debugging)."""
-    *fixed, request_length, free_text = raw.decode().split("\t", len(DECISION_FIELDS) + 1)
-    record = dict(zip(DECISION_FIELDS, fixed, strict=True))
-    length = int(request_length)
-    record["request_id"], record["user_id"] = free_text[:length], free_text[length + 1 :]
+    *fixed, request_length, free_text = raw.split(b"\t", len(DECISION_FIELDS) + 1)
+    record = {name: value.decode() for name, value in zip(DECISION_FIELDS, fixed, strict=True)}
+    length = int(request_length)  # in bytes, as the scripts count it
+    record["request_id"], record["user_id"] = free_text[:length].decode(), free_text[length + 1 :].decode()
     return record
 
 
@@ -283,29 +296,52 @@ class RedisStateStore(StateStore):
         decision_ttl_ms: int,
     ) -> ReserveResult:
         keys = [self.campaign_key(campaign_id), self.pending_key(campaign_id)]
-        record_keys: dict[str, int] = {}  # a batch's hash once, however many of its decisions
-        packed = []
         locations = self.decision_locations(campaign_id, [item.decision_id for item in items])
-        for item, (key, field, member) in zip(items, locations, strict=True):
+        # runs of consecutive items that share a record key and a pending member (a batch is one run); the
+        # per-item columns are built by comprehensions (one loop doing all of it: 128 items ~520 -> ~400 us)
+        record_keys: dict[str, int] = {}  # a batch's hash once, however many of its decisions
+        groups: list[tuple[int, int, int, str]] = []  # first, last (1-based), record key index, member
+        last = 0
+        for (key, member), run in itertools.groupby(locations, _KEY_AND_MEMBER):
+            first, last = last + 1, last + sum(1 for _ in run)
             if key not in record_keys:
                 keys.append(key)
                 record_keys[key] = len(keys)
-            index = record_keys[key]
-            request_index = 0
+            groups.append((first, last, record_keys[key], member))
+        orderings: dict[tuple[int, ...], int] = {}  # distinct preference lists: a batch has a handful
+        ordering = [orderings.setdefault(tuple(item.preferences), len(orderings) + 1) for item in items]
+        requests = []
+        for position, item in enumerate(items, 1):
             if item.request_id is not None:
                 keys.append(self.request_key(campaign_id, item.request_id))
-                request_index = len(keys)
-            packed.append(
-                [item.decision_id, item.user_id, item.request_id or "", item.preferences, index, field, member,
-                 request_index]
-            )  # fmt: skip
-        args = [now_ms, reservation_expiry_ms, decision_ttl_ms, model_version, repr(lam), orjson.dumps(packed)]
+                requests.append((position, len(keys), item.decision_id, item.user_id))
+        columns = {
+            "orderings": list(orderings),
+            "ordering": ordering,
+            "tails": [_record_tail(item.request_id, item.user_id) for item in items],
+            "fields": [field for _, field, _ in locations],
+            "groups": groups,
+            "requests": requests,
+        }
+        args = [now_ms, reservation_expiry_ms, decision_ttl_ms, model_version, repr(lam), orjson.dumps(columns)]
         reply = await self._eval("reserve", keys, args)
         if reply[0] == b"missing":
             raise CampaignNotFound(campaign_id)
-        replays = iter(reply[1 + 3 * len(items) :])
+        count = len(items)
+        flags = reply[3 : 3 * count + 1 : 3]
+        if all(flags):  # every decision new (no repeated request id): the common case
+            return ReserveResult(
+                [
+                    ReservedDecision(item.decision_id, item.user_id, action, cost, model_version, lam, True, flag == 2)
+                    for item, action, cost, flag in zip(
+                        items, reply[1 : 3 * count + 1 : 3], reply[2 : 3 * count + 1 : 3], flags, strict=True
+                    )
+                ],
+                int(reply[0]),
+            )
+        replays = iter(reply[1 + 3 * count :])
         decisions = []
-        for item, i in zip(items, range(1, 3 * len(items), 3), strict=True):
+        for item, i in zip(items, range(1, 3 * count, 3), strict=True):
             flag = reply[i + 2]
             if flag:
                 decisions.append(

@@ -479,13 +479,14 @@ def test_scripts_are_reloaded_after_noscript(tmp_path: Any) -> None:
 
 
 def test_decision_records_keep_free_text_ids_through_settlement(redis_url: str, redis_prefix: str) -> None:
-    """The Redis decision record is one tab-separated string: user and request ids may hold tabs."""
+    """The Redis decision record is one tab-separated string: user and request ids may hold tabs, and the
+    request id's length is counted in bytes (not characters) where it is written and where it is read."""
 
     async def scenario() -> None:
         store, direct = RedisStateStore(redis_url, prefix=redis_prefix), aioredis.Redis.from_url(redis_url)
         try:
             await store.upsert_campaign("c", put(10_000))
-            user, request = "user\twith\ttabs", "req\t1"
+            user, request = "user\twith\ttabs-ü", "req\t1-é€"
             res = await reserve(store, "c", [ReserveItem("d-1", user, request, [2, 1, 0])], now=1_000)
             assert res.decisions[0].user_id == user
             key = store.decision_key("c", "d-1")
