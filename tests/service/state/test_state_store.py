@@ -640,6 +640,31 @@ def test_a_batch_of_decisions_settles_and_expires_record_by_record(run: Callable
     run(scenario)
 
 
+def test_one_call_may_mix_batches_and_ids_of_their_own_in_any_order(run: Callable[[Scenario], Any]) -> None:
+    """Items of two batches interleaved with ids that are their own records (the Redis store groups runs
+    of consecutive items by record): each one is reserved, settles and expires as its own decision."""
+
+    async def scenario(store: StateStore) -> None:
+        await store.upsert_campaign("c", put(10_000))
+        a, b = new_decision_ids(2), new_decision_ids(2)
+        now = int(time.time() * 1000)
+        ids = [a[1], "own-1", b[0], a[0], "own-2", b[1]]
+        items = [ReserveItem(d, f"u{i}", f"r{i}" if i % 2 else None, [(i % 3) + 1, 0]) for i, d in enumerate(ids)]
+        result = await reserve(store, "c", items, now=now, expiry_ms=1000)
+        costs = {1: 200, 2: 500, 3: 1000}
+        assert [(d.decision_id, d.user_id, d.cost) for d in result.decisions] == [
+            (d, f"u{i}", costs[(i % 3) + 1]) for i, d in enumerate(ids)
+        ]
+        assert result.remaining == 10_000 - 3_400
+        settled = await store.settle("c", [Outcome(ids[0], 1.0, 100), Outcome("own-2", 1.0, 0)])
+        assert (settled.accepted, settled.unknown) == (2, 0)
+        assert await store.sweep_expired("c", now + 1000) == 4
+        state = await store.get_campaign("c")
+        assert state is not None and (state.spent, state.reserved, state.decisions) == (100, 0, 6)
+
+    run(scenario)
+
+
 def test_redis_keeps_a_batch_in_one_hash_with_one_pending_entry(redis_url: str, redis_prefix: str) -> None:
     async def scenario() -> None:
         store, direct = RedisStateStore(redis_url, prefix=redis_prefix), aioredis.Redis.from_url(redis_url)
