@@ -91,6 +91,12 @@ def _record_tail(request_id: str | None, user_id: str) -> str:
     return f"{len(request_id.encode())}\t{request_id}\t{user_id}"
 
 
+def _replayed(record: bytes) -> ReservedDecision:
+    """An earlier decision returned again for a repeated request id (its request record, reserve.lua)."""
+    decision_id, action, cost, version, lam, user_id = record.decode().split("\t", 5)
+    return ReservedDecision(decision_id, user_id, int(action), int(cost), version, float(lam), False)
+
+
 def _text(value: bytes | str | None) -> str:
     return value.decode() if isinstance(value, bytes) else (value or "")
 
@@ -327,33 +333,14 @@ class RedisStateStore(StateStore):
         reply = await self._eval("reserve", keys, args)
         if reply[0] == b"missing":
             raise CampaignNotFound(campaign_id)
-        count = len(items)
-        flags = reply[3 : 3 * count + 1 : 3]
-        if all(flags):  # every decision new (no repeated request id): the common case
-            return ReserveResult(
-                [
-                    ReservedDecision(item.decision_id, item.user_id, action, cost, model_version, lam, True, flag == 2)
-                    for item, action, cost, flag in zip(
-                        items, reply[1 : 3 * count + 1 : 3], reply[2 : 3 * count + 1 : 3], flags, strict=True
-                    )
-                ],
-                int(reply[0]),
-            )
-        replays = iter(reply[1 + 3 * count :])
-        decisions = []
-        for item, i in zip(items, range(1, 3 * count, 3), strict=True):
-            flag = reply[i + 2]
-            if flag:
-                decisions.append(
-                    ReservedDecision(
-                        item.decision_id, item.user_id, reply[i], reply[i + 1], model_version, lam, True, flag == 2
-                    )
-                )
-            else:
-                decision_id, action, cost, version, lam_text, user_id = next(replays).decode().split("\t", 5)
-                decisions.append(
-                    ReservedDecision(decision_id, user_id, int(action), int(cost), version, float(lam_text), False)
-                )
+        end = 3 * len(items) + 1
+        replays = iter(reply[end:])  # the earlier decisions of repeated request ids (flag 0), in item order
+        decisions = [
+            ReservedDecision(item.decision_id, item.user_id, action, cost, model_version, lam, True, flag == 2)
+            if flag
+            else _replayed(next(replays))
+            for item, action, cost, flag in zip(items, reply[1:end:3], reply[2:end:3], reply[3:end:3], strict=True)
+        ]
         return ReserveResult(decisions, int(reply[0]))
 
     async def append_steps(
