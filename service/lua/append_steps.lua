@@ -6,9 +6,11 @@
 --   context; ARGV[4] the steps for KEYS[1..n] concatenated, each 32-byte decision id + i4 action + f4
 --   features, all the same size (one argument, not one per key: the client packs each argument apart).
 --   ARGV[4 + i] the first 23 bytes (the header) of KEYS[i]'s value as the caller read it ("" for none),
---   ARGV[4 + n + i] the value the caller derived from that read with the step appended: stored as is when
---   the header is unchanged (every writer changes it: an append moves t, an outcome the running to-go
---   values), so Redis copies one string instead of rebuilding it; otherwise the step is appended here.
+--   ARGV[4 + n + i] the value the caller derived from that read with the step appended. It is stored
+--   first (SET ... GET: one call, which also returns what it replaced) and stays when the replaced
+--   header is the one the caller read (every writer changes it: an append moves t, an outcome the running
+--   to-go values); otherwise the step is appended here to the replaced value, and that is stored instead
+--   (all inside this script, so no reader sees the interim value). SET ... GET needs Redis 6.2.
 -- Each key is handled on its own, so any subset of keys may be sent together (one call per Redis
 -- Cluster slot there; the service sends a request's users in one call to a standalone Redis).
 local capacity, ttl, initial, steps = tonumber(ARGV[1]), ARGV[2], ARGV[3], ARGV[4]
@@ -16,12 +18,10 @@ local n = #KEYS
 local step_size = #steps / n
 local HEADER, HEADER_SIZE, PREFIX_SIZE, RUNNING_SIZE = '<BHI4dd', 23, 36, 20
 for i, key in ipairs(KEYS) do
-  if redis.call('GETRANGE', key, 0, HEADER_SIZE - 1) == ARGV[4 + i] then
-    redis.call('SET', key, ARGV[4 + n + i], 'PX', ttl)
-  else
+  local raw = redis.call('SET', key, ARGV[4 + n + i], 'PX', ttl, 'GET')
+  if (raw and string.sub(raw, 1, HEADER_SIZE) or '') ~= ARGV[4 + i] then
     local step = string.sub(steps, (i - 1) * step_size + 1, i * step_size)
     local size = #step + RUNNING_SIZE
-    local raw = redis.call('GET', key)
     local version, stored_size, t, rtg, ctg
     if raw and #raw >= HEADER_SIZE then
       version, stored_size, t, rtg, ctg = struct.unpack(HEADER, raw)
