@@ -7,12 +7,19 @@ Runs against a throwaway redis-server. Reservation: batches of 1, 128 and 1024 e
 prints the wall time of `store.reserve`, the server's CPU per script call (`INFO commandstats`) and, at
 the end, the keys and memory the decision records take. Append: 128 users with full contexts, each step
 carrying the context as read (the decision path's way) and without it (the Lua path).
+
+    python benchmarks/bench_store.py --append-against REV   # REV's append_steps.lua and this one, alternating
+
+With --append-against, both versions of the append script get the same calls (128 full contexts, each step
+carrying the context as read) in alternating rounds on one Redis, so a change of the script is judged by a
+ratio taken in the same minutes (this VM's speed drifts); each round checks that both leave the same values.
 """
 
 from __future__ import annotations
 
 import argparse
 import struct
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -77,15 +84,59 @@ async def run(url: str) -> None:
         stats.close()
 
 
+def compare_append(url: str, rev: str, rounds: int = 6, calls: int = 200) -> None:
+    """Redis CPU per 128-user append call of REV's script against this checkout's, alternating rounds."""
+    from service.state.context import HEADER, append_steps_to, empty_context, new_step_bytes
+    from service.state.redis_store import LUA_DIR
+
+    sources = {
+        rev: subprocess.run(
+            ["git", "show", f"{rev}:service/lua/append_steps.lua"], check=True, capture_output=True, text=True
+        ).stdout,
+        "this checkout": (LUA_DIR / "append_steps.lua").read_text(),
+    }
+    client = redis.Redis.from_url(url)
+    shas = {name: client.script_load(source) for name, source in sources.items()}
+    capacity, features = 5, struct.pack("<8f", *range(8))
+    initial = empty_context(8, 40.0, 10.0)
+    full = initial
+    for n in range(capacity + 1):
+        full = append_steps_to([full], [new_step_bytes(f"d-{n}", 1, features)], capacity, initial)[0]
+    keys = [f"bench:ctx:u{i}" for i in range(128)]
+    steps = [new_step_bytes(f"d-x-{i}", 1, features) for i in range(128)]
+    appended = append_steps_to([full] * 128, steps, capacity, initial)
+    args = [capacity, 10**9, initial, b"".join(steps), *[full[: HEADER.size]] * 128, *appended]
+    cpu: dict[str, list[float]] = {name: [] for name in shas}
+    try:
+        for _ in range(rounds):
+            for name, sha in shas.items():
+                client.config_resetstat()
+                for _ in range(calls):
+                    client.mset(dict.fromkeys(keys, full))  # every call finds the contexts as read
+                    client.evalsha(sha, len(keys), *keys, *args)
+                cpu[name].append(client.info("commandstats")["cmdstat_evalsha"]["usec_per_call"])
+                assert client.mget(keys) == appended, f"{name}'s script stored other values"
+    finally:
+        client.delete(*keys)
+        client.close()
+    for name, values in cpu.items():
+        print(f"append 128 users, {name:>13}: Redis CPU median {np.median(values):5.0f} us/call (rounds: "
+              + ", ".join(f"{v:.0f}" for v in values) + ")")  # fmt: skip
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repo", type=Path, default=Path(__file__).resolve().parents[1], help="code to measure")
+    parser.add_argument("--append-against", metavar="REV", help="compare REV's append script with this one's")
     args = parser.parse_args()
     sys.path.insert(0, str(args.repo.resolve()))
     import uvloop
 
     with throwaway_redis() as url:
-        uvloop.run(run(url))
+        if args.append_against:
+            compare_append(url, args.append_against)
+        else:
+            uvloop.run(run(url))
     return 0
 
 

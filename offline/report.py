@@ -636,7 +636,8 @@ def markdown(rows: list[Row], cfg: ReportConfig, datasets: list[Dataset], refere
     if any(r.dataset == ABLATION_SET for r in rows):
         o += ["## Ablations (seq-effects-on, same budgets; cf. the paper's Figure 5)", "",
               "| variant | what exactly |", "|---|---|",
-              "| saco | the product: TrainConfig() (objective value, layout step, context 10) |"]
+              f"| saco | the product: TrainConfig() (objective {cfg.train.objective}, layout {cfg.train.token_layout}, "
+              f"context {cfg.train.context_length}, width {cfg.train.d_model}, {cfg.train.n_layers} layer(s)) |"]
         o += [f"| {a.name} | {a.what} |" for a in ABLATIONS]
         o += ["", *summary_table(rows, ABLATION_SET), "", "Revenue (BARate) per budget level:", "",
               *level_table(rows, ABLATION_SET), ""]
