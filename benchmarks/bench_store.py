@@ -23,6 +23,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import redis
@@ -105,7 +106,7 @@ def compare_append(url: str, rev: str, rounds: int = 6, calls: int = 200) -> Non
     keys = [f"bench:ctx:u{i}" for i in range(128)]
     steps = [new_step_bytes(f"d-x-{i}", 1, features) for i in range(128)]
     appended = append_steps_to([full] * 128, steps, capacity, initial)
-    args = [capacity, 10**9, initial, b"".join(steps), *[full[: HEADER.size]] * 128, *appended]
+    args: list[Any] = [capacity, 10**9, initial, b"".join(steps), *[full[: HEADER.size]] * 128, *appended]
     cpu: dict[str, list[float]] = {name: [] for name in shas}
     try:
         for _ in range(rounds):
