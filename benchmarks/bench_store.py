@@ -92,7 +92,11 @@ def compare_append(url: str, rev: str, rounds: int = 6, calls: int = 200) -> Non
 
     sources = {
         rev: subprocess.run(
-            ["git", "show", f"{rev}:service/lua/append_steps.lua"], check=True, capture_output=True, text=True
+            ["git", "show", f"{rev}:service/lua/append_steps.lua"],
+            check=True,
+            capture_output=True,
+            text=True,
+            cwd=LUA_DIR,  # inside the repository whatever the caller's directory
         ).stdout,
         "this checkout": (LUA_DIR / "append_steps.lua").read_text(),
     }
