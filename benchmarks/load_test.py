@@ -58,11 +58,13 @@ class Connection:
         head = f"POST {path} HTTP/1.1\r\nHost: {self.host}\r\nContent-Type: application/json\r\n"
         self.writer.write(f"{head}Content-Length: {len(body)}\r\n\r\n".encode() + body)
         status_line = await self.reader.readuntil(b"\r\n")
-        length = 0
+        length = None
         while (line := await self.reader.readuntil(b"\r\n")) != b"\r\n":
             name, _, value = line.partition(b":")
             if name.strip().lower() == b"content-length":
                 length = int(value)
+        if length is None:  # the service always sends one (no chunked answers to read here)
+            raise RuntimeError(f"answer without Content-Length: {status_line!r}")
         return int(status_line.split()[1]), await self.reader.readexactly(length)
 
     def close(self) -> None:
