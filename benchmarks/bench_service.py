@@ -150,16 +150,15 @@ class KeepAliveClient:
 
 
 class Workload:
-    """Sequential requests of `users` users to one service. Requests cycle over 8 disjoint user groups (a
-    user's next request comes 8 requests later, as with real traffic, not back to back); `warm_up` fills
-    every user's context first (context_length passes), so the model sees full contexts."""
+    """Sequential requests of `users` users to one service. Requests cycle over `groups` disjoint user groups
+    (a user's next request comes `groups` requests later, as with real traffic, not back to back); `warm_up`
+    fills every user's context first (context_length passes), so the model sees full contexts."""
 
-    groups = 8
     path = "/v1/campaigns/bench/decisions"
 
-    def __init__(self, client: KeepAliveClient, dim: int, users: int) -> None:
+    def __init__(self, client: KeepAliveClient, dim: int, users: int, groups: int = 8) -> None:
         rng = np.random.default_rng(users)
-        self.client, self.users = client, users
+        self.client, self.users, self.groups = client, users, groups
         self.bodies = [
             json.dumps(
                 {

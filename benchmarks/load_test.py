@@ -110,7 +110,7 @@ async def offer(base: str, bodies: list[bytes], rate: float, seconds: float, con
     """Poisson arrivals at `rate` per second for `seconds`; each takes a free connection when one is."""
     host, port = base.removeprefix("http://").split(":")
     pool: asyncio.Queue[Connection] = asyncio.Queue()
-    path = "/v1/campaigns/bench/decisions"
+    path = Workload.path
     for i in range(connections):  # each connection opened and used once, untimed
         conn = await Connection.open(host, int(port))
         await conn.post(path, bodies[i % len(bodies)])
@@ -200,16 +200,7 @@ def main() -> int:
         proc, base = start_service(store, redis_url, prefix)
         rows: list[dict[str, Any]] = []
         try:
-            workload = Workload(KeepAliveClient(base), manifest.feature_dim, args.users)
-            workload.groups = GROUPS
-            rng = np.random.default_rng(args.users)
-            features = rng.normal(size=(GROUPS, args.users, manifest.feature_dim)).round(4).tolist()
-            workload.bodies = [
-                json.dumps(
-                    {"requests": [{"user_id": f"load{args.users}-{g}-{j}", "features": f} for j, f in enumerate(group)]}
-                ).encode()
-                for g, group in enumerate(features)
-            ]
+            workload = Workload(KeepAliveClient(base), manifest.feature_dim, args.users, groups=GROUPS)
             print(
                 f"warming up {GROUPS} groups x {args.users} users ({manifest.context_length} passes) ...",
                 file=sys.stderr,
