@@ -4,6 +4,7 @@
     .venv/bin/python benchmarks/bench_forward.py HEAD           # HEAD's export of the same weights against it
     .venv/bin/python benchmarks/bench_forward.py HEAD --sizes 1,128 --calls 2
     .venv/bin/python benchmarks/bench_forward.py HEAD --config '{"context_length": 6, "d_model": 32}'
+    .venv/bin/python benchmarks/bench_forward.py --gap 2       # each timed call after 2 ms idle, then once more
 
 Nothing is trained: a model (ModelConfig(feature_dim=8, num_actions=4), other fields from --config) gets random
 parameters (normal, std 0.5) and a random normalisation. Each revision exports these weights with its own export code
@@ -13,6 +14,10 @@ on full contexts (every step real), since this VM's speed drifts up to 2x within
 interleaved run compare, figures from separate runs do not. Page faults per call are shown as well: at 1024
 users the forward's fresh [B*L, h] buffers can each come back from the OS zero-filled (glibc gives large freed
 blocks back to it), which costs as much as the arithmetic.
+
+`--gap MS` idles MS ms (a sleep) before each timed call and then calls the same module once more at once: a
+service that is not saturated calls its forward after such gaps, with other work (the event loop, Redis, other
+tenants of the host) run on the CPU in between; the second call shows what the same forward costs warm.
 """
 
 from __future__ import annotations
@@ -109,6 +114,7 @@ def main() -> int:
     parser.add_argument("--sizes", default="1,16,128,1024", help="users per call, comma-separated")
     parser.add_argument("--calls", type=float, default=1.0, help="multiplies the timed calls per size")
     parser.add_argument("--config", default="{}", help="JSON of ModelConfig fields (default: the defaults)")
+    parser.add_argument("--gap", type=float, default=0.0, help="ms idle before each timed call (then one warm call)")
     args = parser.parse_args()
     torch.set_num_threads(1)
     model = random_model(json.loads(args.config))
@@ -137,7 +143,9 @@ def main() -> int:
             line += f"; max |{names[1]} - {names[0]}| {float((scores[1] - scores[0]).abs().max()):.1e}"
         print(line)
 
-        header = f"{'users':>5}  " + "  ".join(f"{name[:14]:>14} ms  aten ops  faults" for name in names)
+        gap = args.gap / 1e3
+        warm_column = "  warm ms" if gap else ""
+        header = f"{'users':>5}  " + "  ".join(f"{name[:14]:>14} ms{warm_column}  aten ops  faults" for name in names)
         print(header + ("  ratio" if len(modules) == 2 else ""))
         for users in [int(s) for s in args.sizes.split(",")]:
             x = inputs(users, model.cfg, padded=False, seed=users)
@@ -145,19 +153,29 @@ def main() -> int:
                 for _ in range(20):
                     module(*x)
             times: dict[int, list[float]] = collections.defaultdict(list)
+            warm: dict[int, list[float]] = collections.defaultdict(list)  # the call right after a timed one
             faults: dict[int, int] = collections.defaultdict(int)
             calls = max(10, int(CALLS.get(users, 100) * args.calls))
+            if gap:
+                calls = min(calls, max(10, int(400 * args.calls)))  # each call waits `gap`
             for _ in range(calls):
                 for i, module in enumerate(modules):
+                    if gap:
+                        time.sleep(gap)
                     before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
                     started = time.perf_counter()
                     module(*x)
                     times[i].append(time.perf_counter() - started)
                     faults[i] += resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+                    if gap:
+                        started = time.perf_counter()
+                        module(*x)
+                        warm[i].append(time.perf_counter() - started)
             ms = [statistics.median(times[i]) * 1e3 for i in range(len(modules))]
+            warm_ms = [f"  {statistics.median(warm[i]) * 1e3:>7.3f}" if gap else "" for i in range(len(modules))]
             ops = [aten_ops_per_call(module, x) for module in modules]
             row = f"{users:>5}  " + "  ".join(
-                f"{ms[i]:>17.3f}  {ops[i]:>8.0f}  {faults[i] / calls:>6.0f}" for i in range(len(modules))
+                f"{ms[i]:>17.3f}{warm_ms[i]}  {ops[i]:>8.0f}  {faults[i] / calls:>6.0f}" for i in range(len(modules))
             )
             print(row + (f"  {ms[1] / ms[0]:.2f}" if len(modules) == 2 else ""), flush=True)
     return 0
