@@ -9,8 +9,9 @@ from __future__ import annotations
 import asyncio
 import struct
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 from service.state.base import (
     CampaignConfig,
@@ -69,6 +70,9 @@ class _DecisionTable:
         self._versions: list[str] = []
         self._version_index: dict[str, int] = {}
 
+    def __len__(self) -> int:
+        return len(self._rows)
+
     def get(self, decision_id: str) -> _DecisionRecord | None:
         row = self._rows.get(decision_id)
         if row is None:
@@ -90,25 +94,37 @@ class _DecisionTable:
             version = self._version_index[record.model_version] = len(self._versions)
             self._versions.append(record.model_version)
         settled = record.reward is not None
-        self._rows[decision_id] = (
-            self._FIXED.pack(
-                record.expires_ms,
-                record.action,
-                record.probability,
-                record.reserved,
-                record.status.encode(),
-                version,
-                record.lam,
-                settled,
-                record.reward if settled else 0.0,
-                record.cost or 0,
-            )
-            + record.user_id.encode("utf-8", "surrogatepass")
-        )
+        self._rows[decision_id] = self._FIXED.pack(
+            record.expires_ms,
+            record.action,
+            record.probability,
+            record.reserved,
+            record.status.encode(),
+            version,
+            record.lam,
+            settled,
+            record.reward if settled else 0.0,
+            record.cost or 0,
+        ) + record.user_id.encode("utf-8", "surrogatepass")
 
     def drop_expired(self, now_ms: int) -> None:
-        expires = self._EXPIRES.unpack_from
-        self._rows = {d: row for d, row in self._rows.items() if expires(row)[0] > now_ms}
+        """Drop the records past their expiry, oldest first, stopping at the first live one: O(expired), not
+        O(records) (rebuilding the table took 0.23 s at 400,000 records, under the store's lock). A record is
+        written once with now + the decision TTL, one setting per process, and rewritten in place with the same
+        expiry, so insertion order is expiry order. (A record written with a shorter TTL than one before it
+        stays until that one goes; every reader checks a record's own expiry.)"""
+        _drop_oldest(self._rows, lambda row: self._EXPIRES.unpack_from(row)[0] <= now_ms)
+
+
+def _drop_oldest(table: dict[str, Any], expired: Callable[[Any], bool]) -> None:
+    """Delete the entries of `table` from its oldest on while `expired(value)`."""
+    gone = []
+    for key, value in table.items():
+        if not expired(value):
+            break
+        gone.append(key)
+    for key in gone:
+        del table[key]
 
 
 @dataclass
@@ -249,6 +265,7 @@ class MemoryStateStore(StateStore):
                 if cost > 0:
                     campaign.pending[item.decision_id] = now_ms + reservation_expiry_ms
                 if item.request_id is not None:
+                    campaign.requests.pop(item.request_id, None)  # to the end: the sweep drops oldest first
                     campaign.requests[item.request_id] = f"{now_ms + decision_ttl_ms} {item.decision_id}"
                 out.append(
                     ReservedDecision(
@@ -377,7 +394,8 @@ class MemoryStateStore(StateStore):
             campaign.state = state
             # expire old records the way Redis TTLs would
             campaign.decisions.drop_expired(now_ms)
-            campaign.requests = {q: v for q, v in campaign.requests.items() if int(v.partition(" ")[0]) > now_ms}
-            self._context_expiry = {k: e for k, e in self._context_expiry.items() if e > now_ms}
-            self._contexts = {k: self._contexts[k] for k in self._context_expiry}
+            _drop_oldest(campaign.requests, lambda value: int(value.partition(" ")[0]) <= now_ms)
+            # a context's expiry moves on each write (its place does not): scanned whole, deleted in place
+            for key in [key for key, expires in self._context_expiry.items() if expires <= now_ms]:
+                del self._context_expiry[key], self._contexts[key]
             return released

@@ -541,6 +541,53 @@ def test_embedded_store_leaves_the_cyclic_gc_nothing_to_walk() -> None:
     assert count < 100 and widest < 50  # 2,500 decisions, 2,500 request records, 100 contexts held
 
 
+def test_embedded_store_sweep_drops_expired_records_oldest_first() -> None:
+    """Decision and request records past the decision TTL leave the embedded store at the next sweep (the
+    store's memory stays bounded), live ones stay, and a request id used again after its record expired
+    counts from its new expiry."""
+
+    async def scenario() -> list[tuple[int, int]]:
+        store = MemoryStateStore()
+        await store.upsert_campaign("c", put(10**9))
+
+        async def decide(now: int, items: list[ReserveItem]) -> None:
+            await store.reserve(
+                "c", items, model_version="v1", lam=0.0, now_ms=now, reservation_expiry_ms=100, decision_ttl_ms=1000
+            )
+
+        await decide(0, [item(j, [1, 0], request_id=f"r{j}") for j in range(3)])
+        await decide(500, [item(3, [1, 0], request_id="r3")])
+        campaign, sizes = store._campaigns["c"], []
+        for now in (999, 1000, 1200):
+            await store.sweep_expired("c", now)
+            sizes.append((len(campaign.decisions), len(campaign.requests)))
+        await decide(1200, [item(4, [1, 0], request_id="r0")])  # r0 expired at 1000: a new decision
+        for now in (1500, 2200):
+            await store.sweep_expired("c", now)
+            sizes.append((len(campaign.decisions), len(campaign.requests)))
+        return sizes
+
+    assert asyncio.run(scenario()) == [(4, 4), (1, 1), (1, 1), (1, 1), (0, 0)]
+
+
+def test_embedded_store_sweep_drops_expired_contexts() -> None:
+    async def scenario() -> tuple[bool, int, int]:
+        store = MemoryStateStore()
+        await store.upsert_campaign("c", put(10**9))
+        for user in ("u", "v"):
+            await store.append_steps(
+                "c", [NewStep(user, f"d-{user}", 1, ONE)], capacity=2, ttl_ms=1000, initial_rtg=1.0, initial_ctg=1.0
+            )
+        wall = int(time.time() * 1000)
+        await store.sweep_expired("c", wall - 1)
+        _, contexts = await store.load_for_decision("c", ["u", "v"])
+        kept = len(store._contexts)
+        await store.sweep_expired("c", wall + 5000)  # past both contexts' TTL
+        return all(c is not None for c in contexts), kept, len(store._contexts)
+
+    assert asyncio.run(scenario()) == (True, 2, 0)
+
+
 def reachable(root: object) -> list[object]:
     """The store's data reachable from `root`: containers and the service's own objects (not its lock, its
     loop or code)."""
