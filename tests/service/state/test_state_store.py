@@ -576,13 +576,13 @@ def test_embedded_store_sweep_drops_expired_contexts() -> None:
         await store.upsert_campaign("c", put(10**9))
         for user in ("u", "v"):
             await store.append_steps(
-                "c", [NewStep(user, f"d-{user}", 1, ONE)], capacity=2, ttl_ms=1000, initial_rtg=1.0, initial_ctg=1.0
+                "c", [NewStep(user, f"d-{user}", 1, ONE)], capacity=2, ttl_ms=60_000, initial_rtg=1.0, initial_ctg=1.0
             )
         wall = int(time.time() * 1000)
         await store.sweep_expired("c", wall - 1)
         _, contexts = await store.load_for_decision("c", ["u", "v"])
         kept = len(store._contexts)
-        await store.sweep_expired("c", wall + 5000)  # past both contexts' TTL
+        await store.sweep_expired("c", wall + 120_000)  # past both contexts' TTL
         return all(c is not None for c in contexts), kept, len(store._contexts)
 
     assert asyncio.run(scenario()) == (True, 2, 0)
