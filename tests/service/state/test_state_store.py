@@ -541,18 +541,34 @@ def test_embedded_store_leaves_the_cyclic_gc_nothing_to_walk() -> None:
     assert count < 100 and widest < 50  # 2,500 decisions, 2,500 request records, 100 contexts held
 
 
+def test_sweep_releases_by_deadline_whatever_the_order_reserved(run: Callable[[Scenario], Any]) -> None:
+    async def scenario(store: StateStore) -> None:
+        await store.upsert_campaign("c", put(10**6))
+        now = 1_000_000
+        await reserve(store, "c", [item(1, [1, 0])], now=now, expiry_ms=5000)
+        await reserve(store, "c", [item(2, [1, 0])], now=now, expiry_ms=1000)  # reserved later, due first
+        assert await store.sweep_expired("c", now + 999) == 0
+        assert await store.sweep_expired("c", now + 1000) == 1
+        assert await store.sweep_expired("c", now + 4999) == 0
+        assert await store.sweep_expired("c", now + 5000) == 1
+        state = await store.get_campaign("c")
+        assert state is not None and state.reserved == 0
+
+    run(scenario)
+
+
 def test_embedded_store_sweep_drops_expired_records_oldest_first() -> None:
     """Decision and request records past the decision TTL leave the embedded store at the next sweep (the
-    store's memory stays bounded), live ones stay, and a request id used again after its record expired
-    counts from its new expiry."""
+    store's memory stays bounded), live ones stay, a request id used again after its record expired counts
+    from its new expiry, and a record that expires before one written earlier goes at its own expiry."""
 
     async def scenario() -> list[tuple[int, int]]:
         store = MemoryStateStore()
         await store.upsert_campaign("c", put(10**9))
 
-        async def decide(now: int, items: list[ReserveItem]) -> None:
+        async def decide(now: int, items: list[ReserveItem], ttl: int = 1000) -> None:
             await store.reserve(
-                "c", items, model_version="v1", lam=0.0, now_ms=now, reservation_expiry_ms=100, decision_ttl_ms=1000
+                "c", items, model_version="v1", lam=0.0, now_ms=now, reservation_expiry_ms=100, decision_ttl_ms=ttl
             )
 
         await decide(0, [item(j, [1, 0], request_id=f"r{j}") for j in range(3)])
@@ -562,6 +578,7 @@ def test_embedded_store_sweep_drops_expired_records_oldest_first() -> None:
             await store.sweep_expired("c", now)
             sizes.append((len(campaign.decisions), len(campaign.requests)))
         await decide(1200, [item(4, [1, 0], request_id="r0")])  # r0 expired at 1000: a new decision
+        await decide(1300, [item(5, [1, 0])], ttl=100)  # expires before item 4, written after it: still dropped
         for now in (1500, 2200):
             await store.sweep_expired("c", now)
             sizes.append((len(campaign.decisions), len(campaign.requests)))
