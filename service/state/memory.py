@@ -173,30 +173,32 @@ class _DecisionTable:
         self._rows.drop_due(now_ms)
 
 
+def _request_record(value: str) -> tuple[int, str]:
+    """(expiry ms, decision id) of a request record "<expiry ms> <decision id>"."""
+    expires, _, decision_id = value.partition(" ")
+    return int(expires), decision_id
+
+
+def _context_key(campaign_id: str, user_id: str) -> str:
+    return f"{campaign_id}\t{user_id}"  # campaign ids have no tabs
+
+
 @dataclass
 class _Campaign:
     state: CampaignState
     decisions: _DecisionTable = field(default_factory=_DecisionTable)
     # request_id -> "<expiry ms> <decision id>" (a str, not a tuple: see _DecisionTable)
-    requests: _ExpiringTable[str] = field(default_factory=lambda: _ExpiringTable(lambda v: int(v.partition(" ")[0])))
+    requests: _ExpiringTable[str] = field(default_factory=lambda: _ExpiringTable(lambda v: _request_record(v)[0]))
     # decision_id -> release deadline (ms)
     pending: _ExpiringTable[int] = field(default_factory=lambda: _ExpiringTable(int))
-
-
-def _request_record(value: str | None) -> tuple[int, str] | None:
-    """(expiry ms, decision id) of a request record."""
-    if value is None:
-        return None
-    expires, _, decision_id = value.partition(" ")
-    return int(expires), decision_id
 
 
 class MemoryStateStore(StateStore):
     def __init__(self) -> None:
         self._lock = asyncio.Lock()
         self._campaigns: dict[str, _Campaign] = {}
-        # "<campaign id>\t<user id>" (campaign ids have no tabs) -> context, and -> its expiry in ms: atomic
-        # keys and values only, which the cyclic GC stops walking (see _DecisionTable)
+        # _context_key -> context, and -> its expiry in ms: atomic keys and values only, which the cyclic GC
+        # stops walking (see _DecisionTable)
         self._contexts: dict[str, UserContext] = {}
         self._context_expiry: dict[str, int] = {}
 
@@ -251,7 +253,7 @@ class MemoryStateStore(StateStore):
         contexts: list[UserContext | None] = []
         expiry = self._context_expiry
         for user_id in user_ids:
-            key = f"{campaign_id}\t{user_id}"
+            key = _context_key(campaign_id, user_id)
             contexts.append(self._contexts.get(key) if expiry.get(key, 0) > now else None)
         return campaign.state.config, contexts
 
@@ -277,7 +279,8 @@ class MemoryStateStore(StateStore):
             out: list[ReservedDecision] = []
             for item in items:
                 if item.request_id is not None:
-                    known = _request_record(campaign.requests.get(item.request_id))
+                    request = campaign.requests.get(item.request_id)
+                    known = None if request is None else _request_record(request)
                     record = campaign.decisions.get(known[1]) if known is not None and known[0] > now_ms else None
                     if known is not None and record is not None:
                         out.append(
@@ -358,7 +361,7 @@ class MemoryStateStore(StateStore):
     def _append(
         self, campaign_id: str, steps: list[NewStep], capacity: int, ttl_ms: int, initial: bytes, now: int
     ) -> None:
-        keys = [f"{campaign_id}\t{step.user_id}" for step in steps]
+        keys = [_context_key(campaign_id, step.user_id) for step in steps]
         expiry = self._context_expiry
         current = [self._contexts.get(key) if expiry.get(key, 0) > now else None for key in keys]
         appended = append_steps_to(current, [step.encoded() for step in steps], capacity, initial)
@@ -414,7 +417,7 @@ class MemoryStateStore(StateStore):
         async with self._lock:
             now = _now_ms()
             for user_id, decision_id, reward, cost in updates:
-                key = f"{campaign_id}\t{user_id}"
+                key = _context_key(campaign_id, user_id)
                 if self._context_expiry.get(key, 0) <= now:
                     continue
                 updated = apply_outcome(self._contexts[key], decision_id, reward, cost / 100)
