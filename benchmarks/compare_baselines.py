@@ -87,8 +87,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     logs = validate_table(simulate_logs(cfg))
     world = SyntheticWorld(cfg)
     n, seed = args.eval_users, args.eval_seed
-    print(f"logs: {logs.n_rows} rows ({logs.n_users} users x {args.rounds} rounds); "
-          f"evaluation: {n} fresh users (seed {seed}), {len(LAMBDAS)} lambdas")
+    print(
+        f"logs: {logs.n_rows} rows ({logs.n_users} users x {args.rounds} rounds); "
+        f"evaluation: {n} fresh users (seed {seed}), {len(LAMBDAS)} lambdas"
+    )
 
     oracle = [rollout(world, MyopicOracle(), lam, n, seed) for lam in LAMBDAS]
     o_cost, o_rev = curve(oracle)
@@ -118,20 +120,27 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         print(f"  {name:<12} trained in {train_s:6.1f}s", flush=True)
 
     head = " ".join(f"{int(b * 100):>5}%" for b in BUDGETS)
-    print("\nrevenue / myopic-oracle revenue at equal spend (budget = % of the oracle's max spend "
-          f"{o_cost.max():,.0f}; oracle revenue there: {', '.join(f'{v:,.0f}' for v in oracle_at)}; "
-          f"no-coupon revenue {no_coupon:,.0f})")
-    print(f"{'method':<12} {'train s':>8} {'act ms':>7} {'rise':>6} | {head} |  mean | "
-          f"incr. revenue / oracle's: {head}")
+    print(
+        "\nrevenue / myopic-oracle revenue at equal spend (budget = % of the oracle's max spend "
+        f"{o_cost.max():,.0f}; oracle revenue there: {', '.join(f'{v:,.0f}' for v in oracle_at)}; "
+        f"no-coupon revenue {no_coupon:,.0f})"
+    )
+    print(
+        f"{'method':<12} {'train s':>8} {'act ms':>7} {'rise':>6} | {head} |  mean | incr. revenue / oracle's: {head}"
+    )
     for name, row in rows.items():
         ratio = " ".join(f"{v:6.3f}" for v in row["ratio"])
         incr = " ".join(f"{v:6.3f}" for v in row["incr"])
         mean = np.nanmean(row["ratio"]) if np.isfinite(row["ratio"]).any() else float("nan")
-        print(f"{name:<12} {row['train_s']:8.1f} {row['act_ms']:7.1f} {row['max_rise']:6.3f} | {ratio} | {mean:5.3f} |"
-              f"                           {incr}")
-    print("act ms = wall time of one act() call for all evaluation users (one round); rise = largest relative "
-          "increase of spend from one lambda to the next (0 = spend never rises with lambda); NaN = budget "
-          "outside the method's spend range over the lambda grid")
+        print(
+            f"{name:<12} {row['train_s']:8.1f} {row['act_ms']:7.1f} {row['max_rise']:6.3f} | {ratio} | {mean:5.3f} |"
+            f"                           {incr}"
+        )
+    print(
+        "act ms = wall time of one act() call for all evaluation users (one round); rise = largest relative "
+        "increase of spend from one lambda to the next (0 = spend never rises with lambda); NaN = budget "
+        "outside the method's spend range over the lambda grid"
+    )
     return rows
 
 

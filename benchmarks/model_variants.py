@@ -55,8 +55,9 @@ def main() -> None:
     for fw in args.future_weights if args.future_weights is not None else [result.model.future_weight]:
         result.model.future_weight = fw
         saco = curve(saco_policy(result, logs.feature_dim))
-        grid = np.linspace(max(c.min() for c, _ in (saco, oracle, two_stage)),
-                           min(c.max() for c, _ in (saco, oracle, two_stage)), 6)
+        grid = np.linspace(
+            max(c.min() for c, _ in (saco, oracle, two_stage)), min(c.max() for c, _ in (saco, oracle, two_stage)), 6
+        )
         print(f"future_weight={fw}: spend over lambda {saco[0].astype(int).tolist()}")
         print("  SACO / oracle   ", np.round(at(*saco, grid) / at(*oracle, grid), 4).tolist())
         print("  SACO / two-stage", np.round(at(*saco, grid) / at(*two_stage, grid), 4).tolist())

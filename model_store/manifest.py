@@ -72,8 +72,19 @@ class Manifest:
     def from_json(cls, data: dict[str, Any]) -> Manifest:
         known = {f.name for f in fields(cls)}
         missing = [
-            name for name in ("version", "created_at", "model_sha256", "feature_dim", "num_actions",
-                              "context_length", "max_timestep", "objective", "initial_rtg", "initial_ctg")
+            name
+            for name in (
+                "version",
+                "created_at",
+                "model_sha256",
+                "feature_dim",
+                "num_actions",
+                "context_length",
+                "max_timestep",
+                "objective",
+                "initial_rtg",
+                "initial_ctg",
+            )
             if name not in data
         ]
         if missing:

@@ -51,9 +51,17 @@ class CalibrationResult:
         return self.cost / self.budget if self.budget > 0 else float("nan")
 
     def to_json(self) -> dict[str, float | int | str | bool | None]:
-        return {"lambda": self.lam, "revenue": self.revenue, "cost": self.cost, "budget": self.budget,
-                "barate": self.barate, "roi": self.revenue / self.cost if self.cost > 0 else None,
-                "passes": self.passes, "method": self.method, "converged": self.converged}
+        return {
+            "lambda": self.lam,
+            "revenue": self.revenue,
+            "cost": self.cost,
+            "budget": self.budget,
+            "barate": self.barate,
+            "roi": self.revenue / self.cost if self.cost > 0 else None,
+            "passes": self.passes,
+            "method": self.method,
+            "converged": self.converged,
+        }
 
 
 Simulator = Callable[[float], tuple[float, float]]
@@ -79,16 +87,20 @@ class _Counter:
 
 
 def search_monotone(
-    simulate: Simulator, budget: float, *, lam_max: float = 1e4, max_passes: int = 40,
-    target_low: float = TARGET_LOW, progress: Callable[[Evaluation], None] | None = None,
+    simulate: Simulator,
+    budget: float,
+    *,
+    lam_max: float = 1e4,
+    max_passes: int = 40,
+    target_low: float = TARGET_LOW,
+    progress: Callable[[Evaluation], None] | None = None,
 ) -> CalibrationResult:
     if budget < 0 or not math.isfinite(budget):
         raise ValueError(f"budget must be a finite number >= 0, got {budget}")
     f = _Counter(simulate, progress)
 
     def done(ev: Evaluation, converged: bool) -> CalibrationResult:
-        return CalibrationResult(ev.lam, ev.revenue, ev.cost, budget, len(f.history), "monotone", converged,
-                                 f.history)
+        return CalibrationResult(ev.lam, ev.revenue, ev.cost, budget, len(f.history), "monotone", converged, f.history)
 
     lo = f(0.0)
     if lo.cost <= budget:  # the budget does not bind: spend everything the policy wants
@@ -119,8 +131,15 @@ def search_monotone(
 
 
 def search_slsqp(
-    simulate: Simulator, budget: float, *, max_iterations: int = 30, noise: float = 0.1, lr: float | None = None,
-    lam_max: float = 10.0, target_low: float = TARGET_LOW, seed: int = 0,
+    simulate: Simulator,
+    budget: float,
+    *,
+    max_iterations: int = 30,
+    noise: float = 0.1,
+    lr: float | None = None,
+    lam_max: float = 10.0,
+    target_low: float = TARGET_LOW,
+    seed: int = 0,
     progress: Callable[[Evaluation], None] | None = None,
 ) -> CalibrationResult:
     """Algorithm 2 of the paper (SLSQP with noise restarts and dynamic adjustment)."""
@@ -136,8 +155,9 @@ def search_slsqp(
     best: Evaluation | None = None
     for _ in range(max_iterations):
         init = float(np.clip(lam + rng.uniform(-noise, noise), 0.0, lam_max))
-        res = minimize(objective, np.array([init]), method="SLSQP", bounds=[(0.0, lam_max)],
-                       options={"maxiter": 20, "eps": 1e-2})
+        res = minimize(
+            objective, np.array([init]), method="SLSQP", bounds=[(0.0, lam_max)], options={"maxiter": 20, "eps": 1e-2}
+        )
         lam = float(np.clip(res.x[0], 0.0, lam_max))
         ev = f(lam)
         if ev.cost <= budget and (best is None or ev.revenue > best.revenue):
@@ -150,8 +170,9 @@ def search_slsqp(
         if not feasible:
             raise RuntimeError("SLSQP found no lambda within the budget")
         best = max(feasible, key=lambda e: e.revenue)
-    return CalibrationResult(best.lam, best.revenue, best.cost, budget, len(f.history), "slsqp",
-                             best.cost >= target_low * budget, f.history)
+    return CalibrationResult(
+        best.lam, best.revenue, best.cost, budget, len(f.history), "slsqp", best.cost >= target_low * budget, f.history
+    )
 
 
 def spend_table(simulate: Simulator, lams: list[float]) -> list[Evaluation]:
@@ -164,8 +185,15 @@ def spend_table(simulate: Simulator, lams: list[float]) -> list[Evaluation]:
 
 
 def calibrate_artifact(
-    store: ModelStore, data: Logs, budget: float, *, version: str | None = None, users: int | None = None,
-    method: str = "monotone", seed: int = 0, progress: Callable[[Evaluation], None] | None = None,
+    store: ModelStore,
+    data: Logs,
+    budget: float,
+    *,
+    version: str | None = None,
+    users: int | None = None,
+    method: str = "monotone",
+    seed: int = 0,
+    progress: Callable[[Evaluation], None] | None = None,
     log: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
     """`saco calibrate`: run the exported policy through the environment learned from `data`, find lambda
@@ -181,8 +209,9 @@ def calibrate_artifact(
     if log is not None:
         log("fitting the offline environment on the logs...")
     env = LogEnvironment.fit(data)
-    policy = SequencePolicy(load_scripted(artifact.model_path), m.context_length, m.initial_rtg, m.initial_ctg,
-                            m.feature_dim)
+    policy = SequencePolicy(
+        load_scripted(artifact.model_path), m.context_length, m.initial_rtg, m.initial_ctg, m.feature_dim
+    )
 
     def simulate_at(lam: float) -> tuple[float, float]:
         r = rollout(env, policy, lam, n_users=users, seed=seed)
@@ -195,6 +224,10 @@ def calibrate_artifact(
     table = [LambdaPoint(result.lam, result.cost / n_users, result.revenue / n_users)]
     table += [LambdaPoint(e.lam, e.cost / n_users, e.revenue / n_users) for e in spend_table(simulate_at, grid)]
     table.sort(key=lambda p: p.lam)
-    store.update_manifest(artifact.version, lambda_table=table, default_lambda=result.lam,
-                          metrics={**m.metrics, "env_fit": env.fit_metrics})
+    store.update_manifest(
+        artifact.version,
+        lambda_table=table,
+        default_lambda=result.lam,
+        metrics={**m.metrics, "env_fit": env.fit_metrics},
+    )
     return {**result.to_json(), "users": n_users, "version": artifact.version}

@@ -42,15 +42,17 @@ class LogEpisode:
     t: int = 0
 
 
-def _history_inputs(features: np.ndarray, coupons: np.ndarray, purchases: np.ndarray, face: np.ndarray,
-                    t: np.ndarray) -> np.ndarray:
+def _history_inputs(
+    features: np.ndarray, coupons: np.ndarray, purchases: np.ndarray, face: np.ndarray, t: np.ndarray
+) -> np.ndarray:
     extra = np.stack([coupons, purchases, face, np.minimum(t, 20) / 10.0], axis=1)
     return np.concatenate([features, extra], axis=1).astype(np.float32)
 
 
 class LogEnvironment:
-    def __init__(self, logs: Logs, response: ResponseModel, relative_face: np.ndarray, rounds: int,
-                 mean_positive_reward: float) -> None:
+    def __init__(
+        self, logs: Logs, response: ResponseModel, relative_face: np.ndarray, rounds: int, mean_positive_reward: float
+    ) -> None:
         self.logs = logs
         self.mean_positive_reward = mean_positive_reward
         self.response = response
@@ -70,8 +72,9 @@ class LogEnvironment:
     @classmethod
     def fit(cls, logs: Logs, cfg: ResponseConfig | None = None, max_rounds: int = 64) -> LogEnvironment:
         num_actions = max(logs.num_actions, 2)
-        mean_cost = np.array([logs.cost[logs.action == a].mean() if np.any(logs.action == a) else 0.0
-                              for a in range(num_actions)])
+        mean_cost = np.array(
+            [logs.cost[logs.action == a].mean() if np.any(logs.action == a) else 0.0 for a in range(num_actions)]
+        )
         relative_face = mean_cost / mean_cost.max() if mean_cost.max() > 0 else mean_cost
         coupons, purchases, face, position = history_summaries(logs, relative_face)
         x = _history_inputs(logs.features, coupons, purchases, face, position)
@@ -97,8 +100,11 @@ class LogEnvironment:
         active = steps[:, None] < lengths[None, :]
         rows = starts[users][None, :] + np.minimum(steps[:, None], lengths[None, :] - 1)
         return LogEpisode(
-            features=self.logs.features[rows], active=active,
-            coupons=np.zeros(n), purchases=np.zeros(n), face=np.zeros(n),
+            features=self.logs.features[rows],
+            active=active,
+            coupons=np.zeros(n),
+            purchases=np.zeros(n),
+            face=np.zeros(n),
         )
 
     def features(self, ep: LogEpisode) -> np.ndarray:

@@ -86,8 +86,13 @@ class CachedSimulator:
 COMPARISON_TARGET_LOW = 0.995
 
 
-def calibrate_levels(policy: str, simulate: Callable[[float], tuple[float, float]], reference: float,
-                     max_passes: int = 40, target_low: float = COMPARISON_TARGET_LOW) -> list[PolicyRow]:
+def calibrate_levels(
+    policy: str,
+    simulate: Callable[[float], tuple[float, float]],
+    reference: float,
+    max_passes: int = 40,
+    target_low: float = COMPARISON_TARGET_LOW,
+) -> list[PolicyRow]:
     """Calibrate one policy to the 9 budgets (BUDGET_LEVELS x reference spend) with the monotone search."""
     rows = []
     for name, frac in zip(LEVEL_NAMES, BUDGET_LEVELS, strict=True):
@@ -98,12 +103,21 @@ def calibrate_levels(policy: str, simulate: Callable[[float], tuple[float, float
 
 
 def saco_policy(result: TrainResult, feature_dim: int, name: str = "saco") -> SequencePolicy:
-    return SequencePolicy(PolicyModule(result.model).eval(), result.config.context_length, result.initial_rtg,
-                          result.initial_ctg, feature_dim, name=name)
+    return SequencePolicy(
+        PolicyModule(result.model).eval(),
+        result.config.context_length,
+        result.initial_rtg,
+        result.initial_ctg,
+        feature_dim,
+        name=name,
+    )
 
 
 def evaluate_world(
-    world_cfg: WorldConfig, cfg: EvalConfig, label: str, log: Callable[[str], None],
+    world_cfg: WorldConfig,
+    cfg: EvalConfig,
+    label: str,
+    log: Callable[[str], None],
     extra_policies: Callable[[Logs], list[Policy]] | None = None,
 ) -> WorldReport:
     world = SyntheticWorld(world_cfg)
@@ -113,8 +127,12 @@ def evaluate_world(
     result = train(logs, cfg.train)
     train_seconds = time.time() - started
     log(f"[{label}] SACO trained in {train_seconds:.0f}s; fitting the two-stage baseline")
-    policies: list[Policy] = [saco_policy(result, logs.feature_dim), TwoStage.fit(logs),
-                              RandomAtSpend(world_cfg.num_actions, seed=cfg.seed), MyopicOracle()]
+    policies: list[Policy] = [
+        saco_policy(result, logs.feature_dim),
+        TwoStage.fit(logs),
+        RandomAtSpend(world_cfg.num_actions, seed=cfg.seed),
+        MyopicOracle(),
+    ]
     if extra_policies is not None:
         policies += extra_policies(logs)
     sims = {p.name: CachedSimulator(world, p, cfg.eval_users, cfg.eval_seed) for p in policies}
@@ -122,8 +140,10 @@ def evaluate_world(
     rows: list[PolicyRow] = []
     for p in policies:
         rows += calibrate_levels(p.name, sims[p.name], reference)
-        log(f"[{label}] calibrated {p.name}: BARate {min(r.result.barate for r in rows if r.policy == p.name):.4f}"
-            f"..{max(r.result.barate for r in rows if r.policy == p.name):.4f}")
+        log(
+            f"[{label}] calibrated {p.name}: BARate {min(r.result.barate for r in rows if r.policy == p.name):.4f}"
+            f"..{max(r.result.barate for r in rows if r.policy == p.name):.4f}"
+        )
     saco_sim = sims["saco"]
     lams = [0.0, 0.25, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, 8.0]
     curve = [(lam, *reversed(saco_sim(lam))) for lam in lams]
@@ -135,10 +155,15 @@ def markdown(reports: list[WorldReport]) -> str:
     for rep in reports:
         policies = list(dict.fromkeys(r.policy for r in rep.rows))
         out.append(f"### World: {rep.world}\n")
-        out.append(f"Reference spend (smallest unconstrained spend) = {rep.reference_spend:,.0f}; "
-                   f"SACO trained in {rep.train_seconds:.0f}s.\n")
-        out.append("| level | B/ref | " + " | ".join(f"{p} revenue (BARate)" for p in policies)
-                   + " | SACO / oracle | SACO / two-stage | SACO / random |")
+        out.append(
+            f"Reference spend (smallest unconstrained spend) = {rep.reference_spend:,.0f}; "
+            f"SACO trained in {rep.train_seconds:.0f}s.\n"
+        )
+        out.append(
+            "| level | B/ref | "
+            + " | ".join(f"{p} revenue (BARate)" for p in policies)
+            + " | SACO / oracle | SACO / two-stage | SACO / random |"
+        )
         out.append("|---|---|" + "---|" * (len(policies) + 3))
         for i, (name, frac) in enumerate(zip(LEVEL_NAMES, BUDGET_LEVELS, strict=True)):
             cells = []
@@ -146,14 +171,19 @@ def markdown(reports: list[WorldReport]) -> str:
                 r = rep.rows[policies.index(p) * len(LEVEL_NAMES) + i].result
                 cells.append(f"{r.revenue:,.0f} ({r.barate:.3f})")
             saco, two, rnd, orc = (rep.revenue(p)[i] for p in ("saco", "two-stage", "random", "myopic-oracle"))
-            out.append(f"| {name} | {frac:.2f} | " + " | ".join(cells)
-                       + f" | {saco / orc:.4f} | {saco / two:.4f} | {saco / rnd:.4f} |")
+            out.append(
+                f"| {name} | {frac:.2f} | "
+                + " | ".join(cells)
+                + f" | {saco / orc:.4f} | {saco / two:.4f} | {saco / rnd:.4f} |"
+            )
         wins = int(np.sum(rep.revenue("saco") >= rep.revenue("two-stage")))
         beats_random = int(np.sum(rep.revenue("saco") > rep.revenue("random")))
-        out.append(f"\nSACO >= two-stage at {wins}/9 levels; > random at {beats_random}/9; "
-                   f"mean SACO / oracle = {np.mean(rep.revenue('saco') / rep.revenue('myopic-oracle')):.4f}; "
-                   f"BARate range over all policies {min(r.result.barate for r in rep.rows):.4f}.."
-                   f"{max(r.result.barate for r in rep.rows):.4f}.\n")
+        out.append(
+            f"\nSACO >= two-stage at {wins}/9 levels; > random at {beats_random}/9; "
+            f"mean SACO / oracle = {np.mean(rep.revenue('saco') / rep.revenue('myopic-oracle')):.4f}; "
+            f"BARate range over all policies {min(r.result.barate for r in rep.rows):.4f}.."
+            f"{max(r.result.barate for r in rep.rows):.4f}.\n"
+        )
         out.append("Spend vs lambda (SACO):\n")
         out.append("| lambda | spend | revenue |\n|---|---|---|")
         out += [f"| {lam:g} | {c:,.0f} | {r:,.0f} |" for lam, c, r in rep.spend_curve]

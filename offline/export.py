@@ -39,8 +39,15 @@ def smoke_test(module: torch.nn.Module, feature_dim: int, num_actions: int, cont
     mask = torch.ones(b, L, dtype=torch.bool)
     mask[0, : L - 1] = False  # a user at their first step
     with torch.inference_mode():
-        out = module(torch.zeros(b, L, feature_dim), torch.zeros(b, L, dtype=torch.long), torch.zeros(b, L),
-                     torch.zeros(b, L), torch.arange(L).repeat(b, 1), torch.zeros(b), mask)
+        out = module(
+            torch.zeros(b, L, feature_dim),
+            torch.zeros(b, L, dtype=torch.long),
+            torch.zeros(b, L),
+            torch.zeros(b, L),
+            torch.arange(L).repeat(b, 1),
+            torch.zeros(b),
+            mask,
+        )
     if tuple(out.shape) != (b, num_actions) or not torch.isfinite(out).all():
         raise ExportError(f"policy smoke test failed: output shape {tuple(out.shape)}, expected {(b, num_actions)}")
 
@@ -53,7 +60,10 @@ def write_policy(model: SacoTransformer, path: Path) -> PolicyModule:
 
 
 def export_and_publish(
-    result: TrainResult, logs: Logs, store: ModelStore, extra_metrics: dict[str, Any] | None = None,
+    result: TrainResult,
+    logs: Logs,
+    store: ModelStore,
+    extra_metrics: dict[str, Any] | None = None,
     make_current: bool = True,
 ) -> Artifact:
     model = result.model.eval()
@@ -72,8 +82,9 @@ def export_and_publish(
         # rounding (relative to the scores' size: with a revenue scale of ~100 they reach ~40)
         folded = float((eager - reference).abs().max()) / max(1.0, float(reference.abs().max()))
         if not folded <= PARITY_TOLERANCE:
-            raise ExportError(f"policy differs from the model's forward by {folded:.2e} of the largest score "
-                              f"(> {PARITY_TOLERANCE})")
+            raise ExportError(
+                f"policy differs from the model's forward by {folded:.2e} of the largest score (> {PARITY_TOLERANCE})"
+            )
         action_costs = [
             float(logs.cost[logs.action == a].mean()) if np.any(logs.action == a) else 0.0
             for a in range(cfg.num_actions)
@@ -94,8 +105,13 @@ def export_and_publish(
             },
             "action_costs": action_costs,
             "data_sha256": logs.sha256,
-            "metrics": {**result.metrics, "export_parity_max_abs_diff": diff, "parameters": parameter_count(model),
-                        "train_seconds": round(result.seconds, 1), **(extra_metrics or {})},
+            "metrics": {
+                **result.metrics,
+                "export_parity_max_abs_diff": diff,
+                "parameters": parameter_count(model),
+                "train_seconds": round(result.seconds, 1),
+                **(extra_metrics or {}),
+            },
             "model_config": {**cfg.to_dict(), "train": config_dict(result.config)},
         }
 

@@ -38,8 +38,15 @@ EMAIL_COST = 1.0
 ARMS = ("No E-Mail", "Mens E-Mail", "Womens E-Mail")
 ZIPS = ("Surburban", "Rural", "Urban")
 CHANNELS = ("Phone", "Web", "Multichannel")
-FEATURES = ("recency_z", "log_history_z", "mens", "womens", "newbie",
-            *(f"zip_{z.lower()}" for z in ZIPS), *(f"channel_{c.lower()}" for c in CHANNELS))
+FEATURES = (
+    "recency_z",
+    "log_history_z",
+    "mens",
+    "womens",
+    "newbie",
+    *(f"zip_{z.lower()}" for z in ZIPS),
+    *(f"channel_{c.lower()}" for c in CHANNELS),
+)
 PROPENSITY = 1.0 / 3.0  # randomised campaign: each arm with probability 1/3
 
 
@@ -59,8 +66,10 @@ def resolve_path(path: str | os.PathLike[str] | None = None) -> Path:
     else:
         candidate = repo_root().parent / "shared" / "data" / "hillstrom.csv"
     if not candidate.is_file():
-        raise HillstromError(f"Hillstrom data not found at {candidate}: pass --hillstrom PATH or set SACO_HILLSTROM "
-                             "(it is never downloaded)")
+        raise HillstromError(
+            f"Hillstrom data not found at {candidate}: pass --hillstrom PATH or set SACO_HILLSTROM "
+            "(it is never downloaded)"
+        )
     return candidate
 
 
@@ -102,8 +111,19 @@ def load_hillstrom(path: str | os.PathLike[str] | None = None) -> HillstromData:
         table = pacsv.read_csv(str(p))
     except Exception as exc:
         raise HillstromError(f"cannot read Hillstrom data {p}: {str(exc).splitlines()[0]}") from exc
-    need = ("recency", "history", "mens", "womens", "zip_code", "newbie", "channel", "segment", "visit",
-            "conversion", "spend")
+    need = (
+        "recency",
+        "history",
+        "mens",
+        "womens",
+        "zip_code",
+        "newbie",
+        "channel",
+        "segment",
+        "visit",
+        "conversion",
+        "spend",
+    )
     missing = [c for c in need if c not in table.column_names]
     if missing:
         raise HillstromError(f"Hillstrom data {p} lacks column {missing[0]!r}")
@@ -116,27 +136,34 @@ def load_hillstrom(path: str | os.PathLike[str] | None = None) -> HillstromData:
     for a, name in enumerate(ARMS):
         arm[segment == name] = a
     if (arm < 0).any():
-        raise HillstromError(f"Hillstrom data {p}: unknown segment {segment[arm < 0][0]!r} at row "
-                             f"{int(np.flatnonzero(arm < 0)[0]) + 1}")
+        raise HillstromError(
+            f"Hillstrom data {p}: unknown segment {segment[arm < 0][0]!r} at row {int(np.flatnonzero(arm < 0)[0]) + 1}"
+        )
     recency = col("recency").astype(np.float64)
     log_hist = np.log1p(col("history").astype(np.float64))
     zips, channels = col("zip_code"), col("channel")
     feats = [
         (recency - recency.mean()) / recency.std(),
         (log_hist - log_hist.mean()) / log_hist.std(),
-        col("mens").astype(np.float64), col("womens").astype(np.float64), col("newbie").astype(np.float64),
+        col("mens").astype(np.float64),
+        col("womens").astype(np.float64),
+        col("newbie").astype(np.float64),
         *((zips == z).astype(np.float64) for z in ZIPS),
         *((channels == c).astype(np.float64) for c in CHANNELS),
     ]
     return HillstromData(
-        features=np.stack(feats, axis=1).astype(np.float32), arm=arm,
-        visit=col("visit").astype(np.float64), conversion=col("conversion").astype(np.float64),
-        spend=col("spend").astype(np.float64), path=p,
+        features=np.stack(feats, axis=1).astype(np.float32),
+        arm=arm,
+        visit=col("visit").astype(np.float64),
+        conversion=col("conversion").astype(np.float64),
+        spend=col("spend").astype(np.float64),
+        path=p,
     )
 
 
-def split(data: HillstromData, rows: int | None, seed: int, train_fraction: float = 0.5
-          ) -> tuple[np.ndarray, np.ndarray]:
+def split(
+    data: HillstromData, rows: int | None, seed: int, train_fraction: float = 0.5
+) -> tuple[np.ndarray, np.ndarray]:
     """Random disjoint train / held-out row indices (optionally of a random subsample of `rows` rows)."""
     rng = np.random.default_rng(seed)
     perm = rng.permutation(data.n)
@@ -149,8 +176,12 @@ def split(data: HillstromData, rows: int | None, seed: int, train_fraction: floa
 def to_logs(data: HillstromData, rows: np.ndarray) -> Logs:
     """SACO logs (CONTRACT §1) of the given rows: one row per customer, t = 0."""
     table = logs_table(
-        np.char.add("h", rows.astype(str)), np.zeros(len(rows), dtype=np.int64), data.arm[rows],
-        data.cost[rows], data.reward[rows], data.features[rows],
+        np.char.add("h", rows.astype(str)),
+        np.zeros(len(rows), dtype=np.int64),
+        data.arm[rows],
+        data.cost[rows],
+        data.reward[rows],
+        data.features[rows],
     )
     return validate_table(table)
 
@@ -167,8 +198,7 @@ class HillstromWorld(SyntheticWorld):
     """SyntheticWorld with 3 actions (none / mens / womens, cost EMAIL_COST per visit of an e-mailed user),
     a shifted base logit, per-arm lifts and a scaled basket (see `fit_hillstrom_world`)."""
 
-    def __init__(self, config: WorldConfig, base_shift: float, lifts: tuple[float, float],
-                 basket_scale: float) -> None:
+    def __init__(self, config: WorldConfig, base_shift: float, lifts: tuple[float, float], basket_scale: float) -> None:
         super().__init__(config)
         self.base_shift, self.basket_scale = base_shift, basket_scale
         self.lift = np.array([0.0, *lifts])
@@ -202,12 +232,14 @@ def fit_hillstrom_world(means: dict[str, list[float]], cfg: WorldConfig, n: int 
             lo, hi = (mid, hi) if f(mid) < 0 else (lo, mid)
         return (lo + hi) / 2
 
-    shift = solve(lambda s: _first_round_rates(HillstromWorld(cfg, s, (0.0, 0.0), 1.0), n)[0][0] - visit[0],
-                  -8.0, 4.0)
+    shift = solve(lambda s: _first_round_rates(HillstromWorld(cfg, s, (0.0, 0.0), 1.0), n)[0][0] - visit[0], -8.0, 4.0)
     lifts = []
     for a in (1, 2):
-        lifts.append(solve(lambda v, a=a: _first_round_rates(HillstromWorld(cfg, shift, (v, v), 1.0), n)[0][a]
-                           - visit[a], 0.0, 6.0))
+        lifts.append(
+            solve(
+                lambda v, a=a: _first_round_rates(HillstromWorld(cfg, shift, (v, v), 1.0), n)[0][a] - visit[a], 0.0, 6.0
+            )
+        )
     _, basket = _first_round_rates(HillstromWorld(cfg, shift, (lifts[0], lifts[1]), 1.0), n)
     return HillstromWorld(cfg, shift, (lifts[0], lifts[1]), spend_per_visit / basket)
 
@@ -216,5 +248,7 @@ def world_marginals(world: HillstromWorld, n: int = 20_000) -> dict[str, list[fl
     """First-round visit rate and mean spend per arm of a fitted world (to check against the data)."""
     ep = world.start(n, 4_242)
     p = world.purchase_probability(ep)
-    return {"visit": [float(v) for v in p.mean(0)],
-            "spend": [float((p[:, a] * ep.users.basket).mean()) for a in range(p.shape[1])]}
+    return {
+        "visit": [float(v) for v in p.mean(0)],
+        "spend": [float((p[:, a] * ep.users.basket).mean()) for a in range(p.shape[1])],
+    }

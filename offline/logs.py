@@ -211,7 +211,12 @@ def load_logs(path: str | os.PathLike[str]) -> Logs:
 
 
 def logs_table(
-    user_id: np.ndarray, t: np.ndarray, action: np.ndarray, cost: np.ndarray, reward: np.ndarray, features: np.ndarray,
+    user_id: np.ndarray,
+    t: np.ndarray,
+    action: np.ndarray,
+    cost: np.ndarray,
+    reward: np.ndarray,
+    features: np.ndarray,
     extra: dict[str, np.ndarray] | None = None,
 ) -> pa.Table:
     data: dict[str, object] = {

@@ -82,7 +82,9 @@ class Block(nn.Module):
         self.attn = CausalSelfAttention(cfg)
         self.ln2 = nn.LayerNorm(cfg.d_model)
         self.mlp = nn.Sequential(
-            nn.Linear(cfg.d_model, 4 * cfg.d_model), nn.GELU(), nn.Linear(4 * cfg.d_model, cfg.d_model),
+            nn.Linear(cfg.d_model, 4 * cfg.d_model),
+            nn.GELU(),
+            nn.Linear(4 * cfg.d_model, cfg.d_model),
             nn.Dropout(cfg.dropout),
         )
 
@@ -126,8 +128,9 @@ class SacoTransformer(nn.Module):
         self.embed_outcome = nn.Linear(2, h)  # previous reward and cost (step layout)
         self.register_buffer("history_decay", torch.tensor(list(cfg.history_decays) or [0.0], dtype=torch.float32))
         # derived from history_decay (not saved in checkpoints; kept by the TorchScript export)
-        self.register_buffer("history_weights", self._history_weights(self.history_decay, cfg.context_length),
-                             persistent=False)
+        self.register_buffer(
+            "history_weights", self._history_weights(self.history_decay, cfg.context_length), persistent=False
+        )
         self.use_history = len(cfg.history_decays) > 0
         self.embed_history = nn.Linear(max(len(cfg.history_decays), 1) * (k + 3), h)
         self.embed_time = nn.Embedding(cfg.max_timestep, h)
@@ -150,8 +153,9 @@ class SacoTransformer(nn.Module):
         elif isinstance(module, nn.Embedding):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
 
-    def set_normalisation(self, state_mean: torch.Tensor, state_std: torch.Tensor, rtg_scale: float,
-                          ctg_scale: float) -> None:
+    def set_normalisation(
+        self, state_mean: torch.Tensor, state_std: torch.Tensor, rtg_scale: float, ctg_scale: float
+    ) -> None:
         self.state_mean.copy_(state_mean)
         self.state_std.copy_(torch.clamp(state_std, min=1e-6))
         self.rtg_scale.fill_(max(rtg_scale, 1e-6))
@@ -185,8 +189,9 @@ class SacoTransformer(nn.Module):
             # step j's reward and cost are the drops of the to-go values to step j+1 (0 where j+1 is unknown)
             to_go = torch.cat([g, c], dim=2)  # [B, L, 2]
             real = mask.to(g.dtype).unsqueeze(-1)
-            outcomes = torch.cat([(to_go[:, :-1] - to_go[:, 1:]) * real[:, :-1] * real[:, 1:],
-                                  torch.zeros_like(to_go[:, :1])], dim=1)
+            outcomes = torch.cat(
+                [(to_go[:, :-1] - to_go[:, 1:]) * real[:, :-1] * real[:, 1:], torch.zeros_like(to_go[:, :1])], dim=1
+            )
             prev_outcome = torch.cat([torch.zeros_like(to_go[:, :1]), outcomes[:, :-1]], dim=1)
             # the state, to-go, outcome and history embeddings are linear in their inputs: one matmul over
             # the concatenated inputs with the concatenated weights is their sum (same parameters)
@@ -197,8 +202,11 @@ class SacoTransformer(nn.Module):
                 inputs.append(self._history(actions, outcomes, real))
                 weights.append(self.embed_history.weight)
                 bias = bias + self.embed_history.bias
-            x = (F.linear(torch.cat(inputs, dim=2), torch.cat(weights, dim=1), bias) + self.embed_action(prev_action)
-                 + common)
+            x = (
+                F.linear(torch.cat(inputs, dim=2), torch.cat(weights, dim=1), bias)
+                + self.embed_action(prev_action)
+                + common
+            )
             return self.drop(self.ln_in(x)), mask
         tokens = torch.stack(
             [self.embed_rtg(g), self.embed_ctg(c), self.embed_state(s), self.embed_action(actions)], dim=2
@@ -216,7 +224,7 @@ class SacoTransformer(nn.Module):
         events = torch.cat([onehot, outcomes, (outcomes[:, :, :1] > 0).to(outcomes.dtype)], dim=2)
         weights = self.history_weights
         if n <= weights.shape[0]:  # the bottom-right block: weights depend on i - j only
-            weights = weights[weights.shape[0] - n:, :, weights.shape[0] - n:]
+            weights = weights[weights.shape[0] - n :, :, weights.shape[0] - n :]
         else:
             weights = self._history_weights(self.history_decay, n)
         # rows (i, d) of [L*D, L] times events [B, L, F]: [B, L*D, F], already in the (i, d, f) order

@@ -42,8 +42,9 @@ class Policy(ABC):
         """A new population of users starts."""
 
     @abstractmethod
-    def act(self, features: np.ndarray, t: int, lam: float,
-            expected: tuple[np.ndarray, np.ndarray] | None = None) -> np.ndarray:
+    def act(
+        self, features: np.ndarray, t: int, lam: float, expected: tuple[np.ndarray, np.ndarray] | None = None
+    ) -> np.ndarray:
         """Actions [N] for the current round."""
 
     def observe(self, actions: np.ndarray, reward: np.ndarray, cost: np.ndarray) -> None:  # noqa: B027
@@ -90,9 +91,17 @@ class SequencePolicy(Policy):
     exactly as the service does: right-aligned context of the last L steps, to-go values that start at
     the manifest targets and drop by every observed outcome."""
 
-    def __init__(self, module: torch.nn.Module, context_length: int, initial_rtg: float, initial_ctg: float,
-                 feature_dim: int, name: str = "saco", batch_size: int = 4096,
-                 rtg_for_lambda: Any = None) -> None:
+    def __init__(
+        self,
+        module: torch.nn.Module,
+        context_length: int,
+        initial_rtg: float,
+        initial_ctg: float,
+        feature_dim: int,
+        name: str = "saco",
+        batch_size: int = 4096,
+        rtg_for_lambda: Any = None,
+    ) -> None:
         self.module = module
         self.name = name
         self.L = context_length
@@ -114,8 +123,9 @@ class SequencePolicy(Policy):
         self.ctg_now = np.full(n_users, self.initial_ctg, dtype=np.float64)
         self.step_index = 0
 
-    def act(self, features: np.ndarray, t: int, lam: float,
-            expected: tuple[np.ndarray, np.ndarray] | None = None) -> np.ndarray:
+    def act(
+        self, features: np.ndarray, t: int, lam: float, expected: tuple[np.ndarray, np.ndarray] | None = None
+    ) -> np.ndarray:
         n = features.shape[0]
         if self.rtg_now is None:
             start = self.rtg_for_lambda(lam) if self.rtg_for_lambda is not None else self.initial_rtg
@@ -135,9 +145,13 @@ class SequencePolicy(Policy):
             for i in range(0, n, self.batch_size):
                 sl = slice(i, i + self.batch_size)
                 scores = self.module(
-                    torch.from_numpy(self.states[sl]), torch.from_numpy(self.actions[sl]),
-                    torch.from_numpy(self.rtg[sl]), torch.from_numpy(self.ctg[sl]),
-                    torch.from_numpy(self.timesteps[sl]), lam_t[sl], torch.from_numpy(self.mask[sl]),
+                    torch.from_numpy(self.states[sl]),
+                    torch.from_numpy(self.actions[sl]),
+                    torch.from_numpy(self.rtg[sl]),
+                    torch.from_numpy(self.ctg[sl]),
+                    torch.from_numpy(self.timesteps[sl]),
+                    lam_t[sl],
+                    torch.from_numpy(self.mask[sl]),
                 )
                 out[sl] = scores.argmax(dim=1).numpy()
         return out

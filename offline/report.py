@@ -83,9 +83,17 @@ class ReportConfig:
 
     @classmethod
     def quick_config(cls, hillstrom_path: Path | None = None) -> ReportConfig:
-        return cls(quick=True, seeds=(0,), users=100, rounds=3, eval_users=100, hillstrom_rows=600, max_passes=8,
-                   hillstrom_path=hillstrom_path, train=TrainConfig(epochs=1, d_model=16, n_layers=1, n_heads=2,
-                                                                    lambda_draws=1))
+        return cls(
+            quick=True,
+            seeds=(0,),
+            users=100,
+            rounds=3,
+            eval_users=100,
+            hillstrom_rows=600,
+            max_passes=8,
+            hillstrom_path=hillstrom_path,
+            train=TrainConfig(epochs=1, d_model=16, n_layers=1, n_heads=2, lambda_draws=1),
+        )
 
 
 @dataclass
@@ -233,35 +241,70 @@ class Ablation:
 
 
 ABLATIONS = (
-    Ablation("no-constraint", "objective dt-literal, layout dt4, lambda and CTG inputs zeroed in training and "
-             "at decision time (the paper's No-constraint); budget met by withholding coupons",
-             "dt-literal", "dt4", zero_ctg=True, zero_lam=True, knob_split=0.0),
-    Ablation("no-RTG", "the product (objective value) with the RTG input zeroed in training and at decision time "
-             "(the paper's No-RTG; in the step layout this also hides the previous step's revenue)",
-             zero_rtg=True),
-    Ablation("dt-literal", "the paper's literal DT: objective dt-literal, layout dt4 (lambda drawn independently "
-             "of the trajectory, hindsight RTG/CTG, cross-entropy on logged actions); budget met by "
-             "withholding coupons", "dt-literal", "dt4", knob_split=0.0),
-    Ablation("dt-lagrangian", "informative lambda: objective dt-lagrangian, layout dt4 (RTG input = Lagrangian "
-             "return-to-go under lambda; initial RTG = 75% quantile of r - lambda c to go); lambda in [0, 1] "
-             "drives the model, above 1 coupons are also withheld", "dt-lagrangian", "dt4", knob_split=1.0,
-             lagrangian_rtg=True),
-    Ablation("context-1", "the product with context_length = 1 (no history in the sequence model)",
-             context_length=1),
-    Ablation("long-term-heads", "the product with the 'later' value heads trained (later_loss_weight = 1) and "
-             "used in the decision (future_weight = 1): revenue and cost to the end of the trajectory, as "
-             "estimated under the random logging policy", later_loss_weight=1.0, future_weight=1.0),
-    Ablation("no-history", "the product without the history moving averages in the step tokens "
-             "(history_decays = ()): history only through attention", history_decays=()),
+    Ablation(
+        "no-constraint",
+        "objective dt-literal, layout dt4, lambda and CTG inputs zeroed in training and "
+        "at decision time (the paper's No-constraint); budget met by withholding coupons",
+        "dt-literal",
+        "dt4",
+        zero_ctg=True,
+        zero_lam=True,
+        knob_split=0.0,
+    ),
+    Ablation(
+        "no-RTG",
+        "the product (objective value) with the RTG input zeroed in training and at decision time "
+        "(the paper's No-RTG; in the step layout this also hides the previous step's revenue)",
+        zero_rtg=True,
+    ),
+    Ablation(
+        "dt-literal",
+        "the paper's literal DT: objective dt-literal, layout dt4 (lambda drawn independently "
+        "of the trajectory, hindsight RTG/CTG, cross-entropy on logged actions); budget met by "
+        "withholding coupons",
+        "dt-literal",
+        "dt4",
+        knob_split=0.0,
+    ),
+    Ablation(
+        "dt-lagrangian",
+        "informative lambda: objective dt-lagrangian, layout dt4 (RTG input = Lagrangian "
+        "return-to-go under lambda; initial RTG = 75% quantile of r - lambda c to go); lambda in [0, 1] "
+        "drives the model, above 1 coupons are also withheld",
+        "dt-lagrangian",
+        "dt4",
+        knob_split=1.0,
+        lagrangian_rtg=True,
+    ),
+    Ablation("context-1", "the product with context_length = 1 (no history in the sequence model)", context_length=1),
+    Ablation(
+        "long-term-heads",
+        "the product with the 'later' value heads trained (later_loss_weight = 1) and "
+        "used in the decision (future_weight = 1): revenue and cost to the end of the trajectory, as "
+        "estimated under the random logging policy",
+        later_loss_weight=1.0,
+        future_weight=1.0,
+    ),
+    Ablation(
+        "no-history",
+        "the product without the history moving averages in the step tokens "
+        "(history_decays = ()): history only through attention",
+        history_decays=(),
+    ),
 )
 
 
 def ablation_policy(ab: Ablation, logs: Logs, base: TrainConfig, seed: int) -> tuple[Policy, float]:
-    cfg = replace(base, objective=ab.objective, token_layout=ab.token_layout, seed=seed,
-                  context_length=ab.context_length or base.context_length,
-                  later_loss_weight=base.later_loss_weight if ab.later_loss_weight is None else ab.later_loss_weight,
-                  future_weight=base.future_weight if ab.future_weight is None else ab.future_weight,
-                  history_decays=base.history_decays if ab.history_decays is None else ab.history_decays)
+    cfg = replace(
+        base,
+        objective=ab.objective,
+        token_layout=ab.token_layout,
+        seed=seed,
+        context_length=ab.context_length or base.context_length,
+        later_loss_weight=base.later_loss_weight if ab.later_loss_weight is None else ab.later_loss_weight,
+        future_weight=base.future_weight if ab.future_weight is None else ab.future_weight,
+        history_decays=base.history_decays if ab.history_decays is None else ab.history_decays,
+    )
     started = time.perf_counter()
     with zeroed_training_inputs(ab.zero_rtg, ab.zero_ctg, ab.zero_lam):
         result = train(logs, cfg, progress=False)
@@ -278,8 +321,15 @@ def ablation_policy(ab: Ablation, logs: Logs, base: TrainConfig, seed: int) -> t
         def rtg_for_lambda(lam: float) -> float:
             return float(np.quantile(rtg_first - lam * ctg_first, 0.75))
 
-    policy: Policy = SequencePolicy(module, cfg.context_length, result.initial_rtg, result.initial_ctg,
-                                    logs.feature_dim, name=ab.name, rtg_for_lambda=rtg_for_lambda)
+    policy: Policy = SequencePolicy(
+        module,
+        cfg.context_length,
+        result.initial_rtg,
+        result.initial_ctg,
+        logs.feature_dim,
+        name=ab.name,
+        rtg_for_lambda=rtg_for_lambda,
+    )
     if ab.knob_split is not None:
         policy = BudgetKnob(policy, ab.knob_split, seed=seed)
     return policy, seconds
@@ -308,38 +358,69 @@ def world_logs(world: SyntheticWorld, cfg: WorldConfig) -> Logs:
         features = world.features(episode)
         actions, _ = behaviour_actions(rng, features, cfg.num_actions)
         response = world.step(episode, actions)
-        for key, value in (("user", np.arange(n)), ("t", np.full(n, t)), ("action", actions),
-                           ("cost", response.cost), ("reward", np.round(response.reward, 2)),
-                           ("features", features)):
+        for key, value in (
+            ("user", np.arange(n)),
+            ("t", np.full(n, t)),
+            ("action", actions),
+            ("cost", response.cost),
+            ("reward", np.round(response.reward, 2)),
+            ("features", features),
+        ):
             parts[key].append(value)
     cat = {k: np.concatenate(v) for k, v in parts.items()}
     order = np.lexsort((cat["t"], cat["user"]))
-    return validate_table(logs_table(np.char.add("u", cat["user"][order].astype(str)), cat["t"][order],
-                                     cat["action"][order], cat["cost"][order], cat["reward"][order],
-                                     cat["features"][order]))
+    return validate_table(
+        logs_table(
+            np.char.add("u", cat["user"][order].astype(str)),
+            cat["t"][order],
+            cat["action"][order],
+            cat["cost"][order],
+            cat["reward"][order],
+            cat["features"][order],
+        )
+    )
 
 
 def build_dataset(name: str, cfg: ReportConfig, seed: int, data: hs.HillstromData | None) -> Dataset:
     if name in ("seq-effects-on", "seq-effects-off"):
         wc = WorldConfig(users=cfg.users, rounds=cfg.rounds, seed=seed)
         wc = wc if name == "seq-effects-on" else wc.myopic()
-        return Dataset(name, validate_table(simulate_logs(wc)), SyntheticWorld(wc), cfg.eval_users,
-                       cfg.eval_seed + seed, True)
+        return Dataset(
+            name, validate_table(simulate_logs(wc)), SyntheticWorld(wc), cfg.eval_users, cfg.eval_seed + seed, True
+        )
     assert data is not None
     if name == "hillstrom":
         train_rows, test_rows = hs.split(data, cfg.hillstrom_rows, seed)
         train_logs, test_logs = hs.to_logs(data, train_rows), hs.to_logs(data, test_rows)
         fitted = LogEnvironment.fit(train_logs)
         env = LogEnvironment(test_logs, fitted.response, fitted.relative_face, 1, fitted.mean_positive_reward)
-        return Dataset(name, train_logs, env, None, 0, False, holdout=(data, test_rows),
-                       notes={"train_rows": len(train_rows), "heldout_rows": len(test_rows),
-                              "env_fit": fitted.fit_metrics})
+        return Dataset(
+            name,
+            train_logs,
+            env,
+            None,
+            0,
+            False,
+            holdout=(data, test_rows),
+            notes={"train_rows": len(train_rows), "heldout_rows": len(test_rows), "env_fit": fitted.fit_metrics},
+        )
     if name == "hillstrom-world":
         wc = hs.hillstrom_world_config(cfg.users, cfg.rounds, seed)
         world = hs.fit_hillstrom_world(data.arm_means(), wc, n=min(20_000, max(2000, cfg.eval_users * 4)))
-        return Dataset(name, world_logs(world, wc), world, cfg.eval_users, cfg.eval_seed + seed, True,
-                       notes={"marginals": hs.world_marginals(world), "base_shift": world.base_shift,
-                              "lifts": world.lift[1:].tolist(), "basket_scale": world.basket_scale})
+        return Dataset(
+            name,
+            world_logs(world, wc),
+            world,
+            cfg.eval_users,
+            cfg.eval_seed + seed,
+            True,
+            notes={
+                "marginals": hs.world_marginals(world),
+                "base_shift": world.base_shift,
+                "lifts": world.lift[1:].tolist(),
+                "basket_scale": world.basket_scale,
+            },
+        )
     raise ValueError(f"unknown dataset {name!r}")
 
 
@@ -352,8 +433,16 @@ def _ips(policy: Policy, ds: Dataset, lam: float) -> tuple[float, float]:
     return hs.ips_estimate(actions, data, rows)
 
 
-def _calibrated_rows(ds: Dataset, cfg: ReportConfig, seed: int, name: str, timed: Timed, sim: CachedSimulator,
-                     reference: float, train_s: float) -> list[Row]:
+def _calibrated_rows(
+    ds: Dataset,
+    cfg: ReportConfig,
+    seed: int,
+    name: str,
+    timed: Timed,
+    sim: CachedSimulator,
+    reference: float,
+    train_s: float,
+) -> list[Row]:
     out = []
     note = ""
     try:
@@ -370,13 +459,43 @@ def _calibrated_rows(ds: Dataset, cfg: ReportConfig, seed: int, name: str, timed
         except RuntimeError as exc:
             calibrated, note = [], str(exc).splitlines()[0]
     if not calibrated:  # spend cannot be brought under a budget: report, never exceed it
-        return [Row(ds.name, seed, name, lvl, frac, frac * reference, float("nan"), float("nan"), float("nan"),
-                    float("nan"), False, train_s, timed.ms_per_1k, note=note)
-                for lvl, frac in zip(LEVEL_NAMES, BUDGET_LEVELS, strict=True)]
+        return [
+            Row(
+                ds.name,
+                seed,
+                name,
+                lvl,
+                frac,
+                frac * reference,
+                float("nan"),
+                float("nan"),
+                float("nan"),
+                float("nan"),
+                False,
+                train_s,
+                timed.ms_per_1k,
+                note=note,
+            )
+            for lvl, frac in zip(LEVEL_NAMES, BUDGET_LEVELS, strict=True)
+        ]
     for pr in calibrated:
         r = pr.result
-        row = Row(ds.name, seed, name, pr.level, pr.budget_fraction, pr.budget, r.revenue, r.cost, r.barate, r.lam,
-                  r.converged, train_s, timed.ms_per_1k, note=note)
+        row = Row(
+            ds.name,
+            seed,
+            name,
+            pr.level,
+            pr.budget_fraction,
+            pr.budget,
+            r.revenue,
+            r.cost,
+            r.barate,
+            r.lam,
+            r.converged,
+            train_s,
+            timed.ms_per_1k,
+            note=note,
+        )
         if ds.holdout is not None:
             row.ips_revenue, row.ips_cost = _ips(sim.policy, ds, r.lam)
         out.append(row)
@@ -385,8 +504,7 @@ def _calibrated_rows(ds: Dataset, cfg: ReportConfig, seed: int, name: str, timed
 
 def run_dataset(ds: Dataset, cfg: ReportConfig, seed: int, log: Callable[[str], None]) -> tuple[list[Row], float]:
     factories: dict[str, Callable[[Logs], Policy]] = {
-        "saco": lambda logs: saco_policy(train(logs, replace(cfg.train, seed=seed), progress=False),
-                                         logs.feature_dim),
+        "saco": lambda logs: saco_policy(train(logs, replace(cfg.train, seed=seed), progress=False), logs.feature_dim),
     }
     factories.update(baseline_factories(ds.env.num_actions, seed, ds.known_world))
     fitted: dict[str, tuple[Timed, float]] = {}
@@ -406,15 +524,16 @@ def run_dataset(ds: Dataset, cfg: ReportConfig, seed: int, log: Callable[[str], 
     return rows, reference
 
 
-def run_ablations(ds: Dataset, cfg: ReportConfig, seed: int, reference: float, log: Callable[[str], None]
-                  ) -> list[Row]:
+def run_ablations(ds: Dataset, cfg: ReportConfig, seed: int, reference: float, log: Callable[[str], None]) -> list[Row]:
     rows: list[Row] = []
     for ab in ABLATIONS:
         policy, train_s = ablation_policy(ab, ds.logs, cfg.train, seed)
         timed = Timed(policy)
         sim = CachedSimulator(ds.env, timed, ds.eval_users, ds.eval_seed)
-        rows += [replace(r, dataset=ABLATION_SET)
-                 for r in _calibrated_rows(ds, cfg, seed, ab.name, timed, sim, reference, train_s)]
+        rows += [
+            replace(r, dataset=ABLATION_SET)
+            for r in _calibrated_rows(ds, cfg, seed, ab.name, timed, sim, reference, train_s)
+        ]
         log(f"[ablation seed {seed}] {ab.name} trained in {train_s:.1f}s and calibrated")
     return rows
 
@@ -454,8 +573,10 @@ def methods_of(rows: list[Row], dataset: str) -> list[str]:
 
 
 def level_table(rows: list[Row], dataset: str) -> list[str]:
-    out = ["| method | " + " | ".join(f"{n} ({f:.2f})" for n, f in zip(LEVEL_NAMES, BUDGET_LEVELS, strict=True))
-           + " |", "|---|" + "---|" * 9]
+    out = [
+        "| method | " + " | ".join(f"{n} ({f:.2f})" for n, f in zip(LEVEL_NAMES, BUDGET_LEVELS, strict=True)) + " |",
+        "|---|" + "---|" * 9,
+    ]
     for m in methods_of(rows, dataset):
         cells = []
         for lvl in LEVEL_NAMES:
@@ -466,8 +587,11 @@ def level_table(rows: list[Row], dataset: str) -> list[str]:
 
 
 def summary_table(rows: list[Row], dataset: str) -> list[str]:
-    out = ["| method | mean revenue | mean ROI | mean BARate | max BARate | gain vs forest (mean of 9 levels) "
-           "| >= forest at | train s | decide ms / 1k users |", "|---|---|---|---|---|---|---|---|---|"]
+    out = [
+        "| method | mean revenue | mean ROI | mean BARate | max BARate | gain vs forest (mean of 9 levels) "
+        "| >= forest at | train s | decide ms / 1k users |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     for m in methods_of(rows, dataset):
         sel = _select(rows, dataset=dataset, method=m)
         seeds = sorted({r.seed for r in sel})
@@ -481,8 +605,10 @@ def summary_table(rows: list[Row], dataset: str) -> list[str]:
         train_s = [r.train_s for r in sel if r.level == LEVEL_NAMES[0]]
         decide = [r.decide_ms_per_1k for r in sel if r.level == LEVEL_NAMES[0]]
         win_txt = "/".join(str(w) for w in wins) + " of 9" if wins else "n/a"
-        out.append(f"| {m} | {_pm(mean_rev)} | {_pm(roi, '{:.3f}')} | {_pm(bar, '{:.3f}')} | {max_bar:.3f} | "
-                   f"{_pm(gain, '{:+.2f}')}% | {win_txt} | {_pm(train_s)} | {_pm(decide, '{:.2f}')} |")
+        out.append(
+            f"| {m} | {_pm(mean_rev)} | {_pm(roi, '{:.3f}')} | {_pm(bar, '{:.3f}')} | {max_bar:.3f} | "
+            f"{_pm(gain, '{:+.2f}')}% | {win_txt} | {_pm(train_s)} | {_pm(decide, '{:.2f}')} |"
+        )
     return out
 
 
@@ -492,8 +618,10 @@ def ips_table(rows: list[Row], dataset: str = "hillstrom") -> list[str]:
         cells = []
         for lvl in LEVEL_NAMES:
             sel = _select(rows, dataset=dataset, method=m, level=lvl)
-            cells.append(f"{_pm([r.ips_revenue for r in sel], '{:,.0f}')} "
-                         f"({_pm([r.ips_cost / r.budget for r in sel], '{:.2f}')})")
+            cells.append(
+                f"{_pm([r.ips_revenue for r in sel], '{:,.0f}')} "
+                f"({_pm([r.ips_cost / r.budget for r in sel], '{:.2f}')})"
+            )
         out.append(f"| {m} | " + " | ".join(cells) + " |")
     return out
 
@@ -515,8 +643,16 @@ def plot_forest_difference(rows: list[Row], datasets: list[str], path: Path) -> 
                 continue
             g = 100 * np.stack(list(gains.values()))
             style = {"lw": 2.6, "color": "black", "zorder": 5} if m == "saco" else {"lw": 1.0, "alpha": 0.8}
-            ax.errorbar(x, g.mean(0), yerr=g.std(0, ddof=1) if len(g) > 1 else None, marker="o", ms=3,
-                        capsize=2, label=m, **style)
+            ax.errorbar(
+                x,
+                g.mean(0),
+                yerr=g.std(0, ddof=1) if len(g) > 1 else None,
+                marker="o",
+                ms=3,
+                capsize=2,
+                label=m,
+                **style,
+            )
         ax.axhline(0, color="grey", ls="--", lw=1)
         ax.set_xticks(x, LEVEL_NAMES, rotation=45, fontsize=7)
         ax.set_title(ds)
@@ -564,86 +700,151 @@ def plot_ablations(rows: list[Row], path: Path, levels: tuple[str, ...] = ("Low-
 def _commands(cfg: ReportConfig, out_dir: Path) -> list[str]:
     quick = " --quick" if cfg.quick else ""
     hp = f" --hillstrom {cfg.hillstrom_path}" if cfg.hillstrom_path else ""
-    return [f".venv/bin/saco report{quick} --out {out_dir}{hp}",
-            ".venv/bin/python -m pytest -q tests/offline/test_report.py tests/offline/test_hillstrom.py"]
+    return [
+        f".venv/bin/saco report{quick} --out {out_dir}{hp}",
+        ".venv/bin/python -m pytest -q tests/offline/test_report.py tests/offline/test_hillstrom.py",
+    ]
 
 
-def markdown(rows: list[Row], cfg: ReportConfig, datasets: list[Dataset], references: dict[str, list[float]],
-             figures: dict[str, str], seconds: float, out_dir: Path) -> str:
+def markdown(
+    rows: list[Row],
+    cfg: ReportConfig,
+    datasets: list[Dataset],
+    references: dict[str, list[float]],
+    figures: dict[str, str],
+    seconds: float,
+    out_dir: Path,
+) -> str:
     names = [d.name for d in datasets]
     o: list[str] = ["# SACO against every baseline: sequential, single-round and real data", ""]
     if cfg.quick:
-        o += ["> **QUICK RUN** (`--quick`): tiny worlds, 1 seed, 1 epoch. It checks that the pipeline works; "
-              "its numbers say nothing about which method is better.", ""]
+        o += [
+            "> **QUICK RUN** (`--quick`): tiny worlds, 1 seed, 1 epoch. It checks that the pipeline works; "
+            "its numbers say nothing about which method is better.",
+            "",
+        ]
     o += ["Generated by `saco report` (offline/report.py); how to read it: docs/report.md.", ""]
     # headline
     gains = {d: gain_vs_forest(rows, d, "saco") for d in names}
     per_ds = {d: float(np.mean([g.mean() for g in v.values()])) for d, v in gains.items() if v}
     headline = 100 * float(np.mean(list(per_ds.values()))) if per_ds else float("nan")
-    o += ["## Headline", "",
-          f"Mean revenue gain of SACO over the causal forest, averaged over the 9 budget levels, the seeds and the "
-          f"{len(per_ds)} datasets: **{headline:+.2f}%** (the paper reports +3.60% over its baselines).", ""]
+    o += [
+        "## Headline",
+        "",
+        f"Mean revenue gain of SACO over the causal forest, averaged over the 9 budget levels, the seeds and the "
+        f"{len(per_ds)} datasets: **{headline:+.2f}%** (the paper reports +3.60% over its baselines).",
+        "",
+    ]
     for d, v in gains.items():
         if v:
             wins = [int(np.sum(g >= -1e-12)) for g in v.values()]
-            o.append(f"- {d}: {100 * per_ds[d]:+.2f}% (per seed: "
-                     + ", ".join(f"{100 * g.mean():+.2f}%" for g in v.values())
-                     + f"); SACO >= forest at {'/'.join(map(str, wins))} of 9 levels (per seed).")
+            o.append(
+                f"- {d}: {100 * per_ds[d]:+.2f}% (per seed: "
+                + ", ".join(f"{100 * g.mean():+.2f}%" for g in v.values())
+                + f"); SACO >= forest at {'/'.join(map(str, wins))} of 9 levels (per seed)."
+            )
     all_bar = [r.barate for r in rows if np.isfinite(r.barate)]
     failed = sorted({(r.dataset, r.method) for r in rows if not np.isfinite(r.barate)})
-    o += ["", f"BARate over every calibrated (method, dataset, level, seed): {min(all_bar):.4f} .. "
-          f"{max(all_bar):.4f} (<= 1.00 by construction of the monotone search)."]
+    o += [
+        "",
+        f"BARate over every calibrated (method, dataset, level, seed): {min(all_bar):.4f} .. "
+        f"{max(all_bar):.4f} (<= 1.00 by construction of the monotone search).",
+    ]
     knobbed = sorted({(r.dataset, r.method) for r in rows if "withheld" in r.note})
     if knobbed:
-        o.append("Lambda alone could not bring spend under every budget (coupons then withheld from random users "
-                 "beyond the cheapest lambda): " + ", ".join(f"{m} on {d}" for d, m in knobbed) + ".")
+        o.append(
+            "Lambda alone could not bring spend under every budget (coupons then withheld from random users "
+            "beyond the cheapest lambda): " + ", ".join(f"{m} on {d}" for d, m in knobbed) + "."
+        )
     if failed:
-        o.append("Could not be brought under some budget (reported as n/a): "
-                 + ", ".join(f"{m} on {d}" for d, m in failed) + ".")
+        o.append(
+            "Could not be brought under some budget (reported as n/a): "
+            + ", ".join(f"{m} on {d}" for d, m in failed)
+            + "."
+        )
     o += ["", "![revenue difference to forest](" + figures["forest"] + ")", ""]
     if "ablation" in figures:
         o += ["![ablations](" + figures["ablation"] + ")", ""]
     # setup
-    o += ["## Setup", "",
-          f"- Seeds: {', '.join(map(str, cfg.seeds))} (a seed changes the logs, the world's users, the train/held-out "
-          "split and every model's initialisation). Cells show mean ± std over seeds (sample std).",
-          f"- Synthetic worlds: {cfg.users} users x {cfg.rounds} rounds of uniform-random logs; evaluation on "
-          f"{cfg.eval_users} fresh users, exact expected responses with common random numbers.",
-          f"- Hillstrom: {cfg.hillstrom_rows or 'all'} customers drawn at random per seed, half for training "
-          "(policies and the LogEnvironment), half held out for scoring (environment and IPS).",
-          f"- SACO: TrainConfig {json.dumps({k: v for k, v in asdict(cfg.train).items()})}.",
-          f"- Budgets: {', '.join(f'{n}={f:.2f}' for n, f in zip(LEVEL_NAMES, BUDGET_LEVELS, strict=True))} x the "
-          "reference spend (the smallest lambda = 0 spend of the compared methods); reference per dataset and seed: "
-          + "; ".join(f"{d}: " + ", ".join(f"{v:,.1f}" for v in refs) for d, refs in references.items()) + ".",
-          f"- Wall time of this run: {seconds / 60:.1f} min on {platform.machine()} with torch threads = "
-          f"{cfg.threads}.", ""]
+    o += [
+        "## Setup",
+        "",
+        f"- Seeds: {', '.join(map(str, cfg.seeds))} (a seed changes the logs, the world's users, the train/held-out "
+        "split and every model's initialisation). Cells show mean ± std over seeds (sample std).",
+        f"- Synthetic worlds: {cfg.users} users x {cfg.rounds} rounds of uniform-random logs; evaluation on "
+        f"{cfg.eval_users} fresh users, exact expected responses with common random numbers.",
+        f"- Hillstrom: {cfg.hillstrom_rows or 'all'} customers drawn at random per seed, half for training "
+        "(policies and the LogEnvironment), half held out for scoring (environment and IPS).",
+        f"- SACO: TrainConfig {json.dumps({k: v for k, v in asdict(cfg.train).items()})}.",
+        f"- Budgets: {', '.join(f'{n}={f:.2f}' for n, f in zip(LEVEL_NAMES, BUDGET_LEVELS, strict=True))} x the "
+        "reference spend (the smallest lambda = 0 spend of the compared methods); reference per dataset and seed: "
+        + "; ".join(f"{d}: " + ", ".join(f"{v:,.1f}" for v in refs) for d, refs in references.items())
+        + ".",
+        f"- Wall time of this run: {seconds / 60:.1f} min on {platform.machine()} with torch threads = {cfg.threads}.",
+        "",
+    ]
     for ds in datasets:
         if ds.notes and ds.name in ("hillstrom", "hillstrom-world"):
-            o.append(f"- {ds.name} (seed {cfg.seeds[-1]}): "
-                     + json.dumps(ds.notes, default=lambda v: round(float(v), 4)))
+            o.append(
+                f"- {ds.name} (seed {cfg.seeds[-1]}): " + json.dumps(ds.notes, default=lambda v: round(float(v), 4))
+            )
     o.append("")
     # per dataset
     for d in names:
-        o += [f"## {d}", "", "### Summary (cf. the paper's Table 1)", "", *summary_table(rows, d), "",
-              "### Revenue (BARate) per budget level", "", *level_table(rows, d), ""]
+        o += [
+            f"## {d}",
+            "",
+            "### Summary (cf. the paper's Table 1)",
+            "",
+            *summary_table(rows, d),
+            "",
+            "### Revenue (BARate) per budget level",
+            "",
+            *level_table(rows, d),
+            "",
+        ]
         if d == "hillstrom":
-            o += ["### Hillstrom: inverse-propensity check on the held-out rows", "",
-                  "Unbiased IPS estimate of each calibrated policy's revenue on the held-out customers "
-                  "(P(arm) = 1/3), with the IPS cost / budget in brackets (noisy: it can exceed 1 even though the "
-                  "environment's spend does not). Compare with the environment's revenue above.", "",
-                  *ips_table(rows), ""]
+            o += [
+                "### Hillstrom: inverse-propensity check on the held-out rows",
+                "",
+                "Unbiased IPS estimate of each calibrated policy's revenue on the held-out customers "
+                "(P(arm) = 1/3), with the IPS cost / budget in brackets (noisy: it can exceed 1 even though the "
+                "environment's spend does not). Compare with the environment's revenue above.",
+                "",
+                *ips_table(rows),
+                "",
+            ]
     # ablations
     if any(r.dataset == ABLATION_SET for r in rows):
-        o += ["## Ablations (seq-effects-on, same budgets; cf. the paper's Figure 5)", "",
-              "| variant | what exactly |", "|---|---|",
-              f"| saco | the product: TrainConfig() (objective {cfg.train.objective}, layout {cfg.train.token_layout}, "
-              f"context {cfg.train.context_length}, width {cfg.train.d_model}, {cfg.train.n_layers} layer(s)) |"]
+        o += [
+            "## Ablations (seq-effects-on, same budgets; cf. the paper's Figure 5)",
+            "",
+            "| variant | what exactly |",
+            "|---|---|",
+            f"| saco | the product: TrainConfig() (objective {cfg.train.objective}, layout {cfg.train.token_layout}, "
+            f"context {cfg.train.context_length}, width {cfg.train.d_model}, {cfg.train.n_layers} layer(s)) |",
+        ]
         o += [f"| {a.name} | {a.what} |" for a in ABLATIONS]
-        o += ["", *summary_table(rows, ABLATION_SET), "", "Revenue (BARate) per budget level:", "",
-              *level_table(rows, ABLATION_SET), ""]
+        o += [
+            "",
+            *summary_table(rows, ABLATION_SET),
+            "",
+            "Revenue (BARate) per budget level:",
+            "",
+            *level_table(rows, ABLATION_SET),
+            "",
+        ]
     o += discussion(rows, names)
-    o += ["## Regenerate", "", "```", *_commands(cfg, out_dir), "```", "",
-          "Raw rows (every method, dataset, seed and level): results.json next to this file.", ""]
+    o += [
+        "## Regenerate",
+        "",
+        "```",
+        *_commands(cfg, out_dir),
+        "```",
+        "",
+        "Raw rows (every method, dataset, seed and level): results.json next to this file.",
+        "",
+    ]
     return "\n".join(o)
 
 
@@ -654,8 +855,10 @@ def discussion(rows: list[Row], names: list[str]) -> list[str]:
         mean_rev = {m: _stat([r.revenue for r in _select(rows, dataset=d, method=m)])[0] for m in ms}
         ranked = sorted(mean_rev, key=lambda m: -mean_rev[m] if np.isfinite(mean_rev[m]) else np.inf)
         pos = ranked.index("saco") + 1 if "saco" in ranked else None
-        line = (f"- **{d}**: by mean revenue over the 9 levels SACO ranks {pos}/{len(ranked)} among the learned and "
-                f"random methods (best: {ranked[0]}).")
+        line = (
+            f"- **{d}**: by mean revenue over the 9 levels SACO ranks {pos}/{len(ranked)} among the learned and "
+            f"random methods (best: {ranked[0]})."
+        )
         oracle = _select(rows, dataset=d, method="myopic-oracle")
         if oracle:
             saco = _select(rows, dataset=d, method="saco")
@@ -670,15 +873,18 @@ def discussion(rows: list[Row], names: list[str]) -> list[str]:
             if sel:
                 parts.append(f"{a.name} {100 * (_stat([r.revenue for r in sel])[0] / base - 1):+.1f}%")
         o.append("- Ablations, mean revenue relative to SACO over the 9 levels: " + ", ".join(parts) + ".")
-    o += ["",
-          "Caveats, stated plainly: (1) the synthetic worlds are ours and SACO was designed with them in view; "
-          "(2) on Hillstrom the scores come from a learned environment (a model of the same kind some baselines "
-          "use), so model bias favours methods that agree with it; the IPS column is the unbiased check and its "
-          "noise is large at this sample size; (3) Hillstrom has T = 1, so sequence modelling cannot help there, "
-          "and the hillstrom-world's carry-over effects are simulated, not measured; (4) budgets are relative to "
-          "the smallest unconstrained spend, so at High levels several methods are close to unconstrained; "
-          "(5) variants whose decision ignores lambda are held to the budget by withholding coupons at random, "
-          "which is exactly the weakness the paper's No-constraint ablation points at.", ""]
+    o += [
+        "",
+        "Caveats, stated plainly: (1) the synthetic worlds are ours and SACO was designed with them in view; "
+        "(2) on Hillstrom the scores come from a learned environment (a model of the same kind some baselines "
+        "use), so model bias favours methods that agree with it; the IPS column is the unbiased check and its "
+        "noise is large at this sample size; (3) Hillstrom has T = 1, so sequence modelling cannot help there, "
+        "and the hillstrom-world's carry-over effects are simulated, not measured; (4) budgets are relative to "
+        "the smallest unconstrained spend, so at High levels several methods are close to unconstrained; "
+        "(5) variants whose decision ignores lambda are held to the budget by withholding coupons at random, "
+        "which is exactly the weakness the paper's No-constraint ablation points at.",
+        "",
+    ]
     return o
 
 
@@ -711,10 +917,19 @@ def run_report(cfg: ReportConfig, out_dir: Path, log: Callable[[str], None] | No
     (out_dir / "results.json").write_text(json.dumps([asdict(r) for r in rows], default=float, indent=0))
     (out_dir / "results.md").write_text(markdown(rows, cfg, datasets, references, figures, seconds, out_dir))
     finite = [r.barate for r in rows if np.isfinite(r.barate)]
-    ablation_means = {m: _stat([r.revenue for r in _select(rows, dataset=ABLATION_SET, method=m)])[0]
-                      for m in methods_of(rows, ABLATION_SET)}
+    ablation_means = {
+        m: _stat([r.revenue for r in _select(rows, dataset=ABLATION_SET, method=m)])[0]
+        for m in methods_of(rows, ABLATION_SET)
+    }
     gains = [g.mean() for d in DATASETS for g in gain_vs_forest(rows, d, "saco").values()]
-    return {"out": str(out_dir / "results.md"), "figures": [str(out_dir / f) for f in figures.values()],
-            "rows": len(rows), "barate_min": min(finite), "barate_max": max(finite),
-            "saco_gain_vs_forest_pct": 100 * float(np.mean(gains)) if gains else None,
-            "ablation_mean_revenue": ablation_means, "seconds": round(seconds, 1), "quick": cfg.quick}
+    return {
+        "out": str(out_dir / "results.md"),
+        "figures": [str(out_dir / f) for f in figures.values()],
+        "rows": len(rows),
+        "barate_min": min(finite),
+        "barate_max": max(finite),
+        "saco_gain_vs_forest_pct": 100 * float(np.mean(gains)) if gains else None,
+        "ablation_mean_revenue": ablation_means,
+        "seconds": round(seconds, 1),
+        "quick": cfg.quick,
+    }

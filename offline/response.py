@@ -62,7 +62,7 @@ class ResponseModel(nn.Module):
         self.eval()
         out = []
         for i in range(0, len(x), 65536):
-            out.append(self(torch.from_numpy(np.ascontiguousarray(x[i:i + 65536], dtype=np.float32))))
+            out.append(self(torch.from_numpy(np.ascontiguousarray(x[i : i + 65536], dtype=np.float32))))
         y = torch.cat(out) * self.y_scale.view(1, 2, 1)
         reward = y[:, 0].numpy().astype(np.float64)
         cost = np.clip(y[:, 1].numpy().astype(np.float64), 0.0, None)
@@ -93,7 +93,7 @@ class ResponseModel(nn.Module):
             self.train()
             rng.shuffle(tr)
             for i in range(0, len(tr), cfg.batch_size):
-                loss = loss_on(tr[i:i + cfg.batch_size])
+                loss = loss_on(tr[i : i + cfg.batch_size])
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()

@@ -46,10 +46,18 @@ class TrainConfig:
 
     def model_config(self, feature_dim: int, num_actions: int) -> ModelConfig:
         return ModelConfig(
-            feature_dim=feature_dim, num_actions=num_actions, context_length=self.context_length,
-            max_timestep=self.max_timestep, d_model=self.d_model, n_layers=self.n_layers, n_heads=self.n_heads,
-            dropout=self.dropout, token_layout=self.token_layout, objective=self.objective,
-            future_weight=self.future_weight, history_decays=tuple(self.history_decays),
+            feature_dim=feature_dim,
+            num_actions=num_actions,
+            context_length=self.context_length,
+            max_timestep=self.max_timestep,
+            d_model=self.d_model,
+            n_layers=self.n_layers,
+            n_heads=self.n_heads,
+            dropout=self.dropout,
+            token_layout=self.token_layout,
+            objective=self.objective,
+            future_weight=self.future_weight,
+            history_decays=tuple(self.history_decays),
         )
 
 
@@ -99,9 +107,7 @@ def train(logs: Logs, cfg: TrainConfig, progress: bool = True) -> TrainResult:
     model = SacoTransformer(cfg.model_config(logs.feature_dim, num_actions))
     feats = logs.features[in_train]
     rtg_scale, ctg_scale = traj.scales()
-    model.set_normalisation(
-        torch.from_numpy(feats.mean(0)), torch.from_numpy(feats.std(0)), rtg_scale, ctg_scale
-    )
+    model.set_normalisation(torch.from_numpy(feats.mean(0)), torch.from_numpy(feats.std(0)), rtg_scale, ctg_scale)
     if cfg.objective == "value":
         initial_rtg, initial_ctg = traj.initial_targets()
         draws = 1
@@ -111,8 +117,15 @@ def train(logs: Logs, cfg: TrainConfig, progress: bool = True) -> TrainResult:
         initial_ctg = float(np.mean(traj.ctg[first]))
         draws = cfg.lambda_draws
     # each value head's loss is divided by its target variance so now/later, revenue/cost weigh alike
-    tgt = np.stack([logs.reward / rtg_scale, logs.cost / ctg_scale, (traj.rtg - logs.reward) / rtg_scale,
-                    (traj.ctg - logs.cost) / ctg_scale], axis=1)[in_train]
+    tgt = np.stack(
+        [
+            logs.reward / rtg_scale,
+            logs.cost / ctg_scale,
+            (traj.rtg - logs.reward) / rtg_scale,
+            (traj.ctg - logs.cost) / ctg_scale,
+        ],
+        axis=1,
+    )[in_train]
     value_weights = torch.from_numpy(np.maximum(tgt.var(0), 1e-6).astype(np.float32))
     if cfg.later_loss_weight <= 0:
         value_weights[2:] = float("inf")  # later heads take no loss
@@ -131,16 +144,22 @@ def train(logs: Logs, cfg: TrainConfig, progress: bool = True) -> TrainResult:
         total, count = 0.0, 0
         with torch.inference_mode():
             for i in range(0, len(val_windows), 2048):
-                w = val_windows[i:i + 2048]
-                b = make_batch(traj, w, cfg.objective, val_lam[i:i + 2048], initial_rtg, initial_ctg)
+                w = val_windows[i : i + 2048]
+                b = make_batch(traj, w, cfg.objective, val_lam[i : i + 2048], initial_rtg, initial_ctg)
                 total += float(_loss(model, b, value_weights)) * len(w)
                 count += len(w)
         model.train()
         return total / max(count, 1)
 
     best, best_state, stale, history = math.inf, copy.deepcopy(model.state_dict()), 0, []
-    bar = tqdm(total=cfg.epochs * steps_per_epoch, desc="train", unit="step", file=sys.stderr,
-               disable=not progress, mininterval=1.0)
+    bar = tqdm(
+        total=cfg.epochs * steps_per_epoch,
+        desc="train",
+        unit="step",
+        file=sys.stderr,
+        disable=not progress,
+        mininterval=1.0,
+    )
     model.train()
     epoch = 0
     for epoch in range(1, cfg.epochs + 1):
@@ -149,12 +168,17 @@ def train(logs: Logs, cfg: TrainConfig, progress: bool = True) -> TrainResult:
         lam_all = rng.uniform(0, cfg.lambda_max, size=len(order))
         running = 0.0
         for step in range(steps_per_epoch):
-            sel = order[step * cfg.batch_size:(step + 1) * cfg.batch_size]
+            sel = order[step * cfg.batch_size : (step + 1) * cfg.batch_size]
             if len(sel) == 0:
                 continue
-            batch = make_batch(traj, train_windows[sel], cfg.objective,
-                               lam_all[step * cfg.batch_size:step * cfg.batch_size + len(sel)],
-                               initial_rtg, initial_ctg)
+            batch = make_batch(
+                traj,
+                train_windows[sel],
+                cfg.objective,
+                lam_all[step * cfg.batch_size : step * cfg.batch_size + len(sel)],
+                initial_rtg,
+                initial_ctg,
+            )
             loss = _loss(model, batch, value_weights)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -175,10 +199,15 @@ def train(logs: Logs, cfg: TrainConfig, progress: bool = True) -> TrainResult:
     bar.close()
     model.load_state_dict(best_state)
     model.eval()
-    metrics = {"val_loss": best, "epochs_run": float(epoch), "train_windows": float(len(train_windows)),
-               "val_windows": float(len(val_windows))}
-    return TrainResult(model, cfg, traj, train_users, val_users, initial_rtg, initial_ctg, metrics,
-                       time.time() - started)
+    metrics = {
+        "val_loss": best,
+        "epochs_run": float(epoch),
+        "train_windows": float(len(train_windows)),
+        "val_windows": float(len(val_windows)),
+    }
+    return TrainResult(
+        model, cfg, traj, train_users, val_users, initial_rtg, initial_ctg, metrics, time.time() - started
+    )
 
 
 def config_dict(cfg: TrainConfig) -> dict[str, object]:

@@ -16,8 +16,12 @@ from typing import Annotated, Any, TypeVar
 
 import typer
 
-app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, no_args_is_help=True,
-                  help="SACO coupon decisioning: simulate, train, calibrate, evaluate, serve.")
+app = typer.Typer(
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    no_args_is_help=True,
+    help="SACO coupon decisioning: simulate, train, calibrate, evaluate, serve.",
+)
 models_app = typer.Typer(no_args_is_help=True, help="List, promote and roll back model versions.")
 app.add_typer(models_app, name="models")
 
@@ -103,18 +107,37 @@ def train(
         raise ValueError(f"--objective must be one of {', '.join(OBJECTIVES)}")
     started = time.time()
     data = load_logs(logs)
-    print(f"loaded {data.n_rows} rows, {data.n_users} users, {data.feature_dim} features, "
-          f"{data.num_actions} actions", file=sys.stderr)
-    given: dict[str, Any] = {"context_length": context_length, "d_model": d_model, "n_layers": layers, "n_heads": heads,
-             "epochs": epochs}
-    cfg = TrainConfig(objective=objective, token_layout=token_layout, seed=seed,
-                      **{name: value for name, value in given.items() if value is not None})
+    print(
+        f"loaded {data.n_rows} rows, {data.n_users} users, {data.feature_dim} features, {data.num_actions} actions",
+        file=sys.stderr,
+    )
+    given: dict[str, Any] = {
+        "context_length": context_length,
+        "d_model": d_model,
+        "n_layers": layers,
+        "n_heads": heads,
+        "epochs": epochs,
+    }
+    cfg = TrainConfig(
+        objective=objective,
+        token_layout=token_layout,
+        seed=seed,
+        **{name: value for name, value in given.items() if value is not None},
+    )
     result = fit(data, cfg)
     artifact = export_and_publish(result, data, ModelStore(store), make_current=not no_promote)
-    _emit({"version": artifact.version, "store": str(store), "objective": objective,
-           "val_loss": result.metrics["val_loss"], "epochs_run": int(result.metrics["epochs_run"]),
-           "train_seconds": round(result.seconds, 1), "total_seconds": round(time.time() - started, 1),
-           "current": not no_promote})
+    _emit(
+        {
+            "version": artifact.version,
+            "store": str(store),
+            "objective": objective,
+            "val_loss": result.metrics["val_loss"],
+            "epochs_run": int(result.metrics["epochs_run"]),
+            "train_seconds": round(result.seconds, 1),
+            "total_seconds": round(time.time() - started, 1),
+            "current": not no_promote,
+        }
+    )
 
 
 @app.command()
@@ -146,8 +169,17 @@ def calibrate(
         bar.set_postfix(lam=f"{ev.lam:.4g}", barate=f"{ev.cost / budget:.4f}")
         bar.update(1)
 
-    result = calibrate_artifact(model_store, data, budget, version=version, users=users, method=method,
-                                seed=seed, progress=tick, log=lambda msg: print(msg, file=sys.stderr, flush=True))
+    result = calibrate_artifact(
+        model_store,
+        data,
+        budget,
+        version=version,
+        users=users,
+        method=method,
+        seed=seed,
+        progress=tick,
+        log=lambda msg: print(msg, file=sys.stderr, flush=True),
+    )
     bar.close()
     _emit(result)
 
@@ -167,8 +199,13 @@ def evaluate(
     from offline.evaluate import EvalConfig, run_evaluation
     from offline.train import TrainConfig
 
-    cfg = EvalConfig(users=users, rounds=rounds, eval_users=eval_users, seed=seed,
-                     train=TrainConfig(epochs=epochs, seed=seed, objective=objective))
+    cfg = EvalConfig(
+        users=users,
+        rounds=rounds,
+        eval_users=eval_users,
+        seed=seed,
+        train=TrainConfig(epochs=epochs, seed=seed, objective=objective),
+    )
     _emit(run_evaluation(cfg, out))
 
 
@@ -204,15 +241,21 @@ def _bootstrap(store: Path) -> None:
     from offline.train import train as fit
     from offline.world import WorldConfig
 
-    print("store is empty: training a bootstrap model on a synthetic world (2,000 users x 10 rounds)...",
-          file=sys.stderr, flush=True)
+    print(
+        "store is empty: training a bootstrap model on a synthetic world (2,000 users x 10 rounds)...",
+        file=sys.stderr,
+        flush=True,
+    )
     data = validate_table(simulate_logs(WorldConfig(users=2000, rounds=10, seed=0)))
     result = fit(data, TrainConfig(epochs=10))
     artifact = export_and_publish(result, data, ModelStore(store))
     # a default lambda: the one that spends 30% of what the random logging policy spent
     cal = calibrate_artifact(ModelStore(store), data, 0.3 * float(data.cost.sum()), version=artifact.version)
-    print(f"bootstrap model {artifact.version} published in {store} (default lambda {cal['lambda']:.3g})",
-          file=sys.stderr, flush=True)
+    print(
+        f"bootstrap model {artifact.version} published in {store} (default lambda {cal['lambda']:.3g})",
+        file=sys.stderr,
+        flush=True,
+    )
 
 
 @models_app.command("list")
@@ -249,16 +292,20 @@ def models_rollback(store: Annotated[Path, typer.Option()]) -> None:
 def report(
     out: Annotated[Path, typer.Option(help="directory for results.md, results.json, PNGs")] = Path("docs"),
     quick: Annotated[bool, typer.Option(help="tiny worlds, 1 seed, 1 epoch (CI, < 5 min)")] = False,
-    hillstrom: Annotated[Path | None, typer.Option(envvar="SACO_HILLSTROM",
-                                                   help="hillstrom.csv (default: <repo>/../shared/data/)")] = None,
+    hillstrom: Annotated[
+        Path | None, typer.Option(envvar="SACO_HILLSTROM", help="hillstrom.csv (default: <repo>/../shared/data/)")
+    ] = None,
     seeds: Annotated[int, typer.Option(min=1, help="number of seeds (full run)")] = 3,
     ablations: Annotated[bool, typer.Option(help="train and score the SACO ablations")] = True,
 ) -> None:
     """SACO vs every baseline at 9 budgets on sequential, single-round and real (Hillstrom) data + ablations."""
     from offline.report import ReportConfig, run_report
 
-    cfg = ReportConfig.quick_config(hillstrom) if quick else ReportConfig(hillstrom_path=hillstrom,
-                                                                          seeds=tuple(range(seeds)))
+    cfg = (
+        ReportConfig.quick_config(hillstrom)
+        if quick
+        else ReportConfig(hillstrom_path=hillstrom, seeds=tuple(range(seeds)))
+    )
     cfg.ablations = ablations
     _emit(run_report(cfg, out))
 

@@ -65,8 +65,13 @@ def lambda_range(logs: Logs) -> tuple[float, float]:
     return 0.0, max(2.0 * best, 1.0)
 
 
-def dr_value(policy_probs: torch.Tensor, baseline: torch.Tensor, action: torch.Tensor,
-             outcome: torch.Tensor, propensity: torch.Tensor) -> torch.Tensor:
+def dr_value(
+    policy_probs: torch.Tensor,
+    baseline: torch.Tensor,
+    action: torch.Tensor,
+    outcome: torch.Tensor,
+    propensity: torch.Tensor,
+) -> torch.Tensor:
     """Doubly robust per-row value of a soft decision `policy_probs` [B, K]: the direct-method value
     under `baseline` [B, K] (detached predictions) plus the importance-weighted residual of the logged
     action. Its gradient w.r.t. `policy_probs` is unbiased for the true one under correct propensities."""

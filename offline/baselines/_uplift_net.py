@@ -59,23 +59,29 @@ def build(logs: Logs, num_actions: int, cfg: NetConfig) -> tuple[ResponseNet, St
     return ResponseNet(logs.feature_dim, num_actions, cfg.hidden, y_scale), scaler
 
 
-def mse_on_logged(net: ResponseNet, x: torch.Tensor, a: torch.Tensor, r: torch.Tensor,
-                  c: torch.Tensor) -> torch.Tensor:
+def mse_on_logged(net: ResponseNet, x: torch.Tensor, a: torch.Tensor, r: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
     """Squared error of the logged action's predictions, in scaled units."""
     pr, pc = net.scaled(x)
     rows = torch.arange(len(a))
     return ((pr[rows, a] - r / net.y_scale[0]) ** 2).mean() + ((pc[rows, a] - c / net.y_scale[1]) ** 2).mean()
 
 
-def pretrain(net: ResponseNet, x: torch.Tensor, a: torch.Tensor, r: torch.Tensor, c: torch.Tensor,
-             cfg: NetConfig, rng: np.random.Generator) -> None:
+def pretrain(
+    net: ResponseNet,
+    x: torch.Tensor,
+    a: torch.Tensor,
+    r: torch.Tensor,
+    c: torch.Tensor,
+    cfg: NetConfig,
+    rng: np.random.Generator,
+) -> None:
     opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     idx = np.arange(len(x))
     net.train()
     for _ in range(cfg.pretrain_epochs):
         rng.shuffle(idx)
         for i in range(0, len(idx), cfg.batch_size):
-            b = torch.from_numpy(idx[i:i + cfg.batch_size])
+            b = torch.from_numpy(idx[i : i + cfg.batch_size])
             loss = mse_on_logged(net, x[b], a[b], r[b], c[b])
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -84,8 +90,12 @@ def pretrain(net: ResponseNet, x: torch.Tensor, a: torch.Tensor, r: torch.Tensor
 
 
 def tensors(logs: Logs, scaler: Standardizer) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    return (to_tensor(scaler(logs.features)), torch.from_numpy(logs.action.astype(np.int64)),
-            to_tensor(logs.reward), to_tensor(logs.cost))
+    return (
+        to_tensor(scaler(logs.features)),
+        torch.from_numpy(logs.action.astype(np.int64)),
+        to_tensor(logs.reward),
+        to_tensor(logs.cost),
+    )
 
 
 @torch.inference_mode()

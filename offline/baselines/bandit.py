@@ -69,8 +69,9 @@ class _Posterior:
 class ThompsonBandit(Policy):
     name = "bandit"
 
-    def __init__(self, scaler: Standardizer, reward_post: list[_Posterior], cost_post: list[_Posterior],
-                 cfg: BanditConfig) -> None:
+    def __init__(
+        self, scaler: Standardizer, reward_post: list[_Posterior], cost_post: list[_Posterior], cfg: BanditConfig
+    ) -> None:
         self.scaler = scaler
         self.warm_reward, self.warm_cost = reward_post, cost_post
         self.cfg = cfg

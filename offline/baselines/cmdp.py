@@ -76,10 +76,18 @@ class History:
     def summary(self, t: int | np.ndarray, rows: np.ndarray | slice = slice(None)) -> np.ndarray:
         n = self.prev_bought[rows].shape[0]
         tt = np.broadcast_to(np.asarray(t, dtype=np.float32) / self.horizon, (n,))
-        return np.concatenate([
-            self.prev_action[rows], self.prev_bought[rows, None], self.ema_bought[rows, None],
-            self.ema_coupon[rows, None], self.ema_value[rows, None], self.has_prev[rows, None], tt[:, None],
-        ], axis=1).astype(np.float32)
+        return np.concatenate(
+            [
+                self.prev_action[rows],
+                self.prev_bought[rows, None],
+                self.ema_bought[rows, None],
+                self.ema_coupon[rows, None],
+                self.ema_value[rows, None],
+                self.has_prev[rows, None],
+                tt[:, None],
+            ],
+            axis=1,
+        ).astype(np.float32)
 
     def update(self, actions: np.ndarray, reward: np.ndarray, rows: np.ndarray | slice = slice(None)) -> None:
         bought = (reward > 0).astype(np.float32)
@@ -113,8 +121,17 @@ def history_features(logs: Logs, values: np.ndarray) -> tuple[np.ndarray, np.nda
 
 
 class CMDP(Policy):
-    def __init__(self, net: torch.nn.Module, scaler: Standardizer, values: np.ndarray, horizon: int,
-                 lam0: float, lam_eff: float, reward_scale: float, c_bar: float) -> None:
+    def __init__(
+        self,
+        net: torch.nn.Module,
+        scaler: Standardizer,
+        values: np.ndarray,
+        horizon: int,
+        lam0: float,
+        lam_eff: float,
+        reward_scale: float,
+        c_bar: float,
+    ) -> None:
         self.net, self.scaler, self.values, self.horizon = net, scaler, values, horizon
         self.lam0, self.lam_eff, self.reward_scale, self.c_bar = lam0, lam_eff, reward_scale, c_bar
         self.num_actions = len(values)
@@ -148,14 +165,14 @@ class CMDP(Policy):
         for _ in range(iterations):
             target_net = copy.deepcopy(net).eval()
             with torch.no_grad():
-                q_all = torch.cat([target_net(s[i:i + 65536]) for i in range(0, len(s), 65536)])
+                q_all = torch.cat([target_net(s[i : i + 65536]) for i in range(0, len(s), 65536)])
                 future = q_all.max(1).values
                 y = r + not_last * future[torch.from_numpy(nxt)]
             net.train()
             for _ in range(cfg.epochs_per_iteration):
                 rng.shuffle(idx)
                 for i in range(0, len(idx), cfg.batch_size):
-                    b = torch.from_numpy(idx[i:i + cfg.batch_size])
+                    b = torch.from_numpy(idx[i : i + cfg.batch_size])
                     q = net(s[b]).gather(1, a[b, None]).squeeze(1)
                     loss = torch.nn.functional.smooth_l1_loss(q, y[b])
                     opt.zero_grad(set_to_none=True)

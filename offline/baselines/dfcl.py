@@ -68,7 +68,7 @@ class DFCL(Policy):
         for _ in range(cfg.epochs):
             rng.shuffle(idx)
             for i in range(0, len(idx), cfg.net.batch_size):
-                b = torch.from_numpy(idx[i:i + cfg.net.batch_size])
+                b = torch.from_numpy(idx[i : i + cfg.net.batch_size])
                 lam = to_tensor(rng.uniform(lo, hi, size=len(b)))[:, None]
                 pr, pc = net(x[b])
                 with torch.no_grad():

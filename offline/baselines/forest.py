@@ -45,17 +45,22 @@ class HonestUpliftForest:
     def __init__(self, cfg: ForestConfig) -> None:
         self.cfg = cfg
 
-    def fit(self, x: np.ndarray, w: np.ndarray, y: np.ndarray, e: float,
-            rng: np.random.Generator) -> HonestUpliftForest:
+    def fit(
+        self, x: np.ndarray, w: np.ndarray, y: np.ndarray, e: float, rng: np.random.Generator
+    ) -> HonestUpliftForest:
         """x [n, d], w [n] in {0, 1}, y [n, 2] (reward, cost), e = P(w = 1)."""
         cfg = self.cfg
         perm = rng.permutation(len(x))
-        split, est = perm[: len(x) // 2], perm[len(x) // 2:]
+        split, est = perm[: len(x) // 2], perm[len(x) // 2 :]
         self.y_scale = np.maximum(y.std(0), 1e-9)
         z = y * ((w - e) / (e * (1 - e)))[:, None] / self.y_scale
         self.forest = RandomForestRegressor(
-            n_estimators=cfg.n_estimators, min_samples_leaf=cfg.min_samples_leaf,
-            max_features=cfg.max_features, max_samples=cfg.max_samples, bootstrap=True, n_jobs=cfg.n_jobs,
+            n_estimators=cfg.n_estimators,
+            min_samples_leaf=cfg.min_samples_leaf,
+            max_features=cfg.max_features,
+            max_samples=cfg.max_samples,
+            bootstrap=True,
+            n_jobs=cfg.n_jobs,
             random_state=int(rng.integers(2**31 - 1)),
         ).fit(x[split], z[split])
         leaves = self.forest.apply(x[est])  # [n_est, trees]

@@ -42,8 +42,7 @@ class HRCConfig:
 class HiddenRepClustering(Policy):
     name = "hrc"
 
-    def __init__(self, classifier: torch.nn.Module, scaler: Standardizer, reward: np.ndarray,
-                 cost: np.ndarray) -> None:
+    def __init__(self, classifier: torch.nn.Module, scaler: Standardizer, reward: np.ndarray, cost: np.ndarray) -> None:
         self.classifier, self.scaler = classifier, scaler
         self.cluster_reward, self.cluster_cost = reward, cost  # [clusters, K]
         self.distil_accuracy = float("nan")  # share of training rows the classifier puts in their cluster
@@ -83,7 +82,7 @@ class HiddenRepClustering(Policy):
         for _ in range(cfg.distil_epochs):
             rng.shuffle(idx)
             for i in range(0, len(idx), cfg.net.batch_size):
-                b = torch.from_numpy(idx[i:i + cfg.net.batch_size])
+                b = torch.from_numpy(idx[i : i + cfg.net.batch_size])
                 loss = torch.nn.functional.cross_entropy(classifier(x[b]), target[b])
                 opt.zero_grad(set_to_none=True)
                 loss.backward()

@@ -81,7 +81,7 @@ class BudgetRegularizer(Policy):
         for _ in range(cfg.epochs):
             rng.shuffle(idx)
             for i in range(0, len(idx), cfg.net.batch_size):
-                b = torch.from_numpy(idx[i:i + cfg.net.batch_size])
+                b = torch.from_numpy(idx[i : i + cfg.net.batch_size])
                 pr, pc = net(x[b])
                 with torch.no_grad():
                     lam = _price_for_budget(pr, pc.clamp(min=0), float(rng.uniform(*cfg.budget_range)), hi)

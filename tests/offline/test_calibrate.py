@@ -7,7 +7,7 @@ from offline.calibrate import search_monotone, search_slsqp
 def staircase(lam: float) -> tuple[float, float]:
     """A realistic spend curve: decreasing, piecewise constant (many discrete decisions)."""
     cost = float(np.floor(10_000 * np.exp(-lam)) / 1.0)
-    return 3 * cost ** 0.8, cost
+    return 3 * cost**0.8, cost
 
 
 @pytest.mark.parametrize("budget", [500.0, 2_000.0, 7_500.0])

@@ -29,8 +29,11 @@ def test_scripted_matches_eager_and_manifest_is_complete(tmp_path: Path, tiny_lo
 
 @pytest.mark.parametrize(("layout", "objective"), [("dt4", "dt-literal"), ("step", "dt-lagrangian")])
 def test_other_variants_export(tmp_path: Path, tiny_logs, layout: str, objective: str):
-    result = train(tiny_logs, TrainConfig(epochs=1, d_model=16, n_heads=2, context_length=3, token_layout=layout,
-                                          objective=objective), progress=False)
+    result = train(
+        tiny_logs,
+        TrainConfig(epochs=1, d_model=16, n_heads=2, context_length=3, token_layout=layout, objective=objective),
+        progress=False,
+    )
     artifact = export_and_publish(result, tiny_logs, ModelStore(tmp_path / "s"))
     assert artifact.manifest.objective == objective
 
@@ -44,8 +47,9 @@ def test_exported_file_runs_without_the_project(tmp_path: Path, tiny_logs, tiny_
         "assert not any(k.split('.')[0] in ('offline', 'saco', 'service', 'model_store') for k in sys.modules);"
         "print(json.dumps(list(out.shape)))"
     )
-    out = subprocess.run([sys.executable, "-c", code, str(artifact.model_path)], capture_output=True, text=True,
-                         cwd=tmp_path, check=True)
+    out = subprocess.run(
+        [sys.executable, "-c", code, str(artifact.model_path)], capture_output=True, text=True, cwd=tmp_path, check=True
+    )
     assert json.loads(out.stdout) == [2, 4]
 
 

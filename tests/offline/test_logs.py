@@ -26,8 +26,14 @@ def test_valid_csv_loads_sorted_with_dense_users(tmp_path: Path) -> None:
 
 
 def test_parquet_round_trip_and_directory(tmp_path: Path) -> None:
-    table = logs_table(np.array(["u1", "u1"]), np.array([0, 1]), np.array([1, 0]), np.array([2.0, 0.0]),
-                       np.array([5.0, 1.0]), np.zeros((2, 3), dtype=np.float32))
+    table = logs_table(
+        np.array(["u1", "u1"]),
+        np.array([0, 1]),
+        np.array([1, 0]),
+        np.array([2.0, 0.0]),
+        np.array([5.0, 1.0]),
+        np.zeros((2, 3), dtype=np.float32),
+    )
     write_logs(table, tmp_path / "d" / "part-0.parquet")
     assert load_logs(tmp_path / "d").n_rows == 2
     assert load_logs(tmp_path / "d" / "part-0.parquet").feature_dim == 3
@@ -68,7 +74,8 @@ def test_unsupported_and_missing_files(tmp_path: Path) -> None:
 
 def test_empty_table_refused() -> None:
     table = pa.table({k: pa.array([], pa.float64()) for k in ("t", "action", "cost", "reward", "f0")}).append_column(
-        "user_id", pa.array([], pa.string()))
+        "user_id", pa.array([], pa.string())
+    )
     with pytest.raises(LogValidationError, match="no rows"):
         validate_table(table)
 

@@ -25,9 +25,14 @@ def test_quick_report_end_to_end(tmp_path: Path) -> None:
             raise
         pytest.skip(str(exc))
     out = tmp_path / "docs"
-    proc = subprocess.run([sys.executable, "-m", "saco", "report", "--quick", "--out", str(out)],
-                          cwd=ROOT, capture_output=True, text=True, timeout=600,
-                          env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    proc = subprocess.run(
+        [sys.executable, "-m", "saco", "report", "--quick", "--out", str(out)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "PYTHONWARNINGS": "ignore"},
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     summary = json.loads(proc.stdout.strip().splitlines()[-1])
     assert (out / "results.md").is_file()
@@ -49,9 +54,23 @@ def test_quick_report_end_to_end(tmp_path: Path) -> None:
 
 
 def test_missing_hillstrom_fails_with_one_line(tmp_path: Path) -> None:
-    proc = subprocess.run([sys.executable, "-m", "saco", "report", "--quick", "--out", str(tmp_path),
-                           "--hillstrom", str(tmp_path / "missing.csv")], cwd=ROOT, capture_output=True, text=True,
-                          timeout=120)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "saco",
+            "report",
+            "--quick",
+            "--out",
+            str(tmp_path),
+            "--hillstrom",
+            str(tmp_path / "missing.csv"),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode != 0
     lines = [line for line in proc.stderr.strip().splitlines() if line]
     assert len(lines) == 1 and "Hillstrom data not found" in lines[0]

@@ -7,8 +7,11 @@ from offline.trajectories import build_trajectories, make_batch, split_users
 def small_logs():
     # user a: 3 steps, user b: 2 steps (given out of order)
     table = logs_table(
-        np.array(["a", "a", "a", "b", "b"]), np.array([0, 1, 2, 7, 3]), np.array([1, 0, 2, 1, 0]),
-        np.array([2.0, 0.0, 5.0, 2.0, 0.0]), np.array([10.0, 4.0, 0.0, 1.0, 3.0]),
+        np.array(["a", "a", "a", "b", "b"]),
+        np.array([0, 1, 2, 7, 3]),
+        np.array([1, 0, 2, 1, 0]),
+        np.array([2.0, 0.0, 5.0, 2.0, 0.0]),
+        np.array([10.0, 4.0, 0.0, 1.0, 3.0]),
         np.arange(10, dtype=np.float32).reshape(5, 2),
     )
     return validate_table(table)

@@ -53,8 +53,9 @@ def test_oracle_spend_falls_with_lambda_and_beats_random_at_its_spend():
     assert all(x >= y for x, y in itertools.pairwise(costs))
     oracle = rollout(world, MyopicOracle(), 1.0, seed=5)
     # random with about the same spend
-    lam = min(np.linspace(0, 5, 60),
-              key=lambda lam: abs(rollout(world, RandomAtSpend(4), lam, seed=5).cost - oracle.cost))
+    lam = min(
+        np.linspace(0, 5, 60), key=lambda lam: abs(rollout(world, RandomAtSpend(4), lam, seed=5).cost - oracle.cost)
+    )
     rand = rollout(world, RandomAtSpend(4), lam, seed=5)
     assert rand.cost <= oracle.cost * 1.1 and oracle.revenue > rand.revenue
 

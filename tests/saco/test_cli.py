@@ -57,8 +57,9 @@ def test_csv_output_and_bad_logs_refused(tmp_path: Path) -> None:
 
 
 def test_errors_are_one_line(tmp_path: Path) -> None:
-    proc = saco("calibrate", "--store", str(tmp_path / "none"), "--logs", str(tmp_path / "x.csv"), "--budget", "10",
-                check=False)
+    proc = saco(
+        "calibrate", "--store", str(tmp_path / "none"), "--logs", str(tmp_path / "x.csv"), "--budget", "10", check=False
+    )
     assert proc.returncode != 0
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and "no current version" in lines[0]
