@@ -8,37 +8,42 @@ import gc
 import logging
 import time
 from collections.abc import AsyncIterator
-from typing import Any
 
 import torch
-from fastapi import FastAPI, Request
-from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi import FastAPI
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from service.api.body import add_raw_body_schemas
+from service.api.errors import add_error_handlers
 from service.api.main import api_router
-from service.api.routes.decisions import decisions_openapi, decisions_route
-from service.batcher import BatcherOverloaded, MicroBatcher
-from service.engine import DecisionEngine, InvalidInput
+from service.batcher import MicroBatcher
+from service.engine import DecisionEngine
 from service.logs import configure_logging, redact
 from service.metrics import ServiceMetrics
 from service.policy import PolicyHolder, load_policy
 from service.runtime import Runtime
 from service.settings import Settings
-from service.state import CampaignNotFound, CostAboveReservation, StateStore, StateStoreError
-from service.state.memory import MemoryStateStore
-from service.state.redis_store import RedisStateStore
+from service.state.embedded import EmbeddedRedis
+from service.state.store import StateStore
 
 log = logging.getLogger("saco.service")
 
 
-def make_state_store(settings: Settings) -> StateStore:
-    if settings.redis_url:
-        return RedisStateStore(
-            settings.redis_url, prefix=settings.redis_prefix, socket_timeout_s=settings.redis_socket_timeout_s
-        )
-    return MemoryStateStore()
+async def open_state_store(settings: Settings) -> tuple[StateStore, EmbeddedRedis | None]:
+    """The configured Redis, or the embedded store's private redis-server when none is configured."""
+    embedded = None
+    url = settings.redis_url
+    if url is None:
+        embedded = EmbeddedRedis(settings.state_path())
+        url = await asyncio.to_thread(embedded.start)
+    store = StateStore(
+        url,
+        prefix=settings.redis_prefix,
+        cluster=settings.redis_cluster,
+        socket_timeout_s=settings.redis_socket_timeout_s,
+    )
+    if not await store.ping():  # Redis down at start: /readyz says so until it answers
+        log.warning("state store unreachable at startup")
+    return store, embedded
 
 
 @contextlib.asynccontextmanager
@@ -48,12 +53,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     torch.set_num_interop_threads(1) if torch.get_num_interop_threads() != 1 else None
     policy = await asyncio.to_thread(load_policy, settings.store, settings.device)
     metrics.set_model(None, policy.version)
-    store = make_state_store(settings)
-    if isinstance(store, RedisStateStore):
-        try:
-            await store.load_scripts()
-        except Exception:  # Redis down at start: /readyz says so; scripts load on first NOSCRIPT
-            log.warning("state store unreachable at startup")
+    store, embedded = await open_state_store(settings)
     batcher = MicroBatcher(
         max_rows=settings.batcher_max_rows,
         max_wait_s=settings.batcher_max_wait_ms / 1000,
@@ -77,7 +77,8 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         extra={
             "model_version": policy.version,
             "device": str(policy.device),
-            "state_store": "redis" if settings.redis_url else "embedded",
+            "state_store": "redis" if settings.redis_url else f"embedded ({settings.state_path()})",
+            "redis_cluster": store.cluster,
             "redis_url": redact(settings.redis_url or ""),
             "inference_threads": settings.inference_threads(),
         },
@@ -92,6 +93,8 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         gc.callbacks.remove(metrics.gc_pauses)
         gc.unfreeze()
         await store.close()
+        if embedded is not None:
+            await asyncio.to_thread(embedded.stop)
 
 
 class TimingMiddleware:
@@ -124,77 +127,13 @@ class TimingMiddleware:
             )
 
 
-def _error(status_code: int, detail: Any, headers: dict[str, str] | None = None) -> JSONResponse:
-    return JSONResponse({"detail": detail}, status_code=status_code, headers=headers)
-
-
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or Settings()
     configure_logging(settings.log_level)
     app = FastAPI(title="SACO coupon decisioning service", version="1", lifespan=lifespan)
     app.state.settings = settings
     app.state.metrics = metrics = ServiceMetrics()
-    app.router.routes.insert(0, decisions_route)  # first: the hot path skips the matching of the others
     app.include_router(api_router)
-
-    def openapi() -> dict[str, Any]:
-        if app.openapi_schema is None:
-            app.openapi_schema = decisions_openapi(add_raw_body_schemas(FastAPI.openapi(app)))
-        return app.openapi_schema
-
-    app.openapi = openapi  # type: ignore[method-assign]
     app.add_middleware(TimingMiddleware, metrics=metrics)
-
-    @app.exception_handler(InvalidInput)
-    async def invalid_input(_: Request, exc: InvalidInput) -> JSONResponse:
-        return _error(422, exc.errors)
-
-    @app.exception_handler(CostAboveReservation)
-    async def cost_above(_: Request, exc: CostAboveReservation) -> JSONResponse:
-        return _error(
-            422,
-            [
-                {
-                    "type": "value_error",
-                    "loc": ["body", "outcomes", exc.index, "cost"],
-                    "msg": str(exc) + "; no outcome of this request was applied",
-                }
-            ],
-        )
-
-    @app.exception_handler(CampaignNotFound)
-    async def not_found(_: Request, exc: CampaignNotFound) -> JSONResponse:
-        return _error(404, str(exc))
-
-    @app.exception_handler(StateStoreError)
-    async def store_down(_: Request, exc: StateStoreError) -> JSONResponse:
-        metrics.state_store_errors.inc()
-        log.warning("state store error", extra={"error": str(exc)})
-        return _error(503, "state store unavailable, retry later", {"Retry-After": "1"})
-
-    @app.exception_handler(BatcherOverloaded)
-    async def overloaded(_: Request, exc: BatcherOverloaded) -> JSONResponse:
-        return _error(503, f"overloaded: {exc}", {"Retry-After": "1"})
-
-    @app.exception_handler(RequestValidationError)
-    async def invalid_body(_: Request, exc: RequestValidationError) -> JSONResponse:
-        errors = [{k: v for k, v in e.items() if k != "ctx" or _plain(v)} for e in exc.errors()]
-        return _error(422, _jsonable(errors))
-
+    add_error_handlers(app, metrics)
     return app
-
-
-def _plain(value: Any) -> bool:
-    return isinstance(value, dict) and all(isinstance(v, str | int | float | bool) for v in value.values())
-
-
-def _jsonable(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {k: _jsonable(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_jsonable(v) for v in value]
-    if (isinstance(value, float) and value != value) or value in (float("inf"), float("-inf")):
-        return str(value)
-    if isinstance(value, str | int | float | bool | type(None)):
-        return value
-    return str(value)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import time
 from collections import Counter
 from typing import Any
@@ -26,12 +25,14 @@ from service.state import (
     CampaignUpdate,
     NewStep,
     Outcome,
+    ReservedDecision,
     ReserveItem,
-    StateStore,
+    ReserveResult,
     StateStoreError,
     UserContext,
 )
 from service.state.context import gather
+from service.state.store import StateStore
 
 log = logging.getLogger("saco.service.engine")
 
@@ -44,15 +45,32 @@ class InvalidInput(ValueError):
         self.errors = [{"type": "value_error", "loc": ("body", *loc), "msg": msg, "input": value}]
 
 
-def new_decision_ids(count: int) -> list[str]:
-    """One request's ids: "d-<batch>-<i>", the batch 80 random bits (collisions are not a concern at any
-    realistic volume). The Redis store keeps a batch's records in one hash (one write per request)."""
-    batch = "d-" + os.urandom(10).hex() + "-"
-    return [batch + str(i) for i in range(count)]
-
-
 def now_ms() -> int:
     return int(time.time() * 1000)
+
+
+def choose(scores: np.ndarray, campaign: CampaignConfig, body: DecisionsRequest) -> tuple[list[int], list[ReserveItem]]:
+    """The order in which users reserve (largest gain of their best coupon over none first) and, per user
+    in that order, the campaign's coupons by descending score down to "no coupon"."""
+    prefs, priority = preferences(scores, list(campaign.coupons))
+    order: list[int] = priority.tolist()
+    requests = body.requests
+    return order, [ReserveItem(requests[i].user_id, requests[i].request_id, prefs[i]) for i in order]
+
+
+def render(order: list[int], decided: list[ReservedDecision]) -> bytes:
+    """The response body: one decision per request, in the order of the requests."""
+    decisions: list[dict[str, Any]] = [{}] * len(order)
+    for row, decision in zip(order, decided, strict=True):
+        decisions[row] = {
+            "user_id": decision.user_id,
+            "decision_id": decision.decision_id,
+            "action": decision.action,
+            "cost": from_cents(decision.cost),
+            "model_version": decision.model_version,
+            "lambda": decision.lam,
+        }
+    return orjson.dumps({"decisions": decisions})
 
 
 def campaign_lambda(campaign: CampaignConfig, manifest: Manifest) -> tuple[float, str]:
@@ -89,10 +107,8 @@ def build_inputs(
     ctg[:, :kept], ctg[:, kept] = window["ctg"], past.ctg
     timesteps[:, :kept], timesteps[:, kept] = window["t"], past.t
     mask[:, :kept], mask[:, kept] = np.arange(kept) >= (kept - past.counts)[:, None], True
-    np.minimum(timesteps, manifest.max_timestep - 1, out=timesteps)  # never negative; np.clip costs ~30 us
-    lams = np.empty(rows, np.float32)
-    lams.fill(lam)
-    return PolicyInputs(states, actions, rtg, ctg, timesteps, lams, mask)
+    np.minimum(timesteps, manifest.max_timestep - 1, out=timesteps)  # never negative: only the top is bounded
+    return PolicyInputs(states, actions, rtg, ctg, timesteps, np.full(rows, lam, np.float32), mask)
 
 
 def preferences(scores: np.ndarray, offered: list[int]) -> tuple[list[list[int]], np.ndarray]:
@@ -131,98 +147,85 @@ class DecisionEngine:
 
     # ---- decisions -------------------------------------------------------------------------------
     async def decide(self, campaign_id: str, body: DecisionsRequest) -> bytes:
-        """The hot path; returns the response body (JSON bytes)."""
+        """The hot path: validate, read, score, choose, reserve, record, render (JSON bytes)."""
         policy = self.policies.current
-        manifest = policy.manifest
+        features = self._validate(body, policy.manifest)
+        user_ids = [r.user_id for r in body.requests]
+        with self.batcher.expect() as ticket:
+            campaign, contexts = await self._read(campaign_id, user_ids)
+            lam, _ = campaign_lambda(campaign, policy.manifest)
+            inputs = build_inputs(policy.manifest, features, contexts, lam)
+            scores = await self.batcher.scores(policy, inputs, ticket)
+        order, items = choose(scores, campaign, body)
+        reserved = await self.store.reserve(
+            campaign_id,
+            items,
+            model_version=policy.version,
+            lam=lam,
+            now_ms=now_ms(),
+            reservation_expiry_ms=self.settings.reservation_expiry_s * 1000,
+            decision_ttl_ms=self.settings.decision_ttl_s * 1000,
+        )
+        self._record(campaign_id, order, reserved, features, contexts, policy.manifest)
+        return render(order, reserved.decisions)
+
+    def _validate(self, body: DecisionsRequest, manifest: Manifest) -> np.ndarray:
+        """The batch size and every feature row against the model: the [users, feature_dim] float32 array."""
         requests = body.requests
         if len(requests) > self.settings.max_batch:
             raise InvalidInput(
                 ("requests",), f"at most {self.settings.max_batch} requests per call, got {len(requests)}"
             )
         dim = manifest.feature_dim
-        try:
-            with np.errstate(over="ignore"):
-                features = np.array([item.features for item in requests], np.float32)
-        except ValueError:  # rows of different lengths
-            features = np.empty((0, 0), np.float32)
-        if features.shape != (len(requests), dim):
-            for i, item in enumerate(requests):
-                if len(item.features) != dim:
-                    raise InvalidInput(
-                        ("requests", i, "features"),
-                        f"must have {dim} values (the model's feature_dim), got {len(item.features)}",
-                    )
+        for i, item in enumerate(requests):
+            if len(item.features) != dim:
+                raise InvalidInput(
+                    ("requests", i, "features"),
+                    f"must have {dim} values (the model's feature_dim), got {len(item.features)}",
+                )
+        with np.errstate(over="ignore"):
+            features = np.array([item.features for item in requests], np.float32)
         if not np.isfinite(features).all():  # finite doubles that overflow float32
             row = int(np.argwhere(~np.isfinite(features))[0][0])
             raise InvalidInput(("requests", row, "features"), "values must fit a 32-bit float")
         self.metrics.decision_batch_users.observe(len(requests))
+        return features
 
-        user_ids = [r.user_id for r in requests]
-        with self.batcher.expect() as ticket:
-            await self.contexts_written(campaign_id, user_ids)
-            campaign, contexts = await self.store.load_for_decision(campaign_id, user_ids)
-            if campaign is None:
-                raise CampaignNotFound(campaign_id)
-            lam, _ = campaign_lambda(campaign, manifest)
-            inputs = build_inputs(manifest, features, contexts, lam)
-            scores = await self.batcher.scores(policy, inputs, ticket)
+    async def _read(self, campaign_id: str, user_ids: list[str]) -> tuple[CampaignConfig, list[UserContext | None]]:
+        """The campaign and each user's context, once this process's own writes to them have landed."""
+        await self.contexts_written(campaign_id, user_ids)
+        campaign, contexts = await self.store.load_for_decision(campaign_id, user_ids)
+        if campaign is None:
+            raise CampaignNotFound(campaign_id)
+        return campaign, contexts
 
-        prefs, priority = preferences(scores, list(campaign.coupons))
-        order = priority.tolist()
-        request_ids = [r.request_id for r in requests]
-        decision_ids = new_decision_ids(len(order))
-        items = [ReserveItem(decision_ids[k], user_ids[i], request_ids[i], prefs[i]) for k, i in enumerate(order)]
-        settings = self.settings
-        result = await self.store.reserve(
-            campaign_id,
-            items,
-            model_version=policy.version,
-            lam=lam,
-            now_ms=now_ms(),
-            reservation_expiry_ms=settings.reservation_expiry_s * 1000,
-            decision_ttl_ms=settings.decision_ttl_s * 1000,
-        )
-        decisions: list[dict[str, Any]] = [{}] * len(requests)
-        new_steps: list[NewStep] = []
-        step_features = features.astype("<f4", copy=False).tobytes()  # row i: [i * width, (i + 1) * width)
-        width = 4 * dim
-        taken: list[int] = []  # actions of the new decisions
-        downgraded = replayed = 0
-        for row, decided in zip(order, result.decisions, strict=True):
-            decisions[row] = {
-                "user_id": decided.user_id,
-                "decision_id": decided.decision_id,
-                "action": decided.action,
-                "cost": from_cents(decided.cost),
-                "model_version": decided.model_version,
-                "lambda": decided.lam,
-            }
-            if decided.new:
-                new_steps.append(
-                    NewStep(
-                        decided.user_id,
-                        decided.decision_id,
-                        decided.action,
-                        step_features[row * width : (row + 1) * width],
-                        contexts[row],
-                    )
-                )
-                taken.append(decided.action)
-                downgraded += decided.downgraded
-            else:
-                replayed += 1
+    def _record(
+        self,
+        campaign_id: str,
+        order: list[int],
+        reserved: ReserveResult,
+        features: np.ndarray,
+        contexts: list[UserContext | None],
+        manifest: Manifest,
+    ) -> None:
+        """Each new decision becomes a step of its user's context (written behind the answer: the
+        reservations are what must be durable before it), and the metrics."""
+        rows = features.astype("<f4", copy=False)
+        new_steps = [
+            NewStep(decided.user_id, decided.decision_id, decided.action, rows[row].tobytes(), contexts[row])
+            for row, decided in zip(order, reserved.decisions, strict=True)
+            if decided.new
+        ]
         if new_steps:
-            # The answer does not wait for the context write: the reservations are what must be durable
-            # before it. The next decision or outcome for these users in this process waits for it.
             self._write_behind(campaign_id, new_steps, manifest)
-        for action, count in Counter(taken).items():
+        for action, count in Counter(step.action for step in new_steps).items():
             self.metrics.decisions.labels(action=str(action)).inc(count)
+        downgraded = sum(decided.downgraded for decided in reserved.decisions)
         if downgraded:
             self.metrics.reservations_refused.labels(campaign=campaign_id).inc(downgraded)
-        if replayed:
-            self.metrics.idempotent_replays.inc(replayed)
-        self.metrics.budget_remaining.labels(campaign=campaign_id).set(from_cents(max(0, result.remaining)))
-        return orjson.dumps({"decisions": decisions})
+        if len(new_steps) < len(order):
+            self.metrics.idempotent_replays.inc(len(order) - len(new_steps))
+        self.metrics.budget_remaining.labels(campaign=campaign_id).set(from_cents(max(0, reserved.remaining)))
 
     def _write_behind(self, campaign_id: str, steps: list[NewStep], manifest: Manifest) -> None:
         async def write() -> None:

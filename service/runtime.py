@@ -10,7 +10,7 @@ from service.engine import DecisionEngine
 from service.metrics import ServiceMetrics
 from service.policy import PolicyHolder
 from service.settings import Settings
-from service.state import StateStore
+from service.state.store import StateStore
 
 
 @dataclass

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from typing import Literal
 
 from pydantic import Field, SecretStr, field_validator, model_validator
@@ -29,8 +30,20 @@ class Settings(BaseSettings):
     store: str = Field(
         default="model_store", description="model store directory (the service loads its CURRENT version)"
     )
-    redis_url: str | None = Field(default=None, description="Redis URL; without one state lives in an embedded store")
-    redis_prefix: str = Field(default="saco:", description="prefix of every Redis key this service writes")
+    redis_url: str | None = Field(
+        default=None,
+        description="Redis URL (redis://, rediss://, unix://); without one, state lives in the embedded store",
+    )
+    redis_cluster: bool | None = Field(
+        default=None, description="whether the Redis is a Cluster; unset: asked of the server on first use"
+    )
+    redis_prefix: str = Field(
+        default="saco:", pattern=r"^[^{}]*$", description="prefix of every Redis key this service writes (no braces)"
+    )
+    state_dir: str | None = Field(
+        default=None,
+        description="the embedded store's directory (its append-only file); default: <store>/state",
+    )
     redis_socket_timeout_s: float = Field(default=0.5, gt=0, description="Redis connect/read timeout")
     admin_token: SecretStr | None = Field(default=None, description="bearer token of the admin routes (off without)")
     device: Literal["auto", "cpu", "cuda"] = "auto"
@@ -68,6 +81,9 @@ class Settings(BaseSettings):
         if value is not None:
             parse_cpu_list(value)
         return value
+
+    def state_path(self) -> Path:
+        return Path(self.state_dir) if self.state_dir else Path(self.store) / "state"
 
     def cpu_set(self) -> set[int] | None:
         return None if self.cpus is None else parse_cpu_list(self.cpus)

@@ -1,14 +1,13 @@
-"""Shared fixtures: a real Redis (SACO_TEST_REDIS_URL, else a throwaway redis-server) and a model store
+"""Shared fixtures: real Redis servers (standalone: SACO_TEST_REDIS_URL or a throwaway redis-server; a
+throwaway 3-master Cluster; the embedded store's private server) and a model store
 holding an artifact produced by the project pipeline (`saco simulate` + `saco train`)."""
 
 from __future__ import annotations
 
 import os
 import shutil
-import socket
 import subprocess
 import sys
-import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,11 +19,8 @@ REPO = Path(__file__).resolve().parents[1]
 # `import service` is the real package, not a namespace merged with tests/service.
 sys.path.insert(0, str(REPO))
 
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+from service.state.embedded import EmbeddedRedis  # noqa: E402
+from service.state.servers import start_cluster, start_redis  # noqa: E402
 
 
 def _redis_answers(url: str) -> bool:
@@ -38,46 +34,77 @@ def _redis_answers(url: str) -> bool:
 
 @pytest.fixture(scope="session")
 def redis_url() -> Iterator[str]:
-    """A Redis that tests may write to (under their own key prefix only)."""
+    """A standalone Redis that tests may write to (under their own key prefix only):
+    SACO_TEST_REDIS_URL, else a throwaway redis-server."""
     configured = os.environ.get("SACO_TEST_REDIS_URL")
     if configured:
         if not _redis_answers(configured):
             pytest.fail(f"SACO_TEST_REDIS_URL={configured} does not answer")
         yield configured
         return
-    binary = shutil.which("redis-server") or "/usr/bin/redis-server"
-    port = free_port()
-    proc = subprocess.Popen(
-        [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    url = f"redis://127.0.0.1:{port}/0"
-    try:
-        for _ in range(100):
-            if _redis_answers(url):
-                break
-            time.sleep(0.05)
-        else:
-            pytest.fail("the throwaway redis-server did not start")
-        yield url
-    finally:
-        proc.terminate()
-        proc.wait(timeout=10)
+    with start_redis() as server:
+        yield server.url
+
+
+@pytest.fixture(scope="session")
+def redis_cluster_url() -> Iterator[str]:
+    """A throwaway 3-master Redis Cluster (no replicas); the URL names one of its nodes."""
+    with start_cluster(masters=3) as cluster:
+        yield cluster.url
+
+
+def delete_prefixed(url: str, prefix: str) -> None:
+    """Delete every key under `prefix` (on every master of a Cluster) and nothing else."""
+    import redis
+    import redis.cluster
+
+    client = redis.Redis.from_url(url)
+    if client.info("cluster").get("cluster_enabled"):
+        cluster = redis.cluster.RedisCluster.from_url(url)
+        nodes = [redis.Redis(host=n.host, port=n.port) for n in cluster.get_primaries()]
+        cluster.close()
+    else:
+        nodes = [client]
+    for node in nodes:
+        keys = list(node.scan_iter(match=prefix.replace("[", "\\[") + "*", count=1000))
+        for key in keys:  # one by one: on a Cluster the keys of one node span many slots
+            node.delete(key)
+        node.close()
+    client.close()
 
 
 @pytest.fixture
-def redis_prefix(redis_url: str) -> Iterator[str]:
+def redis_prefix(request: pytest.FixtureRequest) -> Iterator[str]:
     """A unique key prefix; every key under it is deleted after the test (and nothing else)."""
-    import redis
-
     prefix = f"saco-test-{uuid.uuid4().hex[:12]}:"
     yield prefix
-    client = redis.Redis.from_url(redis_url)
-    keys = list(client.scan_iter(match=prefix.replace("[", "\\[") + "*", count=1000))
-    for start in range(0, len(keys), 500):
-        client.delete(*keys[start : start + 500])
-    client.close()
+    for name in ("redis_url", "redis_cluster_url"):
+        if name in request.fixturenames:
+            delete_prefixed(request.getfixturevalue(name), prefix)
+
+
+@pytest.fixture(params=["standalone", "cluster", "embedded"])
+def store_kind(request: pytest.FixtureRequest) -> str:
+    """The three ways the state store runs: a standalone Redis, a 3-master Cluster, and the embedded
+    store's private redis-server (the zero-configuration default)."""
+    return str(request.param)
+
+
+@pytest.fixture
+def store_url(store_kind: str, request: pytest.FixtureRequest, redis_prefix: str, tmp_path: Path) -> Iterator[str]:
+    """The URL of a Redis of `store_kind` for this test (keys under `redis_prefix`, removed afterwards)."""
+    if store_kind == "embedded":
+        embedded = EmbeddedRedis(tmp_path / "state")
+        try:
+            yield embedded.start()
+        finally:
+            embedded.stop()
+        return
+    url = request.getfixturevalue("redis_cluster_url" if store_kind == "cluster" else "redis_url")
+    try:
+        yield url
+    finally:
+        delete_prefixed(url, redis_prefix)
 
 
 def _run(cmd: list[str]) -> str:

@@ -1,6 +1,9 @@
-"""State stores: one interface, a Redis implementation and an embedded in-process one."""
+"""The service's state on Redis (standalone or Cluster): campaign ledgers, decision records, user contexts.
 
-from service.state.base import (
+`StateStore` is the one implementation; `open_state_store` connects it to the configured Redis, or to
+the embedded store's private redis-server when none is configured."""
+
+from service.state.types import (
     CampaignConfig,
     CampaignNotFound,
     CampaignState,
@@ -12,7 +15,6 @@ from service.state.base import (
     ReserveItem,
     ReserveResult,
     SettleResult,
-    StateStore,
     StateStoreError,
     UserContext,
 )
@@ -29,7 +31,6 @@ __all__ = [
     "ReserveResult",
     "ReservedDecision",
     "SettleResult",
-    "StateStore",
     "StateStoreError",
     "UserContext",
 ]

@@ -1,4 +1,6 @@
-"""A user's trajectory context as stored: one compact binary value, the same in both stores.
+"""A user's trajectory context as stored: one compact binary value. This module is the format's one
+definition and holds its rules (append a step, apply an outcome, read a batch into model inputs); the
+store writes their results compare-and-set (service/lua/write_contexts.lua knows only the header size).
 
     header  <B H I d d>   format version (1), step record size, next step index t,
                           running return-to-go, running cost-to-go (8-byte floats: outcomes accumulate)
@@ -12,10 +14,11 @@
         t         i4      step index
         features  f4[d]   the state features of the decision
 
-Fixed-size records let the Lua scripts append, trim and patch a context by offset (no parsing), and let the
-decision path turn a whole batch of contexts into model inputs with one `numpy.frombuffer`. The header
-carries the running to-go values and the next step index, so a context keeps them when capacity is 0.
-A value that does not parse as this format (another writer, an older release) is treated as no context.
+Fixed-size records let the decision path turn a whole batch of contexts into model inputs with a few array
+operations. The header carries the running to-go values and the next step index, so a context keeps them
+when capacity is 0.
+A value that does not parse as this format (written for another feature size, or by another program) is
+treated as no context.
 """
 
 from __future__ import annotations
@@ -77,7 +80,7 @@ def empty_context(feature_dim: int, initial_rtg: float, initial_ctg: float) -> b
     return HEADER.pack(FORMAT_VERSION, record_size(feature_dim), 0, initial_rtg, initial_ctg)
 
 
-class Header(NamedTuple):  # read once per user and step on the decision path: a tuple is cheapest
+class Header(NamedTuple):
     t: int
     rtg: float
     ctg: float
@@ -97,7 +100,7 @@ def read_header(raw: bytes | None) -> Header | None:
 
 
 def append_step(raw: bytes | None, step: bytes, capacity: int, initial: bytes) -> bytes:
-    """`raw` with the new step appended, keeping the last `capacity` steps (what append_steps.lua does).
+    """`raw` with the new step appended, keeping the last `capacity` steps.
 
     `step` is `new_step_bytes(...)`; `initial` is the `empty_context(...)` used when `raw` is absent or
     unreadable (or written for another feature size)."""
@@ -117,78 +120,7 @@ def append_step(raw: bytes | None, step: bytes, capacity: int, initial: bytes) -
 
 
 HEADER_DTYPE = np.dtype([("version", "u1"), ("record_size", "<u2"), ("t", "<u4"), ("rtg", "<f8"), ("ctg", "<f8")])
-RUNNING_DTYPE = np.dtype([("reward", "<f4"), ("cost", "<f4"), ("rtg", "<f4"), ("ctg", "<f4"), ("t", "<i4")])
-assert HEADER_DTYPE.itemsize == HEADER.size and RUNNING_DTYPE.itemsize == STEP_RUNNING.size
-
-
-def append_steps_to(raws: list[bytes | None], steps: list[bytes], capacity: int, initial: bytes) -> list[bytes]:
-    """`append_step` for many contexts at once, byte for byte the same: contexts of one length (the common
-    case: every user's context full) are checked and appended together with a few array operations, so
-    the per-user Python is a length lookup. All `steps` have one size (one feature dimension)."""
-    if len(steps) <= 16:  # below this the array set-up costs more than it saves (~35 us)
-        return [append_step(raw, step, capacity, initial) for raw, step in zip(raws, steps, strict=True)]
-    size = len(steps[0]) + STEP_RUNNING.size
-    by_length: dict[int, list[int]] = {}
-    for i, raw in enumerate(raws):
-        by_length.setdefault(-1 if raw is None else len(raw), []).append(i)
-    step_rows = np.frombuffer(b"".join(steps), np.uint8).reshape(len(steps), len(steps[0]))
-    out: list[bytes] = [b""] * len(raws)
-    afresh: list[int] = []  # absent, unreadable or for another feature size: they start from `initial`
-    for length, rows in by_length.items():
-        if length < HEADER.size or (length - HEADER.size) % size:
-            afresh += rows
-            continue
-        old = np.frombuffer(b"".join([cast(bytes, raws[i]) for i in rows]), np.uint8).reshape(len(rows), length)
-        headers = old[:, : HEADER.size].copy().view(HEADER_DTYPE)[:, 0]
-        ours = (headers["version"] == FORMAT_VERSION) & (headers["record_size"] == size)
-        if not ours.all():
-            afresh += [i for i, keep in zip(rows, ours.tolist(), strict=True) if not keep]
-            rows, old, headers = (
-                [i for i, keep in zip(rows, ours.tolist(), strict=True) if keep],
-                old[ours],
-                headers[ours],
-            )
-        if rows:
-            _append_rows(out, rows, old, headers, step_rows[rows], size, capacity)
-    if afresh:
-        old = np.tile(np.frombuffer(initial, np.uint8), (len(afresh), 1))
-        headers = old[:, : HEADER.size].copy().view(HEADER_DTYPE)[:, 0]
-        _append_rows(out, afresh, old, headers, step_rows[afresh], size, capacity)
-    return out
-
-
-def _append_rows(
-    out: list[bytes],
-    rows: list[int],
-    old: np.ndarray,
-    headers: np.ndarray,
-    new_steps: np.ndarray,
-    size: int,
-    capacity: int,
-) -> None:
-    """Contexts `old` [n, length] (all one length, headers parsed) with `new_steps` [n, step] appended,
-    into out[rows]."""
-    count, length = old.shape
-    kept = min((length - HEADER.size) // size + 1, capacity) if capacity > 0 else 0
-    new = np.empty((count, HEADER.size + kept * size), np.uint8)
-    new_header = headers.copy()
-    new_header["version"], new_header["record_size"] = FORMAT_VERSION, size
-    new_header["t"] += 1
-    new[:, : HEADER.size] = new_header.view(np.uint8).reshape(count, HEADER.size)
-    if kept:
-        carried = (kept - 1) * size  # the newest kept-1 stored steps, then the new one
-        new[:, HEADER.size : HEADER.size + carried] = old[:, length - carried :]
-        record = new[:, HEADER.size + carried :]
-        record[:, : STEP_PREFIX.size] = new_steps[:, : STEP_PREFIX.size]
-        running = np.zeros(count, RUNNING_DTYPE)
-        running["rtg"], running["ctg"], running["t"] = headers["rtg"], headers["ctg"], headers["t"]
-        record[:, STEP_PREFIX.size : STEP_PREFIX.size + STEP_RUNNING.size] = running.view(np.uint8).reshape(
-            count, STEP_RUNNING.size
-        )
-        record[:, STEP_PREFIX.size + STEP_RUNNING.size :] = new_steps[:, STEP_PREFIX.size :]
-    blob, width = new.tobytes(), new.shape[1]
-    for k, i in enumerate(rows):
-        out[i] = blob[k * width : (k + 1) * width]
+assert HEADER_DTYPE.itemsize == HEADER.size
 
 
 def apply_outcome(raw: bytes | None, decision_id: str, reward: float, cost: float) -> bytes | None:
@@ -259,7 +191,7 @@ def gather(
     t = np.zeros(rows, np.int64)
     rtg = np.empty(rows, np.float32)
     ctg = np.empty(rows, np.float32)
-    rtg.fill(initial_rtg)  # (np.full is a Python wrapper: ~2 us each, this runs on every decision)
+    rtg.fill(initial_rtg)
     ctg.fill(initial_ctg)
     counts = np.zeros(rows, np.int64)
     by_length: dict[int, list[int]] = {}

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -14,15 +13,11 @@ from pathlib import Path
 
 import httpx
 
+from service.state.servers import free_port
+
 ADMIN_TOKEN = "served-admin-token"
 ADMIN = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
 REPO = Path(__file__).resolve().parents[2]
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def wait_ready(base: str, timeout_s: float = 60.0, status: int = 200) -> None:

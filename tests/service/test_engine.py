@@ -14,8 +14,7 @@ from service.app import create_app
 from service.engine import DecisionEngine, build_inputs, preferences
 from service.schemas import CampaignPut, DecisionsRequest, OutcomesRequest
 from service.settings import Settings
-from service.state.base import NewStep
-from service.state.context import HEADER, append_step, decode_context, empty_context
+from service.state.context import HEADER, append_step, decode_context, empty_context, new_step_bytes
 
 
 def test_build_inputs_right_aligns_each_users_context(model_store_dir: Path) -> None:
@@ -24,12 +23,12 @@ def test_build_inputs_right_aligns_each_users_context(model_store_dir: Path) -> 
     initial = empty_context(dim, m.initial_rtg, m.initial_ctg)
     context = None
     for n in range(capacity + 3):  # more steps than fit: the oldest fall out
-        step = NewStep("u", f"d-{n}", n % m.num_actions, np.full(dim, n, "<f4").tobytes())
-        context = append_step(context, step.encoded(), capacity, initial)
+        step = new_step_bytes(f"d-{n}", n % m.num_actions, np.full(dim, n, "<f4").tobytes())
+        context = append_step(context, step, capacity, initial)
     assert context is not None
     _, size, t, rtg, ctg = HEADER.unpack_from(context)
     context = HEADER.pack(1, size, t, rtg - 1.5, ctg) + context[HEADER.size :]  # as if an outcome had arrived
-    short = append_step(None, NewStep("v", "d-v", 1, np.full(dim, 7, "<f4").tobytes()).encoded(), capacity, initial)
+    short = append_step(None, new_step_bytes("d-v", 1, np.full(dim, 7, "<f4").tobytes()), capacity, initial)
     current = np.arange(3 * dim, dtype=np.float32).reshape(3, dim)
     inputs = build_inputs(m, current, [context, short, None], lam=0.4)
     length = capacity + 1
@@ -59,9 +58,9 @@ def test_preferences_mask_unoffered_and_cut_after_no_coupon() -> None:
     assert priority.tolist() == [0, 1, 2]  # gain 2.0, 1.0, 0.0
 
 
-def test_context_writes_behind_the_answer_are_seen_by_the_next_call(model_store_dir: Path) -> None:
+def test_context_writes_behind_the_answer_are_seen_by_the_next_call(model_store_dir: Path, tmp_path: Path) -> None:
     """The step is appended after the answer; a decision or outcome right after it still sees it."""
-    settings = Settings(store=str(model_store_dir), device="cpu")
+    settings = Settings(store=str(model_store_dir), device="cpu", state_dir=str(tmp_path / "state"))
     app = create_app(settings)
     dim = ModelStore(model_store_dir).load().manifest.feature_dim
 

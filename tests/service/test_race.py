@@ -1,9 +1,11 @@
-"""The budget invariant under a race (CONTRACT.md §4): 4 service processes on one Redis, concurrent
-clients issuing 20,000+ decisions against a small budget, retries through other processes, outcomes
-settling as they go, and a poller checking `spent + reserved <= budget` at every observation."""
+"""The budget invariant under a race (CONTRACT.md §4): 4 service processes on one Redis (standalone or
+Cluster), or one process on the embedded store, concurrent clients issuing 20,000+ decisions against a
+small budget, retries through other processes, outcomes settling as they go, and a poller checking
+`spent + reserved <= budget` at every observation."""
 
 from __future__ import annotations
 
+import asyncio
 import random
 import threading
 import time
@@ -12,11 +14,11 @@ from pathlib import Path
 
 import httpx
 import pytest
-import redis
 from svc_served import ADMIN, serve
 
 from model_store import ModelStore
-from service.state.redis_store import parse_decision_record
+from service.state.embedded import EmbeddedRedis
+from service.state.store import StateStore, parse_decision_record
 
 BUDGET = 300.0
 COUPONS = [{"action": 1, "cost": 2.0}, {"action": 2, "cost": 5.0}, {"action": 3, "cost": 10.0}]
@@ -24,11 +26,22 @@ CLIENTS, BATCHES, USERS_PER_BATCH = 16, 40, 32  # 20,480 decisions, each batch r
 
 
 @pytest.mark.slow
-def test_four_processes_never_overspend(
-    model_store_dir: Path, redis_url: str, redis_prefix: str, tmp_path: Path
+def test_concurrent_processes_never_overspend(
+    store_kind: str, model_store_dir: Path, redis_prefix: str, tmp_path: Path, request: pytest.FixtureRequest
 ) -> None:
     dim = ModelStore(model_store_dir).load().manifest.feature_dim
-    with serve(model_store_dir, redis_url, prefix=redis_prefix, count=4, log_dir=tmp_path) as bases:
+    embedded = store_kind == "embedded"
+    redis_url = None if embedded else request.getfixturevalue("store_url")
+    state_dir = tmp_path / "state"
+    with serve(
+        model_store_dir,
+        redis_url,
+        prefix=redis_prefix,
+        count=1 if embedded else 4,  # processes share a Redis; the embedded store is one process's own
+        log_dir=tmp_path,
+        extra_env={"SACO_STATE_DIR": str(state_dir)},
+    ) as served:
+        bases = served * (4 // len(served))
         admin = httpx.Client(timeout=30)
         # lambda 0 makes coupons attractive, so the budget is the binding constraint
         resp = admin.put(
@@ -115,20 +128,35 @@ def test_four_processes_never_overspend(
         assert camp["spent"] == pytest.approx(sum(settled.values()), abs=1e-6)
         assert camp["spent"] + camp["reserved"] <= BUDGET
         assert sum(issued.values()) > BUDGET / 2  # the race really fought over the budget
-        # the ledger equals the sum of the live reservations recorded in Redis itself
-        r = redis.Redis.from_url(redis_url)
-        tag = f"{redis_prefix}{{c:race}}"
-        pending = [m.decode() for m in r.zrange(f"{tag}:pending", 0, -1)]
-        assert pending and all(m.startswith("b-") for m in pending)  # one entry per batch
-        reserved: dict[str, int] = {}  # decision id -> cents, of the records still reserved
-        for member in pending:
-            batch = member[2:]
-            for field, raw in r.hgetall(f"{tag}:b:{batch}").items():
+    # the ledger equals the sum of the live reservations recorded in Redis itself (the embedded store's
+    # from its append-only file, after the service stopped)
+    private = EmbeddedRedis(state_dir) if embedded else None
+    url = private.start() if private is not None else redis_url
+    assert url is not None
+    try:
+        reserved = asyncio.run(live_reservations(url, redis_prefix))
+    finally:
+        if private is not None:
+            private.stop()
+    assert sum(reserved.values()) == round(camp["reserved"] * 100)
+    assert set(reserved) == set(live)
+    print(f"race: {camp['decisions']} decisions in {elapsed:.1f}s, {len(observations)} observations")
+
+
+async def live_reservations(url: str, prefix: str) -> dict[str, int]:
+    """Decision id -> cents of every record still reserved, read from the store's pending batches."""
+    store = StateStore(url, prefix=prefix)
+    try:
+        client = await store.client()
+        batches = [m.decode() for m in await client.zrange(store.pending_key("race"), 0, -1)]
+        assert batches  # one entry per batch that reserved
+        reserved: dict[str, int] = {}
+        for batch in batches:
+            for field, raw in (await client.hgetall(store.batch_key("race", batch))).items():
                 record = parse_decision_record(raw)
                 assert record["status"] in {"R", "S"}
                 if record["status"] == "R" and int(record["reserved"]):
                     reserved[f"d-{batch}-{field.decode()}"] = int(record["reserved"])
-        assert sum(reserved.values()) == round(camp["reserved"] * 100)
-        assert set(reserved) == set(live)
-        r.close()
-        print(f"race: {camp['decisions']} decisions in {elapsed:.1f}s, {len(observations)} observations")
+        return reserved
+    finally:
+        await store.close()

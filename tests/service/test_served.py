@@ -1,16 +1,16 @@
-"""The service as real processes over real HTTP: the contract's happy path on both stores, and Redis
+"""The service as real processes over real HTTP: the contract's happy path on every kind of store, and Redis
 going away (decisions answer 503 within a bounded time, never a coupon without a reservation)."""
 
 from __future__ import annotations
 
-import shutil
-import subprocess
 import time
 from pathlib import Path
 
 import httpx
 import pytest
-from svc_served import ADMIN, free_port, serve
+from svc_served import ADMIN, serve
+
+from service.state.servers import free_port, start_redis
 
 COUPONS = [{"action": 1, "cost": 2.0}, {"action": 2, "cost": 5.0}, {"action": 3, "cost": 10.0}]
 
@@ -21,12 +21,11 @@ def _dim(store: Path) -> int:
     return ModelStore(store).load().manifest.feature_dim
 
 
-@pytest.mark.parametrize("kind", ["embedded", "redis"])
 def test_served_contract_round_trip(
-    kind: str, model_store_dir: Path, request: pytest.FixtureRequest, tmp_path: Path
+    store_kind: str, model_store_dir: Path, request: pytest.FixtureRequest, redis_prefix: str, tmp_path: Path
 ) -> None:
-    redis_url = request.getfixturevalue("redis_url") if kind == "redis" else None
-    prefix = request.getfixturevalue("redis_prefix") if kind == "redis" else "saco:"
+    redis_url = None if store_kind == "embedded" else request.getfixturevalue("store_url")
+    prefix = redis_prefix
     feats = [0.1] * _dim(model_store_dir)
     with (
         serve(model_store_dir, redis_url, prefix=prefix, log_dir=tmp_path) as (base,),
@@ -58,32 +57,14 @@ def test_served_contract_round_trip(
 
 
 def test_redis_going_away_gives_503_quickly_and_no_unreserved_coupon(model_store_dir: Path, tmp_path: Path) -> None:
-    port = free_port()
-    redis = subprocess.Popen(
-        [
-            shutil.which("redis-server") or "/usr/bin/redis-server",
-            "--port",
-            str(port),
-            "--bind",
-            "127.0.0.1",
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    url = f"redis://127.0.0.1:{port}/0"
+    redis = start_redis()
     feats = [0.1] * _dim(model_store_dir)
     reqs = {"requests": [{"user_id": f"u{i}", "features": feats} for i in range(8)]}
     try:
-        time.sleep(0.3)
-        with serve(model_store_dir, url, log_dir=tmp_path) as (base,), httpx.Client(timeout=30) as http:
+        with serve(model_store_dir, redis.url, log_dir=tmp_path) as (base,), httpx.Client(timeout=30) as http:
             http.put(base + "/v1/admin/campaigns/c1", json={"budget": 1000.0, "coupons": COUPONS}, headers=ADMIN)
             assert http.post(base + "/v1/campaigns/c1/decisions", json=reqs).status_code == 200
-            redis.terminate()
-            redis.wait(timeout=10)
+            redis.stop()
             for _ in range(3):
                 started = time.monotonic()
                 resp = http.post(base + "/v1/campaigns/c1/decisions", json=reqs)
@@ -97,8 +78,7 @@ def test_redis_going_away_gives_503_quickly_and_no_unreserved_coupon(model_store
             assert http.post(base + "/v1/campaigns/c1/outcomes", json=out).status_code == 503
             assert http.get(base + "/v1/admin/campaigns/c1", headers=ADMIN).status_code == 503
     finally:
-        if redis.poll() is None:
-            redis.kill()
+        redis.stop()
 
 
 def test_redis_unreachable_at_start_is_not_ready(model_store_dir: Path, tmp_path: Path) -> None:

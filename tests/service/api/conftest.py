@@ -13,11 +13,15 @@ from service.app import create_app
 from service.settings import Settings
 
 
-@pytest.fixture(params=["memory", "redis"])
-def settings(request: pytest.FixtureRequest, model_store_dir: Path) -> Settings:
+@pytest.fixture
+def settings(store_kind: str, request: pytest.FixtureRequest, model_store_dir: Path, tmp_path: Path) -> Settings:
+    """The service on each kind of store: the embedded one (no Redis URL: the service starts its own),
+    a standalone Redis and a 3-master Cluster."""
     overrides: dict[str, Any] = {"store": str(model_store_dir), "admin_token": ADMIN_TOKEN, "device": "cpu"}
-    if request.param == "redis":
-        overrides["redis_url"] = request.getfixturevalue("redis_url")
+    if store_kind == "embedded":
+        overrides["state_dir"] = str(tmp_path / "state")
+    else:
+        overrides["redis_url"] = request.getfixturevalue("store_url")
         overrides["redis_prefix"] = request.getfixturevalue("redis_prefix")
     return Settings(**overrides)
 

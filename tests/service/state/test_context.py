@@ -1,11 +1,11 @@
-"""The context format: batch append and batch read equal the per-context operations."""
+"""The context format: appending steps, and the batch read equal to decoding each context."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from service.state.context import append_step, append_steps_to, decode_context, empty_context, gather, new_step_bytes
+from service.state.context import append_step, decode_context, empty_context, gather, new_step_bytes
 
 
 def grown(steps: int, dim: int, capacity: int, rng: np.random.Generator) -> bytes | None:
@@ -18,28 +18,19 @@ def grown(steps: int, dim: int, capacity: int, rng: np.random.Generator) -> byte
     return raw
 
 
-@pytest.mark.parametrize("capacity", [0, 1, 3, 9])
-def test_batch_append_equals_one_by_one(capacity: int) -> None:
-    rng = np.random.default_rng(capacity)
-    dim = 5
-    initial = empty_context(dim, 41.5, 12.25)
-    raws: list[bytes | None] = [grown(int(rng.integers(0, 12)), dim, capacity, rng) for _ in range(60)]
-    raws += [
-        None,
-        b"",
-        b"not a context",
-        b'{"t": 3}',
-        grown(3, dim + 2, capacity, rng),
-    ]  # absent, unreadable, other dim
-    steps = [
-        new_step_bytes(f"d-new-{i}", int(rng.integers(0, 4)), rng.normal(size=dim).astype("<f4").tobytes())
-        for i in range(len(raws))
-    ]
-    expected = [append_step(raw, step, capacity, initial) for raw, step in zip(raws, steps, strict=True)]
-    assert append_steps_to(raws, steps, capacity, initial) == expected
-    if capacity > 1:
-        assert len({len(raw or b"") for raw in raws}) > 3  # contexts of several lengths, grouped
-    assert append_steps_to([], [], capacity, initial) == []
+@pytest.mark.parametrize("capacity", [0, 1, 3])
+def test_append_keeps_the_last_steps_and_starts_afresh_on_values_not_ours(capacity: int) -> None:
+    dim, initial = 2, empty_context(2, 41.5, 12.25)
+    raw: bytes | None = None
+    for n in range(5):
+        raw = append_step(raw, new_step_bytes(f"d-{n}", n, np.full(dim, n, "<f4").tobytes()), capacity, initial)
+    view = decode_context(raw)
+    assert view is not None and (view.t, view.rtg, view.ctg) == (5, 41.5, 12.25)
+    kept = [f"d-{n}" for n in range(5)][5 - capacity :] if capacity else []
+    assert view.decision_ids == kept and view.steps["t"].tolist() == [int(d[2:]) for d in kept]
+    for foreign in (b"", b"not a context", grown(3, dim + 2, 9, np.random.default_rng(0))):
+        fresh = decode_context(append_step(foreign, new_step_bytes("d-x", 1, b"\0" * 4 * dim), capacity, initial))
+        assert fresh is not None and fresh.t == 1 and fresh.decision_ids == (["d-x"] if capacity else [])
 
 
 @pytest.mark.parametrize("capacity", [0, 1, 3, 9])

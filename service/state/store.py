@@ -1,0 +1,501 @@
+"""The state store: Redis (standalone or Cluster) through redis-py's asyncio client.
+
+Every ledger rule (reserve, settle, expire, campaign upsert) is one Lua script in service/lua/, so each
+is atomic and exists once; the user-context rules (append a step, apply an outcome) live once in
+`service.state.context`, and the `write_contexts` script stores their results compare-and-set.
+
+Key layout (P = the configured prefix; C = the campaign id, which has no braces; its hash tag {c:C} puts
+every key of one campaign's ledger in one Cluster slot, so each ledger script touches a single slot)::
+
+    P{c:C}:campaign       hash: budget, spent, reserved, overrun (cents), coupons (JSON {action: cents}),
+                          lambda, users, model_version, decisions
+    P{c:C}:config         string "budget\\tlambda\\tusers\\tcoupons": what a decision reads of its campaign
+                          (written with the hash by upsert_campaign.lua; read with the users' contexts)
+    P{c:C}:pending        zset: batches that may hold reservations, scored by release deadline (ms)
+    P{c:C}:b:<batch>      hash: field i is the record of decision "d-<batch>-<i>" (reserve.lua documents
+                          the record); expires with the decision TTL
+    P{c:C}:r:<request>    string: the decision returned again for a repeated request_id
+    P ctx:<n>:C:<user>    string: the user's context (service.state.context); n = len(C), so no two
+                          (campaign, user) pairs share a key; no hash tag: contexts spread over the slots
+    P campaigns           set of campaign ids (for the periodic sweep)
+
+Decision ids are made here: "d-<batch>-<i>", the batch 80 random bits (collisions are not a concern at any
+realistic volume), i the position in the batch; a batch's records are one hash written by one HSET.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import os
+import re
+from collections.abc import Awaitable, Callable, Sequence
+from functools import lru_cache
+from pathlib import Path
+from typing import Any, TypeVar, cast
+
+import orjson
+import redis.asyncio as aioredis
+from redis.asyncio.cluster import RedisCluster
+from redis.crc import key_slot
+from redis.exceptions import NoScriptError, RedisError
+
+from service.state.context import HEADER, append_step, apply_outcome, empty_context, new_step_bytes
+from service.state.types import (
+    CampaignConfig,
+    CampaignNotFound,
+    CampaignState,
+    CampaignUpdate,
+    CostAboveReservation,
+    NewStep,
+    Outcome,
+    ReservedDecision,
+    ReserveItem,
+    ReserveResult,
+    SettleResult,
+    StateStoreError,
+    UserContext,
+)
+
+T = TypeVar("T")
+Client = aioredis.Redis | RedisCluster
+LUA_DIR = Path(__file__).resolve().parents[1] / "lua"
+DECISION_ID = re.compile(r"d-([0-9a-f]{20})-([0-9]{1,5})")
+CAS_ATTEMPTS = 32  # a context changed by another writer between read and write is redone, at most this often
+
+
+class Script:
+    """A Lua script of service/lua, called by its SHA1 and loaded on the node that lacks it."""
+
+    def __init__(self, name: str) -> None:
+        self.source = (LUA_DIR / f"{name}.lua").read_text()
+        self.sha = hashlib.sha1(self.source.encode()).hexdigest()
+
+    async def __call__(self, client: Client, keys: Sequence[Any], args: Sequence[Any]) -> Any:
+        try:
+            return await client.evalsha(self.sha, len(keys), *keys, *args)
+        except NoScriptError:  # a restarted or flushed server, or a Cluster node that never ran it
+            return await client.eval(self.source, len(keys), *keys, *args)
+
+
+def _text(value: bytes | str | None) -> str:
+    return value.decode() if isinstance(value, bytes) else (value or "")
+
+
+def _record_tail(request_id: str | None, user_id: str) -> str:
+    """The end of a decision record: byte length of the request id (the scripts count bytes), request id,
+    user id."""
+    if request_id is None:
+        return "0\t\t" + user_id
+    return f"{len(request_id.encode())}\t{request_id}\t{user_id}"
+
+
+DECISION_FIELDS = (
+    "status",
+    "reserved",
+    "action",
+    "probability",
+    "decided_at_ms",
+    "model_version",
+    "lambda",
+    "reward",
+    "cost",
+)
+
+
+def parse_decision_record(raw: bytes) -> dict[str, str]:
+    """A decision record as reserve.lua, settle.lua and sweep.lua write it (for tests, tools, debugging)."""
+    *fixed, request_length, free_text = raw.split(b"\t", len(DECISION_FIELDS) + 1)
+    record = {name: value.decode() for name, value in zip(DECISION_FIELDS, fixed, strict=True)}
+    length = int(request_length)  # in bytes, as the scripts count it
+    record["request_id"], record["user_id"] = free_text[:length].decode(), free_text[length + 1 :].decode()
+    return record
+
+
+@lru_cache(maxsize=1024)
+def _parse_config(campaign_id: str, raw: bytes) -> CampaignConfig:
+    """Cached: the same string comes back on every decision until an admin changes the campaign."""
+    budget, lam, users, coupons = raw.decode().split("\t", 3)
+    return CampaignConfig(
+        campaign_id=campaign_id,
+        budget=int(budget),
+        coupons={int(a): int(c) for a, c in json.loads(coupons).items()},
+        admin_lambda=float(lam) if lam else None,
+        expected_users=int(users) if users else None,
+    )
+
+
+def _parse_campaign(campaign_id: str, fields: dict[Any, Any]) -> CampaignState | None:
+    text = {_text(k): _text(v) for k, v in fields.items()}
+    if not text:
+        return None
+    return CampaignState(
+        campaign_id=campaign_id,
+        budget=int(text["budget"]),
+        spent=int(text["spent"]),
+        reserved=int(text["reserved"]),
+        coupons={int(a): int(c) for a, c in json.loads(text["coupons"]).items()},
+        admin_lambda=float(text["lambda"]) if text["lambda"] else None,
+        expected_users=int(text["users"]) if text["users"] else None,
+        model_version=text["model_version"] or None,
+        decisions=int(text["decisions"]),
+        overrun=int(text["overrun"]),
+    )
+
+
+def connect(url: str, *, cluster: bool, timeout_s: float) -> Client:
+    """A redis-py asyncio client of `url` (bytes in and out: contexts are binary)."""
+    if cluster:
+        return RedisCluster.from_url(url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s)
+    return aioredis.Redis.from_url(url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s)
+
+
+class StateStore:
+    """Campaign ledgers, decision records and user contexts on one Redis or Redis Cluster.
+
+    Every method is atomic with respect to the budget invariant `spent + reserved <= budget`. Whether
+    the server is a Cluster is asked once, on first use (`cluster=None`), unless the caller says."""
+
+    def __init__(
+        self, url: str, *, prefix: str = "saco:", cluster: bool | None = None, socket_timeout_s: float = 0.5
+    ) -> None:
+        if "{" in prefix or "}" in prefix:
+            raise ValueError(f"the Redis key prefix {prefix!r} must not contain braces (they set the hash tag)")
+        self.url = url
+        self.prefix = prefix
+        self.cluster = cluster
+        self.socket_timeout_s = socket_timeout_s
+        self._client: Client | None = None
+        self._connecting = asyncio.Lock()
+        self.scripts = {
+            name: Script(name) for name in ("upsert_campaign", "reserve", "settle", "sweep", "write_contexts")
+        }
+
+    # ---- keys ------------------------------------------------------------------------------------
+    def _tag(self, campaign_id: str) -> str:
+        if "{" in campaign_id or "}" in campaign_id:
+            raise ValueError(f"campaign id {campaign_id!r} must not contain braces")
+        return f"{self.prefix}{{c:{campaign_id}}}"
+
+    def campaign_key(self, campaign_id: str) -> str:
+        return self._tag(campaign_id) + ":campaign"
+
+    def config_key(self, campaign_id: str) -> str:
+        return self._tag(campaign_id) + ":config"
+
+    def pending_key(self, campaign_id: str) -> str:
+        return self._tag(campaign_id) + ":pending"
+
+    def batch_key(self, campaign_id: str, batch: str) -> str:
+        return f"{self._tag(campaign_id)}:b:{batch}"
+
+    def request_key(self, campaign_id: str, request_id: str) -> str:
+        return f"{self._tag(campaign_id)}:r:{request_id}"
+
+    def context_key(self, campaign_id: str, user_id: str) -> str:
+        return f"{self.prefix}ctx:{len(campaign_id)}:{campaign_id}:{user_id}"
+
+    @property
+    def campaigns_key(self) -> str:
+        return f"{self.prefix}campaigns"
+
+    # ---- connection ------------------------------------------------------------------------------
+    async def client(self) -> Client:
+        """The connected client; on first use, asks the server whether it is a Cluster (unless told)."""
+        if self._client is not None:
+            return self._client
+        async with self._connecting:
+            if self._client is None:
+                cluster = self.cluster
+                if cluster is None:
+                    probe = connect(self.url, cluster=False, timeout_s=self.socket_timeout_s)
+                    try:
+                        info = await self._guard(lambda: probe.info("cluster"))
+                    finally:
+                        await probe.aclose()
+                    cluster = bool(info.get("cluster_enabled"))
+                self._client = connect(self.url, cluster=cluster, timeout_s=self.socket_timeout_s)
+                self.cluster = cluster
+        return self._client
+
+    async def _guard(self, call: Callable[[], Awaitable[T]]) -> T:
+        try:
+            return await call()
+        except (RedisError, OSError, TimeoutError) as exc:  # ConnectionError is an OSError
+            raise StateStoreError(f"state store unavailable: {type(exc).__name__}: {exc}") from exc
+
+    async def _eval(self, name: str, keys: Sequence[Any], args: Sequence[Any]) -> Any:
+        client = await self.client()
+        return await self._guard(lambda: self.scripts[name](client, keys, args))
+
+    def _by_slot(self, indices: Sequence[int], keys: Sequence[str]) -> list[list[int]]:
+        """`indices` grouped so that each group's keys share a Cluster slot (one group on a standalone)."""
+        if not self.cluster:
+            return [list(indices)]
+        groups: dict[int, list[int]] = {}
+        for i in indices:
+            groups.setdefault(key_slot(keys[i].encode()), []).append(i)
+        return list(groups.values())
+
+    async def ping(self) -> bool:
+        """True when the store can serve: the server answers (on a Cluster: every slot is served)."""
+        try:
+            client = await self.client()
+            if isinstance(client, RedisCluster):
+                return bool((await client.cluster_info()).get("cluster_state") == "ok")
+            return bool(await client.ping())
+        except (StateStoreError, RedisError, OSError, TimeoutError):
+            return False
+
+    async def close(self) -> None:
+        if self._client is not None:
+            await self._client.aclose()
+            self._client = None
+
+    # ---- campaigns -------------------------------------------------------------------------------
+    async def upsert_campaign(self, campaign_id: str, update: CampaignUpdate) -> CampaignState:
+        """Create/replace (update.replace) or patch; patching an unknown campaign raises CampaignNotFound."""
+
+        def optional(value: Any, clear: bool) -> str:
+            return "-" if clear else ("" if value is None else repr(value))
+
+        args = [
+            "1" if update.replace else "0",
+            "" if update.budget is None else str(update.budget),
+            "" if update.coupons is None else json.dumps({str(a): c for a, c in sorted(update.coupons.items())}),
+            optional(update.admin_lambda, update.clear_lambda and update.admin_lambda is None),
+            optional(update.expected_users, update.clear_expected_users and update.expected_users is None),
+            campaign_id,
+        ]
+        flat = await self._eval("upsert_campaign", [self.campaign_key(campaign_id), self.config_key(campaign_id)], args)
+        if flat is None:
+            raise CampaignNotFound(campaign_id)
+        client = await self.client()
+        await self._guard(lambda: client.sadd(self.campaigns_key, campaign_id))
+        state = _parse_campaign(campaign_id, dict(zip(flat[::2], flat[1::2], strict=True)))
+        assert state is not None
+        return state
+
+    async def get_campaign(self, campaign_id: str) -> CampaignState | None:
+        client = await self.client()
+        fields = await self._guard(lambda: client.hgetall(self.campaign_key(campaign_id)))
+        return _parse_campaign(campaign_id, fields)
+
+    async def campaign_ids(self) -> list[str]:
+        client = await self.client()
+        members = await self._guard(lambda: client.smembers(self.campaigns_key))
+        return sorted(_text(cast(bytes, m)) for m in members)
+
+    # ---- decisions -------------------------------------------------------------------------------
+    async def _mget(self, keys: list[str]) -> list[bytes | None]:
+        client = await self.client()
+        if isinstance(client, RedisCluster):
+            return cast(list[bytes | None], await self._guard(lambda: client.mget_nonatomic(keys)))
+        return cast(list[bytes | None], await self._guard(lambda: client.mget(keys)))
+
+    async def load_for_decision(
+        self, campaign_id: str, user_ids: list[str]
+    ) -> tuple[CampaignConfig | None, list[UserContext | None]]:
+        """The campaign's configuration (None: no such campaign) and every user's context, in one round
+        trip (on a Cluster, one per slot, in parallel)."""
+        keys = [self.config_key(campaign_id)] + [self.context_key(campaign_id, user_id) for user_id in user_ids]
+        config, *contexts = await self._mget(keys)
+        return (None if config is None else _parse_config(campaign_id, config)), contexts
+
+    async def reserve(
+        self,
+        campaign_id: str,
+        items: list[ReserveItem],
+        *,
+        model_version: str,
+        lam: float,
+        now_ms: int,
+        reservation_expiry_ms: int,
+        decision_ttl_ms: int,
+    ) -> ReserveResult:
+        """Decide and reserve a whole batch atomically, items in priority order: each takes the first of
+        its preferences that fits the remaining budget. A repeated request_id returns its first decision."""
+        batch = os.urandom(10).hex()
+        keys = [self.campaign_key(campaign_id), self.pending_key(campaign_id), self.batch_key(campaign_id, batch)]
+        orderings: dict[tuple[int, ...], int] = {}  # distinct preference lists: a batch has a handful
+        ordering = [orderings.setdefault(tuple(item.preferences), len(orderings) + 1) for item in items]
+        requests = []
+        for position, item in enumerate(items, 1):
+            if item.request_id is not None:
+                keys.append(self.request_key(campaign_id, item.request_id))
+                requests.append((position, len(keys), item.user_id))
+        columns = {
+            "orderings": list(orderings),
+            "ordering": ordering,
+            "tails": [_record_tail(item.request_id, item.user_id) for item in items],
+            "requests": requests,
+        }
+        args = [now_ms, reservation_expiry_ms, decision_ttl_ms, model_version, repr(lam), batch, orjson.dumps(columns)]
+        reply = await self._eval("reserve", keys, args)
+        if reply[0] == b"missing":
+            raise CampaignNotFound(campaign_id)
+        end = 3 * len(items) + 1
+        replays = iter(reply[end:])  # the earlier decisions of repeated request ids (flag 0), in item order
+        decisions = [
+            ReservedDecision(f"d-{batch}-{i}", item.user_id, action, cost, model_version, lam, True, flag == 2)
+            if flag
+            else _replayed(next(replays))
+            for i, (item, action, cost, flag) in enumerate(
+                zip(items, reply[1:end:3], reply[2:end:3], reply[3:end:3], strict=True)
+            )
+        ]
+        return ReserveResult(decisions, int(reply[0]))
+
+    # ---- contexts --------------------------------------------------------------------------------
+    async def _update_contexts(
+        self,
+        keys: list[str],
+        read: list[bytes | None],
+        change: Callable[[int, bytes | None], bytes | None],
+        ttl_ms: int,
+    ) -> None:
+        """Store change(i, value) at keys[i] for each i, `read[i]` being the value as last read; a context
+        that changed since is read again and changed again (compare-and-set, `write_contexts.lua`).
+        A change that returns None leaves that key alone."""
+        todo = list(range(len(keys)))
+        for _ in range(CAS_ATTEMPTS):
+            writes = [(i, change(i, read[i])) for i in todo]
+            writes = [(i, value) for i, value in writes if value is not None]
+            if not writes:
+                return
+            groups = self._by_slot(range(len(writes)), [keys[i] for i, _ in writes])
+            replies = await asyncio.gather(
+                *(
+                    self._eval(
+                        "write_contexts",
+                        [keys[writes[w][0]] for w in group],
+                        [
+                            ttl_ms,
+                            HEADER.size,
+                            *(b"" if read[writes[w][0]] is None else read[writes[w][0]][: HEADER.size] for w in group),  # type: ignore[index]
+                            *(writes[w][1] for w in group),
+                        ],
+                    )
+                    for group in groups
+                )
+            )
+            todo = []
+            for group, stale in zip(groups, replies, strict=True):
+                for position, current in zip(stale[::2], stale[1::2], strict=True):
+                    i = writes[group[position - 1]][0]
+                    read[i] = current or None
+                    todo.append(i)
+            if not todo:
+                return
+        raise StateStoreError(f"{len(todo)} user contexts kept changing during {CAS_ATTEMPTS} attempts to write them")
+
+    async def append_steps(
+        self,
+        campaign_id: str,
+        steps: list[NewStep],
+        *,
+        capacity: int,
+        ttl_ms: int,
+        initial_rtg: float,
+        initial_ctg: float,
+    ) -> None:
+        """Append each decision as the newest step of its user's context, keeping the last `capacity`."""
+        if not steps:
+            return
+        initial = empty_context(len(steps[0].features) // 4, initial_rtg, initial_ctg)
+        by_user: dict[str, list[bytes]] = {}  # a user named twice gets both steps, in order
+        read: dict[str, bytes | None] = {}
+        for step in steps:
+            by_user.setdefault(step.user_id, []).append(new_step_bytes(step.decision_id, step.action, step.features))
+            read.setdefault(step.user_id, step.read)
+        users = list(by_user)
+
+        def change(i: int, value: bytes | None) -> bytes:
+            for step_bytes in by_user[users[i]]:
+                value = append_step(value, step_bytes, capacity, initial)
+            return cast(bytes, value)
+
+        keys = [self.context_key(campaign_id, user) for user in users]
+        await self._update_contexts(keys, [read[user] for user in users], change, ttl_ms)
+
+    async def apply_outcomes_to_contexts(
+        self, campaign_id: str, updates: list[tuple[str, str, float, int]], *, ttl_ms: int
+    ) -> None:
+        """Write outcomes (user, decision id, reward, cost in cents) into their users' context steps."""
+        by_user: dict[str, list[tuple[str, float, float]]] = {}
+        for user_id, decision_id, reward, cost in updates:
+            by_user.setdefault(user_id, []).append((decision_id, reward, cost / 100))
+        if not by_user:
+            return
+        users = list(by_user)
+        keys = [self.context_key(campaign_id, user) for user in users]
+
+        def change(i: int, value: bytes | None) -> bytes | None:
+            for decision_id, reward, cost in by_user[users[i]]:
+                value = apply_outcome(value, decision_id, reward, cost)
+            return value
+
+        await self._update_contexts(keys, await self._mget(keys), change, ttl_ms)
+
+    # ---- outcomes --------------------------------------------------------------------------------
+    async def settle(self, campaign_id: str, outcomes: list[Outcome]) -> SettleResult:
+        """Settle a batch of outcomes atomically (all or nothing: CostAboveReservation refuses all)."""
+        keys = [self.campaign_key(campaign_id)]
+        key_index: dict[str, int] = {}
+        args: list[Any] = []
+        known: list[int] = []  # positions of the outcomes whose id is one this store made
+        for position, outcome in enumerate(outcomes):
+            match = DECISION_ID.fullmatch(outcome.decision_id)
+            if match is None:
+                continue
+            key = self.batch_key(campaign_id, match[1])
+            if key not in key_index:
+                keys.append(key)
+                key_index[key] = len(keys)
+            args += [outcome.cost, repr(float(outcome.reward)), key_index[key], match[2]]
+            known.append(position)
+        reply = await self._eval("settle", keys, args)
+        if reply[0] == b"missing":
+            raise CampaignNotFound(campaign_id)
+        if reply[0] == b"too_high":
+            index = known[int(reply[1])]
+            raise CostAboveReservation(index, outcomes[index].cost, int(reply[2]))
+        result = SettleResult(remaining=int(reply[0]), unknown=len(outcomes) - len(known))
+        for position, code, user_id in zip(known, reply[1::2], reply[2::2], strict=True):
+            outcome = outcomes[position]
+            if code == b"A":
+                result.accepted += 1
+                result.context_updates.append((user_id.decode(), outcome.decision_id, outcome.reward, outcome.cost))
+            elif code == b"D":
+                result.duplicates += 1
+            else:
+                result.unknown += 1
+        return result
+
+    async def sweep_expired(self, campaign_id: str, now_ms: int, limit: int = 1000) -> int:
+        """Release the reservations whose deadline passed; returns how many were released. Up to `limit`
+        due batches, 16 per script call: a batch holds up to max_batch records, and no single call should
+        hold Redis for long."""
+        client = await self.client()
+        pending, released, taken = self.pending_key(campaign_id), 0, 0
+        while taken < limit:
+            chunk = min(16, limit - taken)
+            due = await self._guard(
+                lambda: client.zrangebyscore(pending, "-inf", now_ms, start=0, num=chunk)  # noqa: B023
+            )
+            if not due:
+                break
+            batches = [_text(cast(bytes, member)) for member in due]
+            keys = [self.campaign_key(campaign_id), pending] + [self.batch_key(campaign_id, b) for b in batches]
+            released += int(await self._eval("sweep", keys, [now_ms, *batches]))
+            taken += len(due)
+            if len(due) < chunk:
+                break
+        return released
+
+
+def _replayed(record: bytes) -> ReservedDecision:
+    """An earlier decision returned again for a repeated request id (its request record, reserve.lua)."""
+    decision_id, action, cost, version, lam, user_id = record.decode().split("\t", 5)
+    return ReservedDecision(decision_id, user_id, int(action), int(cost), version, float(lam), False)
