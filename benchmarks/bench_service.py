@@ -22,7 +22,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -37,15 +36,11 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+from service.state.servers import free_port, start_redis  # noqa: E402
+
 TOKEN = "bench-admin-token"
 COUPONS = [{"action": 1, "cost": 2.0}, {"action": 2, "cost": 5.0}, {"action": 3, "cost": 10.0}]
 BATCH_SIZES = (1, 16, 128, 1024)
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def train_small_model(root: Path, users: int, repo: Path = REPO) -> Path:
@@ -64,23 +59,12 @@ def train_small_model(root: Path, users: int, repo: Path = REPO) -> Path:
 def throwaway_redis(cpus: set[int] | None = None) -> Iterator[str]:
     """A redis-server on a free port, without persistence (every thread on `cpus` when given), stopped on
     exit; yields its URL."""
-    port = free_port()
-    server = shutil.which("redis-server") or "/usr/bin/redis-server"
-    proc = subprocess.Popen(
-        [server, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    try:
-        time.sleep(0.5)
-        if cpus is not None:
-            from service.server import pin_process
+    from service.server import pin_process
 
-            pin_process(cpus, proc.pid)
-        yield f"redis://127.0.0.1:{port}/0"
-    finally:
-        proc.terminate()
-        proc.wait(timeout=10)
+    with start_redis() as server:
+        if cpus is not None:
+            pin_process(cpus, server.process.pid)
+        yield server.url
 
 
 def start_service(

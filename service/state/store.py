@@ -229,6 +229,22 @@ class StateStore:
         client = await self.client()
         return await self._guard(lambda: self.scripts[name](client, keys, args))
 
+    async def _eval_each(self, name: str, calls: list[tuple[list[str], list[Any]]]) -> list[Any]:
+        """A script called once per (keys, args), each call's keys in one slot: a single call on a
+        standalone server; on a Cluster one pipeline, which sends each node its calls in one round trip."""
+        client = await self.client()
+        if len(calls) == 1 or not isinstance(client, RedisCluster):
+            return [await self._eval(name, keys, args) for keys, args in calls]
+        script = self.scripts[name]
+
+        async def pipelined() -> list[Any]:
+            pipe = client.pipeline()
+            for keys, args in calls:
+                pipe.eval(script.source, len(keys), *keys, *args)  # EVAL: no NOSCRIPT to handle mid-pipeline
+            return cast(list[Any], await pipe.execute())
+
+        return await self._guard(pipelined)
+
     def _by_slot(self, indices: Sequence[int], keys: Sequence[str]) -> list[list[int]]:
         """`indices` grouped so that each group's keys share a Cluster slot (one group on a standalone)."""
         if not self.cluster:
@@ -365,20 +381,20 @@ class StateStore:
             if not writes:
                 return
             groups = self._by_slot(range(len(writes)), [keys[i] for i, _ in writes])
-            replies = await asyncio.gather(
-                *(
-                    self._eval(
-                        "write_contexts",
+            replies = await self._eval_each(
+                "write_contexts",
+                [
+                    (
                         [keys[writes[w][0]] for w in group],
                         [
                             ttl_ms,
                             HEADER.size,
-                            *(b"" if read[writes[w][0]] is None else read[writes[w][0]][: HEADER.size] for w in group),  # type: ignore[index]
+                            *(_header(read[writes[w][0]]) for w in group),
                             *(writes[w][1] for w in group),
                         ],
                     )
                     for group in groups
-                )
+                ],
             )
             todo = []
             for group, stale in zip(groups, replies, strict=True):
@@ -493,6 +509,10 @@ class StateStore:
             if len(due) < chunk:
                 break
         return released
+
+
+def _header(context: bytes | None) -> bytes:
+    return b"" if context is None else context[: HEADER.size]
 
 
 def _replayed(record: bytes) -> ReservedDecision:
