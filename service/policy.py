@@ -103,7 +103,8 @@ class LoadedPolicy:
                 torch.from_numpy(inputs.lam).to(device),
                 torch.from_numpy(inputs.mask).to(device),
             )
-        return out.float().cpu().numpy()
+        scores: np.ndarray = out.float().cpu().numpy()
+        return scores
 
 
 def smoke_inputs(manifest: Manifest, rows: int = 2) -> PolicyInputs:

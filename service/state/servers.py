@@ -174,11 +174,11 @@ def start_cluster(masters: int = 3, timeout_s: float = 30.0) -> RedisCluster:
         clients = [redis.Redis.from_url(node.url, socket_timeout=5) for node in cluster.nodes]
         bounds = [CLUSTER_SLOTS * i // masters for i in range(masters + 1)]
         for i, client in enumerate(clients):
-            client.execute_command("CLUSTER ADDSLOTSRANGE", bounds[i], bounds[i + 1] - 1)
+            client.cluster("ADDSLOTSRANGE", bounds[i], bounds[i + 1] - 1)
         first_port = clients[0].connection_pool.connection_kwargs["port"]
         first_bus_port = clients[0].config_get("cluster-port")["cluster-port"]
         for client in clients[1:]:
-            client.execute_command("CLUSTER MEET", "127.0.0.1", first_port, first_bus_port)
+            client.cluster("MEET", "127.0.0.1", first_port, first_bus_port)
         deadline = time.monotonic() + timeout_s
         while not all(
             client.cluster("INFO").get("cluster_state") == "ok"

@@ -241,7 +241,7 @@ class StateStore:
             pipe = client.pipeline()
             for keys, args in calls:
                 pipe.eval(script.source, len(keys), *keys, *args)  # EVAL: no NOSCRIPT to handle mid-pipeline
-            return cast(list[Any], await pipe.execute())
+            return await pipe.execute()
 
         return await self._guard(pipelined)
 
