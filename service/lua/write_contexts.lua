@@ -2,16 +2,27 @@
 -- format and its rules live in service/state/context.py alone) and stores it here unless the context
 -- changed since: every write changes the header (an append moves the step index, an outcome the
 -- running to-go values), so an unchanged header means an unchanged context.
--- KEYS[i] a context key; ARGV[1] ttl ms, ARGV[2] header size in bytes, ARGV[2 + i] the header of
---   KEYS[i]'s value as the writer read it ('' for none), ARGV[2 + n + i] the value to store.
+-- KEYS[i] a context key; ARGV[1] ttl ms, ARGV[2] header size h in bytes, ARGV[3] the headers of the
+--   KEYS' values as the writer read them, h bytes each, concatenated (h zero bytes for none: a header
+--   never starts with a zero byte), ARGV[4] the values to store, concatenated, ARGV[5] their lengths,
+--   comma-separated (one argument each, not one per key: the client handles each argument apart).
 -- Each key is handled on its own, so any subset of keys may be sent together (one call per slot on a
 -- Redis Cluster). Returns {i, current value ('' for none), ...} for each key left alone.
-local ttl, header_size, n = ARGV[1], tonumber(ARGV[2]), #KEYS
-local stale = {}
-for i, key in ipairs(KEYS) do
+local ttl, h, headers, values = ARGV[1], tonumber(ARGV[2]), ARGV[3], ARGV[4]
+local none = string.rep('\0', h)
+local stale, i, offset = {}, 0, 1
+for length in string.gmatch(ARGV[5], '%d+') do
+  i = i + 1
+  local key, value = KEYS[i], string.sub(values, offset, offset + tonumber(length) - 1)
+  offset = offset + tonumber(length)
   local current = redis.call('GET', key)
-  if (current and string.sub(current, 1, header_size) or '') == ARGV[2 + i] then
-    redis.call('SET', key, ARGV[2 + n + i], 'PX', ttl)
+  local seen = none
+  if current then -- its first h bytes, zero-padded as the writer pads them
+    seen = string.sub(current, 1, h)
+    seen = seen .. string.sub(none, 1, h - #seen)
+  end
+  if seen == string.sub(headers, (i - 1) * h + 1, i * h) then
+    redis.call('SET', key, value, 'PX', ttl)
   else
     stale[#stale + 1] = i
     stale[#stale + 1] = current or ''

@@ -381,8 +381,8 @@ class StateStore:
         A change that returns None leaves that key alone."""
         todo = list(range(len(keys)))
         for _ in range(CAS_ATTEMPTS):
-            writes = [(i, change(i, read[i])) for i in todo]
-            writes = [(i, value) for i, value in writes if value is not None]
+            changed = [(i, change(i, read[i])) for i in todo]
+            writes = [(i, value) for i, value in changed if value is not None]
             if not writes:
                 return
             groups = self._by_slot(range(len(writes)), [keys[i] for i, _ in writes])
@@ -394,8 +394,9 @@ class StateStore:
                         [
                             ttl_ms,
                             HEADER.size,
-                            *(_header(read[writes[w][0]]) for w in group),
-                            *(writes[w][1] for w in group),
+                            b"".join([_header(read[writes[w][0]]) for w in group]),
+                            b"".join([writes[w][1] for w in group]),
+                            ",".join([str(len(writes[w][1])) for w in group]),
                         ],
                     )
                     for group in groups
@@ -516,8 +517,12 @@ class StateStore:
         return released
 
 
+NO_HEADER = bytes(HEADER.size)  # what write_contexts.lua reads as "no context" (a header starts with its version, 1)
+
+
 def _header(context: bytes | None) -> bytes:
-    return b"" if context is None else context[: HEADER.size]
+    """A context's header as write_contexts.lua compares it: its first HEADER.size bytes, zero-padded."""
+    return NO_HEADER if context is None else context[: HEADER.size].ljust(HEADER.size, b"\0")
 
 
 def _replayed(record: bytes) -> ReservedDecision:

@@ -5,10 +5,11 @@ from typing import Any
 from fastapi import APIRouter, HTTPException, status
 
 from service.api.deps import AdminDep, CampaignId, EngineDep, RuntimeDep
+from service.api.route import OrjsonRoute
 from service.policy import PolicyRejected
 from service.schemas import CampaignPatch, CampaignPut, CampaignView, ReloadResponse
 
-router = APIRouter(prefix="/v1/admin", tags=["admin"], dependencies=[AdminDep])
+router = APIRouter(prefix="/v1/admin", tags=["admin"], dependencies=[AdminDep], route_class=OrjsonRoute)
 
 
 @router.put("/campaigns/{campaign_id}", response_model=CampaignView)

@@ -5,9 +5,10 @@ from __future__ import annotations
 from fastapi import APIRouter, Response
 
 from service.api.deps import CampaignId, EngineDep
+from service.api.route import OrjsonRoute
 from service.schemas import DecisionsRequest, DecisionsResponse, OutcomesRequest, OutcomesResponse
 
-router = APIRouter(prefix="/v1/campaigns", tags=["decisions"])
+router = APIRouter(prefix="/v1/campaigns", tags=["decisions"], route_class=OrjsonRoute)
 
 
 @router.post("/{campaign_id}/decisions", response_model=DecisionsResponse)
