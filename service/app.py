@@ -34,7 +34,8 @@ async def open_state_store(settings: Settings) -> tuple[StateStore, EmbeddedRedi
     url = settings.redis_url
     if url is None:
         embedded = EmbeddedRedis(settings.state_path())
-        url = await asyncio.to_thread(embedded.start)
+        # on this thread, not a worker's: the child is told to stop when the thread that started it ends
+        url = embedded.start()
     store = StateStore(
         url,
         prefix=settings.redis_prefix,
@@ -94,7 +95,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         gc.unfreeze()
         await store.close()
         if embedded is not None:
-            await asyncio.to_thread(embedded.stop)
+            embedded.stop()
 
 
 class TimingMiddleware:

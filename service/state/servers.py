@@ -47,7 +47,8 @@ def redis_server_binary() -> str:
 
 def _die_with_parent() -> None:
     """In the child before exec: SIGTERM it when the parent dies (Linux), so that a killed service does
-    not leave its private Redis behind; Redis flushes its append-only file on SIGTERM."""
+    not leave its private Redis behind; Redis flushes its append-only file on SIGTERM. (Linux sends it
+    when the thread that started the child ends: start it from a thread that lives as long as its user.)"""
     name = ctypes.util.find_library("c")
     if name is not None:
         with contextlib.suppress(OSError, AttributeError):
