@@ -1,4 +1,4 @@
-"""results.md: headline, setup, per-dataset tables, ablations, discussion and how to regenerate."""
+"""results.md: headline, methods, setup, per-dataset tables, ablations, discussion and how to regenerate."""
 
 from __future__ import annotations
 
@@ -22,6 +22,102 @@ from offline.report.tables import (
     select,
     summary_table,
 )
+
+SACO_PAPER = (
+    "*SACO: Sequence-Aware Constrained Optimization Framework for Coupon Distribution in E-commerce* (AAAI 2026)"
+)
+YAN_PAPER = "*An End-to-End Framework for Marketing Effectiveness Optimization under Budget Constraint* (2023)"
+HRC_PAPER = (
+    "*Hidden Representation Clustering with Multi-Task Representation Learning towards Robust Online Budget "
+    "Allocation* (2025)"
+)
+
+# (row name, what it is, where it comes from): one line per method of the tables
+METHODS: tuple[tuple[str, str, str], ...] = (
+    (
+        "saco",
+        "the product: a causal transformer over each user's trajectory (states, coupons, outcomes, revenue and "
+        "cost to go) that predicts revenue and cost per coupon and gives argmax revenue - lambda x cost",
+        "the SACO paper (its method; the product's changes are in docs/offline.md)",
+    ),
+    (
+        "random",
+        "random at equal spend: a random coupon with probability exp(-lambda), else none (the floor)",
+        "a reference point of this project",
+    ),
+    (
+        "two-stage",
+        "predict, then optimise: per-coupon revenue and cost regressors on the current features, then the "
+        "Lagrangian knapsack argmax revenue - lambda x cost",
+        "the two-stage paradigm both the SACO paper and Yan et al. compare against",
+    ),
+    (
+        "forest",
+        "causal forest: econml's generalized random forest (`econml.grf.CausalForest`, honest trees) estimates "
+        "the uplift of revenue and of cost of every coupon over no coupon, then the Lagrangian knapsack; the "
+        "reference row of every 'gain vs forest'",
+        "the SACO paper's Forest baseline (causal forests of Wager & Athey; generalized random forests of "
+        "Athey, Tibshirani & Wager)",
+    ),
+    (
+        "bandit",
+        "Thompson-sampling contextual bandit: Bayesian linear regressions of revenue and cost per coupon, "
+        "warm-started from the logs and updated online; plays the sampled argmax revenue - lambda x cost",
+        "the SACO paper's Bandit baseline (Thompson sampling, Chapelle & Li 2011)",
+    ),
+    (
+        "cmdp25, cmdp50, cmdp75",
+        "constrained MDP: fitted-Q iteration on the logged trajectories with the reward revenue - lambda0 x cost, "
+        "trained once at lambda0 = 0.25, 0.5 or 0.75 (on normalised cost); lambda then moves a threshold on "
+        "the coupon's advantage",
+        "the SACO paper's CMDP25/50/75 baselines (Xiao et al. 2019)",
+    ),
+    (
+        "dfcl",
+        "decision-focused causal learning: a revenue/cost response network trained end to end on the doubly "
+        "robust value of its own soft knapsack decision over a range of lambdas",
+        "the SACO paper's DFCL baseline (Zhou et al., KDD 2024)",
+    ),
+    (
+        "regularizer",
+        "end-to-end budget allocation: the response network's loss adds a regularizer equal to minus the "
+        "marketing goal its own allocation reaches at a sampled budget, its gradient estimated by perturbation",
+        "Yan et al. 2023",
+    ),
+    (
+        "hrc",
+        "hidden representation clustering: a multi-task network's hidden layer is clustered by k-means, the "
+        "knapsack is solved per cluster from the logged means, and a classifier assigns users to clusters",
+        "the hidden representation clustering paper",
+    ),
+    (
+        "myopic-oracle",
+        "per-round knapsack on the true expected responses of a simulated world (synthetic worlds only): knows "
+        "everything about today, nothing about tomorrow",
+        "an upper reference of this project",
+    ),
+)
+
+
+def methods_section() -> list[str]:
+    """What every row name of the tables means, and which paper it comes from."""
+    out = [
+        "## Methods",
+        "",
+        f"Papers: the SACO paper, {SACO_PAPER}; Yan et al., {YAN_PAPER}; the hidden representation clustering "
+        f"paper, {HRC_PAPER}.",
+        "",
+        "| row | what it is | from |",
+        "|---|---|---|",
+    ]
+    out += [f"| {name} | {what} | {source} |" for name, what, source in METHODS]
+    out += [
+        "",
+        "Every method decides with one price of cost, lambda, and is calibrated to each budget the same way; the "
+        "ablation variants (in the Ablations section) are SACO with one part changed.",
+        "",
+    ]
+    return out
 
 
 def _commands(cfg: ReportConfig, out_dir: Path) -> list[str]:
@@ -92,6 +188,7 @@ def markdown(
     o += ["", "![revenue difference to forest](" + figures["forest"] + ")", ""]
     if "ablation" in figures:
         o += ["![ablations](" + figures["ablation"] + ")", ""]
+    o += methods_section()
     # setup
     o += [
         "## Setup",
