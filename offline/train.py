@@ -6,6 +6,7 @@ import copy
 import math
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
@@ -15,7 +16,7 @@ from tqdm import tqdm
 
 from offline.logs import Logs
 from offline.model import ModelConfig, SacoTransformer
-from offline.trajectories import Trajectories, build_trajectories, make_batch, split_users
+from offline.trajectories import Batch, Trajectories, build_trajectories, make_batch, split_users
 
 
 @dataclass
@@ -86,9 +87,18 @@ def _loss(model: SacoTransformer, batch, value_weights: torch.Tensor) -> torch.T
     return F.cross_entropy(logits[mask], batch.actions[mask])
 
 
-def train(logs: Logs, cfg: TrainConfig, progress: bool = True) -> TrainResult:
-    """Fit the SACO model on `logs`; returns the best model on held-out users."""
+def train(
+    logs: Logs,
+    cfg: TrainConfig,
+    progress: bool = True,
+    batch_transform: Callable[[Batch], Batch] | None = None,
+) -> TrainResult:
+    """Fit the SACO model on `logs`; returns the best model on held-out users.
+
+    `batch_transform`, if given, is applied to every training and validation batch before the model sees
+    it (e.g. to zero an input for an ablation); the product trains without one."""
     started = time.time()
+    transform = batch_transform or (lambda batch: batch)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
@@ -145,7 +155,7 @@ def train(logs: Logs, cfg: TrainConfig, progress: bool = True) -> TrainResult:
         with torch.inference_mode():
             for i in range(0, len(val_windows), 2048):
                 w = val_windows[i : i + 2048]
-                b = make_batch(traj, w, cfg.objective, val_lam[i : i + 2048], initial_rtg, initial_ctg)
+                b = transform(make_batch(traj, w, cfg.objective, val_lam[i : i + 2048], initial_rtg, initial_ctg))
                 total += float(_loss(model, b, value_weights)) * len(w)
                 count += len(w)
         model.train()
@@ -171,13 +181,15 @@ def train(logs: Logs, cfg: TrainConfig, progress: bool = True) -> TrainResult:
             sel = order[step * cfg.batch_size : (step + 1) * cfg.batch_size]
             if len(sel) == 0:
                 continue
-            batch = make_batch(
-                traj,
-                train_windows[sel],
-                cfg.objective,
-                lam_all[step * cfg.batch_size : step * cfg.batch_size + len(sel)],
-                initial_rtg,
-                initial_ctg,
+            batch = transform(
+                make_batch(
+                    traj,
+                    train_windows[sel],
+                    cfg.objective,
+                    lam_all[step * cfg.batch_size : step * cfg.batch_size + len(sel)],
+                    initial_rtg,
+                    initial_ctg,
+                )
             )
             loss = _loss(model, batch, value_weights)
             optimizer.zero_grad(set_to_none=True)

@@ -27,6 +27,8 @@ app.add_typer(models_app, name="models")
 
 F = TypeVar("F", bound=Callable[..., Any])
 
+LOG_SUFFIXES = (".parquet", ".pq", ".csv")  # the formats `offline.logs.write_logs` writes
+
 
 def _emit(result: dict[str, Any]) -> None:
     print(json.dumps(result, default=float), flush=True)
@@ -65,9 +67,13 @@ def simulate(
     seed: Annotated[int, typer.Option(help="random seed")] = 0,
     out: Annotated[Path, typer.Option(help="output .parquet or .csv")] = Path("logs.parquet"),
     behaviour_bias: Annotated[float, typer.Option(help="0 = uniform random logging; >0 tilts it")] = 0.0,
-    effects: Annotated[bool, typer.Option(help="carry-over effects (habit, fatigue, reference)")] = True,
+    effects: Annotated[
+        bool, typer.Option("--effects/--no-effects", help="carry-over effects (habit, fatigue, reference)")
+    ] = True,
 ) -> None:
     """Logs of the built-in sequential synthetic world under a random behaviour policy."""
+    if out.suffix.lower() not in LOG_SUFFIXES:  # refused before any work, like write_logs would after it
+        raise ValueError(f"unsupported output {out.name!r}: use .parquet or .csv")
     from offline.logs import write_logs
     from offline.simulate import simulate_logs
     from offline.world import WorldConfig
@@ -94,7 +100,9 @@ def train(
     d_model: Annotated[int | None, typer.Option(min=8, help="width (default 32)")] = None,
     layers: Annotated[int | None, typer.Option(min=1, help="default 1")] = None,
     heads: Annotated[int | None, typer.Option(min=1, help="default 4")] = None,
-    no_promote: Annotated[bool, typer.Option(help="publish without making it current")] = False,
+    promote: Annotated[
+        bool, typer.Option("--promote/--no-promote", help="make the new version current (else only publish it)")
+    ] = True,
 ) -> None:
     """Train the SACO model on logs, export TorchScript and publish a new version."""
     from model_store import OBJECTIVES, ModelStore
@@ -125,7 +133,7 @@ def train(
         **{name: value for name, value in given.items() if value is not None},
     )
     result = fit(data, cfg)
-    artifact = export_and_publish(result, data, ModelStore(store), make_current=not no_promote)
+    artifact = export_and_publish(result, data, ModelStore(store), make_current=promote)
     _emit(
         {
             "version": artifact.version,
@@ -135,7 +143,7 @@ def train(
             "epochs_run": int(result.metrics["epochs_run"]),
             "train_seconds": round(result.seconds, 1),
             "total_seconds": round(time.time() - started, 1),
-            "current": not no_promote,
+            "current": promote,
         }
     )
 
@@ -291,12 +299,14 @@ def models_rollback(store: Annotated[Path, typer.Option()]) -> None:
 @_errors_as_one_line
 def report(
     out: Annotated[Path, typer.Option(help="directory for results.md, results.json, PNGs")] = Path("docs"),
-    quick: Annotated[bool, typer.Option(help="tiny worlds, 1 seed, 1 epoch (CI, < 5 min)")] = False,
+    quick: Annotated[bool, typer.Option("--quick", help="tiny worlds, 1 seed, 1 epoch (CI, < 5 min)")] = False,
     hillstrom: Annotated[
         Path | None, typer.Option(envvar="SACO_HILLSTROM", help="hillstrom.csv (default: <repo>/../shared/data/)")
     ] = None,
     seeds: Annotated[int, typer.Option(min=1, help="number of seeds (full run)")] = 3,
-    ablations: Annotated[bool, typer.Option(help="train and score the SACO ablations")] = True,
+    ablations: Annotated[
+        bool, typer.Option("--ablations/--no-ablations", help="train and score the SACO ablations")
+    ] = True,
 ) -> None:
     """SACO vs every baseline at 9 budgets on sequential, single-round and real (Hillstrom) data + ablations."""
     from offline.report import ReportConfig, run_report

@@ -4,7 +4,7 @@ from offline.baselines.basic import MyopicOracle, RandomAtSpend, TwoStage
 
 __all__ = ["MyopicOracle", "RandomAtSpend", "TwoStage"]
 
-# issue 4: every paper / seed baseline (one file per method)
+# the baselines of the SACO paper and of the budget-allocation papers it builds on (one file per method)
 from offline.baselines.bandit import ThompsonBandit
 from offline.baselines.cmdp import CMDP
 from offline.baselines.dfcl import DFCL

@@ -1,4 +1,5 @@
-"""Hidden representation clustering (seed 003, arXiv 2506.00959).
+"""Hidden representation clustering ("Hidden Representation Clustering with Multi-Task Representation
+Learning towards Robust Online Budget Allocation", arXiv 2506.00959).
 
 1. A multi-task representation network (reward and cost heads per action, `_uplift_net.ResponseNet`)
    is fitted by squared error; the output of its first two layers is the hidden representation.

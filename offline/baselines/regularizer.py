@@ -1,4 +1,5 @@
-"""End-to-end budget allocation with a marketing-goal regularizer (seed 002, Yan et al. 2023).
+"""End-to-end budget allocation with a marketing-goal regularizer (Yan et al. 2023, "An End-to-End
+Framework for Marketing Effectiveness Optimization under Budget Constraint").
 
 The response network (`_uplift_net.ResponseNet`) is trained on prediction loss + beta * regularizer,
 where the regularizer is minus the marketing goal reached by the allocation the model itself would make:

@@ -50,7 +50,7 @@ def test_quick_report_end_to_end(tmp_path: Path) -> None:
     assert "myopic-oracle" in by_dataset["seq-effects-on"] and "myopic-oracle" not in by_dataset["hillstrom"]
     assert {"no-constraint", "no-RTG", "dt-literal", "dt-lagrangian", "context-1"} <= by_dataset["ablations"]
     text = (out / "results.md").read_text()
-    assert "QUICK RUN" in text and "## Regenerate" in text and "## Discussion" in text
+    assert "QUICK RUN" in text and "## Regenerate" in text and "## Discussion" in text and "## Methods" in text
 
 
 def test_missing_hillstrom_fails_with_one_line(tmp_path: Path) -> None:

@@ -2,8 +2,10 @@
 
 import itertools
 import json
+import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pyarrow.compute as pc
@@ -42,6 +44,11 @@ def test_simulate_train_calibrate_end_to_end(tmp_path: Path) -> None:
     assert costs[0] > 2 * costs[-1], costs
     listed = last_json(saco("models", "list", "--store", str(store)).stdout)
     assert listed["current"] == info["version"]
+    # --no-promote publishes a version without making it current
+    quiet = last_json(saco("train", "--logs", str(logs), "--store", str(store), "--epochs", "1", "--no-promote").stdout)
+    assert quiet["current"] is False and quiet["version"] != info["version"]
+    listed = last_json(saco("models", "list", "--store", str(store)).stdout)
+    assert listed["current"] == info["version"] and quiet["version"] in listed["versions"]
 
 
 def test_csv_output_and_bad_logs_refused(tmp_path: Path) -> None:
@@ -65,3 +72,41 @@ def test_errors_are_one_line(tmp_path: Path) -> None:
     assert len(lines) == 1 and "no current version" in lines[0]
     proc = saco("serve", "--store", str(tmp_path / "none"), check=False)
     assert proc.returncode != 0 and "--bootstrap" in proc.stderr
+
+
+def test_simulate_refuses_an_unknown_extension_before_simulating(tmp_path: Path) -> None:
+    out = tmp_path / "new" / "logs.txt"
+    started = time.monotonic()
+    # a million users x 50 rounds would take minutes to simulate: the refusal must come first
+    proc = subprocess.run(
+        [sys.executable, "-m", "saco", "simulate", "--users", "1000000", "--rounds", "50", "--out", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode != 0
+    assert time.monotonic() - started < 30
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "logs.txt" in lines[0] and ".parquet or .csv" in lines[0], proc.stderr
+    assert proc.stdout == ""
+    assert not out.parent.exists()  # nothing written, not even the directory
+
+
+def test_help_reads_naturally() -> None:
+    """Every boolean option reads --x / --no-x (or is a plain --x flag): never --no-no-x."""
+    commands = [[], ["simulate"], ["train"], ["calibrate"], ["evaluate"], ["serve"], ["report"], ["models", "list"]]
+    helps = {}
+    for cmd in commands:
+        proc = subprocess.run(
+            [sys.executable, "-m", "saco", *cmd, "--help"],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            env={**os.environ, "COLUMNS": "200"},
+        )
+        assert proc.returncode == 0, proc.stderr
+        helps[" ".join(cmd)] = proc.stdout
+        assert "--no-no-" not in proc.stdout, (cmd, proc.stdout)
+    assert "--promote" in helps["train"] and "--no-promote" in helps["train"]
+    assert "--effects" in helps["simulate"] and "--no-effects" in helps["simulate"]
+    assert "--quick" in helps["report"] and "--no-quick" not in helps["report"]

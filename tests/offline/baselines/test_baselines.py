@@ -1,4 +1,4 @@
-"""Every issue-4 baseline fits from logs, acts validly, spends less as lambda grows; the causal forest
+"""Every baseline fits from logs, acts validly, spends less as lambda grows; the causal forest
 beats random coupons at equal spend."""
 
 from __future__ import annotations
