@@ -12,7 +12,7 @@ carrying the context as read (the decision path's way) and without it (the Lua p
 
 With --append-against, both versions of the append script get the same calls (128 full contexts, each step
 carrying the context as read) in alternating rounds on one Redis, so a change of the script is judged by a
-ratio taken in the same minutes (this VM's speed drifts); each round checks that both leave the same values.
+ratio taken in the same minutes (a shared machine's speed drifts); each round checks that both leave the same values.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""What a cross-CPU hop costs on this machine: Redis PING round trips with the client and Redis on the same
+"""What a cross-CPU hop costs on the machine it runs on: Redis PING round trips with the client and Redis on the same
 CPU and on different CPUs (Linux).
 
     python benchmarks/wakeup_cost.py                # a throwaway redis-server pinned to the first CPU
@@ -7,7 +7,7 @@ On a VM, waking a vCPU that went idle can cost tens of microseconds (a halt exit
 interrupt), and a decision makes several such hops (the request, the Redis round trips, the inference
 thread and back, the answer). This prints the round trip per placement and the guest's halt-polling
 setting when the kernel has one (`cpuidle-haltpoll`: 0 ns means an idle vCPU halts at once); it changes
-nothing. docs/service.md (Performance) has the figures of this project's VM.
+nothing. docs/service.md (Performance) has measured figures.
 """
 
 from __future__ import annotations
