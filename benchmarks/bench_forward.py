@@ -8,9 +8,9 @@
 
 Nothing is trained: a model (ModelConfig(feature_dim=8, num_actions=4), other fields from --config) gets random
 parameters (normal, std 0.5) and a random normalisation. Each revision exports these weights with its own export code
-(`write_policy`, or for revisions before it `save_scripted(PolicyModule(model))` as their export did), in a
-subprocess run in a git worktree of it; both artifacts are then loaded here and called in turns, one call each,
-on full contexts (every step real), since this VM's speed drifts up to 2x within minutes: medians taken in one
+(`write_policy`, or `save_scripted(PolicyModule(model))` in a revision without it), in a subprocess run in a
+git worktree of it; both artifacts are then loaded here and called in turns, one call each, on full contexts
+(every step real), since a shared machine's speed can drift up to 2x within minutes: medians taken in one
 interleaved run compare, figures from separate runs do not. Page faults per call are shown as well: at 1024
 users the forward's fresh [B*L, h] buffers can each come back from the OS zero-filled (glibc gives large freed
 blocks back to it), which costs as much as the arithmetic.

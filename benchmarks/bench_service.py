@@ -113,7 +113,7 @@ def delete_keys(redis_url: str, prefix: str) -> None:
 
 class KeepAliveClient:
     """One keep-alive HTTP/1.1 connection (stdlib): the timed loop's own cost stays small (httpx adds
-    ~0.6 ms per request on this machine, which would be charged to the service)."""
+    ~0.6 ms per request on a 2-core machine, which would be charged to the service)."""
 
     def __init__(self, base: str) -> None:
         host, port = base.removeprefix("http://").split(":")
@@ -246,7 +246,7 @@ def run_suites(
     stores: dict[str, str | None], store: Path, dim: int, context_length: int, cpus: set[int] | None = None
 ) -> list[dict[str, Any]]:
     """Both services run side by side and the timed requests go in ROUNDS rounds over every store and batch
-    size, so a slow spell of this (shared, virtual) machine lands on all of them alike instead of on one
+    size, so a slow period of a shared machine lands on all of them alike instead of on one
     row, and the per-user ratios compare figures taken over the same minutes."""
     prefix = f"bench-{uuid.uuid4().hex[:8]}:"
     services: dict[str, tuple[subprocess.Popen[bytes], str]] = {}

@@ -1,4 +1,4 @@
-"""Every issue-4 baseline against the perfect-information myopic oracle at equal spend.
+"""Every baseline against the perfect-information myopic oracle at equal spend.
 
 Trains each baseline on `simulate_logs(WorldConfig(users, rounds))` (uniform random logging), traces its
 revenue/cost curve over a lambda grid on a fresh population of the same `SyntheticWorld`

@@ -1,12 +1,12 @@
 """Latency of two revisions of the service measured side by side: did a change make decisions faster?
 
-    python benchmarks/compare_revisions.py 18d1b18            # that revision against the working tree
+    python benchmarks/compare_revisions.py main               # that revision against the working tree
     python benchmarks/compare_revisions.py v1 --head v2 --redis-url redis://127.0.0.1:6379/15
 
 Each revision (a git worktree of it, or this checkout for the working tree) trains its own model on the
 same simulated logs and serves it on both stores: four services run at once, and the timed requests go
-in rounds over every service and batch size, so both revisions see the same minutes of this machine (on a
-shared VM, timings taken minutes apart differ by up to 2x; a ratio within one run does not). Absolute
+in rounds over every service and batch size, so both revisions see the same minutes of the machine (on a
+shared machine, timings taken minutes apart differ by up to 2x; a ratio within one run does not). Absolute
 figures come out above bench_service.py's: four processes share the caches.
 """
 

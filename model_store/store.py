@@ -22,6 +22,7 @@ import re
 import shutil
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -147,7 +148,7 @@ class ModelStore:
         *,
         version: str | None = None,
         make_current: bool = True,
-        validate: Any = None,
+        validate: Callable[[Artifact], object] | None = None,
     ) -> Artifact:
         """Copy `model_file` and its manifest into a new version, atomically.
 

@@ -9,11 +9,16 @@ from __future__ import annotations
 
 import os
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
 _DEPRECATION = r"`torch\.jit\.\w+` is deprecated"
+
+# torch.jit's save and load carry no type annotations: typed handles to them
+_jit_save: Callable[[torch.jit.ScriptModule, str], None] = torch.jit.save
+_jit_load: Callable[..., torch.jit.ScriptModule] = torch.jit.load
 
 
 def save_scripted(module: torch.nn.Module, path: str | os.PathLike[str]) -> torch.jit.ScriptModule:
@@ -22,7 +27,7 @@ def save_scripted(module: torch.nn.Module, path: str | os.PathLike[str]) -> torc
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=_DEPRECATION, category=DeprecationWarning)
         scripted = torch.jit.script(module)
-        scripted.save(str(Path(path)))
+        _jit_save(scripted, str(Path(path)))
     return scripted
 
 
@@ -30,6 +35,6 @@ def load_scripted(path: str | os.PathLike[str], device: str | torch.device = "cp
     """Load a scripted policy onto `device`, in eval mode."""
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=_DEPRECATION, category=DeprecationWarning)
-        module = torch.jit.load(str(Path(path)), map_location=torch.device(device))
+        module = _jit_load(str(Path(path)), map_location=torch.device(device))
     module.eval()
     return module
