@@ -174,7 +174,7 @@ def split(
 
 
 def to_logs(data: HillstromData, rows: np.ndarray) -> Logs:
-    """SACO logs (CONTRACT §1) of the given rows: one row per customer, t = 0."""
+    """SACO logs (the log schema of README.md) of the given rows: one row per customer, t = 0."""
     table = logs_table(
         np.char.add("h", rows.astype(str)),
         np.zeros(len(rows), dtype=np.int64),

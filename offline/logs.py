@@ -1,4 +1,4 @@
-"""Logged interactions (CONTRACT §1): load, validate, write.
+"""Logged interactions (the log schema of README.md): load, validate, write.
 
 One row per (user, interaction): user_id, t, action, cost, reward, f0..f{d-1}. Validation refuses the
 whole file with one message naming the column and the first bad row (1-based, header excluded); nothing
@@ -26,7 +26,7 @@ _FEATURE_RE = re.compile(r"^f(\d+)$")
 
 
 class LogValidationError(ValueError):
-    """The logs break CONTRACT §1; the message names the column and the first bad row."""
+    """The logs break the log schema; the message names the column and the first bad row."""
 
 
 @dataclass(frozen=True)
@@ -123,7 +123,7 @@ def _to_float(value: object) -> float:
 
 
 def validate_table(table: pa.Table) -> Logs:
-    """Check CONTRACT §1 and return sorted, typed arrays; raises LogValidationError naming column + row."""
+    """Check the log schema and return sorted, typed arrays; raises LogValidationError naming column + row."""
     names = table.column_names
     for name in REQUIRED:
         if name not in names:

@@ -1,4 +1,4 @@
-"""`saco`: the command line (CONTRACT §2). A thin face over offline/, model_store/ and service/.
+"""`saco`: the command line (README.md). A thin face over offline/, model_store/ and service/.
 
 Progress goes to stderr; the last line of stdout is one JSON object; errors exit non-zero with one line
 on stderr.

@@ -1,4 +1,4 @@
-"""Request and response bodies of the HTTP API (CONTRACT.md §3)."""
+"""Request and response bodies of the HTTP API (docs/api.md)."""
 
 from __future__ import annotations
 
