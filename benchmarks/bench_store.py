@@ -46,9 +46,7 @@ async def decision(store: StateStore, users: list[str], step: int) -> dict[str, 
         "bench", items, model_version="v", lam=0.1, now_ms=0, reservation_expiry_ms=DAY_MS, decision_ttl_ms=DAY_MS
     )
     t2 = time.perf_counter()
-    steps = [
-        NewStep(d.user_id, d.decision_id, d.action, FEATURES, contexts[i]) for i, d in enumerate(result.decisions)
-    ]
+    steps = [NewStep(d.user_id, d.decision_id, d.action, FEATURES, contexts[i]) for i, d in enumerate(result.decisions)]
     await store.append_steps("bench", steps, capacity=CAPACITY, ttl_ms=DAY_MS, initial_rtg=10.0, initial_ctg=5.0)
     t3 = time.perf_counter()
     times["read"], times["reserve"], times["write contexts"], times["all"] = t1 - t0, t2 - t1, t3 - t2, t3 - t0
