@@ -67,6 +67,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     engine = DecisionEngine(settings, policies, store, batcher, metrics)
     runtime = Runtime(settings, metrics, policies, store, batcher, engine)
     runtime.background.append(asyncio.create_task(engine.sweep_forever(), name="saco-sweep"))
+    runtime.background.append(asyncio.create_task(engine.pace_forever(), name="saco-pacing"))
     app.state.runtime = runtime
     # The model, the app and the libraries are long-lived: keep them out of the cyclic GC's passes, whose
     # full collections otherwise walk them all and show up as multi-millisecond tail latency.

@@ -6,6 +6,7 @@ import asyncio
 import logging
 import time
 from collections import Counter
+from datetime import UTC, datetime
 from typing import Any
 
 import numpy as np
@@ -21,6 +22,7 @@ from service.settings import Settings
 from service.state import (
     CampaignConfig,
     CampaignNotFound,
+    CampaignSettings,
     CampaignState,
     CampaignUpdate,
     NewStep,
@@ -74,16 +76,37 @@ def render(order: list[int], decided: list[ReservedDecision]) -> bytes:
 
 
 def campaign_lambda(campaign: CampaignConfig, manifest: Manifest) -> tuple[float, str]:
-    """The campaign's lambda and where it came from: admin-set, calibration table, model default, none."""
-    if campaign.admin_lambda is not None:
-        return campaign.admin_lambda, "admin"
-    if campaign.expected_users and manifest.lambda_table:
-        lam = manifest.lambda_for_budget_per_user(from_cents(campaign.budget) / campaign.expected_users)
+    """The campaign's lambda and where it came from: pacing (while it runs), else the lambda it starts
+    from: admin-set, calibration table, model default, none."""
+    if campaign.paced_lambda is not None and campaign.settings.pacing_on:
+        return campaign.paced_lambda, "pacing"
+    return base_lambda(campaign.settings, manifest)
+
+
+def base_lambda(settings: CampaignSettings, manifest: Manifest) -> tuple[float, str]:
+    """The lambda a campaign has without pacing: admin-set, calibration table, model default, none."""
+    if settings.admin_lambda is not None:
+        return settings.admin_lambda, "admin"
+    if settings.expected_users and manifest.lambda_table:
+        lam = manifest.lambda_for_budget_per_user(from_cents(settings.budget) / settings.expected_users)
         if lam is not None:
             return float(lam), "calibration"
     if manifest.default_lambda is not None:
         return float(manifest.default_lambda), "model-default"
     return 0.0, "none"
+
+
+def lambda_scale(manifest: Manifest) -> float:
+    """The size of a lambda step: the model's calibrated lambda (pacing's steps are fractions of it)."""
+    return float(manifest.default_lambda) if manifest.default_lambda else 1.0
+
+
+def epoch_ms(moment: datetime | None) -> int | None:
+    return None if moment is None else int(moment.timestamp() * 1000)
+
+
+def iso(ms: int | None) -> str | None:
+    return None if ms is None else datetime.fromtimestamp(ms / 1000, tz=UTC).isoformat()
 
 
 def build_inputs(
@@ -301,31 +324,53 @@ class DecisionEngine:
             table[coupon.action] = to_cents(coupon.cost)
         return table
 
-    async def put_campaign(self, campaign_id: str, body: CampaignPut) -> dict[str, Any]:
-        update = CampaignUpdate(
-            replace=True,
-            budget=to_cents(body.budget),
-            coupons=self._coupons(body.coupons),
-            admin_lambda=body.lambda_,
-            expected_users=body.expected_users,
-        )
-        return self.view(await self.store.upsert_campaign(campaign_id, update))
-
-    async def patch_campaign(self, campaign_id: str, body: CampaignPatch) -> dict[str, Any]:
+    def _update(self, body: CampaignPut | CampaignPatch, replace: bool, stored: CampaignState | None) -> CampaignUpdate:
         given = body.model_fields_set
-        update = CampaignUpdate(
-            replace=False,
+        for name in ("budget", "coupons"):
+            if name in given and getattr(body, name) is None:
+                raise InvalidInput((name,), "must be given (it has no default)", None)
+        if body.reservation_mode == "expected":
+            raise InvalidInput(
+                ("reservation_mode",), "'expected' is not available in this version; use 'strict'", "expected"
+            )
+        starts_ms, ends_ms = epoch_ms(body.starts_at), epoch_ms(body.ends_at)
+        if (
+            ends_ms is not None
+            and starts_ms is None
+            and (replace or stored is None or stored.settings.starts_ms is None)
+        ):
+            starts_ms = now_ms()  # a horizon without a start begins now
+        if stored is not None and not replace:
+            starts = starts_ms if starts_ms is not None else stored.settings.starts_ms
+            ends = ends_ms if ends_ms is not None else stored.settings.ends_ms
+            if starts is not None and ends is not None and ends <= starts:
+                raise InvalidInput(("ends_at",), "must be after starts_at", body.ends_at and body.ends_at.isoformat())
+        aliases = {"lambda_": "admin_lambda", "starts_at": "starts_ms", "ends_at": "ends_ms"}
+        cleared = frozenset(aliases.get(name, name) for name in given if getattr(body, name) is None)
+        return CampaignUpdate(
+            replace=replace,
             budget=None if body.budget is None else to_cents(body.budget),
             coupons=None if body.coupons is None else self._coupons(body.coupons),
             admin_lambda=body.lambda_,
-            clear_lambda="lambda_" in given and body.lambda_ is None,
             expected_users=body.expected_users,
-            clear_expected_users="expected_users" in given and body.expected_users is None,
+            reservation_mode=body.reservation_mode,
+            overspend_risk=body.overspend_risk,
+            starts_ms=starts_ms,
+            ends_ms=ends_ms,
+            expected_decisions=body.expected_decisions,
+            pacing=body.pacing,
+            cleared=cleared - {"budget", "coupons"},
         )
-        if "budget" in given and body.budget is None:
-            raise InvalidInput(("budget",), "must be a number", None)
-        if "coupons" in given and body.coupons is None:
-            raise InvalidInput(("coupons",), "must be a list", None)
+
+    async def put_campaign(self, campaign_id: str, body: CampaignPut) -> dict[str, Any]:
+        update = self._update(body, replace=True, stored=None)
+        return self.view(await self.store.upsert_campaign(campaign_id, update))
+
+    async def patch_campaign(self, campaign_id: str, body: CampaignPatch) -> dict[str, Any]:
+        stored = await self.store.get_campaign(campaign_id)
+        if stored is None:
+            raise CampaignNotFound(campaign_id)
+        update = self._update(body, replace=False, stored=stored)
         return self.view(await self.store.upsert_campaign(campaign_id, update))
 
     async def get_campaign(self, campaign_id: str) -> dict[str, Any]:
@@ -339,7 +384,9 @@ class DecisionEngine:
 
     def view(self, campaign: CampaignState) -> dict[str, Any]:
         lam, source = campaign_lambda(campaign.config, self.policies.current.manifest)
+        settings, pacing = campaign.settings, campaign.pacing
         self.metrics.budget_remaining.labels(campaign=campaign.campaign_id).set(from_cents(campaign.remaining))
+        paced = settings.pacing_on and pacing.at_ms is not None
         return {
             "campaign_id": campaign.campaign_id,
             "budget": from_cents(campaign.budget),
@@ -351,11 +398,54 @@ class DecisionEngine:
             "decisions": campaign.decisions,
             "coupons": [{"action": a, "cost": from_cents(c)} for a, c in sorted(campaign.coupons.items())],
             "lambda_source": source,
-            "expected_users": campaign.expected_users,
+            "expected_users": settings.expected_users,
             "overrun": from_cents(campaign.overrun),
+            "reservation_mode": settings.reservation_mode,
+            "overspend_risk": settings.overspend_risk,
+            "starts_at": iso(settings.starts_ms),
+            "ends_at": iso(settings.ends_ms),
+            "expected_decisions": settings.expected_decisions,
+            "pacing": settings.pacing_on,
+            "plan": from_cents(pacing.plan) if paced else None,
+            "pacing_spend": from_cents(pacing.actual) if paced else None,
+            "pacing_error": (pacing.actual - pacing.plan) / campaign.budget if paced and campaign.budget else None,
         }
 
+    async def pace(self, campaign_id: str) -> None:
+        """One pacing step of a campaign whose settings ask for it (the store runs at most one per interval
+        across replicas); the campaign's lambda, plan, spend and pacing error go to the metrics."""
+        campaign = await self.store.get_campaign(campaign_id)
+        if campaign is None or not campaign.settings.pacing_on:
+            return
+        manifest, settings = self.policies.current.manifest, self.settings
+        scale = lambda_scale(manifest)
+        stepped = await self.store.pace(
+            campaign_id,
+            now_ms=now_ms(),
+            interval_ms=int(settings.pacing_interval_s * 1000),
+            start_lambda=base_lambda(campaign.settings, manifest)[0],
+            step=settings.pacing_step * scale,
+            max_step=settings.pacing_max_step * scale,
+            lambda_max=settings.pacing_lambda_max * scale,
+            prior=max(campaign.coupons.values(), default=0) * settings.pacing_prior_coupons,
+        )
+        if stepped is None:
+            return
+        lam, plan, actual, _ = stepped
+        self.metrics.campaign_lambda.labels(campaign=campaign_id).set(lam)
+        self.metrics.plan_spend.labels(campaign=campaign_id).set(from_cents(plan))
+        self.metrics.pacing_error.labels(campaign=campaign_id).set((actual - plan) / max(1, campaign.budget))
+
     # ---- background ------------------------------------------------------------------------------
+    async def pace_forever(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.pacing_interval_s)
+            try:
+                for campaign_id in await self.store.campaign_ids():
+                    await self.pace(campaign_id)
+            except StateStoreError:
+                log.warning("pacing failed (state store unavailable)")
+
     async def sweep_forever(self) -> None:
         while True:
             await asyncio.sleep(self.settings.sweep_interval_s)

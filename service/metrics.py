@@ -84,6 +84,18 @@ class ServiceMetrics:
             ["campaign"],
             registry=r,
         )
+        self.campaign_lambda = Gauge(
+            "saco_campaign_lambda", "a paced campaign's lambda after its last pacing step", ["campaign"], registry=r
+        )
+        self.plan_spend = Gauge(
+            "saco_plan_spend", "what a paced campaign's spend plan had spent at its last step", ["campaign"], registry=r
+        )
+        self.pacing_error = Gauge(
+            "saco_pacing_error",
+            "(spend - plan) / budget at a paced campaign's last step (spend: realised plus expected outstanding)",
+            ["campaign"],
+            registry=r,
+        )
         self.outcomes = Counter("saco_outcomes_total", "outcomes by result", ["result"], registry=r)
         self.context_write_failures = Counter(
             "saco_context_write_failures_total",

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import math
-from typing import Annotated
+from datetime import datetime
+from typing import Annotated, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints
+from pydantic import AfterValidator, AwareDatetime, BaseModel, ConfigDict, Field, StringConstraints, model_validator
 
 from service.money import to_cents
 
@@ -81,25 +82,49 @@ class Coupon(_Body):
     cost: PositiveMoney
 
 
-class CampaignPut(_Body):
+ReservationMode = Literal["strict", "expected"]
+OverspendRisk = Annotated[float, Field(strict=True, allow_inf_nan=False, gt=0, le=0.5)]
+Count = Annotated[int, Field(strict=True, ge=1)]
+
+
+class _Campaign(_Body):
+    """The optional settings of a campaign, shared by PUT and PATCH (docs/api.md, budget control)."""
+
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
 
-    budget: Money
-    coupons: list[Coupon] = Field(max_length=1024)
     lambda_: Lambda | None = Field(default=None, alias="lambda")
-    expected_users: Annotated[int, Field(strict=True, ge=1)] | None = Field(
+    expected_users: Count | None = Field(
         default=None,
         description="audience size; with it and no lambda, lambda comes from the model's calibration table",
     )
+    reservation_mode: ReservationMode | None = Field(
+        default=None, description="strict (default): a coupon reserves its cost; expected: not available yet"
+    )
+    overspend_risk: OverspendRisk | None = Field(default=None, description="the bound of expected mode (0.01)")
+    starts_at: AwareDatetime | None = Field(default=None, description="the spend plan's start (default: now)")
+    ends_at: AwareDatetime | None = Field(default=None, description="the spend plan's end: spend evenly until then")
+    expected_decisions: Count | None = Field(
+        default=None, description="the decisions the budget covers: spend evenly over them (before ends_at)"
+    )
+    pacing: Annotated[bool, Field(strict=True)] | None = Field(
+        default=None, description="adjust lambda online toward the plan (default: on when there is a plan)"
+    )
+
+    @model_validator(mode="after")
+    def _horizon(self) -> _Campaign:
+        if self.starts_at is not None and self.ends_at is not None and self.ends_at <= self.starts_at:
+            raise ValueError("ends_at must be after starts_at")
+        return self
 
 
-class CampaignPatch(_Body):
-    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+class CampaignPut(_Campaign):
+    budget: Money
+    coupons: list[Coupon] = Field(max_length=1024)
 
+
+class CampaignPatch(_Campaign):
     budget: Money | None = None
     coupons: list[Coupon] | None = Field(default=None, max_length=1024)
-    lambda_: Lambda | None = Field(default=None, alias="lambda")
-    expected_users: Annotated[int, Field(strict=True, ge=1)] | None = None
 
 
 class CampaignView(BaseModel):
@@ -115,6 +140,17 @@ class CampaignView(BaseModel):
     lambda_source: str
     expected_users: int | None
     overrun: float
+    reservation_mode: ReservationMode
+    overspend_risk: float
+    starts_at: datetime | None
+    ends_at: datetime | None
+    expected_decisions: int | None
+    pacing: bool = Field(description="whether pacing adjusts lambda now")
+    plan: float | None = Field(description="what the spend plan has spent by the last pacing step")
+    pacing_spend: float | None = Field(
+        description="spend at the last pacing step: realised plus the expected cost of outstanding reservations"
+    )
+    pacing_error: float | None = Field(description="(pacing_spend - plan) / budget at the last pacing step")
 
 
 class ReloadResponse(BaseModel):

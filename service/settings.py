@@ -64,6 +64,20 @@ class Settings(BaseSettings):
     reservation_expiry_s: int = Field(default=DAY_S, ge=1, description="reservations without an outcome are released")
     context_ttl_s: int = Field(default=30 * DAY_S, ge=1, description="a user's trajectory context expires when idle")
     sweep_interval_s: float = Field(default=30.0, gt=0, description="period of the expired-reservation sweep")
+    pacing_interval_s: float = Field(default=5.0, gt=0, description="period of a campaign's pacing steps")
+    pacing_step: float = Field(
+        default=20.0,
+        gt=0,
+        description="lambda change per unit of excess spend (a fraction of the budget), in model lambdas",
+    )
+    pacing_max_step: float = Field(default=0.5, gt=0, description="largest lambda change of one step, in model lambdas")
+    pacing_lambda_max: float = Field(default=50.0, gt=0, description="largest paced lambda, in model lambdas")
+    pacing_prior_coupons: int = Field(
+        default=20,
+        ge=0,
+        description="outstanding reservations count at face value until outcomes worth this many of the "
+        "campaign's dearest coupon have settled (then at the realised / reserved ratio)",
+    )
 
     log_level: str = "INFO"
 

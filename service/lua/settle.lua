@@ -37,8 +37,10 @@ for i = 1, n do
   else
     if status == 'R' then
       redis.call('HINCRBY', campaign, 'reserved', int(-tonumber(reserved)))
+      redis.call('HINCRBY', campaign, 'settled_reserved', reserved)
       redis.call('HINCRBY', campaign, 'spent', int(cost))
-    else -- 'X': the reservation expired and was released; charge only what still fits the budget
+    else -- 'X': the reservation expired and was released (and counted as settled at no cost by the
+      -- sweep); charge only what still fits the budget
       local ledger = redis.call('HMGET', campaign, 'budget', 'spent', 'reserved')
       local fits = math.max(0, math.min(cost, tonumber(ledger[1]) - tonumber(ledger[2]) - tonumber(ledger[3])))
       redis.call('HINCRBY', campaign, 'spent', int(fits))

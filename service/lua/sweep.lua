@@ -24,5 +24,7 @@ for i = 3, #KEYS do
 end
 if amount > 0 and redis.call('EXISTS', campaign) == 1 then
   redis.call('HINCRBY', campaign, 'reserved', string.format('%d', -amount))
+  -- an expired coupon was not redeemed: it counts as settled at no cost (pace.lua's ratio)
+  redis.call('HINCRBY', campaign, 'settled_reserved', string.format('%d', amount))
 end
 return released

@@ -1,24 +1,30 @@
--- Create/replace or patch a campaign's configuration; the ledger (spent, reserved) is never touched,
--- so live reservations survive and the reservation script keeps checking against the new budget.
--- KEYS[1] campaign hash, KEYS[2] the campaign's decision config: one string "budget\tlambda\tusers\tcoupons
---   JSON", what a decision reads of its campaign (with its users' contexts in one MGET)
--- ARGV[1] '1' replace (create if missing) | '0' patch (nil if missing)
--- ARGV[2] budget cents | ''    ARGV[3] coupons JSON {"action": cents} | ''
--- ARGV[4] lambda | '' keep | '-' clear    ARGV[5] expected users | '' keep | '-' clear
--- ARGV[6] campaign id
+-- Create/replace or patch a campaign's settings; the ledger (spent, reserved) is never touched, so live
+-- reservations survive and the reservation script keeps checking against the new budget.
+-- KEYS[1] campaign hash, KEYS[2] the campaign's settings as one JSON string (what a decision reads of its
+--   campaign, with its users' contexts in one MGET), KEYS[3] the paced lambda (pace.lua)
+-- ARGV[1] '1' replace (create if missing) | '0' patch (nil if missing), ARGV[2] campaign id,
+-- ARGV[3] JSON object: setting -> its text ('' = back to its default), ARGV[4] the optional settings'
+--   names, comma-separated: a replace resets every one it does not give
+-- A replace, or a new admin lambda, restarts pacing from the campaign's lambda.
 local key = KEYS[1]
 if redis.call('EXISTS', key) == 0 then
   if ARGV[1] ~= '1' then return false end
-  redis.call('HSET', key, 'id', ARGV[6], 'budget', 0, 'spent', 0, 'reserved', 0, 'coupons', '{}',
-    'lambda', '', 'users', '', 'model_version', '', 'decisions', 0, 'overrun', 0)
+  redis.call('HSET', key, 'id', ARGV[2], 'budget', 0, 'spent', 0, 'reserved', 0, 'settled_reserved', 0,
+    'coupons', '{}', 'model_version', '', 'decisions', 0, 'overrun', 0)
 end
-if ARGV[1] == '1' then redis.call('HSET', key, 'lambda', '', 'users', '') end
-if ARGV[2] ~= '' then redis.call('HSET', key, 'budget', ARGV[2]) end
-if ARGV[3] ~= '' then redis.call('HSET', key, 'coupons', ARGV[3]) end
-if ARGV[4] == '-' then redis.call('HSET', key, 'lambda', '') elseif ARGV[4] ~= '' then
-  redis.call('HSET', key, 'lambda', ARGV[4]) end
-if ARGV[5] == '-' then redis.call('HSET', key, 'users', '') elseif ARGV[5] ~= '' then
-  redis.call('HSET', key, 'users', ARGV[5]) end
-local config = redis.call('HMGET', key, 'budget', 'lambda', 'users', 'coupons')
-redis.call('SET', KEYS[2], table.concat(config, '\t'))
+local given = cjson.decode(ARGV[3])
+local names = {'budget', 'coupons'}
+for name in string.gmatch(ARGV[4], '[^,]+') do
+  names[#names + 1] = name
+  if ARGV[1] == '1' then redis.call('HSET', key, name, '') end
+end
+for name, value in pairs(given) do redis.call('HSET', key, name, value) end
+if ARGV[1] == '1' or given['admin_lambda'] ~= nil then
+  redis.call('HSET', key, 'paced_at_ms', '', 'pace_plan', 0, 'pace_actual', 0)
+  redis.call('DEL', KEYS[3])
+end
+local values = redis.call('HMGET', key, unpack(names))
+local settings = {}
+for i, name in ipairs(names) do settings[name] = values[i] end
+redis.call('SET', KEYS[2], cjson.encode(settings))
 return redis.call('HGETALL', key)

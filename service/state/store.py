@@ -7,10 +7,12 @@ is atomic and exists once; the user-context rules (append a step, apply an outco
 Key layout (P = the configured prefix; C = the campaign id, which has no braces; its hash tag {c:C} puts
 every key of one campaign's ledger in one Cluster slot, so each ledger script touches a single slot)::
 
-    P{c:C}:campaign       hash: budget, spent, reserved, overrun (cents), coupons (JSON {action: cents}),
-                          lambda, users, model_version, decisions
-    P{c:C}:config         string "budget\\tlambda\\tusers\\tcoupons": what a decision reads of its campaign
+    P{c:C}:campaign       hash: the settings (budget, coupons as JSON {action: cents}, admin_lambda, ...: the
+                          fields of CampaignSettings, '' for a default), the ledger (spent, reserved,
+                          settled_reserved, overrun: cents), decisions, model_version, pacing's state
+    P{c:C}:config         string: the settings as one JSON object, what a decision reads of its campaign
                           (written with the hash by upsert_campaign.lua; read with the users' contexts)
+    P{c:C}:paced_lambda   string: the lambda pacing has set (pace.lua), read with the settings
     P{c:C}:pending        zset: batches that may hold reservations, scored by release deadline (ms)
     P{c:C}:b:<batch>      hash: field i is the record of decision "d-<batch>-<i>" (reserve.lua documents
                           the record); expires with the decision TTL
@@ -43,13 +45,16 @@ from redis.exceptions import NoScriptError, RedisError
 
 from service.state.context import HEADER, append_step, apply_outcome, empty_context, new_step_bytes
 from service.state.types import (
+    OPTIONAL_SETTINGS,
     CampaignConfig,
     CampaignNotFound,
+    CampaignSettings,
     CampaignState,
     CampaignUpdate,
     CostAboveReservation,
     NewStep,
     Outcome,
+    Pacing,
     ReservedDecision,
     ReserveItem,
     ReserveResult,
@@ -113,34 +118,71 @@ def parse_decision_record(raw: bytes) -> dict[str, str]:
     return record
 
 
-@lru_cache(maxsize=1024)
-def _parse_config(campaign_id: str, raw: bytes) -> CampaignConfig:
-    """Cached: the same string comes back on every decision until an admin changes the campaign."""
-    budget, lam, users, coupons = raw.decode().split("\t", 3)
-    return CampaignConfig(
-        campaign_id=campaign_id,
-        budget=int(budget),
-        coupons={int(a): int(c) for a, c in json.loads(coupons).items()},
-        admin_lambda=float(lam) if lam else None,
-        expected_users=int(users) if users else None,
+def _optional(text: str, kind: Callable[[str], T]) -> T | None:
+    return kind(text) if text else None
+
+
+def _parse_settings(fields: dict[str, str]) -> CampaignSettings:
+    """A campaign's settings from their stored text ('' = the default), as upsert_campaign.lua writes them."""
+    return CampaignSettings(
+        budget=int(fields["budget"]),
+        coupons={int(a): int(c) for a, c in json.loads(fields["coupons"]).items()},
+        admin_lambda=_optional(fields["admin_lambda"], float),
+        expected_users=_optional(fields["expected_users"], int),
+        reservation_mode=fields["reservation_mode"] or "strict",
+        overspend_risk=_optional(fields["overspend_risk"], float) or 0.01,
+        starts_ms=_optional(fields["starts_ms"], int),
+        ends_ms=_optional(fields["ends_ms"], int),
+        expected_decisions=_optional(fields["expected_decisions"], int),
+        pacing=None if not fields["pacing"] else fields["pacing"] == "1",
     )
 
 
-def _parse_campaign(campaign_id: str, fields: dict[Any, Any]) -> CampaignState | None:
-    text = {_text(k): _text(v) for k, v in fields.items()}
-    if not text:
+def _settings_text(update: CampaignUpdate) -> dict[str, str]:
+    """The settings an update writes, as upsert_campaign.lua stores them ('' = back to the default)."""
+    text: dict[str, str] = {}
+    if update.budget is not None:
+        text["budget"] = str(update.budget)
+    if update.coupons is not None:
+        text["coupons"] = json.dumps({str(a): c for a, c in sorted(update.coupons.items())})
+    for name in OPTIONAL_SETTINGS:
+        value = getattr(update, name)
+        if name in update.cleared:
+            text[name] = ""
+        elif isinstance(value, bool):
+            text[name] = "1" if value else "0"
+        elif value is not None:
+            text[name] = repr(value) if isinstance(value, float) else str(value)
+    return text
+
+
+@lru_cache(maxsize=1024)
+def _parse_config(campaign_id: str, raw: bytes, paced: bytes | None) -> CampaignConfig:
+    """Cached: the same strings come back on every decision until an admin or pacing changes them."""
+    return CampaignConfig(campaign_id, _parse_settings(json.loads(raw)), None if paced is None else float(paced))
+
+
+def _parse_campaign(campaign_id: str, raw: dict[Any, Any], paced: bytes | None) -> CampaignState | None:
+    fields = {_text(k): _text(v) for k, v in raw.items()}
+    if not fields:
         return None
+    at_ms = _optional(fields["paced_at_ms"], int)
+    pacing = Pacing(
+        lam=None if paced is None else float(paced),
+        at_ms=at_ms,
+        plan=int(fields["pace_plan"] or 0),
+        actual=int(fields["pace_actual"] or 0),
+    )
     return CampaignState(
         campaign_id=campaign_id,
-        budget=int(text["budget"]),
-        spent=int(text["spent"]),
-        reserved=int(text["reserved"]),
-        coupons={int(a): int(c) for a, c in json.loads(text["coupons"]).items()},
-        admin_lambda=float(text["lambda"]) if text["lambda"] else None,
-        expected_users=int(text["users"]) if text["users"] else None,
-        model_version=text["model_version"] or None,
-        decisions=int(text["decisions"]),
-        overrun=int(text["overrun"]),
+        settings=_parse_settings(fields),
+        spent=int(fields["spent"]),
+        reserved=int(fields["reserved"]),
+        model_version=fields["model_version"] or None,
+        decisions=int(fields["decisions"]),
+        overrun=int(fields["overrun"]),
+        settled_reserved=int(fields["settled_reserved"]),
+        pacing=pacing,
     )
 
 
@@ -171,7 +213,7 @@ class StateStore:
         self._client: Client | None = None
         self._connecting = asyncio.Lock()
         self.scripts = {
-            name: Script(name) for name in ("upsert_campaign", "reserve", "settle", "sweep", "write_contexts")
+            name: Script(name) for name in ("upsert_campaign", "reserve", "settle", "sweep", "pace", "write_contexts")
         }
 
     # ---- keys ------------------------------------------------------------------------------------
@@ -185,6 +227,9 @@ class StateStore:
 
     def config_key(self, campaign_id: str) -> str:
         return self._tag(campaign_id) + ":config"
+
+    def paced_lambda_key(self, campaign_id: str) -> str:
+        return self._tag(campaign_id) + ":paced_lambda"
 
     def pending_key(self, campaign_id: str) -> str:
         return self._tag(campaign_id) + ":pending"
@@ -277,31 +322,48 @@ class StateStore:
     # ---- campaigns -------------------------------------------------------------------------------
     async def upsert_campaign(self, campaign_id: str, update: CampaignUpdate) -> CampaignState:
         """Create/replace (update.replace) or patch; patching an unknown campaign raises CampaignNotFound."""
-
-        def optional(value: Any, clear: bool) -> str:
-            return "-" if clear else ("" if value is None else repr(value))
-
+        keys = [self.campaign_key(campaign_id), self.config_key(campaign_id), self.paced_lambda_key(campaign_id)]
         args = [
             "1" if update.replace else "0",
-            "" if update.budget is None else str(update.budget),
-            "" if update.coupons is None else json.dumps({str(a): c for a, c in sorted(update.coupons.items())}),
-            optional(update.admin_lambda, update.clear_lambda and update.admin_lambda is None),
-            optional(update.expected_users, update.clear_expected_users and update.expected_users is None),
             campaign_id,
+            json.dumps(_settings_text(update)),
+            ",".join(OPTIONAL_SETTINGS),
         ]
-        flat = await self._eval("upsert_campaign", [self.campaign_key(campaign_id), self.config_key(campaign_id)], args)
+        flat = await self._eval("upsert_campaign", keys, args)
         if flat is None:
             raise CampaignNotFound(campaign_id)
         client = await self.client()
         await self._guard(lambda: client.sadd(self.campaigns_key, campaign_id))
-        state = _parse_campaign(campaign_id, dict(zip(flat[::2], flat[1::2], strict=True)))
+        state = _parse_campaign(campaign_id, dict(zip(flat[::2], flat[1::2], strict=True)), None)
         assert state is not None
         return state
 
     async def get_campaign(self, campaign_id: str) -> CampaignState | None:
         client = await self.client()
         fields = await self._guard(lambda: client.hgetall(self.campaign_key(campaign_id)))
-        return _parse_campaign(campaign_id, fields)
+        paced = await self._guard(lambda: client.get(self.paced_lambda_key(campaign_id)))
+        return _parse_campaign(campaign_id, fields, cast(bytes | None, paced))
+
+    async def pace(
+        self,
+        campaign_id: str,
+        *,
+        now_ms: int,
+        interval_ms: int,
+        start_lambda: float,
+        step: float,
+        max_step: float,
+        lambda_max: float,
+        prior: int,
+    ) -> tuple[float, int, int, bool] | None:
+        """One pacing step (pace.lua), at most one per interval across every replica: (lambda, plan cents,
+        spend cents, whether it stepped); None for an unknown campaign."""
+        keys = [self.campaign_key(campaign_id), self.paced_lambda_key(campaign_id)]
+        args = [now_ms, interval_ms, repr(start_lambda), repr(step), repr(max_step), repr(lambda_max), prior]
+        reply = await self._eval("pace", keys, args)
+        if not reply:
+            return None
+        return float(reply[0]), int(reply[1]), int(reply[2]), bool(reply[3])
 
     async def campaign_ids(self) -> list[str]:
         client = await self.client()
@@ -320,9 +382,10 @@ class StateStore:
     ) -> tuple[CampaignConfig | None, list[UserContext | None]]:
         """The campaign's configuration (None: no such campaign) and every user's context, in one round
         trip (on a Cluster, one per slot, in parallel)."""
-        keys = [self.config_key(campaign_id)] + [self.context_key(campaign_id, user_id) for user_id in user_ids]
-        config, *contexts = await self._mget(keys)
-        return (None if config is None else _parse_config(campaign_id, config)), contexts
+        keys = [self.config_key(campaign_id), self.paced_lambda_key(campaign_id)]
+        keys += [self.context_key(campaign_id, user_id) for user_id in user_ids]
+        config, paced, *contexts = await self._mget(keys)
+        return (None if config is None else _parse_config(campaign_id, config, paced)), contexts
 
     async def reserve(
         self,

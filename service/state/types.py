@@ -32,28 +32,88 @@ class CostAboveReservation(ValueError):
 
 
 @dataclass(frozen=True)
+class CampaignSettings:
+    """What an operator sets of a campaign (PUT / PATCH); the store keeps each as a field of its hash."""
+
+    budget: int  # cents
+    coupons: dict[int, int]  # action -> cost in cents
+    admin_lambda: float | None = None
+    expected_users: int | None = None  # audience size, for lambda from the model's calibration table
+    reservation_mode: str = "strict"  # "strict" | "expected"
+    overspend_risk: float = 0.01  # the bound of `expected` mode
+    starts_ms: int | None = None  # the spend plan's horizon (epoch ms) ...
+    ends_ms: int | None = None
+    expected_decisions: int | None = None  # ... or the traffic the budget covers
+    pacing: bool | None = None  # None: on when there is a plan
+
+    @property
+    def has_plan(self) -> bool:
+        return self.ends_ms is not None or self.expected_decisions is not None
+
+    @property
+    def pacing_on(self) -> bool:
+        return self.has_plan and self.pacing is not False
+
+
+# the settings a PUT leaves at their defaults unless it names them (budget and coupons it always names)
+OPTIONAL_SETTINGS = (
+    "admin_lambda",
+    "expected_users",
+    "reservation_mode",
+    "overspend_risk",
+    "starts_ms",
+    "ends_ms",
+    "expected_decisions",
+    "pacing",
+)
+
+
+@dataclass(frozen=True)
 class CampaignConfig:
     """What a decision reads of its campaign (the ledger is read and changed by the reservation alone)."""
 
     campaign_id: str
-    budget: int  # cents
-    coupons: dict[int, int]  # action -> cost in cents
-    admin_lambda: float | None
-    expected_users: int | None
+    settings: CampaignSettings
+    paced_lambda: float | None = None  # set by pacing while it runs
+
+    @property
+    def budget(self) -> int:
+        return self.settings.budget
+
+    @property
+    def coupons(self) -> dict[int, int]:
+        return self.settings.coupons
+
+
+@dataclass(frozen=True)
+class Pacing:
+    """Where online pacing stands (the store's `pace` step keeps it)."""
+
+    lam: float | None = None  # the paced lambda; None before the first step
+    at_ms: int | None = None  # when the last step ran
+    plan: int = 0  # cents the plan had spent by then
+    actual: int = 0  # cents spent then, realised plus the expected cost of outstanding reservations
 
 
 @dataclass(frozen=True)
 class CampaignState:
     campaign_id: str
-    budget: int
+    settings: CampaignSettings
     spent: int
     reserved: int
-    coupons: dict[int, int]  # action -> cost in cents
-    admin_lambda: float | None
-    expected_users: int | None
     model_version: str | None
     decisions: int
     overrun: int  # realized cost of late outcomes that no longer fitted the budget (kept out of `spent`)
+    settled_reserved: int = 0  # what the settled decisions had reserved (their realised / reserved ratio)
+    pacing: Pacing = field(default_factory=Pacing)
+
+    @property
+    def budget(self) -> int:
+        return self.settings.budget
+
+    @property
+    def coupons(self) -> dict[int, int]:
+        return self.settings.coupons
 
     @property
     def remaining(self) -> int:
@@ -61,20 +121,26 @@ class CampaignState:
 
     @property
     def config(self) -> CampaignConfig:
-        return CampaignConfig(self.campaign_id, self.budget, self.coupons, self.admin_lambda, self.expected_users)
+        return CampaignConfig(self.campaign_id, self.settings, self.pacing.lam)
 
 
 @dataclass(frozen=True)
 class CampaignUpdate:
-    """What a PUT (replace=True) or PATCH sets; None leaves a field as it is (PUT: clears lambda/users)."""
+    """What a PUT (replace=True) or PATCH sets. A field left None is not changed by a PATCH and is reset to
+    its default by a PUT; a field named in `cleared` goes back to its default either way."""
 
     replace: bool
     budget: int | None = None
     coupons: dict[int, int] | None = None
     admin_lambda: float | None = None
-    clear_lambda: bool = False
     expected_users: int | None = None
-    clear_expected_users: bool = False
+    reservation_mode: str | None = None
+    overspend_risk: float | None = None
+    starts_ms: int | None = None
+    ends_ms: int | None = None
+    expected_decisions: int | None = None
+    pacing: bool | None = None
+    cleared: frozenset[str] = frozenset()
 
 
 # One per user on the decision path, built and dropped within a request: NamedTuples are the cheapest.

@@ -8,7 +8,7 @@ import time
 import pytest
 from conftest import Run, item, put, reserve
 
-from service.state import CampaignNotFound, CampaignUpdate, CostAboveReservation, Outcome
+from service.state import CampaignNotFound, CampaignSettings, CampaignUpdate, CostAboveReservation, Outcome
 from service.state.store import StateStore
 
 
@@ -17,17 +17,20 @@ def test_campaign_put_patch_get(run: Run) -> None:
         assert await store.get_campaign("c") is None
         with pytest.raises(CampaignNotFound):
             await store.upsert_campaign("c", CampaignUpdate(replace=False, budget=5))
-        state = await store.upsert_campaign("c", put(10_000, admin_lambda=0.3, expected_users=10))
-        assert (state.budget, state.spent, state.reserved, state.admin_lambda) == (10_000, 0, 0, 0.3)
-        assert state.coupons == {1: 200, 2: 500, 3: 1000} and state.expected_users == 10
+        state = await store.upsert_campaign(
+            "c", put(10_000, admin_lambda=0.3, expected_users=10, ends_ms=9, pacing=False)
+        )
+        assert (state.budget, state.spent, state.reserved, state.settings.admin_lambda) == (10_000, 0, 0, 0.3)
+        assert state.coupons == {1: 200, 2: 500, 3: 1000} and state.settings.expected_users == 10
+        assert (state.settings.ends_ms, state.settings.pacing, state.settings.reservation_mode) == (9, False, "strict")
         state = await store.upsert_campaign("c", CampaignUpdate(replace=False, budget=20_000))
-        assert state.budget == 20_000 and state.admin_lambda == 0.3 and state.coupons[3] == 1000
-        state = await store.upsert_campaign("c", CampaignUpdate(replace=False, clear_lambda=True))
-        assert state.admin_lambda is None
-        state = await store.upsert_campaign("c", CampaignUpdate(replace=False, admin_lambda=0.5))
-        assert state.admin_lambda == 0.5
-        state = await store.upsert_campaign("c", put(100))  # PUT clears what it does not name
-        assert state.admin_lambda is None and state.expected_users is None and state.budget == 100
+        assert state.budget == 20_000 and state.settings.admin_lambda == 0.3 and state.coupons[3] == 1000
+        state = await store.upsert_campaign("c", CampaignUpdate(replace=False, cleared=frozenset({"admin_lambda"})))
+        assert state.settings.admin_lambda is None and state.settings.ends_ms == 9
+        state = await store.upsert_campaign("c", CampaignUpdate(replace=False, admin_lambda=0.5, overspend_risk=0.05))
+        assert state.settings.admin_lambda == 0.5 and state.settings.overspend_risk == 0.05
+        state = await store.upsert_campaign("c", put(100))  # PUT resets what it does not name
+        assert state.settings == CampaignSettings(budget=100, coupons={1: 200, 2: 500, 3: 1000})
         assert await store.campaign_ids() == ["c"]
         assert await store.get_campaign("c") == state
 
@@ -38,12 +41,13 @@ def test_decisions_read_every_campaign_change(run: Run) -> None:
     async def scenario(store: StateStore) -> None:
         await store.upsert_campaign("c", put(10_000, admin_lambda=0.5))
         config, _ = await store.load_for_decision("c", ["u"])
-        assert config is not None and (config.budget, config.admin_lambda, config.coupons[2]) == (10_000, 0.5, 500)
-        await store.upsert_campaign(
-            "c", CampaignUpdate(replace=False, budget=7_000, clear_lambda=True, expected_users=4)
-        )
+        assert config is not None
+        assert (config.budget, config.settings.admin_lambda, config.coupons[2]) == (10_000, 0.5, 500)
+        update = CampaignUpdate(replace=False, budget=7_000, expected_users=4, cleared=frozenset({"admin_lambda"}))
+        await store.upsert_campaign("c", update)
         config, (context,) = await store.load_for_decision("c", ["u"])
-        assert config is not None and (config.budget, config.admin_lambda, config.expected_users) == (7_000, None, 4)
+        assert config is not None
+        assert (config.budget, config.settings.admin_lambda, config.settings.expected_users) == (7_000, None, 4)
         assert context is None
         assert await store.load_for_decision("other", ["u"]) == (None, [None])
 

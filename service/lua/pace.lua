@@ -1,0 +1,40 @@
+-- One step of online pacing (dual descent on lambda toward the spend plan), at most once per interval
+-- however many replicas call it: lambda <- clip(lambda + step * (excess spend since the last step, as a
+-- fraction of the budget), 0, lambda max), each change bounded by max step.
+-- Spend is realised spend plus the expected cost of outstanding reservations: reserved times the
+-- campaign's realised / reserved ratio over settled decisions (a prior of `prior` cents at ratio 1
+-- keeps it cautious until outcomes arrive). The plan is even over the traffic (decisions /
+-- expected_decisions) when the campaign gives one, else over its horizon (starts_ms .. ends_ms).
+-- KEYS[1] campaign hash, KEYS[2] the paced lambda (a string; read by decisions with the settings)
+-- ARGV[1] now ms, [2] interval ms, [3] the lambda pacing starts from, [4] step, [5] max step,
+--   [6] lambda max, [7] prior (cents)
+-- Returns {lambda, plan cents, spend cents, stepped (1 | 0)}, or {} for an unknown campaign.
+local c = redis.call('HMGET', KEYS[1], 'budget', 'spent', 'reserved', 'settled_reserved', 'decisions',
+  'starts_ms', 'ends_ms', 'expected_decisions', 'paced_at_ms', 'pace_plan', 'pace_actual')
+if not c[1] then return {} end
+local now, interval = tonumber(ARGV[1]), tonumber(ARGV[2])
+local budget, spent, reserved, settled = tonumber(c[1]), tonumber(c[2]), tonumber(c[3]), tonumber(c[4])
+local fraction = 0
+if c[8] ~= '' then
+  fraction = tonumber(c[5]) / tonumber(c[8])
+elseif c[7] ~= '' then
+  local starts, ends = tonumber(c[6]), tonumber(c[7])
+  fraction = (now - starts) / math.max(1, ends - starts)
+end
+fraction = math.max(0, math.min(1, fraction))
+local prior = tonumber(ARGV[7])
+local ratio = math.min(1, (spent + prior) / (settled + prior))
+local plan = math.floor(fraction * budget)
+local actual = math.floor(spent + reserved * ratio)
+local lam = tonumber(redis.call('GET', KEYS[2]) or ARGV[3])
+if c[9] ~= '' and now - tonumber(c[9]) < interval then
+  return {tostring(lam), plan, actual, 0}
+end
+if c[9] ~= '' and budget > 0 then
+  local excess = ((actual - tonumber(c[11])) - (plan - tonumber(c[10]))) / budget
+  local change = math.max(-tonumber(ARGV[5]), math.min(tonumber(ARGV[5]), tonumber(ARGV[4]) * excess))
+  lam = math.max(0, math.min(tonumber(ARGV[6]), lam + change))
+end
+redis.call('HSET', KEYS[1], 'paced_at_ms', string.format('%d', now), 'pace_plan', plan, 'pace_actual', actual)
+redis.call('SET', KEYS[2], tostring(lam))
+return {tostring(lam), plan, actual, 1}

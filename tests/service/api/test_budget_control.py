@@ -1,0 +1,80 @@
+"""Budget-control settings of a campaign over HTTP: horizon, traffic plan, pacing, reservation mode."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from fastapi.testclient import TestClient
+from svc_http import ADMIN, campaign_body, users
+
+
+def put(client: TestClient, cid: str = "p1", **extra: Any) -> Any:
+    return client.put(f"/v1/admin/campaigns/{cid}", json=campaign_body(1000.0, **extra), headers=ADMIN)
+
+
+def test_a_campaign_without_the_new_fields_behaves_as_before(client: TestClient) -> None:
+    view = put(client).json()
+    assert view["reservation_mode"] == "strict" and view["overspend_risk"] == 0.01
+    assert (view["starts_at"], view["ends_at"], view["expected_decisions"]) == (None, None, None)
+    assert view["pacing"] is False and view["plan"] is None and view["pacing_error"] is None
+
+
+def test_horizon_and_traffic_plan_are_stored_and_shown(client: TestClient) -> None:
+    view = put(client, starts_at="2026-01-01T00:00:00Z", ends_at="2026-01-31T00:00:00+00:00").json()
+    assert view["starts_at"].startswith("2026-01-01T00:00:00") and view["ends_at"].startswith("2026-01-31")
+    assert view["pacing"] is True  # on by default once there is a plan
+    view = client.patch("/v1/admin/campaigns/p1", json={"pacing": False, "expected_decisions": 500}, headers=ADMIN)
+    assert view.status_code == 200, view.text
+    assert view.json()["pacing"] is False and view.json()["expected_decisions"] == 500
+    view = client.patch("/v1/admin/campaigns/p1", json={"ends_at": None, "pacing": None}, headers=ADMIN).json()
+    assert view["ends_at"] is None and view["pacing"] is True  # the traffic plan remains
+    view = put(client, ends_at="2999-01-01T00:00:00Z").json()  # a horizon without a start begins now
+    assert view["starts_at"] is not None and view["expected_decisions"] is None  # PUT resets what it omits
+
+
+@pytest.mark.parametrize(
+    ("extra", "field"),
+    [
+        ({"starts_at": "2026-02-01T00:00:00Z", "ends_at": "2026-01-01T00:00:00Z"}, []),
+        ({"ends_at": "2026-01-01T00:00:00"}, ["body", "ends_at"]),  # no time zone
+        ({"expected_decisions": 0}, ["body", "expected_decisions"]),
+        ({"overspend_risk": 0.9}, ["body", "overspend_risk"]),
+        ({"reservation_mode": "loose"}, ["body", "reservation_mode"]),
+        ({"reservation_mode": "expected"}, ["body", "reservation_mode"]),  # not available in this version
+        ({"pacing": "yes"}, ["body", "pacing"]),
+    ],
+)
+def test_bad_settings_are_refused_naming_the_field(client: TestClient, extra: dict[str, Any], field: list[Any]) -> None:
+    resp = put(client, **extra)
+    assert resp.status_code == 422, resp.text
+    assert resp.json()["detail"][0]["loc"][: len(field)] == field
+
+
+def test_a_patch_cannot_end_the_horizon_before_it_starts(client: TestClient) -> None:
+    put(client, starts_at="2026-01-10T00:00:00Z", ends_at="2026-02-01T00:00:00Z")
+    resp = client.patch("/v1/admin/campaigns/p1", json={"ends_at": "2026-01-05T00:00:00Z"}, headers=ADMIN)
+    assert resp.status_code == 422 and resp.json()["detail"][0]["loc"] == ["body", "ends_at"]
+
+
+def test_pacing_raises_lambda_of_a_campaign_spending_ahead_of_its_plan(client: TestClient, feature_dim: int) -> None:
+    """A campaign whose traffic plan is far behind what its decisions reserved: each pacing step raises
+    its lambda, decisions are then made with the paced lambda, and the view shows plan and error."""
+    client.app.state.settings.pacing_interval_s = 0.001  # type: ignore[attr-defined]  # a step per call
+    put(client, cid="fast", expected_decisions=100_000, **{"lambda": 0.0})
+    engine = client.app.state.runtime.engine  # type: ignore[attr-defined]
+    lambdas = []
+    for n in range(3):
+        body = {"requests": users(50, feature_dim, prefix=f"r{n}-")}
+        assert client.post("/v1/campaigns/fast/decisions", json=body).status_code == 200
+        client.portal.call(engine.pace, "fast")  # type: ignore[attr-defined]
+        view = client.get("/v1/admin/campaigns/fast", headers=ADMIN).json()
+        lambdas.append(view["lambda"])
+    # from the campaign's lambda, upward while the spend runs ahead of the plan (then it holds, or eases
+    # back by what spend falls behind the plan's own increments)
+    assert lambdas[0] == 0.0 and lambdas[1] > 0.0 and lambdas[2] > 0.0
+    assert view["lambda_source"] == "pacing" and view["pacing_error"] > 0 and view["pacing_spend"] > view["plan"]
+    decided = client.post("/v1/campaigns/fast/decisions", json={"requests": users(1, feature_dim, prefix="w")})
+    assert decided.json()["decisions"][0]["lambda"] == view["lambda"]
+    metrics = client.get("/metrics").text
+    assert 'saco_campaign_lambda{campaign="fast"}' in metrics and "saco_pacing_error" in metrics

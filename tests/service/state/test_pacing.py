@@ -1,0 +1,90 @@
+"""Online pacing in the store (pace.lua): dual descent on lambda toward the spend plan, one step per
+interval across replicas; on every kind of store."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from conftest import Run, item, put, reserve
+
+from service.state import CampaignUpdate, Outcome
+from service.state.store import StateStore
+
+STEP: dict[str, Any] = {"interval_ms": 1_000, "start_lambda": 1.0, "step": 10.0, "max_step": 0.5, "lambda_max": 5.0}
+
+
+async def pace(store: StateStore, now: int, campaign: str = "c", prior: int = 0, **kw: Any) -> Any:
+    return await store.pace(campaign, now_ms=now, prior=prior, **{**STEP, **kw})
+
+
+def test_a_time_plan_moves_lambda_by_the_excess_spend_of_each_step(run: Run) -> None:
+    async def scenario(store: StateStore) -> None:
+        await store.upsert_campaign("c", put(10_000, starts_ms=0, ends_ms=100_000, coupons={1: 500}))
+        assert await pace(store, 10_000) == (1.0, 1_000, 0, True)  # the first step starts from the given lambda
+        assert await pace(store, 10_500) == (1.0, 1_050, 0, False)  # within the interval: no step
+        decided = await reserve(store, "c", [item(f"u{i}", [1, 0]) for i in range(8)])  # 40.00 reserved
+        ids = [d.decision_id for d in decided.decisions]
+        await store.settle("c", [Outcome(ids[0], 1.0, 500), Outcome(ids[1], 0.0, 0)])  # ratio 1/2
+        # spend = 5.00 realised + 30.00 outstanding x 0.5 = 20.00 (+20.00 since the last step), the plan
+        # +10.00: excess 10.00 = 0.1 of the budget -> lambda + 1.0, bounded to +0.5 a step
+        assert await pace(store, 20_000) == (1.5, 2_000, 2_000, True)
+        # at 30 s the plan is 30.00 (+10.00), spend still 20.00: excess -0.1 -> lambda - 0.5 (bounded)
+        assert await pace(store, 30_000) == (1.0, 3_000, 2_000, True)
+        assert await pace(store, 40_000, max_step=5.0) == (0.0, 4_000, 2_000, True)  # never below 0
+        campaign = await store.get_campaign("c")
+        assert campaign is not None and campaign.pacing.lam == 0.0 and campaign.pacing.plan == 4_000
+        config, _ = await store.load_for_decision("c", [])
+        assert config is not None and config.paced_lambda == 0.0  # what decisions read
+
+    run(scenario)
+
+
+def test_a_traffic_plan_follows_the_decisions(run: Run) -> None:
+    async def scenario(store: StateStore) -> None:
+        await store.upsert_campaign("c", put(20_000, expected_decisions=100, coupons={1: 1_000}))
+        assert await pace(store, 0) == (1.0, 0, 0, True)
+        await reserve(store, "c", [item(f"u{i}", [1, 0]) for i in range(10)])  # 10 decisions, all 10.00
+        # plan 10% = 20.00; spend 100.00 reserved at ratio 1 (nothing settled): excess 0.4 -> +0.5 (bounded)
+        assert await pace(store, 1_000) == (1.5, 2_000, 10_000, True)
+        assert await pace(store, 2_000) == (1.5, 2_000, 10_000, True)  # no excess since: lambda stays
+        await reserve(store, "c", [item(f"v{i}", [1, 0]) for i in range(10)])
+        assert await pace(store, 3_000, lambda_max=1.7, max_step=5.0) == (1.7, 4_000, 20_000, True)
+
+
+def test_the_prior_keeps_outstanding_spend_cautious_until_outcomes_arrive(run: Run) -> None:
+    async def scenario(store: StateStore) -> None:
+        await store.upsert_campaign("c", put(100_000, expected_decisions=1_000, coupons={1: 1_000}))
+        decided = await reserve(store, "c", [item(f"u{i}", [1, 0]) for i in range(4)])
+        await store.settle("c", [Outcome(decided.decisions[0].decision_id, 0.0, 0)])  # one of four, not redeemed
+        _, _, without_prior, _ = await pace(store, 0, prior=0)  # ratio 0: outstanding counts for nothing
+        await store.upsert_campaign("c", CampaignUpdate(replace=False, admin_lambda=2.0))  # restarts pacing
+        lam, _, with_prior, _ = await pace(store, 0, prior=1_000, start_lambda=2.0)  # ratio 1,000 / 2,000
+        assert (without_prior, with_prior, lam) == (0, 1_500, 2.0)
+
+    run(scenario)
+
+
+def test_a_new_admin_lambda_or_a_put_restarts_pacing(run: Run) -> None:
+    async def scenario(store: StateStore) -> None:
+        await store.upsert_campaign("c", put(10_000, expected_decisions=10))
+        await pace(store, 0)
+        config, _ = await store.load_for_decision("c", [])
+        assert config is not None and config.paced_lambda == 1.0
+        await store.upsert_campaign("c", CampaignUpdate(replace=False, budget=20_000))  # pacing goes on
+        config, _ = await store.load_for_decision("c", [])
+        assert config is not None and config.paced_lambda == 1.0
+        await store.upsert_campaign("c", CampaignUpdate(replace=False, admin_lambda=3.0))
+        config, _ = await store.load_for_decision("c", [])
+        assert config is not None and config.paced_lambda is None
+        assert await pace(store, 5, start_lambda=3.0) == (3.0, 0, 0, True)
+
+    run(scenario)
+
+
+@pytest.mark.parametrize("missing", ["nope"])
+def test_pacing_an_unknown_campaign(run: Run, missing: str) -> None:
+    async def scenario(store: StateStore) -> None:
+        assert await pace(store, 0, campaign=missing) is None
+
+    run(scenario)
