@@ -188,6 +188,7 @@ class DecisionEngine:
             now_ms=now_ms(),
             reservation_expiry_ms=self.settings.reservation_expiry_s * 1000,
             decision_ttl_ms=self.settings.decision_ttl_s * 1000,
+            prior_coupons=self.settings.prior_coupons,
         )
         self._record(campaign_id, order, reserved, features, contexts, policy.manifest)
         return render(order, reserved.decisions)
@@ -329,10 +330,6 @@ class DecisionEngine:
         for name in ("budget", "coupons"):
             if name in given and getattr(body, name) is None:
                 raise InvalidInput((name,), "must be given (it has no default)", None)
-        if body.reservation_mode == "expected":
-            raise InvalidInput(
-                ("reservation_mode",), "'expected' is not available in this version; use 'strict'", "expected"
-            )
         starts_ms, ends_ms = epoch_ms(body.starts_at), epoch_ms(body.ends_at)
         if (
             ends_ms is not None
@@ -427,7 +424,7 @@ class DecisionEngine:
             step=settings.pacing_step * scale,
             max_step=settings.pacing_max_step * scale,
             lambda_max=settings.pacing_lambda_max * scale,
-            prior=max(campaign.coupons.values(), default=0) * settings.pacing_prior_coupons,
+            prior=max(campaign.coupons.values(), default=0) * settings.prior_coupons,
         )
         if stepped is None:
             return

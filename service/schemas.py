@@ -98,7 +98,9 @@ class _Campaign(_Body):
         description="audience size; with it and no lambda, lambda comes from the model's calibration table",
     )
     reservation_mode: ReservationMode | None = Field(
-        default=None, description="strict (default): a coupon reserves its cost; expected: not available yet"
+        default=None,
+        description="strict (default): a coupon reserves its cost, never an overspend; expected: a coupon "
+        "reserves its expected cost plus a margin, overspend with probability at most overspend_risk",
     )
     overspend_risk: OverspendRisk | None = Field(default=None, description="the bound of expected mode (0.01)")
     starts_at: AwareDatetime | None = Field(default=None, description="the spend plan's start (default: now)")

@@ -72,11 +72,11 @@ class Settings(BaseSettings):
     )
     pacing_max_step: float = Field(default=0.5, gt=0, description="largest lambda change of one step, in model lambdas")
     pacing_lambda_max: float = Field(default=50.0, gt=0, description="largest paced lambda, in model lambdas")
-    pacing_prior_coupons: int = Field(
+    prior_coupons: int = Field(
         default=20,
         ge=0,
-        description="outstanding reservations count at face value until outcomes worth this many of the "
-        "campaign's dearest coupon have settled (then at the realised / reserved ratio)",
+        description="pacing and expected-mode reservations count a coupon at its full cost until outcomes of "
+        "about this many coupons of its kind have settled (then at the realised / issued cost ratio)",
     )
 
     log_level: str = "INFO"

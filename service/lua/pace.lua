@@ -3,14 +3,14 @@
 -- fraction of the budget), 0, lambda max), each change bounded by max step.
 -- Spend is realised spend plus the expected cost of outstanding reservations: reserved times the
 -- campaign's realised / reserved ratio over settled decisions (a prior of `prior` cents at ratio 1
--- keeps it cautious until outcomes arrive). The plan is even over the traffic (decisions /
+-- keeps it cautious until outcomes arrive; in expected mode the reservations are expected costs already). The plan is even over the traffic (decisions /
 -- expected_decisions) when the campaign gives one, else over its horizon (starts_ms .. ends_ms).
 -- KEYS[1] campaign hash, KEYS[2] the paced lambda (a string; read by decisions with the settings)
 -- ARGV[1] now ms, [2] interval ms, [3] the lambda pacing starts from, [4] step, [5] max step,
 --   [6] lambda max, [7] prior (cents)
 -- Returns {lambda, plan cents, spend cents, stepped (1 | 0)}, or {} for an unknown campaign.
 local c = redis.call('HMGET', KEYS[1], 'budget', 'spent', 'reserved', 'settled_reserved', 'decisions',
-  'starts_ms', 'ends_ms', 'expected_decisions', 'paced_at_ms', 'pace_plan', 'pace_actual')
+  'starts_ms', 'ends_ms', 'expected_decisions', 'paced_at_ms', 'pace_plan', 'pace_actual', 'reservation_mode')
 if not c[1] then return {} end
 local now, interval = tonumber(ARGV[1]), tonumber(ARGV[2])
 local budget, spent, reserved, settled = tonumber(c[1]), tonumber(c[2]), tonumber(c[3]), tonumber(c[4])
@@ -24,6 +24,7 @@ end
 fraction = math.max(0, math.min(1, fraction))
 local prior = tonumber(ARGV[7])
 local ratio = math.min(1, (spent + prior) / (settled + prior))
+if c[12] == 'expected' then ratio = 1 end -- reservations already are expected costs
 local plan = math.floor(fraction * budget)
 local actual = math.floor(spent + reserved * ratio)
 local lam = tonumber(redis.call('GET', KEYS[2]) or ARGV[3])

@@ -1,12 +1,14 @@
 -- Settle a batch of outcomes atomically: the realized cost replaces the reservation
--- (reserved -= reserved amount, spent += cost). All or nothing: a cost above its reservation refuses all.
+-- (reserved -= reserved amount, spent += cost). All or nothing: a cost above the coupon's cost refuses all
+-- (in strict mode a coupon reserves its cost, so a settled cost never exceeds its reservation).
 -- KEYS[1] campaign hash, KEYS[2..] the record hashes of the batches the outcomes name
 -- ARGV per outcome: cost cents, reward (text), index of its record hash in KEYS, its field there
--- Returns {'missing'} unknown campaign | {'too_high', index, reserved} | {remaining, code, user, ...}
+-- Returns {'missing'} unknown campaign | {'too_high', index, coupon cost} | {remaining, code, user, ...}
 --   with code 'A' accepted, 'D' duplicate, 'U' unknown (or expired record).
--- Decision record: see reserve.lua.
+-- Decision record: see reserve.lua. Each settled coupon adds its cost to issued:<action> and its realised
+-- cost to realised:<action> (the ratio expected mode reserves by), and its cost to settled_reserved.
 local campaign = KEYS[1]
-local RECORD = '^(%u)\t(%d+)\t([^\t]*\t[^\t]*\t[^\t]*\t[^\t]*\t[^\t]*)\t[^\t]*\t[^\t]*\t(%d+)\t()'
+local RECORD = '^(%u)\t(%d+)\t(%d+)\t([^\t]*)\t(%d+)\t([^\t]*\t[^\t]*\t[^\t]*\t[^\t]*)\t[^\t]*\t[^\t]*\t(%d+)\t()'
 local function int(x) return string.format('%d', x) end
 
 if redis.call('EXISTS', campaign) == 0 then return {'missing'} end
@@ -14,19 +16,19 @@ local n = #ARGV / 4
 local function record(i)
   local value = redis.call('HGET', KEYS[tonumber(ARGV[4 * i - 1])], ARGV[4 * i])
   if not value then return nil end
-  local status, reserved, middle, request_length, tail = string.match(value, RECORD)
-  return status, reserved, middle, request_length, tail, value
+  local status, reserved, face, variance, action, middle, request_length, tail = string.match(value, RECORD)
+  return status, reserved, face, variance, action, middle, request_length, tail, value
 end
 for i = 1, n do
-  local status, reserved = record(i)
-  if status and status ~= 'S' and tonumber(ARGV[4 * i - 3]) > tonumber(reserved) then
-    return {'too_high', i - 1, reserved}
+  local status, _, face = record(i)
+  if status and status ~= 'S' and tonumber(ARGV[4 * i - 3]) > tonumber(face) then
+    return {'too_high', i - 1, face}
   end
 end
 local out = {0}
 for i = 1, n do
   -- read again: the batch may name a decision twice
-  local status, reserved, middle, request_length, tail, value = record(i)
+  local status, reserved, face, variance, action, middle, request_length, tail, value = record(i)
   local cost = tonumber(ARGV[4 * i - 3])
   if not status then
     out[#out + 1] = 'U'
@@ -37,18 +39,23 @@ for i = 1, n do
   else
     if status == 'R' then
       redis.call('HINCRBY', campaign, 'reserved', int(-tonumber(reserved)))
-      redis.call('HINCRBY', campaign, 'settled_reserved', reserved)
+      if tonumber(variance) > 0 then redis.call('HINCRBYFLOAT', campaign, 'outstanding_var', -tonumber(variance)) end
       redis.call('HINCRBY', campaign, 'spent', int(cost))
-    else -- 'X': the reservation expired and was released (and counted as settled at no cost by the
+      if action ~= '0' then
+        redis.call('HINCRBY', campaign, 'settled_reserved', face)
+        redis.call('HINCRBY', campaign, 'issued:' .. action, face)
+      end
+    else -- 'X': the reservation expired and was released (and counted as issued at no cost by the
       -- sweep); charge only what still fits the budget
       local ledger = redis.call('HMGET', campaign, 'budget', 'spent', 'reserved')
       local fits = math.max(0, math.min(cost, tonumber(ledger[1]) - tonumber(ledger[2]) - tonumber(ledger[3])))
       redis.call('HINCRBY', campaign, 'spent', int(fits))
       redis.call('HINCRBY', campaign, 'overrun', int(cost - fits))
     end
+    if action ~= '0' then redis.call('HINCRBY', campaign, 'realised:' .. action, int(cost)) end
     local rest = string.sub(value, tail)
-    redis.call('HSET', KEYS[tonumber(ARGV[4 * i - 1])], ARGV[4 * i],
-      table.concat({'S', reserved, middle, ARGV[4 * i - 2], ARGV[4 * i - 3], request_length, rest}, '\t'))
+    redis.call('HSET', KEYS[tonumber(ARGV[4 * i - 1])], ARGV[4 * i], table.concat({'S', reserved, face, variance,
+      action, middle, ARGV[4 * i - 2], ARGV[4 * i - 3], request_length, rest}, '\t'))
     out[#out + 1] = 'A'
     out[#out + 1] = string.sub(rest, tonumber(request_length) + 2)
   end

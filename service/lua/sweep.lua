@@ -1,10 +1,13 @@
--- Release the reservations of batches whose deadline passed (status R -> X, reserved -= amount).
+-- Release the reservations of batches whose deadline passed (status R -> X, reserved -= amount): a coupon
+-- without an outcome by then was not redeemed, so it counts as issued at no cost (settle.lua).
 -- KEYS[1] campaign hash, KEYS[2] pending zset, KEYS[3..] the record hashes of the due batches
 -- ARGV[1] now ms, ARGV[2..] the batch ids of KEYS[3..] (their members in the pending zset)
--- Returns the number released. Decision record: see reserve.lua (status first, then reserved cents).
+-- Returns the number released. Decision record: see reserve.lua.
 local campaign, pending = KEYS[1], KEYS[2]
 local now = tonumber(ARGV[1])
-local released, amount = 0, 0
+local released, amount, variance = 0, 0, 0
+local issued = {} -- action -> cost of its released coupons
+local RECORD = '^(%u)\t(%d+)\t(%d+)\t([^\t]*)\t(%d+)\t'
 for i = 3, #KEYS do
   local batch, key = ARGV[i - 1], KEYS[i]
   local deadline = redis.call('ZSCORE', pending, batch)
@@ -13,18 +16,23 @@ for i = 3, #KEYS do
     local records = redis.call('HGETALL', key)
     for j = 1, #records, 2 do
       local value = records[j + 1]
-      local status, reserved = string.match(value, '^(%u)\t(%d+)\t')
+      local status, reserved, face, var, action = string.match(value, RECORD)
       if status == 'R' then
         redis.call('HSET', key, records[j], 'X' .. string.sub(value, 2))
         amount = amount + tonumber(reserved)
+        variance = variance + tonumber(var)
+        if action ~= '0' then issued[action] = (issued[action] or 0) + tonumber(face) end
         released = released + 1
       end
     end
   end
 end
-if amount > 0 and redis.call('EXISTS', campaign) == 1 then
+if released > 0 and redis.call('EXISTS', campaign) == 1 then
   redis.call('HINCRBY', campaign, 'reserved', string.format('%d', -amount))
-  -- an expired coupon was not redeemed: it counts as settled at no cost (pace.lua's ratio)
-  redis.call('HINCRBY', campaign, 'settled_reserved', string.format('%d', amount))
+  if variance > 0 then redis.call('HINCRBYFLOAT', campaign, 'outstanding_var', -variance) end
+  for action, cost in pairs(issued) do
+    redis.call('HINCRBY', campaign, 'issued:' .. action, string.format('%d', cost))
+    redis.call('HINCRBY', campaign, 'settled_reserved', string.format('%d', cost))
+  end
 end
 return released

@@ -99,6 +99,8 @@ def _record_tail(request_id: str | None, user_id: str) -> str:
 DECISION_FIELDS = (
     "status",
     "reserved",
+    "coupon_cost",
+    "variance",
     "action",
     "probability",
     "decided_at_ms",
@@ -397,9 +399,12 @@ class StateStore:
         now_ms: int,
         reservation_expiry_ms: int,
         decision_ttl_ms: int,
+        prior_coupons: int = 20,
     ) -> ReserveResult:
         """Decide and reserve a whole batch atomically, items in priority order: each takes the first of
-        its preferences that fits the remaining budget. A repeated request_id returns its first decision."""
+        its preferences that fits (the campaign's reservation mode says what fits and what is reserved:
+        reserve.lua). A repeated request_id returns its first decision. `prior_coupons`: how many coupons
+        of each action count as redeemed before outcomes say otherwise (expected mode)."""
         batch = os.urandom(10).hex()
         keys = [self.campaign_key(campaign_id), self.pending_key(campaign_id), self.batch_key(campaign_id, batch)]
         orderings: dict[tuple[int, ...], int] = {}  # distinct preference lists: a batch has a handful
@@ -416,6 +421,7 @@ class StateStore:
             "requests": requests,
         }
         args = [now_ms, reservation_expiry_ms, decision_ttl_ms, model_version, repr(lam), batch, orjson.dumps(columns)]
+        args.append(prior_coupons)
         reply = await self._eval("reserve", keys, args)
         if reply[0] == b"missing":
             raise CampaignNotFound(campaign_id)

@@ -26,7 +26,7 @@ class CostAboveReservation(ValueError):
 
     def __init__(self, index: int, cost_cents: int, reserved_cents: int) -> None:
         super().__init__(
-            f"cost {cost_cents / 100:.2f} is above the {reserved_cents / 100:.2f} reserved by this decision"
+            f"cost {cost_cents / 100:.2f} is above the {reserved_cents / 100:.2f} this decision's coupon costs"
         )
         self.index = index
 

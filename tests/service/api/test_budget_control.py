@@ -20,6 +20,13 @@ def test_a_campaign_without_the_new_fields_behaves_as_before(client: TestClient)
     assert view["pacing"] is False and view["plan"] is None and view["pacing_error"] is None
 
 
+def test_expected_mode_is_stored_and_shown(client: TestClient) -> None:
+    view = put(client, reservation_mode="expected", overspend_risk=0.02).json()
+    assert (view["reservation_mode"], view["overspend_risk"]) == ("expected", 0.02)
+    view = client.patch("/v1/admin/campaigns/p1", json={"reservation_mode": None}, headers=ADMIN).json()
+    assert view["reservation_mode"] == "strict" and view["overspend_risk"] == 0.02
+
+
 def test_horizon_and_traffic_plan_are_stored_and_shown(client: TestClient) -> None:
     view = put(client, starts_at="2026-01-01T00:00:00Z", ends_at="2026-01-31T00:00:00+00:00").json()
     assert view["starts_at"].startswith("2026-01-01T00:00:00") and view["ends_at"].startswith("2026-01-31")
@@ -41,7 +48,6 @@ def test_horizon_and_traffic_plan_are_stored_and_shown(client: TestClient) -> No
         ({"expected_decisions": 0}, ["body", "expected_decisions"]),
         ({"overspend_risk": 0.9}, ["body", "overspend_risk"]),
         ({"reservation_mode": "loose"}, ["body", "reservation_mode"]),
-        ({"reservation_mode": "expected"}, ["body", "reservation_mode"]),  # not available in this version
         ({"pacing": "yes"}, ["body", "pacing"]),
     ],
 )
