@@ -52,8 +52,8 @@ class BudgetUnreachable(RuntimeError):
         return (
             f"{policy} cannot be brought under the budget: it still spends {self.cost:.2f} at lambda "
             f"{self.lam:g} (the largest tried) against a budget of {self.budget:.2f}; raise the budget, "
-            "simulate more users, or lower the coupons' costs (a policy that still gives coupons at any "
-            "price has a spend floor)"
+            "simulate more users (or train longer), or lower the coupons' costs (a policy that still gives "
+            "coupons however high lambda prices them has a spend floor)"
         )
 
 
