@@ -161,7 +161,6 @@ def calibrate(
     def say(message: str) -> None:
         print(f"[{time.time() - started:5.1f}s] {message}", file=sys.stderr, flush=True)
 
-    say("loading the model and the logs...")
     from model_store import ModelStore
     from offline.calibrate import calibrate_artifact
     from offline.logs import load_logs
@@ -170,10 +169,14 @@ def calibrate(
         raise ValueError("--method must be monotone or slsqp")
     if budget <= 0:
         raise ValueError("--budget must be > 0")
+    # progress starts once the inputs are valid: an error stays the only line on stderr
     model_store = ModelStore(store)
-    model_store.load(version)  # a missing or corrupt model fails before the logs are read
+    artifact = model_store.load(version)  # a missing or corrupt model fails before the logs are read
     data = load_logs(logs)
-    say(f"loaded {data.n_rows} rows, {data.n_users} users, {data.num_actions} actions")
+    say(
+        f"loaded model {artifact.version} and the logs: {data.n_rows} rows, {data.n_users} users, "
+        f"{data.num_actions} actions"
+    )
     passes = 0
 
     def tick(phase: str, ev: Any) -> None:
