@@ -2,13 +2,23 @@
 above, the budget B.
 
 `simulate(lam)` runs the whole population through the policy at `lam` and returns its revenue and cost.
-Two searches:
+Three searches:
 - `search_monotone` (default): spend never increases with lambda (an argmax of r - lambda c picks a
-  cheaper or equal action as lambda grows), so bracket + safeguarded false position finds the target in
-  a handful of passes. The answer is always the bracket's feasible end: C <= B by construction.
+  cheaper or equal action as lambda grows), so bracket + safeguarded false position (on log spend)
+  finds the target in a handful of passes. The answer is always the bracket's feasible end: C <= B by construction.
 - `search_slsqp`: the paper's Algorithm 2, SLSQP on lambda (C - B)^+ - R with noise restarts and the
   dynamic adjustment lambda += lr (C - B). Kept for comparison; the spend curve is piecewise constant,
   so SLSQP's finite-difference gradients are often zero and it needs many more passes.
+- `search_reserved`: the policy runs behind the service's `strict` ledger, which by itself keeps spend
+  under B at every lambda: a low lambda then spends the budget on whoever asks first and refuses later
+  users, a high one leaves money unspent. It returns the lambda whose simulated revenue through the
+  ledger is highest among those whose spend is not above B: a scan over a factor-of-two span around a
+  starting lambda (the spend-matching one), widened while the best point sits at its edge, then golden
+  section between the best point's neighbours.
+
+`calibrate_artifact` (`saco calibrate`) runs the exported policy in the environment learned from the
+logs, the policy observing sampled outcomes drawn from seeded common random numbers, so the same store,
+logs, budget, user count and seed give the same lambda bit for bit.
 """
 
 from __future__ import annotations
@@ -26,6 +36,25 @@ if TYPE_CHECKING:
     from offline.logs import Logs
 
 TARGET_LOW = 0.98  # BARate = C / B target band [0.98, 1.00]
+RESERVATIONS = ("strict", "none")
+
+
+class BudgetUnreachable(RuntimeError):
+    """Even the largest lambda tried leaves the policy's spend above the budget."""
+
+    def __init__(self, lam: float, cost: float, budget: float) -> None:
+        super().__init__(f"spend is {cost:.2f} at lambda {lam:g}, above the budget {budget:.2f}")
+        self.lam, self.cost, self.budget = lam, cost, budget
+
+    def advice(self, policy: str) -> str:
+        """One line naming the policy, what it spends at the largest lambda against the budget, and what
+        to change."""
+        return (
+            f"{policy} cannot be brought under the budget: it still spends {self.cost:.2f} at lambda "
+            f"{self.lam:g} (the largest tried) against a budget of {self.budget:.2f}; raise the budget, "
+            "simulate more users (or train longer), or lower the coupons' costs (a policy that still gives "
+            "coupons however high lambda prices them has a spend floor)"
+        )
 
 
 @dataclass
@@ -108,25 +137,30 @@ def search_monotone(
     hi = f(1.0)
     while hi.cost > budget:
         if hi.lam >= lam_max or len(f.history) >= max_passes:
-            raise RuntimeError(f"no lambda <= {lam_max} brings spend {hi.cost:.2f} under the budget {budget:.2f}")
+            raise BudgetUnreachable(hi.lam, hi.cost, budget)
         lo, hi = hi, f(hi.lam * 4.0)
     # invariant: lo.cost > budget >= hi.cost; answer = hi
-    side = 0
+    # false position on the log of spend (spend falls roughly exponentially with lambda) toward the
+    # middle of the band; Illinois-style: an end kept several times running has its weight halved each
+    # time, so the bracket shrinks from both sides
+    target = (1.0 + target_low) / 2.0 * budget
+
+    def g(cost: float) -> float:
+        return math.log(max(cost, 1e-3 * target, 1e-12))
+
+    weight_lo = weight_hi = 1.0
     while hi.cost < target_low * budget and len(f.history) < max_passes:
         if hi.lam - lo.lam <= 1e-9 * max(1.0, hi.lam):
             break
-        # false position on the target (middle of the band), Illinois-style safeguard against stalling
-        target = (1.0 + target_low) / 2.0 * budget
-        wl, wh = (0.5 if side == 1 else 1.0), (0.5 if side == -1 else 1.0)
-        dl, dh = (lo.cost - target) * wh, (target - hi.cost) * wl
+        dl, dh = (g(lo.cost) - g(target)) * weight_lo, (g(target) - g(hi.cost)) * weight_hi
         lam = lo.lam + (hi.lam - lo.lam) * dl / (dl + dh) if dl + dh > 0 else (lo.lam + hi.lam) / 2
         span = hi.lam - lo.lam
         lam = min(max(lam, lo.lam + 0.02 * span), hi.lam - 0.02 * span)
         mid = f(lam)
         if mid.cost > budget:
-            lo, side = mid, -1
+            lo, weight_lo, weight_hi = mid, 1.0, weight_hi * 0.5
         else:
-            hi, side = mid, 1
+            hi, weight_hi, weight_lo = mid, 1.0, weight_lo * 0.5
     return done(hi, hi.cost >= target_low * budget)
 
 
@@ -175,6 +209,73 @@ def search_slsqp(
     )
 
 
+GOLDEN = (math.sqrt(5.0) - 1.0) / 2.0
+
+
+def search_reserved(
+    simulate: Simulator,
+    budget: float,
+    start: float,
+    *,
+    lam_max: float = 1e4,
+    refine_passes: int = 8,
+    progress: Callable[[Evaluation], None] | None = None,
+) -> CalibrationResult:
+    """Most revenue at spend <= B when the ledger itself rations coupons (see the module docstring).
+    `start` > 0 is where the scan is centred. `converged`: the best lambda is interior to the bracket it
+    was refined in (not at 0 or `lam_max`)."""
+    if budget < 0 or not math.isfinite(budget):
+        raise ValueError(f"budget must be a finite number >= 0, got {budget}")
+    f = _Counter(simulate, progress)
+    start = min(max(start, 1e-3), lam_max)
+
+    def value(ev: Evaluation) -> float:
+        return ev.revenue if ev.cost <= budget else -math.inf
+
+    step = math.sqrt(2.0)
+    grid = [f(min(start * step**k, lam_max)) for k in range(-2, 3)]
+    while True:
+        best = max(range(len(grid)), key=lambda i: (value(grid[i]), grid[i].cost))
+        if best == 0 and grid[0].lam > 0:
+            lower = grid[0].lam / step
+            grid.insert(0, f(lower if lower > 1e-3 else 0.0))
+        elif best == len(grid) - 1 and grid[-1].lam < lam_max:
+            grid.append(f(min(grid[-1].lam * step, lam_max)))
+        else:
+            break
+    if value(grid[best]) == -math.inf:
+        raise BudgetUnreachable(grid[-1].lam, grid[-1].cost, budget)
+    lo = grid[max(best - 1, 0)].lam
+    hi = grid[min(best + 1, len(grid) - 1)].lam
+    champion = grid[best]
+    # golden section on [lo, hi] (revenue through the ledger is unimodal there in practice)
+    a, b = lo + (1 - GOLDEN) * (hi - lo), lo + GOLDEN * (hi - lo)
+    fa, fb = f(a), f(b)
+    for _ in range(refine_passes - 2):
+        if value(fa) >= value(fb):
+            hi, b, fb = b, a, fa
+            a = lo + (1 - GOLDEN) * (hi - lo)
+            fa = f(a)
+        else:
+            lo, a, fa = a, b, fb
+            b = lo + GOLDEN * (hi - lo)
+            fb = f(b)
+    for ev in (fa, fb):
+        if (value(ev), ev.cost) > (value(champion), champion.cost):
+            champion = ev
+    converged = 0.0 < champion.lam < lam_max
+    return CalibrationResult(
+        champion.lam,
+        champion.revenue,
+        champion.cost,
+        budget,
+        len(f.history),
+        "reserved",
+        converged,
+        f.history,
+    )
+
+
 def spend_table(simulate: Simulator, lams: list[float]) -> list[Evaluation]:
     """Spend and revenue over a lambda grid (the manifest's lambda table, the spend-vs-lambda plot)."""
     out = []
@@ -192,42 +293,116 @@ def calibrate_artifact(
     version: str | None = None,
     users: int | None = None,
     method: str = "monotone",
+    reservation: str = "strict",
+    request_size: int = 128,
     seed: int = 0,
-    progress: Callable[[Evaluation], None] | None = None,
+    progress: Callable[[str, Evaluation], None] | None = None,
     log: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
     """`saco calibrate`: run the exported policy through the environment learned from `data`, find lambda
-    for `budget`, and record it (plus a spend-vs-lambda table) in the version's manifest."""
+    for `budget`, and record it (plus a spend-vs-lambda table) in the version's manifest.
+
+    `reservation` "strict" simulates the service's default ledger (coupons reserve their face value,
+    the mean logged cost of a redeemed coupon of that action, until the outcome settles at the end of
+    the round; users arrive in random order in requests of `request_size`) and returns the lambda that
+    earns most through it; "none" returns the lambda whose spend without any ledger matches the budget.
+    The manifest's lambda table is the spend without a ledger (it does not depend on the budget).
+    `progress(phase, evaluation)` is told of every simulation pass as it ends."""
     from model_store import LambdaPoint, load_scripted
     from offline.env import LogEnvironment
-    from offline.policy import SequencePolicy, rollout
+    from offline.policy import SequencePolicy, StrictReservation, rollout
 
+    if reservation not in RESERVATIONS:
+        raise ValueError(f"reservation must be one of {', '.join(RESERVATIONS)}, got {reservation!r}")
+    say = log or (lambda _msg: None)
     artifact = store.load(version)
     m = artifact.manifest
     if data.feature_dim != m.feature_dim:
         raise ValueError(f"logs have {data.feature_dim} features, model {artifact.version} expects {m.feature_dim}")
-    if log is not None:
-        log("fitting the offline environment on the logs...")
-    env = LogEnvironment.fit(data)
+    env = LogEnvironment.fit(data, seed=seed, log=say)
     policy = SequencePolicy(
         load_scripted(artifact.model_path), m.context_length, m.initial_rtg, m.initial_ctg, m.feature_dim
     )
+    n_users = users or data.n_users
+    prices = face_values(data)
+    ledger = StrictReservation(budget, prices, request_size=request_size, seed=seed)
 
-    def simulate_at(lam: float) -> tuple[float, float]:
-        r = rollout(env, policy, lam, n_users=users, seed=seed)
+    def simulate_free(lam: float) -> tuple[float, float]:
+        r = rollout(env, policy, lam, n_users=n_users, seed=seed)
         return r.revenue, r.cost
 
+    def simulate_strict(lam: float) -> tuple[float, float]:
+        r = rollout(env, policy, lam, n_users=n_users, seed=seed, reservation=ledger)
+        return r.revenue, r.cost
+
+    def told(phase: str) -> Callable[[Evaluation], None] | None:
+        return None if progress is None else (lambda ev: progress(phase, ev))
+
+    say(f"simulating {n_users} users x {env.rounds} rounds per pass; searching lambda for the spend without a ledger")
     search = search_slsqp if method == "slsqp" else search_monotone
-    result = search(simulate_at, budget, progress=progress)
-    n_users = users or data.n_users
-    grid = sorted({0.0, *(result.lam * f for f in (0.25, 0.5, 2.0, 4.0) if result.lam > 0)})
-    table = [LambdaPoint(result.lam, result.cost / n_users, result.revenue / n_users)]
-    table += [LambdaPoint(e.lam, e.cost / n_users, e.revenue / n_users) for e in spend_table(simulate_at, grid)]
-    table.sort(key=lambda p: p.lam)
+    free: CalibrationResult | None
+    try:
+        free = search(simulate_free, budget, progress=told("no ledger"))
+    except BudgetUnreachable as exc:
+        if reservation == "none":
+            raise RuntimeError(exc.advice(f"model {artifact.version}")) from exc
+        free = None  # the ledger alone keeps spend under the budget: search through it from the largest lambda
+        start = exc.lam
+    result = free
+    if reservation == "strict":
+        if free is not None:
+            start = free.lam if free.lam > 0 else 1.0
+        say(
+            f"searching the lambda that earns most through the strict ledger "
+            f"(coupon face values {', '.join(f'{p:g}' for p in prices[1:])})"
+        )
+        try:
+            result = search_reserved(simulate_strict, budget, start, progress=told("strict ledger"))
+        except BudgetUnreachable as exc:
+            raise RuntimeError(exc.advice(f"model {artifact.version}")) from exc
+    assert result is not None
+    grid = sorted({0.0, *(result.lam * f for f in (0.25, 0.5, 1.0, 2.0, 4.0) if result.lam > 0)})
+    free_points = {e.lam: e for e in (free.history if free is not None else [])}
+    missing = [lam for lam in grid if lam not in free_points]
+    say(f"spend-vs-lambda table without a ledger: {len(missing)} more passes")
+    for lam in missing:
+        ev = spend_table(simulate_free, [lam])[0]
+        free_points[lam] = ev
+        if progress is not None:
+            progress("table", ev)
+    table = [LambdaPoint(lam, free_points[lam].cost / n_users, free_points[lam].revenue / n_users) for lam in grid]
+    summary = {
+        "reservation": reservation,
+        "budget": budget,
+        "lambda": result.lam,
+        "predicted_spend": result.cost,
+        "predicted_revenue": result.revenue,
+        "lambda_without_ledger": free.lam if free is not None else None,
+        "users": n_users,
+        "seed": seed,
+    }
     store.update_manifest(
         artifact.version,
         lambda_table=table,
         default_lambda=result.lam,
-        metrics={**m.metrics, "env_fit": env.fit_metrics},
+        metrics={**m.metrics, "env_fit": env.fit_metrics, "calibration": summary},
     )
-    return {**result.to_json(), "users": n_users, "version": artifact.version}
+    return {
+        **result.to_json(),
+        "reservation": reservation,
+        "lambda_without_ledger": summary["lambda_without_ledger"],
+        "users": n_users,
+        "seed": seed,
+        "version": artifact.version,
+    }
+
+
+def face_values(data: Logs) -> list[float]:
+    """Each action's face value as the logs show it: the mean cost of its rows that cost anything (a
+    redeemed coupon costs its face value); 0 for no coupon or an action never seen redeemed."""
+    num_actions = max(data.num_actions, 2)
+    out = [0.0]
+    for a in range(1, num_actions):
+        paid = data.cost[(data.action == a) & (data.cost > 0)]
+        out.append(float(paid.mean()) if len(paid) else 0.0)
+    return out

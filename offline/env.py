@@ -1,7 +1,8 @@
 """An offline simulation environment learned from logs (after Guo et al. 2024), for scoring
 counterfactual actions and calibrating lambda when the true world is unknown.
 
-- Responses: `ResponseModel` (expected reward and cost of every action) fitted on the logs, with the
+- Responses: `OutcomeModel` (probability of a purchase and reward and cost given one, for every
+  action) fitted on the logs, with the
   current features plus a summary of the user's own history as input: a decayed count of coupons given,
   a decayed count of purchases (reward > 0), the decayed face of recent coupons (mean logged cost of the
   action, relative to the largest) and the step index. So carry-over effects present in the logs
@@ -14,12 +15,13 @@ counterfactual actions and calibrating lambda when the true world is unknown.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, replace
 
 import numpy as np
 
 from offline.logs import Logs
-from offline.response import ResponseConfig, ResponseModel
+from offline.response import OutcomeModel, ResponseConfig
 
 HISTORY_DECAY = 0.5
 
@@ -39,6 +41,7 @@ class LogEpisode:
     coupons: np.ndarray  # [N] decayed coupon count
     purchases: np.ndarray  # [N] decayed purchase count
     face: np.ndarray  # [N] decayed relative face value
+    uniforms: np.ndarray  # [T, N] common random numbers of the purchase draws
     t: int = 0
 
 
@@ -51,7 +54,7 @@ def _history_inputs(
 
 class LogEnvironment:
     def __init__(
-        self, logs: Logs, response: ResponseModel, relative_face: np.ndarray, rounds: int, mean_positive_reward: float
+        self, logs: Logs, response: OutcomeModel, relative_face: np.ndarray, rounds: int, mean_positive_reward: float
     ) -> None:
         self.logs = logs
         self.mean_positive_reward = mean_positive_reward
@@ -70,7 +73,18 @@ class LogEnvironment:
         return self._num_actions
 
     @classmethod
-    def fit(cls, logs: Logs, cfg: ResponseConfig | None = None, max_rounds: int = 64) -> LogEnvironment:
+    def fit(
+        cls,
+        logs: Logs,
+        cfg: ResponseConfig | None = None,
+        max_rounds: int = 64,
+        *,
+        seed: int | None = None,
+        log: Callable[[str], None] | None = None,
+    ) -> LogEnvironment:
+        """Fit the response model on `logs` (`seed`, if given, replaces `cfg.seed`); `log` is told of
+        each stage and each epoch."""
+        cfg = replace(cfg or ResponseConfig(), **({} if seed is None else {"seed": seed}))
         num_actions = max(logs.num_actions, 2)
         mean_cost = np.array(
             [logs.cost[logs.action == a].mean() if np.any(logs.action == a) else 0.0 for a in range(num_actions)]
@@ -78,7 +92,9 @@ class LogEnvironment:
         relative_face = mean_cost / mean_cost.max() if mean_cost.max() > 0 else mean_cost
         coupons, purchases, face, position = history_summaries(logs, relative_face)
         x = _history_inputs(logs.features, coupons, purchases, face, position)
-        response = ResponseModel(x.shape[1], num_actions, cfg).fit(x, logs.action, logs.reward, logs.cost)
+        if log is not None:
+            log(f"fitting the response model on {logs.n_rows} rows ({num_actions} actions, up to {cfg.epochs} epochs)")
+        response = OutcomeModel(x.shape[1], num_actions, cfg).fit(x, logs.action, logs.reward, logs.cost, log=log)
         rounds = int(min(np.diff(logs.user_slices()).max(), max_rounds))
         return cls(logs, response, relative_face, rounds, _mean_positive(logs.reward))
 
@@ -87,13 +103,12 @@ class LogEnvironment:
         return self.response.metrics
 
     def start(self, n: int | None = None, seed: int | None = None) -> LogEpisode:
-        """N users drawn like the logs' users (all of them, in order, when N is the logs' user count)."""
+        """N users drawn like the logs' users (all of them, in order, when N is the logs' user count), and
+        the uniforms of their purchase draws; both depend on `seed` alone."""
         n_logged = self.logs.n_users
         n = n_logged if n is None else n
-        if n == n_logged:
-            users = np.arange(n_logged)
-        else:
-            users = np.random.default_rng(seed or 0).choice(n_logged, size=n, replace=n > n_logged)
+        rng = np.random.default_rng(seed or 0)
+        users = np.arange(n_logged) if n == n_logged else rng.choice(n_logged, size=n, replace=n > n_logged)
         starts, T = self._starts, self._rounds
         lengths = np.minimum(starts[users + 1] - starts[users], T)
         steps = np.arange(T)
@@ -105,29 +120,35 @@ class LogEnvironment:
             coupons=np.zeros(n),
             purchases=np.zeros(n),
             face=np.zeros(n),
+            uniforms=rng.random((T, n)),
         )
 
     def features(self, ep: LogEpisode) -> np.ndarray:
         return ep.features[ep.t]
 
-    def expected_response(self, ep: LogEpisode) -> tuple[np.ndarray, np.ndarray]:
+    def _parts(self, ep: LogEpisode) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """P(purchase), reward and cost given one [N, K] at the current step; zero for users past their end."""
         x = _history_inputs(ep.features[ep.t], ep.coupons, ep.purchases, ep.face, np.full(len(ep.coupons), ep.t))
-        reward, cost = self.response.predict(x)
-        reward *= ep.active[ep.t][:, None]
+        p, reward, cost = self.response.predict_parts(x)
+        p *= ep.active[ep.t][:, None]
         cost[:, 0] = 0.0  # no coupon costs nothing
-        cost *= ep.active[ep.t][:, None]
-        return np.clip(reward, 0.0, None), cost
+        return p, reward, cost
+
+    def expected_response(self, ep: LogEpisode) -> tuple[np.ndarray, np.ndarray]:
+        p, reward, cost = self._parts(ep)
+        return p * reward, p * cost
 
     def step(self, ep: LogEpisode, actions: np.ndarray) -> StepOutcome:
-        reward_all, cost_all = self.expected_response(ep)
+        p_all, reward_all, cost_all = self._parts(ep)
         idx = np.arange(len(actions))
-        reward, cost = reward_all[idx, actions], cost_all[idx, actions]
-        bought = reward / self.mean_positive_reward
+        p, reward, cost = p_all[idx, actions], reward_all[idx, actions], cost_all[idx, actions]
+        bought = ep.uniforms[ep.t] < p
+        sampled_reward, sampled_cost = np.where(bought, reward, 0.0), np.where(bought, cost, 0.0)
         ep.coupons = HISTORY_DECAY * ep.coupons + (actions > 0)
-        ep.purchases = HISTORY_DECAY * ep.purchases + bought
+        ep.purchases = HISTORY_DECAY * ep.purchases + sampled_reward / self.mean_positive_reward
         ep.face = HISTORY_DECAY * ep.face + self.relative_face[actions]
         ep.t += 1
-        return StepOutcome(reward, cost, reward, cost)
+        return StepOutcome(sampled_reward, sampled_cost, p * reward, p * cost)
 
 
 def history_summaries(logs: Logs, relative_face: np.ndarray) -> tuple[np.ndarray, ...]:

@@ -4,6 +4,13 @@ each calibrated to the same 9 budgets, on the synthetic world with carry-over ef
 Every policy is scored exactly (expected responses, common random numbers) on one fresh evaluation
 population; lambda is calibrated per policy and budget on that population with the monotone search, so
 the comparison is at equal spend (BARate in [0.98, 1.00]).
+
+A budget level that some policy cannot be brought under at any lambda (a policy that keeps giving
+coupons whatever their price has a spend floor; small worlds and short training make one likelier) is
+skipped for every policy, with a warning on stderr naming the policy, its spend at the largest lambda
+and the budget; results.md lists the skipped levels. Comparing the other policies alone at that level
+would not be at equal spend with the one that cannot get there. Only when every level is skipped does
+the evaluation fail, with the same advice.
 """
 
 from __future__ import annotations
@@ -18,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from offline.baselines import MyopicOracle, RandomAtSpend, TwoStage
-from offline.calibrate import CalibrationResult, search_monotone
+from offline.calibrate import BudgetUnreachable, CalibrationResult, search_monotone
 from offline.logs import Logs, validate_table
 from offline.model import PolicyModule
 from offline.policy import Environment, Policy, SequencePolicy, rollout
@@ -59,6 +66,15 @@ class WorldReport:
     spend_curve: list[tuple[float, float, float]]  # (lambda, cost, revenue) of SACO
     train_seconds: float
     metrics: dict[str, float]
+    skipped: list[str] = field(default_factory=list)  # one line per budget level left out, and why
+
+    def levels(self) -> list[tuple[str, float]]:
+        """The budget levels every policy was calibrated to: (name, fraction of the reference spend)."""
+        first = self.rows[0].policy
+        return [(r.level, r.budget_fraction) for r in self.rows if r.policy == first]
+
+    def row(self, policy: str, level: str) -> PolicyRow:
+        return next(r for r in self.rows if r.policy == policy and r.level == level)
 
     def revenue(self, policy: str) -> np.ndarray:
         return np.array([r.result.revenue for r in self.rows if r.policy == policy])
@@ -93,13 +109,47 @@ def calibrate_levels(
     max_passes: int = 40,
     target_low: float = COMPARISON_TARGET_LOW,
 ) -> list[PolicyRow]:
-    """Calibrate one policy to the 9 budgets (BUDGET_LEVELS x reference spend) with the monotone search."""
+    """Calibrate one policy to the 9 budgets (BUDGET_LEVELS x reference spend) with the monotone search.
+    Raises `RuntimeError` naming the policy, its spend floor and what to change if a level is out of reach."""
     rows = []
     for name, frac in zip(LEVEL_NAMES, BUDGET_LEVELS, strict=True):
         budget = frac * reference
-        result = search_monotone(simulate, budget, max_passes=max_passes, target_low=target_low)
+        try:
+            result = search_monotone(simulate, budget, max_passes=max_passes, target_low=target_low)
+        except BudgetUnreachable as exc:
+            raise RuntimeError(f"budget level {name}: {exc.advice(f'policy {policy}')}") from exc
         rows.append(PolicyRow(policy, name, frac, budget, result))
     return rows
+
+
+def calibrate_comparison(
+    sims: dict[str, Callable[[float], tuple[float, float]]],
+    reference: float,
+    log: Callable[[str], None],
+    max_passes: int = 40,
+    target_low: float = COMPARISON_TARGET_LOW,
+) -> tuple[list[PolicyRow], list[str]]:
+    """Calibrate every policy to every budget level that all of them can reach (rows grouped by policy,
+    levels in order); a level out of some policy's reach is skipped for all, with a warning."""
+    kept: dict[str, list[PolicyRow]] = {name: [] for name in sims}
+    skipped: list[str] = []
+    for level, frac in zip(LEVEL_NAMES, BUDGET_LEVELS, strict=True):
+        budget = frac * reference
+        found: dict[str, CalibrationResult] = {}
+        for name, simulate in sims.items():
+            try:
+                found[name] = search_monotone(simulate, budget, max_passes=max_passes, target_low=target_low)
+            except BudgetUnreachable as exc:
+                why = f"budget level {level} ({frac:.2f} x the reference spend) skipped: {exc.advice(f'policy {name}')}"
+                log(f"warning: {why}")
+                skipped.append(why)
+                break
+        else:
+            for name, result in found.items():
+                kept[name].append(PolicyRow(name, level, frac, budget, result))
+    if len(skipped) < len(LEVEL_NAMES):
+        return [row for rows in kept.values() for row in rows], skipped
+    raise RuntimeError(f"no budget level can be compared; the lowest: {skipped[0]}")
 
 
 def saco_policy(result: TrainResult, feature_dim: int, name: str = "saco") -> SequencePolicy:
@@ -137,17 +187,14 @@ def evaluate_world(
         policies += extra_policies(logs)
     sims = {p.name: CachedSimulator(world, p, cfg.eval_users, cfg.eval_seed) for p in policies}
     reference = min(sim(0.0)[1] for sim in sims.values())
-    rows: list[PolicyRow] = []
+    rows, skipped = calibrate_comparison(dict(sims), reference, lambda msg: log(f"[{label}] {msg}"))
     for p in policies:
-        rows += calibrate_levels(p.name, sims[p.name], reference)
-        log(
-            f"[{label}] calibrated {p.name}: BARate {min(r.result.barate for r in rows if r.policy == p.name):.4f}"
-            f"..{max(r.result.barate for r in rows if r.policy == p.name):.4f}"
-        )
+        barates = [r.result.barate for r in rows if r.policy == p.name]
+        log(f"[{label}] calibrated {p.name}: BARate {min(barates):.4f}..{max(barates):.4f}")
     saco_sim = sims["saco"]
     lams = [0.0, 0.25, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, 8.0]
     curve = [(lam, *reversed(saco_sim(lam))) for lam in lams]
-    return WorldReport(label, reference, rows, [(a, b, c) for a, b, c in curve], train_seconds, result.metrics)
+    return WorldReport(label, reference, rows, [(a, b, c) for a, b, c in curve], train_seconds, result.metrics, skipped)
 
 
 def markdown(reports: list[WorldReport]) -> str:
@@ -165,10 +212,11 @@ def markdown(reports: list[WorldReport]) -> str:
             + " | SACO / oracle | SACO / two-stage | SACO / random |"
         )
         out.append("|---|---|" + "---|" * (len(policies) + 3))
-        for i, (name, frac) in enumerate(zip(LEVEL_NAMES, BUDGET_LEVELS, strict=True)):
+        levels = rep.levels()
+        for i, (name, frac) in enumerate(levels):
             cells = []
             for p in policies:
-                r = rep.rows[policies.index(p) * len(LEVEL_NAMES) + i].result
+                r = rep.row(p, name).result
                 cells.append(f"{r.revenue:,.0f} ({r.barate:.3f})")
             saco, two, rnd, orc = (rep.revenue(p)[i] for p in ("saco", "two-stage", "random", "myopic-oracle"))
             out.append(
@@ -179,11 +227,15 @@ def markdown(reports: list[WorldReport]) -> str:
         wins = int(np.sum(rep.revenue("saco") >= rep.revenue("two-stage")))
         beats_random = int(np.sum(rep.revenue("saco") > rep.revenue("random")))
         out.append(
-            f"\nSACO >= two-stage at {wins}/9 levels; > random at {beats_random}/9; "
+            f"\nSACO >= two-stage at {wins}/{len(levels)} levels; > random at {beats_random}/{len(levels)}; "
             f"mean SACO / oracle = {np.mean(rep.revenue('saco') / rep.revenue('myopic-oracle')):.4f}; "
             f"BARate range over all policies {min(r.result.barate for r in rep.rows):.4f}.."
             f"{max(r.result.barate for r in rep.rows):.4f}.\n"
         )
+        if rep.skipped:
+            out.append("Budget levels left out (some policy cannot spend that little at any lambda):\n")
+            out += [f"- {why}" for why in rep.skipped]
+            out.append("")
         out.append("Spend vs lambda (SACO):\n")
         out.append("| lambda | spend | revenue |\n|---|---|---|")
         out += [f"| {lam:g} | {c:,.0f} | {r:,.0f} |" for lam, c, r in rep.spend_curve]
@@ -203,7 +255,7 @@ def plot(reports: list[WorldReport], out_dir: Path) -> list[Path]:
     fig, axes = plt.subplots(1, len(reports), figsize=(6 * len(reports), 4.2), squeeze=False)
     for ax, rep in zip(axes[0], reports, strict=True):
         for p in dict.fromkeys(r.policy for r in rep.rows):
-            ax.plot(BUDGET_LEVELS, rep.revenue(p), marker="o", label=p)
+            ax.plot([frac for _, frac in rep.levels()], rep.revenue(p), marker="o", label=p)
         ax.set_title(f"Revenue vs budget ({rep.world})")
         ax.set_xlabel("budget / reference spend")
         ax.set_ylabel("expected revenue")

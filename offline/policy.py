@@ -2,13 +2,20 @@
 
 A policy sees, round by round, the users' current features (and, only if it asks for them, the
 environment's exact expected responses: the perfect-information oracle). It returns one action per user
-and afterwards observes the realised reward and cost. Lambda prices cost: a policy's spend must not
-increase with lambda (calibration relies on it).
+and afterwards observes the realised (sampled) reward and cost. Lambda prices cost: a policy's spend
+must not increase with lambda (calibration relies on it).
+
+A rollout can run behind the service's `strict` budget ledger (`StrictReservation`): every round the
+users arrive in requests, each request's coupons are granted first-fit as `service/engine.py`
+`preferences` and `service/lua/reserve.lua` grant them, and each coupon holds its face value until its
+outcome settles at the end of the round. That is what a served policy spends, where a rollout without
+it is what the policy would spend with no budget at all.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -47,8 +54,102 @@ class Policy(ABC):
     ) -> np.ndarray:
         """Actions [N] for the current round."""
 
+    def scores(
+        self, features: np.ndarray, t: int, lam: float, expected: tuple[np.ndarray, np.ndarray] | None = None
+    ) -> np.ndarray:
+        """Scores [N, K] for the current round, higher preferred (what the service ranks coupons by); in
+        place of `act`, never both in one round. Without scores of its own a policy prefers its action,
+        then no coupon."""
+        actions = np.asarray(self.act(features, t, lam, expected), dtype=np.int64)
+        k = max(int(actions.max(initial=0)) + 1, 1 if expected is None else expected[0].shape[1])
+        out = np.zeros((len(actions), k))
+        out[np.arange(len(actions)), actions] = 1.0
+        return out
+
     def observe(self, actions: np.ndarray, reward: np.ndarray, cost: np.ndarray) -> None:  # noqa: B027
         """Realised outcomes of the last `act`."""
+
+
+@dataclass(frozen=True)
+class StrictReservation:
+    """The service's `strict` ledger in a rollout. `prices[a]` is coupon a's face value (what it reserves;
+    `prices[0]` is ignored); only actions with a price are offered. Each round the users arrive in random
+    order (drawn from `seed` and the round alone: the same for every lambda) in requests of
+    `request_size`; outcomes settle at the end of the round."""
+
+    budget: float
+    prices: Sequence[float]
+    request_size: int = 128
+    seed: int = 0
+
+
+def to_cents(amount: np.ndarray | float) -> np.ndarray:
+    """Money as the service's ledger holds it: integer cents."""
+    return np.rint(np.asarray(amount, dtype=np.float64) * 100.0).astype(np.int64)
+
+
+def first_fit(scores: np.ndarray, prices: np.ndarray, available: int) -> tuple[np.ndarray, np.ndarray]:
+    """One request's coupons granted as the service grants them. Returns the action of every row and
+    whether its preferred coupon was refused.
+
+    `scores` [B, K]; `prices` [K] integer cents, negative for an action not offered (action 0, no coupon,
+    is always allowed and costs nothing); `available` = budget - spent - reserved, in cents. As
+    `service/engine.py` `preferences`: each row ranks the offered actions by descending score (stable) and
+    stops at action 0; rows go by descending gain of their best action over action 0 (stable). As
+    `service/lua/reserve.lua`: each row takes the first ranked coupon whose price fits what is still
+    available after the rows before it, else no coupon."""
+    allowed = prices >= 0
+    allowed[0] = True
+    masked = np.where(allowed[None, : scores.shape[1]], scores, -np.inf)
+    ranked = np.argsort(-masked, axis=1, kind="stable")
+    priority = np.argsort(-(masked.max(axis=1) - masked[:, 0]), kind="stable")
+    actions = np.zeros(len(scores), dtype=np.int64)
+    refused = np.zeros(len(scores), dtype=bool)
+    best = ranked[:, 0]
+    if int(np.where(best > 0, prices[best], 0).sum()) <= available:  # every first choice fits
+        return best, refused
+    for row in priority.tolist():
+        for candidate in ranked[row].tolist():
+            if candidate == 0:
+                break
+            if prices[candidate] <= available:
+                actions[row] = candidate
+                available -= int(prices[candidate])
+                break
+        refused[row] = best[row] != 0 and actions[row] != best[row]
+    return actions, refused
+
+
+class _Ledger:
+    """Spent and reserved money of one simulated campaign (cents), round by round."""
+
+    def __init__(self, reservation: StrictReservation, num_actions: int) -> None:
+        self.reservation = reservation
+        self.prices = np.full(num_actions, -1, dtype=np.int64)
+        given = to_cents(np.asarray(reservation.prices, dtype=np.float64)[:num_actions])
+        self.prices[: len(given)] = given
+        self.prices[0] = 0
+        self.budget = int(to_cents(reservation.budget))
+        self.spent = 0
+        self.refused = 0
+
+    def decide(self, scores: np.ndarray, t: int) -> np.ndarray:
+        n = len(scores)
+        arrival = np.random.default_rng([self.reservation.seed, t]).permutation(n)
+        actions = np.zeros(n, dtype=np.int64)
+        available = self.budget - self.spent  # nothing is reserved between rounds
+        size = max(1, self.reservation.request_size)
+        for i in range(0, n, size):
+            rows = arrival[i : i + size]
+            granted, refused = first_fit(scores[rows], self.prices, available)
+            actions[rows] = granted
+            available -= int(self.prices[granted].sum())
+            self.refused += int(refused.sum())
+        return actions
+
+    def settle(self, actions: np.ndarray, cost: np.ndarray) -> None:
+        """Outcomes replace the reservations: a settled cost never exceeds what its coupon reserved."""
+        self.spent += int(np.minimum(to_cents(cost), self.prices[actions]).sum())
 
 
 @dataclass
@@ -60,30 +161,52 @@ class RolloutResult:
     action_counts: np.ndarray
     revenue_by_round: np.ndarray = field(repr=False)
     cost_by_round: np.ndarray = field(repr=False)
+    sampled_revenue: float = 0.0  # sum of the sampled outcomes the policy observed
+    sampled_cost: float = 0.0
+    refused: int = 0  # decisions whose preferred coupon the ledger refused
 
     @property
     def roi(self) -> float:
         return self.revenue / self.cost if self.cost > 0 else float("nan")
 
 
-def rollout(env: Environment, policy: Policy, lam: float, n_users: int | None = None, seed: int = 0) -> RolloutResult:
-    """Run every user through `policy` for all rounds; score with exact expected responses."""
+def rollout(
+    env: Environment,
+    policy: Policy,
+    lam: float,
+    n_users: int | None = None,
+    seed: int = 0,
+    reservation: StrictReservation | None = None,
+) -> RolloutResult:
+    """Run every user through `policy` for all rounds, behind `reservation`'s ledger if given; the policy
+    observes sampled outcomes; revenue and cost are totalled on exact expected responses."""
     episode = env.start(n_users, seed)
     features = env.features(episode)
     n = features.shape[0]
     policy.begin(n)
+    ledger = _Ledger(reservation, env.num_actions) if reservation is not None else None
     rev, cost = np.zeros(env.rounds), np.zeros(env.rounds)
+    sampled = np.zeros(2)
     counts = np.zeros(env.num_actions, dtype=np.int64)
     for t in range(env.rounds):
         if t:
             features = env.features(episode)
         expected = env.expected_response(episode) if policy.needs_oracle else None
-        actions = np.asarray(policy.act(features, t, lam, expected), dtype=np.int64)
+        if ledger is None:
+            actions = np.asarray(policy.act(features, t, lam, expected), dtype=np.int64)
+        else:
+            actions = ledger.decide(np.asarray(policy.scores(features, t, lam, expected)), t)
         response = env.step(episode, actions)
         policy.observe(actions, response.reward, response.cost)
+        if ledger is not None:
+            ledger.settle(actions, response.cost)
         rev[t], cost[t] = response.expected_reward.sum(), response.expected_cost.sum()
+        sampled += response.reward.sum(), response.cost.sum()
         counts += np.bincount(actions, minlength=env.num_actions)
-    return RolloutResult(lam, float(rev.sum()), float(cost.sum()), n, counts, rev, cost)
+    refused = ledger.refused if ledger is not None else 0
+    return RolloutResult(
+        lam, float(rev.sum()), float(cost.sum()), n, counts, rev, cost, float(sampled[0]), float(sampled[1]), refused
+    )
 
 
 class SequencePolicy(Policy):
@@ -126,6 +249,11 @@ class SequencePolicy(Policy):
     def act(
         self, features: np.ndarray, t: int, lam: float, expected: tuple[np.ndarray, np.ndarray] | None = None
     ) -> np.ndarray:
+        return np.asarray(self.scores(features, t, lam, expected).argmax(axis=1), dtype=np.int64)
+
+    def scores(
+        self, features: np.ndarray, t: int, lam: float, expected: tuple[np.ndarray, np.ndarray] | None = None
+    ) -> np.ndarray:
         n = features.shape[0]
         if self.rtg_now is None:
             start = self.rtg_for_lambda(lam) if self.rtg_for_lambda is not None else self.initial_rtg
@@ -140,21 +268,22 @@ class SequencePolicy(Policy):
         self.timesteps[:, -1] = self.step_index
         self.mask[:, -1] = True
         lam_t = torch.full((n,), float(lam), dtype=torch.float32)
-        out = np.empty(n, dtype=np.int64)
+        parts = []
         with torch.inference_mode():
             for i in range(0, n, self.batch_size):
                 sl = slice(i, i + self.batch_size)
-                scores = self.module(
-                    torch.from_numpy(self.states[sl]),
-                    torch.from_numpy(self.actions[sl]),
-                    torch.from_numpy(self.rtg[sl]),
-                    torch.from_numpy(self.ctg[sl]),
-                    torch.from_numpy(self.timesteps[sl]),
-                    lam_t[sl],
-                    torch.from_numpy(self.mask[sl]),
+                parts.append(
+                    self.module(
+                        torch.from_numpy(self.states[sl]),
+                        torch.from_numpy(self.actions[sl]),
+                        torch.from_numpy(self.rtg[sl]),
+                        torch.from_numpy(self.ctg[sl]),
+                        torch.from_numpy(self.timesteps[sl]),
+                        lam_t[sl],
+                        torch.from_numpy(self.mask[sl]),
+                    )
                 )
-                out[sl] = scores.argmax(dim=1).numpy()
-        return out
+        return torch.cat(parts).numpy()
 
     def observe(self, actions: np.ndarray, reward: np.ndarray, cost: np.ndarray) -> None:
         self.actions[:, -1] = actions

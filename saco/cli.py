@@ -157,9 +157,18 @@ def calibrate(
     users: Annotated[int | None, typer.Option(min=1, help="users to simulate (default: the logs' users)")] = None,
     version: Annotated[str | None, typer.Option(help="model version (default: current)")] = None,
     method: Annotated[str, typer.Option(help="monotone (default) | slsqp (the paper's Algorithm 2)")] = "monotone",
-    seed: Annotated[int, typer.Option()] = 0,
+    reservation: Annotated[
+        str, typer.Option(help="strict (the service's default ledger, simulated) | none (no ledger)")
+    ] = "strict",
+    request_size: Annotated[int, typer.Option(min=1, help="users per decision request (strict ledger)")] = 128,
+    seed: Annotated[int, typer.Option(help="seed of every random draw: same inputs and seed, same lambda")] = 0,
 ) -> None:
     """Find lambda so that the policy spends close to, and not above, budget B; store it in the manifest."""
+    started = time.time()
+
+    def say(message: str) -> None:
+        print(f"[{time.time() - started:5.1f}s] {message}", file=sys.stderr, flush=True)
+
     from model_store import ModelStore
     from offline.calibrate import calibrate_artifact
     from offline.logs import load_logs
@@ -168,14 +177,23 @@ def calibrate(
         raise ValueError("--method must be monotone or slsqp")
     if budget <= 0:
         raise ValueError("--budget must be > 0")
+    # progress starts once the inputs are valid: an error stays the only line on stderr
     model_store = ModelStore(store)
-    model_store.load(version)  # a missing or corrupt model fails before the logs are read
+    artifact = model_store.load(version)  # a missing or corrupt model fails before the logs are read
     data = load_logs(logs)
-    bar = _progress("calibrate", None, "pass")
+    say(
+        f"loaded model {artifact.version} and the logs: {data.n_rows} rows, {data.n_users} users, "
+        f"{data.num_actions} actions"
+    )
+    passes = 0
 
-    def tick(ev: Any) -> None:
-        bar.set_postfix(lam=f"{ev.lam:.4g}", barate=f"{ev.cost / budget:.4f}")
-        bar.update(1)
+    def tick(phase: str, ev: Any) -> None:
+        nonlocal passes
+        passes += 1
+        say(
+            f"pass {passes} ({phase}): lambda {ev.lam:.5g} -> spend {ev.cost:,.2f} "
+            f"(BARate {ev.cost / budget:.4f}), revenue {ev.revenue:,.2f}"
+        )
 
     result = calibrate_artifact(
         model_store,
@@ -184,11 +202,13 @@ def calibrate(
         version=version,
         users=users,
         method=method,
+        reservation=reservation,
+        request_size=request_size,
         seed=seed,
         progress=tick,
-        log=lambda msg: print(msg, file=sys.stderr, flush=True),
+        log=say,
     )
-    bar.close()
+    say(f"lambda {result['lambda']:.6g}, predicted spend {result['cost']:,.2f} of {budget:,.2f}")
     _emit(result)
 
 

@@ -1,7 +1,22 @@
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
+import torch
 
-from offline.calibrate import search_monotone, search_slsqp
+from model_store import ModelStore
+from offline.calibrate import BudgetUnreachable, search_monotone, search_reserved, search_slsqp
+from offline.env import LogEnvironment
+from offline.export import export_and_publish
+from offline.logs import Logs, load_logs, write_logs
+from offline.response import OutcomeModel, ResponseConfig
+from offline.simulate import simulate_logs
+from offline.train import TrainResult
+from offline.world import WorldConfig
 
 
 def staircase(lam: float) -> tuple[float, float]:
@@ -24,9 +39,13 @@ def test_non_binding_budget_returns_lambda_zero():
     assert result.lam == 0.0 and result.cost == 10_000 and not result.converged
 
 
-def test_unreachable_budget_raises():
-    with pytest.raises(RuntimeError, match="under the budget"):
+def test_unreachable_budget_raises_with_advice():
+    with pytest.raises(BudgetUnreachable) as caught:
         search_monotone(lambda lam: (1.0, 100.0), 10.0, lam_max=100.0)
+    assert (caught.value.cost, caught.value.budget) == (100.0, 10.0) and caught.value.lam >= 100.0
+    advice = caught.value.advice("policy two-stage")
+    assert advice.startswith("policy two-stage cannot be brought under the budget: it still spends 100.00")
+    assert "raise the budget" in advice and "more users" in advice and "coupons' costs" in advice
 
 
 def test_slsqp_never_reports_above_budget():
@@ -38,3 +57,109 @@ def test_slsqp_never_reports_above_budget():
 def test_bad_budget():
     with pytest.raises(ValueError):
         search_monotone(staircase, float("nan"))
+
+
+def ledger_curve(lam: float) -> tuple[float, float]:
+    """Revenue through a ledger: a low lambda loses revenue to refusals, a high one to unspent money;
+    most revenue at lambda 2.5; spend falls with lambda and is above 900 below lambda 0.5."""
+    revenue = 1_000.0 - 100.0 * (math.log(max(lam, 1e-3)) - math.log(2.5)) ** 2
+    return revenue, 1_000.0 * math.exp(-0.2 * lam)
+
+
+def test_reserved_search_finds_the_most_revenue():
+    result = search_reserved(ledger_curve, 950.0, start=1.0)
+    assert abs(result.lam - 2.5) < 0.05, result
+    assert result.cost <= 950.0 and result.converged and result.method == "reserved"
+    assert result.revenue == max(e.revenue for e in result.history if e.cost <= 950.0)
+
+
+def test_reserved_search_never_returns_spend_above_budget():
+    # the revenue peak (2.5) spends 607: a budget of 500 makes the peak infeasible
+    result = search_reserved(ledger_curve, 500.0, start=4.0)
+    assert result.cost <= 500.0
+    assert result.lam == pytest.approx(5.0 * math.log(2.0), rel=0.02)  # the feasible boundary
+
+
+def test_reserved_search_goes_down_to_zero_when_lower_is_always_better():
+    result = search_reserved(lambda lam: (100.0 - lam, 10.0), 50.0, start=1.0)
+    assert result.lam == 0.0
+
+
+def test_reserved_search_unreachable():
+    with pytest.raises(BudgetUnreachable):
+        search_reserved(lambda lam: (1.0, 100.0), 10.0, start=1.0, lam_max=50.0)
+
+
+# ---- the learned environment and `saco calibrate` on a tiny world ----------------------------------
+
+
+def test_outcome_model_weights_come_from_its_seed_alone():
+    torch.manual_seed(1)
+    state = torch.random.get_rng_state()
+    a = OutcomeModel(6, 3, ResponseConfig(seed=7))
+    assert torch.equal(torch.random.get_rng_state(), state)  # torch's global RNG is left as it was
+    torch.manual_seed(2)
+    b = OutcomeModel(6, 3, ResponseConfig(seed=7))
+    c = OutcomeModel(6, 3, ResponseConfig(seed=8))
+    for name, value in a.state_dict().items():
+        assert torch.equal(value, b.state_dict()[name]), name
+    assert not torch.equal(a.head.weight, c.head.weight)
+
+
+@pytest.fixture(scope="module")
+def tiny_env(tiny_logs: Logs) -> LogEnvironment:
+    return LogEnvironment.fit(tiny_logs, seed=0)
+
+
+def test_the_policy_observes_whole_purchases_with_the_expected_mean(tiny_env: LogEnvironment):
+    rng = np.random.default_rng(0)
+    sampled, expected, bought = [], [], []
+    ep = tiny_env.start(20_000, seed=5)
+    for _ in range(tiny_env.rounds):
+        actions = rng.integers(0, tiny_env.num_actions, size=20_000)
+        _, reward_if, _ = tiny_env._parts(ep)
+        out = tiny_env.step(ep, actions)
+        rows = np.arange(len(actions))
+        # a sampled reward is nothing or the whole reward of a purchase, never a fraction of one
+        assert np.all((out.reward == 0) | np.isclose(out.reward, reward_if[rows, actions]))
+        sampled.append(out.reward.sum())
+        expected.append(out.expected_reward.sum())
+        bought.append((out.reward > 0).mean())
+    assert np.mean(bought) < 0.6
+    assert sum(sampled) == pytest.approx(sum(expected), rel=0.03)
+
+
+def test_common_random_numbers(tiny_env: LogEnvironment):
+    actions = np.arange(900) % tiny_env.num_actions
+    a, b, c = (tiny_env.step(tiny_env.start(900, seed=s), actions).reward for s in (1, 1, 2))
+    assert np.array_equal(a, b) and not np.array_equal(a, c)
+
+
+def run_saco(*args: str) -> subprocess.CompletedProcess[str]:
+    proc = subprocess.run([sys.executable, "-m", "saco", *args], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return proc
+
+
+def test_calibrate_twice_gives_the_same_lambda_and_shows_progress(
+    tmp_path: Path, tiny_logs: Logs, tiny_model: TrainResult
+):
+    store = tmp_path / "store"
+    export_and_publish(tiny_model, tiny_logs, ModelStore(store))
+    logs = write_logs(simulate_logs(WorldConfig(users=300, rounds=5, seed=0)), tmp_path / "logs.parquet")
+    assert load_logs(logs).sha256 == tiny_logs.sha256  # the logs tiny_model was trained on
+    budget = str(round(0.5 * float(tiny_logs.cost.sum()), 2))
+    args = ("calibrate", "--store", str(store), "--logs", str(logs), "--budget", budget)
+    first, second = run_saco(*args), run_saco(*args)
+    one, two = (json.loads(p.stdout.strip().splitlines()[-1]) for p in (first, second))
+    assert one["lambda"] == two["lambda"] and one["cost"] == two["cost"], (one, two)
+    assert one["reservation"] == "strict" and one["cost"] <= float(budget)
+    assert ModelStore(store).load().manifest.default_lambda == one["lambda"]
+    # every stage is on stderr as it happens, in order
+    lines = first.stderr.splitlines()
+    stages = ["loaded model", "fitting the response model", "epoch 1/", "pass 1 (", "predicted spend"]
+    where = [next(i for i, line in enumerate(lines) if stage in line) for stage in stages]
+    assert where == sorted(where), first.stderr
+    numbers = [int(line.split("pass ")[1].split(" ")[0]) for line in lines if "] pass " in line]
+    assert lines[0].startswith(("[  0.", "[  1.")) and numbers == list(range(1, len(numbers) + 1))
+    assert len(numbers) > one["passes"]  # the passes without a ledger, then through it, then the table
