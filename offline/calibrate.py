@@ -293,7 +293,7 @@ def calibrate_artifact(
     version: str | None = None,
     users: int | None = None,
     method: str = "monotone",
-    reservation: str = "strict",
+    reservation: str = "none",
     request_size: int = 128,
     seed: int = 0,
     progress: Callable[[str, Evaluation], None] | None = None,
@@ -302,10 +302,11 @@ def calibrate_artifact(
     """`saco calibrate`: run the exported policy through the environment learned from `data`, find lambda
     for `budget`, and record it (plus a spend-vs-lambda table) in the version's manifest.
 
-    `reservation` "strict" simulates the service's default ledger (coupons reserve their face value,
-    the mean logged cost of a redeemed coupon of that action, until the outcome settles at the end of
-    the round; users arrive in random order in requests of `request_size`) and returns the lambda that
-    earns most through it; "none" returns the lambda whose spend without any ledger matches the budget.
+    `reservation` "none" (the default) returns the lambda whose spend without any ledger matches the
+    budget: what a service that paces toward its plan, or reserves expected costs, spends. "strict"
+    simulates the service's strict ledger (coupons reserve their face value, the mean logged cost of a
+    redeemed coupon of that action, until the outcome settles at the end of the round; users arrive in
+    random order in requests of `request_size`) and returns the lambda that earns most through it.
     The manifest's lambda table is the spend without a ledger (it does not depend on the budget).
     `progress(phase, evaluation)` is told of every simulation pass as it ends."""
     from model_store import LambdaPoint, load_scripted

@@ -158,8 +158,12 @@ def calibrate(
     version: Annotated[str | None, typer.Option(help="model version (default: current)")] = None,
     method: Annotated[str, typer.Option(help="monotone (default) | slsqp (the paper's Algorithm 2)")] = "monotone",
     reservation: Annotated[
-        str, typer.Option(help="strict (the service's default ledger, simulated) | none (no ledger)")
-    ] = "strict",
+        str,
+        typer.Option(
+            help="none (default): the lambda whose spend matches B, for a service that paces or reserves "
+            "expected costs | strict: the lambda that earns most through the strict ledger, simulated"
+        ),
+    ] = "none",
     request_size: Annotated[int, typer.Option(min=1, help="users per decision request (strict ledger)")] = 128,
     seed: Annotated[int, typer.Option(help="seed of every random draw: same inputs and seed, same lambda")] = 0,
 ) -> None:

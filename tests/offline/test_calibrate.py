@@ -149,7 +149,7 @@ def test_calibrate_twice_gives_the_same_lambda_and_shows_progress(
     logs = write_logs(simulate_logs(WorldConfig(users=300, rounds=5, seed=0)), tmp_path / "logs.parquet")
     assert load_logs(logs).sha256 == tiny_logs.sha256  # the logs tiny_model was trained on
     budget = str(round(0.5 * float(tiny_logs.cost.sum()), 2))
-    args = ("calibrate", "--store", str(store), "--logs", str(logs), "--budget", budget)
+    args = ("calibrate", "--store", str(store), "--logs", str(logs), "--budget", budget, "--reservation", "strict")
     first, second = run_saco(*args), run_saco(*args)
     one, two = (json.loads(p.stdout.strip().splitlines()[-1]) for p in (first, second))
     assert one["lambda"] == two["lambda"] and one["cost"] == two["cost"], (one, two)
