@@ -181,11 +181,28 @@ def publish_oracle(model_store: Path, oracle_store: Path, lam: float) -> None:
         raise SystemExit(f"the oracle needs feature_dim = 2 x num_actions, the model has {dim} and {k}")
     for name in ("version", "created_at", "model_sha256"):
         manifest.pop(name, None)
-    manifest.update(lambda_table=[], default_lambda=lam, metrics={}, objective=manifest["objective"])
+    manifest.update(lambda_table=[], default_lambda=lam, metrics={}, expected_costs=False)
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "model.pt"
         save_scripted(OracleScores(k), path)
         ModelStore(oracle_store).publish(path, manifest)
+
+
+def publish_biased(model_store: Path, biased_store: Path, bias: float) -> None:
+    """The model with its expected costs (what `expected` reservations start from) multiplied by `bias`; its
+    scores, hence its decisions, unchanged."""
+    artifact = ModelStore(model_store).load()
+    manifest = artifact.manifest.to_json()
+    for name in ("version", "created_at", "model_sha256"):
+        manifest.pop(name, None)
+    module = load_scripted(artifact.model_path)
+    with torch.no_grad():
+        module.cost_weight.mul_(bias)
+        module.cost_bias.mul_(bias)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "model.pt"
+        save_scripted(module, path)
+        ModelStore(biased_store).publish(path, manifest)
 
 
 def oracle_features(world: SyntheticWorld, episode: Episode) -> np.ndarray:
@@ -240,12 +257,19 @@ class Variant:
     pacing: bool = True
     oracle: bool = False
     budget_factor: float = 1.0
+    cost_bias: float = 1.0  # the served model's expected costs are this multiple of the trained model's
+
+    @property
+    def service(self) -> str:
+        """Which service runs it: the model, the oracle, or the model with biased expected costs."""
+        return "oracle" if self.oracle else "model" if self.cost_bias == 1.0 else f"bias{self.cost_bias:g}"
 
     @property
     def label(self) -> str:
         who = "oracle" if self.oracle else "model"
         pace = "pacing" if self.pacing else "pacing off, open budget"
-        return f"{who} {self.mode}, from {START_NAMES[self.start]}, {pace}"
+        bias = "" if self.cost_bias == 1.0 else f", expected costs x{self.cost_bias:g}"
+        return f"{who} {self.mode}, from {START_NAMES[self.start]}, {pace}{bias}"
 
 
 @dataclass
@@ -384,15 +408,14 @@ class Runner:
         return result
 
 
-async def run_campaigns(
-    runner: Runner, model_base: str, oracle_base: str, jobs: list[tuple[Variant, int]]
-) -> list[CampaignResult]:
+async def run_campaigns(runner: Runner, bases: dict[str, str], jobs: list[tuple[Variant, int]]) -> list[CampaignResult]:
     limits = httpx.Limits(max_connections=256, max_keepalive_connections=256)
     timeout = httpx.Timeout(120.0)
-    async with (
-        httpx.AsyncClient(base_url=model_base, limits=limits, timeout=timeout) as model,
-        httpx.AsyncClient(base_url=oracle_base, limits=limits, timeout=timeout) as oracle,
-    ):
+    async with contextlib.AsyncExitStack() as stack:
+        clients = {
+            name: await stack.enter_async_context(httpx.AsyncClient(base_url=base, limits=limits, timeout=timeout))
+            for name, base in bases.items()
+        }
         started = time.perf_counter()
 
         async def report() -> None:
@@ -406,7 +429,7 @@ async def run_campaigns(
 
         reporter = asyncio.create_task(report())
         try:
-            tasks = [runner.campaign(oracle if v.oracle else model, v, seed) for v, seed in jobs]
+            tasks = [runner.campaign(clients[v.service], v, seed) for v, seed in jobs]
             return list(await asyncio.gather(*tasks))
         finally:
             reporter.cancel()
@@ -447,6 +470,8 @@ def variants_for(args: argparse.Namespace) -> list[tuple[Variant, int]]:
     for mode, n in (("expected", args.expected_campaigns), ("strict", args.strict_campaigns)):
         for start in STARTS:
             out.append((Variant(f"{mode}-{start}", mode, start), n))
+    for bias in args.cost_biases:
+        out.append((Variant(f"expected-cal-bias{bias:g}", "expected", "cal", cost_bias=bias), args.expected_campaigns))
     out.append((Variant("oracle-strict-cal", "strict", "cal", oracle=True), args.strict_campaigns))
     out.append((Variant("open-cal", "strict", "cal", pacing=False, budget_factor=OPEN_BUDGET), args.strict_campaigns))
     return out
@@ -515,15 +540,20 @@ def run_world(name: str, args: argparse.Namespace, root: Path, redis_url: str) -
         jobs += [(v, seeds[s]) for v, n in plan if s < n]
     clock = time.perf_counter()
     prefix = f"bc-{name}-{os.getpid()}"
-    with (
-        service(store, redis_url, prefix + "m:", args.pacing_interval, work / "model-service.log") as model_base,
-        service(
-            oracle_store, redis_url, prefix + "o:", args.pacing_interval, work / "oracle-service.log"
-        ) as oracle_base,
-    ):
+    stores = {"model": store, "oracle": oracle_store}
+    for bias in args.cost_biases:
+        stores[f"bias{bias:g}"] = work / f"store-bias{bias:g}"
+        publish_biased(store, stores[f"bias{bias:g}"], bias)
+    with contextlib.ExitStack() as stack:
+        bases = {
+            key: stack.enter_context(
+                service(path, redis_url, f"{prefix}{key}:", args.pacing_interval, work / f"{key}-service.log")
+            )
+            for key, path in stores.items()
+        }
         runner = Runner(name, world, args.users, lam, oracle_lam, budgets, args.concurrency, args.request_gap)
-        results = asyncio.run(run_campaigns(runner, model_base, oracle_base, jobs))
-        failures = {base: context_failures(base) for base in (model_base, oracle_base)}
+        results = asyncio.run(run_campaigns(runner, bases, jobs))
+        failures = {base: context_failures(base) for base in bases.values()}
     seconds["serving"] = time.perf_counter() - clock
     say(
         f"[{name}] {len(results)} campaigns, {runner.decisions:,} decisions in {seconds['serving']:.0f}s; "
@@ -646,8 +676,16 @@ def targets(runs: list[WorldRun], summaries: list[dict[str, Any]], users: int) -
         f"({freq:.3f}; <= overspend_risk 0.01)"
     )
     out.append(f"{verdict(worst <= 0.01)} expected mode: worst overspend {100 * worst:.2f}% of budget (<= 1%)")
-    out.append("n/a   expected mode with the model's expected costs biased +/-20%: the service does not reserve by the")
-    out.append("      model's expected costs (reserve.lua reserves by each action's realised / issued ratio)")
+    biased = [r for run in runs for r in run.results if r.variant.startswith("expected-cal-bias")]
+    if biased:
+        bb = barate(biased)
+        bfreq, bworst = float((bb > 1).mean()), float(max(0.0, (bb - 1).max()))
+        out.append(
+            f"{verdict(bfreq <= 0.01)} expected mode, the model's expected costs biased "
+            f"{', '.join(f'x{x:g}' for x in sorted({float(r.variant.split('bias')[1]) for r in biased}))}: "
+            f"overspend in {int((bb > 1).sum())} of {len(bb)} campaigns ({bfreq:.3f}; <= 0.01), "
+            f"worst {100 * bworst:.2f}% (<= 1%), median BARate {np.median(bb):.3f}"
+        )
     strict = [r for k in STARTS for r in rows(None, f"strict-{k}")]
     out.append(
         f"{verdict(all(r.spent[-1] <= r.budget for r in strict))} strict mode: "
@@ -750,6 +788,13 @@ def main() -> int:
         default=0.5,
         help="seconds a campaign waits after each decision request (with SACO_PACING_INTERVAL_S, sets how many "
         "pacing steps the horizon has: 0 compresses a campaign into a few seconds)",
+    )
+    ap.add_argument(
+        "--cost-biases",
+        type=float,
+        nargs="*",
+        default=[0.8, 1.2],
+        help="expected-mode variants served by the model with its expected costs multiplied by each",
     )
     ap.add_argument("--pacing-interval", type=float, default=0.2, help="SACO_PACING_INTERVAL_S of the service")
     ap.add_argument("--worlds", nargs="+", default=list(WORLDS), choices=list(WORLDS))

@@ -317,6 +317,8 @@ class PolicyModule(nn.Module):
     mix_bias: torch.Tensor
     head_weight: torch.Tensor
     head_bias: torch.Tensor
+    cost_weight: torch.Tensor
+    cost_bias: torch.Tensor
 
     def __init__(self, model: SacoTransformer) -> None:
         super().__init__()
@@ -389,10 +391,14 @@ class PolicyModule(nn.Module):
             fw = m.future_weight
             weight = torch.cat([(w[0] + fw * w[2]) * m.rtg_scale, (w[1] + fw * w[3]) * m.ctg_scale])
             bias = torch.cat([(b[0] + fw * b[2]) * m.rtg_scale, (b[1] + fw * b[3]) * m.ctg_scale])
+            cost_weight, cost_bias = w[1] * m.ctg_scale, b[1] * m.ctg_scale  # the cost now, raw units
         else:
             weight, bias = m.action_head.weight, m.action_head.bias
+            cost_weight, cost_bias = weight[:0], bias[:0]  # no cost head: `scores_and_costs` is not exported
         self._buffer("head_weight", weight)
         self._buffer("head_bias", bias)
+        self._buffer("cost_weight", cost_weight)
+        self._buffer("cost_bias", cost_bias)
 
     def forward(
         self,
@@ -404,6 +410,35 @@ class PolicyModule(nn.Module):
         lam: torch.Tensor,
         mask: torch.Tensor,
     ) -> torch.Tensor:
+        return self._scores(self._decision_token(states, actions, rtg, ctg, timesteps, lam, mask), lam)
+
+    @torch.jit.export
+    def scores_and_costs(
+        self,
+        states: torch.Tensor,
+        actions: torch.Tensor,
+        rtg: torch.Tensor,
+        ctg: torch.Tensor,
+        timesteps: torch.Tensor,
+        lam: torch.Tensor,
+        mask: torch.Tensor,
+    ) -> torch.Tensor:
+        """[B, 2K]: the decision scores, then each coupon's expected cost now (raw units, the value heads'
+        prediction for this user; what `expected` reservations start from). Value objective only."""
+        x = self._decision_token(states, actions, rtg, ctg, timesteps, lam, mask)
+        return torch.cat([self._scores(x, lam), F.linear(x, self.cost_weight, self.cost_bias)], dim=1)
+
+    def _decision_token(
+        self,
+        states: torch.Tensor,
+        actions: torch.Tensor,
+        rtg: torch.Tensor,
+        ctg: torch.Tensor,
+        timesteps: torch.Tensor,
+        lam: torch.Tensor,
+        mask: torch.Tensor,
+    ) -> torch.Tensor:
+        """The last layer's output at the decision token, [B, h]."""
         if self.step_layout:
             x = self._step_tokens(states, actions, rtg, ctg, timesteps, lam, mask)
             token_mask = mask
@@ -413,7 +448,9 @@ class PolicyModule(nn.Module):
             attn_mask = self.model._attention_mask(token_mask)
             for block in self.model.blocks:
                 x = block(x, attn_mask)
-        x = self.model.ln_out(self._last_block(x, token_mask))
+        return self.model.ln_out(self._last_block(x, token_mask))
+
+    def _scores(self, x: torch.Tensor, lam: torch.Tensor) -> torch.Tensor:
         scores = F.linear(x, self.head_weight, self.head_bias)
         if self.value_objective:
             k = self.num_actions

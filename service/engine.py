@@ -51,13 +51,23 @@ def now_ms() -> int:
     return int(time.time() * 1000)
 
 
-def choose(scores: np.ndarray, campaign: CampaignConfig, body: DecisionsRequest) -> tuple[list[int], list[ReserveItem]]:
+def choose(
+    scores: np.ndarray, costs: np.ndarray | None, campaign: CampaignConfig, body: DecisionsRequest
+) -> tuple[list[int], list[ReserveItem]]:
     """The order in which users reserve (largest gain of their best coupon over none first) and, per user
-    in that order, the campaign's coupons by descending score down to "no coupon"."""
+    in that order, the campaign's coupons by descending score down to "no coupon"; in `expected` mode with a
+    model that predicts costs, each user's expected cost of each coupon (cents, within [0, its cost])."""
     prefs, priority = preferences(scores, list(campaign.coupons))
     order: list[int] = priority.tolist()
     requests = body.requests
-    return order, [ReserveItem(requests[i].user_id, requests[i].request_id, prefs[i]) for i in order]
+    expected: list[list[int]] | list[None] = [None] * len(requests)
+    if costs is not None and campaign.settings.reservation_mode == "expected":
+        faces = np.zeros(costs.shape[1], np.float64)
+        for action, cents in campaign.coupons.items():
+            if 0 < action < len(faces):
+                faces[action] = cents
+        expected = np.rint(np.clip(costs.astype(np.float64) * 100, 0, faces)).astype(np.int64).tolist()
+    return order, [ReserveItem(requests[i].user_id, requests[i].request_id, prefs[i], expected[i]) for i in order]
 
 
 def render(order: list[int], decided: list[ReservedDecision]) -> bytes:
@@ -178,8 +188,10 @@ class DecisionEngine:
             campaign, contexts = await self._read(campaign_id, user_ids)
             lam, _ = campaign_lambda(campaign, policy.manifest)
             inputs = build_inputs(policy.manifest, features, contexts, lam)
-            scores = await self.batcher.scores(policy, inputs, ticket)
-        order, items = choose(scores, campaign, body)
+            outputs = await self.batcher.scores(policy, inputs, ticket)
+        k = policy.manifest.num_actions
+        scores, costs = outputs[:, :k], (outputs[:, k:] if outputs.shape[1] > k else None)
+        order, items = choose(scores, costs, campaign, body)
         reserved = await self.store.reserve(
             campaign_id,
             items,

@@ -90,11 +90,18 @@ class LoadedPolicy:
     def version(self) -> str:
         return self.artifact.version
 
+    @property
+    def outputs(self) -> int:
+        """Columns of `scores`: the scores of the actions, then their expected costs when the model has them."""
+        return self.manifest.num_actions * (2 if self.manifest.expected_costs else 1)
+
     def scores(self, inputs: PolicyInputs) -> np.ndarray:
-        """f32 [B, num_actions]; blocking: call it on the inference thread."""
+        """f32 [B, num_actions], then, when the manifest says `expected_costs`, each action's expected cost
+        for the user (currency units, [B, num_actions] more); blocking: call it on the inference thread."""
         device = self.device
+        forward = self.module.scores_and_costs if self.manifest.expected_costs else self.module
         with torch.inference_mode():
-            out = self.module(
+            out = forward(
                 torch.from_numpy(inputs.states).to(device),
                 torch.from_numpy(inputs.actions).to(device),
                 torch.from_numpy(inputs.rtg).to(device),
@@ -140,10 +147,10 @@ def load_policy(store_root: str, device_name: str, version: str | None = None) -
         scores = policy.scores(smoke_inputs(manifest))
     except Exception as exc:
         raise PolicyRejected(f"version {artifact.version!r}: test forward failed: {exc}") from exc
-    if scores.shape != (2, manifest.num_actions):
+    if scores.shape != (2, policy.outputs):
         raise PolicyRejected(
             f"version {artifact.version!r}: test forward gave shape {tuple(scores.shape)}, "
-            f"the manifest says (batch, {manifest.num_actions})"
+            f"the manifest says (batch, {policy.outputs})"
         )
     if not np.isfinite(scores).all():
         raise PolicyRejected(f"version {artifact.version!r}: test forward gave non-finite scores")

@@ -1,6 +1,8 @@
 -- One step of online pacing (dual descent on lambda toward the spend plan), at most once per interval
 -- however many replicas call it: lambda <- clip(lambda + step * (excess spend since the last step, as a
--- fraction of the budget), 0, lambda max), each change bounded by max step.
+-- fraction of the budget), 0, lambda max), each change bounded by max step. The part of a step the bound
+-- held back is carried into the next (pace_carry, a fraction of the budget), so a large error is corrected
+-- over several steps instead of lost; at 0 or lambda max, what pushes beyond the bound is dropped.
 -- Spend is realised spend plus the expected cost of outstanding reservations: reserved times the
 -- campaign's realised / reserved ratio over settled decisions (a prior of `prior` cents at ratio 1
 -- keeps it cautious until outcomes arrive; in expected mode the reservations are expected costs already). The plan is even over the traffic (decisions /
@@ -10,7 +12,8 @@
 --   [6] lambda max, [7] prior (cents)
 -- Returns {lambda, plan cents, spend cents, stepped (1 | 0)}, or {} for an unknown campaign.
 local c = redis.call('HMGET', KEYS[1], 'budget', 'spent', 'reserved', 'settled_reserved', 'decisions',
-  'starts_ms', 'ends_ms', 'expected_decisions', 'paced_at_ms', 'pace_plan', 'pace_actual', 'reservation_mode')
+  'starts_ms', 'ends_ms', 'expected_decisions', 'paced_at_ms', 'pace_plan', 'pace_actual', 'reservation_mode',
+  'pace_carry')
 if not c[1] then return {} end
 local now, interval = tonumber(ARGV[1]), tonumber(ARGV[2])
 local budget, spent, reserved, settled = tonumber(c[1]), tonumber(c[2]), tonumber(c[3]), tonumber(c[4])
@@ -31,11 +34,17 @@ local lam = tonumber(redis.call('GET', KEYS[2]) or ARGV[3])
 if c[9] ~= '' and now - tonumber(c[9]) < interval then
   return {tostring(lam), plan, actual, 0}
 end
+local carry = 0
 if c[9] ~= '' and budget > 0 then
-  local excess = ((actual - tonumber(c[11])) - (plan - tonumber(c[10]))) / budget
-  local change = math.max(-tonumber(ARGV[5]), math.min(tonumber(ARGV[5]), tonumber(ARGV[4]) * excess))
-  lam = math.max(0, math.min(tonumber(ARGV[6]), lam + change))
+  local step, max_step = tonumber(ARGV[4]), tonumber(ARGV[5])
+  local excess = (tonumber(c[13]) or 0) + ((actual - tonumber(c[11])) - (plan - tonumber(c[10]))) / budget
+  local change = math.max(-max_step, math.min(max_step, step * excess))
+  local lambda_max = tonumber(ARGV[6])
+  lam = math.max(0, math.min(lambda_max, lam + change))
+  if step > 0 then carry = excess - change / step end
+  if (lam <= 0 and carry < 0) or (lam >= lambda_max and carry > 0) then carry = 0 end -- no wind-up at a bound
 end
-redis.call('HSET', KEYS[1], 'paced_at_ms', string.format('%d', now), 'pace_plan', plan, 'pace_actual', actual)
+redis.call('HSET', KEYS[1], 'paced_at_ms', string.format('%d', now), 'pace_plan', plan, 'pace_actual', actual,
+  'pace_carry', string.format('%.17g', carry))
 redis.call('SET', KEYS[2], tostring(lam))
 return {tostring(lam), plan, actual, 1}

@@ -4,29 +4,33 @@
 --   KEYS[3] the batch's record hash (field i: the record of decision "d-<batch>-<i>"), KEYS[4..] the
 --   request keys the items name by index (every key shares the campaign's hash tag).
 -- ARGV[1] now ms, [2] reservation expiry ms, [3] decision ttl ms, [4] model version, [5] lambda,
---   [6] batch id, [8] prior: how many coupons of each action count as redeemed before any outcome
+--   [6] batch id, [8] prior: how many coupons of each action count as predicted right before any outcome
 --   (expected mode), [7] the items as JSON columns (flat arrays: cjson builds one Lua table per array):
 --   orderings  the distinct preference lists: offered actions by descending score, cut after 0
 --   ordering   per item, the 1-based index of its list in `orderings`
 --   tails      per item, the end of its record: byte length of the request id, request id, user id
 --   requests   [item, request key index, user id] for each item with a request id
+--   expected   (optional) per item, the model's expected cost of each action for that user (cents, index =
+--              action + 1; an empty list: none), what an expected reservation starts from
 -- Returns {'missing'} for an unknown campaign, else {remaining cents, then per item: action, cost, flag,
 --   then the earlier record of each item with flag 0, in item order}.
 --   flag 0 = earlier decision returned again (record = "id\taction\tcost\tversion\tlambda\tuser"),
 --   1 = new, 2 = new and the preferred coupon did not fit.
 -- A decision record (service/state/store.py, parse_decision_record): status (R reserved, S settled,
---   X expired), reserved cents, the coupon's cost (cents), the variance of its realised cost, action,
---   probability, decided at ms, model version, lambda, reward and cost (empty until settled), byte length
---   of the request id, request id, user id; tab-separated.
+--   X expired), reserved cents, the coupon's cost (cents), the variance of its realised cost, the predicted
+--   cost (cents: the model's expected cost, else the coupon's cost), action, probability, decided at ms,
+--   model version, lambda, reward and cost (empty until settled), byte length of the request id, request
+--   id, user id; tab-separated.
 -- Reservation modes (the campaign's reservation_mode):
 --   strict    a coupon fits when its cost fits budget - spent - reserved, and reserves its cost.
---   expected  a coupon of action a reserves its expected cost ceil(r_a * cost), r_a the campaign's
---             realised / issued cost ratio of action a over settled coupons (with `prior` coupons at
---             ratio 1); it fits when spent + reserved + the Bernstein margin of the outstanding coupons
---             stays within the budget: margin = M L / 3 + sqrt((M L / 3)^2 + 2 V L), L = ln(1 /
---             overspend_risk), M the dearest coupon, V the sum of cost^2 r (1 - r) over outstanding
---             coupons (no margin when V is 0), so that realised spend exceeds the budget with probability at
---             most overspend_risk, outcomes being independent and the ratios right.
+--   expected  a coupon of action a reserves min(cost, ceil(r_a * e)), e its predicted cost for that user
+--             and r_a the campaign's realised / predicted cost ratio of action a over settled coupons (with
+--             `prior` coupons predicted right); it fits when spent + reserved + the Bernstein margin of the
+--             outstanding coupons stays within the budget: margin = M L / 3 + sqrt((M L / 3)^2 + 2 V L),
+--             L = ln(1 / overspend_risk), M the dearest coupon, V the sum of cost^2 p (1 - p) over
+--             outstanding coupons, p = reserved / cost (no margin when V is 0), so that realised spend
+--             exceeds the budget with probability at most overspend_risk, outcomes being independent and
+--             the reservations their expected costs.
 local campaign, pending, records = KEYS[1], KEYS[2], KEYS[3]
 local ledger = redis.call('HMGET', campaign, 'budget', 'spent', 'reserved', 'coupons', 'reservation_mode',
   'overspend_risk', 'outstanding_var')
@@ -35,38 +39,45 @@ local available = tonumber(ledger[1]) - tonumber(ledger[2]) - tonumber(ledger[3]
 local version, lam, batch = ARGV[4], ARGV[5], ARGV[6]
 local expected = ledger[5] == 'expected'
 local common = '\t1\t' .. ARGV[1] .. '\t' .. version .. '\t' .. lam .. '\t\t\t'
-local prices, reserves, variances, heads = {}, {}, {}, {[0] = 'R\t0\t0\t0\t0' .. common}
+local no_coupon = 'R\t0\t0\t0\t0\t0' .. common
+local items = cjson.decode(ARGV[7])
+local orderings, ordering, tails = items.orderings, items.ordering, items.tails
+local expected_costs = items.expected or {}
+local prices, ratios = {}, {}
 local dearest, log_risk = 0, 0
 if expected then log_risk = math.log(1 / tonumber(ledger[6] ~= '' and ledger[6] or 0.01)) end
 for action, price in pairs(cjson.decode(ledger[4])) do
   local a = tonumber(action)
-  prices[a], reserves[a], variances[a] = price, price, 0
+  prices[a], ratios[a] = price, 1
   dearest = math.max(dearest, price)
   if expected then
     local stats = redis.call('HMGET', campaign, 'issued:' .. action, 'realised:' .. action)
     local prior = tonumber(ARGV[8]) * price
-    local issued = (tonumber(stats[1]) or 0) + prior
-    local ratio = issued > 0 and math.min(1, ((tonumber(stats[2]) or 0) + prior) / issued) or 1
-    reserves[a] = math.ceil(ratio * price)
-    variances[a] = price * price * ratio * (1 - ratio)
+    local predicted = (tonumber(stats[1]) or 0) + prior
+    if predicted > 0 then ratios[a] = ((tonumber(stats[2]) or 0) + prior) / predicted end
   end
-  heads[a] = 'R\t' .. string.format('%d', reserves[a]) .. '\t' .. string.format('%d', price) .. '\t'
-    .. string.format('%.17g', variances[a]) .. '\t' .. action .. common
+end
+-- what coupon a reserves for the user of item i: reserved cents, variance of its realised cost, predicted
+local function reservation(i, a)
+  local price = prices[a]
+  if not expected then return price, 0, price end
+  local predicted = expected_costs[i] and expected_costs[i][a + 1] or price
+  local reserve = math.min(price, math.ceil(ratios[a] * predicted))
+  local p = price > 0 and reserve / price or 0
+  return reserve, price * price * p * (1 - p), predicted
 end
 local variance, new_variance = tonumber(ledger[7]) or 0, 0
 local new_reserved, new_count = 0, 0
-local function fits(a)
-  if not expected then return prices[a] <= available - new_reserved end
-  local v = math.max(0, variance + new_variance + variances[a])
+local function fits(reserve, var)
+  if not expected then return reserve <= available - new_reserved end
+  local v = math.max(0, variance + new_variance + var)
   local margin = 0 -- no variance: every outstanding cost is known
   if v > 0 then
     local third = dearest * log_risk / 3
     margin = third + math.sqrt(third * third + 2 * v * log_risk)
   end
-  return reserves[a] + margin <= available - new_reserved
+  return reserve + margin <= available - new_reserved
 end
-local items = cjson.decode(ARGV[7])
-local orderings, ordering, tails = items.orderings, items.ordering, items.tails
 local requests = {} -- item -> {item, request key index, user id}
 for _, request in ipairs(items.requests) do requests[request[1]] = request end
 local out, replays, fields = {0}, {}, {}
@@ -80,23 +91,29 @@ for i = 1, #ordering do
     replays[#replays + 1] = earlier
   else
     local prefs = orderings[ordering[i]]
-    local action, cost = 0, 0
+    local action, cost, reserve, var, predicted = 0, 0, 0, 0, 0
     for _, candidate in ipairs(prefs) do
       if candidate == 0 then break end
-      if prices[candidate] and fits(candidate) then
-        action, cost = candidate, prices[candidate]
-        break
+      if prices[candidate] then
+        local r, v, e = reservation(i, candidate)
+        if fits(r, v) then
+          action, cost, reserve, var, predicted = candidate, prices[candidate], r, v, e
+          break
+        end
       end
     end
     local flag = 1
     if prefs[1] and prefs[1] ~= 0 and action ~= prefs[1] then flag = 2 end
+    new_reserved = new_reserved + reserve
+    new_variance = new_variance + var
+    local head = no_coupon
     if action ~= 0 then
-      new_reserved = new_reserved + reserves[action]
-      new_variance = new_variance + variances[action]
+      head = 'R\t' .. string.format('%d', reserve) .. '\t' .. string.format('%d', cost) .. '\t'
+        .. string.format('%.17g', var) .. '\t' .. string.format('%d', predicted) .. '\t' .. action .. common
     end
     new_count = new_count + 1
     fields[#fields + 1] = i - 1
-    fields[#fields + 1] = heads[action] .. tails[i]
+    fields[#fields + 1] = head .. tails[i]
     if request then
       redis.call('SET', KEYS[request[2]], 'd-' .. batch .. '-' .. (i - 1) .. '\t' .. action .. '\t'
         .. string.format('%d', cost) .. '\t' .. version .. '\t' .. lam .. '\t' .. request[3], 'PX', ARGV[3])

@@ -5,10 +5,11 @@
 -- ARGV per outcome: cost cents, reward (text), index of its record hash in KEYS, its field there
 -- Returns {'missing'} unknown campaign | {'too_high', index, coupon cost} | {remaining, code, user, ...}
 --   with code 'A' accepted, 'D' duplicate, 'U' unknown (or expired record).
--- Decision record: see reserve.lua. Each settled coupon adds its cost to issued:<action> and its realised
--- cost to realised:<action> (the ratio expected mode reserves by), and its cost to settled_reserved.
+-- Decision record: see reserve.lua. Each settled coupon adds its predicted cost to issued:<action> and its
+-- realised cost to realised:<action> (the ratio expected mode corrects predictions by), and its cost to
+-- settled_reserved.
 local campaign = KEYS[1]
-local RECORD = '^(%u)\t(%d+)\t(%d+)\t([^\t]*)\t(%d+)\t([^\t]*\t[^\t]*\t[^\t]*\t[^\t]*)\t[^\t]*\t[^\t]*\t(%d+)\t()'
+local RECORD = '^(%u)\t(%d+)\t(%d+)\t([^\t]*)\t(%d+)\t(%d+)\t([^\t]*\t[^\t]*\t[^\t]*\t[^\t]*)\t[^\t]*\t[^\t]*\t(%d+)\t()'
 local function int(x) return string.format('%d', x) end
 
 if redis.call('EXISTS', campaign) == 0 then return {'missing'} end
@@ -16,8 +17,8 @@ local n = #ARGV / 4
 local function record(i)
   local value = redis.call('HGET', KEYS[tonumber(ARGV[4 * i - 1])], ARGV[4 * i])
   if not value then return nil end
-  local status, reserved, face, variance, action, middle, request_length, tail = string.match(value, RECORD)
-  return status, reserved, face, variance, action, middle, request_length, tail, value
+  local status, reserved, face, variance, predicted, action, middle, request_length, tail = string.match(value, RECORD)
+  return status, reserved, face, variance, predicted, action, middle, request_length, tail, value
 end
 for i = 1, n do
   local status, _, face = record(i)
@@ -28,7 +29,7 @@ end
 local out = {0}
 for i = 1, n do
   -- read again: the batch may name a decision twice
-  local status, reserved, face, variance, action, middle, request_length, tail, value = record(i)
+  local status, reserved, face, variance, predicted, action, middle, request_length, tail, value = record(i)
   local cost = tonumber(ARGV[4 * i - 3])
   if not status then
     out[#out + 1] = 'U'
@@ -43,7 +44,7 @@ for i = 1, n do
       redis.call('HINCRBY', campaign, 'spent', int(cost))
       if action ~= '0' then
         redis.call('HINCRBY', campaign, 'settled_reserved', face)
-        redis.call('HINCRBY', campaign, 'issued:' .. action, face)
+        redis.call('HINCRBY', campaign, 'issued:' .. action, predicted)
       end
     else -- 'X': the reservation expired and was released (and counted as issued at no cost by the
       -- sweep); charge only what still fits the budget
@@ -55,7 +56,7 @@ for i = 1, n do
     if action ~= '0' then redis.call('HINCRBY', campaign, 'realised:' .. action, int(cost)) end
     local rest = string.sub(value, tail)
     redis.call('HSET', KEYS[tonumber(ARGV[4 * i - 1])], ARGV[4 * i], table.concat({'S', reserved, face, variance,
-      action, middle, ARGV[4 * i - 2], ARGV[4 * i - 3], request_length, rest}, '\t'))
+      predicted, action, middle, ARGV[4 * i - 2], ARGV[4 * i - 3], request_length, rest}, '\t'))
     out[#out + 1] = 'A'
     out[#out + 1] = string.sub(rest, tonumber(request_length) + 2)
   end

@@ -20,7 +20,7 @@ for name in string.gmatch(ARGV[4], '[^,]+') do
 end
 for name, value in pairs(given) do redis.call('HSET', key, name, value) end
 if ARGV[1] == '1' or given['admin_lambda'] ~= nil then
-  redis.call('HSET', key, 'paced_at_ms', '', 'pace_plan', 0, 'pace_actual', 0)
+  redis.call('HSET', key, 'paced_at_ms', '', 'pace_plan', 0, 'pace_actual', 0, 'pace_carry', 0)
   redis.call('DEL', KEYS[3])
 end
 local values = redis.call('HMGET', key, unpack(names))

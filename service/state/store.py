@@ -101,6 +101,7 @@ DECISION_FIELDS = (
     "reserved",
     "coupon_cost",
     "variance",
+    "predicted",
     "action",
     "probability",
     "decided_at_ms",
@@ -420,6 +421,8 @@ class StateStore:
             "tails": [_record_tail(item.request_id, item.user_id) for item in items],
             "requests": requests,
         }
+        if any(item.expected_costs for item in items):
+            columns["expected"] = [item.expected_costs or [] for item in items]
         args = [now_ms, reservation_expiry_ms, decision_ttl_ms, model_version, repr(lam), batch, orjson.dumps(columns)]
         args.append(prior_coupons)
         reply = await self._eval("reserve", keys, args)

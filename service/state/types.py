@@ -149,6 +149,9 @@ class ReserveItem(NamedTuple):
     request_id: str | None
     # offered actions in descending score order, cut after action 0: the first that fits is taken
     preferences: list[int]
+    # per action (index = action): the model's expected cost of that coupon for this user, in cents, at most
+    # the coupon's cost; what an `expected` reservation starts from (None: the coupon's cost)
+    expected_costs: list[int] | None = None
 
 
 class ReservedDecision(NamedTuple):

@@ -1,7 +1,9 @@
 """The budget invariant under a race (CONTRACT.md §4): 4 service processes on one Redis (standalone or
 Cluster), or one process on the embedded store, concurrent clients issuing 20,000+ decisions against a
 small budget, retries through other processes, outcomes settling as they go, and a poller checking
-`spent + reserved <= budget` at every observation."""
+`spent + reserved <= budget` at every observation (strict mode). In expected mode the same race keeps the
+ledger exact (what is reserved is what the live records hold, what is spent is what was settled) and
+issues more coupons than the budget could reserve at their cost."""
 
 from __future__ import annotations
 
@@ -26,8 +28,14 @@ CLIENTS, BATCHES, USERS_PER_BATCH = 16, 40, 32  # 20,480 decisions, each batch r
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("mode", ["strict", "expected"])
 def test_concurrent_processes_never_overspend(
-    store_kind: str, model_store_dir: Path, redis_prefix: str, tmp_path: Path, request: pytest.FixtureRequest
+    store_kind: str,
+    mode: str,
+    model_store_dir: Path,
+    redis_prefix: str,
+    tmp_path: Path,
+    request: pytest.FixtureRequest,
 ) -> None:
     dim = ModelStore(model_store_dir).load().manifest.feature_dim
     embedded = store_kind == "embedded"
@@ -47,7 +55,7 @@ def test_concurrent_processes_never_overspend(
         resp = admin.put(
             bases[0] + "/v1/admin/campaigns/race",
             headers=ADMIN,
-            json={"budget": BUDGET, "coupons": COUPONS, "lambda": 0.0},
+            json={"budget": BUDGET, "coupons": COUPONS, "lambda": 0.0, "reservation_mode": mode},
         )
         assert resp.status_code == 200
 
@@ -64,6 +72,8 @@ def test_concurrent_processes_never_overspend(
                     camp = http.get(bases[len(observations) % 4] + "/v1/admin/campaigns/race", headers=ADMIN).json()
                     observations.append((camp["spent"], camp["reserved"]))
                     time.sleep(0.02)
+
+        redeemed = 0.5 if mode == "strict" else 0.2
 
         def client(k: int) -> None:
             rng = random.Random(k)
@@ -94,7 +104,7 @@ def test_concurrent_processes_never_overspend(
                         {
                             "decision_id": d["decision_id"],
                             "reward": 1.0,
-                            "cost": d["cost"] if rng.random() < 0.5 else 0.0,
+                            "cost": d["cost"] if rng.random() < redeemed else 0.0,
                         }
                         for d in coupons
                         if rng.random() < 0.3
@@ -119,15 +129,19 @@ def test_concurrent_processes_never_overspend(
 
         assert not errors, errors[:3]
         assert len(observations) > 10
-        for spent, reserved in observations:
-            assert spent + reserved <= BUDGET + 1e-9, (spent, reserved)
         camp = admin.get(bases[3] + "/v1/admin/campaigns/race", headers=ADMIN).json()
         assert camp["decisions"] == CLIENTS * BATCHES * USERS_PER_BATCH  # retries reserved nothing more
         live = {d: c for d, c in issued.items() if d not in settled}
-        assert camp["reserved"] == pytest.approx(sum(live.values()), abs=1e-6)
         assert camp["spent"] == pytest.approx(sum(settled.values()), abs=1e-6)
-        assert camp["spent"] + camp["reserved"] <= BUDGET
-        assert sum(issued.values()) > BUDGET / 2  # the race really fought over the budget
+        if mode == "strict":
+            for spent, reserved in observations:
+                assert spent + reserved <= BUDGET + 1e-9, (spent, reserved)
+            assert camp["reserved"] == pytest.approx(sum(live.values()), abs=1e-6)
+            assert camp["spent"] + camp["reserved"] <= BUDGET
+            assert sum(issued.values()) > BUDGET / 2  # the race really fought over the budget
+        else:  # each coupon reserves its expected cost: more coupons than the budget holds at their cost
+            assert camp["reserved"] <= sum(live.values()) and sum(issued.values()) > BUDGET
+            assert camp["spent"] <= BUDGET * 1.01
     # the ledger equals the sum of the live reservations recorded in Redis itself (the embedded store's
     # from its append-only file, after the service stopped)
     private = EmbeddedRedis(state_dir) if embedded else None
@@ -139,7 +153,7 @@ def test_concurrent_processes_never_overspend(
         if private is not None:
             private.stop()
     assert sum(reserved.values()) == round(camp["reserved"] * 100)
-    assert set(reserved) == set(live)
+    assert set(reserved) == set(live) if mode == "strict" else set(reserved) <= set(live)
     print(f"race: {camp['decisions']} decisions in {elapsed:.1f}s, {len(observations)} observations")
 
 

@@ -84,3 +84,19 @@ def test_pacing_raises_lambda_of_a_campaign_spending_ahead_of_its_plan(client: T
     assert decided.json()["decisions"][0]["lambda"] == view["lambda"]
     metrics = client.get("/metrics").text
     assert 'saco_campaign_lambda{campaign="fast"}' in metrics and "saco_pacing_error" in metrics
+
+
+def test_expected_mode_reserves_the_models_expected_cost_of_each_coupon(client: TestClient, feature_dim: int) -> None:
+    """The model's value heads predict each coupon's cost for each user: an expected campaign reserves that
+    (at most the coupon's cost), a strict one the coupon's cost; decisions show the coupon's cost in both."""
+    body = {"requests": users(60, feature_dim, prefix="e")}
+    reserved = {}
+    for mode in ("strict", "expected"):
+        put(client, cid=mode, reservation_mode=mode, **{"lambda": 0.0})
+        decisions = client.post(f"/v1/campaigns/{mode}/decisions", json=body).json()["decisions"]
+        faces = sum(d["cost"] for d in decisions)
+        view = client.get(f"/v1/admin/campaigns/{mode}", headers=ADMIN).json()
+        reserved[mode] = (view["reserved"], faces)
+    assert reserved["strict"][0] == pytest.approx(reserved["strict"][1])
+    assert reserved["expected"][1] == reserved["strict"][1] > 0  # the same coupons at lambda 0
+    assert 0 < reserved["expected"][0] < reserved["expected"][1]

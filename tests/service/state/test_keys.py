@@ -61,7 +61,8 @@ def test_decision_records_keep_free_text_ids_through_settlement(run: Run) -> Non
         client, key = await store.client(), store.batch_key("c", batch)
         record = parse_decision_record(await client.hget(key, index))
         assert record == {
-            "status": "R", "reserved": "500", "coupon_cost": "500", "variance": "0", "action": "2",
+            "status": "R", "reserved": "500", "coupon_cost": "500", "variance": "0", "predicted": "500",
+            "action": "2",
             "probability": "1", "decided_at_ms": "1000",
             "model_version": "v1", "lambda": "0.25", "reward": "", "cost": "", "request_id": request,
             "user_id": user,

@@ -47,9 +47,31 @@ def test_a_traffic_plan_follows_the_decisions(run: Run) -> None:
         await reserve(store, "c", [item(f"u{i}", [1, 0]) for i in range(10)])  # 10 decisions, all 10.00
         # plan 10% = 20.00; spend 100.00 reserved at ratio 1 (nothing settled): excess 0.4 -> +0.5 (bounded)
         assert await pace(store, 1_000) == (1.5, 2_000, 10_000, True)
-        assert await pace(store, 2_000) == (1.5, 2_000, 10_000, True)  # no excess since: lambda stays
+        # no new excess, but the 0.35 the bound held back is carried: +0.5 again
+        assert await pace(store, 2_000) == (2.0, 2_000, 10_000, True)
         await reserve(store, "c", [item(f"v{i}", [1, 0]) for i in range(10)])
-        assert await pace(store, 3_000, lambda_max=1.7, max_step=5.0) == (1.7, 4_000, 20_000, True)
+        assert await pace(store, 3_000, lambda_max=2.2, max_step=5.0) == (2.2, 4_000, 20_000, True)
+
+    run(scenario)
+
+
+def test_a_bounded_step_carries_the_rest_of_the_error_and_the_clip_at_zero_does_not(run: Run) -> None:
+    async def scenario(store: StateStore) -> None:
+        await store.upsert_campaign("c", put(10_000, expected_decisions=100, coupons={1: 1_000}))
+        assert await pace(store, 0) == (1.0, 0, 0, True)
+        await reserve(store, "c", [item(f"u{i}", [1, 0]) for i in range(2)])  # plan 2.00, spend 20.00
+        # excess 0.18 of the budget -> +1.8 wanted, +0.5 a step: four steps take it (0.5, 0.5, 0.5, 0.3)
+        lambdas = [(await pace(store, 1_000 * k))[0] for k in range(1, 6)]
+        assert lambdas == pytest.approx([1.5, 2.0, 2.5, 2.8, 2.8])
+        await store.upsert_campaign("d", put(10_000, expected_decisions=10, coupons={1: 1_000}))
+        assert await pace(store, 0, "d") == (1.0, 0, 0, True)
+        await reserve(store, "d", [item(f"u{i}", [0]) for i in range(10)])  # plan 100.00, no spend
+        assert (await pace(store, 1_000, "d"))[0] == 0.5  # excess -1.0: -10 wanted, -0.5 a step
+        assert (await pace(store, 2_000, "d"))[0] == 0.0  # the carried -9.5 hits the clip at 0 ...
+        await reserve(store, "d", [item("big", [1, 0])])  # ... and is dropped there: an excess of +0.1
+        assert (await pace(store, 3_000, "d"))[0] == 0.5  # moves lambda up at once (no wind-up)
+
+    run(scenario)
 
 
 def test_the_prior_keeps_outstanding_spend_cautious_until_outcomes_arrive(run: Run) -> None:

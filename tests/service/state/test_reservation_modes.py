@@ -7,10 +7,11 @@ from __future__ import annotations
 import math
 import random
 
+import pytest
 from conftest import Run, item, put
 
-from service.state import CampaignUpdate, Outcome
-from service.state.store import StateStore
+from service.state import CampaignUpdate, Outcome, ReserveItem
+from service.state.store import StateStore, parse_decision_record
 
 
 async def reserve(store: StateStore, campaign: str, users: list[str], prior: int = 1) -> list[tuple[str, int, int]]:
@@ -115,3 +116,86 @@ def test_overspend_stays_within_the_risk_over_many_campaigns(run: Run) -> None:
     # all ~250 coupons outstanding at once: the margin (~1/3 of the budget here) is what the guarantee costs;
     # strict mode would have spent 0.2 of the budget (50 coupons reserved at their full cost)
     assert sorted(rates)[campaigns // 2] > 0.65
+
+
+async def reserve_predicted(
+    store: StateStore, campaign: str, predicted: dict[str, int], prior: int = 0
+) -> list[tuple[str, str, int]]:
+    """Each user offered coupon 1 with the model's expected cost `predicted[user]` (cents): (decision id,
+    user, action) per user."""
+    items = [ReserveItem(user, None, [1, 0], [0, cents]) for user, cents in predicted.items()]
+    result = await store.reserve(
+        campaign,
+        items,
+        model_version="v",
+        lam=0.0,
+        now_ms=0,
+        reservation_expiry_ms=10**9,
+        decision_ttl_ms=10**9,
+        prior_coupons=prior,
+    )
+    return [(d.decision_id, d.user_id, d.action) for d in result.decisions]
+
+
+def test_expected_mode_reserves_each_users_predicted_cost_corrected_by_what_was_realised(run: Run) -> None:
+    async def scenario(store: StateStore) -> None:
+        await store.upsert_campaign("c", put(1_000_000, {1: 1_000}, reservation_mode="expected"))
+        decided = await reserve_predicted(store, "c", {"low": 100, "high": 900}, prior=10)
+        state = await store.get_campaign("c")
+        assert state is not None and state.reserved == 1_000  # no outcome yet: the predictions as they are
+        client = await store.client()
+        records = {}
+        for decision_id, user, _ in decided:
+            batch, index = decision_id[2:].rsplit("-", 1)
+            records[user] = parse_decision_record(await client.hget(store.batch_key("c", batch), index))
+        assert (records["low"]["reserved"], records["low"]["predicted"], records["low"]["coupon_cost"]) == (
+            "100",
+            "100",
+            "1000",
+        )
+        # the model predicts half of what is realised: 20 coupons predicted at 100 each, redeemed 4 times
+        history = await reserve_predicted(store, "c", {f"h{i}": 100 for i in range(20)})
+        await store.settle("c", [Outcome(d, 1.0, 1_000 if i < 4 else 0) for i, (d, _, _) in enumerate(history)])
+        # ratio = (4,000 realised + 10 x 1,000 prior) / (2,000 predicted + 10,000 prior) = 14 / 12
+        more = await reserve_predicted(store, "c", {"next": 300, "dear": 990}, prior=10)
+        assert [a for _, _, a in more] == [1, 1]
+        state = await store.get_campaign("c")
+        assert state is not None and state.reserved == 1_000 + math.ceil(300 * 14 / 12) + 1_000  # at most the cost
+
+    run(scenario)
+
+
+@pytest.mark.parametrize("bias", [0.8, 1.2])
+def test_overspend_stays_within_the_risk_with_biased_per_user_predictions(run: Run, bias: float) -> None:
+    """200 campaigns whose users redeem with their own probability p_u (from 0.05 to 0.5), predicted by a
+    model biased by `bias` (its expected costs are bias x the truth): the realised / predicted ratio learnt
+    from 500 settled coupons corrects the bias, and the share of campaigns that overspend stays within the
+    risk."""
+    risk, campaigns, face = 0.05, 200, 1_000
+    rng = random.Random(11 if bias < 1 else 13)
+
+    async def scenario(store: StateStore) -> tuple[int, list[float]]:
+        overspent, rates = 0, []
+        for k in range(campaigns):
+            cid = f"b{k}"
+            await store.upsert_campaign(cid, put(10**9, {1: face}, reservation_mode="expected", overspend_risk=risk))
+            truth = {f"h{i}": rng.uniform(0.05, 0.5) for i in range(500)}
+            history = await reserve_predicted(store, cid, {u: round(bias * p * face) for u, p in truth.items()})
+            await store.settle(cid, [Outcome(d, 1.0, face if rng.random() < truth[u] else 0) for d, u, _ in history])
+            state = await store.get_campaign(cid)
+            assert state is not None
+            base = state.spent
+            await store.upsert_campaign(cid, CampaignUpdate(replace=False, budget=base + 50_000))
+            truth = {f"u{i}": rng.uniform(0.05, 0.5) for i in range(1_000)}
+            decided = await reserve_predicted(store, cid, {u: round(bias * p * face) for u, p in truth.items()})
+            outcomes = [Outcome(d, 1.0, face if rng.random() < truth[u] else 0) for d, u, a in decided if a]
+            await store.settle(cid, outcomes)
+            state = await store.get_campaign(cid)
+            assert state is not None and state.reserved == 0
+            overspent += state.spent > state.budget
+            rates.append((state.spent - base) / 50_000)
+        return overspent, rates
+
+    overspent, rates = run(scenario)
+    assert overspent <= risk * campaigns
+    assert sorted(rates)[campaigns // 2] > 0.6
