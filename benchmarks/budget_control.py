@@ -181,7 +181,7 @@ def publish_oracle(model_store: Path, oracle_store: Path, lam: float) -> None:
         raise SystemExit(f"the oracle needs feature_dim = 2 x num_actions, the model has {dim} and {k}")
     for name in ("version", "created_at", "model_sha256"):
         manifest.pop(name, None)
-    manifest.update(lambda_table=[], default_lambda=lam, metrics={}, expected_costs=False)
+    manifest.update(lambda_table=[], default_lambda=lam, metrics={}, score_terms=False)
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "model.pt"
         save_scripted(OracleScores(k), path)
@@ -258,6 +258,7 @@ class Variant:
     oracle: bool = False
     budget_factor: float = 1.0
     cost_bias: float = 1.0  # the served model's expected costs are this multiple of the trained model's
+    pacing_method: str = "resolve"
 
     @property
     def service(self) -> str:
@@ -268,6 +269,8 @@ class Variant:
     def label(self) -> str:
         who = "oracle" if self.oracle else "model"
         pace = "pacing" if self.pacing else "pacing off, open budget"
+        if self.pacing and self.pacing_method != "resolve":
+            pace += f" ({self.pacing_method})"
         bias = "" if self.cost_bias == 1.0 else f", expected costs x{self.cost_bias:g}"
         return f"{who} {self.mode}, from {START_NAMES[self.start]}, {pace}{bias}"
 
@@ -356,6 +359,7 @@ class Runner:
             "reservation_mode": variant.mode,
             "expected_decisions": users * rounds,
             "pacing": variant.pacing,
+            "pacing_method": variant.pacing_method,
         }
         await self._call(client, "PUT", f"/v1/admin/campaigns/{cid}", orjson.dumps(body))
         result = CampaignResult(self.world_name, variant.key, seed, self.budgets[seed])
@@ -472,6 +476,10 @@ def variants_for(args: argparse.Namespace) -> list[tuple[Variant, int]]:
             out.append((Variant(f"{mode}-{start}", mode, start), n))
     for bias in args.cost_biases:
         out.append((Variant(f"expected-cal-bias{bias:g}", "expected", "cal", cost_bias=bias), args.expected_campaigns))
+    for mode in ("expected", "strict"):  # the ablation: dual descent alone
+        for start in ("cal", "zero"):
+            variant = Variant(f"{mode}-{start}-descent", mode, start, pacing_method="descent")
+            out.append((variant, args.strict_campaigns))
     out.append((Variant("oracle-strict-cal", "strict", "cal", oracle=True), args.strict_campaigns))
     out.append((Variant("open-cal", "strict", "cal", pacing=False, budget_factor=OPEN_BUDGET), args.strict_campaigns))
     return out

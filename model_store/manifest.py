@@ -38,9 +38,9 @@ class Manifest:
     normalisation: dict[str, Any] = field(default_factory=dict)
     # Mean realized cost per action in the training logs (index = action), for operators' reference.
     action_costs: list[float] = field(default_factory=list)
-    # The module also exports `scores_and_costs`: the scores, then each coupon's expected cost for the
-    # user (currency units), which `expected` reservations start from.
-    expected_costs: bool = False
+    # The module also exports `score_terms` -> [B, 3K]: the revenue and cost terms of the score (score =
+    # revenue - lambda * cost) and each coupon's expected cost now for the user (currency units).
+    score_terms: bool = False
     lambda_table: list[LambdaPoint] = field(default_factory=list)
     default_lambda: float | None = None
     data_sha256: str = ""

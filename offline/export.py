@@ -86,12 +86,18 @@ def export_and_publish(
                 f"policy differs from the model's forward by {folded:.2e} of the largest score (> {PARITY_TOLERANCE})"
             )
         if model.value_objective:  # the expected costs the service reserves by, against the training forward
+            k = cfg.num_actions
             with torch.inference_mode():
                 _, values = model(*inputs)
-                costs = loaded.scores_and_costs(*inputs)[:, cfg.num_actions :]
-            cost_diff = float((costs - values[:, -1, 1] * model.ctg_scale).abs().max())
-            if not cost_diff <= PARITY_TOLERANCE * max(1.0, float(costs.abs().max())):
-                raise ExportError(f"scripted expected costs differ from the model's by {cost_diff:.2e}")
+                terms = loaded.score_terms(*inputs)
+            rebuilt = terms[:, :k] - inputs[5].view(-1, 1) * terms[:, k : 2 * k]
+            costs = terms[:, 2 * k :]
+            size = max(1.0, float(reference.abs().max()), float(costs.abs().max()))
+            terms_diff = max(
+                float((rebuilt - reference).abs().max()), float((costs - values[:, -1, 1] * model.ctg_scale).abs().max())
+            )
+            if not terms_diff <= PARITY_TOLERANCE * size:
+                raise ExportError(f"scripted score terms differ from the model's by {terms_diff:.2e}")
         action_costs = [
             float(logs.cost[logs.action == a].mean()) if np.any(logs.action == a) else 0.0
             for a in range(cfg.num_actions)
@@ -111,7 +117,7 @@ def export_and_publish(
                 "ctg_scale": float(model.ctg_scale),
             },
             "action_costs": action_costs,
-            "expected_costs": bool(model.value_objective),
+            "score_terms": bool(model.value_objective),
             "data_sha256": logs.sha256,
             "metrics": {
                 **result.metrics,

@@ -394,7 +394,7 @@ class PolicyModule(nn.Module):
             cost_weight, cost_bias = w[1] * m.ctg_scale, b[1] * m.ctg_scale  # the cost now, raw units
         else:
             weight, bias = m.action_head.weight, m.action_head.bias
-            cost_weight, cost_bias = weight[:0], bias[:0]  # no cost head: `scores_and_costs` is not exported
+            cost_weight, cost_bias = weight[:0], bias[:0]  # no value heads: `score_terms` is not used
         self._buffer("head_weight", weight)
         self._buffer("head_bias", bias)
         self._buffer("cost_weight", cost_weight)
@@ -413,7 +413,7 @@ class PolicyModule(nn.Module):
         return self._scores(self._decision_token(states, actions, rtg, ctg, timesteps, lam, mask), lam)
 
     @torch.jit.export
-    def scores_and_costs(
+    def score_terms(
         self,
         states: torch.Tensor,
         actions: torch.Tensor,
@@ -423,10 +423,12 @@ class PolicyModule(nn.Module):
         lam: torch.Tensor,
         mask: torch.Tensor,
     ) -> torch.Tensor:
-        """[B, 2K]: the decision scores, then each coupon's expected cost now (raw units, the value heads'
-        prediction for this user; what `expected` reservations start from). Value objective only."""
+        """[B, 3K] (value objective, whose scores do not read lambda): the revenue and the cost terms of the
+        score (score = revenue - lambda * cost, future weight included), then each coupon's expected cost now
+        for this user. Raw units. The service scores any lambda from one forward, and `expected`
+        reservations start from the cost now."""
         x = self._decision_token(states, actions, rtg, ctg, timesteps, lam, mask)
-        return torch.cat([self._scores(x, lam), F.linear(x, self.cost_weight, self.cost_bias)], dim=1)
+        return torch.cat([F.linear(x, self.head_weight, self.head_bias), F.linear(x, self.cost_weight, self.cost_bias)], 1)
 
     def _decision_token(
         self,

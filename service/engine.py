@@ -6,6 +6,7 @@ import asyncio
 import logging
 import time
 from collections import Counter
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
@@ -37,6 +38,7 @@ from service.state.context import gather
 from service.state.store import StateStore
 
 log = logging.getLogger("saco.service.engine")
+PLAN_LAMBDA_STEPS = 24  # bisection steps: lambda to within lam_max / 2^24
 
 
 class InvalidInput(ValueError):
@@ -52,22 +54,69 @@ def now_ms() -> int:
 
 
 def choose(
-    scores: np.ndarray, costs: np.ndarray | None, campaign: CampaignConfig, body: DecisionsRequest
+    scores: np.ndarray, expected: np.ndarray | None, campaign: CampaignConfig, body: DecisionsRequest
 ) -> tuple[list[int], list[ReserveItem]]:
     """The order in which users reserve (largest gain of their best coupon over none first) and, per user
-    in that order, the campaign's coupons by descending score down to "no coupon"; in `expected` mode with a
-    model that predicts costs, each user's expected cost of each coupon (cents, within [0, its cost])."""
+    in that order, the campaign's coupons by descending score down to "no coupon", with the model's expected
+    cost of each coupon for that user (cents) when it has one."""
     prefs, priority = preferences(scores, list(campaign.coupons))
     order: list[int] = priority.tolist()
     requests = body.requests
-    expected: list[list[int]] | list[None] = [None] * len(requests)
-    if costs is not None and campaign.settings.reservation_mode == "expected":
-        faces = np.zeros(costs.shape[1], np.float64)
+    costs: list[list[int]] | list[None] = [None] * len(requests) if expected is None else expected.tolist()
+    return order, [ReserveItem(requests[i].user_id, requests[i].request_id, prefs[i], costs[i]) for i in order]
+
+
+@dataclass(frozen=True)
+class ScoreTerms:
+    """A model's per-user score terms (`score_terms` of the exported module): score = revenue - lambda * cost."""
+
+    revenue: np.ndarray  # [B, K], currency units
+    cost: np.ndarray  # [B, K], the cost term of the score (future weight included)
+    expected: np.ndarray  # [B, K] int64: each coupon's expected cost now, cents, within [0, the coupon's cost]
+
+    @staticmethod
+    def split(outputs: np.ndarray, campaign: CampaignConfig) -> ScoreTerms:
+        k = outputs.shape[1] // 3
+        faces = np.zeros(k, np.float64)
         for action, cents in campaign.coupons.items():
-            if 0 < action < len(faces):
+            if 0 < action < k:
                 faces[action] = cents
-        expected = np.rint(np.clip(costs.astype(np.float64) * 100, 0, faces)).astype(np.int64).tolist()
-    return order, [ReserveItem(requests[i].user_id, requests[i].request_id, prefs[i], expected[i]) for i in order]
+        expected = np.rint(np.clip(outputs[:, 2 * k :].astype(np.float64) * 100, 0, faces)).astype(np.int64)
+        return ScoreTerms(outputs[:, :k], outputs[:, k : 2 * k], expected)
+
+    def scores(self, lam: float) -> np.ndarray:
+        return self.revenue - np.float32(lam) * self.cost
+
+
+def plan_lambda(terms: ScoreTerms, campaign: CampaignConfig, target: float, lam_max: float) -> float:
+    """The smallest lambda in [0, lam_max] at which the request's expected spend fits `target` cents: each
+    user takes their best offered action (or none) at that lambda, and spends its expected cost corrected by
+    the campaign's realised / predicted ratio of that action. Bisection: spend falls as lambda rises."""
+    k = terms.revenue.shape[1]
+    offered = np.zeros(k, np.bool_)
+    offered[0] = True
+    offered[[a for a in campaign.coupons if 0 < a < k]] = True
+    ratios = np.ones(k)
+    if campaign.paced is not None:
+        for action, ratio in campaign.paced.ratios.items():
+            if 0 < action < k:
+                ratios[action] = ratio
+    spend = terms.expected * ratios
+    rows = np.arange(len(spend))
+
+    def spent(lam: float) -> float:
+        chosen = np.where(offered, terms.scores(lam), -np.inf).argmax(axis=1)
+        return float(spend[rows, chosen].sum())
+
+    if spent(0.0) <= target:
+        return 0.0
+    low, high = 0.0, lam_max
+    if spent(high) > target:
+        return high
+    for _ in range(PLAN_LAMBDA_STEPS):
+        middle = (low + high) / 2
+        low, high = (low, middle) if spent(middle) <= target else (middle, high)
+    return high
 
 
 def render(order: list[int], decided: list[ReservedDecision]) -> bytes:
@@ -88,8 +137,8 @@ def render(order: list[int], decided: list[ReservedDecision]) -> bytes:
 def campaign_lambda(campaign: CampaignConfig, manifest: Manifest) -> tuple[float, str]:
     """The campaign's lambda and where it came from: pacing (while it runs), else the lambda it starts
     from: admin-set, calibration table, model default, none."""
-    if campaign.paced_lambda is not None and campaign.settings.pacing_on:
-        return campaign.paced_lambda, "pacing"
+    if campaign.paced is not None and campaign.settings.pacing_on:
+        return campaign.paced.lam, "pacing"
     return base_lambda(campaign.settings, manifest)
 
 
@@ -189,9 +238,12 @@ class DecisionEngine:
             lam, _ = campaign_lambda(campaign, policy.manifest)
             inputs = build_inputs(policy.manifest, features, contexts, lam)
             outputs = await self.batcher.scores(policy, inputs, ticket)
-        k = policy.manifest.num_actions
-        scores, costs = outputs[:, :k], (outputs[:, k:] if outputs.shape[1] > k else None)
-        order, items = choose(scores, costs, campaign, body)
+        scores, expected = outputs, None
+        if policy.manifest.score_terms:
+            terms = ScoreTerms.split(outputs, campaign)
+            lam = self._request_lambda(campaign, terms, lam, policy.manifest)
+            scores, expected = terms.scores(lam), terms.expected
+        order, items = choose(scores, expected, campaign, body)
         reserved = await self.store.reserve(
             campaign_id,
             items,
@@ -204,6 +256,20 @@ class DecisionEngine:
         )
         self._record(campaign_id, order, reserved, features, contexts, policy.manifest)
         return render(order, reserved.decisions)
+
+    def _request_lambda(self, campaign: CampaignConfig, terms: ScoreTerms, lam: float, manifest: Manifest) -> float:
+        """With `resolve` pacing, the lambda at which this request's expected spend is its share of the
+        budget left (what each decision may spend, times the request's users); else the campaign's lambda."""
+        settings = campaign.settings
+        if not settings.pacing_on or settings.pacing_method != "resolve":
+            return lam
+        allowance = None if campaign.paced is None else campaign.paced.allowance
+        if allowance is None and campaign.paced is None and settings.expected_decisions:
+            allowance = settings.budget / settings.expected_decisions  # before the first pacing step
+        if allowance is None:
+            return lam
+        lam_max = self.settings.pacing_lambda_max * lambda_scale(manifest)
+        return plan_lambda(terms, campaign, allowance * len(terms.expected), lam_max)
 
     def _validate(self, body: DecisionsRequest, manifest: Manifest) -> np.ndarray:
         """The batch size and every feature row against the model: the [users, feature_dim] float32 array."""
@@ -368,6 +434,7 @@ class DecisionEngine:
             ends_ms=ends_ms,
             expected_decisions=body.expected_decisions,
             pacing=body.pacing,
+            pacing_method=body.pacing_method,
             cleared=cleared - {"budget", "coupons"},
         )
 
@@ -415,6 +482,9 @@ class DecisionEngine:
             "ends_at": iso(settings.ends_ms),
             "expected_decisions": settings.expected_decisions,
             "pacing": settings.pacing_on,
+            "pacing_method": settings.pacing_method,
+            "allowance": None if not paced or pacing.state is None or pacing.state.allowance is None
+            else from_cents(round(pacing.state.allowance)),
             "plan": from_cents(pacing.plan) if paced else None,
             "pacing_spend": from_cents(pacing.actual) if paced else None,
             "pacing_error": (pacing.actual - pacing.plan) / campaign.budget if paced and campaign.budget else None,
@@ -437,6 +507,7 @@ class DecisionEngine:
             max_step=settings.pacing_max_step * scale,
             lambda_max=settings.pacing_lambda_max * scale,
             prior=max(campaign.coupons.values(), default=0) * settings.prior_coupons,
+            prior_coupons=settings.prior_coupons,
         )
         if stepped is None:
             return

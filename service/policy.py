@@ -92,14 +92,15 @@ class LoadedPolicy:
 
     @property
     def outputs(self) -> int:
-        """Columns of `scores`: the scores of the actions, then their expected costs when the model has them."""
-        return self.manifest.num_actions * (2 if self.manifest.expected_costs else 1)
+        """Columns of `scores`: K scores, or, when the manifest says `score_terms`, 3 K score terms."""
+        return self.manifest.num_actions * (3 if self.manifest.score_terms else 1)
 
     def scores(self, inputs: PolicyInputs) -> np.ndarray:
-        """f32 [B, num_actions], then, when the manifest says `expected_costs`, each action's expected cost
-        for the user (currency units, [B, num_actions] more); blocking: call it on the inference thread."""
+        """f32 [B, num_actions]: the scores at each row's lambda; or, when the manifest says `score_terms`,
+        [B, 3 num_actions]: the revenue and cost terms of the scores and each coupon's expected cost now
+        (`score_terms` of the exported module). Blocking: call it on the inference thread."""
         device = self.device
-        forward = self.module.scores_and_costs if self.manifest.expected_costs else self.module
+        forward = self.module.score_terms if self.manifest.score_terms else self.module
         with torch.inference_mode():
             out = forward(
                 torch.from_numpy(inputs.states).to(device),

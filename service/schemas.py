@@ -83,6 +83,7 @@ class Coupon(_Body):
 
 
 ReservationMode = Literal["strict", "expected"]
+PacingMethod = Literal["resolve", "descent"]
 OverspendRisk = Annotated[float, Field(strict=True, allow_inf_nan=False, gt=0, le=0.5)]
 Count = Annotated[int, Field(strict=True, ge=1)]
 
@@ -110,6 +111,11 @@ class _Campaign(_Body):
     )
     pacing: Annotated[bool, Field(strict=True)] | None = Field(
         default=None, description="adjust lambda online toward the plan (default: on when there is a plan)"
+    )
+    pacing_method: PacingMethod | None = Field(
+        default=None,
+        description="resolve (default): each decision request solves for the lambda at which the model's "
+        "expected spend of the request meets the budget left per decision; descent: dual descent alone",
     )
 
     @model_validator(mode="after")
@@ -148,6 +154,10 @@ class CampaignView(BaseModel):
     ends_at: datetime | None
     expected_decisions: int | None
     pacing: bool = Field(description="whether pacing adjusts lambda now")
+    pacing_method: PacingMethod
+    allowance: float | None = Field(
+        description="what each further decision may spend to meet the budget at the plan's end (last pacing step)"
+    )
     plan: float | None = Field(description="what the spend plan has spent by the last pacing step")
     pacing_spend: float | None = Field(
         description="spend at the last pacing step: realised plus the expected cost of outstanding reservations"

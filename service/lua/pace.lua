@@ -1,28 +1,39 @@
--- One step of online pacing (dual descent on lambda toward the spend plan), at most once per interval
--- however many replicas call it: lambda <- clip(lambda + step * (excess spend since the last step, as a
--- fraction of the budget), 0, lambda max), each change bounded by max step. The part of a step the bound
--- held back is carried into the next (pace_carry, a fraction of the budget), so a large error is corrected
--- over several steps instead of lost; at 0 or lambda max, what pushes beyond the bound is dropped.
+-- One step of online pacing, at most once per interval however many replicas call it. It keeps, in the
+-- campaign's pacing key (JSON), what decisions read with the settings:
+--   lambda     dual descent toward the spend plan: lambda <- clip(lambda + step * (excess spend since the
+--              last step, as a fraction of the budget), 0, lambda max), each change bounded by max step.
+--              The part of a step the bound held back is carried into the next (pace_carry, a fraction of
+--              the budget), so a large error is corrected over several steps instead of lost; at 0 or
+--              lambda max, what pushes beyond the bound is dropped.
+--   allowance  what each further decision may spend (cents) so that the spend meets the budget at the
+--              plan's end: budget left over the decisions the plan still expects (the traffic plan's
+--              remainder, or the decision rate so far times the time left); null before a rate is known.
+--   ratios     per action, realised / predicted cost over settled coupons (`prior_coupons` of each action
+--              counted as predicted right): how far the model's expected costs are off.
 -- Spend is realised spend plus the expected cost of outstanding reservations: reserved times the
 -- campaign's realised / reserved ratio over settled decisions (a prior of `prior` cents at ratio 1
--- keeps it cautious until outcomes arrive; in expected mode the reservations are expected costs already). The plan is even over the traffic (decisions /
--- expected_decisions) when the campaign gives one, else over its horizon (starts_ms .. ends_ms).
--- KEYS[1] campaign hash, KEYS[2] the paced lambda (a string; read by decisions with the settings)
+-- keeps it cautious until outcomes arrive; in expected mode the reservations are expected costs already).
+-- The plan is even over the traffic (decisions / expected_decisions) when the campaign gives one, else over
+-- its horizon (starts_ms .. ends_ms).
+-- KEYS[1] campaign hash, KEYS[2] the pacing key (JSON, read by decisions with the settings)
 -- ARGV[1] now ms, [2] interval ms, [3] the lambda pacing starts from, [4] step, [5] max step,
---   [6] lambda max, [7] prior (cents)
--- Returns {lambda, plan cents, spend cents, stepped (1 | 0)}, or {} for an unknown campaign.
+--   [6] lambda max, [7] prior (cents), [8] prior coupons per action
+-- Returns {the pacing JSON, plan cents, spend cents, stepped (1 | 0)}, or {} for an unknown campaign.
 local c = redis.call('HMGET', KEYS[1], 'budget', 'spent', 'reserved', 'settled_reserved', 'decisions',
   'starts_ms', 'ends_ms', 'expected_decisions', 'paced_at_ms', 'pace_plan', 'pace_actual', 'reservation_mode',
-  'pace_carry')
+  'pace_carry', 'coupons')
 if not c[1] then return {} end
 local now, interval = tonumber(ARGV[1]), tonumber(ARGV[2])
 local budget, spent, reserved, settled = tonumber(c[1]), tonumber(c[2]), tonumber(c[3]), tonumber(c[4])
-local fraction = 0
+local decisions = tonumber(c[5])
+local fraction, left = 0, nil -- share of the plan gone; decisions the plan still expects
 if c[8] ~= '' then
-  fraction = tonumber(c[5]) / tonumber(c[8])
+  fraction = decisions / tonumber(c[8])
+  left = tonumber(c[8]) - decisions
 elseif c[7] ~= '' then
   local starts, ends = tonumber(c[6]), tonumber(c[7])
   fraction = (now - starts) / math.max(1, ends - starts)
+  if decisions > 0 and now > starts then left = decisions / (now - starts) * (ends - now) end
 end
 fraction = math.max(0, math.min(1, fraction))
 local prior = tonumber(ARGV[7])
@@ -30,21 +41,35 @@ local ratio = math.min(1, (spent + prior) / (settled + prior))
 if c[12] == 'expected' then ratio = 1 end -- reservations already are expected costs
 local plan = math.floor(fraction * budget)
 local actual = math.floor(spent + reserved * ratio)
-local lam = tonumber(redis.call('GET', KEYS[2]) or ARGV[3])
+local state = cjson.decode(redis.call('GET', KEYS[2]) or '{}')
+local lam = state.lambda or tonumber(ARGV[3])
 if c[9] ~= '' and now - tonumber(c[9]) < interval then
-  return {tostring(lam), plan, actual, 0}
+  return {redis.call('GET', KEYS[2]) or '', plan, actual, 0}
 end
 local carry = 0
 if c[9] ~= '' and budget > 0 then
-  local step, max_step = tonumber(ARGV[4]), tonumber(ARGV[5])
+  local step, max_step, lambda_max = tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6])
   local excess = (tonumber(c[13]) or 0) + ((actual - tonumber(c[11])) - (plan - tonumber(c[10]))) / budget
   local change = math.max(-max_step, math.min(max_step, step * excess))
-  local lambda_max = tonumber(ARGV[6])
   lam = math.max(0, math.min(lambda_max, lam + change))
   if step > 0 then carry = excess - change / step end
   if (lam <= 0 and carry < 0) or (lam >= lambda_max and carry > 0) then carry = 0 end -- no wind-up at a bound
 end
+local allowance = cjson.null
+if left ~= nil then
+  -- never spread over fewer than 1% of the plan's decisions: the budget left is not spent on a last few
+  local floor = c[8] ~= '' and tonumber(c[8]) / 100 or math.max(1, decisions / 100)
+  allowance = math.max(0, budget - actual) / math.max(left, floor, 1)
+end
+local ratios = {}
+local prior_coupons = tonumber(ARGV[8])
+for action, price in pairs(cjson.decode(c[14])) do
+  local stats = redis.call('HMGET', KEYS[1], 'issued:' .. action, 'realised:' .. action)
+  local predicted = (tonumber(stats[1]) or 0) + prior_coupons * price
+  ratios[action] = predicted > 0 and ((tonumber(stats[2]) or 0) + prior_coupons * price) / predicted or 1
+end
+local encoded = cjson.encode({lambda = lam, allowance = allowance, ratios = ratios})
 redis.call('HSET', KEYS[1], 'paced_at_ms', string.format('%d', now), 'pace_plan', plan, 'pace_actual', actual,
   'pace_carry', string.format('%.17g', carry))
-redis.call('SET', KEYS[2], tostring(lam))
-return {tostring(lam), plan, actual, 1}
+redis.call('SET', KEYS[2], encoded)
+return {encoded, plan, actual, 1}

@@ -11,7 +11,8 @@
 --   tails      per item, the end of its record: byte length of the request id, request id, user id
 --   requests   [item, request key index, user id] for each item with a request id
 --   expected   (optional) per item, the model's expected cost of each action for that user (cents, index =
---              action + 1; an empty list: none), what an expected reservation starts from
+--              action + 1; an empty list: none): what an expected reservation starts from, and in either
+--              mode the prediction settlement compares the realised cost with
 -- Returns {'missing'} for an unknown campaign, else {remaining cents, then per item: action, cost, flag,
 --   then the earlier record of each item with flag 0, in item order}.
 --   flag 0 = earlier decision returned again (record = "id\taction\tcost\tversion\tlambda\tuser"),
@@ -60,8 +61,8 @@ end
 -- what coupon a reserves for the user of item i: reserved cents, variance of its realised cost, predicted
 local function reservation(i, a)
   local price = prices[a]
-  if not expected then return price, 0, price end
   local predicted = expected_costs[i] and expected_costs[i][a + 1] or price
+  if not expected then return price, 0, predicted end
   local reserve = math.min(price, math.ceil(ratios[a] * predicted))
   local p = price > 0 and reserve / price or 0
   return reserve, price * price * p * (1 - p), predicted

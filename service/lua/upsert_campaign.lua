@@ -1,7 +1,7 @@
 -- Create/replace or patch a campaign's settings; the ledger (spent, reserved) is never touched, so live
 -- reservations survive and the reservation script keeps checking against the new budget.
 -- KEYS[1] campaign hash, KEYS[2] the campaign's settings as one JSON string (what a decision reads of its
---   campaign, with its users' contexts in one MGET), KEYS[3] the paced lambda (pace.lua)
+--   campaign, with its users' contexts in one MGET), KEYS[3] the pacing key (pace.lua)
 -- ARGV[1] '1' replace (create if missing) | '0' patch (nil if missing), ARGV[2] campaign id,
 -- ARGV[3] JSON object: setting -> its text ('' = back to its default), ARGV[4] the optional settings'
 --   names, comma-separated: a replace resets every one it does not give

@@ -12,7 +12,7 @@ every key of one campaign's ledger in one Cluster slot, so each ledger script to
                           settled_reserved, overrun: cents), decisions, model_version, pacing's state
     P{c:C}:config         string: the settings as one JSON object, what a decision reads of its campaign
                           (written with the hash by upsert_campaign.lua; read with the users' contexts)
-    P{c:C}:paced_lambda   string: the lambda pacing has set (pace.lua), read with the settings
+    P{c:C}:pacing         string: what pacing has set (pace.lua, JSON), read with the settings
     P{c:C}:pending        zset: batches that may hold reservations, scored by release deadline (ms)
     P{c:C}:b:<batch>      hash: field i is the record of decision "d-<batch>-<i>" (reserve.lua documents
                           the record); expires with the decision TTL
@@ -54,6 +54,7 @@ from service.state.types import (
     CostAboveReservation,
     NewStep,
     Outcome,
+    PacedState,
     Pacing,
     ReservedDecision,
     ReserveItem,
@@ -138,6 +139,7 @@ def _parse_settings(fields: dict[str, str]) -> CampaignSettings:
         ends_ms=_optional(fields["ends_ms"], int),
         expected_decisions=_optional(fields["expected_decisions"], int),
         pacing=None if not fields["pacing"] else fields["pacing"] == "1",
+        pacing_method=fields.get("pacing_method") or "resolve",
     )
 
 
@@ -159,10 +161,23 @@ def _settings_text(update: CampaignUpdate) -> dict[str, str]:
     return text
 
 
+def _parse_paced(raw: bytes | None) -> PacedState | None:
+    """The pacing key as pace.lua writes it (JSON)."""
+    if raw is None:
+        return None
+    state = json.loads(raw)
+    ratios = state["ratios"]
+    return PacedState(
+        float(state["lambda"]),
+        None if state["allowance"] is None else float(state["allowance"]),
+        {int(a): float(r) for a, r in (ratios.items() if isinstance(ratios, dict) else [])},
+    )
+
+
 @lru_cache(maxsize=1024)
 def _parse_config(campaign_id: str, raw: bytes, paced: bytes | None) -> CampaignConfig:
     """Cached: the same strings come back on every decision until an admin or pacing changes them."""
-    return CampaignConfig(campaign_id, _parse_settings(json.loads(raw)), None if paced is None else float(paced))
+    return CampaignConfig(campaign_id, _parse_settings(json.loads(raw)), _parse_paced(paced))
 
 
 def _parse_campaign(campaign_id: str, raw: dict[Any, Any], paced: bytes | None) -> CampaignState | None:
@@ -171,7 +186,7 @@ def _parse_campaign(campaign_id: str, raw: dict[Any, Any], paced: bytes | None) 
         return None
     at_ms = _optional(fields["paced_at_ms"], int)
     pacing = Pacing(
-        lam=None if paced is None else float(paced),
+        state=_parse_paced(paced),
         at_ms=at_ms,
         plan=int(fields["pace_plan"] or 0),
         actual=int(fields["pace_actual"] or 0),
@@ -231,8 +246,8 @@ class StateStore:
     def config_key(self, campaign_id: str) -> str:
         return self._tag(campaign_id) + ":config"
 
-    def paced_lambda_key(self, campaign_id: str) -> str:
-        return self._tag(campaign_id) + ":paced_lambda"
+    def pacing_key(self, campaign_id: str) -> str:
+        return self._tag(campaign_id) + ":pacing"
 
     def pending_key(self, campaign_id: str) -> str:
         return self._tag(campaign_id) + ":pending"
@@ -325,7 +340,7 @@ class StateStore:
     # ---- campaigns -------------------------------------------------------------------------------
     async def upsert_campaign(self, campaign_id: str, update: CampaignUpdate) -> CampaignState:
         """Create/replace (update.replace) or patch; patching an unknown campaign raises CampaignNotFound."""
-        keys = [self.campaign_key(campaign_id), self.config_key(campaign_id), self.paced_lambda_key(campaign_id)]
+        keys = [self.campaign_key(campaign_id), self.config_key(campaign_id), self.pacing_key(campaign_id)]
         args = [
             "1" if update.replace else "0",
             campaign_id,
@@ -344,7 +359,7 @@ class StateStore:
     async def get_campaign(self, campaign_id: str) -> CampaignState | None:
         client = await self.client()
         fields = await self._guard(lambda: client.hgetall(self.campaign_key(campaign_id)))
-        paced = await self._guard(lambda: client.get(self.paced_lambda_key(campaign_id)))
+        paced = await self._guard(lambda: client.get(self.pacing_key(campaign_id)))
         return _parse_campaign(campaign_id, fields, cast(bytes | None, paced))
 
     async def pace(
@@ -358,15 +373,21 @@ class StateStore:
         max_step: float,
         lambda_max: float,
         prior: int,
+        prior_coupons: int = 0,
     ) -> tuple[float, int, int, bool] | None:
         """One pacing step (pace.lua), at most one per interval across every replica: (lambda, plan cents,
-        spend cents, whether it stepped); None for an unknown campaign."""
-        keys = [self.campaign_key(campaign_id), self.paced_lambda_key(campaign_id)]
+        spend cents, whether it stepped); None for an unknown campaign. `prior`: cents at ratio 1 in the
+        spend of outstanding reservations; `prior_coupons`: coupons of each action predicted right in the
+        ratios of realised to predicted cost."""
+        keys = [self.campaign_key(campaign_id), self.pacing_key(campaign_id)]
         args = [now_ms, interval_ms, repr(start_lambda), repr(step), repr(max_step), repr(lambda_max), prior]
+        args.append(prior_coupons)
         reply = await self._eval("pace", keys, args)
         if not reply:
             return None
-        return float(reply[0]), int(reply[1]), int(reply[2]), bool(reply[3])
+        state = _parse_paced(reply[0] or None)
+        lam = start_lambda if state is None else state.lam
+        return lam, int(reply[1]), int(reply[2]), bool(reply[3])
 
     async def campaign_ids(self) -> list[str]:
         client = await self.client()
@@ -385,7 +406,7 @@ class StateStore:
     ) -> tuple[CampaignConfig | None, list[UserContext | None]]:
         """The campaign's configuration (None: no such campaign) and every user's context, in one round
         trip (on a Cluster, one per slot, in parallel)."""
-        keys = [self.config_key(campaign_id), self.paced_lambda_key(campaign_id)]
+        keys = [self.config_key(campaign_id), self.pacing_key(campaign_id)]
         keys += [self.context_key(campaign_id, user_id) for user_id in user_ids]
         config, paced, *contexts = await self._mget(keys)
         return (None if config is None else _parse_config(campaign_id, config, paced)), contexts

@@ -45,6 +45,7 @@ class CampaignSettings:
     ends_ms: int | None = None
     expected_decisions: int | None = None  # ... or the traffic the budget covers
     pacing: bool | None = None  # None: on when there is a plan
+    pacing_method: str = "resolve"  # "resolve" | "descent"
 
     @property
     def has_plan(self) -> bool:
@@ -65,7 +66,17 @@ OPTIONAL_SETTINGS = (
     "ends_ms",
     "expected_decisions",
     "pacing",
+    "pacing_method",
 )
+
+
+@dataclass(frozen=True)
+class PacedState:
+    """What the last pacing step left for decisions to read (pace.lua)."""
+
+    lam: float  # the dual-descent lambda
+    allowance: float | None  # cents each further decision may spend to meet the budget at the plan's end
+    ratios: dict[int, float]  # action -> realised / predicted cost of its settled coupons
 
 
 @dataclass(frozen=True)
@@ -74,7 +85,7 @@ class CampaignConfig:
 
     campaign_id: str
     settings: CampaignSettings
-    paced_lambda: float | None = None  # set by pacing while it runs
+    paced: PacedState | None = None  # set by pacing while it runs
 
     @property
     def budget(self) -> int:
@@ -89,10 +100,14 @@ class CampaignConfig:
 class Pacing:
     """Where online pacing stands (the store's `pace` step keeps it)."""
 
-    lam: float | None = None  # the paced lambda; None before the first step
+    state: PacedState | None = None  # None before the first step
     at_ms: int | None = None  # when the last step ran
     plan: int = 0  # cents the plan had spent by then
     actual: int = 0  # cents spent then, realised plus the expected cost of outstanding reservations
+
+    @property
+    def lam(self) -> float | None:
+        return None if self.state is None else self.state.lam
 
 
 @dataclass(frozen=True)
@@ -121,7 +136,11 @@ class CampaignState:
 
     @property
     def config(self) -> CampaignConfig:
-        return CampaignConfig(self.campaign_id, self.settings, self.pacing.lam)
+        return CampaignConfig(self.campaign_id, self.settings, self.paced)
+
+    @property
+    def paced(self) -> PacedState | None:
+        return self.pacing.state
 
 
 @dataclass(frozen=True)
@@ -140,6 +159,7 @@ class CampaignUpdate:
     ends_ms: int | None = None
     expected_decisions: int | None = None
     pacing: bool | None = None
+    pacing_method: str | None = None
     cleared: frozenset[str] = frozenset()
 
 

@@ -8,12 +8,14 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pytest
 
 from model_store import ModelStore
 from service.app import create_app
-from service.engine import DecisionEngine, build_inputs, preferences
+from service.engine import DecisionEngine, ScoreTerms, build_inputs, plan_lambda, preferences
 from service.schemas import CampaignPut, DecisionsRequest, OutcomesRequest
 from service.settings import Settings
+from service.state import CampaignConfig, CampaignSettings, PacedState
 from service.state.context import HEADER, append_step, decode_context, empty_context, new_step_bytes
 
 
@@ -91,3 +93,17 @@ def test_context_writes_behind_the_answer_are_seen_by_the_next_call(model_store_
             assert final is not None and final.t == 2 and final.steps["reward"].tolist() == [2.5, 0.0]
 
     asyncio.run(scenario())
+
+
+def test_plan_lambda_is_the_smallest_lambda_whose_expected_spend_fits() -> None:
+    revenue = np.array([[0.0, 3.0], [0.0, 2.0], [0.0, 1.0]], np.float32)
+    cost = np.array([[0.0, 1.0], [0.0, 1.0], [0.0, 1.0]], np.float32)
+    terms = ScoreTerms(revenue, cost, np.array([[0, 100], [0, 100], [0, 100]]))
+    campaign = CampaignConfig("c", CampaignSettings(budget=10_000, coupons={1: 500}))
+    # a coupon is worth it to user i while lambda < 3, 2, 1: spend 300, 200, 100, 0 cents
+    assert plan_lambda(terms, campaign, 300, 10.0) == 0.0
+    assert plan_lambda(terms, campaign, 250, 10.0) == pytest.approx(1.0, abs=1e-5)
+    assert plan_lambda(terms, campaign, 100, 10.0) == pytest.approx(2.0, abs=1e-5)
+    assert plan_lambda(terms, campaign, 0, 2.5) == 2.5  # not reachable within lambda max
+    paced = CampaignConfig("c", campaign.settings, PacedState(0.0, None, {1: 2.0}))  # costs twice the predictions
+    assert plan_lambda(terms, paced, 250, 10.0) == pytest.approx(2.0, abs=1e-5)

@@ -64,10 +64,11 @@ def test_a_patch_cannot_end_the_horizon_before_it_starts(client: TestClient) -> 
 
 
 def test_pacing_raises_lambda_of_a_campaign_spending_ahead_of_its_plan(client: TestClient, feature_dim: int) -> None:
-    """A campaign whose traffic plan is far behind what its decisions reserved: each pacing step raises
-    its lambda, decisions are then made with the paced lambda, and the view shows plan and error."""
+    """A campaign (dual descent alone) whose traffic plan is far behind what its decisions reserved: each
+    pacing step raises its lambda, decisions are then made with the paced lambda, and the view shows plan
+    and error."""
     client.app.state.settings.pacing_interval_s = 0.001  # type: ignore[attr-defined]  # a step per call
-    put(client, cid="fast", expected_decisions=100_000, **{"lambda": 0.0})
+    put(client, cid="fast", expected_decisions=100_000, pacing_method="descent", **{"lambda": 0.0})
     engine = client.app.state.runtime.engine  # type: ignore[attr-defined]
     lambdas = []
     for n in range(3):
@@ -100,3 +101,26 @@ def test_expected_mode_reserves_the_models_expected_cost_of_each_coupon(client: 
     assert reserved["strict"][0] == pytest.approx(reserved["strict"][1])
     assert reserved["expected"][1] == reserved["strict"][1] > 0  # the same coupons at lambda 0
     assert 0 < reserved["expected"][0] < reserved["expected"][1]
+
+
+def test_resolve_pacing_spends_each_request_its_share_of_the_budget(client: TestClient, feature_dim: int) -> None:
+    """From lambda 0, a `resolve` campaign's first request already spends (in the model's expected costs) no
+    more than its share of the budget: budget / expected_decisions per user; dual descent alone (the same
+    campaign with `descent`) spends what lambda 0 spends until a pacing step has seen it."""
+    body = {"requests": users(50, feature_dim, prefix="s")}
+    views = {}
+    for method in ("resolve", "descent"):
+        put(
+            client,
+            cid=method,
+            reservation_mode="expected",
+            expected_decisions=100_000,
+            pacing_method=method,
+            **{"lambda": 0.0},
+        )
+        decisions = client.post(f"/v1/campaigns/{method}/decisions", json=body).json()["decisions"]
+        views[method] = (client.get(f"/v1/admin/campaigns/{method}", headers=ADMIN).json(), decisions[0]["lambda"])
+    share = 1000.0 / 100_000 * 50  # 0.50
+    (resolve, resolve_lambda), (descent, descent_lambda) = views["resolve"], views["descent"]
+    assert resolve["pacing_method"] == "resolve" and resolve_lambda > 0.0 and descent_lambda == 0.0
+    assert resolve["reserved"] <= share < descent["reserved"]

@@ -35,7 +35,7 @@ def test_a_time_plan_moves_lambda_by_the_excess_spend_of_each_step(run: Run) -> 
         campaign = await store.get_campaign("c")
         assert campaign is not None and campaign.pacing.lam == 0.0 and campaign.pacing.plan == 4_000
         config, _ = await store.load_for_decision("c", [])
-        assert config is not None and config.paced_lambda == 0.0  # what decisions read
+        assert config is not None and config.paced is not None and config.paced.lam == 0.0  # what decisions read
 
     run(scenario)
 
@@ -92,13 +92,13 @@ def test_a_new_admin_lambda_or_a_put_restarts_pacing(run: Run) -> None:
         await store.upsert_campaign("c", put(10_000, expected_decisions=10))
         await pace(store, 0)
         config, _ = await store.load_for_decision("c", [])
-        assert config is not None and config.paced_lambda == 1.0
+        assert config is not None and config.paced is not None and config.paced.lam == 1.0
         await store.upsert_campaign("c", CampaignUpdate(replace=False, budget=20_000))  # pacing goes on
         config, _ = await store.load_for_decision("c", [])
-        assert config is not None and config.paced_lambda == 1.0
+        assert config is not None and config.paced is not None and config.paced.lam == 1.0
         await store.upsert_campaign("c", CampaignUpdate(replace=False, admin_lambda=3.0))
         config, _ = await store.load_for_decision("c", [])
-        assert config is not None and config.paced_lambda is None
+        assert config is not None and config.paced is None
         assert await pace(store, 5, start_lambda=3.0) == (3.0, 0, 0, True)
 
     run(scenario)
@@ -108,5 +108,26 @@ def test_a_new_admin_lambda_or_a_put_restarts_pacing(run: Run) -> None:
 def test_pacing_an_unknown_campaign(run: Run, missing: str) -> None:
     async def scenario(store: StateStore) -> None:
         assert await pace(store, 0, campaign=missing) is None
+
+    run(scenario)
+
+
+def test_each_step_leaves_the_allowance_per_decision_and_the_cost_ratios(run: Run) -> None:
+    async def scenario(store: StateStore) -> None:
+        await store.upsert_campaign("c", put(10_000, expected_decisions=100, coupons={1: 1_000}))
+        decided = await reserve(store, "c", [item(f"u{i}", [1, 0]) for i in range(4)])  # 40.00 reserved
+        await store.settle("c", [Outcome(decided.decisions[0].decision_id, 1.0, 1_000)])  # predicted 1,000 each
+        await pace(store, 0, prior=0, prior_coupons=2)
+        campaign = await store.get_campaign("c")
+        assert campaign is not None and campaign.paced is not None
+        # spend: 10.00 realised + 30.00 outstanding at the realised / reserved ratio 1 = 40.00; 96 decisions left
+        assert campaign.paced.allowance == pytest.approx((10_000 - 4_000) / 96)
+        assert campaign.paced.ratios == {1: 1.0}  # (1,000 + 2 x 1,000) / (1,000 + 2 x 1,000)
+        await store.upsert_campaign("t", put(10_000, starts_ms=0, ends_ms=100_000, coupons={1: 1_000}))
+        await reserve(store, "t", [item(f"u{i}", [0]) for i in range(5)])
+        await pace(store, 10_000, "t")  # 5 decisions in 10 s: 45 more expected in the 90 s left
+        campaign = await store.get_campaign("t")
+        assert campaign is not None and campaign.paced is not None
+        assert campaign.paced.allowance == pytest.approx(10_000 / 45)
 
     run(scenario)
