@@ -428,7 +428,8 @@ class PolicyModule(nn.Module):
         for this user. Raw units. The service scores any lambda from one forward, and `expected`
         reservations start from the cost now."""
         x = self._decision_token(states, actions, rtg, ctg, timesteps, lam, mask)
-        return torch.cat([F.linear(x, self.head_weight, self.head_bias), F.linear(x, self.cost_weight, self.cost_bias)], 1)
+        terms = F.linear(x, self.head_weight, self.head_bias)
+        return torch.cat([terms, F.linear(x, self.cost_weight, self.cost_bias)], dim=1)
 
     def _decision_token(
         self,

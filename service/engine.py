@@ -483,7 +483,8 @@ class DecisionEngine:
             "expected_decisions": settings.expected_decisions,
             "pacing": settings.pacing_on,
             "pacing_method": settings.pacing_method,
-            "allowance": None if not paced or pacing.state is None or pacing.state.allowance is None
+            "allowance": None
+            if not paced or pacing.state is None or pacing.state.allowance is None
             else from_cents(round(pacing.state.allowance)),
             "plan": from_cents(pacing.plan) if paced else None,
             "pacing_spend": from_cents(pacing.actual) if paced else None,
