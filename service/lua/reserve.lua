@@ -152,7 +152,7 @@ for i = 1, #ordering do
     if log_max ~= '0' then
       local request_length, rest = string.match(tails[i], '^(%d+)\t()')
       redis.call('XADD', log, 'MAXLEN', '~', log_max, '*', 'kind', 'decision',
-        'decision_id', 'd-' .. batch .. '-' .. (i - 1), 'user_id', string.sub(tails[i], rest + request_length + 1),
+        'decision_id', 'd-' .. batch .. '-' .. (i - 1), 'user_id', string.sub(tails[i], rest + tonumber(request_length) + 1),
         'action', action, 'cost', string.format('%d', cost), 'probability', decimal(probability),
         'explored', explored and '1' or '0', 'holdout', held_out[i] and '1' or '0', 'lambda', lam,
         'model_version', version, 'at_ms', ARGV[1],
