@@ -41,6 +41,7 @@ async def open_state_store(settings: Settings) -> tuple[StateStore, EmbeddedRedi
         prefix=settings.redis_prefix,
         cluster=settings.redis_cluster,
         socket_timeout_s=settings.redis_socket_timeout_s,
+        log_max_entries=settings.log_max_entries,
     )
     if not await store.ping():  # Redis down at start: /readyz says so until it answers
         log.warning("state store unreachable at startup")
@@ -68,6 +69,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     runtime = Runtime(settings, metrics, policies, store, batcher, engine)
     runtime.background.append(asyncio.create_task(engine.sweep_forever(), name="saco-sweep"))
     runtime.background.append(asyncio.create_task(engine.pace_forever(), name="saco-pacing"))
+    runtime.background.append(asyncio.create_task(runtime.follow_model_announcements(), name="saco-models"))
     app.state.runtime = runtime
     # The model, the app and the libraries are long-lived: keep them out of the cyclic GC's passes, whose
     # full collections otherwise walk them all and show up as multi-millisecond tail latency.
@@ -90,6 +92,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     finally:
         for task in runtime.background:
             task.cancel()
+        await asyncio.gather(*runtime.background, return_exceptions=True)
         await engine.drain()
         await batcher.stop()
         gc.callbacks.remove(metrics.gc_pauses)

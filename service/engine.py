@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
+import random
 import time
 from collections import Counter
 from dataclasses import dataclass
@@ -26,6 +28,7 @@ from service.state import (
     CampaignSettings,
     CampaignState,
     CampaignUpdate,
+    Groups,
     NewStep,
     Outcome,
     ReservedDecision,
@@ -53,17 +56,41 @@ def now_ms() -> int:
     return int(time.time() * 1000)
 
 
+def in_holdout(campaign_id: str, user_id: str, holdout_rate: float) -> bool:
+    """Whether the user is in the campaign's holdout group: a hash of (campaign, user), uniform in [0, 1),
+    below the rate. The same answer on every replica and every call while the rate stays."""
+    if holdout_rate <= 0:
+        return False
+    digest = hashlib.blake2b(f"{campaign_id}\n{user_id}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big") / 2**64 < holdout_rate
+
+
 def choose(
-    scores: np.ndarray, expected: np.ndarray | None, campaign: CampaignConfig, body: DecisionsRequest
+    scores: np.ndarray,
+    expected: np.ndarray | None,
+    campaign: CampaignConfig,
+    body: DecisionsRequest,
+    rows: np.ndarray,
+    rng: random.Random,
 ) -> tuple[list[int], list[ReserveItem]]:
     """The order in which users reserve (largest gain of their best coupon over none first) and, per user
-    in that order, the campaign's coupons by descending score down to "no coupon", with the model's expected
-    cost of each coupon for that user (cents) when it has one."""
+    in that order, the campaign's coupons by descending score down to "no coupon", the user's features
+    (float32 rows), whether the user is held out, with probability the exploration rate a uniform draw with
+    which the reservation picks among the coupons that fit instead, and the model's expected cost of each
+    coupon for that user (cents) when it has one."""
     prefs, priority = preferences(scores, list(campaign.coupons))
     order: list[int] = priority.tolist()
     requests = body.requests
+    rate, holdout_rate = campaign.settings.exploration_rate, campaign.settings.holdout_rate
     costs: list[list[int]] | list[None] = [None] * len(requests) if expected is None else expected.tolist()
-    return order, [ReserveItem(requests[i].user_id, requests[i].request_id, prefs[i], costs[i]) for i in order]
+    items = []
+    for i in order:
+        user_id = requests[i].user_id
+        draw = rng.random() if rate > 0 and rng.random() < rate else None
+        held_out = in_holdout(campaign.campaign_id, user_id, holdout_rate)
+        item = ReserveItem(user_id, requests[i].request_id, prefs[i], rows[i].tobytes(), held_out, draw, costs[i])
+        items.append(item)
+    return order, items
 
 
 @dataclass(frozen=True)
@@ -160,6 +187,23 @@ def lambda_scale(manifest: Manifest) -> float:
     return float(manifest.default_lambda) if manifest.default_lambda else 1.0
 
 
+def group_view(group: Groups) -> dict[str, Any]:
+    per_outcome = group.reward_per_outcome
+    return {
+        "decisions": group.decisions,
+        "settled": group.settled,
+        "reward": from_cents(group.reward),
+        "cost": from_cents(group.cost),
+        "reward_per_decision": None if per_outcome is None else per_outcome / 100,
+    }
+
+
+def incremental_revenue(campaign: CampaignState) -> float | None:
+    """Mean reward of a treated user's settled decision minus a holdout user's (currency units)."""
+    treated, holdout = campaign.treated.reward_per_outcome, campaign.holdout.reward_per_outcome
+    return None if treated is None or holdout is None else (treated - holdout) / 100
+
+
 def epoch_ms(moment: datetime | None) -> int | None:
     return None if moment is None else int(moment.timestamp() * 1000)
 
@@ -223,6 +267,7 @@ class DecisionEngine:
         self.store = store
         self.batcher = batcher
         self.metrics = metrics
+        self.rng = random.Random(settings.exploration_seed)  # the exploration draws
         # context writes still in flight, each with its campaign and users: the next read of one of those
         # users waits for it
         self._writes: dict[asyncio.Task[None], tuple[str, frozenset[str]]] = {}
@@ -243,7 +288,7 @@ class DecisionEngine:
             terms = ScoreTerms.split(outputs, campaign)
             lam = self._request_lambda(campaign, terms, lam, policy.manifest)
             scores, expected = terms.scores(lam), terms.expected
-        order, items = choose(scores, expected, campaign, body)
+        order, items = choose(scores, expected, campaign, body, features.astype("<f4", copy=False), self.rng)
         reserved = await self.store.reserve(
             campaign_id,
             items,
@@ -253,8 +298,9 @@ class DecisionEngine:
             reservation_expiry_ms=self.settings.reservation_expiry_s * 1000,
             decision_ttl_ms=self.settings.decision_ttl_s * 1000,
             prior_coupons=self.settings.prior_coupons,
+            exploration_rate=campaign.settings.exploration_rate,
         )
-        self._record(campaign_id, order, reserved, features, contexts, policy.manifest)
+        self._record(campaign_id, order, items, reserved, contexts, policy.manifest)
         return render(order, reserved.decisions)
 
     def _request_lambda(self, campaign: CampaignConfig, terms: ScoreTerms, lam: float, manifest: Manifest) -> float:
@@ -305,19 +351,27 @@ class DecisionEngine:
         self,
         campaign_id: str,
         order: list[int],
+        items: list[ReserveItem],
         reserved: ReserveResult,
-        features: np.ndarray,
         contexts: list[UserContext | None],
         manifest: Manifest,
     ) -> None:
         """Each new decision becomes a step of its user's context (written behind the answer: the
         reservations are what must be durable before it), and the metrics."""
-        rows = features.astype("<f4", copy=False)
         new_steps = [
-            NewStep(decided.user_id, decided.decision_id, decided.action, rows[row].tobytes(), contexts[row])
-            for row, decided in zip(order, reserved.decisions, strict=True)
+            NewStep(decided.user_id, decided.decision_id, decided.action, item.features, contexts[row])
+            for row, item, decided in zip(order, items, reserved.decisions, strict=True)
             if decided.new
         ]
+        held_out = explored = 0
+        for item, decided in zip(items, reserved.decisions, strict=True):
+            if decided.new:
+                held_out += item.holdout
+                explored += item.explore_draw is not None and not item.holdout
+        if held_out:
+            self.metrics.holdout_decisions.labels(campaign=campaign_id).inc(held_out)
+        if explored:
+            self.metrics.explored_decisions.labels(campaign=campaign_id).inc(explored)
         if new_steps:
             self._write_behind(campaign_id, new_steps, manifest)
         for action, count in Counter(step.action for step in new_steps).items():
@@ -435,6 +489,8 @@ class DecisionEngine:
             expected_decisions=body.expected_decisions,
             pacing=body.pacing,
             pacing_method=body.pacing_method,
+            exploration_rate=body.exploration_rate,
+            holdout_rate=body.holdout_rate,
             cleared=cleared - {"budget", "coupons"},
         )
 
@@ -463,6 +519,10 @@ class DecisionEngine:
         settings, pacing = campaign.settings, campaign.pacing
         self.metrics.budget_remaining.labels(campaign=campaign.campaign_id).set(from_cents(campaign.remaining))
         paced = settings.pacing_on and pacing.at_ms is not None
+        incremental = incremental_revenue(campaign)
+        self.metrics.log_entries.labels(campaign=campaign.campaign_id).set(campaign.log_entries)
+        if incremental is not None:
+            self.metrics.incremental_revenue.labels(campaign=campaign.campaign_id).set(incremental)
         return {
             "campaign_id": campaign.campaign_id,
             "budget": from_cents(campaign.budget),
@@ -489,6 +549,13 @@ class DecisionEngine:
             "plan": from_cents(pacing.plan) if paced else None,
             "pacing_spend": from_cents(pacing.actual) if paced else None,
             "pacing_error": (pacing.actual - pacing.plan) / campaign.budget if paced and campaign.budget else None,
+            "exploration_rate": settings.exploration_rate,
+            "holdout_rate": settings.holdout_rate,
+            "explored": campaign.explored,
+            "holdout": group_view(campaign.holdout),
+            "treated": group_view(campaign.treated),
+            "incremental_revenue_per_decision": incremental,
+            "log_entries": campaign.log_entries,
         }
 
     async def pace(self, campaign_id: str) -> None:
@@ -532,6 +599,7 @@ class DecisionEngine:
             await asyncio.sleep(self.settings.sweep_interval_s)
             try:
                 for campaign_id in await self.store.campaign_ids():
+                    self.metrics.log_entries.labels(campaign=campaign_id).set(await self.store.log_length(campaign_id))
                     released = await self.store.sweep_expired(campaign_id, now_ms())
                     if released:
                         self.metrics.reservations_expired.labels(campaign=campaign_id).inc(released)

@@ -96,6 +96,30 @@ class ServiceMetrics:
             ["campaign"],
             registry=r,
         )
+        self.explored_decisions = Counter(
+            "saco_decisions_explored_total",
+            "new decisions drawn by exploration (uniform among the coupons that fit and none)",
+            ["campaign"],
+            registry=r,
+        )
+        self.holdout_decisions = Counter(
+            "saco_decisions_holdout_total", "new decisions of holdout users (no coupon)", ["campaign"], registry=r
+        )
+        self.incremental_revenue = Gauge(
+            "saco_incremental_revenue_per_decision",
+            "mean reward of a treated user's settled decision minus a holdout user's (currency units)",
+            ["campaign"],
+            registry=r,
+        )
+        self.log_entries = Gauge(
+            "saco_decision_log_entries", "entries in a campaign's decision and outcome log", ["campaign"], registry=r
+        )
+        self.model_announcements = Counter(
+            "saco_model_announcements_total",
+            "model versions announced on the store's channel, by result: loaded, unchanged, refused",
+            ["result"],
+            registry=r,
+        )
         self.outcomes = Counter("saco_outcomes_total", "outcomes by result", ["result"], registry=r)
         self.context_write_failures = Counter(
             "saco_context_write_failures_total",

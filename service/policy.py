@@ -167,11 +167,14 @@ class PolicyHolder:
         self._device_name = device_name
         self._reload_lock = asyncio.Lock()
 
-    async def reload(self) -> tuple[LoadedPolicy, LoadedPolicy]:
-        """(previous, new). Raises PolicyRejected and keeps the incumbent when the candidate fails."""
+    async def reload(self, version: str | None = None) -> tuple[LoadedPolicy, LoadedPolicy]:
+        """Serve `version` (default: the store's current one): (previous, new). Raises PolicyRejected and
+        keeps the incumbent when the candidate fails. The version already serving is not loaded again."""
         async with self._reload_lock:
             previous = self.current
-            candidate = await asyncio.to_thread(load_policy, self._store_root, self._device_name)
+            if version is not None and version == previous.version:
+                return previous, previous
+            candidate = await asyncio.to_thread(load_policy, self._store_root, self._device_name, version)
             old, new = previous.manifest, candidate.manifest
             for field in ("feature_dim", "num_actions"):
                 if getattr(old, field) != getattr(new, field):

@@ -61,9 +61,13 @@ class DecisionsResponse(BaseModel):
     decisions: list[Decision]
 
 
+# a reward is kept in integer cents (the campaign's group counters, the decision log)
+Reward = Annotated[float, Field(strict=True, allow_inf_nan=False, ge=-1e12, le=1e12)]
+
+
 class OutcomeItem(_Body):
     decision_id: DecisionId
-    reward: FiniteFloat
+    reward: Reward
     cost: Money
 
 
@@ -86,6 +90,7 @@ ReservationMode = Literal["strict", "expected"]
 PacingMethod = Literal["resolve", "descent"]
 OverspendRisk = Annotated[float, Field(strict=True, allow_inf_nan=False, gt=0, le=0.5)]
 Count = Annotated[int, Field(strict=True, ge=1)]
+Rate = Annotated[float, Field(strict=True, allow_inf_nan=False, ge=0, le=0.5)]
 
 
 class _Campaign(_Body):
@@ -117,6 +122,13 @@ class _Campaign(_Body):
         description="resolve (default): each decision request solves for the lambda at which the model's "
         "expected spend of the request meets the budget left per decision; descent: dual descent alone",
     )
+    exploration_rate: Rate | None = Field(
+        default=None,
+        description="share of decisions drawn uniformly among the coupons that fit and no coupon (default 0)",
+    )
+    holdout_rate: Rate | None = Field(
+        default=None, description="share of users who never get a coupon, to measure incremental revenue (default 0)"
+    )
 
     @model_validator(mode="after")
     def _horizon(self) -> _Campaign:
@@ -133,6 +145,14 @@ class CampaignPut(_Campaign):
 class CampaignPatch(_Campaign):
     budget: Money | None = None
     coupons: list[Coupon] | None = Field(default=None, max_length=1024)
+
+
+class GroupView(BaseModel):
+    decisions: int
+    settled: int = Field(description="decisions with an outcome")
+    reward: float = Field(description="sum of the outcomes' rewards")
+    cost: float = Field(description="sum of the outcomes' realised costs")
+    reward_per_decision: float | None = Field(description="reward / settled (null before the first outcome)")
 
 
 class CampaignView(BaseModel):
@@ -163,6 +183,16 @@ class CampaignView(BaseModel):
         description="spend at the last pacing step: realised plus the expected cost of outstanding reservations"
     )
     pacing_error: float | None = Field(description="(pacing_spend - plan) / budget at the last pacing step")
+    exploration_rate: float
+    holdout_rate: float
+    explored: int = Field(description="decisions drawn by exploration")
+    holdout: GroupView = Field(description="the holdout group's decisions and outcomes")
+    treated: GroupView = Field(description="every other user's decisions and outcomes")
+    incremental_revenue_per_decision: float | None = Field(
+        description="mean reward of a treated user's settled decision minus a holdout user's (null until both "
+        "groups have outcomes)"
+    )
+    log_entries: int = Field(description="entries in the campaign's decision and outcome log")
 
 
 class ReloadResponse(BaseModel):

@@ -79,6 +79,16 @@ class Settings(BaseSettings):
         "about this many coupons of its kind have settled (then at the realised / issued cost ratio)",
     )
 
+    log_max_entries: int = Field(
+        default=1_000_000,
+        ge=0,
+        description="approximate bound of each campaign's decision and outcome log (a Redis stream); 0: no log",
+    )
+    exploration_seed: int | None = Field(
+        default=None,
+        description="seed of the exploration draws (reproducible runs); unset: fresh randomness per process",
+    )
+
     log_level: str = "INFO"
 
     @model_validator(mode="after")

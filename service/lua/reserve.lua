@@ -32,6 +32,15 @@
 --             outstanding coupons, p = reserved / cost (no margin when V is 0), so that realised spend
 --             exceeds the budget with probability at most overspend_risk, outcomes being independent and
 --             the reservations their expected costs.
+-- Learning loop (docs/state.md, "The decision log"): KEYS[#KEYS] the campaign's log stream, ARGV[9] its
+--   MAXLEN (approximate; 0: no log), ARGV[10] the items' features: little-endian float32 rows concatenated
+--   in item order, ARGV[11] the exploration rate, ARGV[12] JSON {holdout: [item, ...], explore: [[item,
+--   draw], ...]}: the items of holdout users, and the items that explore with their uniform draw in [0, 1)
+--   (the caller draws, so that this script stays deterministic).
+--   Behaviour policy: a holdout user gets no coupon (probability 1); an exploring item takes the
+--   candidate floor(draw * k) + 1 of the k candidates: "no coupon", then the campaign's coupons that fit,
+--   by action; any other item takes the greedy first fit above. The logged probability of the action is
+--   what the policy gave it with these candidates: rate / k, plus 1 - rate for the greedy action.
 local campaign, pending, records = KEYS[1], KEYS[2], KEYS[3]
 local ledger = redis.call('HMGET', campaign, 'budget', 'spent', 'reserved', 'coupons', 'reservation_mode',
   'overspend_risk', 'outstanding_var')
@@ -39,8 +48,6 @@ if not ledger[1] then return {'missing'} end
 local available = tonumber(ledger[1]) - tonumber(ledger[2]) - tonumber(ledger[3])
 local version, lam, batch = ARGV[4], ARGV[5], ARGV[6]
 local expected = ledger[5] == 'expected'
-local common = '\t1\t' .. ARGV[1] .. '\t' .. version .. '\t' .. lam .. '\t\t\t'
-local no_coupon = 'R\t0\t0\t0\t0\t0' .. common
 local items = cjson.decode(ARGV[7])
 local orderings, ordering, tails = items.orderings, items.ordering, items.tails
 local expected_costs = items.expected or {}
@@ -81,6 +88,47 @@ local function fits(reserve, var)
 end
 local requests = {} -- item -> {item, request key index, user id}
 for _, request in ipairs(items.requests) do requests[request[1]] = request end
+
+-- exploration, holdout and the decision log
+local log, log_max = KEYS[#KEYS], ARGV[9]
+local features, rate = ARGV[10], tonumber(ARGV[11])
+local row_bytes = #ordering > 0 and #features / #ordering or 0
+local behaviour = cjson.decode(ARGV[12])
+local held_out, draws = {}, {}
+for _, item in ipairs(behaviour.holdout) do held_out[item] = true end
+for _, pick in ipairs(behaviour.explore) do draws[pick[1]] = pick[2] end
+local by_action = {}
+for a in pairs(prices) do by_action[#by_action + 1] = a end
+table.sort(by_action)
+local function decimal(x) -- the shorter of %.15g and %.17g that reads back as x
+  local text = string.format('%.15g', x)
+  if tonumber(text) ~= x then text = string.format('%.17g', x) end
+  return text
+end
+-- the action item i takes, its probability under the behaviour policy, whether exploration chose it
+local function behave(i, greedy)
+  if held_out[i] then return 0, 1, false end
+  if rate <= 0 then return greedy, 1, false end
+  local candidates = {0}
+  for _, a in ipairs(by_action) do
+    if fits(reservation(i, a)) then candidates[#candidates + 1] = a end
+  end
+  local chosen, draw = greedy, draws[i]
+  if draw then chosen = candidates[math.min(#candidates, math.floor(draw * #candidates) + 1)] end
+  local probability = rate / #candidates
+  if chosen == greedy then probability = probability + 1 - rate end
+  return chosen, probability, draw ~= nil
+end
+-- a decision record's head: its reservation, then its probability, marked /h (holdout) or /x (explored)
+local function record_head(action, reserve, var, predicted, probability, explored, holdout)
+  local mark = holdout and '/h' or (explored and '/x' or '')
+  local chance = (probability == 1 and mark == '') and '1' or decimal(probability) .. mark
+  local tail = '\t' .. chance .. '\t' .. ARGV[1] .. '\t' .. version .. '\t' .. lam .. '\t\t\t'
+  if action == 0 then return 'R\t0\t0\t0\t0\t0' .. tail end
+  return 'R\t' .. string.format('%d', reserve) .. '\t' .. string.format('%d', prices[action]) .. '\t'
+    .. string.format('%.17g', var) .. '\t' .. string.format('%d', predicted) .. '\t' .. action .. tail
+end
+local new_held_out, new_explored = 0, 0
 local out, replays, fields = {0}, {}, {}
 for i = 1, #ordering do
   local request = requests[i]
@@ -92,29 +140,39 @@ for i = 1, #ordering do
     replays[#replays + 1] = earlier
   else
     local prefs = orderings[ordering[i]]
-    local action, cost, reserve, var, predicted = 0, 0, 0, 0, 0
+    local action = 0
     for _, candidate in ipairs(prefs) do
       if candidate == 0 then break end
-      if prices[candidate] then
-        local r, v, e = reservation(i, candidate)
-        if fits(r, v) then
-          action, cost, reserve, var, predicted = candidate, prices[candidate], r, v, e
-          break
-        end
+      if prices[candidate] and fits(reservation(i, candidate)) then
+        action = candidate
+        break
       end
     end
     local flag = 1
     if prefs[1] and prefs[1] ~= 0 and action ~= prefs[1] then flag = 2 end
+    local probability, explored
+    action, probability, explored = behave(i, action)
+    if held_out[i] then flag, new_held_out = 1, new_held_out + 1 end
+    if explored then new_explored = new_explored + 1 end
+    local cost, reserve, var, predicted = 0, 0, 0, 0
+    if action ~= 0 then
+      cost = prices[action]
+      reserve, var, predicted = reservation(i, action)
+    end
     new_reserved = new_reserved + reserve
     new_variance = new_variance + var
-    local head = no_coupon
-    if action ~= 0 then
-      head = 'R\t' .. string.format('%d', reserve) .. '\t' .. string.format('%d', cost) .. '\t'
-        .. string.format('%.17g', var) .. '\t' .. string.format('%d', predicted) .. '\t' .. action .. common
-    end
     new_count = new_count + 1
     fields[#fields + 1] = i - 1
-    fields[#fields + 1] = head .. tails[i]
+    fields[#fields + 1] = record_head(action, reserve, var, predicted, probability, explored, held_out[i]) .. tails[i]
+    if log_max ~= '0' then
+      local request_length, rest = string.match(tails[i], '^(%d+)\t()')
+      redis.call('XADD', log, 'MAXLEN', '~', log_max, '*', 'kind', 'decision',
+        'decision_id', 'd-' .. batch .. '-' .. (i - 1), 'user_id', string.sub(tails[i], rest + tonumber(request_length) + 1),
+        'action', action, 'cost', string.format('%d', cost), 'probability', decimal(probability),
+        'explored', explored and '1' or '0', 'holdout', held_out[i] and '1' or '0', 'lambda', lam,
+        'model_version', version, 'at_ms', ARGV[1],
+        'features', string.sub(features, (i - 1) * row_bytes + 1, i * row_bytes))
+    end
     if request then
       redis.call('SET', KEYS[request[2]], 'd-' .. batch .. '-' .. (i - 1) .. '\t' .. action .. '\t'
         .. string.format('%d', cost) .. '\t' .. version .. '\t' .. lam .. '\t' .. request[3], 'PX', ARGV[3])
@@ -138,6 +196,8 @@ if new_count > 0 then
   redis.call('HINCRBY', campaign, 'decisions', new_count)
   redis.call('HSET', campaign, 'model_version', version)
 end
+if new_held_out > 0 then redis.call('HINCRBY', campaign, 'holdout_decisions', new_held_out) end
+if new_explored > 0 then redis.call('HINCRBY', campaign, 'explored_decisions', new_explored) end
 out[1] = available - new_reserved
 for _, record in ipairs(replays) do out[#out + 1] = record end
 return out

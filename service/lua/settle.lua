@@ -6,14 +6,19 @@
 -- Returns {'missing'} unknown campaign | {'too_high', index, coupon cost} | {remaining, code, user, ...}
 --   with code 'A' accepted, 'D' duplicate, 'U' unknown (or expired record).
 -- Decision record: see reserve.lua. Each settled coupon adds its predicted cost to issued:<action> and its
--- realised cost to realised:<action> (the ratio expected mode corrects predictions by), and its cost to
+-- realised cost to realised:<action> (the ratio that corrects the model's predictions), and its cost to
 -- settled_reserved.
+-- Learning loop: KEYS[#KEYS] the campaign's log stream; the last two ARGV: now ms, the log's MAXLEN
+--   (approximate; 0: no log). Each accepted outcome adds one `outcome` entry to the log (docs/state.md) and
+--   counts in its group, holdout (a record whose probability is marked /h) or treated: <group>_settled,
+--   <group>_reward (cents, rounded half up), <group>_cost (cents).
 local campaign = KEYS[1]
 local RECORD = '^(%u)\t(%d+)\t(%d+)\t([^\t]*)\t(%d+)\t(%d+)\t([^\t]*\t[^\t]*\t[^\t]*\t[^\t]*)\t[^\t]*\t[^\t]*\t(%d+)\t()'
 local function int(x) return string.format('%d', x) end
 
 if redis.call('EXISTS', campaign) == 0 then return {'missing'} end
-local n = #ARGV / 4
+local n = (#ARGV - 2) / 4
+local now, log_max, log = ARGV[#ARGV - 1], ARGV[#ARGV], KEYS[#KEYS]
 local function record(i)
   local value = redis.call('HGET', KEYS[tonumber(ARGV[4 * i - 1])], ARGV[4 * i])
   if not value then return nil end
@@ -57,8 +62,22 @@ for i = 1, n do
     local rest = string.sub(value, tail)
     redis.call('HSET', KEYS[tonumber(ARGV[4 * i - 1])], ARGV[4 * i], table.concat({'S', reserved, face, variance,
       predicted, action, middle, ARGV[4 * i - 2], ARGV[4 * i - 3], request_length, rest}, '\t'))
+    local user = string.sub(rest, tonumber(request_length) + 2)
     out[#out + 1] = 'A'
-    out[#out + 1] = string.sub(rest, tonumber(request_length) + 2)
+    out[#out + 1] = user
+    -- the group's counters and the outcome log
+    local probability, decided_at = string.match(middle, '^([^\t]*)\t([^\t]*)')
+    local group = string.sub(probability, -2) == '/h' and 'holdout_' or 'treated_'
+    local reward = string.format('%d', math.floor(tonumber(ARGV[4 * i - 2]) * 100 + 0.5))
+    redis.call('HINCRBY', campaign, group .. 'settled', 1)
+    redis.call('HINCRBY', campaign, group .. 'reward', reward)
+    redis.call('HINCRBY', campaign, group .. 'cost', int(cost))
+    if log_max ~= '0' then
+      local key = KEYS[tonumber(ARGV[4 * i - 1])]
+      redis.call('XADD', log, 'MAXLEN', '~', log_max, '*', 'kind', 'outcome',
+        'decision_id', 'd-' .. string.match(key, ':b:(%x+)$') .. '-' .. ARGV[4 * i], 'user_id', user,
+        'action', action, 'reward', reward, 'cost', int(cost), 'at_ms', now, 'decided_at_ms', decided_at)
+    end
   end
 end
 local ledger = redis.call('HMGET', campaign, 'budget', 'spent', 'reserved')

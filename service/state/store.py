@@ -17,9 +17,11 @@ every key of one campaign's ledger in one Cluster slot, so each ledger script to
     P{c:C}:b:<batch>      hash: field i is the record of decision "d-<batch>-<i>" (reserve.lua documents
                           the record); expires with the decision TTL
     P{c:C}:r:<request>    string: the decision returned again for a repeated request_id
+    P{c:C}:log            stream: the campaign's decisions and outcomes, for training (docs/state.md)
     P ctx:<n>:C:<user>    string: the user's context (service.state.context); n = len(C), so no two
                           (campaign, user) pairs share a key; no hash tag: contexts spread over the slots
-    P campaigns           set of campaign ids (for the periodic sweep)
+    P campaigns           set of campaign ids (for the periodic sweep and the log's readers)
+    P models              pub/sub channel: a model version that became current (every replica reloads)
 
 Decision ids are made here: "d-<batch>-<i>", the batch 80 random bits (collisions are not a concern at any
 realistic volume), i the position in the batch; a batch's records are one hash written by one HSET.
@@ -28,11 +30,13 @@ realistic volume), i the position in the batch; a batch's records are one hash w
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import json
 import os
 import re
-from collections.abc import Awaitable, Callable, Sequence
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from functools import lru_cache
 from pathlib import Path
 from typing import Any, TypeVar, cast
@@ -52,6 +56,7 @@ from service.state.types import (
     CampaignState,
     CampaignUpdate,
     CostAboveReservation,
+    Groups,
     NewStep,
     Outcome,
     PacedState,
@@ -68,6 +73,7 @@ T = TypeVar("T")
 Client = aioredis.Redis | RedisCluster
 LUA_DIR = Path(__file__).resolve().parents[1] / "lua"
 DECISION_ID = re.compile(r"d-([0-9a-f]{20})-([0-9]{1,5})")
+MODELS_CHANNEL = "models"  # after the prefix: where a new current model version is announced
 CAS_ATTEMPTS = 32  # a context changed by another writer between read and write is redone, at most this often
 
 
@@ -140,6 +146,8 @@ def _parse_settings(fields: dict[str, str]) -> CampaignSettings:
         expected_decisions=_optional(fields["expected_decisions"], int),
         pacing=None if not fields["pacing"] else fields["pacing"] == "1",
         pacing_method=fields.get("pacing_method") or "resolve",
+        exploration_rate=_optional(fields.get("exploration_rate") or "", float) or 0.0,
+        holdout_rate=_optional(fields.get("holdout_rate") or "", float) or 0.0,
     )
 
 
@@ -180,10 +188,23 @@ def _parse_config(campaign_id: str, raw: bytes, paced: bytes | None) -> Campaign
     return CampaignConfig(campaign_id, _parse_settings(json.loads(raw)), _parse_paced(paced))
 
 
-def _parse_campaign(campaign_id: str, raw: dict[Any, Any], paced: bytes | None) -> CampaignState | None:
+def _groups(fields: dict[str, str], name: str, decisions: int) -> Groups:
+    """A group's counters (reserve.lua and settle.lua keep them; absent before its first)."""
+    return Groups(
+        decisions=decisions,
+        settled=int(fields.get(f"{name}_settled") or 0),
+        reward=int(fields.get(f"{name}_reward") or 0),
+        cost=int(fields.get(f"{name}_cost") or 0),
+    )
+
+
+def _parse_campaign(
+    campaign_id: str, raw: dict[Any, Any], paced: bytes | None, log_entries: int = 0
+) -> CampaignState | None:
     fields = {_text(k): _text(v) for k, v in raw.items()}
     if not fields:
         return None
+    decisions, held_out = int(fields["decisions"]), int(fields.get("holdout_decisions") or 0)
     at_ms = _optional(fields["paced_at_ms"], int)
     pacing = Pacing(
         state=_parse_paced(paced),
@@ -197,10 +218,14 @@ def _parse_campaign(campaign_id: str, raw: dict[Any, Any], paced: bytes | None) 
         spent=int(fields["spent"]),
         reserved=int(fields["reserved"]),
         model_version=fields["model_version"] or None,
-        decisions=int(fields["decisions"]),
+        decisions=decisions,
         overrun=int(fields["overrun"]),
         settled_reserved=int(fields["settled_reserved"]),
         pacing=pacing,
+        explored=int(fields.get("explored_decisions") or 0),
+        holdout=_groups(fields, "holdout", held_out),
+        treated=_groups(fields, "treated", decisions - held_out),
+        log_entries=log_entries,
     )
 
 
@@ -217,17 +242,27 @@ class StateStore:
     """Campaign ledgers, decision records and user contexts on one Redis or Redis Cluster.
 
     Every method is atomic with respect to the budget invariant `spent + reserved <= budget`. Whether
-    the server is a Cluster is asked once, on first use (`cluster=None`), unless the caller says."""
+    the server is a Cluster is asked once, on first use (`cluster=None`), unless the caller says.
+    `log_max_entries`: the approximate bound of each campaign's decision log (0: no log)."""
 
     def __init__(
-        self, url: str, *, prefix: str = "saco:", cluster: bool | None = None, socket_timeout_s: float = 0.5
+        self,
+        url: str,
+        *,
+        prefix: str = "saco:",
+        cluster: bool | None = None,
+        socket_timeout_s: float = 0.5,
+        log_max_entries: int = 1_000_000,
     ) -> None:
+        if log_max_entries < 0:
+            raise ValueError(f"log_max_entries must be >= 0 (0 turns the decision log off), got {log_max_entries}")
         if "{" in prefix or "}" in prefix:
             raise ValueError(f"the Redis key prefix {prefix!r} must not contain braces (they set the hash tag)")
         self.url = url
         self.prefix = prefix
         self.cluster = cluster
         self.socket_timeout_s = socket_timeout_s
+        self.log_max_entries = log_max_entries
         self._client: Client | None = None
         self._connecting = asyncio.Lock()
         self.scripts = {
@@ -258,12 +293,19 @@ class StateStore:
     def request_key(self, campaign_id: str, request_id: str) -> str:
         return f"{self._tag(campaign_id)}:r:{request_id}"
 
+    def log_key(self, campaign_id: str) -> str:
+        return self._tag(campaign_id) + ":log"
+
     def context_key(self, campaign_id: str, user_id: str) -> str:
         return f"{self.prefix}ctx:{len(campaign_id)}:{campaign_id}:{user_id}"
 
     @property
     def campaigns_key(self) -> str:
         return f"{self.prefix}campaigns"
+
+    @property
+    def models_channel(self) -> str:
+        return f"{self.prefix}{MODELS_CHANNEL}"
 
     # ---- connection ------------------------------------------------------------------------------
     async def client(self) -> Client:
@@ -322,6 +364,29 @@ class StateStore:
             groups.setdefault(key_slot(keys[i].encode()), []).append(i)
         return list(groups.values())
 
+    @contextlib.asynccontextmanager
+    async def model_announcements(self) -> AsyncIterator[AsyncIterator[str]]:
+        """Subscribed to the models channel: the versions announced on it from now on, as they come. A
+        connection of its own (to the node the URL names: a Cluster passes every message to every node).
+        A failed subscription or connection raises StateStoreError."""
+        client = aioredis.Redis.from_url(self.url, socket_timeout=None, socket_connect_timeout=self.socket_timeout_s)
+        pubsub = client.pubsub(ignore_subscribe_messages=True)
+
+        async def versions() -> AsyncIterator[str]:
+            try:
+                async for message in pubsub.listen():
+                    if message["type"] == "message":
+                        yield _text(message["data"])
+            except (RedisError, OSError) as exc:
+                raise StateStoreError(f"model announcements: {type(exc).__name__}: {exc}") from exc
+
+        try:
+            await self._guard(lambda: pubsub.subscribe(self.models_channel))
+            yield versions()
+        finally:
+            await pubsub.aclose()
+            await client.aclose()
+
     async def ping(self) -> bool:
         """True when the store can serve: the server answers (on a Cluster: every slot is served)."""
         try:
@@ -360,7 +425,7 @@ class StateStore:
         client = await self.client()
         fields = await self._guard(lambda: client.hgetall(self.campaign_key(campaign_id)))
         paced = await self._guard(lambda: client.get(self.pacing_key(campaign_id)))
-        return _parse_campaign(campaign_id, fields, cast(bytes | None, paced))
+        return _parse_campaign(campaign_id, fields, cast(bytes | None, paced), await self.log_length(campaign_id))
 
     async def pace(
         self,
@@ -388,6 +453,11 @@ class StateStore:
         state = _parse_paced(reply[0] or None)
         lam = start_lambda if state is None else state.lam
         return lam, int(reply[1]), int(reply[2]), bool(reply[3])
+
+    async def log_length(self, campaign_id: str) -> int:
+        """Entries in the campaign's decision and outcome log."""
+        client = await self.client()
+        return int(await self._guard(lambda: client.xlen(self.log_key(campaign_id))))
 
     async def campaign_ids(self) -> list[str]:
         client = await self.client()
@@ -422,11 +492,17 @@ class StateStore:
         reservation_expiry_ms: int,
         decision_ttl_ms: int,
         prior_coupons: int = 20,
+        exploration_rate: float = 0.0,
     ) -> ReserveResult:
         """Decide and reserve a whole batch atomically, items in priority order: each takes the first of
         its preferences that fits (the campaign's reservation mode says what fits and what is reserved:
-        reserve.lua). A repeated request_id returns its first decision. `prior_coupons`: how many coupons
-        of each action count as redeemed before outcomes say otherwise (expected mode)."""
+        reserve.lua), unless it is a holdout user's (no coupon) or it explores (its draw picks among the
+        coupons that fit and none, `exploration_rate` being the probability it had of exploring). Each new
+        decision is logged with its features in the campaign's log stream, in the same script. A repeated
+        request_id returns its first decision. `prior_coupons`: how many coupons of each action count as
+        redeemed before outcomes say otherwise (expected mode)."""
+        if len({len(item.features) for item in items}) > 1:
+            raise ValueError("every reserve item must carry features of the same length (float32 rows)")
         batch = os.urandom(10).hex()
         keys = [self.campaign_key(campaign_id), self.pending_key(campaign_id), self.batch_key(campaign_id, batch)]
         orderings: dict[tuple[int, ...], int] = {}  # distinct preference lists: a batch has a handful
@@ -446,6 +522,21 @@ class StateStore:
             columns["expected"] = [item.expected_costs or [] for item in items]
         args = [now_ms, reservation_expiry_ms, decision_ttl_ms, model_version, repr(lam), batch, orjson.dumps(columns)]
         args.append(prior_coupons)
+        keys.append(self.log_key(campaign_id))
+        behaviour = {
+            "holdout": [position for position, item in enumerate(items, 1) if item.holdout],
+            "explore": [
+                [position, item.explore_draw]
+                for position, item in enumerate(items, 1)
+                if item.explore_draw is not None and not item.holdout
+            ],
+        }
+        args += [
+            self.log_max_entries,
+            b"".join([item.features for item in items]),
+            repr(float(exploration_rate)),
+            orjson.dumps(behaviour),
+        ]
         reply = await self._eval("reserve", keys, args)
         if reply[0] == b"missing":
             raise CampaignNotFound(campaign_id)
@@ -554,8 +645,9 @@ class StateStore:
         await self._update_contexts(keys, await self._mget(keys), change, ttl_ms)
 
     # ---- outcomes --------------------------------------------------------------------------------
-    async def settle(self, campaign_id: str, outcomes: list[Outcome]) -> SettleResult:
-        """Settle a batch of outcomes atomically (all or nothing: CostAboveReservation refuses all)."""
+    async def settle(self, campaign_id: str, outcomes: list[Outcome], *, now_ms: int | None = None) -> SettleResult:
+        """Settle a batch of outcomes atomically (all or nothing: CostAboveReservation refuses all); each
+        accepted outcome is logged in the campaign's log stream, settled at `now_ms` (default: now)."""
         keys = [self.campaign_key(campaign_id)]
         key_index: dict[str, int] = {}
         args: list[Any] = []
@@ -570,6 +662,8 @@ class StateStore:
                 key_index[key] = len(keys)
             args += [outcome.cost, repr(float(outcome.reward)), key_index[key], match[2]]
             known.append(position)
+        keys.append(self.log_key(campaign_id))
+        args += [int(time.time() * 1000) if now_ms is None else now_ms, self.log_max_entries]
         reply = await self._eval("settle", keys, args)
         if reply[0] == b"missing":
             raise CampaignNotFound(campaign_id)

@@ -45,6 +45,8 @@ class CampaignSettings:
     ends_ms: int | None = None
     expected_decisions: int | None = None  # ... or the traffic the budget covers
     pacing: bool | None = None  # None: on when there is a plan
+    exploration_rate: float = 0.0  # share of decisions drawn uniformly among the coupons that fit (and none)
+    holdout_rate: float = 0.0  # share of users (by a hash of campaign and user) who never get a coupon
     pacing_method: str = "resolve"  # "resolve" | "descent"
 
     @property
@@ -66,6 +68,8 @@ OPTIONAL_SETTINGS = (
     "ends_ms",
     "expected_decisions",
     "pacing",
+    "exploration_rate",
+    "holdout_rate",
     "pacing_method",
 )
 
@@ -111,6 +115,21 @@ class Pacing:
 
 
 @dataclass(frozen=True)
+class Groups:
+    """One group of a campaign's users (holdout or treated): its decisions and its settled outcomes."""
+
+    decisions: int = 0
+    settled: int = 0  # decisions with an accepted outcome
+    reward: int = 0  # cents, the sum of their rewards
+    cost: int = 0  # cents, the sum of their realised costs
+
+    @property
+    def reward_per_outcome(self) -> float | None:
+        """Mean reward of a settled decision, in cents (None before the first outcome)."""
+        return self.reward / self.settled if self.settled else None
+
+
+@dataclass(frozen=True)
 class CampaignState:
     campaign_id: str
     settings: CampaignSettings
@@ -121,6 +140,10 @@ class CampaignState:
     overrun: int  # realized cost of late outcomes that no longer fitted the budget (kept out of `spent`)
     settled_reserved: int = 0  # what the settled decisions had reserved (their realised / reserved ratio)
     pacing: Pacing = field(default_factory=Pacing)
+    explored: int = 0  # decisions drawn by exploration
+    holdout: Groups = field(default_factory=Groups)  # holdout users' decisions and outcomes
+    treated: Groups = field(default_factory=Groups)  # everyone else's
+    log_entries: int = 0  # entries in the campaign's decision and outcome log
 
     @property
     def budget(self) -> int:
@@ -159,6 +182,8 @@ class CampaignUpdate:
     ends_ms: int | None = None
     expected_decisions: int | None = None
     pacing: bool | None = None
+    exploration_rate: float | None = None
+    holdout_rate: float | None = None
     pacing_method: str | None = None
     cleared: frozenset[str] = frozenset()
 
@@ -169,6 +194,11 @@ class ReserveItem(NamedTuple):
     request_id: str | None
     # offered actions in descending score order, cut after action 0: the first that fits is taken
     preferences: list[int]
+    features: bytes = b""  # the request's features (float32 little-endian), for the decision log
+    holdout: bool = False  # the user is in the campaign's holdout group: no coupon
+    # exploration: a uniform draw in [0, 1) that picks among the coupons that fit (and none) instead of the
+    # first preference; None: the first preference that fits
+    explore_draw: float | None = None
     # per action (index = action): the model's expected cost of that coupon for this user, in cents, at most
     # the coupon's cost; what an `expected` reservation starts from (None: the coupon's cost)
     expected_costs: list[int] | None = None

@@ -31,11 +31,9 @@ async def get_campaign(campaign_id: CampaignId, engine: EngineDep) -> dict[str, 
 async def reload_model(runtime: RuntimeDep) -> ReloadResponse:
     """Load the store's current version, verify it (checksum, dimensions, test forward), then swap."""
     try:
-        previous, current = await runtime.policies.reload()
+        previous, current = await runtime.reload_model()
     except PolicyRejected as exc:
         raise HTTPException(status.HTTP_409_CONFLICT, f"model not loaded, the incumbent keeps serving: {exc}") from exc
-    if previous.version != current.version:
-        runtime.metrics.set_model(previous.version, current.version)
     return ReloadResponse(
         version=current.version, previous=previous.version, changed=previous.version != current.version
     )

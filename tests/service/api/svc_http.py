@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
+
+from model_store import ModelStore
 
 ADMIN_TOKEN = "test-admin-token"
 ADMIN = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
@@ -15,3 +18,14 @@ def campaign_body(budget: float = 100.0, **extra: Any) -> dict[str, Any]:
 
 def users(n: int, dim: int, prefix: str = "u", value: float = 0.1, **extra: Any) -> list[dict[str, Any]]:
     return [{"user_id": f"{prefix}{i}", "features": [value + 0.01 * i] * dim, **extra} for i in range(n)]
+
+
+def republish(store_dir: Path, *, make_current: bool = True, **manifest_changes: Any) -> str:
+    """Publish the current artifact again as a new version, with manifest fields changed."""
+    store = ModelStore(store_dir)
+    current = store.load()
+    manifest = current.manifest.to_json()
+    for key in ("version", "created_at", "model_sha256"):
+        manifest.pop(key)
+    manifest.update(manifest_changes)
+    return store.publish(current.model_path, manifest, make_current=make_current).version

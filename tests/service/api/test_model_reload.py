@@ -4,23 +4,9 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
 
 from fastapi.testclient import TestClient
-from svc_http import ADMIN, campaign_body, users
-
-from model_store import ModelStore
-
-
-def republish(store_dir: Path, **manifest_changes: Any) -> str:
-    """Publish the current artifact again as a new version, with manifest fields changed."""
-    store = ModelStore(store_dir)
-    current = store.load()
-    manifest = current.manifest.to_json()
-    for key in ("version", "created_at", "model_sha256"):
-        manifest.pop(key)
-    manifest.update(manifest_changes)
-    return store.publish(current.model_path, manifest).version
+from svc_http import ADMIN, campaign_body, republish, users
 
 
 def test_reload_swaps_to_the_new_current_version(client: TestClient, model_store_dir: Path, feature_dim: int) -> None:

@@ -25,7 +25,8 @@ def run(store_url: str, redis_prefix: str) -> Run:
 
     def runner(scenario: Scenario) -> Any:
         async def main() -> Any:
-            store = StateStore(store_url, prefix=redis_prefix)
+            # a generous bound: these tests check rules, not timeouts, on a machine that may be busy
+            store = StateStore(store_url, prefix=redis_prefix, socket_timeout_s=5)
             try:
                 return await scenario(store)
             finally:

@@ -123,7 +123,7 @@ async def reserve_predicted(
 ) -> list[tuple[str, str, int]]:
     """Each user offered coupon 1 with the model's expected cost `predicted[user]` (cents): (decision id,
     user, action) per user."""
-    items = [ReserveItem(user, None, [1, 0], [0, cents]) for user, cents in predicted.items()]
+    items = [ReserveItem(user, None, [1, 0], expected_costs=[0, cents]) for user, cents in predicted.items()]
     result = await store.reserve(
         campaign,
         items,

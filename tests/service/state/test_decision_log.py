@@ -1,0 +1,190 @@
+"""The campaign's decision and outcome log (a Redis stream written by reserve.lua and settle.lua), the
+behaviour policy's exploration and holdout, and the group counters, on each kind of store."""
+
+from __future__ import annotations
+
+import struct
+from typing import Any
+
+import redis
+import redis.cluster
+from conftest import DAY_MS, Run, item, put, reserve
+
+from service.state import Outcome, ReserveItem
+from service.state.store import StateStore, parse_decision_record
+
+NOW = 1_767_225_600_000  # 2026-01-01, epoch ms
+
+
+def features(*values: float) -> bytes:
+    return struct.pack(f"<{len(values)}f", *values)
+
+
+def sync_client(store: StateStore) -> Any:
+    if store.cluster:
+        return redis.cluster.RedisCluster.from_url(store.url)
+    return redis.Redis.from_url(store.url)
+
+
+def read_log(store: StateStore, campaign: str) -> list[dict[str, bytes]]:
+    """Every entry of the campaign's log stream, oldest first (field names decoded, values as stored)."""
+    client = sync_client(store)
+    try:
+        return [{k.decode(): v for k, v in fields.items()} for _, fields in client.xrange(store.log_key(campaign))]
+    finally:
+        client.close()
+
+
+def record(store: StateStore, decision_id: str) -> dict[str, str]:
+    _, batch, index = decision_id.split("-")
+    client = sync_client(store)
+    try:
+        return parse_decision_record(client.hget(store.batch_key("c", batch), index))
+    finally:
+        client.close()
+
+
+def test_one_entry_per_new_decision_and_accepted_outcome(run: Run) -> None:
+    async def scenario(store: StateStore) -> None:
+        await store.upsert_campaign("c", put(10_000))
+        rows = [features(0.5, -1.0), features(2.0, 3.25), features(0.0, 1e-3)]
+        items = [
+            ReserveItem("a", "req-a", [2, 0], rows[0]),
+            ReserveItem("tab\tuser", None, [3, 2, 0], rows[1]),
+            ReserveItem("c", "req-c", [0], rows[2]),
+        ]
+        first = await store.reserve(
+            "c", items, model_version="v7", lam=0.25, now_ms=NOW, reservation_expiry_ms=DAY_MS, decision_ttl_ms=DAY_MS
+        )
+        log = read_log(store, "c")
+        assert len(log) == 3
+        for entry, decided, row in zip(log, first.decisions, rows, strict=True):
+            assert entry == {
+                "kind": b"decision",
+                "decision_id": decided.decision_id.encode(),
+                "user_id": decided.user_id.encode(),
+                "action": str(decided.action).encode(),
+                "cost": str(decided.cost).encode(),
+                "probability": b"1",
+                "explored": b"0",
+                "holdout": b"0",
+                "lambda": b"0.25",
+                "model_version": b"v7",
+                "at_ms": str(NOW).encode(),
+                "features": row,
+            }
+        assert [d.action for d in first.decisions] == [2, 3, 0]
+        # a replayed request id decides nothing new and logs nothing
+        again = await reserve(store, "c", [item("a", [1, 0], "req-a"), item("c", [1, 0], "req-c")])
+        assert [d.new for d in again.decisions] == [False, False] and len(read_log(store, "c")) == 3
+
+        ids = [d.decision_id for d in first.decisions]
+        outcomes = [Outcome(ids[0], 0.125, 500), Outcome(ids[1], -1.0, 0), Outcome(ids[0], 99.0, 0)]
+        settled = await store.settle("c", outcomes, now_ms=NOW + 5000)
+        assert (settled.accepted, settled.duplicates) == (2, 1)
+        await store.settle("c", [Outcome(ids[1], 3.0, 0), Outcome("d-unknown", 1.0, 0)], now_ms=NOW + 6000)
+        log = read_log(store, "c")
+        assert len(log) == 5  # duplicates and unknown ids log nothing
+        assert log[3:] == [
+            {
+                "kind": b"outcome",
+                "decision_id": ids[0].encode(),
+                "user_id": b"a",
+                "action": b"2",
+                "reward": b"13",  # cents, half up
+                "cost": b"500",
+                "at_ms": str(NOW + 5000).encode(),
+                "decided_at_ms": str(NOW).encode(),
+            },
+            {
+                "kind": b"outcome",
+                "decision_id": ids[1].encode(),
+                "user_id": b"tab\tuser",
+                "action": b"3",
+                "reward": b"-100",
+                "cost": b"0",
+                "at_ms": str(NOW + 5000).encode(),
+                "decided_at_ms": str(NOW).encode(),
+            },
+        ]
+        state = await store.get_campaign("c")
+        assert state is not None and state.log_entries == 5
+        assert (state.treated.decisions, state.treated.settled, state.treated.reward, state.treated.cost) == (
+            3,
+            2,
+            -87,
+            500,
+        )
+        assert state.holdout.decisions == state.holdout.settled == 0
+
+    run(scenario)
+
+
+def test_the_log_is_bounded_and_can_be_turned_off(run: Run) -> None:
+    async def scenario(store: StateStore) -> None:
+        store.log_max_entries = 10
+        await store.upsert_campaign("c", put(10**9))
+        for batch in range(6):
+            await reserve(store, "c", [item(f"u{batch}-{i}", [1, 0]) for i in range(100)])
+        length = await store.log_length("c")
+        # MAXLEN ~ trims whole stream nodes (stream-node-max-entries, 100 by default)
+        assert 10 <= length <= 10 + 100, length
+        store.log_max_entries = 0
+        await store.upsert_campaign("off", put(10**9))
+        decided = await reserve(store, "off", [item("u", [1, 0])])
+        await store.settle("off", [Outcome(decided.decisions[0].decision_id, 1.0, 0)])
+        assert await store.log_length("off") == 0
+        state = await store.get_campaign("off")
+        assert state is not None and state.treated.settled == 1  # the group counters do not depend on the log
+
+    run(scenario)
+
+
+def test_exploration_and_holdout_log_their_probabilities(run: Run) -> None:
+    """Budget 6.00 with coupons 2, 5, 10: only 1 and 2 fit at first. The caller's draws pick among "no
+    coupon" and the coupons that fit at that moment; the logged probability is rate / candidates, plus
+    1 - rate for the greedy first fit."""
+
+    async def scenario(store: StateStore) -> None:
+        rate = 0.2
+        await store.upsert_campaign("c", put(600, exploration_rate=rate))
+        prefs = [3, 2, 1, 0]
+        items = [
+            ReserveItem("x0", None, prefs, explore_draw=0.1),  # candidates 0, 1, 2: takes 0
+            ReserveItem("x1", None, prefs, explore_draw=0.5),  # candidates 0, 1, 2: takes 1 (2.00 reserved)
+            ReserveItem("g", None, prefs),  # 2 no longer fits: greedy 1 among candidates 0, 1
+            ReserveItem("h", None, prefs, holdout=True, explore_draw=0.99),  # held out: no coupon
+            ReserveItem("x2", None, prefs, explore_draw=0.7),  # candidates 0, 1: 1 is greedy too
+        ]
+        result = await store.reserve(
+            "c",
+            items,
+            model_version="v1",
+            lam=0.5,
+            now_ms=NOW,
+            reservation_expiry_ms=DAY_MS,
+            decision_ttl_ms=DAY_MS,
+            exploration_rate=rate,
+        )
+        assert [d.action for d in result.decisions] == [0, 1, 1, 0, 1]
+        expected = [rate / 3, rate / 3, rate / 2 + 1 - rate, 1.0, rate / 2 + 1 - rate]
+        log = read_log(store, "c")
+        assert [float(e["probability"]) for e in log] == expected
+        assert [e["explored"] for e in log] == [b"1", b"1", b"0", b"0", b"1"]
+        assert [e["holdout"] for e in log] == [b"0", b"0", b"0", b"1", b"0"]
+        assert [int(e["cost"]) for e in log] == [0, 200, 200, 0, 200]
+        marks = [record(store, d.decision_id)["probability"] for d in result.decisions]
+        assert [m.partition("/")[2] for m in marks] == ["x", "x", "", "h", "x"]
+        assert [float(m.partition("/")[0]) for m in marks] == expected
+        # reservations follow the chosen actions: the budget invariant holds whatever exploration picks
+        state = await store.get_campaign("c")
+        assert state is not None and state.reserved == 600 and state.explored == 3 and state.holdout.decisions == 1
+        # outcomes count in the decision's group
+        ids = [d.decision_id for d in result.decisions]
+        await store.settle("c", [Outcome(ids[3], 3.0, 0), Outcome(ids[2], 10.0, 200), Outcome(ids[0], 0.5, 0)])
+        state = await store.get_campaign("c")
+        assert state is not None
+        assert (state.holdout.settled, state.holdout.reward) == (1, 300)
+        assert (state.treated.settled, state.treated.reward, state.treated.cost) == (2, 1050, 200)
+
+    run(scenario)
