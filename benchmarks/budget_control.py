@@ -173,6 +173,22 @@ class OracleScores(torch.nn.Module):
         last = states[:, -1, :]
         return last[:, : self.k] - lam.unsqueeze(1) * last[:, self.k : 2 * self.k]
 
+    @torch.jit.export
+    def score_terms(
+        self,
+        states: torch.Tensor,
+        actions: torch.Tensor,
+        rtg: torch.Tensor,
+        ctg: torch.Tensor,
+        timesteps: torch.Tensor,
+        lam: torch.Tensor,
+        mask: torch.Tensor,
+    ) -> torch.Tensor:
+        """E[reward], E[cost] (the score's terms) and E[cost] (its expected cost now): the same pacing and
+        reservations as the model's."""
+        last = states[:, -1, :]
+        return torch.cat([last[:, : 2 * self.k], last[:, self.k : 2 * self.k]], dim=1)
+
 
 def publish_oracle(model_store: Path, oracle_store: Path, lam: float) -> None:
     manifest = ModelStore(model_store).load().manifest.to_json()
@@ -181,7 +197,7 @@ def publish_oracle(model_store: Path, oracle_store: Path, lam: float) -> None:
         raise SystemExit(f"the oracle needs feature_dim = 2 x num_actions, the model has {dim} and {k}")
     for name in ("version", "created_at", "model_sha256"):
         manifest.pop(name, None)
-    manifest.update(lambda_table=[], default_lambda=lam, metrics={}, score_terms=False)
+    manifest.update(lambda_table=[], default_lambda=lam, metrics={}, score_terms=True)
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "model.pt"
         save_scripted(OracleScores(k), path)

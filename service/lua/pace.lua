@@ -10,21 +10,21 @@
 --              remainder, or the decision rate so far times the time left); null before a rate is known.
 --   ratios     per action, realised / predicted cost over settled coupons (`prior_coupons` of each action
 --              counted as predicted right): how far the model's expected costs are off.
--- Spend is realised spend plus the expected cost of outstanding reservations: reserved times the
--- campaign's realised / reserved ratio over settled decisions (a prior of `prior` cents at ratio 1
--- keeps it cautious until outcomes arrive; in expected mode the reservations are expected costs already).
--- The plan is even over the traffic (decisions / expected_decisions) when the campaign gives one, else over
--- its horizon (starts_ms .. ends_ms).
+-- Spend is realised spend plus the expected cost of outstanding reservations: their predicted costs (the
+-- model's expected costs; a coupon's cost when the model has none) times the campaign's realised /
+-- predicted ratio over settled coupons (a prior of `prior` cents at ratio 1 until outcomes arrive). The
+-- plan is even over the traffic (decisions / expected_decisions) when the campaign gives one, else over its
+-- horizon (starts_ms .. ends_ms).
 -- KEYS[1] campaign hash, KEYS[2] the pacing key (JSON, read by decisions with the settings)
 -- ARGV[1] now ms, [2] interval ms, [3] the lambda pacing starts from, [4] step, [5] max step,
 --   [6] lambda max, [7] prior (cents), [8] prior coupons per action
 -- Returns {the pacing JSON, plan cents, spend cents, stepped (1 | 0)}, or {} for an unknown campaign.
-local c = redis.call('HMGET', KEYS[1], 'budget', 'spent', 'reserved', 'settled_reserved', 'decisions',
+local c = redis.call('HMGET', KEYS[1], 'budget', 'spent', 'reserved', 'outstanding_predicted', 'decisions',
   'starts_ms', 'ends_ms', 'expected_decisions', 'paced_at_ms', 'pace_plan', 'pace_actual', 'reservation_mode',
   'pace_carry', 'coupons')
 if not c[1] then return {} end
 local now, interval = tonumber(ARGV[1]), tonumber(ARGV[2])
-local budget, spent, reserved, settled = tonumber(c[1]), tonumber(c[2]), tonumber(c[3]), tonumber(c[4])
+local budget, spent, outstanding = tonumber(c[1]), tonumber(c[2]), tonumber(c[4]) or 0
 local decisions = tonumber(c[5])
 local fraction, left = 0, nil -- share of the plan gone; decisions the plan still expects
 if c[8] ~= '' then
@@ -36,11 +36,19 @@ elseif c[7] ~= '' then
   if decisions > 0 and now > starts then left = decisions / (now - starts) * (ends - now) end
 end
 fraction = math.max(0, math.min(1, fraction))
+local ratios, realised_all, predicted_all = {}, 0, 0
+local prior_coupons = tonumber(ARGV[8])
+for action, price in pairs(cjson.decode(c[14])) do
+  local stats = redis.call('HMGET', KEYS[1], 'issued:' .. action, 'realised:' .. action)
+  local issued, realised = tonumber(stats[1]) or 0, tonumber(stats[2]) or 0
+  local predicted = issued + prior_coupons * price
+  ratios[action] = predicted > 0 and (realised + prior_coupons * price) / predicted or 1
+  realised_all, predicted_all = realised_all + realised, predicted_all + issued
+end
 local prior = tonumber(ARGV[7])
-local ratio = math.min(1, (spent + prior) / (settled + prior))
-if c[12] == 'expected' then ratio = 1 end -- reservations already are expected costs
+local ratio = predicted_all + prior > 0 and (realised_all + prior) / (predicted_all + prior) or 1
 local plan = math.floor(fraction * budget)
-local actual = math.floor(spent + reserved * ratio)
+local actual = math.floor(spent + outstanding * ratio)
 local state = cjson.decode(redis.call('GET', KEYS[2]) or '{}')
 local lam = state.lambda or tonumber(ARGV[3])
 if c[9] ~= '' and now - tonumber(c[9]) < interval then
@@ -60,13 +68,6 @@ if left ~= nil then
   -- never spread over fewer than 1% of the plan's decisions: the budget left is not spent on a last few
   local floor = c[8] ~= '' and tonumber(c[8]) / 100 or math.max(1, decisions / 100)
   allowance = math.max(0, budget - actual) / math.max(left, floor, 1)
-end
-local ratios = {}
-local prior_coupons = tonumber(ARGV[8])
-for action, price in pairs(cjson.decode(c[14])) do
-  local stats = redis.call('HMGET', KEYS[1], 'issued:' .. action, 'realised:' .. action)
-  local predicted = (tonumber(stats[1]) or 0) + prior_coupons * price
-  ratios[action] = predicted > 0 and ((tonumber(stats[2]) or 0) + prior_coupons * price) / predicted or 1
 end
 local encoded = cjson.encode({lambda = lam, allowance = allowance, ratios = ratios})
 redis.call('HSET', KEYS[1], 'paced_at_ms', string.format('%d', now), 'pace_plan', plan, 'pace_actual', actual,

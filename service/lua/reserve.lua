@@ -75,7 +75,7 @@ local function reservation(i, a)
   return reserve, price * price * p * (1 - p), predicted
 end
 local variance, new_variance = tonumber(ledger[7]) or 0, 0
-local new_reserved, new_count = 0, 0
+local new_reserved, new_count, new_predicted = 0, 0, 0
 local function fits(reserve, var)
   if not expected then return reserve <= available - new_reserved end
   local v = math.max(0, variance + new_variance + var)
@@ -161,6 +161,7 @@ for i = 1, #ordering do
     end
     new_reserved = new_reserved + reserve
     new_variance = new_variance + var
+    new_predicted = new_predicted + predicted
     new_count = new_count + 1
     fields[#fields + 1] = i - 1
     fields[#fields + 1] = record_head(action, reserve, var, predicted, probability, explored, held_out[i]) .. tails[i]
@@ -192,6 +193,9 @@ if new_reserved > 0 then
   redis.call('HINCRBY', campaign, 'reserved', string.format('%d', new_reserved))
 end
 if new_variance > 0 then redis.call('HINCRBYFLOAT', campaign, 'outstanding_var', new_variance) end
+if new_predicted > 0 then
+  redis.call('HINCRBY', campaign, 'outstanding_predicted', string.format('%d', new_predicted))
+end
 if new_count > 0 then
   redis.call('HINCRBY', campaign, 'decisions', new_count)
   redis.call('HSET', campaign, 'model_version', version)

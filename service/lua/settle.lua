@@ -6,8 +6,8 @@
 -- Returns {'missing'} unknown campaign | {'too_high', index, coupon cost} | {remaining, code, user, ...}
 --   with code 'A' accepted, 'D' duplicate, 'U' unknown (or expired record).
 -- Decision record: see reserve.lua. Each settled coupon adds its predicted cost to issued:<action> and its
--- realised cost to realised:<action> (the ratio that corrects the model's predictions), and its cost to
--- settled_reserved.
+-- realised cost to realised:<action> (the ratio that corrects the model's predictions), and takes its
+-- predicted cost out of outstanding_predicted (what pacing counts as outstanding spend).
 -- Learning loop: KEYS[#KEYS] the campaign's log stream; the last two ARGV: now ms, the log's MAXLEN
 --   (approximate; 0: no log). Each accepted outcome adds one `outcome` entry to the log (docs/state.md) and
 --   counts in its group, holdout (a record whose probability is marked /h) or treated: <group>_settled,
@@ -48,7 +48,7 @@ for i = 1, n do
       if tonumber(variance) > 0 then redis.call('HINCRBYFLOAT', campaign, 'outstanding_var', -tonumber(variance)) end
       redis.call('HINCRBY', campaign, 'spent', int(cost))
       if action ~= '0' then
-        redis.call('HINCRBY', campaign, 'settled_reserved', face)
+        redis.call('HINCRBY', campaign, 'outstanding_predicted', int(-tonumber(predicted)))
         redis.call('HINCRBY', campaign, 'issued:' .. action, predicted)
       end
     else -- 'X': the reservation expired and was released (and counted as issued at no cost by the

@@ -6,7 +6,7 @@
 local campaign, pending = KEYS[1], KEYS[2]
 local now = tonumber(ARGV[1])
 local released, amount, variance = 0, 0, 0
-local issued, faces = {}, {} -- action -> predicted and full cost of its released coupons
+local issued = {} -- action -> predicted cost of its released coupons
 local RECORD = '^(%u)\t(%d+)\t(%d+)\t([^\t]*)\t(%d+)\t(%d+)\t'
 for i = 3, #KEYS do
   local batch, key = ARGV[i - 1], KEYS[i]
@@ -16,15 +16,12 @@ for i = 3, #KEYS do
     local records = redis.call('HGETALL', key)
     for j = 1, #records, 2 do
       local value = records[j + 1]
-      local status, reserved, face, var, predicted, action = string.match(value, RECORD)
+      local status, reserved, _, var, predicted, action = string.match(value, RECORD)
       if status == 'R' then
         redis.call('HSET', key, records[j], 'X' .. string.sub(value, 2))
         amount = amount + tonumber(reserved)
         variance = variance + tonumber(var)
-        if action ~= '0' then
-          issued[action] = (issued[action] or 0) + tonumber(predicted)
-          faces[action] = (faces[action] or 0) + tonumber(face)
-        end
+        if action ~= '0' then issued[action] = (issued[action] or 0) + tonumber(predicted) end
         released = released + 1
       end
     end
@@ -35,7 +32,7 @@ if released > 0 and redis.call('EXISTS', campaign) == 1 then
   if variance > 0 then redis.call('HINCRBYFLOAT', campaign, 'outstanding_var', -variance) end
   for action, predicted in pairs(issued) do
     redis.call('HINCRBY', campaign, 'issued:' .. action, string.format('%d', predicted))
-    redis.call('HINCRBY', campaign, 'settled_reserved', string.format('%d', faces[action]))
+    redis.call('HINCRBY', campaign, 'outstanding_predicted', string.format('%d', -predicted))
   end
 end
 return released

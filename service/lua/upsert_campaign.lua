@@ -9,7 +9,7 @@
 local key = KEYS[1]
 if redis.call('EXISTS', key) == 0 then
   if ARGV[1] ~= '1' then return false end
-  redis.call('HSET', key, 'id', ARGV[2], 'budget', 0, 'spent', 0, 'reserved', 0, 'settled_reserved', 0,
+  redis.call('HSET', key, 'id', ARGV[2], 'budget', 0, 'spent', 0, 'reserved', 0, 'outstanding_predicted', 0,
     'coupons', '{}', 'model_version', '', 'decisions', 0, 'overrun', 0)
 end
 local given = cjson.decode(ARGV[3])

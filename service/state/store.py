@@ -9,7 +9,7 @@ every key of one campaign's ledger in one Cluster slot, so each ledger script to
 
     P{c:C}:campaign       hash: the settings (budget, coupons as JSON {action: cents}, admin_lambda, ...: the
                           fields of CampaignSettings, '' for a default), the ledger (spent, reserved,
-                          settled_reserved, overrun: cents), decisions, model_version, pacing's state
+                          outstanding_predicted, overrun: cents), decisions, model_version, pacing's state
     P{c:C}:config         string: the settings as one JSON object, what a decision reads of its campaign
                           (written with the hash by upsert_campaign.lua; read with the users' contexts)
     P{c:C}:pacing         string: what pacing has set (pace.lua, JSON), read with the settings
@@ -220,7 +220,6 @@ def _parse_campaign(
         model_version=fields["model_version"] or None,
         decisions=decisions,
         overrun=int(fields["overrun"]),
-        settled_reserved=int(fields["settled_reserved"]),
         pacing=pacing,
         explored=int(fields.get("explored_decisions") or 0),
         holdout=_groups(fields, "holdout", held_out),

@@ -138,7 +138,6 @@ class CampaignState:
     model_version: str | None
     decisions: int
     overrun: int  # realized cost of late outcomes that no longer fitted the budget (kept out of `spent`)
-    settled_reserved: int = 0  # what the settled decisions had reserved (their realised / reserved ratio)
     pacing: Pacing = field(default_factory=Pacing)
     explored: int = 0  # decisions drawn by exploration
     holdout: Groups = field(default_factory=Groups)  # holdout users' decisions and outcomes
