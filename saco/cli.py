@@ -42,12 +42,14 @@ def _fail(message: str, code: int = 2) -> None:
 def _errors_as_one_line(fn: F) -> F:
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
+        from redis import RedisError
+
         from model_store import ArtifactError
         from offline.logs import LogValidationError
 
         try:
             return fn(*args, **kwargs)
-        except (LogValidationError, ArtifactError, ValueError, RuntimeError, OSError) as exc:
+        except (LogValidationError, ArtifactError, ValueError, RuntimeError, OSError, RedisError) as exc:
             _fail(str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
 
     return wrapper  # type: ignore[return-value]
@@ -146,6 +148,35 @@ def train(
             "current": promote,
         }
     )
+
+
+@app.command("export")
+@_errors_as_one_line
+def export_logs_command(
+    redis_url: Annotated[str, typer.Option(envvar="SACO_REDIS_URL", help="the service's Redis")],
+    out: Annotated[Path, typer.Option(help="directory of the Parquet partitions")],
+    prefix: Annotated[str, typer.Option(envvar="SACO_REDIS_PREFIX", help="the service's key prefix")] = "saco:",
+    batch_size: Annotated[int, typer.Option(min=1, help="entries per Parquet file (at most)")] = 5000,
+    consumer: Annotated[str, typer.Option(help="consumer name in the group `export`")] = "exporter",
+    every: Annotated[
+        float | None, typer.Option(min=0.1, help="keep exporting every so many seconds (one JSON line each)")
+    ] = None,
+) -> None:
+    """Export the campaigns' decision and outcome logs into Parquet partitions (at-least-once, idempotent)."""
+    from offline.logstream import ExportSummary, export_logs, follow
+
+    def progress(message: str) -> None:
+        print(message, file=sys.stderr, flush=True)
+
+    if every is not None:
+
+        def emit(summary: ExportSummary) -> None:
+            _emit(summary.to_json())
+
+        follow(redis_url, out, every_s=every, prefix=prefix, consumer=consumer, batch_size=batch_size, emit=emit)
+        return
+    summary = export_logs(redis_url, out, prefix=prefix, consumer=consumer, batch_size=batch_size, progress=progress)
+    _emit(summary.to_json())
 
 
 @app.command()
