@@ -105,18 +105,29 @@ def train(
     promote: Annotated[
         bool, typer.Option("--promote/--no-promote", help="make the new version current (else only publish it)")
     ] = True,
+    delay_method: Annotated[
+        str, typer.Option(help="exported logs: delay-model | maturity | naive (outcomes not arrived yet)")
+    ] = "delay-model",
+    maturity_days: Annotated[float, typer.Option(min=0, help="exported logs: the maturity window")] = 7.0,
 ) -> None:
-    """Train the SACO model on logs, export TorchScript and publish a new version."""
+    """Train the SACO model on logs (or the exporter's Parquet partitions), export TorchScript and publish a
+    new version."""
     from model_store import OBJECTIVES, ModelStore
     from offline.export import export_and_publish
     from offline.logs import load_logs
+    from offline.loopdata import DAY_MS, DelayConfig, is_export_dir, training_logs
     from offline.train import TrainConfig
     from offline.train import train as fit
 
     if objective not in OBJECTIVES:
         raise ValueError(f"--objective must be one of {', '.join(OBJECTIVES)}")
     started = time.time()
-    data = load_logs(logs)
+    if is_export_dir(logs):
+        delay = DelayConfig(method=delay_method, maturity_ms=round(maturity_days * DAY_MS))
+        data, logged = training_logs(logs, now_ms=int(time.time() * 1000), delay=delay)
+        print(f"exported logs: {json.dumps(logged.metrics)}", file=sys.stderr)
+    else:
+        data = load_logs(logs)
     print(
         f"loaded {data.n_rows} rows, {data.n_users} users, {data.feature_dim} features, {data.num_actions} actions",
         file=sys.stderr,
