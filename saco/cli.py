@@ -190,6 +190,73 @@ def export_logs_command(
     _emit(summary.to_json())
 
 
+RedisUrl = Annotated[
+    str | None, typer.Option(envvar="SACO_REDIS_URL", help="the service's Redis: export, campaigns, announce")
+]
+Prefix = Annotated[str, typer.Option(envvar="SACO_REDIS_PREFIX", help="the service's key prefix")]
+AdminUrl = Annotated[
+    str | None, typer.Option(envvar="SACO_ADMIN_URL", help="the service, to recalibrate the campaigns' lambda")
+]
+AdminToken = Annotated[str | None, typer.Option(envvar="SACO_ADMIN_TOKEN", help="its admin token")]
+Tolerance = Annotated[float, typer.Option(min=0, help="how much worse (relative) the candidate's bound may be")]
+
+
+def _say(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+@_errors_as_one_line
+def learning_loop(
+    ctx: typer.Context,
+    logs: Annotated[Path, typer.Option(help="the export directory (Parquet partitions)")],
+    store: Annotated[Path, typer.Option(envvar="SACO_STORE", help="model store directory")],
+    redis_url: RedisUrl = None,
+    prefix: Prefix = "saco:",
+    admin_url: AdminUrl = None,
+    admin_token: AdminToken = None,
+    tolerance: Tolerance = 0.02,
+    maturity_days: Annotated[float, typer.Option(min=0, help="decisions older than this are matured")] = 7.0,
+    delay_method: Annotated[str, typer.Option(help="delay-model | maturity | naive")] = "delay-model",
+    epochs: Annotated[int | None, typer.Option(min=1)] = None,
+    environment_check: Annotated[bool, typer.Option(help="gate on the learned environment too")] = True,
+    every: Annotated[float | None, typer.Option(min=1, help="scheduler: seconds between runs")] = None,
+    cron: Annotated[str | None, typer.Option(help='scheduler: a cron expression, e.g. "0 3 * * *"')] = None,
+    runs: Annotated[int | None, typer.Option(min=1, help="scheduler: stop after so many runs")] = None,
+) -> None:
+    """`saco retrain`: one run of the learning loop (export, train a candidate, gate, recalibrate, publish).
+    `saco scheduler --every S | --cron EXPR`: the same on a schedule. One JSON line per run."""
+    from offline.gate import GateConfig
+    from offline.loopdata import DAY_MS, DelayConfig
+    from offline.retrain import RetrainConfig, retrain_once, run_scheduler
+    from offline.train import TrainConfig
+
+    cfg = RetrainConfig(
+        logs=logs,
+        store=store,
+        redis_url=redis_url,
+        prefix=prefix,
+        admin_url=admin_url,
+        admin_token=admin_token,
+        delay=DelayConfig(method=delay_method, maturity_ms=round(maturity_days * DAY_MS)),
+        gate=GateConfig(tolerance=tolerance),
+        train=TrainConfig() if epochs is None else TrainConfig(epochs=epochs),
+        environment_check=environment_check,
+    )
+    if ctx.info_name == "scheduler":
+        run_scheduler(cfg, every_s=every, cron=cron, runs=runs, emit=_emit, log=_say)
+        return
+    if every is not None or cron is not None or runs is not None:
+        raise ValueError("--every, --cron and --runs are options of `saco scheduler`; `saco retrain` runs once")
+    report = retrain_once(cfg, log=_say)
+    _emit(report)
+    if report["decision"] == "failed":
+        raise typer.Exit(1)
+
+
+app.command("retrain")(learning_loop)
+app.command("scheduler")(learning_loop)
+
+
 @app.command()
 @_errors_as_one_line
 def calibrate(
