@@ -116,7 +116,7 @@ def train(
     from offline.export import export_and_publish
     from offline.logs import load_logs
     from offline.loopdata import DAY_MS, DelayConfig, is_export_dir, training_logs
-    from offline.train import TrainConfig
+    from offline.train import TrainConfig, init_distributed
     from offline.train import train as fit
 
     if objective not in OBJECTIVES:
@@ -145,7 +145,17 @@ def train(
         seed=seed,
         **{name: value for name, value in given.items() if value is not None},
     )
-    result = fit(data, cfg)
+    distributed = init_distributed()  # under torchrun: data-parallel, rank 0 publishes
+    try:
+        result = fit(data, cfg)
+    finally:
+        if distributed:
+            import torch.distributed
+
+            rank = torch.distributed.get_rank()
+            torch.distributed.destroy_process_group()
+    if distributed and rank != 0:
+        return
     artifact = export_and_publish(result, data, ModelStore(store), make_current=promote)
     _emit(
         {
@@ -157,6 +167,7 @@ def train(
             "train_seconds": round(result.seconds, 1),
             "total_seconds": round(time.time() - started, 1),
             "current": promote,
+            "processes": int(result.metrics["world_size"]),
         }
     )
 
