@@ -38,8 +38,9 @@ Trainer = Callable[[Logs], TrainResult]
 class RetrainConfig:
     logs: Path  # the export directory (written by the exporter, or by this run when redis_url is set)
     store: Path  # the model store
-    redis_url: str | None = None  # export first, list campaigns, announce; None: use `logs` as it is
+    redis_url: str | None = None  # list campaigns, announce (and export, see `export`); None: none of these
     prefix: str = "saco:"
+    export: bool = True  # export the logs first (off where an exporter runs on its own)
     admin_url: str | None = None  # the service, for recalibrating campaigns' lambda; None: skip it
     admin_token: str | None = None
     delay: DelayConfig = field(default_factory=DelayConfig)
@@ -55,7 +56,7 @@ class RetrainConfig:
             "logs": str(self.logs),
             "store": str(self.store),
             "prefix": self.prefix,
-            "export": self.redis_url is not None,
+            "export": self.export and self.redis_url is not None,
             "recalibrate": self.admin_url is not None,
             "delay": asdict(self.delay),
             "gate": asdict(self.gate),
@@ -215,7 +216,7 @@ def retrain_once(
     }
     step = "export"
     try:
-        if cfg.redis_url is not None:
+        if cfg.export and cfg.redis_url is not None:
             from offline.logstream import export_logs
 
             say("exporting the logs")

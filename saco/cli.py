@@ -230,6 +230,7 @@ def learning_loop(
     delay_method: Annotated[str, typer.Option(help="delay-model | maturity | naive")] = "delay-model",
     epochs: Annotated[int | None, typer.Option(min=1)] = None,
     environment_check: Annotated[bool, typer.Option(help="gate on the learned environment too")] = True,
+    export: Annotated[bool, typer.Option(help="export the logs first (off where `saco export --every` runs)")] = True,
     every: Annotated[float | None, typer.Option(min=1, help="scheduler: seconds between runs")] = None,
     cron: Annotated[str | None, typer.Option(help='scheduler: a cron expression, e.g. "0 3 * * *"')] = None,
     runs: Annotated[int | None, typer.Option(min=1, help="scheduler: stop after so many runs")] = None,
@@ -252,6 +253,7 @@ def learning_loop(
         gate=GateConfig(tolerance=tolerance),
         train=TrainConfig() if epochs is None else TrainConfig(epochs=epochs),
         environment_check=environment_check,
+        export=export,
     )
     if ctx.info_name == "scheduler":
         run_scheduler(cfg, every_s=every, cron=cron, runs=runs, emit=_emit, log=_say)
