@@ -92,6 +92,7 @@ class Recalibration:
     lam: float | None = None
     remaining: float | None = None
     remaining_decisions: int | None = None
+    predicted_spend: float | None = None  # over the remaining decisions, at `lam`, in the learned environment
 
 
 def remaining_decisions(view: dict[str, Any], now: dt.datetime) -> int | None:
@@ -170,14 +171,22 @@ def recalibrate_campaigns(
             try:
                 found = search_monotone(simulate, remaining)
             except BudgetUnreachable as exc:
-                out.append(Recalibration(campaign_id, "skipped", str(exc), remaining=remaining))
+                out.append(
+                    Recalibration(campaign_id, "skipped", str(exc), remaining=remaining, remaining_decisions=decisions)
+                )
                 continue
             patched = client.patch(f"/v1/admin/campaigns/{campaign_id}", json={"lambda": found.lam})
             patched.raise_for_status()
             say(f"campaign {campaign_id}: lambda {found.lam:.5g} for {remaining:.2f} over {decisions} decisions")
             out.append(
                 Recalibration(
-                    campaign_id, "patched", "spend meets the remaining budget", found.lam, remaining, decisions
+                    campaign_id,
+                    "patched",
+                    "spend meets the remaining budget",
+                    found.lam,
+                    remaining,
+                    decisions,
+                    round(found.cost, 2),
                 )
             )
     return out
