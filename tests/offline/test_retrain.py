@@ -7,6 +7,8 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import json
+import os
+import signal
 import subprocess
 import sys
 import time
@@ -123,3 +125,33 @@ def test_the_scheduler_runs_on_its_interval_one_json_line_per_run(tmp_path: Path
     reports = [json.loads(line) for line in done.stdout.strip().splitlines()]
     assert [r["decision"] for r in reports] == ["failed", "failed"]
     assert time.monotonic() - started >= 2
+
+
+def test_a_run_killed_mid_training_leaves_the_incumbent_and_the_logs(
+    redis_url: str, redis_prefix: str, model_store_dir: Path, tmp_path: Path
+) -> None:
+    entries = world_entries(600, 4, seed=12)
+    write_entries(redis_url, redis_prefix, "c1", entries)
+    store = ModelStore(model_store_dir)
+    incumbent, versions = store.current_version(), store.list_versions()
+    cmd = [SACO, "retrain", "--logs", str(tmp_path / "logs"), "--store", str(model_store_dir)]
+    cmd += ["--redis-url", redis_url, "--prefix", redis_prefix, "--maturity-days", "0"]
+    proc = subprocess.Popen([*cmd, "--epochs", "200"], stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
+    assert proc.stderr is not None
+    for line in proc.stderr:
+        if line.startswith("training a candidate"):
+            break
+    time.sleep(1.0)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert store.current_version() == incumbent and store.list_versions() == versions
+    assert not [
+        p for p in (model_store_dir / "versions").iterdir() if p.name not in versions and not p.name.startswith(".")
+    ]
+
+    done = subprocess.run([*cmd, "--epochs", "1"], capture_output=True, text=True, timeout=600)
+    report = json.loads(done.stdout.strip().splitlines()[-1])
+    assert report["decision"] in ("promoted", "refused"), report
+    assert report["metrics"]["data"]["decisions"] == 2400  # every logged decision, once
+    for version in store.list_versions():
+        store.load(version)  # every visible version is complete (checksum verified)
