@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import copy
 import math
+import os
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 
 import numpy as np
 import torch
@@ -75,8 +76,12 @@ class TrainResult:
     seconds: float = 0.0
 
 
-def _loss(model: SacoTransformer, batch, value_weights: torch.Tensor) -> torch.Tensor:
-    logits, values = model(batch.states, batch.actions, batch.rtg, batch.ctg, batch.timesteps, batch.lam, batch.mask)
+def _loss(
+    model: SacoTransformer, batch, value_weights: torch.Tensor, forward: torch.nn.Module | None = None
+) -> torch.Tensor:
+    """`forward` (default: `model`) runs the batch: the DistributedDataParallel wrapper under torchrun."""
+    run = forward if forward is not None else model
+    logits, values = run(batch.states, batch.actions, batch.rtg, batch.ctg, batch.timesteps, batch.lam, batch.mask)
     mask = batch.loss_mask
     if model.value_objective:
         scale = torch.stack([model.rtg_scale, model.ctg_scale, model.rtg_scale, model.ctg_scale])
@@ -96,9 +101,19 @@ def train(
     """Fit the SACO model on `logs`; returns the best model on held-out users.
 
     `batch_transform`, if given, is applied to every training and validation batch before the model sees
-    it (e.g. to zero an input for an ablation); the product trains without one."""
+    it (e.g. to zero an input for an ablation); the product trains without one.
+
+    Data-parallel when a torch.distributed process group is initialised (`saco train` under torchrun):
+    every process holds the same logs and the same shuffled order, takes every world_size-th batch of
+    it, and DistributedDataParallel averages the gradients, so each step is one global batch of
+    world_size x batch_size windows and an epoch takes 1/world_size of the steps. Every process ends with
+    the same weights."""
     started = time.time()
     transform = batch_transform or (lambda batch: batch)
+    distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+    world = torch.distributed.get_world_size() if distributed else 1
+    rank = torch.distributed.get_rank() if distributed else 0
+    device = _device(distributed)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
@@ -142,10 +157,21 @@ def train(
     else:
         value_weights[2:] /= cfg.later_loss_weight
 
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    steps_per_epoch = max(1, math.ceil(len(train_windows) * draws / cfg.batch_size))
+    model.to(device)
+    value_weights = value_weights.to(device)
+    forward: torch.nn.Module = model
+    if distributed:
+        # the objective leaves some heads out of the loss (the policy logits of the value objective)
+        forward = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None, find_unused_parameters=True
+        )
+    # a global batch world_size times larger takes world_size times fewer steps: the learning rate scales with
+    # it (the linear scaling rule), so the same epochs reach the same loss
+    lr = cfg.lr * world
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=cfg.weight_decay)
+    steps_per_epoch = max(1, math.ceil(len(train_windows) * draws / (cfg.batch_size * world)))
     scheduler = torch.optim.lr_scheduler.OneCycleLR(
-        optimizer, max_lr=cfg.lr, total_steps=cfg.epochs * steps_per_epoch, pct_start=0.1
+        optimizer, max_lr=lr, total_steps=cfg.epochs * steps_per_epoch, pct_start=0.1
     )
     val_lam = rng.uniform(0, cfg.lambda_max, size=len(val_windows))
 
@@ -155,7 +181,10 @@ def train(
         with torch.inference_mode():
             for i in range(0, len(val_windows), 2048):
                 w = val_windows[i : i + 2048]
-                b = transform(make_batch(traj, w, cfg.objective, val_lam[i : i + 2048], initial_rtg, initial_ctg))
+                b = _to(
+                    transform(make_batch(traj, w, cfg.objective, val_lam[i : i + 2048], initial_rtg, initial_ctg)),
+                    device,
+                )
                 total += float(_loss(model, b, value_weights)) * len(w)
                 count += len(w)
         model.train()
@@ -167,7 +196,7 @@ def train(
         desc="train",
         unit="step",
         file=sys.stderr,
-        disable=not progress,
+        disable=not progress or rank != 0,
         mininterval=1.0,
     )
     model.train()
@@ -178,20 +207,19 @@ def train(
         lam_all = rng.uniform(0, cfg.lambda_max, size=len(order))
         running = 0.0
         for step in range(steps_per_epoch):
-            sel = order[step * cfg.batch_size : (step + 1) * cfg.batch_size]
+            # this process's share of the global batch: every process runs every step (DDP needs it),
+            # a process whose share is empty at the end of an epoch repeats the epoch's first windows
+            lo = (step * world + rank) * cfg.batch_size
+            pick = np.arange(lo, lo + cfg.batch_size)
+            pick = pick[pick < len(order)] if world == 1 else pick % len(order)
+            sel = order[pick]
             if len(sel) == 0:
                 continue
-            batch = transform(
-                make_batch(
-                    traj,
-                    train_windows[sel],
-                    cfg.objective,
-                    lam_all[step * cfg.batch_size : step * cfg.batch_size + len(sel)],
-                    initial_rtg,
-                    initial_ctg,
-                )
+            batch = _to(
+                transform(make_batch(traj, train_windows[sel], cfg.objective, lam_all[pick], initial_rtg, initial_ctg)),
+                device,
             )
-            loss = _loss(model, batch, value_weights)
+            loss = _loss(model, batch, value_weights, forward)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -210,16 +238,45 @@ def train(
                 break
     bar.close()
     model.load_state_dict(best_state)
+    model.to("cpu")
     model.eval()
     metrics = {
         "val_loss": best,
         "epochs_run": float(epoch),
         "train_windows": float(len(train_windows)),
         "val_windows": float(len(val_windows)),
+        "world_size": float(world),
     }
     return TrainResult(
         model, cfg, traj, train_users, val_users, initial_rtg, initial_ctg, metrics, time.time() - started
     )
+
+
+def _device(distributed: bool) -> torch.device:
+    """CPU, or under torchrun with the nccl backend this process's GPU (LOCAL_RANK)."""
+    if distributed and torch.distributed.get_backend() == "nccl":
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    return torch.device("cpu")
+
+
+def _to(batch: Batch, device: torch.device) -> Batch:
+    if device.type == "cpu":
+        return batch
+    moved = {f.name: getattr(batch, f.name).to(device, non_blocking=True) for f in fields(batch)}
+    return Batch(**moved)
+
+
+def init_distributed() -> bool:
+    """Join the process group torchrun describes (WORLD_SIZE > 1): nccl when this machine has GPUs, else
+    gloo. Returns whether training is distributed."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return False
+    if not torch.distributed.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        if backend == "nccl":
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        torch.distributed.init_process_group(backend=backend)
+    return True
 
 
 def config_dict(cfg: TrainConfig) -> dict[str, object]:

@@ -42,12 +42,14 @@ def _fail(message: str, code: int = 2) -> None:
 def _errors_as_one_line(fn: F) -> F:
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
+        from redis import RedisError
+
         from model_store import ArtifactError
         from offline.logs import LogValidationError
 
         try:
             return fn(*args, **kwargs)
-        except (LogValidationError, ArtifactError, ValueError, RuntimeError, OSError) as exc:
+        except (LogValidationError, ArtifactError, ValueError, RuntimeError, OSError, RedisError) as exc:
             _fail(str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
 
     return wrapper  # type: ignore[return-value]
@@ -103,18 +105,29 @@ def train(
     promote: Annotated[
         bool, typer.Option("--promote/--no-promote", help="make the new version current (else only publish it)")
     ] = True,
+    delay_method: Annotated[
+        str, typer.Option(help="exported logs: delay-model | maturity | naive (outcomes not arrived yet)")
+    ] = "delay-model",
+    maturity_days: Annotated[float, typer.Option(min=0, help="exported logs: the maturity window")] = 7.0,
 ) -> None:
-    """Train the SACO model on logs, export TorchScript and publish a new version."""
+    """Train the SACO model on logs (or the exporter's Parquet partitions), export TorchScript and publish a
+    new version."""
     from model_store import OBJECTIVES, ModelStore
     from offline.export import export_and_publish
     from offline.logs import load_logs
-    from offline.train import TrainConfig
+    from offline.loopdata import DAY_MS, DelayConfig, is_export_dir, training_logs
+    from offline.train import TrainConfig, init_distributed
     from offline.train import train as fit
 
     if objective not in OBJECTIVES:
         raise ValueError(f"--objective must be one of {', '.join(OBJECTIVES)}")
     started = time.time()
-    data = load_logs(logs)
+    if is_export_dir(logs):
+        delay = DelayConfig(method=delay_method, maturity_ms=round(maturity_days * DAY_MS))
+        data, logged = training_logs(logs, now_ms=int(time.time() * 1000), delay=delay)
+        print(f"exported logs: {json.dumps(logged.metrics)}", file=sys.stderr)
+    else:
+        data = load_logs(logs)
     print(
         f"loaded {data.n_rows} rows, {data.n_users} users, {data.feature_dim} features, {data.num_actions} actions",
         file=sys.stderr,
@@ -132,7 +145,17 @@ def train(
         seed=seed,
         **{name: value for name, value in given.items() if value is not None},
     )
-    result = fit(data, cfg)
+    distributed = init_distributed()  # under torchrun: data-parallel, rank 0 publishes
+    try:
+        result = fit(data, cfg)
+    finally:
+        if distributed:
+            import torch.distributed
+
+            rank = torch.distributed.get_rank()
+            torch.distributed.destroy_process_group()
+    if distributed and rank != 0:
+        return
     artifact = export_and_publish(result, data, ModelStore(store), make_current=promote)
     _emit(
         {
@@ -144,8 +167,107 @@ def train(
             "train_seconds": round(result.seconds, 1),
             "total_seconds": round(time.time() - started, 1),
             "current": promote,
+            "processes": int(result.metrics["world_size"]),
         }
     )
+
+
+@app.command("export")
+@_errors_as_one_line
+def export_logs_command(
+    redis_url: Annotated[str, typer.Option(envvar="SACO_REDIS_URL", help="the service's Redis")],
+    out: Annotated[Path, typer.Option(help="directory of the Parquet partitions")],
+    prefix: Annotated[str, typer.Option(envvar="SACO_REDIS_PREFIX", help="the service's key prefix")] = "saco:",
+    batch_size: Annotated[int, typer.Option(min=1, help="entries per Parquet file (at most)")] = 5000,
+    consumer: Annotated[str, typer.Option(help="consumer name in the group `export`")] = "exporter",
+    every: Annotated[
+        float | None, typer.Option(min=0.1, help="keep exporting every so many seconds (one JSON line each)")
+    ] = None,
+) -> None:
+    """Export the campaigns' decision and outcome logs into Parquet partitions (at-least-once, idempotent)."""
+    from offline.logstream import ExportSummary, export_logs, follow
+
+    def progress(message: str) -> None:
+        print(message, file=sys.stderr, flush=True)
+
+    if every is not None:
+
+        def emit(summary: ExportSummary) -> None:
+            _emit(summary.to_json())
+
+        follow(redis_url, out, every_s=every, prefix=prefix, consumer=consumer, batch_size=batch_size, emit=emit)
+        return
+    summary = export_logs(redis_url, out, prefix=prefix, consumer=consumer, batch_size=batch_size, progress=progress)
+    _emit(summary.to_json())
+
+
+RedisUrl = Annotated[
+    str | None, typer.Option(envvar="SACO_REDIS_URL", help="the service's Redis: export, campaigns, announce")
+]
+Prefix = Annotated[str, typer.Option(envvar="SACO_REDIS_PREFIX", help="the service's key prefix")]
+AdminUrl = Annotated[
+    str | None, typer.Option(envvar="SACO_ADMIN_URL", help="the service, to recalibrate the campaigns' lambda")
+]
+AdminToken = Annotated[str | None, typer.Option(envvar="SACO_ADMIN_TOKEN", help="its admin token")]
+Tolerance = Annotated[float, typer.Option(min=0, help="how much worse (relative) the candidate's bound may be")]
+
+
+def _say(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+@_errors_as_one_line
+def learning_loop(
+    ctx: typer.Context,
+    logs: Annotated[Path, typer.Option(help="the export directory (Parquet partitions)")],
+    store: Annotated[Path, typer.Option(envvar="SACO_STORE", help="model store directory")],
+    redis_url: RedisUrl = None,
+    prefix: Prefix = "saco:",
+    admin_url: AdminUrl = None,
+    admin_token: AdminToken = None,
+    tolerance: Tolerance = 0.02,
+    maturity_days: Annotated[float, typer.Option(min=0, help="decisions older than this are matured")] = 7.0,
+    delay_method: Annotated[str, typer.Option(help="delay-model | maturity | naive")] = "delay-model",
+    epochs: Annotated[int | None, typer.Option(min=1)] = None,
+    environment_check: Annotated[bool, typer.Option(help="gate on the learned environment too")] = True,
+    export: Annotated[bool, typer.Option(help="export the logs first (off where `saco export --every` runs)")] = True,
+    every: Annotated[float | None, typer.Option(min=1, help="scheduler: seconds between runs")] = None,
+    cron: Annotated[str | None, typer.Option(help='scheduler: a cron expression, e.g. "0 3 * * *"')] = None,
+    runs: Annotated[int | None, typer.Option(min=1, help="scheduler: stop after so many runs")] = None,
+) -> None:
+    """`saco retrain`: one run of the learning loop (export, train a candidate, gate, recalibrate, publish).
+    `saco scheduler --every S | --cron EXPR`: the same on a schedule. One JSON line per run."""
+    from offline.gate import GateConfig
+    from offline.loopdata import DAY_MS, DelayConfig
+    from offline.retrain import RetrainConfig, retrain_once, run_scheduler
+    from offline.train import TrainConfig
+
+    cfg = RetrainConfig(
+        logs=logs,
+        store=store,
+        redis_url=redis_url,
+        prefix=prefix,
+        admin_url=admin_url,
+        admin_token=admin_token,
+        delay=DelayConfig(method=delay_method, maturity_ms=round(maturity_days * DAY_MS)),
+        gate=GateConfig(tolerance=tolerance),
+        train=TrainConfig() if epochs is None else TrainConfig(epochs=epochs),
+        environment_check=environment_check,
+        export=export,
+    )
+    if ctx.info_name == "scheduler":
+        run_scheduler(cfg, every_s=every, cron=cron, runs=runs, emit=_emit, log=_say)
+        return
+    if every is not None or cron is not None or runs is not None:
+        raise ValueError("--every, --cron and --runs are options of `saco scheduler`; `saco retrain` runs once")
+    report = retrain_once(cfg, log=_say)
+    _emit(report)
+    if report["decision"] == "failed":
+        raise typer.Exit(1)
+
+
+app.command("retrain")(learning_loop)
+app.command("scheduler")(learning_loop)
 
 
 @app.command()

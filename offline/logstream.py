@@ -1,0 +1,438 @@
+"""The service's decision and outcome log streams, and their export to Parquet partitions.
+
+One Redis stream per campaign, key ``P{c:C}:log`` (P the key prefix, C the campaign id; campaign ids are
+the members of the set ``P campaigns``). The service writes one ``decision`` entry per new decision and
+one ``outcome`` entry per accepted outcome (the fields are documented in docs/state.md and encoded by
+`decision_fields` / `outcome_fields` below).
+
+The exporter reads every stream through the consumer group ``export``: first the entries it was given
+before and did not acknowledge (a previous run that died), then new ones. Each batch is written as Parquet
+files, one per (kind, campaign, date) it touches, named by the batch's first and last entry ids::
+
+    <out>/decisions/campaign=<C>/date=<YYYY-MM-DD>/part-<first id>_<last id>.parquet
+    <out>/outcomes/campaign=<C>/date=<YYYY-MM-DD>/part-<first id>_<last id>.parquet
+
+Every file is written to a hidden temporary name and renamed into place; the batch is acknowledged only
+after all its files are in place. A run killed at any point loses nothing (its batch stays pending and
+is read again first) and duplicates nothing (the same batch gives the same file names, which the rerun
+replaces). Readers still deduplicate by ``decision_id``: an exporter restarted with another batch size
+re-reads the unacknowledged batch with other boundaries.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+import re
+import tempfile
+import time
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import redis
+
+GROUP = "export"
+DEFAULT_CONSUMER = "exporter"
+DECISIONS = "decisions"
+OUTCOMES = "outcomes"
+_TMP_PREFIX = ".tmp-"
+
+# the columns every partition carries besides the features (decisions) - in this order
+DECISION_COLUMNS: dict[str, pa.DataType] = {
+    "decision_id": pa.string(),
+    "campaign_id": pa.string(),
+    "user_id": pa.string(),
+    "t": pa.int64(),
+    "action": pa.int64(),
+    "cost": pa.float64(),
+    "probability": pa.float64(),
+    "explored": pa.bool_(),
+    "holdout": pa.bool_(),
+    "lambda": pa.float64(),
+    "model_version": pa.string(),
+    "decided_at_ms": pa.int64(),
+}
+OUTCOME_COLUMNS: dict[str, pa.DataType] = {
+    "decision_id": pa.string(),
+    "campaign_id": pa.string(),
+    "user_id": pa.string(),
+    "t": pa.int64(),
+    "action": pa.int64(),
+    "reward": pa.float64(),
+    "cost": pa.float64(),
+    "decided_at_ms": pa.int64(),
+    "outcome_at_ms": pa.int64(),
+}
+
+
+class LogEntryError(ValueError):
+    """A stream entry does not follow the log format; the message names the stream, entry and field."""
+
+
+def log_stream_key(prefix: str, campaign_id: str) -> str:
+    return f"{prefix}{{c:{campaign_id}}}:log"
+
+
+def campaigns_key(prefix: str) -> str:
+    return f"{prefix}campaigns"
+
+
+def decision_fields(
+    *,
+    decision_id: str,
+    user_id: str,
+    action: int,
+    cost_cents: int,
+    probability: float,
+    features: np.ndarray,
+    at_ms: int,
+    model_version: str,
+    lam: float,
+    explored: bool = False,
+    holdout: bool = False,
+) -> dict[str, str | bytes]:
+    """The fields of a `decision` entry, as the service writes them."""
+    return {
+        "kind": "decision",
+        "decision_id": decision_id,
+        "user_id": user_id,
+        "action": str(int(action)),
+        "cost": str(int(cost_cents)),
+        "probability": repr(float(probability)),
+        "explored": "1" if explored else "0",
+        "holdout": "1" if holdout else "0",
+        "lambda": repr(float(lam)),
+        "model_version": model_version,
+        "at_ms": str(int(at_ms)),
+        "features": np.ascontiguousarray(features, dtype="<f4").tobytes(),
+    }
+
+
+def outcome_fields(
+    *, decision_id: str, user_id: str, action: int, reward_cents: int, cost_cents: int, at_ms: int, decided_at_ms: int
+) -> dict[str, str | bytes]:
+    """The fields of an `outcome` entry, as the service writes them."""
+    return {
+        "kind": "outcome",
+        "decision_id": decision_id,
+        "user_id": user_id,
+        "action": str(int(action)),
+        "reward": str(int(reward_cents)),
+        "cost": str(int(cost_cents)),
+        "at_ms": str(int(at_ms)),
+        "decided_at_ms": str(int(decided_at_ms)),
+    }
+
+
+@dataclass
+class _Rows:
+    """Decoded entries of one (kind, date) of one batch, column by column."""
+
+    ids: list[str] = field(default_factory=list)
+    columns: dict[str, list[object]] = field(default_factory=dict)
+    features: list[np.ndarray] = field(default_factory=list)
+
+    def add(self, entry_id: str, values: Mapping[str, object]) -> None:
+        self.ids.append(entry_id)
+        for name, value in values.items():
+            self.columns.setdefault(name, []).append(value)
+
+
+def _text(fields: Mapping[bytes, bytes], name: str, where: str) -> str:
+    value = fields.get(name.encode())
+    if value is None:
+        raise LogEntryError(f"{where}: field {name!r} is missing")
+    try:
+        return value.decode()
+    except UnicodeDecodeError as exc:
+        raise LogEntryError(f"{where}: field {name!r} is not text") from exc
+
+
+def _int(fields: Mapping[bytes, bytes], name: str, where: str) -> int:
+    text = _text(fields, name, where)
+    try:
+        return int(text)
+    except ValueError as exc:
+        raise LogEntryError(f"{where}: field {name!r} must be an integer, got {text!r}") from exc
+
+
+def _float(fields: Mapping[bytes, bytes], name: str, where: str) -> float:
+    text = _text(fields, name, where)
+    try:
+        value = float(text)
+    except ValueError as exc:
+        raise LogEntryError(f"{where}: field {name!r} must be a number, got {text!r}") from exc
+    if not np.isfinite(value):
+        raise LogEntryError(f"{where}: field {name!r} must be finite, got {text!r}")
+    return value
+
+
+def _flag(fields: Mapping[bytes, bytes], name: str, where: str) -> bool:
+    text = _text(fields, name, where)
+    if text not in ("0", "1"):
+        raise LogEntryError(f"{where}: field {name!r} must be 0 or 1, got {text!r}")
+    return text == "1"
+
+
+def _date(at_ms: int) -> str:
+    return dt.datetime.fromtimestamp(at_ms / 1000, tz=dt.UTC).strftime("%Y-%m-%d")
+
+
+def decode_decision(
+    campaign_id: str, entry_id: str, fields: Mapping[bytes, bytes]
+) -> tuple[dict[str, object], np.ndarray]:
+    where = f"campaign {campaign_id!r} log entry {entry_id}"
+    raw = fields.get(b"features")
+    if raw is None:
+        raise LogEntryError(f"{where}: field 'features' is missing")
+    if len(raw) == 0 or len(raw) % 4:
+        raise LogEntryError(f"{where}: field 'features' must be 4 x feature_dim bytes, got {len(raw)}")
+    features = np.frombuffer(raw, dtype="<f4").astype(np.float64)
+    if not np.isfinite(features).all():
+        raise LogEntryError(f"{where}: field 'features' holds a non-finite value")
+    at_ms = _int(fields, "at_ms", where)
+    values: dict[str, object] = {
+        "decision_id": _text(fields, "decision_id", where),
+        "campaign_id": campaign_id,
+        "user_id": _text(fields, "user_id", where),
+        "t": at_ms,
+        "action": _int(fields, "action", where),
+        "cost": _int(fields, "cost", where) / 100,
+        "probability": _float(fields, "probability", where),
+        "explored": _flag(fields, "explored", where),
+        "holdout": _flag(fields, "holdout", where),
+        "lambda": _float(fields, "lambda", where),
+        "model_version": _text(fields, "model_version", where),
+        "decided_at_ms": at_ms,
+    }
+    return values, features
+
+
+def decode_outcome(campaign_id: str, entry_id: str, fields: Mapping[bytes, bytes]) -> dict[str, object]:
+    where = f"campaign {campaign_id!r} log entry {entry_id}"
+    decided = _int(fields, "decided_at_ms", where)
+    return {
+        "decision_id": _text(fields, "decision_id", where),
+        "campaign_id": campaign_id,
+        "user_id": _text(fields, "user_id", where),
+        "t": decided,
+        "action": _int(fields, "action", where),
+        "reward": _int(fields, "reward", where) / 100,
+        "cost": _int(fields, "cost", where) / 100,
+        "decided_at_ms": decided,
+        "outcome_at_ms": _int(fields, "at_ms", where),
+    }
+
+
+def _table(rows: _Rows, schema: dict[str, pa.DataType], where: str) -> pa.Table:
+    data = {name: pa.array(rows.columns[name], type=kind) for name, kind in schema.items()}
+    if rows.features:
+        dims = {len(f) for f in rows.features}
+        if len(dims) > 1:
+            raise LogEntryError(f"{where}: decisions have different feature lengths {sorted(dims)}")
+        stacked = np.stack(rows.features)
+        for j in range(stacked.shape[1]):
+            data[f"f{j}"] = pa.array(stacked[:, j], type=pa.float64())
+    return pa.table(data)
+
+
+def _file_name(first_id: str, last_id: str) -> str:
+    return f"part-{first_id}_{last_id}.parquet"
+
+
+def write_partition(table: pa.Table, path: Path) -> None:
+    """Write `table` to `path` atomically: a hidden temporary file in the same directory, fsync, rename."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=_TMP_PREFIX, suffix=".parquet", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            pq.write_table(table, fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _remove_stale_temporaries(out: Path) -> int:
+    removed = 0
+    for kind in (DECISIONS, OUTCOMES):
+        for stale in (out / kind).glob(f"campaign=*/date=*/{_TMP_PREFIX}*"):
+            stale.unlink(missing_ok=True)
+            removed += 1
+    return removed
+
+
+@dataclass
+class ExportSummary:
+    """What one export run did (the JSON line of `saco export`)."""
+
+    out: str
+    campaigns: int = 0
+    decisions: int = 0
+    outcomes: int = 0
+    entries: int = 0
+    redelivered: int = 0  # entries a previous, interrupted run had read and not acknowledged
+    trimmed: int = 0  # pending entries the stream had already trimmed (acknowledged, nothing to write)
+    files: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+
+    def to_json(self) -> dict[str, object]:
+        return {
+            "out": self.out,
+            "campaigns": self.campaigns,
+            "entries": self.entries,
+            "decisions": self.decisions,
+            "outcomes": self.outcomes,
+            "redelivered": self.redelivered,
+            "trimmed": self.trimmed,
+            "files": len(self.files),
+            "seconds": round(self.seconds, 2),
+        }
+
+
+def _write_batch(
+    campaign_id: str, entries: list[tuple[bytes, dict[bytes, bytes] | None]], out: Path, summary: ExportSummary
+) -> None:
+    """Decode one batch and write its partitions; raises LogEntryError before writing anything if any
+    entry is malformed."""
+    groups: dict[tuple[str, str], _Rows] = {}
+    for raw_id, fields in entries:
+        entry_id = raw_id.decode()
+        if not fields:  # trimmed by MAXLEN while pending
+            summary.trimmed += 1
+            continue
+        kind = fields.get(b"kind", b"").decode(errors="replace")
+        if kind == "decision":
+            values, features = decode_decision(campaign_id, entry_id, fields)
+            rows = groups.setdefault((DECISIONS, _date(int(values["decided_at_ms"]))), _Rows())  # type: ignore[call-overload]
+            rows.add(entry_id, values)
+            rows.features.append(features)
+        elif kind == "outcome":
+            values = decode_outcome(campaign_id, entry_id, fields)
+            groups.setdefault((OUTCOMES, _date(int(values["outcome_at_ms"]))), _Rows()).add(entry_id, values)  # type: ignore[call-overload]
+        else:
+            raise LogEntryError(f"campaign {campaign_id!r} log entry {entry_id}: unknown kind {kind!r}")
+    tables = []
+    for (kind, date), rows in groups.items():
+        schema = DECISION_COLUMNS if kind == DECISIONS else OUTCOME_COLUMNS
+        where = f"campaign {campaign_id!r} entries {rows.ids[0]}..{rows.ids[-1]}"
+        path = out / kind / f"campaign={campaign_id}" / f"date={date}" / _file_name(rows.ids[0], rows.ids[-1])
+        tables.append((kind, path, _table(rows, schema, where)))
+    for kind, path, table in tables:
+        write_partition(table, path)
+        summary.files.append(str(path))
+        if kind == DECISIONS:
+            summary.decisions += table.num_rows
+        else:
+            summary.outcomes += table.num_rows
+
+
+_CAMPAIGN_RE = re.compile(r"^[^/\\\x00]+$")
+
+
+def export_campaign(
+    client: redis.Redis,
+    prefix: str,
+    campaign_id: str,
+    out: Path,
+    summary: ExportSummary,
+    *,
+    consumer: str = DEFAULT_CONSUMER,
+    batch_size: int = 5000,
+    progress: Callable[[str], None] | None = None,
+) -> None:
+    """Export everything the campaign's stream holds for the group that this consumer has not
+    acknowledged: its pending entries first, then new ones, one batch at a time."""
+    if not _CAMPAIGN_RE.match(campaign_id) or campaign_id in (".", ".."):
+        raise LogEntryError(f"campaign id {campaign_id!r} cannot name a partition directory")
+    key = log_stream_key(prefix, campaign_id)
+    if not client.exists(key):
+        return
+    try:
+        client.xgroup_create(key, GROUP, id="0")
+    except redis.ResponseError as exc:
+        if "BUSYGROUP" not in str(exc):
+            raise
+    summary.campaigns += 1
+    start = "0"  # the consumer's pending entries; then ">" (new ones)
+    while True:
+        reply: Any = client.xreadgroup(GROUP, consumer, {key: start}, count=batch_size)
+        entries: list[tuple[bytes, dict[bytes, bytes] | None]] = reply[0][1] if reply else []
+        if not entries:
+            if start == ">":
+                return
+            start = ">"
+            continue
+        _write_batch(campaign_id, entries, out, summary)
+        client.xack(key, GROUP, *[entry_id for entry_id, _ in entries])
+        summary.entries += len(entries)
+        if start == "0":
+            summary.redelivered += len(entries)
+        if progress is not None:
+            progress(
+                f"campaign {campaign_id}: {summary.entries} entries exported "
+                f"({summary.decisions} decisions, {summary.outcomes} outcomes)"
+            )
+
+
+def export_logs(
+    redis_url: str,
+    out: str | os.PathLike[str],
+    *,
+    prefix: str = "saco:",
+    campaigns: Iterable[str] | None = None,
+    consumer: str = DEFAULT_CONSUMER,
+    batch_size: int = 5000,
+    progress: Callable[[str], None] | None = None,
+) -> ExportSummary:
+    """Export every campaign's log stream (default: the campaigns in ``P campaigns``) into `out`.
+
+    At-least-once and idempotent: see the module docstring. Returns counts of what was written."""
+    if batch_size < 1:
+        raise ValueError("batch_size must be >= 1")
+    started = time.time()
+    root = Path(out)
+    root.mkdir(parents=True, exist_ok=True)
+    _remove_stale_temporaries(root)
+    summary = ExportSummary(out=str(root))
+    client = redis.Redis.from_url(redis_url)
+    try:
+        names = (
+            sorted(c.decode() for c in client.smembers(campaigns_key(prefix)))  # type: ignore[union-attr]
+            if campaigns is None
+            else list(campaigns)
+        )
+        for campaign_id in names:
+            export_campaign(
+                client, prefix, campaign_id, root, summary, consumer=consumer, batch_size=batch_size, progress=progress
+            )
+    finally:
+        client.close()
+    summary.seconds = time.time() - started
+    return summary
+
+
+def follow(
+    redis_url: str,
+    out: str | os.PathLike[str],
+    *,
+    every_s: float,
+    prefix: str = "saco:",
+    consumer: str = DEFAULT_CONSUMER,
+    batch_size: int = 5000,
+    emit: Callable[[ExportSummary], None],
+    stop: Callable[[], bool] = lambda: False,
+) -> None:
+    """Export again every `every_s` seconds until `stop()` (the exporter service of the deployment)."""
+    while not stop():
+        emit(export_logs(redis_url, out, prefix=prefix, consumer=consumer, batch_size=batch_size))
+        deadline = time.monotonic() + every_s
+        while time.monotonic() < deadline and not stop():
+            time.sleep(min(0.5, every_s))
