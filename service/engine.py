@@ -27,6 +27,7 @@ from service.state import (
     CampaignUpdate,
     NewStep,
     Outcome,
+    RequestIdConflict,
     ReservedDecision,
     ReserveItem,
     ReserveResult,
@@ -180,16 +181,19 @@ class DecisionEngine:
             inputs = build_inputs(policy.manifest, features, contexts, lam)
             scores = await self.batcher.scores(policy, inputs, ticket)
         order, items = choose(scores, campaign, body)
-        reserved = await self.store.reserve(
-            campaign_id,
-            items,
-            model_version=policy.version,
-            lam=lam,
-            now_ms=now_ms(),
-            reservation_expiry_ms=self.settings.reservation_expiry_s * 1000,
-            decision_ttl_ms=self.settings.decision_ttl_s * 1000,
-            prior_coupons=self.settings.prior_coupons,
-        )
+        try:
+            reserved = await self.store.reserve(
+                campaign_id,
+                items,
+                model_version=policy.version,
+                lam=lam,
+                now_ms=now_ms(),
+                reservation_expiry_ms=self.settings.reservation_expiry_s * 1000,
+                decision_ttl_ms=self.settings.decision_ttl_s * 1000,
+                prior_coupons=self.settings.prior_coupons,
+            )
+        except RequestIdConflict as exc:  # the store counts items in priority order; the caller, in its own
+            raise RequestIdConflict(exc.request_id, order[exc.item]) from None
         self._record(campaign_id, order, reserved, features, contexts, policy.manifest)
         return render(order, reserved.decisions)
 
@@ -397,6 +401,7 @@ class DecisionEngine:
             "lambda_source": source,
             "expected_users": settings.expected_users,
             "overrun": from_cents(campaign.overrun),
+            "excess": from_cents(campaign.excess),
             "reservation_mode": settings.reservation_mode,
             "overspend_risk": settings.overspend_risk,
             "starts_at": iso(settings.starts_ms),

@@ -10,7 +10,8 @@
 --   ordering   per item, the 1-based index of its list in `orderings`
 --   tails      per item, the end of its record: byte length of the request id, request id, user id
 --   requests   [item, request key index, user id] for each item with a request id
--- Returns {'missing'} for an unknown campaign, else {remaining cents, then per item: action, cost, flag,
+-- Returns {'missing'} for an unknown campaign, {'conflict', item} (1-based, nothing written) when an item's
+--   request_id was used before, or earlier in the batch, by another user, else {remaining cents, then per item: action, cost, flag,
 --   then the earlier record of each item with flag 0, in item order}.
 --   flag 0 = earlier decision returned again (record = "id\taction\tcost\tversion\tlambda\tuser"),
 --   1 = new, 2 = new and the preferred coupon did not fit.
@@ -28,6 +29,16 @@
 --             coupons (no margin when V is 0), so that realised spend exceeds the budget with probability at
 --             most overspend_risk, outcomes being independent and the ratios right.
 local campaign, pending, records = KEYS[1], KEYS[2], KEYS[3]
+do -- a request_id names one user's decision: another user reusing it gets nothing, and nothing is written
+  local owners = {}
+  for _, request in ipairs(cjson.decode(ARGV[7]).requests) do
+    local key, user = KEYS[request[2]], request[3]
+    local earlier = owners[key] or redis.call('GET', key)
+    local owner = earlier and (owners[key] or string.match(earlier, '^[^\t]*\t[^\t]*\t[^\t]*\t[^\t]*\t[^\t]*\t(.*)$'))
+    if owner and owner ~= user then return {'conflict', request[1]} end
+    owners[key] = user
+  end
+end
 local ledger = redis.call('HMGET', campaign, 'budget', 'spent', 'reserved', 'coupons', 'reservation_mode',
   'overspend_risk', 'outstanding_var')
 if not ledger[1] then return {'missing'} end
