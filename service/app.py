@@ -11,13 +11,14 @@ from collections.abc import AsyncIterator
 
 import swagger_ui_bundle
 import torch
-from fastapi import FastAPI
+from fastapi import FastAPI, HTTPException
 from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.responses import HTMLResponse
 from fastapi.staticfiles import StaticFiles
+from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from service.api.errors import add_error_handlers
+from service.api.errors import add_error_handlers, body_too_large
 from service.api.main import api_router
 from service.batcher import MicroBatcher
 from service.engine import DecisionEngine
@@ -107,6 +108,53 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
             embedded.stop()
 
 
+class BodyTooLarge(HTTPException):
+    def __init__(self) -> None:
+        super().__init__(413, "request body too large")
+
+
+class BodySizeLimit:
+    """413 for a request body above `max_bytes`, before it is parsed: at once when its Content-Length says
+    so (nothing read), else as soon as the bytes read pass the limit. Either way one JSON answer naming
+    the limit (through the error handlers when the route was reading its body)."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        declared = Headers(scope=scope).get("content-length", "")
+        if declared.isdecimal() and int(declared) > self.max_bytes:
+            await body_too_large(self.max_bytes)(scope, receive, send)
+            return
+        received = 0
+        started = False
+
+        async def counted_receive() -> Message:
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.max_bytes:
+                    raise BodyTooLarge
+            return message
+
+        async def watched_send(message: Message) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, counted_receive, watched_send)
+        except BodyTooLarge:
+            if started:
+                raise
+            await body_too_large(self.max_bytes)(scope, receive, send)
+
+
 class TimingMiddleware:
     """Request latency by route template (pure ASGI: no per-request task like BaseHTTPMiddleware)."""
 
@@ -144,7 +192,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         title="SACO coupon decisioning service",
         version="1",
         lifespan=lifespan,
-        max_body_size=settings.max_body_bytes,
         docs_url=None,  # served below from local assets: /docs works without internet
         redoc_url=None,
     )
@@ -153,6 +200,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(api_router)
     add_docs(app)
     app.add_middleware(TimingMiddleware, metrics=metrics)
+    app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
     add_error_handlers(app, metrics)
     return app
 

@@ -30,6 +30,10 @@ def _error(status_code: int, detail: Any, headers: dict[str, str] | None = None)
     return JSONResponse({"detail": detail}, status_code=status_code, headers=headers)
 
 
+def body_too_large(max_bytes: int) -> JSONResponse:
+    return _error(413, f"request body larger than {max_bytes} bytes (SACO_MAX_BODY_BYTES)")
+
+
 def add_error_handlers(app: FastAPI, metrics: ServiceMetrics) -> None:
     async def invalid_input(_: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, InvalidInput)
@@ -72,8 +76,7 @@ def add_error_handlers(app: FastAPI, metrics: ServiceMetrics) -> None:
     async def http_error(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, StarletteHTTPException)
         if exc.status_code == 413:
-            limit = request.app.state.settings.max_body_bytes
-            return _error(413, f"request body larger than {limit} bytes (SACO_MAX_BODY_BYTES)")
+            return body_too_large(request.app.state.settings.max_body_bytes)
         return await http_exception_handler(request, exc)
 
     app.add_exception_handler(InvalidInput, invalid_input)

@@ -39,29 +39,16 @@ def is_json(content_type: str | None) -> bool:
 
 class OrjsonRequest(Request):
     async def json(self) -> Any:
-        body = await self.body()
-        try:
-            return orjson.loads(body)
-        except orjson.JSONDecodeError:
-            return json.loads(body)  # NaN / Infinity, or a real syntax error that json reports
-
-
-class DecisionsRequest(OrjsonRequest):
-    """The decisions body, refused before validation when it names more users than SACO_MAX_BATCH."""
-
-    async def json(self) -> Any:
-        data = await super().json()
-        requests = data.get("requests") if isinstance(data, dict) else None
-        limit: int = self.app.state.settings.max_batch
-        if isinstance(requests, list) and len(requests) > limit:
-            message = f"at most {limit} requests per call, got {len(requests)}"
-            raise RequestValidationError([{"type": "too_long", "loc": ("body", "requests"), "msg": message}])
-        return data
+        if not hasattr(self, "_json"):
+            body = await self.body()
+            try:
+                self._json = orjson.loads(body)
+            except orjson.JSONDecodeError:
+                self._json = json.loads(body)  # NaN / Infinity, or a real syntax error that json reports
+        return self._json
 
 
 class OrjsonRoute(APIRoute):
-    request_class: type[OrjsonRequest] = OrjsonRequest
-
     def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
         handler = super().get_route_handler()
         takes_body = self.body_field is not None
@@ -74,16 +61,31 @@ class OrjsonRoute(APIRoute):
                     status.HTTP_415_UNSUPPORTED_MEDIA_TYPE,
                     f"the body must be JSON (Content-Type: application/json), got {content_type!r}",
                 )
-            return await handler(self.request_class(request.scope, request.receive))
+            ours = OrjsonRequest(request.scope, request.receive)
+            await self.before_validation(ours)
+            return await handler(ours)
 
         return with_orjson
 
     async def before_body(self, request: Request) -> None:
         """Checks that run before the request's body is read."""
 
+    async def before_validation(self, request: OrjsonRequest) -> None:
+        """Checks of the decoded body that run before FastAPI validates it."""
+
 
 class DecisionsRoute(OrjsonRoute):
-    request_class = DecisionsRequest
+    async def before_validation(self, request: OrjsonRequest) -> None:
+        """Refuse a request naming more users than SACO_MAX_BATCH before any of them is validated."""
+        try:
+            data = await request.json()
+        except ValueError:
+            return  # not JSON: FastAPI's own parse of it names the error
+        requests = data.get("requests") if isinstance(data, dict) else None
+        limit: int = request.app.state.settings.max_batch
+        if isinstance(requests, list) and len(requests) > limit:
+            message = f"at most {limit} requests per call, got {len(requests)}"
+            raise RequestValidationError([{"type": "too_long", "loc": ("body", "requests"), "msg": message}])
 
 
 class AdminRoute(OrjsonRoute):
