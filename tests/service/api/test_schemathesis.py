@@ -17,7 +17,7 @@ import schemathesis
 from hypothesis import HealthCheck, given, settings
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/service: the real-process helpers
-from svc_served import ADMIN, serve  # noqa: E402
+from svc_served import ADMIN, serve
 
 # Valid input also depends on the served model (a features list has the model's feature_dim values, a
 # coupon's action is one of its actions), which the document cannot say: a 422 for a schema-valid body
