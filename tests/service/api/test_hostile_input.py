@@ -14,6 +14,8 @@ import pytest
 from fastapi.testclient import TestClient
 from svc_http import ADMIN, ADMIN_TOKEN, campaign_body, users
 
+from model_store import ModelStore
+from model_store.store import write_checksums
 from service.app import create_app
 from service.settings import Settings
 
@@ -308,3 +310,26 @@ def test_metrics_exposure(
 def test_metrics_exposure_admin_needs_a_token(model_store_dir: Path) -> None:
     with pytest.raises(ValueError, match="SACO_ADMIN_TOKEN"):
         Settings(store=str(model_store_dir), metrics_exposure="admin")
+
+
+def test_reload_refuses_a_nan_lambda_even_with_matching_checksums(
+    client: TestClient, campaign: str, model_store_dir: Path, feature_dim: int
+) -> None:
+    """A manifest edited to a NaN default_lambda, its SHA256SUMS rewritten to match: refused by the
+    manifest's own checks; decisions keep a finite lambda from the incumbent."""
+    store = ModelStore(model_store_dir)
+    incumbent = store.load()
+    manifest = {
+        k: v for k, v in incumbent.manifest.to_json().items() if k not in ("version", "created_at", "model_sha256")
+    }
+    candidate = store.publish(incumbent.model_path, manifest)
+    path = candidate.path / "manifest.json"
+    data = json.loads(path.read_text())
+    data["default_lambda"] = float("nan")
+    path.write_text(json.dumps(data))
+    write_checksums(candidate.path)
+    resp = client.post("/v1/admin/models/reload", headers=ADMIN)
+    assert resp.status_code == 409 and "default_lambda must be a finite number" in resp.json()["detail"]
+    client.patch(f"/v1/admin/campaigns/{campaign}", json={"lambda": None}, headers=ADMIN)
+    decided = client.post(f"/v1/campaigns/{campaign}/decisions", json={"requests": users(2, feature_dim)}).json()
+    assert all(d["model_version"] == incumbent.version and d["lambda"] is not None for d in decided["decisions"])
