@@ -8,6 +8,18 @@ from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 OBJECTIVES = ("value", "dt-lagrangian", "dt-literal")
+# The largest lambda the service takes (manifest default, calibration table, admin): far above any useful
+# price of a unit of cost, and small enough that lambda * cost stays finite in float32.
+MAX_LAMBDA = 1e6
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def _check_lambda(name: str, value: Any) -> None:
+    if not _number(value) or not math.isfinite(value) or not 0 <= value <= MAX_LAMBDA:
+        raise ValueError(f"manifest field {name} must be a finite number within 0..{MAX_LAMBDA:g}, got {value!r}")
 
 
 @dataclass(frozen=True)
@@ -50,7 +62,7 @@ class Manifest:
     def __post_init__(self) -> None:
         for name in ("feature_dim", "num_actions", "context_length", "max_timestep"):
             value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"manifest field {name} must be a positive integer, got {value!r}")
         if self.num_actions < 2:
             raise ValueError("manifest field num_actions must be >= 2 (no coupon + at least one coupon)")
@@ -58,9 +70,23 @@ class Manifest:
             raise ValueError(f"manifest field objective must be one of {OBJECTIVES}, got {self.objective!r}")
         if len(self.model_sha256) != 64:
             raise ValueError("manifest field model_sha256 must be a sha256 hex digest")
+        for name in ("version", "created_at", "model_sha256", "objective", "format", "data_sha256"):
+            if not isinstance(getattr(self, name), str):
+                raise ValueError(f"manifest field {name} must be a string, got {getattr(self, name)!r}")
         for name in ("initial_rtg", "initial_ctg"):
-            if not math.isfinite(getattr(self, name)):
-                raise ValueError(f"manifest field {name} must be finite")
+            if not _number(getattr(self, name)) or not math.isfinite(getattr(self, name)):
+                raise ValueError(f"manifest field {name} must be a finite number, got {getattr(self, name)!r}")
+        if self.default_lambda is not None:
+            _check_lambda("default_lambda", self.default_lambda)
+        for i, point in enumerate(self.lambda_table):
+            _check_lambda(f"lambda_table[{i}].lam", point.lam)
+            for name in ("cost_per_user", "revenue_per_user"):
+                value = getattr(point, name)
+                if not _number(value) or not math.isfinite(value):
+                    raise ValueError(f"manifest field lambda_table[{i}].{name} must be a finite number, got {value!r}")
+        for i, cost in enumerate(self.action_costs):
+            if not _number(cost) or not math.isfinite(cost):
+                raise ValueError(f"manifest field action_costs[{i}] must be a finite number, got {cost!r}")
 
     def lambda_for_budget_per_user(self, budget_per_user: float) -> float | None:
         """Smallest calibrated lambda whose spend per user fits `budget_per_user` (None without a table)."""
@@ -93,11 +119,13 @@ class Manifest:
         if missing:
             raise ValueError(f"manifest lacks field(s): {', '.join(missing)}")
         kwargs = {k: v for k, v in data.items() if k in known}
-        kwargs["lambda_table"] = [
-            p if isinstance(p, LambdaPoint) else LambdaPoint(**p) for p in kwargs.get("lambda_table", [])
-        ]
+        table = kwargs.get("lambda_table", [])
+        if not isinstance(table, list) or not all(isinstance(p, LambdaPoint | dict) for p in table):
+            raise ValueError("manifest field lambda_table must be a list of {lam, cost_per_user, revenue_per_user}")
+        kwargs["lambda_table"] = [p if isinstance(p, LambdaPoint) else LambdaPoint(**p) for p in table]
         for name in ("initial_rtg", "initial_ctg"):
-            kwargs[name] = float(kwargs[name])
+            if _number(kwargs[name]):
+                kwargs[name] = float(kwargs[name])
         return cls(**kwargs)
 
     def to_json(self) -> dict[str, Any]:

@@ -4,12 +4,15 @@ Layout::
 
     <root>/versions/<version>/model.pt        the TorchScript policy
     <root>/versions/<version>/manifest.json   see `Manifest`
+    <root>/versions/<version>/SHA256SUMS      sha256 of model.pt and manifest.json (`sha256sum -c` reads it)
     <root>/CURRENT                            the serving version (one line)
     <root>/HISTORY                            versions that were current, oldest first (for rollback)
 
 Every write goes to a temporary file in the same directory, is fsynced, then renamed, so a reader sees
 either the old file or the new one. A version directory is published by renaming a complete staging
-directory, so a half-written version is never visible. Loading verifies the model file's sha256.
+directory, so a half-written version is never visible. Loading verifies both files against SHA256SUMS
+(and the model file against the manifest's model_sha256): a changed manifest is refused like a changed
+model.
 """
 
 from __future__ import annotations
@@ -31,6 +34,8 @@ from model_store.manifest import Manifest
 
 MODEL_FILE = "model.pt"
 MANIFEST_FILE = "manifest.json"
+CHECKSUMS_FILE = "SHA256SUMS"
+CHECKSUMMED = (MODEL_FILE, MANIFEST_FILE)
 _VERSION_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
 
@@ -82,6 +87,32 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
         raise
 
 
+def write_checksums(directory: Path) -> None:
+    """SHA256SUMS of a version directory, in the format of `sha256sum` (so `sha256sum -c SHA256SUMS` checks it)."""
+    lines = "".join(f"{sha256_file(directory / name)}  {name}\n" for name in CHECKSUMMED)
+    atomic_write_bytes(directory / CHECKSUMS_FILE, lines.encode())
+
+
+def verify_checksums(directory: Path, version: str) -> None:
+    """ArtifactError unless SHA256SUMS lists the model and the manifest and both match it."""
+    path = directory / CHECKSUMS_FILE
+    if not path.is_file():
+        raise ArtifactError(f"version {version!r}: no {CHECKSUMS_FILE} (publish it with this release's model store)")
+    listed: dict[str, str] = {}
+    for line in path.read_text().splitlines():
+        digest, _, name = line.partition("  ")
+        listed[name.lstrip("*")] = digest
+    for name in CHECKSUMMED:
+        if name not in listed:
+            raise ArtifactError(f"version {version!r}: {CHECKSUMS_FILE} does not list {name}")
+        actual = sha256_file(directory / name)
+        if actual != listed[name]:
+            raise ArtifactError(
+                f"version {version!r}: {name} checksum {actual[:12]}… does not match {CHECKSUMS_FILE}'s "
+                f"{listed[name][:12]}… (corrupt or tampered artifact)"
+            )
+
+
 class ModelStore:
     def __init__(self, root: str | os.PathLike[str]) -> None:
         self.root = Path(root)
@@ -118,6 +149,7 @@ class ModelStore:
         path = self.versions_dir / version
         if not (path / MANIFEST_FILE).is_file() or not (path / MODEL_FILE).is_file():
             raise ArtifactError(f"version {version!r} is not in model store {self.root}")
+        verify_checksums(path, version)
         try:
             manifest = Manifest.from_json(json.loads((path / MANIFEST_FILE).read_text()))
         except (ValueError, KeyError, TypeError) as exc:
@@ -175,6 +207,7 @@ class ModelStore:
             )
             manifest_obj = Manifest.from_json(full)  # refuses an incomplete manifest before publishing
             atomic_write_bytes(staging / MANIFEST_FILE, manifest_obj.to_json_bytes())
+            write_checksums(staging)
             if validate is not None:
                 validate(Artifact(version=version, path=staging, manifest=manifest_obj))
             os.rename(staging, final)
@@ -192,6 +225,7 @@ class ModelStore:
         data = artifact.manifest.to_json()
         data.update(fields)
         atomic_write_bytes(artifact.path / MANIFEST_FILE, Manifest.from_json(data).to_json_bytes())
+        write_checksums(artifact.path)
         return self.load(version)
 
     def promote(self, version: str) -> None:

@@ -9,17 +9,22 @@ import logging
 import time
 from collections.abc import AsyncIterator
 
+import swagger_ui_bundle
 import torch
-from fastapi import FastAPI
+from fastapi import FastAPI, HTTPException
+from fastapi.openapi.docs import get_swagger_ui_html
+from fastapi.responses import HTMLResponse
+from fastapi.staticfiles import StaticFiles
+from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from service.api.errors import add_error_handlers
+from service.api.errors import add_error_handlers, body_too_large
 from service.api.main import api_router
 from service.batcher import MicroBatcher
 from service.engine import DecisionEngine
 from service.logs import configure_logging, redact
 from service.metrics import ServiceMetrics
-from service.policy import PolicyHolder, load_policy
+from service.policy import LoadedPolicy, PolicyHolder, load_policy
 from service.runtime import Runtime
 from service.settings import Settings
 from service.state.embedded import EmbeddedRedis
@@ -53,7 +58,11 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     settings: Settings = app.state.settings
     metrics: ServiceMetrics = app.state.metrics
     torch.set_num_interop_threads(1) if torch.get_num_interop_threads() != 1 else None
-    policy = await asyncio.to_thread(load_policy, settings.store, settings.device)
+    preloaded: LoadedPolicy | None = getattr(app.state, "policy", None)  # `saco serve` verified it before
+    if preloaded is None:
+        policy = await asyncio.to_thread(load_policy, settings.store, settings.device)
+    else:
+        policy = preloaded
     metrics.set_model(None, policy.version)
     store, embedded = await open_state_store(settings)
     batcher = MicroBatcher(
@@ -102,6 +111,53 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
             embedded.stop()
 
 
+class BodyTooLarge(HTTPException):
+    def __init__(self) -> None:
+        super().__init__(413, "request body too large")
+
+
+class BodySizeLimit:
+    """413 for a request body above `max_bytes`, before it is parsed: at once when its Content-Length says
+    so (nothing read), else as soon as the bytes read pass the limit. Either way one JSON answer naming
+    the limit (through the error handlers when the route was reading its body)."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        declared = Headers(scope=scope).get("content-length", "")
+        if declared.isdecimal() and int(declared) > self.max_bytes:
+            await body_too_large(self.max_bytes)(scope, receive, send)
+            return
+        received = 0
+        started = False
+
+        async def counted_receive() -> Message:
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.max_bytes:
+                    raise BodyTooLarge
+            return message
+
+        async def watched_send(message: Message) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, counted_receive, watched_send)
+        except BodyTooLarge:
+            if started:
+                raise
+            await body_too_large(self.max_bytes)(scope, receive, send)
+
+
 class TimingMiddleware:
     """Request latency by route template (pure ASGI: no per-request task like BaseHTTPMiddleware)."""
 
@@ -135,10 +191,37 @@ class TimingMiddleware:
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or Settings()
     configure_logging(settings.log_level)
-    app = FastAPI(title="SACO coupon decisioning service", version="1", lifespan=lifespan)
+    app = FastAPI(
+        title="SACO coupon decisioning service",
+        version="1",
+        lifespan=lifespan,
+        docs_url=None,  # served below from local assets: /docs works without internet
+        redoc_url=None,
+    )
     app.state.settings = settings
     app.state.metrics = metrics = ServiceMetrics()
     app.include_router(api_router)
+    add_docs(app)
     app.add_middleware(TimingMiddleware, metrics=metrics)
+    app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
     add_error_handlers(app, metrics)
     return app
+
+
+DOCS_ASSETS = "/docs/assets"
+
+
+def add_docs(app: FastAPI) -> None:
+    """The Swagger UI at /docs, its scripts and styles served by this app (the swagger-ui-bundle package's
+    copy, with its license), so that the page needs nothing from another host."""
+    app.mount(DOCS_ASSETS, StaticFiles(directory=swagger_ui_bundle.swagger_ui_path), name="docs-assets")
+
+    @app.get("/docs", include_in_schema=False)
+    async def swagger_ui() -> HTMLResponse:
+        return get_swagger_ui_html(
+            openapi_url=app.openapi_url or "/openapi.json",
+            title=f"{app.title} - API",
+            swagger_js_url=f"{DOCS_ASSETS}/swagger-ui-bundle.js",
+            swagger_css_url=f"{DOCS_ASSETS}/swagger-ui.css",
+            swagger_favicon_url=f"{DOCS_ASSETS}/favicon-32x32.png",
+        )

@@ -31,6 +31,7 @@ from service.state import (
     Groups,
     NewStep,
     Outcome,
+    RequestIdConflict,
     ReservedDecision,
     ReserveItem,
     ReserveResult,
@@ -289,17 +290,20 @@ class DecisionEngine:
             lam = self._request_lambda(campaign, terms, lam, policy.manifest)
             scores, expected = terms.scores(lam), terms.expected
         order, items = choose(scores, expected, campaign, body, features.astype("<f4", copy=False), self.rng)
-        reserved = await self.store.reserve(
-            campaign_id,
-            items,
-            model_version=policy.version,
-            lam=lam,
-            now_ms=now_ms(),
-            reservation_expiry_ms=self.settings.reservation_expiry_s * 1000,
-            decision_ttl_ms=self.settings.decision_ttl_s * 1000,
-            prior_coupons=self.settings.prior_coupons,
-            exploration_rate=campaign.settings.exploration_rate,
-        )
+        try:
+            reserved = await self.store.reserve(
+                campaign_id,
+                items,
+                model_version=policy.version,
+                lam=lam,
+                now_ms=now_ms(),
+                reservation_expiry_ms=self.settings.reservation_expiry_s * 1000,
+                decision_ttl_ms=self.settings.decision_ttl_s * 1000,
+                prior_coupons=self.settings.prior_coupons,
+                exploration_rate=campaign.settings.exploration_rate,
+            )
+        except RequestIdConflict as exc:  # the store counts items in priority order; the caller, in its own
+            raise RequestIdConflict(exc.request_id, order[exc.item]) from None
         self._record(campaign_id, order, items, reserved, contexts, policy.manifest)
         return render(order, reserved.decisions)
 
@@ -536,6 +540,7 @@ class DecisionEngine:
             "lambda_source": source,
             "expected_users": settings.expected_users,
             "overrun": from_cents(campaign.overrun),
+            "excess": from_cents(campaign.excess),
             "reservation_mode": settings.reservation_mode,
             "overspend_risk": settings.overspend_risk,
             "starts_at": iso(settings.starts_ms),

@@ -10,11 +10,15 @@ import time
 from typing import Any
 
 _STANDARD = set(vars(logging.makeLogRecord({}))) | {"message", "asctime"}
-_URL_PASSWORD = re.compile(r"(://[^:/@]*:)[^@/]*@")
+# the password of a URL's userinfo: up to the authority's last "@" (a password may contain "@", "/" and "?")
+_URL_PASSWORD = re.compile(r"(\w://[^:/@\s]*:)[^\s]*@")
+# a password given as a query parameter (redis-py reads `?password=`)
+_QUERY_PASSWORD = re.compile(r"([?&;](?:password|passwd|pwd)=)[^&;#\s]*", re.IGNORECASE)
 
 
 def redact(text: str) -> str:
-    return _URL_PASSWORD.sub(r"\1***@", text)
+    """`text` with the passwords of the URLs in it replaced by ***."""
+    return _QUERY_PASSWORD.sub(r"\1***", _URL_PASSWORD.sub(r"\1***@", text))
 
 
 class JsonFormatter(logging.Formatter):

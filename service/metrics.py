@@ -9,6 +9,7 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import HistogramMetricFamily
+from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import Collector
 
 _LATENCY_BUCKETS = (
@@ -182,3 +183,29 @@ class GcPauses(Collector):
                 cumulative.append((bound, running))
             family.add_metric([str(generation)], cumulative, self._sums[generation])
         yield family
+
+
+class WithoutCampaigns(Collector):
+    """`registry`'s metrics without the campaign label (SACO_METRICS_EXPOSURE=aggregate): per-campaign
+    counters summed over the campaigns, per-campaign gauges left out (they say a campaign's budget)."""
+
+    def __init__(self, registry: Collector) -> None:
+        self.registry = registry
+
+    def collect(self) -> Iterator[Metric]:
+        for family in self.registry.collect():
+            if not any("campaign" in sample.labels for sample in family.samples):
+                yield family
+                continue
+            if family.type != "counter":
+                continue
+            sums: dict[tuple[str, tuple[tuple[str, str], ...]], float] = {}
+            for sample in family.samples:
+                if sample.name.endswith("_created"):
+                    continue
+                labels = tuple(sorted((k, v) for k, v in sample.labels.items() if k != "campaign"))
+                sums[sample.name, labels] = sums.get((sample.name, labels), 0.0) + sample.value
+            summed = Metric(family.name, family.documentation, family.type)
+            for (name, labels), value in sums.items():
+                summed.add_sample(name, dict(labels), value)
+            yield summed

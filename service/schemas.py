@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import math
 from datetime import datetime
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, AwareDatetime, BaseModel, ConfigDict, Field, StringConstraints, model_validator
 
-from service.money import to_cents
+from model_store import MAX_LAMBDA
+from service.money import MAX_AMOUNT, to_cents
 
 CAMPAIGN_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$"
 CAMPAIGN_ID_TEXT = "letters, digits, . _ : -"
@@ -26,9 +27,12 @@ def _finite(value: float) -> float:
 
 
 FiniteFloat = Annotated[float, Field(strict=True, allow_inf_nan=False)]
-Money = Annotated[float, Field(strict=True, allow_inf_nan=False, ge=0), AfterValidator(_two_decimals)]
-PositiveMoney = Annotated[float, Field(strict=True, allow_inf_nan=False, gt=0), AfterValidator(_two_decimals)]
-Lambda = Annotated[float, Field(strict=True, allow_inf_nan=False, ge=0), AfterValidator(_finite)]
+Money = Annotated[float, Field(strict=True, allow_inf_nan=False, ge=0, le=MAX_AMOUNT), AfterValidator(_two_decimals)]
+PositiveMoney = Annotated[
+    float, Field(strict=True, allow_inf_nan=False, gt=0, le=MAX_AMOUNT), AfterValidator(_two_decimals)
+]
+Reward = Annotated[float, Field(strict=True, allow_inf_nan=False, ge=-MAX_AMOUNT, le=MAX_AMOUNT)]
+Lambda = Annotated[float, Field(strict=True, allow_inf_nan=False, ge=0, le=MAX_LAMBDA), AfterValidator(_finite)]
 UserId = Annotated[str, StringConstraints(min_length=1, max_length=128)]
 RequestId = Annotated[str, StringConstraints(min_length=1, max_length=128)]
 DecisionId = Annotated[str, StringConstraints(min_length=1, max_length=128)]
@@ -59,10 +63,6 @@ class Decision(BaseModel):
 
 class DecisionsResponse(BaseModel):
     decisions: list[Decision]
-
-
-# a reward is kept in integer cents (the campaign's group counters, the decision log)
-Reward = Annotated[float, Field(strict=True, allow_inf_nan=False, ge=-1e12, le=1e12)]
 
 
 class OutcomeItem(_Body):
@@ -168,6 +168,10 @@ class CampaignView(BaseModel):
     lambda_source: str
     expected_users: int | None
     overrun: float
+    excess: float = Field(
+        description="how far spent + reserved is above the budget after the budget was lowered below them "
+        "(no new coupon is granted until it is back to 0)"
+    )
     reservation_mode: ReservationMode
     overspend_risk: float
     starts_at: datetime | None
@@ -199,3 +203,25 @@ class ReloadResponse(BaseModel):
     version: str
     previous: str
     changed: bool
+
+
+class ErrorResponse(BaseModel):
+    """Every error answer: a message, or (422, 409) a list of errors, each naming its field in `loc`."""
+
+    detail: str | list[dict[str, Any]]
+
+
+ERROR_DESCRIPTIONS = {
+    401: "missing or wrong admin bearer token",
+    404: "unknown campaign, or the admin API is disabled (no SACO_ADMIN_TOKEN)",
+    409: "a request_id already names another user's decision (decisions); the model was refused (reload)",
+    413: "request body larger than SACO_MAX_BODY_BYTES",
+    415: "the body is not JSON (Content-Type must be application/json)",
+    422: "malformed body; each error names its field",
+    503: "state store unavailable or service overloaded: retry after the Retry-After seconds",
+}
+
+
+def error_responses(*codes: int) -> dict[int | str, dict[str, Any]]:
+    """The OpenAPI `responses` of these error codes."""
+    return {code: {"model": ErrorResponse, "description": ERROR_DESCRIPTIONS[code]} for code in codes}

@@ -4,12 +4,19 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import errno
 import os
+import socket
 from typing import Any
+from urllib.parse import urlsplit
 
 import uvicorn
+from pydantic import ValidationError
+from redis.asyncio.connection import parse_url
 
 from service.app import create_app
+from service.logs import redact
+from service.policy import LoadedPolicy, PolicyRejected, load_policy
 from service.settings import Settings
 
 # glibc's mallopt parameters
@@ -46,17 +53,78 @@ def pin_process(cpus: set[int], pid: int | None = None) -> None:
         ) from None
 
 
+class StartupError(RuntimeError):
+    """The service cannot start; the message is one line that says why (`saco serve` prints it, exit 2)."""
+
+
+def load_settings(overrides: dict[str, Any]) -> Settings:
+    try:
+        return Settings(**overrides)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(map(str, e['loc'])) or 'settings'}: {e['msg']}".removesuffix(".") for e in exc.errors()
+        )
+        raise StartupError(f"invalid settings (SACO_* environment): {redact(problems)}") from None
+
+
+def check_redis_url(url: str) -> None:
+    """StartupError unless `url` is a Redis URL redis-py can use (an unreachable Redis is no error: the
+    service starts and /readyz says it is not ready until Redis answers)."""
+    try:
+        parse_url(url)
+        database = urlsplit(url).path.lstrip("/")
+        if url.startswith(("redis://", "rediss://")) and database and not database.isdecimal():
+            raise ValueError(f"the database {database!r} is not a number")
+    except ValueError as exc:
+        raise StartupError(f"invalid Redis URL {redact(url)!r}: {exc}") from None
+
+
+def check_port(host: str, port: int) -> None:
+    """StartupError when nothing can listen on host:port (in use, not an address of this machine)."""
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as exc:
+        raise StartupError(f"cannot listen on {host}:{port}: {exc.strerror}") from None
+    family, kind, proto, _, address = infos[0]
+    with socket.socket(family, kind, proto) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds it
+        try:
+            sock.bind(address)
+        except OSError as exc:
+            reason = "the port is in use" if exc.errno == errno.EADDRINUSE else exc.strerror
+            raise StartupError(f"cannot listen on {host}:{port}: {reason}") from None
+
+
+def load_current_policy(settings: Settings) -> LoadedPolicy:
+    """The store's current version, verified. A current version that fails verification stops the start:
+    the service never picks another version by itself (an operator promotes or rolls back)."""
+    try:
+        return load_policy(settings.store, settings.device)
+    except PolicyRejected as exc:
+        raise StartupError(
+            f"the current model cannot serve, not starting: {exc} "
+            "(`saco models rollback` or `saco models promote VERSION` picks one that verifies)"
+        ) from None
+
+
 def run(store: str, host: str = "127.0.0.1", port: int = 8000, redis_url: str | None = None) -> None:
-    """Serve the current model of `store`; `redis_url` None falls back to SACO_REDIS_URL, else embedded."""
+    """Serve the current model of `store`; `redis_url` None falls back to SACO_REDIS_URL, else embedded.
+    What would stop the start is checked first and raised as one StartupError: settings, Redis URL,
+    port, the current model."""
     overrides: dict[str, Any] = {"store": store}
     if redis_url is not None:
         overrides["redis_url"] = redis_url
-    settings = Settings(**overrides)
+    settings = load_settings(overrides)
+    if settings.redis_url is not None:
+        check_redis_url(settings.redis_url)
+    check_port(host, port)
     keep_freed_memory()
     cpus = settings.cpu_set()
     if cpus is not None:
         pin_process(cpus)
+    policy = load_current_policy(settings)
     app = create_app(settings)
+    app.state.policy = policy  # loaded and verified above: the app's start-up serves it
     uvicorn.run(
         app,
         host=host,
@@ -78,4 +146,7 @@ if __name__ == "__main__":
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--redis-url", default=None)
     ns = parser.parse_args()
-    run(ns.store, ns.host, ns.port, ns.redis_url)
+    try:
+        run(ns.store, ns.host, ns.port, ns.redis_url)
+    except (StartupError, ValueError) as exc:
+        parser.exit(2, f"error: {exc}\n")

@@ -56,6 +56,16 @@ class Settings(BaseSettings):
     )
 
     max_batch: int = Field(default=1024, ge=1, description="most users in one decisions request")
+    max_body_bytes: int = Field(
+        default=4 << 20,
+        ge=1024,
+        description="largest request body in bytes (413 above it, refused before it is read or parsed)",
+    )
+    metrics_exposure: Literal["full", "aggregate", "admin"] = Field(
+        default="full",
+        description="what /metrics shows: full (per-campaign series), aggregate (no campaign label: "
+        "per-campaign counters summed, per-campaign gauges left out), admin (full, to the admin token only)",
+    )
     batcher_max_rows: int = Field(default=2048, ge=1, description="most rows in one coalesced forward")
     batcher_max_wait_ms: float = Field(default=1.0, ge=0, le=2.0, description="longest a row waits for company")
     batcher_queue_size: int = Field(default=256, ge=1, description="most requests waiting for inference (then 503)")
@@ -97,6 +107,8 @@ class Settings(BaseSettings):
             raise ValueError("reservation_expiry_s must not exceed decision_ttl_s (a reservation outlives its record)")
         if self.max_batch > self.batcher_max_rows:
             raise ValueError("max_batch must not exceed batcher_max_rows")
+        if self.metrics_exposure == "admin" and (self.admin_token is None or not self.admin_token.get_secret_value()):
+            raise ValueError("metrics_exposure 'admin' needs SACO_ADMIN_TOKEN (the token that reads /metrics)")
         return self
 
     @field_validator("cpus")

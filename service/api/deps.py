@@ -31,21 +31,24 @@ CampaignId = Annotated[str, Path(pattern=CAMPAIGN_ID_PATTERN, description=CAMPAI
 _bearer = HTTPBearer(auto_error=False)
 
 
-async def require_admin(
-    runtime: RuntimeDep,
-    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
-) -> None:
-    """Bearer SACO_ADMIN_TOKEN. Without a configured token the admin routes do not exist (404)."""
-    token = runtime.settings.admin_token
+def check_admin(request: Request) -> None:
+    """Bearer SACO_ADMIN_TOKEN (401 without it). Without a configured token the admin routes do not
+    exist (404). Runs before the request's body is read (the admin routes' route class calls it)."""
+    token = request.app.state.settings.admin_token
     if token is None or not token.get_secret_value():
         raise HTTPException(status.HTTP_404_NOT_FOUND, "admin API is disabled (SACO_ADMIN_TOKEN is not set)")
-    given = credentials.credentials if credentials is not None else ""
-    if not hmac.compare_digest(given.encode(), token.get_secret_value().encode()):
+    scheme, _, given = request.headers.get("authorization", "").partition(" ")
+    if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), token.get_secret_value().encode()):
         raise HTTPException(
             status.HTTP_401_UNAUTHORIZED,
             "missing or wrong admin bearer token",
             headers={"WWW-Authenticate": "Bearer"},
         )
+
+
+async def require_admin(request: Request, _: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]) -> None:
+    """The admin check as a dependency: declares the bearer scheme in the OpenAPI document."""
+    check_admin(request)
 
 
 AdminDep = Depends(require_admin)

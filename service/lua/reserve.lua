@@ -13,7 +13,9 @@
 --   expected   (optional) per item, the model's expected cost of each action for that user (cents, index =
 --              action + 1; an empty list: none): what an expected reservation starts from, and in either
 --              mode the prediction settlement compares the realised cost with
--- Returns {'missing'} for an unknown campaign, else {remaining cents, then per item: action, cost, flag,
+-- Returns {'missing'} for an unknown campaign, {'conflict', item} (1-based, nothing written) when an item's
+--   request_id was used before, or earlier in the batch, by another user, else {remaining cents, then per
+--   item: action, cost, flag,
 --   then the earlier record of each item with flag 0, in item order}.
 --   flag 0 = earlier decision returned again (record = "id\taction\tcost\tversion\tlambda\tuser"),
 --   1 = new, 2 = new and the preferred coupon did not fit.
@@ -42,6 +44,16 @@
 --   by action; any other item takes the greedy first fit above. The logged probability of the action is
 --   what the policy gave it with these candidates: rate / k, plus 1 - rate for the greedy action.
 local campaign, pending, records = KEYS[1], KEYS[2], KEYS[3]
+do -- a request_id names one user's decision: another user reusing it gets nothing, and nothing is written
+  local owners = {}
+  for _, request in ipairs(cjson.decode(ARGV[7]).requests) do
+    local key, user = KEYS[request[2]], request[3]
+    local earlier = owners[key] or redis.call('GET', key)
+    local owner = earlier and (owners[key] or string.match(earlier, '^[^\t]*\t[^\t]*\t[^\t]*\t[^\t]*\t[^\t]*\t(.*)$'))
+    if owner and owner ~= user then return {'conflict', request[1]} end
+    owners[key] = user
+  end
+end
 local ledger = redis.call('HMGET', campaign, 'budget', 'spent', 'reserved', 'coupons', 'reservation_mode',
   'overspend_risk', 'outstanding_var')
 if not ledger[1] then return {'missing'} end

@@ -15,6 +15,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from urllib.parse import quote
 
 import redis
 
@@ -92,12 +93,15 @@ def start_redis(
     extra_args: tuple[str, ...] = (),
     die_with_parent: bool = False,
     timeout_s: float = 10.0,
+    password: str | None = None,
+    database: int = 0,
 ) -> RedisServer:
     """Start a redis-server and wait until it answers PING.
 
     It listens on `unix_socket` when given (no TCP port then), else on 127.0.0.1:`port` (a free one by
     default). Its files (append-only file, cluster config, log) go to `directory` (a fresh temporary
-    directory, removed on stop, by default)."""
+    directory, removed on stop, by default). With `password` it requires that password (the URL carries
+    it); the URL names `database`."""
     owned = directory is None
     directory = Path(tempfile.mkdtemp(prefix="saco-redis-")) if directory is None else directory
     directory.mkdir(parents=True, exist_ok=True)
@@ -105,11 +109,14 @@ def start_redis(
     args += ["--appendonly", "yes" if append_only else "no"]
     if unix_socket is not None:
         args += ["--port", "0", "--unixsocket", str(unix_socket), "--unixsocketperm", "700"]
-        url = f"unix://{unix_socket}"
+        url = f"unix://{unix_socket}" + (f"?db={database}" if database else "")
     else:
         port = port or free_port()
         args += ["--port", str(port), "--bind", "127.0.0.1"]
-        url = f"redis://127.0.0.1:{port}/0"
+        userinfo = "" if password is None else f":{quote(password, safe='')}@"
+        url = f"redis://{userinfo}127.0.0.1:{port}/{database}"
+    if password is not None:
+        args += ["--requirepass", password]
     log_path = directory / "redis.log"
     args += ["--logfile", str(log_path), *extra_args]
     process = subprocess.Popen(

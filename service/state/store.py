@@ -61,6 +61,7 @@ from service.state.types import (
     Outcome,
     PacedState,
     Pacing,
+    RequestIdConflict,
     ReservedDecision,
     ReserveItem,
     ReserveResult,
@@ -539,6 +540,9 @@ class StateStore:
         reply = await self._eval("reserve", keys, args)
         if reply[0] == b"missing":
             raise CampaignNotFound(campaign_id)
+        if reply[0] == b"conflict":
+            position = int(reply[1]) - 1
+            raise RequestIdConflict(cast(str, items[position].request_id), position)
         end = 3 * len(items) + 1
         replays = iter(reply[end:])  # the earlier decisions of repeated request ids (flag 0), in item order
         decisions = [

@@ -31,6 +31,16 @@ class CostAboveReservation(ValueError):
         self.index = index
 
 
+class RequestIdConflict(ValueError):
+    """A request_id that already names another user's decision (or is given twice in one batch for two
+    users); the whole batch is refused and nothing is reserved."""
+
+    def __init__(self, request_id: str, item: int) -> None:
+        super().__init__(f"request_id {request_id!r} already names a decision for another user")
+        self.request_id = request_id
+        self.item = item  # the position of the item in the reserved batch
+
+
 @dataclass(frozen=True)
 class CampaignSettings:
     """What an operator sets of a campaign (PUT / PATCH); the store keeps each as a field of its hash."""
@@ -155,6 +165,11 @@ class CampaignState:
     @property
     def remaining(self) -> int:
         return max(0, self.budget - self.spent - self.reserved)
+
+    @property
+    def excess(self) -> int:
+        """How far spent + reserved is above the budget (an operator lowered it below them; CONTRACT 4)."""
+        return max(0, self.spent + self.reserved - self.budget)
 
     @property
     def config(self) -> CampaignConfig:

@@ -5,19 +5,27 @@ from typing import Any
 from fastapi import APIRouter, HTTPException, status
 
 from service.api.deps import AdminDep, CampaignId, EngineDep, RuntimeDep
-from service.api.route import OrjsonRoute
+from service.api.route import AdminRoute
 from service.policy import PolicyRejected
-from service.schemas import CampaignPatch, CampaignPut, CampaignView, ReloadResponse
+from service.schemas import CampaignPatch, CampaignPut, CampaignView, ReloadResponse, error_responses
 
-router = APIRouter(prefix="/v1/admin", tags=["admin"], dependencies=[AdminDep], route_class=OrjsonRoute)
+# AdminRoute checks the token before the body is read; the dependency declares the scheme in OpenAPI
+router = APIRouter(
+    prefix="/v1/admin",
+    tags=["admin"],
+    dependencies=[AdminDep],
+    route_class=AdminRoute,
+    responses=error_responses(401, 404, 503),
+)
+BODY_ERRORS = error_responses(413, 415)
 
 
-@router.put("/campaigns/{campaign_id}", response_model=CampaignView)
+@router.put("/campaigns/{campaign_id}", response_model=CampaignView, responses=BODY_ERRORS)
 async def put_campaign(campaign_id: CampaignId, body: CampaignPut, engine: EngineDep) -> dict[str, Any]:
     return await engine.put_campaign(campaign_id, body)
 
 
-@router.patch("/campaigns/{campaign_id}", response_model=CampaignView)
+@router.patch("/campaigns/{campaign_id}", response_model=CampaignView, responses=BODY_ERRORS)
 async def patch_campaign(campaign_id: CampaignId, body: CampaignPatch, engine: EngineDep) -> dict[str, Any]:
     return await engine.patch_campaign(campaign_id, body)
 
@@ -27,7 +35,7 @@ async def get_campaign(campaign_id: CampaignId, engine: EngineDep) -> dict[str, 
     return await engine.get_campaign(campaign_id)
 
 
-@router.post("/models/reload")
+@router.post("/models/reload", responses=error_responses(409))
 async def reload_model(runtime: RuntimeDep) -> ReloadResponse:
     """Load the store's current version, verify it (checksum, dimensions, test forward), then swap."""
     try:

@@ -1,9 +1,11 @@
 from __future__ import annotations
 
-from fastapi import APIRouter, Response, status
+from fastapi import APIRouter, Request, Response, status
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from service.api.deps import RuntimeDep
+from service.api.deps import RuntimeDep, check_admin
+from service.metrics import WithoutCampaigns
+from service.schemas import error_responses
 
 router = APIRouter(tags=["operations"])
 
@@ -21,6 +23,21 @@ async def readyz(runtime: RuntimeDep, response: Response) -> dict[str, object]:
     return {"ready": store_ok, "model_version": runtime.policies.current.version, "state_store": store_ok}
 
 
-@router.get("/metrics")
-async def metrics(runtime: RuntimeDep) -> Response:
-    return Response(generate_latest(runtime.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+@router.get(
+    "/metrics",
+    response_class=Response,
+    responses={
+        200: {
+            "description": "Prometheus text exposition format; what it shows is SACO_METRICS_EXPOSURE's choice",
+            "content": {"text/plain": {"schema": {"type": "string"}}},
+        },
+        **error_responses(401),
+    },
+)
+async def metrics(runtime: RuntimeDep, request: Request) -> Response:
+    exposure = runtime.settings.metrics_exposure
+    if exposure == "admin":
+        check_admin(request)
+    registry = runtime.metrics.registry
+    body = generate_latest(WithoutCampaigns(registry) if exposure == "aggregate" else registry)
+    return Response(body, media_type=CONTENT_TYPE_LATEST)

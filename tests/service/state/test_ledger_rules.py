@@ -8,7 +8,14 @@ import time
 import pytest
 from conftest import Run, item, put, reserve
 
-from service.state import CampaignNotFound, CampaignSettings, CampaignUpdate, CostAboveReservation, Outcome
+from service.state import (
+    CampaignNotFound,
+    CampaignSettings,
+    CampaignUpdate,
+    CostAboveReservation,
+    Outcome,
+    RequestIdConflict,
+)
 from service.state.store import StateStore
 
 
@@ -95,14 +102,23 @@ def test_preferences_below_no_coupon_and_coupons_not_offered_are_never_issued(ru
 def test_request_id_is_idempotent(run: Run) -> None:
     async def scenario(store: StateStore) -> None:
         await store.upsert_campaign("c", put(10_000))
-        first = await reserve(store, "c", [item("u1", [3, 0], "r1"), item("u2", [2, 0], "r1")])
+        first = await reserve(store, "c", [item("u1", [3, 0], "r1"), item("u1", [2, 0], "r1")])
         ids = [d.decision_id for d in first.decisions]
         assert ids[0] == ids[1] and [d.new for d in first.decisions] == [True, False]  # one request_id twice
-        again = await reserve(store, "c", [item("other", [1, 0], "r1")])
+        again = await reserve(store, "c", [item("u1", [1, 0], "r1")])
         d = again.decisions[0]
         assert (d.decision_id, d.action, d.cost, d.user_id, d.new) == (ids[0], 3, 1000, "u1", False)
+        # another user's request id, or one request id for two users in a batch: refused, nothing written
+        for items in (
+            [item("u3", [1, 0], "r3"), item("other", [1, 0], "r1")],
+            [item("a", [1, 0], "r2"), item("b", [1, 0], "r2")],
+        ):
+            with pytest.raises(RequestIdConflict) as conflict:
+                await reserve(store, "c", items)
+            assert conflict.value.item == 1 and conflict.value.request_id == items[1].request_id
+        assert [d.new for d in (await reserve(store, "c", [item("u3", [0], "r3")])).decisions] == [True]
         state = await store.get_campaign("c")
-        assert state is not None and state.reserved == 1000 and state.decisions == 1
+        assert state is not None and state.reserved == 1000 and state.decisions == 2
 
     run(scenario)
 
