@@ -197,7 +197,7 @@ def publish_oracle(model_store: Path, oracle_store: Path, lam: float) -> None:
         raise SystemExit(f"the oracle needs feature_dim = 2 x num_actions, the model has {dim} and {k}")
     for name in ("version", "created_at", "model_sha256"):
         manifest.pop(name, None)
-    manifest.update(lambda_table=[], default_lambda=lam, metrics={}, score_terms=True)
+    manifest.update(lambda_table=[], default_lambda=lam, metrics={}, score_terms=True, cost_ratios=[])
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "model.pt"
         save_scripted(OracleScores(k), path)
@@ -298,6 +298,8 @@ class CampaignResult:
     seed: int
     budget: float
     spent: list[float] = field(default_factory=list)  # realised spend after each round's outcomes
+    # the world's exact expected cost of the decisions made, after each round: spend without purchase noise
+    expected_spent: list[float] = field(default_factory=list)
     lams: list[float] = field(default_factory=list)  # the campaign's lambda after each round
     request_lams: list[float] = field(default_factory=list)  # the lambda of each decision request
     coupons: int = 0
@@ -418,6 +420,7 @@ class Runner:
             result.redeemed += int(((actions > 0) & (response.cost > 0)).sum())
             result.expected_revenue += float(response.expected_reward.sum())
             result.expected_cost += float(response.expected_cost.sum())
+            result.expected_spent.append(result.expected_cost)
             result.realised_revenue += float(np.round(response.reward, 2).sum())
             result.realised_cost += float(response.cost.sum())
         result.reserved_end, result.overrun = view["reserved"], view["overrun"]
@@ -611,6 +614,7 @@ def summarise(run: WorldRun, variant: Variant, users: int) -> dict[str, Any]:
     column = {s: i for i, s in enumerate(run.seeds)}
     barate = np.array([r.spent[-1] / r.budget for r in rows])
     first = np.array([r.spent[0] / (r.budget / len(r.spent)) for r in rows])
+    first_expected = np.array([r.expected_spent[0] / (r.budget / len(r.spent)) for r in rows])
     over = barate[barate > 1.0] - 1.0
     vs_oracle, vs_model, outside = [], [], 0
     cal = run.model_curve.lams.index(min(run.model_curve.lams, key=lambda x: abs(x - run.lam_runs[0])))
@@ -641,6 +645,10 @@ def summarise(run: WorldRun, variant: Variant, users: int) -> dict[str, Any]:
         "first_tenth_p5": q(first, 5),
         "first_tenth_p95": q(first, 95),
         "first_tenth_within_10pct": float((np.abs(first - 1) <= 0.10).mean()),
+        "first_tenth_expected_median": q(first_expected, 50),
+        "first_tenth_expected_p5": q(first_expected, 5),
+        "first_tenth_expected_p95": q(first_expected, 95),
+        "first_tenth_expected_within_10pct": float((np.abs(first_expected - 1) <= 0.10).mean()),
         "end_within_3pct": float((np.abs(barate - 1) <= 0.03).mean()),
         "vs_oracle_median": q(vs_oracle, 50),
         "vs_model_median": q(vs_model, 50),
@@ -656,10 +664,11 @@ def summarise(run: WorldRun, variant: Variant, users: int) -> dict[str, Any]:
 def table(summaries: list[dict[str, Any]]) -> str:
     head = (
         "| world | variant | n | redeemed | BARate median [p5, p95] | overspend freq / worst | spend/plan at 1/10 "
-        "median [p5, p95] | within 10% at 1/10 | within 3% at end | rev / oracle (equal spend) | "
-        "rev / model offline (equal spend) | rev, spend / model offline at calibrated lambda |"
+        "median [p5, p95] | within 10% at 1/10 | expected spend/plan at 1/10 median [p5, p95] | within 10% | "
+        "within 3% at end | rev / oracle (equal spend) | rev / model offline (equal spend) | "
+        "rev, spend / model offline at calibrated lambda |"
     )
-    lines = [head, "|" + "---|" * 12]
+    lines = [head, "|" + "---|" * 14]
     for s in summaries:
         over = f"{s['overspend_freq']:.3f} / {100 * s['overspend_worst']:.2f}%"
         lines.append(
@@ -667,7 +676,10 @@ def table(summaries: list[dict[str, Any]]) -> str:
             f"{s['barate_median']:.3f} [{s['barate_p5']:.3f}, {s['barate_p95']:.3f}] | "
             f"{'n/a (budget x10)' if s['variant'] == 'open-cal' else over} | "
             f"{s['first_tenth_median']:.3f} [{s['first_tenth_p5']:.3f}, {s['first_tenth_p95']:.3f}] | "
-            f"{s['first_tenth_within_10pct']:.2f} | {s['end_within_3pct']:.2f} | {s['vs_oracle_median']:.3f} | "
+            f"{s['first_tenth_within_10pct']:.2f} | {s['first_tenth_expected_median']:.3f} "
+            f"[{s['first_tenth_expected_p5']:.3f}, {s['first_tenth_expected_p95']:.3f}] | "
+            f"{s['first_tenth_expected_within_10pct']:.2f} | {s['end_within_3pct']:.2f} | "
+            f"{s['vs_oracle_median']:.3f} | "
             f"{s['vs_model_median']:.3f} | {s['same_lambda_revenue_median']:.3f}, {s['same_lambda_spend_median']:.3f} |"
         )
     return "\n".join(lines)
@@ -682,6 +694,9 @@ def targets(runs: list[WorldRun], summaries: list[dict[str, Any]], users: int) -
 
     def first(rs: list[CampaignResult]) -> np.ndarray:
         return np.array([r.spent[0] / (r.budget / len(r.spent)) for r in rs])
+
+    def first_expected(rs: list[CampaignResult]) -> np.ndarray:
+        return np.array([r.expected_spent[0] / (r.budget / len(r.spent)) for r in rs])
 
     def verdict(ok: bool) -> str:
         return "PASS" if ok else "FAIL"
@@ -727,7 +742,7 @@ def targets(runs: list[WorldRun], summaries: list[dict[str, Any]], users: int) -
         for mode in ("expected", "strict"):
             for k in ("zero", "double"):
                 rs = rows(run.name, f"{mode}-{k}")
-                end, fst = barate(rs), first(rs)
+                end, fst, fst_exp = barate(rs), first(rs), first_expected(rs)
                 where = f"pacing from {START_NAMES[k]}, {run.name}, {mode}"
                 out.append(
                     f"{verdict(bool(np.all(np.abs(end - 1) <= 0.03)))} {where}: "
@@ -738,6 +753,11 @@ def targets(runs: list[WorldRun], summaries: list[dict[str, Any]], users: int) -
                     f"{verdict(bool(np.all(np.abs(fst - 1) <= 0.10)))} {where}: "
                     f"spend after the first tenth within 10% of plan in {(np.abs(fst - 1) <= 0.10).mean():.2f} "
                     f"of campaigns (median {np.median(fst):.3f})"
+                )
+                out.append(
+                    f"{verdict(bool(np.all(np.abs(fst_exp - 1) <= 0.10)))} {where}: "
+                    f"expected spend (no purchase noise) after the first tenth within 10% of plan in "
+                    f"{(np.abs(fst_exp - 1) <= 0.10).mean():.2f} of campaigns (median {np.median(fst_exp):.3f})"
                 )
     for s in summaries:
         if s["variant"] in ("open-cal", "oracle-strict-cal"):

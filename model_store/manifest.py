@@ -53,6 +53,11 @@ class Manifest:
     # The module also exports `score_terms` -> [B, 3K]: the revenue and cost terms of the score (score =
     # revenue - lambda * cost) and each coupon's expected cost now for the user (currency units).
     score_terms: bool = False
+    # Per decision index (a user's 0th, 1st, ... decision in a campaign; the last entry for later ones): the
+    # ratio of the learned environment's expected cost of the coupons the policy chooses to the policy's own
+    # expected cost now of them, measured by `saco calibrate` at its lambda. The service multiplies the
+    # expected costs it reserves and paces with by it; empty: no correction.
+    cost_ratios: list[float] = field(default_factory=list)
     lambda_table: list[LambdaPoint] = field(default_factory=list)
     default_lambda: float | None = None
     data_sha256: str = ""
@@ -87,6 +92,11 @@ class Manifest:
         for i, cost in enumerate(self.action_costs):
             if not _number(cost) or not math.isfinite(cost):
                 raise ValueError(f"manifest field action_costs[{i}] must be a finite number, got {cost!r}")
+        if not isinstance(self.cost_ratios, list):
+            raise ValueError(f"manifest field cost_ratios must be a list of numbers, got {self.cost_ratios!r}")
+        for i, ratio in enumerate(self.cost_ratios):
+            if not _number(ratio) or not math.isfinite(ratio) or ratio <= 0:
+                raise ValueError(f"manifest field cost_ratios[{i}] must be a positive finite number, got {ratio!r}")
 
     def lambda_for_budget_per_user(self, budget_per_user: float) -> float | None:
         """Smallest calibrated lambda whose spend per user fits `budget_per_user` (None without a table)."""

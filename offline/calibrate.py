@@ -34,6 +34,7 @@ from scipy.optimize import minimize
 if TYPE_CHECKING:
     from model_store import ModelStore
     from offline.logs import Logs
+    from offline.policy import Environment, SequencePolicy
 
 TARGET_LOW = 0.98  # BARate = C / B target band [0.98, 1.00]
 RESERVATIONS = ("strict", "none")
@@ -382,8 +383,15 @@ def calibrate_artifact(
         "users": n_users,
         "seed": seed,
     }
+    cost_ratios: list[float] = []
+    if m.score_terms:
+        say(f"expected-cost ratios per decision index at lambda {result.lam:.4g}: one more pass")
+        cost_ratios = expected_cost_ratios(env, policy, result.lam, n_users, seed)
+        say(f"expected-cost ratios: {', '.join(f'{r:.3f}' for r in cost_ratios)}")
+    summary["cost_ratios"] = cost_ratios
     store.update_manifest(
         artifact.version,
+        cost_ratios=cost_ratios,
         lambda_table=table,
         default_lambda=result.lam,
         metrics={**m.metrics, "env_fit": env.fit_metrics, "calibration": summary},
@@ -396,6 +404,32 @@ def calibrate_artifact(
         "seed": seed,
         "version": artifact.version,
     }
+
+
+COST_RATIO_BOUNDS = (0.5, 2.0)  # a correction beyond these says the environment, not the policy, is off
+
+
+def expected_cost_ratios(env: Environment, policy: SequencePolicy, lam: float, n_users: int, seed: int) -> list[float]:
+    """Per round of the environment: its expected cost of the coupons `policy` chooses at `lam` over the
+    policy's own expected cost now of them. The policy's expected costs are off by round (how much history a
+    user has) and, being the ones its argmax favours, low where it under-predicts; the service corrects the
+    expected costs it reserves and paces with by these ratios before any outcome has settled."""
+    from offline.policy import SequencePolicy, rollout
+
+    class Tracking(SequencePolicy):
+        def act(
+            self, features: np.ndarray, t: int, lam: float, expected: tuple[np.ndarray, np.ndarray] | None = None
+        ) -> np.ndarray:
+            actions = super().act(features, t, lam, expected)
+            predicted[t] = float(self.expected_costs_now(lam)[np.arange(len(actions)), actions].sum())
+            return actions
+
+    predicted = np.zeros(env.rounds)
+    tracking = Tracking(policy.module, policy.L, policy.initial_rtg, policy.initial_ctg, policy.d)
+    result = rollout(env, tracking, lam, n_users=n_users, seed=seed)
+    low, high = COST_RATIO_BOUNDS
+    ratios = np.where(predicted > 0, result.cost_by_round / np.maximum(predicted, 1e-12), 1.0)
+    return [round(float(r), 6) for r in np.clip(ratios, low, high)]
 
 
 def face_values(data: Logs) -> list[float]:

@@ -285,6 +285,23 @@ class SequencePolicy(Policy):
                 )
         return torch.cat(parts).numpy()
 
+    def expected_costs_now(self, lam: float) -> np.ndarray:
+        """[n, K]: each coupon's expected cost now (the exported module's `score_terms`, last K columns) at
+        the current step; call after `scores` of that step."""
+        n = self.states.shape[0]
+        lam_t = torch.full((n,), float(lam), dtype=torch.float32)
+        score_terms: Any = self.module.score_terms
+        history = (self.states, self.actions, self.rtg, self.ctg, self.timesteps)
+        parts = []
+        with torch.inference_mode():
+            for i in range(0, n, self.batch_size):
+                sl = slice(i, i + self.batch_size)
+                terms = score_terms(
+                    *(torch.from_numpy(x[sl]) for x in history), lam_t[sl], torch.from_numpy(self.mask[sl])
+                )
+                parts.append(terms[:, 2 * terms.shape[1] // 3 :])
+        return torch.cat(parts).numpy()
+
     def observe(self, actions: np.ndarray, reward: np.ndarray, cost: np.ndarray) -> None:
         self.actions[:, -1] = actions
         assert self.rtg_now is not None

@@ -103,13 +103,21 @@ class ScoreTerms:
     expected: np.ndarray  # [B, K] int64: each coupon's expected cost now, cents, within [0, the coupon's cost]
 
     @staticmethod
-    def split(outputs: np.ndarray, campaign: CampaignConfig) -> ScoreTerms:
+    def split(
+        outputs: np.ndarray, campaign: CampaignConfig, cost_ratios: list[float], decision_index: np.ndarray
+    ) -> ScoreTerms:
+        """`cost_ratios` (the manifest's, by decision index; the last for later decisions) correct the
+        expected costs of each row's `decision_index`-th decision."""
         k = outputs.shape[1] // 3
         faces = np.zeros(k, np.float64)
         for action, cents in campaign.coupons.items():
             if 0 < action < k:
                 faces[action] = cents
-        expected = np.rint(np.clip(outputs[:, 2 * k :].astype(np.float64) * 100, 0, faces)).astype(np.int64)
+        predicted = outputs[:, 2 * k :].astype(np.float64) * 100
+        if cost_ratios:
+            ratios = np.asarray(cost_ratios, np.float64)
+            predicted *= ratios[np.minimum(decision_index, len(ratios) - 1)][:, None]
+        expected = np.rint(np.clip(predicted, 0, faces)).astype(np.int64)
         return ScoreTerms(outputs[:, :k], outputs[:, k : 2 * k], expected)
 
     def scores(self, lam: float) -> np.ndarray:
@@ -286,7 +294,7 @@ class DecisionEngine:
             outputs = await self.batcher.scores(policy, inputs, ticket)
         scores, expected = outputs, None
         if policy.manifest.score_terms:
-            terms = ScoreTerms.split(outputs, campaign)
+            terms = ScoreTerms.split(outputs, campaign, policy.manifest.cost_ratios, inputs.timesteps[:, -1])
             lam = self._request_lambda(campaign, terms, lam, policy.manifest)
             scores, expected = terms.scores(lam), terms.expected
         order, items = choose(scores, expected, campaign, body, features.astype("<f4", copy=False), self.rng)

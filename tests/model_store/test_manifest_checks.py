@@ -75,6 +75,9 @@ def test_a_version_without_checksums_is_refused(store: ModelStore) -> None:
         ("lambda_table", [{"lam": 1.0, "cost_per_user": math.inf, "revenue_per_user": 2.0}], "cost_per_user"),
         ("lambda_table", "steep", "lambda_table must be a list"),
         ("action_costs", [1.0, math.nan], r"action_costs\[1\]"),
+        ("cost_ratios", [1.1, 0.0], r"cost_ratios\[1\] must be a positive finite number"),
+        ("cost_ratios", [math.inf], r"cost_ratios\[0\]"),
+        ("cost_ratios", 1.2, "cost_ratios must be a list"),
         ("feature_dim", True, "feature_dim must be a positive integer"),
     ],
 )

@@ -8,11 +8,19 @@ import numpy as np
 import pytest
 import torch
 
-from model_store import ModelStore
-from offline.calibrate import BudgetUnreachable, search_monotone, search_reserved, search_slsqp
+from model_store import ModelStore, load_scripted
+from offline.calibrate import (
+    COST_RATIO_BOUNDS,
+    BudgetUnreachable,
+    expected_cost_ratios,
+    search_monotone,
+    search_reserved,
+    search_slsqp,
+)
 from offline.env import LogEnvironment
 from offline.export import export_and_publish
 from offline.logs import Logs, load_logs, write_logs
+from offline.policy import SequencePolicy
 from offline.response import OutcomeModel, ResponseConfig
 from offline.simulate import simulate_logs
 from offline.train import TrainResult
@@ -154,7 +162,10 @@ def test_calibrate_twice_gives_the_same_lambda_and_shows_progress(
     one, two = (json.loads(p.stdout.strip().splitlines()[-1]) for p in (first, second))
     assert one["lambda"] == two["lambda"] and one["cost"] == two["cost"], (one, two)
     assert one["reservation"] == "strict" and one["cost"] <= float(budget)
-    assert ModelStore(store).load().manifest.default_lambda == one["lambda"]
+    manifest = ModelStore(store).load().manifest
+    assert manifest.default_lambda == one["lambda"]
+    assert len(manifest.cost_ratios) == 5, manifest.cost_ratios  # one per round of the environment
+    assert all(COST_RATIO_BOUNDS[0] <= r <= COST_RATIO_BOUNDS[1] for r in manifest.cost_ratios)
     # every stage is on stderr as it happens, in order
     lines = first.stderr.splitlines()
     stages = ["loaded model", "fitting the response model", "epoch 1/", "pass 1 (", "predicted spend"]
@@ -163,3 +174,30 @@ def test_calibrate_twice_gives_the_same_lambda_and_shows_progress(
     numbers = [int(line.split("pass ")[1].split(" ")[0]) for line in lines if "] pass " in line]
     assert lines[0].startswith(("[  0.", "[  1.")) and numbers == list(range(1, len(numbers) + 1))
     assert len(numbers) > one["passes"]  # the passes without a ledger, then through it, then the table
+
+
+def test_cost_ratios_undo_a_policy_s_bias_in_its_expected_costs(
+    tmp_path: Path, tiny_logs: Logs, tiny_model: TrainResult, tiny_env: LogEnvironment
+):
+    """A policy whose expected costs are doubled (its decisions unchanged) gets half the unscaled policy's
+    ratios: the environment's costs of the same choices over predictions twice as large."""
+    store = ModelStore(tmp_path / "store")
+    artifact = export_and_publish(tiny_model, tiny_logs, store)
+    m = artifact.manifest
+
+    def policy(bias: float) -> SequencePolicy:
+        module = load_scripted(artifact.model_path)
+        with torch.no_grad():
+            module.cost_weight.mul_(bias)
+            module.cost_bias.mul_(bias)
+        return SequencePolicy(module, m.context_length, m.initial_rtg, m.initial_ctg, m.feature_dim)
+
+    lam = 0.5
+    plain = np.array(expected_cost_ratios(tiny_env, policy(1.0), lam, 500, seed=3))
+    biased = np.array(expected_cost_ratios(tiny_env, policy(2.0), lam, 500, seed=3))
+    assert plain.shape == (tiny_env.rounds,)
+    low, high = COST_RATIO_BOUNDS
+    inside = (plain > low) & (plain < high) & (plain / 2 > low)  # neither clipped
+    assert inside.any(), plain
+    np.testing.assert_allclose(biased[inside], plain[inside] / 2, rtol=1e-4)
+    assert expected_cost_ratios(tiny_env, policy(1.0), lam, 500, seed=3) == plain.tolist()  # seeded

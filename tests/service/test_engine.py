@@ -107,3 +107,15 @@ def test_plan_lambda_is_the_smallest_lambda_whose_expected_spend_fits() -> None:
     assert plan_lambda(terms, campaign, 0, 2.5) == 2.5  # not reachable within lambda max
     paced = CampaignConfig("c", campaign.settings, PacedState(0.0, None, {1: 2.0}))  # costs twice the predictions
     assert plan_lambda(terms, paced, 250, 10.0) == pytest.approx(2.0, abs=1e-5)
+
+
+def test_score_terms_expected_costs_follow_the_cost_ratio_of_each_decision_index() -> None:
+    """Expected costs (cents) are the model's times the manifest's ratio for that user's decision index (the
+    last ratio for later decisions), never above the coupon's cost; without ratios they are the model's."""
+    campaign = CampaignConfig("c", CampaignSettings(budget=10_000, coupons={1: 500, 2: 100}))
+    outputs = np.zeros((3, 9), np.float32)
+    outputs[:, 7:] = [[1.0, 0.9], [1.0, 0.9], [1.0, 0.9]]  # expected cost now: 1.00 and 0.90 currency units
+    plain = ScoreTerms.split(outputs, campaign, [], np.array([0, 1, 7]))
+    assert plain.expected.tolist() == [[0, 100, 90]] * 3
+    corrected = ScoreTerms.split(outputs, campaign, [1.5, 0.5], np.array([0, 1, 7]))
+    assert corrected.expected.tolist() == [[0, 150, 100], [0, 50, 45], [0, 50, 45]]  # 135 capped at the cost 100

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
-from svc_http import ADMIN, campaign_body, users
+from svc_http import ADMIN, campaign_body, republish, users
 
 
 def put(client: TestClient, cid: str = "p1", **extra: Any) -> Any:
@@ -101,6 +102,31 @@ def test_expected_mode_reserves_the_models_expected_cost_of_each_coupon(client: 
     assert reserved["strict"][0] == pytest.approx(reserved["strict"][1])
     assert reserved["expected"][1] == reserved["strict"][1] > 0  # the same coupons at lambda 0
     assert 0 < reserved["expected"][0] < reserved["expected"][1]
+
+
+def test_expected_reservations_follow_the_manifest_s_cost_ratios(
+    client: TestClient, model_store_dir: Path, feature_dim: int
+) -> None:
+    """A model whose calibration found its expected costs half the environment's (cost_ratios 2 for a user's
+    first decision) reserves twice its expected costs for first decisions, never more than the coupon's
+    cost; later decisions use the last ratio (1: the model's own)."""
+    body = {"requests": users(60, feature_dim, prefix="r")}
+
+    def first_and_second(cid: str) -> tuple[float, float, float]:
+        put(client, cid=cid, reservation_mode="expected", **{"lambda": 0.0})
+        views = []
+        for _ in range(2):  # the same users twice: their first, then their second decision
+            decisions = client.post(f"/v1/campaigns/{cid}/decisions", json=body).json()["decisions"]
+            views.append(client.get(f"/v1/admin/campaigns/{cid}", headers=ADMIN).json()["reserved"])
+        return views[0], views[1] - views[0], sum(d["cost"] for d in decisions)
+
+    plain_first, plain_second, faces = first_and_second("plain")
+    republish(model_store_dir, cost_ratios=[2.0, 1.0])
+    assert client.post("/v1/admin/models/reload", headers=ADMIN).json()["changed"]
+    first, second, _ = first_and_second("corrected")
+    assert 0 < plain_first < faces / 2  # room to double below the coupons' costs
+    assert first == pytest.approx(2 * plain_first, abs=0.01 * 60)  # cents rounded per coupon
+    assert second == pytest.approx(plain_second, abs=0.01)
 
 
 def test_resolve_pacing_spends_each_request_its_share_of_the_budget(client: TestClient, feature_dim: int) -> None:
