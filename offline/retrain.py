@@ -101,8 +101,12 @@ def incumbent_weights(artifact: Artifact, cfg: TrainConfig) -> dict[str, Any]:
     differs = {k: (have.get(k), v) for k, v in wanted.items() if k != "train" and _plain(have.get(k)) != _plain(v)}
     if differs:
         raise ValueError(f"cannot warm start from {artifact.version}: its model differs in {differs}")
+    from offline.model import SacoTransformer
+
+    own = SacoTransformer(cfg.model_config(m.feature_dim, m.num_actions)).state_dict()
     state = load_scripted(artifact.model_path).state_dict()
-    return {k[len("model.") :]: torch.as_tensor(v).clone() for k, v in state.items() if k.startswith("model.")}
+    # the export adds buffers of its own under the model (folded weights): only the model's entries
+    return {k: torch.as_tensor(state[f"model.{k}"]).clone() for k in own}
 
 
 def _plain(value: Any) -> Any:
