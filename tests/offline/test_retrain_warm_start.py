@@ -39,7 +39,7 @@ def test_a_warm_started_candidate_starts_from_the_incumbent_and_a_run_reads_only
         campaigns=["c1"],
         environment_check=False,
     )
-    first = retrain_once(cfg)
+    first = retrain_once(dataclasses.replace(cfg, train=dataclasses.replace(FAST, seed=5)))  # other initial weights
     assert first["decision"] == "promoted", first
     assert first["metrics"]["export"]["decisions"] == 2800  # both campaigns exported ...
     assert first["metrics"]["data"]["decisions"] == 1600  # ... only c1 trained on
@@ -47,7 +47,7 @@ def test_a_warm_started_candidate_starts_from_the_incumbent_and_a_run_reads_only
     incumbent = store.current_version()
     assert incumbent is not None
 
-    # a learning rate of ~0: a warm-started candidate keeps the incumbent's weights exactly, a cold one does not
+    # a learning rate of ~0: a warm-started candidate keeps the incumbent's weights (to 1e-6), a cold one does not
     frozen = dataclasses.replace(FAST, lr=1e-12)
     warm = retrain_once(dataclasses.replace(cfg, train=frozen, warm_start=True, gate=cfg.gate))
     cold = retrain_once(dataclasses.replace(cfg, train=frozen))
@@ -55,8 +55,8 @@ def test_a_warm_started_candidate_starts_from_the_incumbent_and_a_run_reads_only
     before = _model_state(store, incumbent)
     after_warm, after_cold = _model_state(store, warm["candidate"]), _model_state(store, cold["candidate"])
     assert before.keys() == after_warm.keys()
-    assert all(torch.equal(before[k], after_warm[k]) for k in before)
-    assert not all(torch.equal(before[k], after_cold[k]) for k in before)
+    assert all(torch.allclose(before[k], after_warm[k], atol=1e-6) for k in before)
+    assert not all(torch.allclose(before[k], after_cold[k], atol=1e-6) for k in before)
     assert warm["inputs"]["warm_start"] is True and warm["inputs"]["campaigns"] == ["c1"]
 
     with pytest.raises(ValueError, match="cannot warm start"):
