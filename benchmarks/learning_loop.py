@@ -158,8 +158,10 @@ def sequence_policy(artifact: Artifact) -> SequencePolicy:
 
 
 def evaluate_at_spend(world: SyntheticWorld, artifact: Artifact, users: int, seed: int, target: float) -> Evaluation:
-    """The model's exact expected revenue on `users` users of population `seed` at the lambda whose expected
-    spend is within [0.995, 1] x `target` (the monotone search of `saco calibrate`, on the world itself)."""
+    """The model's exact expected revenue on `users` users of population `seed` at expected spend `target`: the
+    monotone search of `saco calibrate` on the world itself brings spend within [0.995, 1] x `target`, then the
+    revenue is interpolated linearly to the target between the passes on either side of it (`lam` is the
+    search's answer, `cost` the target when interpolated)."""
     policy = sequence_policy(artifact)
 
     def simulate(lam: float) -> tuple[float, float]:
@@ -167,6 +169,13 @@ def evaluate_at_spend(world: SyntheticWorld, artifact: Artifact, users: int, see
         return r.revenue, r.cost
 
     found = search_monotone(simulate, target, target_low=EQUAL_SPEND_LOW)
+    # then exactly at the target: linear between the closest passes on either side of it (when there are both)
+    above = [e for e in found.history if e.cost > target]
+    if above and found.cost < target:
+        over = min(above, key=lambda e: e.cost)
+        share = (target - found.cost) / (over.cost - found.cost)
+        revenue = found.revenue + share * (over.revenue - found.revenue)
+        return Evaluation(artifact.version, found.lam, revenue, target, target, found.passes)
     return Evaluation(artifact.version, found.lam, found.revenue, found.cost, target, found.passes)
 
 
@@ -562,6 +571,10 @@ def plot(result: LoopResult, path: Path) -> None:
     ax.plot(x, y, "o-", color="tab:blue", label="serving model / first model")
     ax.plot(promoted, [p.ratio for p in result.periods if p.decision == "promoted"], "o", color="tab:green",
             label="a candidate promoted after this period")  # fmt: skip
+    refused = [p for p in result.periods if p.decision != "promoted" and p.candidate_ratio is not None]
+    if refused:
+        ax.plot([p.period for p in refused], [float(p.candidate_ratio or 0.0) for p in refused], "x", color="tab:red",
+                label="a refused candidate")  # fmt: skip
     ax.axhline(1.0, color="k", ls="--", lw=1)
     ax.set_xticks(x)
     ax.set_xlabel("period (0: the first model, trained on random logs)")
