@@ -23,7 +23,7 @@ one Redis and one model store:
    the gate's decision, the served version, lambda before and after, failed requests, and the ratio of
    the two revenues at that equal spend.
 
-    .venv/bin/python benchmarks/learning_loop.py                        # 4 periods, ~4 min on 2 cores
+    .venv/bin/python benchmarks/learning_loop.py                        # 4 periods, ~2 min on 2 cores
     .venv/bin/python benchmarks/learning_loop.py --png docs/learning_loop.png --json var/learning_loop.json
 
 Progress goes to stderr; the table (and the PNG / JSON when asked) is the output.
@@ -76,7 +76,7 @@ def say(message: str) -> None:
 @dataclass
 class LoopConfig:
     periods: int = 4
-    users: int = 2000  # a fresh cohort of the world's users served each period
+    users: int = 4000  # a fresh cohort of the world's users served each period
     rounds: int = 10
     log_users: int = 2000  # users in the random logs the first model trains on
     epochs: int = 12

@@ -30,8 +30,9 @@ def test_the_loop_promotes_reloads_every_replica_and_earns_at_least_the_first_mo
     redis_url: str, redis_prefix: str, tmp_path: Path
 ) -> None:
     loop = _benchmark()
-    # the benchmark's defaults (4 periods of 2,000 users x 10 rounds, exploration 0.2, warm start, the gate's
-    # tolerance 10%): smaller periods leave the gate too little evidence to promote anything (docs/learning_loop.md)
+    # the benchmark's defaults (4 periods of 4,000 users x 10 rounds, exploration 0.2, warm start, the gate's
+    # tolerance 10%): smaller periods leave the gate too little evidence, and the candidates too little data, to
+    # beat the first model reliably (docs/learning_loop.md)
     cfg = loop.LoopConfig(periods=4)
     result = loop.run_loop(cfg, tmp_path, redis_url, redis_prefix, log=lambda _m: None)
 
