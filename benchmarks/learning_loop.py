@@ -19,7 +19,8 @@ one Redis and one model store:
    happens under traffic; the period ends when both replicas serve the current version.
 5. The model now serving and the first model are scored offline in the world on a fresh population
    (`--eval-users`, a seed never served), each at its own lambda found so that its exact expected spend
-   matches a common target (the campaign's budget per user; BARate in [0.995, 1]). One row per period:
+   matches a common target (the campaign's budget per user; BARate in [0.995, 1], then the revenue is
+   interpolated to the target itself). One row per period:
    the gate's decision, the served version, lambda before and after, failed requests, and the ratio of
    the two revenues at that equal spend.
 
