@@ -50,6 +50,8 @@ class RetrainConfig:
     environment_check: bool = True
     now_ms: int | None = None  # default: the clock
     seed: int = 0
+    campaigns: list[str] | None = None  # train on (and recalibrate) these campaigns only; None: every campaign
+    warm_start: bool = False  # the candidate starts from the incumbent's weights (default trainer only)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -62,6 +64,8 @@ class RetrainConfig:
             "gate": asdict(self.gate),
             "epochs": self.train.epochs,
             "eval_fraction": self.eval_fraction,
+            "campaigns": self.campaigns,
+            "warm_start": self.warm_start,
         }
 
 
@@ -80,8 +84,33 @@ def _rows_of(logs: Logs, users: np.ndarray) -> np.ndarray:
     return np.isin(logs.user, users)
 
 
-def default_trainer(cfg: TrainConfig) -> Trainer:
-    return lambda logs: train(logs, cfg, progress=False)
+def default_trainer(cfg: TrainConfig, initial: dict[str, Any] | None = None) -> Trainer:
+    return lambda logs: train(logs, cfg, progress=False, initial=initial)
+
+
+def incumbent_weights(artifact: Artifact, cfg: TrainConfig) -> dict[str, Any]:
+    """The trainable model's state dict inside an exported policy (its ``model.`` entries), for a warm start.
+    Raises ValueError when the incumbent's architecture is not the one `cfg` trains."""
+    import torch
+
+    from model_store import load_scripted
+
+    m = artifact.manifest
+    wanted = cfg.model_config(m.feature_dim, m.num_actions).to_dict()
+    have = {k: v for k, v in (artifact.manifest.model_config or {}).items() if k in wanted}
+    differs = {k: (have.get(k), v) for k, v in wanted.items() if k != "train" and _plain(have.get(k)) != _plain(v)}
+    if differs:
+        raise ValueError(f"cannot warm start from {artifact.version}: its model differs in {differs}")
+    from offline.model import SacoTransformer
+
+    own = SacoTransformer(cfg.model_config(m.feature_dim, m.num_actions)).state_dict()
+    state = load_scripted(artifact.model_path).state_dict()
+    # the export adds buffers of its own under the model (folded weights): only the model's entries
+    return {k: torch.as_tensor(state[f"model.{k}"]).clone() for k in own}
+
+
+def _plain(value: Any) -> Any:
+    return list(value) if isinstance(value, tuple | list) else value
 
 
 @dataclass
@@ -231,7 +260,7 @@ def retrain_once(
             say("exporting the logs")
             report["metrics"]["export"] = export_logs(cfg.redis_url, cfg.logs, prefix=cfg.prefix).to_json()
         step = "data"
-        joined, counts = joined_decisions(cfg.logs)
+        joined, counts = joined_decisions(cfg.logs, campaigns=cfg.campaigns)
         labelled, delay_metrics = label_outcomes(joined, now_ms, cfg.delay)
         matured_cfg = DelayConfig(method="maturity", maturity_ms=cfg.delay.maturity_ms)
         matured, _ = label_outcomes(joined, now_ms, matured_cfg)
@@ -242,6 +271,9 @@ def retrain_once(
 
         step = "train"
         say(f"training a candidate on {train_logs.n_rows} decisions of {train_logs.n_users} users")
+        if trainer is None and cfg.warm_start and incumbent is not None:
+            say(f"warm start from the incumbent {incumbent}")
+            trainer = default_trainer(cfg.train, incumbent_weights(store.load(incumbent), cfg.train))
         result = (trainer or default_trainer(cfg.train))(train_logs)
         from offline.export import export_and_publish
 
@@ -282,7 +314,7 @@ def retrain_once(
             recal = recalibrate_campaigns(
                 cfg.admin_url,
                 cfg.admin_token,
-                _campaign_ids(cfg.redis_url, cfg.prefix),
+                [c for c in _campaign_ids(cfg.redis_url, cfg.prefix) if cfg.campaigns is None or c in cfg.campaigns],
                 serving,
                 env_logs,
                 seed=cfg.seed,

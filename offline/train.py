@@ -7,7 +7,7 @@ import math
 import os
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field, fields
 
 import numpy as np
@@ -97,8 +97,12 @@ def train(
     cfg: TrainConfig,
     progress: bool = True,
     batch_transform: Callable[[Batch], Batch] | None = None,
+    initial: Mapping[str, torch.Tensor] | None = None,
 ) -> TrainResult:
     """Fit the SACO model on `logs`; returns the best model on held-out users.
+
+    `initial`, if given, is a state dict of a model of the same configuration to start from (a warm start:
+    its weights and its input normalisation, so the weights keep their meaning) instead of a fresh one.
 
     `batch_transform`, if given, is applied to every training and validation batch before the model sees
     it (e.g. to zero an input for an ablation); the product trains without one.
@@ -133,6 +137,8 @@ def train(
     feats = logs.features[in_train]
     rtg_scale, ctg_scale = traj.scales()
     model.set_normalisation(torch.from_numpy(feats.mean(0)), torch.from_numpy(feats.std(0)), rtg_scale, ctg_scale)
+    if initial is not None:
+        model.load_state_dict(initial)
     if cfg.objective == "value":
         initial_rtg, initial_ctg = traj.initial_targets()
         draws = 1

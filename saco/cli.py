@@ -231,6 +231,11 @@ def learning_loop(
     epochs: Annotated[int | None, typer.Option(min=1)] = None,
     environment_check: Annotated[bool, typer.Option(help="gate on the learned environment too")] = True,
     export: Annotated[bool, typer.Option(help="export the logs first (off where `saco export --every` runs)")] = True,
+    campaign: Annotated[
+        list[str] | None,
+        typer.Option(help="train on and recalibrate only this campaign (repeat for several; default: every one)"),
+    ] = None,
+    warm_start: Annotated[bool, typer.Option(help="start the candidate from the incumbent's weights")] = False,
     every: Annotated[float | None, typer.Option(min=1, help="scheduler: seconds between runs")] = None,
     cron: Annotated[str | None, typer.Option(help='scheduler: a cron expression, e.g. "0 3 * * *"')] = None,
     runs: Annotated[int | None, typer.Option(min=1, help="scheduler: stop after so many runs")] = None,
@@ -254,6 +259,8 @@ def learning_loop(
         train=TrainConfig() if epochs is None else TrainConfig(epochs=epochs),
         environment_check=environment_check,
         export=export,
+        campaigns=campaign or None,
+        warm_start=warm_start,
     )
     if ctx.info_name == "scheduler":
         run_scheduler(cfg, every_s=every, cron=cron, runs=runs, emit=_emit, log=_say)
