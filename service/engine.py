@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
+import math
 import random
 import time
 from collections import Counter
@@ -122,6 +123,19 @@ class ScoreTerms:
 
     def scores(self, lam: float) -> np.ndarray:
         return self.revenue - np.float32(lam) * self.cost
+
+    def floored(self, campaign: CampaignConfig, min_redemption: float) -> ScoreTerms:
+        """Costs no lower than each coupon's floor: `min_redemption` of its cost, at least a cent, both the
+        expected cost now (what is reserved and planned) and the score's cost term (so that lambda prices
+        what is reserved). A model that prices a coupon near zero can be wrong by any factor; from a floor,
+        the realised / predicted ratio that corrects reservations and pacing (reserve.lua, pace.lua) can
+        grow; from zero it cannot."""
+        floors = np.zeros(self.expected.shape[1], np.int64)
+        for action, cents in campaign.coupons.items():
+            if 0 < action < len(floors):
+                floors[action] = min(cents, max(1, math.ceil(cents * min_redemption)))
+        cost = np.where(floors > 0, np.maximum(self.cost, floors.astype(np.float32) / 100), self.cost)
+        return ScoreTerms(self.revenue, cost.astype(self.cost.dtype), np.maximum(self.expected, floors))
 
 
 def plan_lambda(terms: ScoreTerms, campaign: CampaignConfig, target: float, lam_max: float) -> float:
@@ -295,6 +309,7 @@ class DecisionEngine:
         scores, expected = outputs, None
         if policy.manifest.score_terms:
             terms = ScoreTerms.split(outputs, campaign, policy.manifest.cost_ratios, inputs.timesteps[:, -1])
+            terms = terms.floored(campaign, self._min_redemption(campaign.settings))
             lam = self._request_lambda(campaign, terms, lam, policy.manifest)
             scores, expected = terms.scores(lam), terms.expected
         order, items = choose(scores, expected, campaign, body, features.astype("<f4", copy=False), self.rng)
@@ -304,16 +319,19 @@ class DecisionEngine:
                 items,
                 model_version=policy.version,
                 lam=lam,
-                now_ms=now_ms(),
                 reservation_expiry_ms=self.settings.reservation_expiry_s * 1000,
                 decision_ttl_ms=self.settings.decision_ttl_s * 1000,
                 prior_coupons=self.settings.prior_coupons,
                 exploration_rate=campaign.settings.exploration_rate,
+                plan_lead=self.settings.plan_lead,
             )
         except RequestIdConflict as exc:  # the store counts items in priority order; the caller, in its own
             raise RequestIdConflict(exc.request_id, order[exc.item]) from None
         self._record(campaign_id, order, items, reserved, contexts, policy.manifest)
         return render(order, reserved.decisions)
+
+    def _min_redemption(self, settings: CampaignSettings) -> float:
+        return self.settings.min_redemption if settings.min_redemption is None else settings.min_redemption
 
     def _request_lambda(self, campaign: CampaignConfig, terms: ScoreTerms, lam: float, manifest: Manifest) -> float:
         """With `resolve` pacing, the lambda at which this request's expected spend is its share of the
@@ -475,19 +493,21 @@ class DecisionEngine:
             if name in given and getattr(body, name) is None:
                 raise InvalidInput((name,), "must be given (it has no default)", None)
         starts_ms, ends_ms = epoch_ms(body.starts_at), epoch_ms(body.ends_at)
-        if (
-            ends_ms is not None
-            and starts_ms is None
-            and (replace or stored is None or stored.settings.starts_ms is None)
-        ):
-            starts_ms = now_ms()  # a horizon without a start begins now
-        if stored is not None and not replace:
-            starts = starts_ms if starts_ms is not None else stored.settings.starts_ms
-            ends = ends_ms if ends_ms is not None else stored.settings.ends_ms
-            if starts is not None and ends is not None and ends <= starts:
-                raise InvalidInput(("ends_at",), "must be after starts_at", body.ends_at and body.ends_at.isoformat())
+        kept = None if replace or stored is None else stored.settings  # what a PATCH leaves as it is
+        starts = starts_ms if starts_ms is not None or kept is None or "starts_at" in given else kept.starts_ms
+        ends = ends_ms if ends_ms is not None or kept is None or "ends_at" in given else kept.ends_ms
+        if ends is not None and starts is None:
+            starts = starts_ms = now_ms()  # a horizon without a start begins now
+        if starts is not None and ends is not None and ends <= starts:
+            raise InvalidInput(
+                ("ends_at",),
+                "must be after starts_at (which is now when the campaign gives none)",
+                iso(ends),
+            )
         aliases = {"lambda_": "admin_lambda", "starts_at": "starts_ms", "ends_at": "ends_ms"}
         cleared = frozenset(aliases.get(name, name) for name in given if getattr(body, name) is None)
+        if starts_ms is not None:
+            cleared -= {"starts_ms"}
         return CampaignUpdate(
             replace=replace,
             budget=None if body.budget is None else to_cents(body.budget),
@@ -503,6 +523,7 @@ class DecisionEngine:
             pacing_method=body.pacing_method,
             exploration_rate=body.exploration_rate,
             holdout_rate=body.holdout_rate,
+            min_redemption=body.min_redemption,
             cleared=cleared - {"budget", "coupons"},
         )
 
@@ -518,7 +539,7 @@ class DecisionEngine:
         return self.view(await self.store.upsert_campaign(campaign_id, update))
 
     async def get_campaign(self, campaign_id: str) -> dict[str, Any]:
-        released = await self.store.sweep_expired(campaign_id, now_ms())
+        released = await self.store.sweep_expired(campaign_id)
         if released:
             self.metrics.reservations_expired.labels(campaign=campaign_id).inc(released)
         campaign = await self.store.get_campaign(campaign_id)
@@ -564,6 +585,8 @@ class DecisionEngine:
             "pacing_error": (pacing.actual - pacing.plan) / campaign.budget if paced and campaign.budget else None,
             "exploration_rate": settings.exploration_rate,
             "holdout_rate": settings.holdout_rate,
+            "min_redemption": self._min_redemption(settings),
+            "outstanding": from_cents(campaign.outstanding),
             "explored": campaign.explored,
             "holdout": group_view(campaign.holdout),
             "treated": group_view(campaign.treated),
@@ -581,7 +604,6 @@ class DecisionEngine:
         scale = lambda_scale(manifest)
         stepped = await self.store.pace(
             campaign_id,
-            now_ms=now_ms(),
             interval_ms=int(settings.pacing_interval_s * 1000),
             start_lambda=base_lambda(campaign.settings, manifest)[0],
             step=settings.pacing_step * scale,
@@ -613,7 +635,7 @@ class DecisionEngine:
             try:
                 for campaign_id in await self.store.campaign_ids():
                     self.metrics.log_entries.labels(campaign=campaign_id).set(await self.store.log_length(campaign_id))
-                    released = await self.store.sweep_expired(campaign_id, now_ms())
+                    released = await self.store.sweep_expired(campaign_id)
                     if released:
                         self.metrics.reservations_expired.labels(campaign=campaign_id).inc(released)
                         log.info(

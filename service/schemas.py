@@ -91,6 +91,7 @@ PacingMethod = Literal["resolve", "descent"]
 OverspendRisk = Annotated[float, Field(strict=True, allow_inf_nan=False, gt=0, le=0.5)]
 Count = Annotated[int, Field(strict=True, ge=1)]
 Rate = Annotated[float, Field(strict=True, allow_inf_nan=False, ge=0, le=0.5)]
+Probability = Annotated[float, Field(strict=True, allow_inf_nan=False, ge=0, le=1)]
 
 
 class _Campaign(_Body):
@@ -128,6 +129,11 @@ class _Campaign(_Body):
     )
     holdout_rate: Rate | None = Field(
         default=None, description="share of users who never get a coupon, to measure incremental revenue (default 0)"
+    )
+    min_redemption: Probability | None = Field(
+        default=None,
+        description="expected mode: the smallest redemption probability a reservation assumes; a coupon reserves "
+        "at least this share of its cost, and at least a cent (default SACO_MIN_REDEMPTION, 0.02)",
     )
 
     @model_validator(mode="after")
@@ -189,6 +195,12 @@ class CampaignView(BaseModel):
     pacing_error: float | None = Field(description="(pacing_spend - plan) / budget at the last pacing step")
     exploration_rate: float
     holdout_rate: float
+    min_redemption: float = Field(
+        description="expected mode: the smallest redemption probability a reservation assumes"
+    )
+    outstanding: float = Field(
+        description="face value of the coupons granted and not yet settled or expired (what strict mode counts)"
+    )
     explored: int = Field(description="decisions drawn by exploration")
     holdout: GroupView = Field(description="the holdout group's decisions and outcomes")
     treated: GroupView = Field(description="every other user's decisions and outcomes")

@@ -71,7 +71,27 @@ class Settings(BaseSettings):
     batcher_queue_size: int = Field(default=256, ge=1, description="most requests waiting for inference (then 503)")
 
     decision_ttl_s: int = Field(default=30 * DAY_S, ge=1, description="how long outcomes are accepted for a decision")
-    reservation_expiry_s: int = Field(default=DAY_S, ge=1, description="reservations without an outcome are released")
+    reservation_expiry_s: int = Field(
+        default=14 * DAY_S,
+        ge=1,
+        description="reservations without an outcome by then are released (counted unredeemed); a later outcome "
+        "is charged where it still fits the budget, the rest counted as overrun. The default covers 99% of the "
+        "outcome delays the product's delay model expects (exponential, mean 3 days)",
+    )
+    min_redemption: float = Field(
+        default=0.02,
+        ge=0,
+        le=1,
+        description="expected mode: the smallest redemption probability a reservation assumes, for campaigns "
+        "that set none (a coupon reserves at least this share of its cost, and at least a cent)",
+    )
+    plan_lead: float = Field(
+        default=0.1,
+        ge=0,
+        le=1,
+        description="how far (a share of the budget) spent and committed may run ahead of a time plan "
+        "(starts_at .. ends_at); no coupon is granted outside the plan's horizon",
+    )
     context_ttl_s: int = Field(default=30 * DAY_S, ge=1, description="a user's trajectory context expires when idle")
     sweep_interval_s: float = Field(default=30.0, gt=0, description="period of the expired-reservation sweep")
     pacing_interval_s: float = Field(default=5.0, gt=0, description="period of a campaign's pacing steps")

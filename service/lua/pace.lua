@@ -16,7 +16,7 @@
 -- plan is even over the traffic (decisions / expected_decisions) when the campaign gives one, else over its
 -- horizon (starts_ms .. ends_ms).
 -- KEYS[1] campaign hash, KEYS[2] the pacing key (JSON, read by decisions with the settings)
--- ARGV[1] now ms, [2] interval ms, [3] the lambda pacing starts from, [4] step, [5] max step,
+-- ARGV[1] now ms ('': the store's clock, Redis TIME), [2] interval ms, [3] the lambda pacing starts from, [4] step, [5] max step,
 --   [6] lambda max, [7] prior (cents), [8] prior coupons per action
 -- Returns {the pacing JSON, plan cents, spend cents, stepped (1 | 0)}, or {} for an unknown campaign.
 local c = redis.call('HMGET', KEYS[1], 'budget', 'spent', 'reserved', 'outstanding_predicted', 'decisions',
@@ -24,6 +24,10 @@ local c = redis.call('HMGET', KEYS[1], 'budget', 'spent', 'reserved', 'outstandi
   'pace_carry', 'coupons')
 if not c[1] then return {} end
 local now, interval = tonumber(ARGV[1]), tonumber(ARGV[2])
+if ARGV[1] == '' then
+  local time = redis.call('TIME')
+  now = tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000)
+end
 local budget, spent, outstanding = tonumber(c[1]), tonumber(c[2]), tonumber(c[4]) or 0
 local decisions = tonumber(c[5])
 local fraction, left = 0, nil -- share of the plan gone; decisions the plan still expects

@@ -3,9 +3,11 @@
 -- KEYS[1] campaign hash, KEYS[2] pending-reservations zset (member: batch id, score: release deadline ms),
 --   KEYS[3] the batch's record hash (field i: the record of decision "d-<batch>-<i>"), KEYS[4..] the
 --   request keys the items name by index (every key shares the campaign's hash tag).
--- ARGV[1] now ms, [2] reservation expiry ms, [3] decision ttl ms, [4] model version, [5] lambda,
+-- ARGV[1] now ms ('': the store's clock, Redis TIME: every replica's deadlines and plans read one clock),
+--   [2] reservation expiry ms, [3] decision ttl ms, [4] model version, [5] lambda,
 --   [6] batch id, [8] prior: how many coupons of each action count as predicted right before any outcome
---   (expected mode), [7] the items as JSON columns (flat arrays: cjson builds one Lua table per array):
+--   (expected mode), [13] plan lead: how far (a fraction of the budget) commitments may run ahead of a time plan,
+--   [7] the items as JSON columns (flat arrays: cjson builds one Lua table per array):
 --   orderings  the distinct preference lists: offered actions by descending score, cut after 0
 --   ordering   per item, the 1-based index of its list in `orderings`
 --   tails      per item, the end of its record: byte length of the request id, request id, user id
@@ -25,15 +27,21 @@
 --   model version, lambda, reward and cost (empty until settled), byte length of the request id, request
 --   id, user id; tab-separated.
 -- Reservation modes (the campaign's reservation_mode):
---   strict    a coupon fits when its cost fits budget - spent - reserved, and reserves its cost.
+--   strict    a coupon fits when its cost fits budget - spent - outstanding, outstanding being the face value
+--             of every coupon without an outcome (`outstanding_face`: coupons reserved in expected mode
+--             before a switch to strict count at their cost too), and reserves its cost.
 --   expected  a coupon of action a reserves min(cost, ceil(r_a * e)), e its predicted cost for that user
---             and r_a the campaign's realised / predicted cost ratio of action a over settled coupons (with
+--             (the caller floors it: service/engine.py, ScoreTerms.floored; at least a cent here whatever it
+--             sends), and r_a the campaign's realised / predicted cost ratio of action a over settled coupons (with
 --             `prior` coupons predicted right); it fits when spent + reserved + the Bernstein margin of the
 --             outstanding coupons stays within the budget: margin = M L / 3 + sqrt((M L / 3)^2 + 2 V L),
 --             L = ln(1 / overspend_risk), M the dearest coupon, V the sum of cost^2 p (1 - p) over
 --             outstanding coupons, p = reserved / cost (no margin when V is 0), so that realised spend
 --             exceeds the budget with probability at most overspend_risk, outcomes being independent and
 --             the reservations their expected costs.
+-- Time plans (starts_ms .. ends_ms): no coupon outside the horizon; inside it, spent plus what is committed
+--   (strict: outstanding; expected: reserved) stays within budget * min(1, elapsed share + plan lead), so that
+--   pacing starts with the first request and no burst can take the budget ahead of the plan.
 -- Learning loop (docs/state.md, "The decision log"): KEYS[#KEYS] the campaign's log stream, ARGV[9] its
 --   MAXLEN (approximate; 0: no log), ARGV[10] the items' features: little-endian float32 rows concatenated
 --   in item order, ARGV[11] the exploration rate, ARGV[12] JSON {holdout: [item, ...], explore: [[item,
@@ -55,11 +63,27 @@ do -- a request_id names one user's decision: another user reusing it gets nothi
   end
 end
 local ledger = redis.call('HMGET', campaign, 'budget', 'spent', 'reserved', 'coupons', 'reservation_mode',
-  'overspend_risk', 'outstanding_var')
+  'overspend_risk', 'outstanding_var', 'outstanding_face', 'starts_ms', 'ends_ms')
 if not ledger[1] then return {'missing'} end
-local available = tonumber(ledger[1]) - tonumber(ledger[2]) - tonumber(ledger[3])
+local now = tonumber(ARGV[1])
+if ARGV[1] == '' then
+  local time = redis.call('TIME')
+  now = tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000)
+end
+local now_text = string.format('%d', now)
+local budget, spent, reserved = tonumber(ledger[1]), tonumber(ledger[2]), tonumber(ledger[3])
 local version, lam, batch = ARGV[4], ARGV[5], ARGV[6]
 local expected = ledger[5] == 'expected'
+-- strict counts every coupon without an outcome at its face value (reservations made in expected mode
+-- included); a campaign that never kept outstanding_face has only strict ones, at face value in reserved
+local committed = expected and reserved or math.max(reserved, tonumber(ledger[8]) or 0)
+local available = budget - spent - committed
+if ledger[10] and ledger[10] ~= '' then
+  local starts, ends = tonumber(ledger[9]) or now, tonumber(ledger[10])
+  local share = 0 -- outside the horizon nothing more is committed
+  if now >= starts and now < ends then share = math.min(1, (now - starts) / math.max(1, ends - starts) + tonumber(ARGV[13])) end
+  available = math.min(available, math.floor(budget * share) - spent - committed)
+end
 local items = cjson.decode(ARGV[7])
 local orderings, ordering, tails = items.orderings, items.ordering, items.tails
 local expected_costs = items.expected or {}
@@ -78,18 +102,22 @@ for action, price in pairs(cjson.decode(ledger[4])) do
   end
 end
 -- what coupon a reserves for the user of item i: reserved cents, variance of its realised cost, predicted
+-- (the predicted cost is an integer within [1 cent, the coupon's cost] whatever the caller sent: NaN,
+-- negative, zero or oversized predictions never become a reservation the ledger cannot settle or correct)
 local function reservation(i, a)
   local price = prices[a]
-  local predicted = expected_costs[i] and expected_costs[i][a + 1] or price
+  local predicted = tonumber(expected_costs[i] and expected_costs[i][a + 1]) or price
+  if predicted ~= predicted then predicted = price end
+  predicted = math.max(math.min(1, price), math.min(price, math.floor(predicted)))
   if not expected then return price, 0, predicted end
-  local reserve = math.min(price, math.ceil(ratios[a] * predicted))
+  local reserve = math.max(1, math.min(price, math.ceil(ratios[a] * predicted)))
   local p = price > 0 and reserve / price or 0
   return reserve, price * price * p * (1 - p), predicted
 end
 local variance, new_variance = tonumber(ledger[7]) or 0, 0
-local new_reserved, new_count, new_predicted = 0, 0, 0
+local new_reserved, new_count, new_predicted, new_face = 0, 0, 0, 0
 local function fits(reserve, var)
-  if not expected then return reserve <= available - new_reserved end
+  if not expected then return reserve <= available - new_face end
   local v = math.max(0, variance + new_variance + var)
   local margin = 0 -- no variance: every outstanding cost is known
   if v > 0 then
@@ -135,7 +163,7 @@ end
 local function record_head(action, reserve, var, predicted, probability, explored, holdout)
   local mark = holdout and '/h' or (explored and '/x' or '')
   local chance = (probability == 1 and mark == '') and '1' or decimal(probability) .. mark
-  local tail = '\t' .. chance .. '\t' .. ARGV[1] .. '\t' .. version .. '\t' .. lam .. '\t\t\t'
+  local tail = '\t' .. chance .. '\t' .. now_text .. '\t' .. version .. '\t' .. lam .. '\t\t\t'
   if action == 0 then return 'R\t0\t0\t0\t0\t0' .. tail end
   return 'R\t' .. string.format('%d', reserve) .. '\t' .. string.format('%d', prices[action]) .. '\t'
     .. string.format('%.17g', var) .. '\t' .. string.format('%d', predicted) .. '\t' .. action .. tail
@@ -172,6 +200,7 @@ for i = 1, #ordering do
       reserve, var, predicted = reservation(i, action)
     end
     new_reserved = new_reserved + reserve
+    if action ~= 0 then new_face = new_face + cost end
     new_variance = new_variance + var
     new_predicted = new_predicted + predicted
     new_count = new_count + 1
@@ -183,7 +212,7 @@ for i = 1, #ordering do
         'decision_id', 'd-' .. batch .. '-' .. (i - 1), 'user_id', string.sub(tails[i], rest + tonumber(request_length) + 1),
         'action', action, 'cost', string.format('%d', cost), 'probability', decimal(probability),
         'explored', explored and '1' or '0', 'holdout', held_out[i] and '1' or '0', 'lambda', lam,
-        'model_version', version, 'at_ms', ARGV[1],
+        'model_version', version, 'at_ms', now_text,
         'features', string.sub(features, (i - 1) * row_bytes + 1, i * row_bytes))
     end
     if request then
@@ -201,9 +230,10 @@ for first = 1, #fields, 2000 do
 end
 if #fields > 0 then redis.call('PEXPIRE', records, ARGV[3]) end
 if new_reserved > 0 then
-  redis.call('ZADD', pending, string.format('%d', tonumber(ARGV[1]) + tonumber(ARGV[2])), batch)
+  redis.call('ZADD', pending, string.format('%d', now + tonumber(ARGV[2])), batch)
   redis.call('HINCRBY', campaign, 'reserved', string.format('%d', new_reserved))
 end
+if new_face > 0 then redis.call('HINCRBY', campaign, 'outstanding_face', string.format('%d', new_face)) end
 if new_variance > 0 then redis.call('HINCRBYFLOAT', campaign, 'outstanding_var', new_variance) end
 if new_predicted > 0 then
   redis.call('HINCRBY', campaign, 'outstanding_predicted', string.format('%d', new_predicted))
@@ -214,6 +244,6 @@ if new_count > 0 then
 end
 if new_held_out > 0 then redis.call('HINCRBY', campaign, 'holdout_decisions', new_held_out) end
 if new_explored > 0 then redis.call('HINCRBY', campaign, 'explored_decisions', new_explored) end
-out[1] = available - new_reserved
+out[1] = budget - spent - reserved - new_reserved
 for _, record in ipairs(replays) do out[#out + 1] = record end
 return out

@@ -8,8 +8,8 @@
 -- Decision record: see reserve.lua. Each settled coupon adds its predicted cost to issued:<action> and its
 -- realised cost to realised:<action> (the ratio that corrects the model's predictions), and takes its
 -- predicted cost out of outstanding_predicted (what pacing counts as outstanding spend).
--- Learning loop: KEYS[#KEYS] the campaign's log stream; the last two ARGV: now ms, the log's MAXLEN
---   (approximate; 0: no log). Each accepted outcome adds one `outcome` entry to the log (docs/state.md) and
+-- Learning loop: KEYS[#KEYS] the campaign's log stream; the last two ARGV: now ms ('': the store's clock,
+--   Redis TIME), the log's MAXLEN (approximate; 0: no log). Each accepted outcome adds one `outcome` entry to the log (docs/state.md) and
 --   counts in its group, holdout (a record whose probability is marked /h) or treated: <group>_settled,
 --   <group>_reward (cents, rounded half up), <group>_cost (cents).
 local campaign = KEYS[1]
@@ -19,6 +19,10 @@ local function int(x) return string.format('%d', x) end
 if redis.call('EXISTS', campaign) == 0 then return {'missing'} end
 local n = (#ARGV - 2) / 4
 local now, log_max, log = ARGV[#ARGV - 1], ARGV[#ARGV], KEYS[#KEYS]
+if now == '' then
+  local time = redis.call('TIME')
+  now = string.format('%d', tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000))
+end
 local function record(i)
   local value = redis.call('HGET', KEYS[tonumber(ARGV[4 * i - 1])], ARGV[4 * i])
   if not value then return nil end
@@ -49,12 +53,17 @@ for i = 1, n do
       redis.call('HINCRBY', campaign, 'spent', int(cost))
       if action ~= '0' then
         redis.call('HINCRBY', campaign, 'outstanding_predicted', int(-tonumber(predicted)))
+        redis.call('HINCRBY', campaign, 'outstanding_face', int(-tonumber(face)))
         redis.call('HINCRBY', campaign, 'issued:' .. action, predicted)
       end
     else -- 'X': the reservation expired and was released (and counted as issued at no cost by the
-      -- sweep); charge only what still fits the budget
-      local ledger = redis.call('HMGET', campaign, 'budget', 'spent', 'reserved')
-      local fits = math.max(0, math.min(cost, tonumber(ledger[1]) - tonumber(ledger[2]) - tonumber(ledger[3])))
+      -- sweep); charge only what still fits the budget (in strict mode: beside every outstanding coupon at
+      -- its face value), the rest is overrun
+      local ledger = redis.call('HMGET', campaign, 'budget', 'spent', 'reserved', 'reservation_mode',
+        'outstanding_face')
+      local committed = tonumber(ledger[3])
+      if ledger[4] ~= 'expected' then committed = math.max(committed, tonumber(ledger[5]) or 0) end
+      local fits = math.max(0, math.min(cost, tonumber(ledger[1]) - tonumber(ledger[2]) - committed))
       redis.call('HINCRBY', campaign, 'spent', int(fits))
       redis.call('HINCRBY', campaign, 'overrun', int(cost - fits))
     end

@@ -35,7 +35,6 @@ import hashlib
 import json
 import os
 import re
-import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from functools import lru_cache
 from pathlib import Path
@@ -149,6 +148,7 @@ def _parse_settings(fields: dict[str, str]) -> CampaignSettings:
         pacing_method=fields.get("pacing_method") or "resolve",
         exploration_rate=_optional(fields.get("exploration_rate") or "", float) or 0.0,
         holdout_rate=_optional(fields.get("holdout_rate") or "", float) or 0.0,
+        min_redemption=_optional(fields.get("min_redemption") or "", float),
     )
 
 
@@ -226,6 +226,8 @@ def _parse_campaign(
         holdout=_groups(fields, "holdout", held_out),
         treated=_groups(fields, "treated", decisions - held_out),
         log_entries=log_entries,
+        # a campaign that never kept outstanding_face reserved only in strict mode: at face value
+        outstanding=int(fields["outstanding_face"]) if "outstanding_face" in fields else int(fields["reserved"]),
     )
 
 
@@ -265,9 +267,8 @@ class StateStore:
         self.log_max_entries = log_max_entries
         self._client: Client | None = None
         self._connecting = asyncio.Lock()
-        self.scripts = {
-            name: Script(name) for name in ("upsert_campaign", "reserve", "settle", "sweep", "pace", "write_contexts")
-        }
+        names = ("upsert_campaign", "reserve", "settle", "sweep", "pace", "write_contexts", "clock")
+        self.scripts = {name: Script(name) for name in names}
 
     # ---- keys ------------------------------------------------------------------------------------
     def _tag(self, campaign_id: str) -> str:
@@ -431,7 +432,6 @@ class StateStore:
         self,
         campaign_id: str,
         *,
-        now_ms: int,
         interval_ms: int,
         start_lambda: float,
         step: float,
@@ -439,14 +439,16 @@ class StateStore:
         lambda_max: float,
         prior: int,
         prior_coupons: int = 0,
+        now_ms: int | None = None,
     ) -> tuple[float, int, int, bool] | None:
         """One pacing step (pace.lua), at most one per interval across every replica: (lambda, plan cents,
         spend cents, whether it stepped); None for an unknown campaign. `prior`: cents at ratio 1 in the
         spend of outstanding reservations; `prior_coupons`: coupons of each action predicted right in the
         ratios of realised to predicted cost."""
         keys = [self.campaign_key(campaign_id), self.pacing_key(campaign_id)]
-        args = [now_ms, interval_ms, repr(start_lambda), repr(step), repr(max_step), repr(lambda_max), prior]
-        args.append(prior_coupons)
+        clock = "" if now_ms is None else now_ms
+        args = [clock, interval_ms, repr(start_lambda), repr(step), repr(max_step), repr(lambda_max)]
+        args += [prior, prior_coupons]
         reply = await self._eval("pace", keys, args)
         if not reply:
             return None
@@ -488,11 +490,12 @@ class StateStore:
         *,
         model_version: str,
         lam: float,
-        now_ms: int,
         reservation_expiry_ms: int,
         decision_ttl_ms: int,
+        now_ms: int | None = None,
         prior_coupons: int = 20,
         exploration_rate: float = 0.0,
+        plan_lead: float = 0.1,
     ) -> ReserveResult:
         """Decide and reserve a whole batch atomically, items in priority order: each takes the first of
         its preferences that fits (the campaign's reservation mode says what fits and what is reserved:
@@ -500,7 +503,9 @@ class StateStore:
         coupons that fit and none, `exploration_rate` being the probability it had of exploring). Each new
         decision is logged with its features in the campaign's log stream, in the same script. A repeated
         request_id returns its first decision. `prior_coupons`: how many coupons of each action count as
-        redeemed before outcomes say otherwise (expected mode)."""
+        redeemed before outcomes say otherwise (expected mode); `plan_lead`: how far
+        commitments may run ahead of a time plan (a fraction of the budget). `now_ms` (simulations and
+        tests): the clock the script reads instead of the store's own."""
         if len({len(item.features) for item in items}) > 1:
             raise ValueError("every reserve item must carry features of the same length (float32 rows)")
         batch = os.urandom(10).hex()
@@ -520,7 +525,15 @@ class StateStore:
         }
         if any(item.expected_costs for item in items):
             columns["expected"] = [item.expected_costs or [] for item in items]
-        args = [now_ms, reservation_expiry_ms, decision_ttl_ms, model_version, repr(lam), batch, orjson.dumps(columns)]
+        args = [
+            "" if now_ms is None else now_ms,
+            reservation_expiry_ms,
+            decision_ttl_ms,
+            model_version,
+            repr(lam),
+            batch,
+            orjson.dumps(columns),
+        ]
         args.append(prior_coupons)
         keys.append(self.log_key(campaign_id))
         behaviour = {
@@ -536,6 +549,7 @@ class StateStore:
             b"".join([item.features for item in items]),
             repr(float(exploration_rate)),
             orjson.dumps(behaviour),
+            repr(float(plan_lead)),
         ]
         reply = await self._eval("reserve", keys, args)
         if reply[0] == b"missing":
@@ -650,7 +664,8 @@ class StateStore:
     # ---- outcomes --------------------------------------------------------------------------------
     async def settle(self, campaign_id: str, outcomes: list[Outcome], *, now_ms: int | None = None) -> SettleResult:
         """Settle a batch of outcomes atomically (all or nothing: CostAboveReservation refuses all); each
-        accepted outcome is logged in the campaign's log stream, settled at `now_ms` (default: now)."""
+        accepted outcome is logged in the campaign's log stream, settled at `now_ms` (default: the store's
+        clock)."""
         keys = [self.campaign_key(campaign_id)]
         key_index: dict[str, int] = {}
         args: list[Any] = []
@@ -666,7 +681,7 @@ class StateStore:
             args += [outcome.cost, repr(float(outcome.reward)), key_index[key], match[2]]
             known.append(position)
         keys.append(self.log_key(campaign_id))
-        args += [int(time.time() * 1000) if now_ms is None else now_ms, self.log_max_entries]
+        args += ["" if now_ms is None else now_ms, self.log_max_entries]
         reply = await self._eval("settle", keys, args)
         if reply[0] == b"missing":
             raise CampaignNotFound(campaign_id)
@@ -685,12 +700,15 @@ class StateStore:
                 result.unknown += 1
         return result
 
-    async def sweep_expired(self, campaign_id: str, now_ms: int, limit: int = 1000) -> int:
-        """Release the reservations whose deadline passed; returns how many were released. Up to `limit`
-        due batches, 16 per script call: a batch holds up to max_batch records, and no single call should
-        hold Redis for long."""
+    async def sweep_expired(self, campaign_id: str, now_ms: int | None = None, limit: int = 1000) -> int:
+        """Release the reservations whose deadline passed by the store's clock (`now_ms`: another clock, for
+        simulations and tests); returns how many were released. Up to `limit` due batches, 16 per script
+        call: a batch holds up to max_batch records, and no single call should hold Redis for long."""
         client = await self.client()
         pending, released, taken = self.pending_key(campaign_id), 0, 0
+        clock: int | str = "" if now_ms is None else now_ms  # what the script reads
+        if now_ms is None:  # which batches to hand the script (it checks each deadline on its own clock)
+            now_ms = int(await self._eval("clock", [self.campaign_key(campaign_id)], []))
         while taken < limit:
             chunk = min(16, limit - taken)
             due = await self._guard(
@@ -700,7 +718,7 @@ class StateStore:
                 break
             batches = [_text(cast(bytes, member)) for member in due]
             keys = [self.campaign_key(campaign_id), pending] + [self.batch_key(campaign_id, b) for b in batches]
-            released += int(await self._eval("sweep", keys, [now_ms, *batches]))
+            released += int(await self._eval("sweep", keys, [clock, *batches]))
             taken += len(due)
             if len(due) < chunk:
                 break

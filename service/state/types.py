@@ -58,6 +58,8 @@ class CampaignSettings:
     exploration_rate: float = 0.0  # share of decisions drawn uniformly among the coupons that fit (and none)
     holdout_rate: float = 0.0  # share of users (by a hash of campaign and user) who never get a coupon
     pacing_method: str = "resolve"  # "resolve" | "descent"
+    # expected mode: the smallest redemption probability a reservation assumes (None: the service's default)
+    min_redemption: float | None = None
 
     @property
     def has_plan(self) -> bool:
@@ -81,6 +83,7 @@ OPTIONAL_SETTINGS = (
     "exploration_rate",
     "holdout_rate",
     "pacing_method",
+    "min_redemption",
 )
 
 
@@ -153,6 +156,7 @@ class CampaignState:
     holdout: Groups = field(default_factory=Groups)  # holdout users' decisions and outcomes
     treated: Groups = field(default_factory=Groups)  # everyone else's
     log_entries: int = 0  # entries in the campaign's decision and outcome log
+    outstanding: int = 0  # face value (cents) of the coupons granted and neither settled nor expired
 
     @property
     def budget(self) -> int:
@@ -199,6 +203,7 @@ class CampaignUpdate:
     exploration_rate: float | None = None
     holdout_rate: float | None = None
     pacing_method: str | None = None
+    min_redemption: float | None = None
     cleared: frozenset[str] = frozenset()
 
 

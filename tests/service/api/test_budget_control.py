@@ -132,7 +132,8 @@ def test_expected_reservations_follow_the_manifest_s_cost_ratios(
 def test_resolve_pacing_spends_each_request_its_share_of_the_budget(client: TestClient, feature_dim: int) -> None:
     """From lambda 0, a `resolve` campaign's first request already spends (in the model's expected costs) no
     more than its share of the budget: budget / expected_decisions per user; dual descent alone (the same
-    campaign with `descent`) spends what lambda 0 spends until a pacing step has seen it."""
+    campaign with `descent`) spends what lambda 0 spends until a pacing step has seen it. The share, a cent
+    per decision, is below the default floor of most coupons (2% of their cost): no floor but the cent here."""
     body = {"requests": users(50, feature_dim, prefix="s")}
     views = {}
     for method in ("resolve", "descent"):
@@ -142,6 +143,7 @@ def test_resolve_pacing_spends_each_request_its_share_of_the_budget(client: Test
             reservation_mode="expected",
             expected_decisions=100_000,
             pacing_method=method,
+            min_redemption=0.0,
             **{"lambda": 0.0},
         )
         decisions = client.post(f"/v1/campaigns/{method}/decisions", json=body).json()["decisions"]

@@ -23,7 +23,8 @@ def test_a_time_plan_moves_lambda_by_the_excess_spend_of_each_step(run: Run) -> 
         await store.upsert_campaign("c", put(10_000, starts_ms=0, ends_ms=100_000, coupons={1: 500}))
         assert await pace(store, 10_000) == (1.0, 1_000, 0, True)  # the first step starts from the given lambda
         assert await pace(store, 10_500) == (1.0, 1_050, 0, False)  # within the interval: no step
-        decided = await reserve(store, "c", [item(f"u{i}", [1, 0]) for i in range(8)])  # 40.00 reserved
+        # 40.00 reserved, at 35 s on the plan's clock (within the 35% of the budget its time allows, plus the lead)
+        decided = await reserve(store, "c", [item(f"u{i}", [1, 0]) for i in range(8)], now=35_000)
         ids = [d.decision_id for d in decided.decisions]
         await store.settle("c", [Outcome(ids[0], 1.0, 500), Outcome(ids[1], 0.0, 0)])  # ratio 1/2
         # spend = 5.00 realised + 30.00 outstanding x 0.5 = 20.00 (+20.00 since the last step), the plan

@@ -199,3 +199,30 @@ def test_overspend_stays_within_the_risk_with_biased_per_user_predictions(run: R
     overspent, rates = run(scenario)
     assert overspent <= risk * campaigns
     assert sorted(rates)[campaigns // 2] > 0.6
+
+
+@pytest.mark.parametrize("mode", ["strict", "expected"])
+def test_predicted_costs_the_ledger_cannot_settle_are_bounded_to_the_coupons_cost(run: Run, mode: str) -> None:
+    """Whatever the caller sends as expected costs (the int64 a NaN becomes, a negative, zero, more than the
+    coupon's cost), every record holds a prediction and a reservation within [1 cent, the coupon's cost],
+    and settles and expires as any other."""
+
+    async def scenario(store: StateStore) -> None:
+        await store.upsert_campaign("c", put(1_000_000, {1: 1_000}, reservation_mode=mode))
+        predicted = {"nan": -(2**63), "negative": -5, "zero": 0, "huge": 2**62}
+        decided = await reserve_predicted(store, "c", predicted)
+        client = await store.client()
+        for decision_id, _, action in decided:
+            assert action == 1
+            batch, index = decision_id[2:].rsplit("-", 1)
+            record = parse_decision_record(await client.hget(store.batch_key("c", batch), index))
+            assert 1 <= int(record["reserved"]) <= 1_000 and 1 <= int(record["predicted"]) <= 1_000
+        state = await store.get_campaign("c")
+        assert state is not None and 4 <= state.reserved <= 4_000 and state.outstanding == 4_000
+        settled = await store.settle("c", [Outcome(decided[0][0], 1.0, 1_000), Outcome(decided[1][0], 0.0, 0)])
+        assert settled.accepted == 2
+        assert await store.sweep_expired("c", 10**10) == 2  # the other two expire
+        state = await store.get_campaign("c")
+        assert state is not None and (state.spent, state.reserved, state.outstanding) == (1_000, 0, 0)
+
+    run(scenario)
