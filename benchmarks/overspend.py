@@ -45,6 +45,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import math
 import os
 import sys
 import tempfile
@@ -78,19 +79,38 @@ from service.state.store import DECISION_ID, StateStore, parse_decision_record
 OVERSPEND_RISK = 0.05
 NEAR_ZERO = 0.01  # a coupon is priced near zero when its expected cost (or reservation) is <= 1% of its face
 OPEN_BUDGET = 1_000_000.0  # the pilot's budget (currency units): never binds
-PACED = Variant("paced", "expected", "cal")  # the measured campaigns
 PILOT = Variant("pilot", "expected", "zero", pacing=False)  # open budget, lambda 0, no pacing
+
+
+def floor_setting(text: str) -> float | None:
+    """A `--min-redemption` value: a probability, or `default` (the campaign leaves the service's)."""
+    if text == "default":
+        return None
+    value = float(text)
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"must be a probability in [0, 1] or 'default', got {text}")
+    return value
+
+
+def floor_name(value: float | None) -> str:
+    return "default" if value is None else f"{value:g}"
+
+
+def floor_cents(face: int, min_redemption: float) -> int:
+    """The least expected cost the service assumes for a coupon (service/engine.py, ScoreTerms.floored)."""
+    return min(face, max(1, math.ceil(face * min_redemption)))
 
 
 @dataclass
 class Result(CampaignResult):
-    coupons_near_zero: int = 0  # granted coupons whose model expected cost is <= NEAR_ZERO of the face
+    min_redemption: float = 0.0  # the campaign's, as its view reports it
+    coupons_near_zero: int = 0  # granted coupons the model prices at most max(NEAR_ZERO of the face, the floor)
     reserved_near_zero: int = 0  # granted coupons whose reservation is <= NEAR_ZERO of the face
     redeemed_near_zero: int = 0  # of the coupons priced near zero, those redeemed
     reserved_cents: int = 0  # sum of the granted coupons' reservations
     truth_cents: float = 0.0  # sum of the granted coupons' expected cost under the truth (q x face)
     overspent: bool = False
-    predicted_share: list[float] = field(default_factory=list)  # e / face of every granted coupon
+    predicted_share: list[float] = field(default_factory=list)  # e / face of every granted coupon (floored)
 
 
 class OverspendRunner(Runner):
@@ -101,6 +121,7 @@ class OverspendRunner(Runner):
         super().__init__("wide", world, args.users, 0.0, 0.0, {}, args.concurrency, args.request_gap)
         self.args, self.store = args, store
         self.budget = 0.0  # currency units, set from the pilot
+        self.floors: dict[str, float | None] = {PILOT.key: 0.0}  # variant key -> its min_redemption
 
     async def _records(self, cid: str, decision_ids: list[str]) -> dict[str, dict[str, str]]:
         """The decision records of these ids, read from Redis (one hash per request's batch)."""
@@ -127,8 +148,13 @@ class OverspendRunner(Runner):
             "expected_decisions": users * rounds,
             "pacing": variant.pacing,
         }
-        await self._call(client, "PUT", f"/v1/admin/campaigns/{cid}", orjson.dumps(body))
-        result = Result("wide", variant.key, seed, budget)
+        if self.floors[variant.key] is not None:
+            body["min_redemption"] = self.floors[variant.key]
+        view = await self._call(client, "PUT", f"/v1/admin/campaigns/{cid}", orjson.dumps(body))
+        result = Result("wide", variant.key, seed, budget, min_redemption=view["min_redemption"])
+        if args.truth == "floor" and result.min_redemption > args.redeem:
+            # the records' expected costs are floored: the truth would rise with the floor
+            raise SystemExit(f"min_redemption {result.min_redemption} is above --redeem {args.redeem}")
         episode = world.start(users, seed)
         ids = np.array([f"u{i}" for i in range(users)])
         for t in range(rounds):
@@ -169,7 +195,7 @@ class OverspendRunner(Runner):
                 result.reserved_cents += reserved
                 result.truth_cents += q * face
                 result.predicted_share.append(share)
-                if predicted <= NEAR_ZERO * face:
+                if predicted <= max(NEAR_ZERO * face, floor_cents(face, result.min_redemption)):
                     result.coupons_near_zero += 1
                     result.redeemed_near_zero += redeemed
                 result.reserved_near_zero += reserved <= NEAR_ZERO * face
@@ -193,15 +219,20 @@ class OverspendRunner(Runner):
 
 
 async def serve(runner: OverspendRunner, base: str) -> tuple[list[Result], list[Result]]:
-    """The pilot (open budgets), which sizes the budgets, then the measured campaigns."""
+    """The pilot (open budgets, floor of a cent), which sizes the budgets, then the measured campaigns: the
+    same populations under each floor setting, interleaved."""
     args = runner.args
     seeds = [args.seed * 100_000 + 20_000 + s for s in range(args.pilot + args.campaigns)]
+    variants = [Variant(f"floor-{floor_name(m)}", "expected", "cal") for m in args.min_redemption]
+    runner.floors.update({v.key: m for v, m in zip(variants, args.min_redemption, strict=True)})
     try:
         pilot = await run_campaigns(runner, {"model": base}, [(PILOT, s) for s in seeds[: args.pilot]])
         per_user = float(np.mean([r.truth_cents for r in pilot if isinstance(r, Result)])) / 100 / args.users
         runner.budget = args.budget_fraction * per_user * args.users
         say(f"pilot: expected spend {per_user:.3f} per user; budget {runner.budget:.2f} per campaign")
-        results = await run_campaigns(runner, {"model": base}, [(PACED, s) for s in seeds[args.pilot :]])
+        runner.done = runner.decisions = 0
+        jobs = [(v, s) for s in seeds[args.pilot :] for v in variants]
+        results = await run_campaigns(runner, {"model": base}, jobs)
     finally:
         await runner.store.close()
     return [r for r in pilot if isinstance(r, Result)], [r for r in results if isinstance(r, Result)]
@@ -223,14 +254,13 @@ def share(part: int, whole: int) -> str:
 def summarise(results: list[Result]) -> dict[str, Any]:
     barate = np.array([r.spent[-1] / r.budget for r in results])
     overspent = int(sum(r.overspent for r in results))
-    coupons = sum(r.coupons for r in results)
-    near = sum(r.coupons_near_zero for r in results)
     low, high = clopper_pearson(overspent, len(results))
     return {
+        "min_redemption": results[0].min_redemption,
         "campaigns": len(results),
-        "coupons": coupons,
+        "coupons": sum(r.coupons for r in results),
         "redeemed": sum(r.redeemed for r in results),
-        "priced_near_zero": near,
+        "priced_near_zero": sum(r.coupons_near_zero for r in results),
         "reserved_near_zero": sum(r.reserved_near_zero for r in results),
         "redeemed_near_zero": sum(r.redeemed_near_zero for r in results),
         "reserved_over_truth": sum(r.reserved_cents for r in results) / max(1.0, sum(r.truth_cents for r in results)),
@@ -245,35 +275,67 @@ def summarise(results: list[Result]) -> dict[str, Any]:
     }
 
 
-def plot(results: list[Result], summary: dict[str, Any], args: argparse.Namespace, path: Path) -> None:
+def table(summaries: dict[str, dict[str, Any]]) -> str:
+    lines = [
+        "| min_redemption | campaigns | coupons priced near zero | reservations <= 1% of face | of those priced "
+        "near zero, redeemed | reserved / true expected cost | overspend frequency [95%] | worst overspend | "
+        "overrun | BARate median [p5, p95] |",
+        "|" + "---|" * 10,
+    ]
+    for name, s in summaries.items():
+        low, high = s["overspend_ci"]
+        coupons = max(1, s["coupons"])
+        label = f"{s['min_redemption']:g}" + (" (default)" if name == "default" else "")
+        lines.append(
+            f"| {label} | {s['campaigns']} | {s['priced_near_zero'] / coupons:.1%} | "
+            f"{s['reserved_near_zero'] / coupons:.1%} | "
+            f"{s['redeemed_near_zero'] / max(1, s['priced_near_zero']):.1%} | "
+            f"{s['reserved_over_truth']:.3f} | {s['overspend_freq']:.3f} ({s['overspent']}) [{low:.3f}, {high:.3f}] | "
+            f"{100 * s['overspend_worst']:.2f}% | {s['overrun_campaigns']} | {s['barate_median']:.3f} "
+            f"[{s['barate_p5']:.3f}, {s['barate_p95']:.3f}] |"
+        )
+    return "\n".join(lines)
+
+
+def plot(groups: dict[str, list[Result]], pilot: list[Result], args: argparse.Namespace, path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    barate = np.array([r.spent[-1] / r.budget for r in results])
-    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.2))
-    left.hist(barate, bins=40, color="tab:blue", alpha=0.8)
+    fig, (left, right) = plt.subplots(1, 2, figsize=(13, 4.5))
+    everything = np.concatenate([[r.spent[-1] / r.budget for r in rs] for rs in groups.values()])
+    bins = np.linspace(everything.min(), everything.max(), 50)
+    for name, rs in groups.items():
+        barate = np.array([r.spent[-1] / r.budget for r in rs])
+        left.hist(
+            barate,
+            bins=bins,
+            histtype="step",
+            lw=1.8,
+            label=f"min_redemption {rs[0].min_redemption:g}{' (default)' if name == 'default' else ''}: "
+            f"{(barate > 1).mean():.1%} overspend",
+        )
     left.axvline(1.0, color="k", ls="--", lw=1, label="budget")
     left.set_title(
-        f"BARate of {len(results)} expected-mode campaigns (risk {OVERSPEND_RISK:g}): "
-        f"{summary['overspend_freq']:.1%} overspend",
+        f"BARate, expected mode at overspend_risk {OVERSPEND_RISK:g} ({len(next(iter(groups.values())))} "
+        "campaigns per setting)",
         fontsize=10,
     )
     left.set_xlabel("realised spend / budget")
     left.set_ylabel("campaigns")
-    left.legend()
-    shares = np.concatenate([r.predicted_share for r in results])
+    left.legend(fontsize=8, loc="upper left")
+    shares = np.concatenate([r.predicted_share for r in pilot])
+    near = float((shares <= NEAR_ZERO).mean())
     right.hist(shares, bins=np.linspace(0, 1, 51), color="tab:orange", alpha=0.8)
     right.axvline(args.redeem, color="k", ls="--", lw=1, label=f"true redemption floor {args.redeem:g}")
     right.set_title(
-        f"model's expected cost / face of granted coupons (features x{args.feature_scale:g}): "
-        f"{summary['priced_near_zero'] / max(1, summary['coupons']):.0%} <= {NEAR_ZERO:.0%}",
+        f"model's expected cost / face, open budget, features x{args.feature_scale:g}: {near:.0%} <= {NEAR_ZERO:.0%}",
         fontsize=10,
     )
-    right.set_xlabel("expected cost / face")
+    right.set_xlabel("expected cost / face of the coupons granted")
     right.set_ylabel("coupons")
-    right.legend()
+    right.legend(fontsize=8)
     for ax in (left, right):
         ax.grid(alpha=0.3)
     fig.tight_layout()
@@ -283,9 +345,17 @@ def plot(results: list[Result], summary: dict[str, Any], args: argparse.Namespac
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true", help="40 campaigns of 128 users, small logs, 1 epoch")
-    ap.add_argument("--campaigns", type=int, default=200)
-    ap.add_argument("--feature-scale", type=float, default=4.0, help="the served features are the world's x this")
+    ap.add_argument("--quick", action="store_true", help="40 campaigns of 128 users per setting, small logs, 1 epoch")
+    ap.add_argument("--campaigns", type=int, default=200, help="campaigns per floor setting")
+    ap.add_argument(
+        "--min-redemption",
+        type=floor_setting,
+        nargs="+",
+        default=[None],
+        help="the campaigns' floor settings (each a probability, or `default`: the service's), one set of "
+        "campaigns each; default: `default`",
+    )
+    ap.add_argument("--feature-scale", type=float, default=16.0, help="the served features are the world's x this")
     ap.add_argument("--redeem", type=float, default=0.10, help="the lowest true redemption probability of a coupon")
     ap.add_argument(
         "--truth",
@@ -311,6 +381,10 @@ def main() -> int:
         args.request_gap = 0.2
     if not 0 <= args.redeem <= 1:
         ap.error(f"--redeem must be a probability in [0, 1], got {args.redeem}")
+    if len({floor_name(m) for m in args.min_redemption}) < len(args.min_redemption):
+        ap.error("--min-redemption names a setting twice")
+    if args.campaigns < 1 or args.pilot < 1:
+        ap.error("--campaigns and --pilot must be at least 1")
     torch.set_num_threads(1)
     started = time.perf_counter()
     cfg = WorldConfig(users=args.log_users, rounds=args.rounds, seed=args.seed)
@@ -329,43 +403,42 @@ def main() -> int:
             runner = OverspendRunner(world, args, StateStore(redis_server.url, prefix=prefix, socket_timeout_s=5))
             pilot, results = asyncio.run(serve(runner, base))
     elapsed = time.perf_counter() - started
-    paced, opened = results, pilot
-    s = summarise(paced)
-    open_coupons = sum(r.coupons for r in opened)
+    groups = {floor_name(m): [r for r in results if r.variant == f"floor-{floor_name(m)}"] for m in args.min_redemption}
+    summaries = {name: summarise(rs) for name, rs in groups.items()}
     q_text = f"{args.redeem:g}" if args.truth == "constant" else f"max(expected cost / face, {args.redeem:g})"
     print(
-        f"overspend: {len(paced)} campaigns of {args.users} users x {args.rounds} rounds, features x"
-        f"{args.feature_scale:g}, expected mode at overspend_risk {OVERSPEND_RISK:g}, pacing (expected_decisions), "
+        f"overspend: {args.campaigns} campaigns per setting of {args.users} users x {args.rounds} rounds, features "
+        f"x{args.feature_scale:g}, expected mode at overspend_risk {OVERSPEND_RISK:g}, pacing (expected_decisions), "
         f"budget {runner.budget:.2f} = {args.budget_fraction:g} x the open-budget spend; redemption probability "
         f"{q_text}; {runner.retries} requests retried; {elapsed / 60:.1f} min"
     )
+    open_coupons = sum(r.coupons for r in pilot)
     print(
-        f"open budget, lambda 0: coupons the model prices near zero (expected cost <= {NEAR_ZERO:.0%} of face) "
-        f"{share(sum(r.coupons_near_zero for r in opened), open_coupons)}"
+        f"open budget (lambda 0, min_redemption 0): coupons the model prices near zero (expected cost <= "
+        f"{NEAR_ZERO:.0%} of face) {share(sum(r.coupons_near_zero for r in pilot), open_coupons)}"
     )
     print(
-        f"paced: coupons granted {s['coupons']:,}, redeemed {s['redeemed'] / max(1, s['coupons']):.1%}; "
-        f"priced near zero {share(s['priced_near_zero'], s['coupons'])}, of which redeemed "
-        f"{s['redeemed_near_zero'] / max(1, s['priced_near_zero']):.1%}; reservation <= {NEAR_ZERO:.0%} of face "
-        f"{share(s['reserved_near_zero'], s['coupons'])}; reservations / true expected cost "
-        f"{s['reserved_over_truth']:.3f}"
+        f"priced near zero: expected cost <= max({NEAR_ZERO:.0%} of face, the floor) in the decision record; "
+        "reservations and the truth's expected cost from the records too"
     )
-    low, high = s["overspend_ci"]
-    print(
-        f"overspend (spent > budget): {s['overspent']} of {s['campaigns']} campaigns, {s['overspend_freq']:.3f} "
-        f"[95% {low:.3f}, {high:.3f}]; worst {100 * s['overspend_worst']:.2f}% of budget; campaigns with overrun "
-        f"{s['overrun_campaigns']}"
-    )
-    print(f"BARate median {s['barate_median']:.3f} [p5 {s['barate_p5']:.3f}, p95 {s['barate_p95']:.3f}]")
-    verdict = "PASS" if s["overspend_freq"] <= OVERSPEND_RISK else "FAIL"
-    print(f"{verdict} overspend frequency {s['overspend_freq']:.3f} <= overspend_risk {OVERSPEND_RISK:g}")
-    plot(paced, s, args, args.png)
+    print(table(summaries))
+    for name, s in summaries.items():
+        verdict = "PASS" if s["overspend_freq"] <= OVERSPEND_RISK else "FAIL"
+        low, high = s["overspend_ci"]
+        print(
+            f"{verdict} min_redemption {s['min_redemption']:g}{' (default)' if name == 'default' else ''}: overspend "
+            f"in {s['overspent']} of {s['campaigns']} campaigns, {s['overspend_freq']:.3f} [95% {low:.3f}, "
+            f"{high:.3f}] (<= overspend_risk {OVERSPEND_RISK:g}); worst {100 * s['overspend_worst']:.2f}% of budget; "
+            f"campaigns with overrun {s['overrun_campaigns']}; BARate median {s['barate_median']:.3f}"
+        )
+    plot(groups, pilot, args, args.png)
     print(f"BARate distribution: {args.png}")
     if args.json:
-        campaigns = [{k: v for k, v in asdict(r).items() if k != "predicted_share"} for r in paced]
+        campaigns = [{k: v for k, v in asdict(r).items() if k != "predicted_share"} for r in results]
         args.json.write_text(
             json.dumps(
-                {"args": {k: str(v) for k, v in vars(args).items()}, "summary": s, "campaigns": campaigns}, indent=1
+                {"args": {k: str(v) for k, v in vars(args).items()}, "summaries": summaries, "campaigns": campaigns},
+                indent=1,
             )
         )
     return 0
