@@ -5,39 +5,45 @@ campaign's realised / predicted ratio, and keeps a Bernstein margin over its out
 realised spend exceeds the budget with probability at most `overspend_risk`. The bound assumes the
 reservations are the coupons' expected costs. This benchmark breaks that assumption where it is easiest to
 break: features wider than the model was trained on (the world's features times `--feature-scale`) push its
-linear expected-cost head below zero for many users, and the service clips those predictions to 0 cents.
+linear cost heads below zero for many users (the expected cost now, clipped to 0 cents, and the score's cost
+term); the campaign's `min_redemption` floor is what stands between such a coupon and a reservation of
+nothing.
 
 Setup: the project's sequential world (offline/world.py, default WorldConfig), random logs (the code of
 `saco simulate`), `saco train`, `saco calibrate` (its cost ratios correct the expected costs the service
-reserves with), the model served by `python -m service.server` on a throwaway Redis. Then `--campaigns`
-campaigns, one per seed, `--concurrency` at a time: each a fresh population of `--users` users x `--rounds`
+reserves with), the model served by `python -m service.server` on a throwaway Redis. Then, per
+`--min-redemption` setting, `--campaigns` campaigns, one per seed (the same seeds for every setting), all
+settings interleaved and `--concurrency` at a time: each a fresh population of `--users` users x `--rounds`
 rounds whose features are multiplied by `--feature-scale`; every round the users arrive in random order
 in 128-user requests, and the round's outcomes are posted after it. Every campaign is in `expected` mode
 with `overspend_risk` 0.05 and plans `expected_decisions` = users x rounds (pacing on, `resolve`).
 
-The truth. Each granted coupon is redeemed (cost = its face) with probability
-max(e / face, `--redeem`), e the model's expected cost for that user and coupon (the `predicted` field of
-the decision record: what the service reserved from, calibration ratios included). The model is honest
-wherever it predicts at least `--redeem` of the face, and the coupons it prices near zero are still
-redeemed `--redeem` (10%) of the time. That isolates the one failure the benchmark is about: a constant
-redemption probability for every coupon (`--truth constant`) would also make the model wrong about every
-other coupon, which the campaign's running realised / predicted ratio then partly corrects for zero and
-non-zero predictions alike, so it tests the ratio more than the near-zero reservations. The world still
-moves its users (features, habit, fatigue) with the actions taken, and the outcomes carry its rewards.
+The truth. Each granted coupon is redeemed (cost = its face) with probability max(e / face, `--redeem`),
+e the expected cost the service reserved from (the `predicted` field of the coupon's decision record:
+calibration ratios and the floor included; the floor changes nothing here while it is at most `--redeem`,
+and a setting above it is refused). The model is honest wherever it predicts at least `--redeem` of the
+face, and the coupons it prices near zero are still redeemed `--redeem` (10%) of the time. That isolates
+the failure the benchmark is about: a constant redemption probability for every coupon (`--truth
+constant`) would also make the model wrong about every other coupon, which the campaign's running realised
+/ predicted ratio then partly corrects for zero and non-zero predictions alike, so it would test the ratio
+more than the near-zero reservations. The world still moves its users (features, habit, fatigue) with the
+actions taken, and the outcomes carry its rewards.
 
-Budgets bind: first `--pilot` campaigns run with pacing off, lambda 0 and an open budget (every
-preferred coupon granted); each campaign's budget is `--budget-fraction` of the pilot's mean expected
-spend per user under the truth (sum of q x face) times its users.
+Budgets bind: first `--pilot` campaigns run with pacing off, lambda 0, `min_redemption` 0 and an open
+budget (every preferred coupon granted); each campaign's budget is `--budget-fraction` of the pilot's mean
+expected spend per user under the truth (sum of q x face) times its users.
 
-Printed: the share of granted coupons the model prices near zero (expected cost <= 1% of the face) and the
-share whose reservation is that small (both from the decision records, read from Redis right after each
-request), how often those redeem, the overspend frequency (spent > budget at the end; also campaigns with
-`overrun`) with its Clopper-Pearson 95% interval, the worst overspend, BARate (spent / budget), and a PASS /
-FAIL line: overspend frequency <= `overspend_risk`. The PNG shows the BARate distribution and the model's
-expected cost / face of the granted coupons.
+Printed: the share of the pilot's coupons the model prices near zero (expected cost <= 1% of the face);
+per setting, the share of granted coupons priced near zero (at most max(1% of the face, the floor)) and of
+those whose reservation is <= 1% of the face (both from the decision records, read from Redis right after
+each request), how often those redeem, reservations / the truth's expected cost, the overspend frequency
+(spent > budget at the end; also campaigns with `overrun`) with its Clopper-Pearson 95% interval, the worst
+overspend, BARate (spent / budget), and a PASS / FAIL line: overspend frequency <= `overspend_risk`. The PNG
+shows the BARate distributions and the model's expected cost / face of the pilot's coupons.
 
-    .venv/bin/python benchmarks/overspend.py --quick                    # 40 campaigns, ~2 min on 2 cores
-    .venv/bin/python benchmarks/overspend.py --png docs/overspend.png    # 200 campaigns (docs/service.md)
+    .venv/bin/python benchmarks/overspend.py --quick               # 40 campaigns of 128 users, ~1.5 min
+    .venv/bin/python benchmarks/overspend.py --min-redemption 0 default 0.1 \
+        --png docs/overspend.png                                    # 3 x 200 campaigns, ~18 min (docs/service.md)
 """
 
 from __future__ import annotations
