@@ -57,6 +57,7 @@ from service.state.types import (
     CampaignUpdate,
     CostAboveReservation,
     Groups,
+    LogStatus,
     NewStep,
     Outcome,
     PacedState,
@@ -75,6 +76,7 @@ Client = aioredis.Redis | RedisCluster
 LUA_DIR = Path(__file__).resolve().parents[1] / "lua"
 DECISION_ID = re.compile(r"d-([0-9a-f]{20})-([0-9]{1,5})")
 MODELS_CHANNEL = "models"  # after the prefix: where a new current model version is announced
+LOG_GROUP = "export"  # the exporter's consumer group (offline/logstream.py)
 CAS_ATTEMPTS = 32  # a context changed by another writer between read and write is redone, at most this often
 
 
@@ -226,6 +228,7 @@ def _parse_campaign(
         holdout=_groups(fields, "holdout", held_out),
         treated=_groups(fields, "treated", decisions - held_out),
         log_entries=log_entries,
+        log_lost=int(fields.get("log_lost") or 0),
     )
 
 
@@ -243,7 +246,7 @@ class StateStore:
 
     Every method is atomic with respect to the budget invariant `spent + reserved <= budget`. Whether
     the server is a Cluster is asked once, on first use (`cluster=None`), unless the caller says.
-    `log_max_entries`: the approximate bound of each campaign's decision log (0: no log)."""
+    `log_max_entries`: the bound of each campaign's decision log (0: no log)."""
 
     def __init__(
         self,
@@ -458,6 +461,22 @@ class StateStore:
         """Entries in the campaign's decision and outcome log."""
         client = await self.client()
         return int(await self._guard(lambda: client.xlen(self.log_key(campaign_id))))
+
+    async def log_status(self, campaign_id: str) -> LogStatus:
+        """The campaign's log against its exporter: entries held, how many of them the group `export` has
+        not read, how many were trimmed unread. The scripts keep the group's cursor past every entry they
+        trim unread, so Redis's lag of the group is exact; should Redis not know it, every entry counts."""
+        client = await self.client()
+        key = self.log_key(campaign_id)
+        entries = int(await self._guard(lambda: client.xlen(key)))
+        lag = entries
+        if entries:
+            groups = await self._guard(lambda: client.xinfo_groups(key))
+            for group in cast(list[dict[str, Any]], groups):
+                if _text(group["name"]) == LOG_GROUP and group.get("lag") is not None:
+                    lag = min(entries, int(group["lag"]))
+        lost = await self._guard(lambda: client.hget(self.campaign_key(campaign_id), "log_lost"))
+        return LogStatus(entries, lag, int(_text(cast(bytes | None, lost)) or 0))
 
     async def campaign_ids(self) -> list[str]:
         client = await self.client()
