@@ -246,7 +246,7 @@ class StateStore:
 
     Every method is atomic with respect to the budget invariant `spent + reserved <= budget`. Whether
     the server is a Cluster is asked once, on first use (`cluster=None`), unless the caller says.
-    `log_max_entries`: the bound of each campaign's decision log (0: no log)."""
+    `log_max_entries`: the approximate bound of each campaign's decision log (0: no log)."""
 
     def __init__(
         self,
