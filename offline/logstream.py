@@ -17,6 +17,13 @@ after all its files are in place. A run killed at any point loses nothing (its b
 is read again first) and duplicates nothing (the same batch gives the same file names, which the rerun
 replaces). Readers still deduplicate by ``decision_id``: an exporter restarted with another batch size
 re-reads the unacknowledged batch with other boundaries.
+
+What the stream's bound took before it was exported is counted, never skipped in silence: the service's
+scripts count each entry they trim before the group was given it in the campaign hash's ``log_lost``
+(docs/state.md), and the exporter adds the entries it was given, did not acknowledge (a run that died) and
+finds trimmed when it reads them again. Each run reports what was lost since the previous run
+(``trimmed``, by campaign in ``trimmed_by_campaign``): the hash's ``log_lost_reported`` remembers what was
+reported, across runs and exporters.
 """
 
 from __future__ import annotations
@@ -35,7 +42,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import redis
+import redis.cluster
 
+Client = redis.Redis | redis.cluster.RedisCluster
 GROUP = "export"
 DEFAULT_CONSUMER = "exporter"
 DECISIONS = "decisions"
@@ -74,12 +83,42 @@ class LogEntryError(ValueError):
     """A stream entry does not follow the log format; the message names the stream, entry and field."""
 
 
+def connect(redis_url: str) -> Client:
+    """A client of the service's Redis: a Cluster client when the server is a Cluster node."""
+    client = redis.Redis.from_url(redis_url)
+    try:
+        if not client.info("cluster").get("cluster_enabled"):
+            return client
+    except BaseException:
+        client.close()
+        raise
+    client.close()
+    return redis.cluster.RedisCluster.from_url(redis_url)
+
+
 def log_stream_key(prefix: str, campaign_id: str) -> str:
     return f"{prefix}{{c:{campaign_id}}}:log"
 
 
 def campaigns_key(prefix: str) -> str:
     return f"{prefix}campaigns"
+
+
+def campaign_key(prefix: str, campaign_id: str) -> str:
+    return f"{prefix}{{c:{campaign_id}}}:campaign"
+
+
+# KEYS[1] the campaign hash; ARGV[1] entries this run found trimmed while pending. Adds them to log_lost,
+# returns what log_lost gained since the last report and marks it reported (a stream without its campaign,
+# written by a test or a tool: just ARGV[1]).
+_REPORT_LOST = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return tonumber(ARGV[1]) end
+if tonumber(ARGV[1]) > 0 then redis.call('HINCRBY', KEYS[1], 'log_lost', ARGV[1]) end
+local lost = tonumber(redis.call('HGET', KEYS[1], 'log_lost') or '0')
+local reported = tonumber(redis.call('HGET', KEYS[1], 'log_lost_reported') or '0')
+redis.call('HSET', KEYS[1], 'log_lost_reported', lost)
+return lost - reported
+"""
 
 
 def decision_fields(
@@ -279,7 +318,8 @@ class ExportSummary:
     outcomes: int = 0
     entries: int = 0
     redelivered: int = 0  # entries a previous, interrupted run had read and not acknowledged
-    trimmed: int = 0  # pending entries the stream had already trimmed (acknowledged, nothing to write)
+    trimmed: int = 0  # entries lost since the previous run: trimmed before they were exported
+    trimmed_by_campaign: dict[str, int] = field(default_factory=dict)  # the campaigns that lost any
     files: list[str] = field(default_factory=list)
     seconds: float = 0.0
 
@@ -292,6 +332,7 @@ class ExportSummary:
             "outcomes": self.outcomes,
             "redelivered": self.redelivered,
             "trimmed": self.trimmed,
+            "trimmed_by_campaign": dict(sorted(self.trimmed_by_campaign.items())),
             "files": len(self.files),
             "seconds": round(self.seconds, 2),
         }
@@ -299,14 +340,15 @@ class ExportSummary:
 
 def _write_batch(
     campaign_id: str, entries: list[tuple[bytes, dict[bytes, bytes] | None]], out: Path, summary: ExportSummary
-) -> None:
+) -> int:
     """Decode one batch and write its partitions; raises LogEntryError before writing anything if any
-    entry is malformed."""
+    entry is malformed. Returns how many of its entries the stream had trimmed (pending ones)."""
     groups: dict[tuple[str, str], _Rows] = {}
+    trimmed = 0
     for raw_id, fields in entries:
         entry_id = raw_id.decode()
-        if not fields:  # trimmed by MAXLEN while pending
-            summary.trimmed += 1
+        if not fields:  # trimmed by the stream's bound while pending
+            trimmed += 1
             continue
         kind = fields.get(b"kind", b"").decode(errors="replace")
         if kind == "decision":
@@ -332,13 +374,14 @@ def _write_batch(
             summary.decisions += table.num_rows
         else:
             summary.outcomes += table.num_rows
+    return trimmed
 
 
 _CAMPAIGN_RE = re.compile(r"^[^/\\\x00]+$")
 
 
 def export_campaign(
-    client: redis.Redis,
+    client: Client,
     prefix: str,
     campaign_id: str,
     out: Path,
@@ -349,12 +392,32 @@ def export_campaign(
     progress: Callable[[str], None] | None = None,
 ) -> None:
     """Export everything the campaign's stream holds for the group that this consumer has not
-    acknowledged: its pending entries first, then new ones, one batch at a time."""
+    acknowledged: its pending entries first, then new ones, one batch at a time; then count what the
+    campaign lost since the previous run (module docstring)."""
     if not _CAMPAIGN_RE.match(campaign_id) or campaign_id in (".", ".."):
         raise LogEntryError(f"campaign id {campaign_id!r} cannot name a partition directory")
     key = log_stream_key(prefix, campaign_id)
-    if not client.exists(key):
-        return
+    trimmed = 0
+    if client.exists(key):
+        trimmed = _read_stream(client, key, campaign_id, out, summary, consumer, batch_size, progress)
+    lost = int(client.eval(_REPORT_LOST, 1, campaign_key(prefix, campaign_id), trimmed))
+    if lost:
+        summary.trimmed += lost
+        summary.trimmed_by_campaign[campaign_id] = lost
+
+
+def _read_stream(
+    client: Client,
+    key: str,
+    campaign_id: str,
+    out: Path,
+    summary: ExportSummary,
+    consumer: str,
+    batch_size: int,
+    progress: Callable[[str], None] | None,
+) -> int:
+    """Export the stream's entries through the group; returns how many pending ones it found trimmed."""
+    trimmed = 0
     try:
         client.xgroup_create(key, GROUP, id="0")
     except redis.ResponseError as exc:
@@ -367,10 +430,10 @@ def export_campaign(
         entries: list[tuple[bytes, dict[bytes, bytes] | None]] = reply[0][1] if reply else []
         if not entries:
             if start == ">":
-                return
+                return trimmed
             start = ">"
             continue
-        _write_batch(campaign_id, entries, out, summary)
+        trimmed += _write_batch(campaign_id, entries, out, summary)
         client.xack(key, GROUP, *[entry_id for entry_id, _ in entries])
         summary.entries += len(entries)
         if start == "0":
@@ -402,7 +465,7 @@ def export_logs(
     root.mkdir(parents=True, exist_ok=True)
     _remove_stale_temporaries(root)
     summary = ExportSummary(out=str(root))
-    client = redis.Redis.from_url(redis_url)
+    client = connect(redis_url)
     try:
         names = (
             sorted(c.decode() for c in client.smembers(campaigns_key(prefix)))  # type: ignore[union-attr]

@@ -258,7 +258,10 @@ def retrain_once(
             from offline.logstream import export_logs
 
             say("exporting the logs")
-            report["metrics"]["export"] = export_logs(cfg.redis_url, cfg.logs, prefix=cfg.prefix).to_json()
+            exported = export_logs(cfg.redis_url, cfg.logs, prefix=cfg.prefix)
+            report["metrics"]["export"] = exported.to_json()
+            if exported.trimmed:
+                say(f"warning: {exported.trimmed} log entries were trimmed before they were exported")
         step = "data"
         joined, counts = joined_decisions(cfg.logs, campaigns=cfg.campaigns)
         labelled, delay_metrics = label_outcomes(joined, now_ms, cfg.delay)

@@ -12,9 +12,12 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Any, TypeVar
+from typing import TYPE_CHECKING, Annotated, Any, TypeVar
 
 import typer
+
+if TYPE_CHECKING:
+    from offline.logstream import ExportSummary
 
 app = typer.Typer(
     add_completion=False,
@@ -184,8 +187,10 @@ def export_logs_command(
         float | None, typer.Option(min=0.1, help="keep exporting every so many seconds (one JSON line each)")
     ] = None,
 ) -> None:
-    """Export the campaigns' decision and outcome logs into Parquet partitions (at-least-once, idempotent)."""
-    from offline.logstream import ExportSummary, export_logs, follow
+    """Export the campaigns' decision and outcome logs into Parquet partitions (at-least-once, idempotent).
+    Entries the logs' bound trimmed before they were exported are counted (`trimmed`) with a warning on
+    stderr; a single run that counts any exits with code 3 after its JSON line."""
+    from offline.logstream import export_logs, follow
 
     def progress(message: str) -> None:
         print(message, file=sys.stderr, flush=True)
@@ -194,11 +199,31 @@ def export_logs_command(
 
         def emit(summary: ExportSummary) -> None:
             _emit(summary.to_json())
+            _warn_trimmed(summary)
 
         follow(redis_url, out, every_s=every, prefix=prefix, consumer=consumer, batch_size=batch_size, emit=emit)
         return
     summary = export_logs(redis_url, out, prefix=prefix, consumer=consumer, batch_size=batch_size, progress=progress)
     _emit(summary.to_json())
+    if _warn_trimmed(summary):
+        raise SystemExit(EXIT_LOG_ENTRIES_LOST)  # not typer.Exit: a RuntimeError, which would read as a failure
+
+
+EXIT_LOG_ENTRIES_LOST = 3  # `saco export`: exported, but the logs lost entries since the previous run
+
+
+def _warn_trimmed(summary: ExportSummary) -> bool:
+    """A warning on stderr when the export counted entries lost since the previous run; whether it did."""
+    if not summary.trimmed:
+        return False
+    campaigns = ", ".join(f"{c}: {n}" for c, n in sorted(summary.trimmed_by_campaign.items()))
+    print(
+        f"warning: {summary.trimmed} log entries were trimmed before they were exported ({campaigns}); "
+        'raise SACO_LOG_MAX_ENTRIES or export more often (docs/state.md, "The decision log")',
+        file=sys.stderr,
+        flush=True,
+    )
+    return True
 
 
 RedisUrl = Annotated[

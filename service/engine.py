@@ -592,6 +592,7 @@ class DecisionEngine:
             "treated": group_view(campaign.treated),
             "incremental_revenue_per_decision": incremental,
             "log_entries": campaign.log_entries,
+            "log_lost": campaign.log_lost,
         }
 
     async def pace(self, campaign_id: str) -> None:
@@ -634,7 +635,8 @@ class DecisionEngine:
             await asyncio.sleep(self.settings.sweep_interval_s)
             try:
                 for campaign_id in await self.store.campaign_ids():
-                    self.metrics.log_entries.labels(campaign=campaign_id).set(await self.store.log_length(campaign_id))
+                    log_status = await self.store.log_status(campaign_id)
+                    self.metrics.observe_log(campaign_id, log_status, self.store.log_max_entries)
                     released = await self.store.sweep_expired(campaign_id)
                     if released:
                         self.metrics.reservations_expired.labels(campaign=campaign_id).inc(released)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import bisect
+import logging
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -11,6 +12,11 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import HistogramMetricFamily
 from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import Collector
+
+from service.state.types import LogStatus
+
+log = logging.getLogger("saco.service.metrics")
+LOG_LAG_WARNING = 0.8  # of the log's bound: an exporter lag from which each sweep's check warns
 
 _LATENCY_BUCKETS = (
     0.0005,
@@ -115,6 +121,19 @@ class ServiceMetrics:
         self.log_entries = Gauge(
             "saco_decision_log_entries", "entries in a campaign's decision and outcome log", ["campaign"], registry=r
         )
+        self.log_export_lag = Gauge(
+            "saco_decision_log_export_lag",
+            "entries of a campaign's log the exporter has not read yet (all of them before its first run)",
+            ["campaign"],
+            registry=r,
+        )
+        self.log_lost = Gauge(
+            "saco_decision_log_lost",
+            "entries of a campaign's log trimmed by its bound before the exporter read them (since the campaign began)",
+            ["campaign"],
+            registry=r,
+        )
+        self._log_warned: dict[str, tuple[bool, int]] = {}  # campaign -> (lag above the warning, lost) last seen
         self.model_announcements = Counter(
             "saco_model_announcements_total",
             "model versions announced on the store's channel, by result: loaded, unchanged, refused",
@@ -142,6 +161,25 @@ class ServiceMetrics:
         self.model_info = Gauge("saco_model_info", "the serving model version (value 1)", ["version"], registry=r)
         self.gc_pauses = GcPauses()
         r.register(self.gc_pauses)
+
+    def observe_log(self, campaign_id: str, status: LogStatus, bound: int) -> None:
+        """A campaign's decision log against its exporter (each sweep): the gauges, and a warning when the
+        exporter's lag reaches LOG_LAG_WARNING of the bound and whenever entries were lost since the last
+        sweep."""
+        self.log_entries.labels(campaign=campaign_id).set(status.entries)
+        self.log_export_lag.labels(campaign=campaign_id).set(status.lag)
+        self.log_lost.labels(campaign=campaign_id).set(status.lost)
+        behind = bound > 0 and status.lag >= LOG_LAG_WARNING * bound
+        was_behind, lost_before = self._log_warned.get(campaign_id, (False, status.lost))
+        self._log_warned[campaign_id] = (behind, status.lost)
+        facts = {"campaign": campaign_id, "lag": status.lag, "bound": bound, "lost": status.lost}
+        if behind and not was_behind:
+            log.warning("the exporter is behind: the decision log will lose entries unless it catches up", extra=facts)
+        if status.lost > lost_before:
+            log.warning(
+                "the decision log lost entries the exporter had not read",
+                extra={**facts, "newly_lost": status.lost - lost_before},
+            )
 
     def set_model(self, previous: str | None, version: str) -> None:
         if previous is not None:

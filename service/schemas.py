@@ -209,6 +209,9 @@ class CampaignView(BaseModel):
         "groups have outcomes)"
     )
     log_entries: int = Field(description="entries in the campaign's decision and outcome log")
+    log_lost: int = Field(
+        description="entries of the campaign's log trimmed by its bound before the exporter read them"
+    )
 
 
 class ReloadResponse(BaseModel):

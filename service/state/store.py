@@ -56,6 +56,7 @@ from service.state.types import (
     CampaignUpdate,
     CostAboveReservation,
     Groups,
+    LogStatus,
     NewStep,
     Outcome,
     PacedState,
@@ -74,6 +75,7 @@ Client = aioredis.Redis | RedisCluster
 LUA_DIR = Path(__file__).resolve().parents[1] / "lua"
 DECISION_ID = re.compile(r"d-([0-9a-f]{20})-([0-9]{1,5})")
 MODELS_CHANNEL = "models"  # after the prefix: where a new current model version is announced
+LOG_GROUP = "export"  # the exporter's consumer group (offline/logstream.py)
 CAS_ATTEMPTS = 32  # a context changed by another writer between read and write is redone, at most this often
 
 
@@ -228,6 +230,7 @@ def _parse_campaign(
         log_entries=log_entries,
         # a campaign that never kept outstanding_face reserved only in strict mode: at face value
         outstanding=int(fields["outstanding_face"]) if "outstanding_face" in fields else int(fields["reserved"]),
+        log_lost=int(fields.get("log_lost") or 0),
     )
 
 
@@ -460,6 +463,22 @@ class StateStore:
         """Entries in the campaign's decision and outcome log."""
         client = await self.client()
         return int(await self._guard(lambda: client.xlen(self.log_key(campaign_id))))
+
+    async def log_status(self, campaign_id: str) -> LogStatus:
+        """The campaign's log against its exporter: entries held, how many of them the group `export` has
+        not read, how many were trimmed unread. The scripts keep the group's cursor past every entry they
+        trim unread, so Redis's lag of the group is exact; should Redis not know it, every entry counts."""
+        client = await self.client()
+        key = self.log_key(campaign_id)
+        entries = int(await self._guard(lambda: client.xlen(key)))
+        lag = entries
+        if entries:
+            groups = await self._guard(lambda: client.xinfo_groups(key))
+            for group in cast(list[dict[str, Any]], groups):
+                if _text(group["name"]) == LOG_GROUP and group.get("lag") is not None:
+                    lag = min(entries, int(group["lag"]))
+        lost = await self._guard(lambda: client.hget(self.campaign_key(campaign_id), "log_lost"))
+        return LogStatus(entries, lag, int(_text(cast(bytes | None, lost)) or 0))
 
     async def campaign_ids(self) -> list[str]:
         client = await self.client()

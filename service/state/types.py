@@ -143,6 +143,15 @@ class Groups:
 
 
 @dataclass(frozen=True)
+class LogStatus:
+    """A campaign's decision log as the exporter sees it (docs/state.md, "The decision log")."""
+
+    entries: int  # entries in the stream
+    lag: int  # of them, the entries the exporter's group has not read (all of them before its first run)
+    lost: int  # entries trimmed before the exporter read them, since the campaign began
+
+
+@dataclass(frozen=True)
 class CampaignState:
     campaign_id: str
     settings: CampaignSettings
@@ -157,6 +166,7 @@ class CampaignState:
     treated: Groups = field(default_factory=Groups)  # everyone else's
     log_entries: int = 0  # entries in the campaign's decision and outcome log
     outstanding: int = 0  # face value (cents) of the coupons granted and neither settled nor expired
+    log_lost: int = 0  # log entries trimmed before the exporter read them (docs/state.md)
 
     @property
     def budget(self) -> int:

@@ -4,13 +4,15 @@ behaviour policy's exploration and holdout, and the group counters, on each kind
 from __future__ import annotations
 
 import struct
+from pathlib import Path
 from typing import Any
 
 import redis
 import redis.cluster
 from conftest import DAY_MS, Run, item, put, reserve
 
-from service.state import Outcome, ReserveItem
+from offline.logstream import GROUP, export_logs
+from service.state import LogStatus, Outcome, ReserveItem
 from service.state.store import StateStore, parse_decision_record
 
 NOW = 1_767_225_600_000  # 2026-01-01, epoch ms
@@ -126,9 +128,12 @@ def test_the_log_is_bounded_and_can_be_turned_off(run: Run) -> None:
         await store.upsert_campaign("c", put(10**9))
         for batch in range(6):
             await reserve(store, "c", [item(f"u{batch}-{i}", [1, 0]) for i in range(100)])
-        length = await store.log_length("c")
-        # MAXLEN ~ trims whole stream nodes (stream-node-max-entries, 100 by default)
-        assert 10 <= length <= 10 + 100, length
+        # MAXLEN ~ trims whole stream nodes (stream-node-max-entries, 100 by default); with no exporter,
+        # every entry it trimmed is lost
+        status = await store.log_status("c")
+        assert 10 <= status.entries <= 10 + 100 and status == LogStatus(
+            status.entries, status.entries, 600 - status.entries
+        )
         store.log_max_entries = 0
         await store.upsert_campaign("off", put(10**9))
         decided = await reserve(store, "off", [item("u", [1, 0])])
@@ -186,5 +191,124 @@ def test_exploration_and_holdout_log_their_probabilities(run: Run) -> None:
         assert state is not None
         assert (state.holdout.settled, state.holdout.reward) == (1, 300)
         assert (state.treated.settled, state.treated.reward, state.treated.cost) == (2, 1050, 200)
+
+    run(scenario)
+
+
+def test_entries_trimmed_before_the_exporter_read_them_are_counted(run: Run) -> None:
+    """Bound 40 (MAXLEN ~: whole stream nodes go). Entries the group `export` was never given count as lost
+    when the bound trims them, every one while there is no group; entries it read do not. At every step,
+    what was written is what the exporter read, what it can still read, or what was counted lost; the
+    group's lag is what it can still read."""
+
+    async def scenario(store: StateStore) -> None:
+        store.log_max_entries = 40
+        await store.upsert_campaign("c", put(10**9))
+        key, client = store.log_key("c"), sync_client(store)
+        written, read = 0, 0
+
+        def unread() -> int:  # what the stream holds beyond the group's last-delivered id
+            last = client.xinfo_groups(key)[0]["last-delivered-id"].decode()
+            return len(client.xrange(key, f"({last}", "+"))
+
+        async def check() -> LogStatus:
+            status = await store.log_status("c")
+            assert status.lag == unread() and 40 <= status.entries <= 40 + 100
+            assert written == read + status.lag + status.lost, (written, read, status)
+            state = await store.get_campaign("c")
+            assert state is not None and (state.log_entries, state.log_lost) == (status.entries, status.lost)
+            return status
+
+        try:
+            decided = []
+            for batch in range(10):  # 300 decisions before any exporter ran: the bound trimmed about 260
+                decided += (await reserve(store, "c", [item(f"a{batch}-{i}", [1, 0]) for i in range(30)])).decisions
+            written += 300
+            status = await store.log_status("c")
+            assert status.lag == status.entries and status.lost == written - status.entries >= 300 - 140
+            client.xgroup_create(key, GROUP, id="0")
+            assert (await check()).lag == status.entries
+            entries = client.xreadgroup(GROUP, "x", {key: ">"}, count=25)[0][1]
+            client.xack(key, GROUP, *[entry_id for entry_id, _ in entries])
+            read += len(entries)
+            before = await check()
+
+            for batch in range(10):  # outcomes and decisions: the bound trims the read entries first
+                await store.settle("c", [Outcome(d.decision_id, 1.0, 0) for d in decided[20 * batch : 20 * batch + 20]])
+                await reserve(store, "c", [item(f"b{batch}-{i}", [1, 0]) for i in range(10)])
+                written += 30
+                status = await check()
+            trimmed = before.entries + 300 - status.entries
+            assert status.lost - before.lost == trimmed - 25  # every one trimmed but the 25 read
+
+            entries = client.xreadgroup(GROUP, "x", {key: ">"}, count=1000)[0][1]
+            read += len(entries)
+            assert [f[b"kind"] for _, f in entries[-10:]] == [b"decision"] * 10  # the newest
+            assert (await check()).lag == 0 and written == read + status.lost
+        finally:
+            client.close()
+
+    run(scenario)
+
+
+def test_a_lowered_bound_counts_what_it_trims_unread(run: Run) -> None:
+    async def scenario(store: StateStore) -> None:
+        store.log_max_entries = 1000
+        await store.upsert_campaign("c", put(10**9))
+        await reserve(store, "c", [item(f"a{i}", [1, 0]) for i in range(300)])
+        key, client = store.log_key("c"), sync_client(store)
+        try:
+            client.xgroup_create(key, GROUP, id="0")
+            assert len(client.xreadgroup(GROUP, "x", {key: ">"}, count=250)[0][1]) == 250
+            store.log_max_entries = 10
+            await reserve(store, "c", [item("b", [1, 0])])
+            status = await store.log_status("c")
+            assert status.entries <= 10 + 100 and status.lost == 301 - 250 - status.lag
+            assert status.lag == len(
+                client.xrange(key, f"({client.xinfo_groups(key)[0]['last-delivered-id'].decode()}", "+")
+            )
+        finally:
+            client.close()
+
+    run(scenario)
+
+
+def featured(user: str) -> ReserveItem:
+    return ReserveItem(user, None, [1, 0], features(0.5, 2.0))
+
+
+def test_the_export_reports_what_was_lost_since_its_previous_run(run: Run, tmp_path: Path) -> None:
+    """Bound 20: 300 decisions before the first export; then an exporter that read 10 entries and died
+    before writing them, and 300 decisions more, which trim those 10 with the rest: the next run counts
+    them with what the service counted, and every entry written was exported or counted, once."""
+
+    async def scenario(store: StateStore) -> None:
+        store.log_max_entries = 20
+        await store.upsert_campaign("c", put(10**9))
+        await reserve(store, "c", [featured(f"a{i}") for i in range(300)])
+        first = export_logs(store.url, tmp_path, prefix=store.prefix)
+        assert first.entries == first.decisions == (await store.log_status("c")).entries <= 20 + 100
+        assert first.trimmed == 300 - first.entries and first.trimmed_by_campaign == {"c": first.trimmed}
+        assert first.to_json()["trimmed"] == first.trimmed
+        assert first.to_json()["trimmed_by_campaign"] == {"c": first.trimmed}
+        assert export_logs(store.url, tmp_path, prefix=store.prefix).trimmed == 0  # nothing new was lost
+
+        await reserve(store, "c", [featured(f"b{i}") for i in range(10)])
+        client = sync_client(store)
+        try:  # the exporter's consumer reads 10 new entries and dies
+            assert len(client.xreadgroup(GROUP, "exporter", {store.log_key("c"): ">"}, count=10)[0][1]) == 10
+        finally:
+            client.close()
+        await reserve(store, "c", [featured(f"c{i}") for i in range(300)])
+        status = await store.log_status("c")
+        service_counted = status.lost - first.trimmed  # the pending 10 are the exporter's to count
+        assert service_counted == 310 - 10 - status.entries
+        second = export_logs(store.url, tmp_path, prefix=store.prefix)
+        assert (second.redelivered, second.decisions) == (10, status.entries)
+        assert second.trimmed == service_counted + 10 and second.trimmed_by_campaign == {"c": second.trimmed}
+        state = await store.get_campaign("c")
+        assert state is not None and state.log_lost == first.trimmed + second.trimmed
+        assert first.decisions + second.decisions + state.log_lost == 300 + 10 + 300
+        assert export_logs(store.url, tmp_path, prefix=store.prefix).trimmed == 0
 
     run(scenario)
