@@ -130,7 +130,7 @@ class BodySizeLimit:
             await self.app(scope, receive, send)
             return
         declared = Headers(scope=scope).get("content-length", "")
-        if declared.isdecimal() and int(declared) > self.max_bytes:
+        if declared.isdecimal() and (len(declared) > len(str(self.max_bytes)) or int(declared) > self.max_bytes):
             await body_too_large(self.max_bytes)(scope, receive, send)
             return
         received = 0

@@ -74,30 +74,45 @@ def choose(
     body: DecisionsRequest,
     rows: np.ndarray,
     rng: random.Random,
+    metrics: ServiceMetrics | None = None,
 ) -> tuple[list[int], list[ReserveItem]]:
     """The order in which users reserve (largest gain of their best coupon over none first) and, per user
     in that order, the campaign's coupons by descending score down to "no coupon", the user's features
     (float32 rows), whether the user is held out, with probability the exploration rate a uniform draw with
     which the reservation picks among the coupons that fit instead, and the model's expected cost of each
-    coupon for that user (cents) when it has one."""
+    coupon for that user (cents) when it has one. A user whose scores are not all finite gets no coupon
+    (not explored either): counted in `metrics` and logged."""
     prefs, priority = preferences(scores, list(campaign.coupons))
     order: list[int] = priority.tolist()
     requests = body.requests
     rate, holdout_rate = campaign.settings.exploration_rate, campaign.settings.holdout_rate
     costs: list[list[int]] | list[None] = [None] * len(requests) if expected is None else expected.tolist()
+    finite = np.isfinite(scores).all(axis=1)
     items = []
     for i in order:
         user_id = requests[i].user_id
         draw = rng.random() if rate > 0 and rng.random() < rate else None
         held_out = in_holdout(campaign.campaign_id, user_id, holdout_rate)
+        if not finite[i]:
+            draw = None
         item = ReserveItem(user_id, requests[i].request_id, prefs[i], rows[i].tobytes(), held_out, draw, costs[i])
         items.append(item)
+    if not finite.all():
+        unscored = [requests[i].user_id for i in np.flatnonzero(~finite)]
+        if metrics is not None:
+            metrics.nonfinite_scores.labels(campaign=campaign.campaign_id).inc(len(unscored))
+        log.warning(
+            "the model's output is not finite for some users: they get no coupon",
+            extra={"campaign": campaign.campaign_id, "users": len(unscored), "user_ids": unscored[:10]},
+        )
     return order, items
 
 
 @dataclass(frozen=True)
 class ScoreTerms:
-    """A model's per-user score terms (`score_terms` of the exported module): score = revenue - lambda * cost."""
+    """A model's per-user score terms (`score_terms` of the exported module): score = revenue - lambda * cost.
+    A user whose output row is not all finite has a NaN revenue row (hence NaN scores: no coupon) and every
+    coupon at its face cost."""
 
     revenue: np.ndarray  # [B, K], currency units
     cost: np.ndarray  # [B, K], the cost term of the score (future weight included)
@@ -114,15 +129,28 @@ class ScoreTerms:
         for action, cents in campaign.coupons.items():
             if 0 < action < k:
                 faces[action] = cents
-        predicted = outputs[:, 2 * k :].astype(np.float64) * 100
-        if cost_ratios:
-            ratios = np.asarray(cost_ratios, np.float64)
-            predicted *= ratios[np.minimum(decision_index, len(ratios) - 1)][:, None]
+        finite = np.isfinite(outputs).all(axis=1)
+        with np.errstate(over="ignore", invalid="ignore"):
+            predicted = outputs[:, 2 * k :].astype(np.float64) * 100
+            if cost_ratios:
+                ratios = np.asarray(cost_ratios, np.float64)
+                predicted *= ratios[np.minimum(decision_index, len(ratios) - 1)][:, None]
+        # what cannot be priced costs its face value: never a sign or size the ledger cannot settle
+        predicted[~finite] = faces
+        predicted = np.where(np.isnan(predicted), faces, predicted)
         expected = np.rint(np.clip(predicted, 0, faces)).astype(np.int64)
-        return ScoreTerms(outputs[:, :k], outputs[:, k : 2 * k], expected)
+        revenue = outputs[:, :k].copy()
+        revenue[~finite] = np.nan
+        return ScoreTerms(revenue, outputs[:, k : 2 * k], expected)
+
+    @property
+    def finite(self) -> np.ndarray:
+        """[B] bool: the users whose terms are all finite (the others get no coupon)."""
+        return np.asarray(np.isfinite(self.revenue).all(axis=1) & np.isfinite(self.cost).all(axis=1))
 
     def scores(self, lam: float) -> np.ndarray:
-        return self.revenue - np.float32(lam) * self.cost
+        with np.errstate(over="ignore", invalid="ignore"):  # a row that overflows is not finite: no coupon
+            return self.revenue - np.float32(lam) * self.cost
 
     def floored(self, campaign: CampaignConfig, min_redemption: float) -> ScoreTerms:
         """Costs no lower than each coupon's floor: `min_redemption` of its cost, at least a cent, both the
@@ -141,7 +169,11 @@ class ScoreTerms:
 def plan_lambda(terms: ScoreTerms, campaign: CampaignConfig, target: float, lam_max: float) -> float:
     """The smallest lambda in [0, lam_max] at which the request's expected spend fits `target` cents: each
     user takes their best offered action (or none) at that lambda, and spends its expected cost corrected by
-    the campaign's realised / predicted ratio of that action. Bisection: spend falls as lambda rises."""
+    the campaign's realised / predicted ratio of that action. Bisection: spend falls as lambda rises. Users
+    whose terms are not finite are left out (they get no coupon), as is a user whose scores at a lambda are
+    not."""
+    usable = terms.finite
+    terms = ScoreTerms(terms.revenue[usable], terms.cost[usable], terms.expected[usable])
     k = terms.revenue.shape[1]
     offered = np.zeros(k, np.bool_)
     offered[0] = True
@@ -155,7 +187,9 @@ def plan_lambda(terms: ScoreTerms, campaign: CampaignConfig, target: float, lam_
     rows = np.arange(len(spend))
 
     def spent(lam: float) -> float:
-        chosen = np.where(offered, terms.scores(lam), -np.inf).argmax(axis=1)
+        scores = terms.scores(lam)
+        chosen = np.where(offered, scores, -np.inf).argmax(axis=1)
+        chosen[~np.isfinite(scores).all(axis=1)] = 0
         return float(spend[rows, chosen].sum())
 
     if spent(0.0) <= target:
@@ -262,17 +296,22 @@ def build_inputs(
 
 def preferences(scores: np.ndarray, offered: list[int]) -> tuple[list[list[int]], np.ndarray]:
     """Per row: offered actions by descending score, cut after action 0 (nothing below "no coupon" is
-    preferable to it); and the priority order of rows (largest gain of the best coupon over none first)."""
+    preferable to it); and the priority order of rows (largest gain of the best coupon over none first).
+    A row with any non-finite score prefers action 0 alone and comes last."""
     allowed = np.zeros(scores.shape[1], np.bool_)
     allowed[0] = True
     allowed[[a for a in offered if 0 < a < scores.shape[1]]] = True
     masked = np.where(allowed, scores, -np.inf)
+    unscored = ~np.isfinite(scores).all(axis=1)
+    masked[unscored] = -np.inf
+    masked[unscored, 0] = 0.0
     ranked = np.argsort(-masked, axis=1, kind="stable").tolist()
     prefs = []
     for row in ranked:
         cut = row.index(0) + 1
         prefs.append(row[:cut])
     gain = masked.max(axis=1) - masked[:, 0]
+    gain[unscored] = -np.inf
     return prefs, np.argsort(-gain, kind="stable")
 
 
@@ -312,7 +351,8 @@ class DecisionEngine:
             terms = terms.floored(campaign, self._min_redemption(campaign.settings))
             lam = self._request_lambda(campaign, terms, lam, policy.manifest)
             scores, expected = terms.scores(lam), terms.expected
-        order, items = choose(scores, expected, campaign, body, features.astype("<f4", copy=False), self.rng)
+        rows = features.astype("<f4", copy=False)
+        order, items = choose(scores, expected, campaign, body, rows, self.rng, self.metrics)
         try:
             reserved = await self.store.reserve(
                 campaign_id,
@@ -344,8 +384,11 @@ class DecisionEngine:
             allowance = settings.budget / settings.expected_decisions  # before the first pacing step
         if allowance is None:
             return lam
+        planned = int(terms.finite.sum())  # users the model could not score get no coupon: not planned for
+        if not planned:
+            return lam
         lam_max = self.settings.pacing_lambda_max * lambda_scale(manifest)
-        return plan_lambda(terms, campaign, allowance * len(terms.expected), lam_max)
+        return plan_lambda(terms, campaign, allowance * planned, lam_max)
 
     def _validate(self, body: DecisionsRequest, manifest: Manifest) -> np.ndarray:
         """The batch size and every feature row against the model: the [users, feature_dim] float32 array."""
@@ -361,13 +404,19 @@ class DecisionEngine:
                     ("requests", i, "features"),
                     f"must have {dim} values (the model's feature_dim), got {len(item.features)}",
                 )
-        with np.errstate(over="ignore"):
-            features = np.array([item.features for item in requests], np.float32)
-        if not np.isfinite(features).all():  # finite doubles that overflow float32
-            row = int(np.argwhere(~np.isfinite(features))[0][0])
-            raise InvalidInput(("requests", row, "features"), "values must fit a 32-bit float")
+        values = np.array([item.features for item in requests], np.float64)
+        bound = self.settings.max_abs_feature
+        outside = np.abs(values) > bound
+        if outside.any():
+            row, column = (int(i) for i in np.argwhere(outside)[0])
+            raise InvalidInput(
+                ("requests", row, "features"),
+                f"user {requests[row].user_id!r}: features[{column}] = {values[row, column]:g} is outside "
+                f"-{bound:g}..{bound:g} (SACO_MAX_ABS_FEATURE)",
+                float(values[row, column]),
+            )
         self.metrics.decision_batch_users.observe(len(requests))
-        return features
+        return values.astype(np.float32)
 
     async def _read(self, campaign_id: str, user_ids: list[str]) -> tuple[CampaignConfig, list[UserContext | None]]:
         """The campaign and each user's context, once this process's own writes to them have landed."""

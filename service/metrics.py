@@ -109,6 +109,12 @@ class ServiceMetrics:
             ["campaign"],
             registry=r,
         )
+        self.nonfinite_scores = Counter(
+            "saco_nonfinite_scores_total",
+            "users whose model output (scores, score terms or expected costs) was not finite: no coupon for them",
+            ["campaign"],
+            registry=r,
+        )
         self.holdout_decisions = Counter(
             "saco_decisions_holdout_total", "new decisions of holdout users (no coupon)", ["campaign"], registry=r
         )

@@ -13,6 +13,14 @@ from service.money import MAX_AMOUNT, to_cents
 
 CAMPAIGN_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$"
 CAMPAIGN_ID_TEXT = "letters, digits, . _ : -"
+# The largest count a campaign takes (`expected_users`, `expected_decisions`): far above any audience, and
+# exact in the doubles of Redis's Lua scripts and of JSON.
+MAX_COUNT = 10**12
+# The largest coupon action the schema takes; the served model's `num_actions` bounds it further.
+MAX_ACTION = 10**6
+# The largest magnitude a 32-bit float holds: the model reads features as float32. The service's
+# feature range (SACO_MAX_ABS_FEATURE) is narrower.
+FLOAT32_MAX = 3.4028234663852886e38
 
 
 def _two_decimals(value: float) -> float:
@@ -26,7 +34,6 @@ def _finite(value: float) -> float:
     return value
 
 
-FiniteFloat = Annotated[float, Field(strict=True, allow_inf_nan=False)]
 Money = Annotated[float, Field(strict=True, allow_inf_nan=False, ge=0, le=MAX_AMOUNT), AfterValidator(_two_decimals)]
 PositiveMoney = Annotated[
     float, Field(strict=True, allow_inf_nan=False, gt=0, le=MAX_AMOUNT), AfterValidator(_two_decimals)
@@ -42,9 +49,14 @@ class _Body(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+Feature = Annotated[float, Field(strict=True, allow_inf_nan=False, ge=-FLOAT32_MAX, le=FLOAT32_MAX)]
+
+
 class DecisionRequestItem(_Body):
     user_id: UserId
-    features: list[FiniteFloat]
+    features: list[Feature] = Field(
+        description="the model's feature_dim numbers, each within +-SACO_MAX_ABS_FEATURE (default 10^6)"
+    )
     request_id: RequestId | None = None
 
 
@@ -82,14 +94,14 @@ class OutcomesResponse(BaseModel):
 
 
 class Coupon(_Body):
-    action: Annotated[int, Field(strict=True, ge=1)]
+    action: Annotated[int, Field(strict=True, ge=1, le=MAX_ACTION)]
     cost: PositiveMoney
 
 
 ReservationMode = Literal["strict", "expected"]
 PacingMethod = Literal["resolve", "descent"]
 OverspendRisk = Annotated[float, Field(strict=True, allow_inf_nan=False, gt=0, le=0.5)]
-Count = Annotated[int, Field(strict=True, ge=1)]
+Count = Annotated[int, Field(strict=True, ge=1, le=MAX_COUNT)]
 Rate = Annotated[float, Field(strict=True, allow_inf_nan=False, ge=0, le=0.5)]
 Probability = Annotated[float, Field(strict=True, allow_inf_nan=False, ge=0, le=1)]
 

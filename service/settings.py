@@ -56,6 +56,13 @@ class Settings(BaseSettings):
     )
 
     max_batch: int = Field(default=1024, ge=1, description="most users in one decisions request")
+    max_abs_feature: float = Field(
+        default=1e6,
+        gt=0,
+        le=3.4e38,
+        description="largest magnitude of a feature (422 above it, naming the user): numbers far outside the "
+        "scale the model was trained on overflow its float32 arithmetic",
+    )
     max_body_bytes: int = Field(
         default=4 << 20,
         ge=1024,

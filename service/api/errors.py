@@ -99,6 +99,8 @@ def _short(value: Any, depth: int = 0) -> Any:
         value = value.decode(errors="replace")
     if isinstance(value, str):
         return value if len(value) <= ECHO_CHARS else f"{value[:ECHO_CHARS]}... ({len(value)} characters)"
+    if isinstance(value, int) and not isinstance(value, bool) and abs(value) >= 10**ECHO_CHARS:
+        return f"(an integer of {len(str(abs(value)))} digits)"
     if isinstance(value, dict):
         if len(value) > ECHO_ITEMS or depth >= ECHO_DEPTH:
             return f"(an object of {len(value)} fields)"

@@ -119,3 +119,37 @@ def test_score_terms_expected_costs_follow_the_cost_ratio_of_each_decision_index
     assert plain.expected.tolist() == [[0, 100, 90]] * 3
     corrected = ScoreTerms.split(outputs, campaign, [1.5, 0.5], np.array([0, 1, 7]))
     assert corrected.expected.tolist() == [[0, 150, 100], [0, 50, 45], [0, 50, 45]]  # 135 capped at the cost 100
+
+
+def test_a_non_finite_output_never_becomes_money() -> None:
+    """A row with NaN or an infinity anywhere: every coupon at its face cost, NaN scores (no coupon); the
+    other rows' expected costs within [0, the coupon's cost]; the priority puts the row last."""
+    campaign = CampaignConfig("c", CampaignSettings(budget=10_000, coupons={1: 500, 2: 100}))
+    outputs = np.zeros((5, 9), np.float32)
+    outputs[:, 0:3] = [0.0, 4.0, 3.0]
+    outputs[:, 6:] = [[0.0, 1.0, 0.5]] * 5
+    outputs[1, 7] = np.nan  # an expected cost
+    outputs[2, 4] = np.inf  # a cost term
+    outputs[3, 0] = -np.inf  # a revenue term
+    outputs[4, 7:] = [-3e38, 3e38]  # finite, far outside [0, face]
+    terms = ScoreTerms.split(outputs, campaign, [2.0], np.zeros(5, np.int64))
+    assert terms.finite.tolist() == [True, False, False, False, True]
+    assert terms.expected.tolist() == [[0, 200, 100], [0, 500, 100], [0, 500, 100], [0, 500, 100], [0, 0, 100]]
+    scores = terms.scores(0.5)
+    prefs, priority = preferences(scores, [1, 2])
+    assert prefs[1:4] == [[0], [0], [0]] and prefs[0][0] == 1
+    assert priority.tolist()[-3:] == [1, 2, 3]
+    # plain scores: NaN in the score of "no coupon" alone is enough
+    plain = np.array([[np.nan, 5.0, 4.0], [0.0, 5.0, 4.0]], np.float32)
+    assert preferences(plain, [1, 2])[0] == [[0], [1, 2, 0]]
+
+
+def test_plan_lambda_leaves_out_users_the_model_cannot_score() -> None:
+    revenue = np.array([[0.0, 3.0], [0.0, 2.0], [0.0, 1.0], [np.nan, np.nan]], np.float32)
+    cost = np.ones((4, 2), np.float32) * [0.0, 1.0]
+    outputs = np.concatenate([revenue, cost, cost], axis=1)
+    outputs[3, 2:] = [0.0, 1.0, 0.0, np.nan]
+    campaign = CampaignConfig("c", CampaignSettings(budget=10_000, coupons={1: 500}))
+    terms = ScoreTerms.split(outputs, campaign, [], np.zeros(4, np.int64))
+    assert plan_lambda(terms, campaign, 250, 10.0) == pytest.approx(1.0, abs=1e-5)
+    assert plan_lambda(terms, campaign, 100, 10.0) == pytest.approx(2.0, abs=1e-5)
