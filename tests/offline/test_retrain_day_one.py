@@ -12,7 +12,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import pytest
 from loop_logs import Entry, world_entries, write_entries
 
 from model_store import ModelStore
