@@ -8,6 +8,9 @@ Layout::
     <root>/CURRENT                            the serving version (one line)
     <root>/HISTORY                            versions that were current, oldest first (for rollback)
 
+Versions that were never current (refused candidates) are kept to a number by `prune`; versions that are
+or were current are never deleted by it.
+
 Every write goes to a temporary file in the same directory, is fsynced, then renamed, so a reader sees
 either the old file or the new one. A version directory is published by renaming a complete staging
 directory, so a half-written version is never visible. Loading verifies both files against SHA256SUMS
@@ -126,7 +129,11 @@ class ModelStore:
         """Published versions, oldest first."""
         if not self.versions_dir.is_dir():
             return []
-        found = [p for p in self.versions_dir.iterdir() if p.is_dir() and (p / MANIFEST_FILE).is_file()]
+        found = [
+            p
+            for p in self.versions_dir.iterdir()
+            if p.is_dir() and not p.name.startswith(".") and (p / MANIFEST_FILE).is_file()  # not a staging copy
+        ]
         return [p.name for p in sorted(found, key=lambda p: (p.stat().st_mtime, p.name))]
 
     def current_version(self) -> str | None:
@@ -253,6 +260,29 @@ class ModelStore:
             atomic_write_bytes(self.root / "CURRENT", (candidate + "\n").encode())
             return candidate
         raise ArtifactError(f"model store {self.root} has no earlier valid version to roll back to")
+
+    def prune(self, keep: int) -> list[str]:
+        """Retention of versions that were never current (refused or failed candidates, `--no-promote`
+        trainings): keep the `keep` newest of them, delete the others; returns the deleted, oldest first.
+
+        A version that is or was current (CURRENT, HISTORY) is never deleted: it is what a replica serves or
+        may still serve until it reloads, and what `rollback` returns to. A deleted version is first renamed to
+        a hidden name, so a reader sees it whole or not at all."""
+        if keep < 0:
+            raise ValueError(f"versions to keep must be >= 0, got {keep}")
+        served = set(self.history())
+        current = self.current_version()
+        if current is not None:
+            served.add(current)
+        never = [v for v in self.list_versions() if v not in served]  # oldest first
+        doomed = never[: max(len(never) - keep, 0)]
+        for version in doomed:
+            hidden = Path(tempfile.mkdtemp(prefix=f".deleting-{version}-", dir=self.versions_dir))
+            os.rename(self.versions_dir / version, hidden / version)
+            shutil.rmtree(hidden, ignore_errors=True)
+        if doomed:
+            _fsync_dir(self.versions_dir)
+        return doomed
 
     @staticmethod
     def _check_version_name(version: str) -> None:

@@ -81,11 +81,16 @@ class LogEnvironment:
         *,
         seed: int | None = None,
         log: Callable[[str], None] | None = None,
+        num_actions: int | None = None,
     ) -> LogEnvironment:
         """Fit the response model on `logs` (`seed`, if given, replaces `cfg.seed`); `log` is told of
-        each stage and each epoch."""
+        each stage and each epoch. `num_actions` (default: the logged actions') sizes the action space, so that
+        policies with more actions than were logged can run in it; an action never logged has no learned
+        response (`logged_actions`) and is for the policies to leave out."""
         cfg = replace(cfg or ResponseConfig(), **({} if seed is None else {"seed": seed}))
-        num_actions = max(logs.num_actions, 2)
+        if num_actions is not None and num_actions < logs.num_actions:
+            raise ValueError(f"the logs hold action {logs.num_actions - 1}, beyond the {num_actions} actions asked for")
+        num_actions = max(logs.num_actions, 2) if num_actions is None else num_actions
         mean_cost = np.array(
             [logs.cost[logs.action == a].mean() if np.any(logs.action == a) else 0.0 for a in range(num_actions)]
         )
@@ -97,6 +102,13 @@ class LogEnvironment:
         response = OutcomeModel(x.shape[1], num_actions, cfg).fit(x, logs.action, logs.reward, logs.cost, log=log)
         rounds = int(min(np.diff(logs.user_slices()).max(), max_rounds))
         return cls(logs, response, relative_face, rounds, _mean_positive(logs.reward))
+
+    @property
+    def logged_actions(self) -> np.ndarray:
+        """[K] bool: the actions the logs hold (the ones with a learned response); no coupon always counts."""
+        out = np.bincount(self.logs.action, minlength=self._num_actions)[: self._num_actions] > 0
+        out[0] = True
+        return out
 
     @property
     def fit_metrics(self) -> dict[str, float]:

@@ -174,16 +174,23 @@ def environment_values(
     artifacts: dict[str, Artifact], env_logs: Logs, lam: float, users: int | None = None, seed: int = 0
 ) -> dict[str, dict[str, float]]:
     """Each model's value (revenue - lam * cost), revenue and cost per user in the environment learned from
-    `env_logs`."""
+    `env_logs`, in the models' action space; each model chooses among the actions the logs hold (the learned
+    environment has no response for the others, as a campaign offers only its own coupons)."""
     from offline.env import LogEnvironment
     from offline.policy import SequencePolicy, rollout
 
-    env = LogEnvironment.fit(env_logs, seed=seed)
+    num_actions = max(a.manifest.num_actions for a in artifacts.values())
+    env = LogEnvironment.fit(env_logs, seed=seed, num_actions=max(num_actions, env_logs.num_actions))
     out = {}
     for name, artifact in artifacts.items():
         m = artifact.manifest
         policy = SequencePolicy(
-            load_scripted(artifact.model_path), m.context_length, m.initial_rtg, m.initial_ctg, m.feature_dim
+            load_scripted(artifact.model_path),
+            m.context_length,
+            m.initial_rtg,
+            m.initial_ctg,
+            m.feature_dim,
+            offered=env.logged_actions,
         )
         r = rollout(env, policy, lam, n_users=users, seed=seed)
         out[name] = {

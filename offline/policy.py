@@ -224,8 +224,11 @@ class SequencePolicy(Policy):
         name: str = "saco",
         batch_size: int = 4096,
         rtg_for_lambda: Any = None,
+        offered: np.ndarray | None = None,
     ) -> None:
         self.module = module
+        # [K] bool: the actions `act` may choose (as the service offers only a campaign's coupons); None: every one
+        self.offered = offered
         self.name = name
         self.L = context_length
         self.initial_rtg = initial_rtg
@@ -249,7 +252,10 @@ class SequencePolicy(Policy):
     def act(
         self, features: np.ndarray, t: int, lam: float, expected: tuple[np.ndarray, np.ndarray] | None = None
     ) -> np.ndarray:
-        return np.asarray(self.scores(features, t, lam, expected).argmax(axis=1), dtype=np.int64)
+        scores = self.scores(features, t, lam, expected)
+        if self.offered is not None:
+            scores = np.where(self.offered[: scores.shape[1]], scores, -np.inf)
+        return np.asarray(scores.argmax(axis=1), dtype=np.int64)
 
     def scores(
         self, features: np.ndarray, t: int, lam: float, expected: tuple[np.ndarray, np.ndarray] | None = None

@@ -1,9 +1,10 @@
 """One run of the learning loop (`saco retrain`) and its schedule (`saco scheduler`).
 
-export new logs -> train a candidate on the training users' logs -> gate it against the incumbent
-(`offline.gate`, on matured decisions of held-out users) -> recalibrate every active campaign's lambda
-from its remaining budget and horizon (admin API) -> publish: the candidate becomes current in the model
-store (an atomic pointer swap) and is announced on ``<prefix>models``.
+export new logs -> train a candidate on the training users' logs, in the incumbent's action space -> gate it
+against the incumbent (`offline.gate`, on held-out users' decisions, labelled as training labels them) ->
+recalibrate every active campaign's lambda from its remaining budget and horizon (admin API) -> publish: the
+candidate becomes current in the model store (an atomic pointer swap) and is announced on ``<prefix>models``;
+then versions that never were current beyond the newest `keep_refused` are deleted.
 
 A run that fails or is killed at any step leaves the incumbent current: the candidate is published as a
 version that is not current until the last step, and the logs are only ever read (the export acknowledges
@@ -19,7 +20,7 @@ import time
 import traceback
 import zlib
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -27,8 +28,9 @@ import numpy as np
 
 from model_store import Artifact, ModelStore
 from offline.gate import GateConfig, decide, environment_values, off_policy_estimates, paired_difference
-from offline.logs import Logs, validate_table
-from offline.loopdata import DelayConfig, joined_decisions, label_outcomes
+from offline.jsonsafe import json_safe
+from offline.logs import Logs, LogValidationError, validate_table
+from offline.loopdata import DAY_MS, DelayConfig, joined_decisions, label_outcomes
 from offline.train import TrainConfig, TrainResult, train
 
 Trainer = Callable[[Logs], TrainResult]
@@ -52,6 +54,7 @@ class RetrainConfig:
     seed: int = 0
     campaigns: list[str] | None = None  # train on (and recalibrate) these campaigns only; None: every campaign
     warm_start: bool = False  # the candidate starts from the incumbent's weights (default trainer only)
+    keep_refused: int = 5  # versions never current (refused or failed candidates) kept in the store; older ones go
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -66,6 +69,7 @@ class RetrainConfig:
             "eval_fraction": self.eval_fraction,
             "campaigns": self.campaigns,
             "warm_start": self.warm_start,
+            "keep_refused": self.keep_refused,
         }
 
 
@@ -165,9 +169,7 @@ def recalibrate_campaigns(
     out: list[Recalibration] = []
     env: LogEnvironment | None = None
     m = artifact.manifest
-    policy = SequencePolicy(
-        load_scripted(artifact.model_path), m.context_length, m.initial_rtg, m.initial_ctg, m.feature_dim
-    )
+    module = load_scripted(artifact.model_path)
     now = dt.datetime.now(dt.UTC)
     with httpx.Client(base_url=admin_url, headers=headers, timeout=30) as client:
         for campaign_id in campaign_ids:
@@ -187,12 +189,26 @@ def recalibrate_campaigns(
                 out.append(Recalibration(campaign_id, "skipped", reason, remaining=remaining))
                 continue
             if env is None:
-                env = LogEnvironment.fit(env_logs, seed=seed)
+                env = LogEnvironment.fit(env_logs, seed=seed, num_actions=max(m.num_actions, env_logs.num_actions))
+            # the campaign's coupons, those the learned environment can price (the logs hold them), and no coupon
+            offered = np.zeros(env.num_actions, dtype=bool)
+            offered[[int(c["action"]) for c in view.get("coupons", []) if 0 < int(c["action"]) < env.num_actions]] = (
+                True
+            )
+            offered &= env.logged_actions
+            offered[0] = True
+            policy = SequencePolicy(
+                module, m.context_length, m.initial_rtg, m.initial_ctg, m.feature_dim, offered=offered
+            )
             users = max(1, math.ceil(decisions / env.rounds))
             scale = decisions / (users * env.rounds)  # simulated users come in whole trajectories
 
             def simulate(
-                lam: float, users: int = users, scale: float = scale, env: LogEnvironment = env
+                lam: float,
+                users: int = users,
+                scale: float = scale,
+                env: LogEnvironment = env,
+                policy: SequencePolicy = policy,
             ) -> tuple[float, float]:
                 r = rollout(env, policy, lam, n_users=users, seed=seed)
                 return r.revenue * scale, r.cost * scale
@@ -233,11 +249,43 @@ def _campaign_ids(redis_url: str, prefix: str) -> list[str]:
         client.close()
 
 
+def _campaign_coupons(admin_url: str, admin_token: str | None, campaign_ids: list[str]) -> dict[str, list[int]]:
+    """Each campaign's coupon actions, from the admin API (campaigns the service does not know are left out)."""
+    import httpx
+
+    headers = {"Authorization": f"Bearer {admin_token}"} if admin_token else {}
+    out: dict[str, list[int]] = {}
+    with httpx.Client(base_url=admin_url, headers=headers, timeout=30) as client:
+        for campaign_id in campaign_ids:
+            response = client.get(f"/v1/admin/campaigns/{campaign_id}")
+            if response.status_code == 404:
+                continue
+            response.raise_for_status()
+            out[campaign_id] = sorted(int(c["action"]) for c in response.json().get("coupons", []))
+    return out
+
+
+def action_space(incumbent: Artifact | None, coupons: dict[str, list[int]], logged: int) -> tuple[int, str]:
+    """The candidate's number of actions and where it comes from: the incumbent's (replicas refuse a model with
+    another; the service keeps every campaign's coupons within it), else the largest of the campaigns' coupons
+    and the logged actions. ValueError when a logged action lies outside the incumbent's."""
+    if incumbent is not None:
+        k = incumbent.manifest.num_actions
+        if logged > k:
+            raise ValueError(f"the logs hold action {logged - 1}, beyond the incumbent's {k} actions")
+        return k, f"the incumbent {incumbent.version}"
+    widest = max((max(c) + 1 for c in coupons.values() if c), default=0)
+    if widest:
+        return max(widest, logged, 2), "the campaigns' coupons"
+    return max(logged, 2), "the logged actions (no incumbent, no campaign's coupons)"
+
+
 def retrain_once(
     cfg: RetrainConfig, trainer: Trainer | None = None, log: Callable[[str], None] | None = None
 ) -> dict[str, Any]:
-    """One run of the loop; returns its report (``decision``: promoted | refused | failed). Never raises
-    for a failed step: the report names it, and the incumbent stays current."""
+    """One run of the loop; returns its report (``decision``: promoted | refused | failed), JSON-safe (no
+    NaN). Never raises for a failed step: the report names it (``failed_step``, the last reason), and the
+    incumbent stays current."""
     say = log or (lambda _m: None)
     started = time.time()
     now_ms = cfg.now_ms if cfg.now_ms is not None else int(started * 1000)
@@ -264,62 +312,92 @@ def retrain_once(
                 say(f"warning: {exported.trimmed} log entries were trimmed before they were exported")
         step = "data"
         joined, counts = joined_decisions(cfg.logs, campaigns=cfg.campaigns)
+        # training and the gate see the same labels: under the delay model every decision, a pending one at
+        # its expected outcome; under the maturity window the matured decisions only
         labelled, delay_metrics = label_outcomes(joined, now_ms, cfg.delay)
-        matured_cfg = DelayConfig(method="maturity", maturity_ms=cfg.delay.maturity_ms)
-        matured, _ = label_outcomes(joined, now_ms, matured_cfg)
+        if labelled.num_rows == 0:
+            raise LogValidationError(
+                f"no decision is older than the maturity window ({cfg.delay.maturity_ms / DAY_MS:g} days) of "
+                "--delay-method maturity; the delay model (--delay-method delay-model) labels young decisions too"
+            )
         all_logs = validate_table(labelled)
-        train_users, _ = _split(all_logs, cfg.eval_fraction)
+        train_users, eval_users = _split(all_logs, cfg.eval_fraction)
         train_logs = all_logs.subset_users(train_users)
-        report["metrics"]["data"] = {**counts, **delay_metrics, "train_users": len(train_users)}
+        incumbent_artifact = store.load(incumbent) if incumbent is not None else None
+        coupons: dict[str, list[int]] = {}
+        if incumbent_artifact is None and cfg.admin_url is not None:
+            logged_campaigns = sorted(set(labelled.column("campaign_id").to_pylist()))
+            coupons = _campaign_coupons(cfg.admin_url, cfg.admin_token, logged_campaigns)
+        num_actions, space_from = action_space(incumbent_artifact, coupons, all_logs.num_actions)
+        report["metrics"]["data"] = {
+            **counts,
+            **delay_metrics,
+            "train_users": len(train_users),
+            "num_actions": num_actions,
+            "action_space_from": space_from,
+        }
 
         step = "train"
         say(f"training a candidate on {train_logs.n_rows} decisions of {train_logs.n_users} users")
-        if trainer is None and cfg.warm_start and incumbent is not None:
+        train_cfg = replace(cfg.train, num_actions=num_actions)
+        if trainer is None and cfg.warm_start and incumbent_artifact is not None:
             say(f"warm start from the incumbent {incumbent}")
-            trainer = default_trainer(cfg.train, incumbent_weights(store.load(incumbent), cfg.train))
-        result = (trainer or default_trainer(cfg.train))(train_logs)
+            trainer = default_trainer(train_cfg, incumbent_weights(incumbent_artifact, train_cfg))
+        result = (trainer or default_trainer(train_cfg))(train_logs)
+        got = result.model.cfg
+        if incumbent_artifact is not None:
+            m = incumbent_artifact.manifest
+            for name, have, want in (
+                ("actions", got.num_actions, m.num_actions),
+                ("features", got.feature_dim, m.feature_dim),
+            ):
+                if have != want:
+                    raise ValueError(
+                        f"the candidate has {have} {name}, the incumbent {want}: every replica would refuse it"
+                    )
         from offline.export import export_and_publish
 
         extra = {"trained_on": {"decisions": train_logs.n_rows, "users": train_logs.n_users, "now_ms": now_ms}}
         candidate = export_and_publish(result, train_logs, store, extra_metrics=extra, make_current=False)
-        if incumbent is not None and (prior := store.load(incumbent).manifest.default_lambda) is not None:
+        if incumbent_artifact is not None and (prior := incumbent_artifact.manifest.default_lambda) is not None:
             candidate = store.update_manifest(candidate.version, default_lambda=prior)
         report["candidate"] = candidate.version
         report["metrics"]["train"] = {k: round(float(v), 6) for k, v in result.metrics.items()}
 
         step = "gate"
-        if incumbent is None:
+        if incumbent_artifact is None:
             promote, reasons = True, ["no incumbent: the first model is promoted"]
         else:
-            matured_logs = validate_table(matured)
-            _, eval_users = _split(matured_logs, cfg.eval_fraction)
-            rows = _rows_of(matured_logs, eval_users)
-            eval_logs = matured_logs.subset_users(eval_users)
-            eval_table = matured.filter(rows)  # aligned: both are sorted by (user, t) in the same order
-            artifacts = {"candidate": candidate, "incumbent": store.load(incumbent)}
-            say(f"gate: {eval_logs.n_rows} matured decisions of {eval_logs.n_users} held-out users")
+            rows = _rows_of(all_logs, eval_users)
+            eval_logs = all_logs.subset_users(eval_users)
+            eval_table = labelled.filter(rows)  # aligned: both are sorted by (user, t) in the same order
+            artifacts = {"candidate": candidate, "incumbent": incumbent_artifact}
+            say(f"gate: {eval_logs.n_rows} decisions of {eval_logs.n_users} held-out users ({cfg.delay.method})")
             estimates, influences = off_policy_estimates(artifacts, eval_logs, eval_table, cfg.gate.z)
             difference = paired_difference(estimates, influences, cfg.gate.z)
             env = None
             if cfg.environment_check:
-                train_matured = matured_logs.subset_users(_split(matured_logs, cfg.eval_fraction)[0])
-                lam = float(np.median(matured.column("lambda").to_numpy()))
-                env = environment_values(artifacts, train_matured, lam, seed=cfg.seed)
+                lam = float(np.median(labelled.column("lambda").to_numpy()))
+                env = environment_values(artifacts, train_logs, lam, seed=cfg.seed)
             gate = decide(estimates, difference, env, cfg.gate)
             promote, reasons = gate.promote, gate.reasons
-            report["metrics"]["gate"] = {**gate.metrics, "eval_decisions": eval_logs.n_rows}
+            report["metrics"]["gate"] = {
+                **gate.metrics,
+                "eval_decisions": eval_logs.n_rows,
+                "labelling": cfg.delay.method,
+            }
         report["reasons"] = reasons
-        serving = candidate if promote else store.load(incumbent)
+        serving = candidate if promote else incumbent_artifact
+        assert serving is not None
 
         step = "recalibrate"
         if cfg.admin_url is not None and cfg.redis_url is not None:
-            env_logs = validate_table(matured) if matured.num_rows else train_logs
             recal = recalibrate_campaigns(
                 cfg.admin_url,
                 cfg.admin_token,
                 [c for c in _campaign_ids(cfg.redis_url, cfg.prefix) if cfg.campaigns is None or c in cfg.campaigns],
                 serving,
-                env_logs,
+                all_logs,
                 seed=cfg.seed,
                 log=say,
             )
@@ -338,11 +416,16 @@ def retrain_once(
     except Exception as exc:
         report["decision"] = "failed"
         report["failed_step"] = step
-        report["reasons"] = [*report["reasons"], f"{step} failed: {type(exc).__name__}: {exc}"]
-        say(traceback.format_exc())
+        message = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        report["reasons"] = [*report["reasons"], f"{step} failed: {type(exc).__name__}: {message}".rstrip(": ")]
+        report["traceback"] = traceback.format_exc()
+    try:
+        report["pruned"] = store.prune(cfg.keep_refused)
+    except (OSError, ValueError) as exc:  # the run's outcome stands; the next run prunes again
+        report["prune_error"] = f"{type(exc).__name__}: {exc}"
     report["current"] = store.current_version()
     report["seconds"] = round(time.time() - started, 1)
-    return report
+    return dict(json_safe(report))
 
 
 def next_run_in(every_s: float | None, cron: str | None, now: dt.datetime) -> float:

@@ -45,6 +45,9 @@ class TrainConfig:
     later_loss_weight: float = 0.0  # loss weight of the "later" value heads (an auxiliary task; 0 = off)
     seed: int = 0
     threads: int = 0  # 0 = torch default
+    # the action space (no coupon + the coupons); None: the logged actions'. A model that replaces a serving one
+    # must have its action count (replicas refuse another), whatever the logs happen to hold
+    num_actions: int | None = None
 
     def model_config(self, feature_dim: int, num_actions: int) -> ModelConfig:
         return ModelConfig(
@@ -122,7 +125,7 @@ def train(
         torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
-    num_actions = max(logs.num_actions, 2)
+    num_actions = action_space(logs, cfg.num_actions)
     traj = build_trajectories(logs, cfg.context_length)
     train_users, val_users = split_users(logs.n_users, cfg.val_fraction, cfg.seed)
     if len(train_users) == 0:
@@ -176,9 +179,7 @@ def train(
     lr = cfg.lr * world
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=cfg.weight_decay)
     steps_per_epoch = max(1, math.ceil(len(train_windows) * draws / (cfg.batch_size * world)))
-    scheduler = torch.optim.lr_scheduler.OneCycleLR(
-        optimizer, max_lr=lr, total_steps=cfg.epochs * steps_per_epoch, pct_start=0.1
-    )
+    scheduler = one_cycle(optimizer, lr, cfg.epochs * steps_per_epoch)
     val_lam = rng.uniform(0, cfg.lambda_max, size=len(val_windows))
 
     def val_loss() -> float:
@@ -256,6 +257,33 @@ def train(
     return TrainResult(
         model, cfg, traj, train_users, val_users, initial_rtg, initial_ctg, metrics, time.time() - started
     )
+
+
+def action_space(logs: Logs, num_actions: int | None) -> int:
+    """The model's number of actions: `num_actions` when given (ValueError when the logs hold an action beyond
+    it), else the logged actions' (at least 2)."""
+    if num_actions is None:
+        return max(logs.num_actions, 2)
+    if num_actions < 2:
+        raise ValueError(f"the action space needs no coupon and at least one coupon, got {num_actions} actions")
+    if logs.num_actions > num_actions:
+        raise ValueError(f"the logs hold action {logs.num_actions - 1}, beyond the {num_actions} actions asked for")
+    return num_actions
+
+
+WARMUP = 0.1  # share of the steps of the one-cycle schedule's warm-up
+
+
+def one_cycle(optimizer: torch.optim.Optimizer, lr: float, total_steps: int) -> torch.optim.lr_scheduler.LRScheduler:
+    """The learning rate over `total_steps` steps: a warm-up to `lr` over the first 10%, then a cosine anneal.
+
+    OneCycleLR ends its warm-up at step ``pct_start * total_steps - 1`` and divides by the warm-up's length: a
+    warm-up of exactly one step (10 steps at 10%) divides by zero. Below two steps of warm-up there is none (the
+    anneal starts at `lr`); a single step runs at `lr`."""
+    if total_steps < 2:
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _step: 1.0)
+    pct_start = WARMUP if WARMUP * total_steps >= 2 else 0.0
+    return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=total_steps, pct_start=pct_start)
 
 
 def _device(distributed: bool) -> torch.device:

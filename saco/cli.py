@@ -34,7 +34,10 @@ LOG_SUFFIXES = (".parquet", ".pq", ".csv")  # the formats `offline.logs.write_lo
 
 
 def _emit(result: dict[str, Any]) -> None:
-    print(json.dumps(result, default=float), flush=True)
+    from offline.jsonsafe import json_safe
+
+    # valid JSON for every parser: a non-finite number (an estimate with no evidence) is null, never NaN
+    print(json.dumps(json_safe(result), default=float, allow_nan=False), flush=True)
 
 
 def _fail(message: str, code: int = 2) -> None:
@@ -52,6 +55,8 @@ def _errors_as_one_line(fn: F) -> F:
 
         try:
             return fn(*args, **kwargs)
+        except typer.Exit:  # an exit status chosen by the command (a RuntimeError to click), its line written
+            raise
         except (LogValidationError, ArtifactError, ValueError, RuntimeError, OSError, RedisError) as exc:
             _fail(str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
 
@@ -251,8 +256,12 @@ def learning_loop(
     admin_url: AdminUrl = None,
     admin_token: AdminToken = None,
     tolerance: Tolerance = 0.02,
-    maturity_days: Annotated[float, typer.Option(min=0, help="decisions older than this are matured")] = 7.0,
-    delay_method: Annotated[str, typer.Option(help="delay-model | maturity | naive")] = "delay-model",
+    maturity_days: Annotated[
+        float, typer.Option(min=0, help="--delay-method maturity: only decisions older than this train and gate")
+    ] = 7.0,
+    delay_method: Annotated[
+        str, typer.Option(help="outcomes not arrived yet: delay-model (every decision) | maturity | naive")
+    ] = "delay-model",
     epochs: Annotated[int | None, typer.Option(min=1)] = None,
     environment_check: Annotated[bool, typer.Option(help="gate on the learned environment too")] = True,
     export: Annotated[bool, typer.Option(help="export the logs first (off where `saco export --every` runs)")] = True,
@@ -261,12 +270,17 @@ def learning_loop(
         typer.Option(help="train on and recalibrate only this campaign (repeat for several; default: every one)"),
     ] = None,
     warm_start: Annotated[bool, typer.Option(help="start the candidate from the incumbent's weights")] = False,
+    keep_refused: Annotated[
+        int,
+        typer.Option(min=0, help="versions never current (refused, failed candidates) to keep; older ones are deleted"),
+    ] = 5,
     every: Annotated[float | None, typer.Option(min=1, help="scheduler: seconds between runs")] = None,
     cron: Annotated[str | None, typer.Option(help='scheduler: a cron expression, e.g. "0 3 * * *"')] = None,
     runs: Annotated[int | None, typer.Option(min=1, help="scheduler: stop after so many runs")] = None,
 ) -> None:
     """`saco retrain`: one run of the learning loop (export, train a candidate, gate, recalibrate, publish).
-    `saco scheduler --every S | --cron EXPR`: the same on a schedule. One JSON line per run."""
+    `saco scheduler --every S | --cron EXPR`: the same on a schedule. One JSON line per run on stdout; a failed
+    run also writes one line on stderr naming its step and reason (`saco retrain` then exits 1)."""
     from offline.gate import GateConfig
     from offline.loopdata import DAY_MS, DelayConfig
     from offline.retrain import RetrainConfig, retrain_once, run_scheduler
@@ -286,14 +300,21 @@ def learning_loop(
         export=export,
         campaigns=campaign or None,
         warm_start=warm_start,
+        keep_refused=keep_refused,
     )
+
+    def emit(report: dict[str, Any]) -> None:
+        _emit(report)
+        if report["decision"] == "failed":
+            print(f"error: {ctx.info_name}: {report['reasons'][-1]}", file=sys.stderr, flush=True)
+
     if ctx.info_name == "scheduler":
-        run_scheduler(cfg, every_s=every, cron=cron, runs=runs, emit=_emit, log=_say)
+        run_scheduler(cfg, every_s=every, cron=cron, runs=runs, emit=emit, log=_say)
         return
     if every is not None or cron is not None or runs is not None:
         raise ValueError("--every, --cron and --runs are options of `saco scheduler`; `saco retrain` runs once")
     report = retrain_once(cfg, log=_say)
-    _emit(report)
+    emit(report)
     if report["decision"] == "failed":
         raise typer.Exit(1)
 

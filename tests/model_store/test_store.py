@@ -106,3 +106,32 @@ def test_update_manifest_keeps_model(tmp_path: Path, model_file: Path) -> None:
     )
     assert b.manifest.default_lambda == 0.7 and b.manifest.model_sha256 == a.manifest.model_sha256
     assert b.manifest.lambda_for_budget_per_user(2.0) == 0.7
+
+
+def test_prune_keeps_the_newest_never_current_versions_and_every_served_one(tmp_path: Path, model_file: Path) -> None:
+    store = ModelStore(tmp_path / "store")
+    store.publish(model_file, MANIFEST, version="v1")
+    store.publish(model_file, MANIFEST, version="r1", make_current=False)
+    store.publish(model_file, MANIFEST, version="v2")  # v1 becomes the predecessor
+    for name in ("r2", "r3", "r4"):
+        store.publish(model_file, MANIFEST, version=name, make_current=False)
+    store.publish(model_file, MANIFEST, version="v3")  # v2 the predecessor, v1 further back in HISTORY
+    store.publish(model_file, MANIFEST, version="r5", make_current=False)
+    assert store.prune(2) == ["r1", "r2", "r3"]
+    assert store.list_versions() == ["v1", "v2", "r4", "v3", "r5"]
+    assert not [p for p in store.versions_dir.iterdir() if p.name.startswith(".")]  # nothing half-deleted left
+    assert store.prune(2) == []
+    assert store.prune(0) == ["r4", "r5"]
+    assert store.list_versions() == ["v1", "v2", "v3"]  # current and every version that was current stay
+    assert store.rollback() == "v2" and store.rollback() == "v1"
+    with pytest.raises(ValueError, match=">= 0"):
+        store.prune(-1)
+
+
+def test_a_hidden_directory_is_never_listed_as_a_version(tmp_path: Path, model_file: Path) -> None:
+    store = ModelStore(tmp_path / "store")
+    store.publish(model_file, MANIFEST, version="v1")
+    hidden = store.versions_dir / ".deleting-v0-x"
+    hidden.mkdir()
+    (hidden / "manifest.json").write_text("{}")
+    assert store.list_versions() == ["v1"] and store.prune(0) == []
