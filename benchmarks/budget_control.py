@@ -1,6 +1,6 @@
 """Budget control through the real service: BARate, revenue at equal spend, overspend, pacing.
 
-The project's sequential world (offline/world.py) driven through `python -m service.server` on a throwaway
+The project's sequential world (research/world.py) driven through `python -m service.server` on a throwaway
 Redis. Per world (a low- and a high-redemption setting of WorldConfig): random logs (the code of `saco
 simulate`, with the world's settings), `saco train`, `saco calibrate` (twice: same lambda?) to half the
 random policy's spend, then many campaigns served concurrently by one service, one campaign per seed, each
@@ -54,12 +54,12 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 from model_store import ModelStore, load_scripted, save_scripted  # noqa: E402
-from offline.baselines import MyopicOracle  # noqa: E402
 from offline.calibrate import search_monotone  # noqa: E402
 from offline.logs import load_logs, write_logs  # noqa: E402
-from offline.policy import Policy, SequencePolicy  # noqa: E402
-from offline.simulate import simulate_logs  # noqa: E402
-from offline.world import Episode, SyntheticWorld, UserPopulation, WorldConfig, WorldState  # noqa: E402
+from offline.rollout import Policy, SequencePolicy  # noqa: E402
+from research.baselines import MyopicOracle  # noqa: E402
+from research.simulate import simulate_logs  # noqa: E402
+from research.world import Episode, SyntheticWorld, UserPopulation, WorldConfig, WorldState  # noqa: E402
 from service.state.servers import free_port, start_redis  # noqa: E402
 
 TOKEN = "budget-control-token"

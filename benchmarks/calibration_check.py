@@ -28,10 +28,10 @@ from model_store import ModelStore, load_scripted
 from offline.calibrate import calibrate_artifact
 from offline.export import export_and_publish
 from offline.logs import load_logs, validate_table, write_logs
-from offline.policy import RolloutResult, SequencePolicy, StrictReservation, rollout
-from offline.simulate import simulate_logs
+from offline.rollout import RolloutResult, SequencePolicy, StrictReservation, rollout
 from offline.train import TrainConfig, train
-from offline.world import SyntheticWorld, WorldConfig
+from research.simulate import simulate_logs
+from research.world import SyntheticWorld, WorldConfig
 
 
 def say(message: str) -> None:

@@ -10,7 +10,7 @@ time and decision time per round.
     .venv/bin/python benchmarks/compare_baselines.py [--users 10000 --rounds 10 --eval-users 5000]
 
 CMDP25/50/75 are trained at a fixed lambda0; their curves come from the separate calibration knob
-(an advantage threshold, see offline/baselines/cmdp.py) swept over the same grid.
+(an advantage threshold, see research/baselines/cmdp.py) swept over the same grid.
 """
 
 from __future__ import annotations
@@ -23,7 +23,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from offline.baselines import (
+from offline.logs import Logs, validate_table
+from offline.rollout import Policy, RolloutResult, rollout
+from research.baselines import (
     CMDP,
     DFCL,
     BudgetRegularizer,
@@ -34,11 +36,9 @@ from offline.baselines import (
     ThompsonBandit,
     TwoStage,
 )
-from offline.logs import Logs, validate_table
-from offline.policy import Policy, RolloutResult, rollout
-from offline.report import Timed
-from offline.simulate import simulate_logs
-from offline.world import SyntheticWorld, WorldConfig
+from research.report import Timed
+from research.simulate import simulate_logs
+from research.world import SyntheticWorld, WorldConfig
 
 LAMBDAS = (0.0, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 2.5, 3.0, 3.5, 4.0, 5.0, 6.0, 8.0, 10.0, 14.0, 20.0, 30.0)
 BUDGETS = (0.05, 0.1, 0.2, 0.3, 0.45)  # fractions of the oracle's spend at lambda = 0

@@ -1,5 +1,5 @@
 """Delayed outcomes: the naive labelling ("no outcome yet" = no purchase) against the maturity window and
-the delay model, on the synthetic world with simulated delays (offline/delay_study.py).
+the delay model, on the synthetic world with simulated delays (research/delay_study.py).
 
     .venv/bin/python benchmarks/delayed_outcomes.py                          # exponential delays, mean 3 days
     .venv/bin/python benchmarks/delayed_outcomes.py --shape lognormal         # a heavier tail than the model's
@@ -16,7 +16,7 @@ import json
 import sys
 import time
 
-from offline.delay_study import DelayStudy, run_delay_study
+from research.delay_study import DelayStudy, run_delay_study
 
 
 def main() -> None:

@@ -1,6 +1,6 @@
 """The learning loop end to end: the sequential world served for several periods, a retrained model after each.
 
-The project's sequential world (offline/world.py) is served through two real `saco serve` replicas that share
+The project's sequential world (research/world.py) is served through two real `saco serve` replicas that share
 one Redis and one model store:
 
 1. The first model: `saco simulate`'s random logging policy on `--log-users` users of the world, `saco train`,
@@ -58,9 +58,9 @@ if str(REPO) not in sys.path:
 from model_store import Artifact, ModelStore, load_scripted  # noqa: E402
 from offline.calibrate import search_monotone  # noqa: E402
 from offline.logs import load_logs, write_logs  # noqa: E402
-from offline.policy import Policy, SequencePolicy, rollout  # noqa: E402
-from offline.simulate import simulate_logs  # noqa: E402
-from offline.world import SyntheticWorld, WorldConfig  # noqa: E402
+from offline.rollout import Policy, SequencePolicy, rollout  # noqa: E402
+from research.simulate import simulate_logs  # noqa: E402
+from research.world import SyntheticWorld, WorldConfig  # noqa: E402
 from service.state.servers import free_port, start_redis  # noqa: E402
 
 TOKEN = "learning-loop-token"

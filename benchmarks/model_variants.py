@@ -17,13 +17,13 @@ import time
 
 import numpy as np
 
-from offline.baselines import MyopicOracle, TwoStage
-from offline.evaluate import saco_policy
 from offline.logs import validate_table
-from offline.policy import Policy, rollout
-from offline.simulate import simulate_logs
+from offline.rollout import Policy, rollout
 from offline.train import TrainConfig, train
-from offline.world import SyntheticWorld, WorldConfig
+from research.baselines import MyopicOracle, TwoStage
+from research.evaluate import saco_policy
+from research.simulate import simulate_logs
+from research.world import SyntheticWorld, WorldConfig
 
 LAMBDAS = [0.0, 0.3, 0.6, 1.0, 1.5, 2.0, 3.0, 5.0]
 

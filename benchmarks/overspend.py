@@ -9,7 +9,7 @@ linear cost heads below zero for many users (the expected cost now, clipped to 0
 term); the campaign's `min_redemption` floor is what stands between such a coupon and a reservation of
 nothing.
 
-Setup: the project's sequential world (offline/world.py, default WorldConfig), random logs (the code of
+Setup: the project's sequential world (research/world.py, default WorldConfig), random logs (the code of
 `saco simulate`), `saco train`, `saco calibrate` (its cost ratios correct the expected costs the service
 reserves with), the model served by `python -m service.server` on a throwaway Redis. Then, per
 `--min-redemption` setting, `--campaigns` campaigns, one per seed (the same seeds for every setting), all
@@ -77,8 +77,8 @@ from budget_control import (
 
 # budget_control (in benchmarks/, this script's directory) has put the repository on sys.path
 from offline.logs import load_logs, write_logs
-from offline.simulate import simulate_logs
-from offline.world import SyntheticWorld, WorldConfig
+from research.simulate import simulate_logs
+from research.world import SyntheticWorld, WorldConfig
 from service.state.servers import start_redis
 from service.state.store import DECISION_ID, StateStore, parse_decision_record
 

@@ -34,7 +34,7 @@ from scipy.optimize import minimize
 if TYPE_CHECKING:
     from model_store import ModelStore
     from offline.logs import Logs
-    from offline.policy import Environment, SequencePolicy
+    from offline.rollout import Environment, SequencePolicy
 
 TARGET_LOW = 0.98  # BARate = C / B target band [0.98, 1.00]
 RESERVATIONS = ("strict", "none")
@@ -312,7 +312,7 @@ def calibrate_artifact(
     `progress(phase, evaluation)` is told of every simulation pass as it ends."""
     from model_store import LambdaPoint, load_scripted
     from offline.env import LogEnvironment
-    from offline.policy import SequencePolicy, StrictReservation, rollout
+    from offline.rollout import SequencePolicy, StrictReservation, rollout
 
     if reservation not in RESERVATIONS:
         raise ValueError(f"reservation must be one of {', '.join(RESERVATIONS)}, got {reservation!r}")
@@ -414,7 +414,7 @@ def expected_cost_ratios(env: Environment, policy: SequencePolicy, lam: float, n
     policy's own expected cost now of them. The policy's expected costs are off by round (how much history a
     user has) and, being the ones its argmax favours, low where it under-predicts; the service corrects the
     expected costs it reserves and paces with by these ratios before any outcome has settled."""
-    from offline.policy import SequencePolicy, rollout
+    from offline.rollout import SequencePolicy, rollout
 
     class Tracking(SequencePolicy):
         def act(

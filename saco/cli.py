@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Annotated, Any, TypeVar
 import typer
 
 if TYPE_CHECKING:
-    from offline.logstream import ExportSummary
+    from loop.logstream import ExportSummary
 
 app = typer.Typer(
     add_completion=False,
@@ -85,8 +85,8 @@ def simulate(
     if out.suffix.lower() not in LOG_SUFFIXES:  # refused before any work, like write_logs would after it
         raise ValueError(f"unsupported output {out.name!r}: use .parquet or .csv")
     from offline.logs import write_logs
-    from offline.simulate import simulate_logs
-    from offline.world import WorldConfig
+    from research.simulate import simulate_logs
+    from research.world import WorldConfig
 
     config = WorldConfig(users=users, rounds=rounds, seed=seed)
     if not effects:
@@ -120,10 +120,10 @@ def train(
 ) -> None:
     """Train the SACO model on logs (or the exporter's Parquet partitions), export TorchScript and publish a
     new version."""
+    from loop.data import DAY_MS, DelayConfig, is_export_dir, training_logs
     from model_store import OBJECTIVES, ModelStore
     from offline.export import export_and_publish
     from offline.logs import load_logs
-    from offline.loopdata import DAY_MS, DelayConfig, is_export_dir, training_logs
     from offline.train import TrainConfig, init_distributed
     from offline.train import train as fit
 
@@ -195,7 +195,7 @@ def export_logs_command(
     """Export the campaigns' decision and outcome logs into Parquet partitions (at-least-once, idempotent).
     Entries the logs' bound trimmed before they were exported are counted (`trimmed`) with a warning on
     stderr; a single run that counts any exits with code 3 after its JSON line."""
-    from offline.logstream import export_logs, follow
+    from loop.logstream import export_logs, follow
 
     def progress(message: str) -> None:
         print(message, file=sys.stderr, flush=True)
@@ -281,9 +281,9 @@ def learning_loop(
     """`saco retrain`: one run of the learning loop (export, train a candidate, gate, recalibrate, publish).
     `saco scheduler --every S | --cron EXPR`: the same on a schedule. One JSON line per run on stdout; a failed
     run also writes one line on stderr naming its step and reason (`saco retrain` then exits 1)."""
-    from offline.gate import GateConfig
-    from offline.loopdata import DAY_MS, DelayConfig
-    from offline.retrain import RetrainConfig, retrain_once, run_scheduler
+    from loop.data import DAY_MS, DelayConfig
+    from loop.gate import GateConfig
+    from loop.retrain import RetrainConfig, retrain_once, run_scheduler
     from offline.train import TrainConfig
 
     cfg = RetrainConfig(
@@ -403,8 +403,8 @@ def evaluate(
     objective: Annotated[str, typer.Option(help="value | dt-lagrangian | dt-literal")] = "value",
 ) -> None:
     """SACO vs random, two-stage and the myopic oracle at 9 budgets, carry-over effects on and off."""
-    from offline.evaluate import EvalConfig, run_evaluation
     from offline.train import TrainConfig
+    from research.evaluate import EvalConfig, run_evaluation
 
     cfg = EvalConfig(
         users=users,
@@ -443,10 +443,10 @@ def _bootstrap(store: Path) -> None:
     from offline.calibrate import calibrate_artifact
     from offline.export import export_and_publish
     from offline.logs import validate_table
-    from offline.simulate import simulate_logs
     from offline.train import TrainConfig
     from offline.train import train as fit
-    from offline.world import WorldConfig
+    from research.simulate import simulate_logs
+    from research.world import WorldConfig
 
     print(
         "store is empty: training a bootstrap model on a synthetic world (2,000 users x 10 rounds)...",
@@ -508,7 +508,7 @@ def report(
     ] = True,
 ) -> None:
     """SACO vs every baseline at 9 budgets on sequential, single-round and real (Hillstrom) data + ablations."""
-    from offline.report import ReportConfig, run_report
+    from research.report import ReportConfig, run_report
 
     cfg = (
         ReportConfig.quick_config(hillstrom)

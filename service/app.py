@@ -22,7 +22,7 @@ from service.api.errors import add_error_handlers, body_too_large
 from service.api.main import api_router
 from service.batcher import MicroBatcher
 from service.engine import DecisionEngine
-from service.logs import configure_logging, redact
+from service.jsonlog import configure_logging, redact
 from service.metrics import ServiceMetrics
 from service.policy import LoadedPolicy, PolicyHolder, load_policy
 from service.runtime import Runtime

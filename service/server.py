@@ -15,7 +15,7 @@ from pydantic import ValidationError
 from redis.asyncio.connection import parse_url
 
 from service.app import create_app
-from service.logs import redact
+from service.jsonlog import redact
 from service.policy import LoadedPolicy, PolicyRejected, load_policy
 from service.settings import Settings
 

@@ -19,6 +19,10 @@ REPO = Path(__file__).resolve().parents[1]
 # `import service` is the real package, not a namespace merged with tests/service.
 sys.path.insert(0, str(REPO))
 
+from offline.logs import Logs, validate_table  # noqa: E402
+from offline.train import TrainConfig, TrainResult, train  # noqa: E402
+from research.simulate import simulate_logs  # noqa: E402
+from research.world import WorldConfig  # noqa: E402
 from service.state.embedded import EmbeddedRedis  # noqa: E402
 from service.state.servers import start_cluster, start_redis  # noqa: E402
 
@@ -131,3 +135,14 @@ def model_store_dir(trained_store: Path, tmp_path: Path) -> Path:
     copy = tmp_path / "store"
     shutil.copytree(trained_store, copy)
     return copy
+
+
+# the smallest logs and model of the pipeline (offline, loop and research tests)
+@pytest.fixture(scope="session")
+def tiny_logs() -> Logs:
+    return validate_table(simulate_logs(WorldConfig(users=300, rounds=5, seed=0)))
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tiny_logs: Logs) -> TrainResult:
+    return train(tiny_logs, TrainConfig(epochs=2, d_model=32, context_length=4), progress=False)

@@ -23,7 +23,7 @@ import numpy as np
 import pytest
 
 from model_store import ModelStore
-from offline.world import SyntheticWorld, WorldConfig
+from research.world import SyntheticWorld, WorldConfig
 from service.state.servers import free_port
 
 REPO = Path(__file__).resolve().parents[1]

@@ -75,7 +75,7 @@ Client = aioredis.Redis | RedisCluster
 LUA_DIR = Path(__file__).resolve().parents[1] / "lua"
 DECISION_ID = re.compile(r"d-([0-9a-f]{20})-([0-9]{1,5})")
 MODELS_CHANNEL = "models"  # after the prefix: where a new current model version is announced
-LOG_GROUP = "export"  # the exporter's consumer group (offline/logstream.py)
+LOG_GROUP = "export"  # the exporter's consumer group (loop/logstream.py)
 CAS_ATTEMPTS = 32  # a context changed by another writer between read and write is redone, at most this often
 
 

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from model_store import ArtifactError, Manifest, ModelStore, save_scripted
-from model_store.store import CHECKSUMS_FILE
+from model_store.versions import CHECKSUMS_FILE
 
 MANIFEST: dict[str, Any] = {
     "feature_dim": 3,

@@ -20,11 +20,11 @@ from offline.calibrate import (
 from offline.env import LogEnvironment
 from offline.export import export_and_publish
 from offline.logs import Logs, load_logs, write_logs
-from offline.policy import SequencePolicy
 from offline.response import OutcomeModel, ResponseConfig
-from offline.simulate import simulate_logs
+from offline.rollout import SequencePolicy
 from offline.train import TrainResult
-from offline.world import WorldConfig
+from research.simulate import simulate_logs
+from research.world import WorldConfig
 
 
 def staircase(lam: float) -> tuple[float, float]:

@@ -1,11 +1,11 @@
-"""The service's `strict` ledger as rollouts simulate it (offline/policy.py `first_fit`, `StrictReservation`)."""
+"""The service's `strict` ledger as rollouts simulate it (offline/rollout.py `first_fit`, `StrictReservation`)."""
 
 import numpy as np
 import pytest
 
-from offline.baselines import MyopicOracle
-from offline.policy import StrictReservation, first_fit, rollout, to_cents
-from offline.world import SyntheticWorld, WorldConfig
+from offline.rollout import StrictReservation, first_fit, rollout, to_cents
+from research.baselines import MyopicOracle
+from research.world import SyntheticWorld, WorldConfig
 from service.engine import preferences
 
 PRICES = to_cents(np.array([0.0, 2.0, 5.0, 10.0]))

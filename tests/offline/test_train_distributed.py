@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 
 from model_store import ModelStore, load_scripted
-from offline.policy import SequencePolicy, rollout
-from offline.world import SyntheticWorld, WorldConfig
+from offline.rollout import SequencePolicy, rollout
+from research.world import SyntheticWorld, WorldConfig
 
 BIN = Path(sys.executable).parent
 WORLD = WorldConfig(users=1500, rounds=5, seed=3)

@@ -11,9 +11,9 @@ import pytest
 import torch
 
 from offline.logs import Logs, validate_table
-from offline.simulate import simulate_logs
 from offline.train import TrainConfig, one_cycle, train
-from offline.world import WorldConfig
+from research.simulate import simulate_logs
+from research.world import WorldConfig
 
 
 @pytest.fixture(scope="module")

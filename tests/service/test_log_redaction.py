@@ -10,7 +10,7 @@ import httpx
 import pytest
 from svc_served import serve
 
-from service.logs import redact
+from service.jsonlog import redact
 from service.state.servers import start_redis
 
 PASSWORD = "p@ss:w0rd@x"

@@ -16,7 +16,7 @@ from fastapi.testclient import TestClient
 from svc_http import ADMIN, campaign_body, republish, users
 
 import service.engine
-from offline.delay_study import DelayStudy
+from research.delay_study import DelayStudy
 from service.app import create_app
 from service.settings import DAY_S, Settings
 

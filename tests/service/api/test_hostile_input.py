@@ -15,7 +15,7 @@ from fastapi.testclient import TestClient
 from svc_http import ADMIN, ADMIN_TOKEN, campaign_body, users
 
 from model_store import ModelStore
-from model_store.store import write_checksums
+from model_store.versions import write_checksums
 from service.app import create_app
 from service.settings import Settings
 

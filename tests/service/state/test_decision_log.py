@@ -11,7 +11,7 @@ import redis
 import redis.cluster
 from conftest import DAY_MS, Run, item, put, reserve
 
-from offline.logstream import GROUP, export_logs
+from loop.logstream import GROUP, export_logs
 from service.state import LogStatus, Outcome, ReserveItem
 from service.state.store import StateStore, parse_decision_record
 

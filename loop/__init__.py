@@ -1,0 +1,1 @@
+"""The learning loop: the service decision log -> Parquet -> retrain -> gate -> publish -> announce."""

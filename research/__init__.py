@@ -1,0 +1,1 @@
+"""The research bench: baselines, the evidence report, evaluation and synthetic worlds (not the product path)."""
