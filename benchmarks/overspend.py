@@ -103,7 +103,7 @@ def floor_name(value: float | None) -> str:
 
 
 def floor_cents(face: int, min_redemption: float) -> int:
-    """The least expected cost the service assumes for a coupon (service/engine.py, ScoreTerms.floored)."""
+    """The least expected cost the service assumes for a coupon (service/scoring.py, ScoreTerms.floored)."""
     return min(face, max(1, math.ceil(face * min_redemption)))
 
 

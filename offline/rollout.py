@@ -6,7 +6,7 @@ and afterwards observes the realised (sampled) reward and cost. Lambda prices co
 must not increase with lambda (calibration relies on it).
 
 A rollout can run behind the service's `strict` budget ledger (`StrictReservation`): every round the
-users arrive in requests, each request's coupons are granted first-fit as `service/engine.py`
+users arrive in requests, each request's coupons are granted first-fit as `service/scoring.py`
 `preferences` and `service/lua/reserve.lua` grant them, and each coupon holds its face value until its
 outcome settles at the end of the round. That is what a served policy spends, where a rollout without
 it is what the policy would spend with no budget at all.
@@ -94,7 +94,7 @@ def first_fit(scores: np.ndarray, prices: np.ndarray, available: int) -> tuple[n
 
     `scores` [B, K]; `prices` [K] integer cents, negative for an action not offered (action 0, no coupon,
     is always allowed and costs nothing); `available` = budget - spent - reserved, in cents. As
-    `service/engine.py` `preferences`: each row ranks the offered actions by descending score (stable) and
+    `service/scoring.py` `preferences`: each row ranks the offered actions by descending score (stable) and
     stops at action 0; rows go by descending gain of their best action over action 0 (stable). As
     `service/lua/reserve.lua`: each row takes the first ranked coupon whose price fits what is still
     available after the rows before it, else no coupon."""

@@ -20,8 +20,10 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.api.errors import add_error_handlers, body_too_large
 from service.api.main import api_router
+from service.background import Background
 from service.batcher import MicroBatcher
-from service.engine import DecisionEngine
+from service.campaigns import Campaigns
+from service.decisions import Decisions
 from service.jsonlog import configure_logging, redact
 from service.metrics import ServiceMetrics
 from service.policy import LoadedPolicy, PolicyHolder, load_policy
@@ -74,11 +76,21 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     )
     await batcher.start()
     policies = PolicyHolder(policy, settings.store, settings.device)
-    engine = DecisionEngine(settings, policies, store, batcher, metrics)
-    runtime = Runtime(settings, metrics, policies, store, batcher, engine)
-    runtime.background.append(asyncio.create_task(engine.sweep_forever(), name="saco-sweep"))
-    runtime.background.append(asyncio.create_task(engine.pace_forever(), name="saco-pacing"))
-    runtime.background.append(asyncio.create_task(runtime.follow_model_announcements(), name="saco-models"))
+    decisions = Decisions(settings, policies, store, batcher, metrics)
+    background = Background(settings, policies, store, metrics)
+    runtime = Runtime(
+        settings,
+        metrics,
+        policies,
+        store,
+        batcher,
+        decisions,
+        Campaigns(settings, policies, store, metrics),
+        background,
+    )
+    runtime.tasks.append(asyncio.create_task(background.sweep_forever(), name="saco-sweep"))
+    runtime.tasks.append(asyncio.create_task(background.pace_forever(), name="saco-pacing"))
+    runtime.tasks.append(asyncio.create_task(runtime.follow_model_announcements(), name="saco-models"))
     app.state.runtime = runtime
     # The model, the app and the libraries are long-lived: keep them out of the cyclic GC's passes, whose
     # full collections otherwise walk them all and show up as multi-millisecond tail latency.
@@ -99,10 +111,10 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     try:
         yield
     finally:
-        for task in runtime.background:
+        for task in runtime.tasks:
             task.cancel()
-        await asyncio.gather(*runtime.background, return_exceptions=True)
-        await engine.drain()
+        await asyncio.gather(*runtime.tasks, return_exceptions=True)
+        await decisions.drain()
         await batcher.stop()
         gc.callbacks.remove(metrics.gc_pauses)
         gc.unfreeze()

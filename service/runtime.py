@@ -7,8 +7,10 @@ import logging
 from dataclasses import dataclass, field
 
 from model_store import ModelStore
+from service.background import Background
 from service.batcher import MicroBatcher
-from service.engine import DecisionEngine
+from service.campaigns import Campaigns
+from service.decisions import Decisions
 from service.metrics import ServiceMetrics
 from service.policy import LoadedPolicy, PolicyHolder, PolicyRejected
 from service.settings import Settings
@@ -26,8 +28,10 @@ class Runtime:
     policies: PolicyHolder
     store: StateStore
     batcher: MicroBatcher
-    engine: DecisionEngine
-    background: list[asyncio.Task[None]] = field(default_factory=list)
+    decisions: Decisions
+    campaigns: Campaigns
+    background: Background
+    tasks: list[asyncio.Task[None]] = field(default_factory=list)
 
     async def reload_model(self, version: str | None = None) -> tuple[LoadedPolicy, LoadedPolicy]:
         """Verify and serve `version` (default: the model store's current one): (previous, new). Raises

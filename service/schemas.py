@@ -252,3 +252,11 @@ ERROR_DESCRIPTIONS = {
 def error_responses(*codes: int) -> dict[int | str, dict[str, Any]]:
     """The OpenAPI `responses` of these error codes."""
     return {code: {"model": ErrorResponse, "description": ERROR_DESCRIPTIONS[code]} for code in codes}
+
+
+class InvalidInput(ValueError):
+    """Input that pydantic could not check alone (it depends on the model or the campaign): a 422."""
+
+    def __init__(self, loc: tuple[str | int, ...], msg: str, value: Any = None) -> None:
+        super().__init__(msg)
+        self.errors = [{"type": "value_error", "loc": ("body", *loc), "msg": msg, "input": value}]

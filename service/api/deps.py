@@ -8,7 +8,8 @@ from typing import Annotated
 from fastapi import Depends, HTTPException, Path, Request, status
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
-from service.engine import DecisionEngine
+from service.campaigns import Campaigns
+from service.decisions import Decisions
 from service.runtime import Runtime
 from service.schemas import CAMPAIGN_ID_PATTERN, CAMPAIGN_ID_TEXT
 
@@ -19,13 +20,19 @@ async def get_runtime(request: Request) -> Runtime:
     return runtime
 
 
-async def get_engine(request: Request) -> DecisionEngine:
-    engine: DecisionEngine = request.app.state.runtime.engine
-    return engine
+async def get_decisions(request: Request) -> Decisions:
+    decisions: Decisions = request.app.state.runtime.decisions
+    return decisions
+
+
+async def get_campaigns(request: Request) -> Campaigns:
+    campaigns: Campaigns = request.app.state.runtime.campaigns
+    return campaigns
 
 
 RuntimeDep = Annotated[Runtime, Depends(get_runtime)]
-EngineDep = Annotated[DecisionEngine, Depends(get_engine)]
+DecisionsDep = Annotated[Decisions, Depends(get_decisions)]
+CampaignsDep = Annotated[Campaigns, Depends(get_campaigns)]
 CampaignId = Annotated[str, Path(pattern=CAMPAIGN_ID_PATTERN, description=CAMPAIGN_ID_TEXT)]
 
 _bearer = HTTPBearer(auto_error=False)

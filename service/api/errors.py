@@ -12,8 +12,8 @@ from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from service.batcher import BatcherOverloaded
-from service.engine import InvalidInput
 from service.metrics import ServiceMetrics
+from service.schemas import InvalidInput
 from service.state import CampaignNotFound, CostAboveReservation, RequestIdConflict, StateStoreError
 
 log = logging.getLogger("saco.service")

@@ -6,7 +6,7 @@ import pytest
 from offline.rollout import StrictReservation, first_fit, rollout, to_cents
 from research.baselines import MyopicOracle
 from research.world import SyntheticWorld, WorldConfig
-from service.engine import preferences
+from service.scoring import preferences
 
 PRICES = to_cents(np.array([0.0, 2.0, 5.0, 10.0]))
 

@@ -4,7 +4,7 @@ from typing import Any
 
 from fastapi import APIRouter, HTTPException, status
 
-from service.api.deps import AdminDep, CampaignId, EngineDep, RuntimeDep
+from service.api.deps import AdminDep, CampaignId, CampaignsDep, RuntimeDep
 from service.api.route import AdminRoute
 from service.policy import PolicyRejected
 from service.schemas import CampaignPatch, CampaignPut, CampaignView, ReloadResponse, error_responses
@@ -21,18 +21,18 @@ BODY_ERRORS = error_responses(413, 415)
 
 
 @router.put("/campaigns/{campaign_id}", response_model=CampaignView, responses=BODY_ERRORS)
-async def put_campaign(campaign_id: CampaignId, body: CampaignPut, engine: EngineDep) -> dict[str, Any]:
-    return await engine.put_campaign(campaign_id, body)
+async def put_campaign(campaign_id: CampaignId, body: CampaignPut, campaigns: CampaignsDep) -> dict[str, Any]:
+    return await campaigns.put_campaign(campaign_id, body)
 
 
 @router.patch("/campaigns/{campaign_id}", response_model=CampaignView, responses=BODY_ERRORS)
-async def patch_campaign(campaign_id: CampaignId, body: CampaignPatch, engine: EngineDep) -> dict[str, Any]:
-    return await engine.patch_campaign(campaign_id, body)
+async def patch_campaign(campaign_id: CampaignId, body: CampaignPatch, campaigns: CampaignsDep) -> dict[str, Any]:
+    return await campaigns.patch_campaign(campaign_id, body)
 
 
 @router.get("/campaigns/{campaign_id}", response_model=CampaignView)
-async def get_campaign(campaign_id: CampaignId, engine: EngineDep) -> dict[str, Any]:
-    return await engine.get_campaign(campaign_id)
+async def get_campaign(campaign_id: CampaignId, campaigns: CampaignsDep) -> dict[str, Any]:
+    return await campaigns.get_campaign(campaign_id)
 
 
 @router.post("/models/reload", responses=error_responses(409))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Response
 
-from service.api.deps import CampaignId, EngineDep
+from service.api.deps import CampaignId, DecisionsDep
 from service.api.route import DecisionsRoute, OrjsonRoute
 from service.schemas import (
     DecisionsRequest,
@@ -24,15 +24,15 @@ outcomes_router = APIRouter(prefix=PREFIX, tags=["decisions"], route_class=Orjso
     response_model=DecisionsResponse,
     responses=error_responses(404, 409, 413, 415, 503),
 )
-async def decide(campaign_id: CampaignId, body: DecisionsRequest, engine: EngineDep) -> Response:
+async def decide(campaign_id: CampaignId, body: DecisionsRequest, decisions: DecisionsDep) -> Response:
     """One decision per request, in the same order; each coupon's cost is reserved from the budget."""
-    return Response(await engine.decide(campaign_id, body), media_type="application/json")
+    return Response(await decisions.decide(campaign_id, body), media_type="application/json")
 
 
 @outcomes_router.post("/{campaign_id}/outcomes", responses=error_responses(404, 413, 415, 503))
-async def record_outcomes(campaign_id: CampaignId, body: OutcomesRequest, engine: EngineDep) -> OutcomesResponse:
+async def record_outcomes(campaign_id: CampaignId, body: OutcomesRequest, decisions: DecisionsDep) -> OutcomesResponse:
     """Settle decisions: the realized cost replaces the reservation; a repeated outcome counts once."""
-    return await engine.record_outcomes(campaign_id, body)
+    return await decisions.record_outcomes(campaign_id, body)
 
 
 router = APIRouter()

@@ -133,7 +133,7 @@ def test_context_is_kept_between_calls(client: TestClient, feature_dim: int) -> 
     for _ in range(3):
         assert decide(client, users(1, feature_dim)).status_code == 200
     runtime = client.app.state.runtime  # type: ignore[attr-defined]
-    client.portal.call(runtime.engine.drain)  # type: ignore[union-attr]
+    client.portal.call(runtime.decisions.drain)  # type: ignore[union-attr]
     _, (raw,) = client.portal.call(runtime.store.load_for_decision, "c1", ["u0"])  # type: ignore[union-attr]
     ctx = decode_context(raw)
     assert ctx is not None and ctx.t == 3 and len(ctx.steps) == 3
@@ -223,7 +223,7 @@ def test_outcomes_settle_count_duplicates_and_unknown(client: TestClient, featur
     assert resp.json() == {"accepted": 0, "duplicates": 1, "unknown": 1}
     # the outcome reached the user's context: reward and cost in its step, to-go values lowered
     runtime = client.app.state.runtime  # type: ignore[attr-defined]
-    client.portal.call(runtime.engine.drain)  # type: ignore[union-attr]
+    client.portal.call(runtime.decisions.drain)  # type: ignore[union-attr]
     _, (raw,) = client.portal.call(runtime.store.load_for_decision, "c1", ["u0"])  # type: ignore[union-attr]
     ctx = decode_context(raw)
     assert ctx is not None and ctx.steps["reward"][-1] == 3.5

@@ -70,12 +70,12 @@ def test_pacing_raises_lambda_of_a_campaign_spending_ahead_of_its_plan(client: T
     and error."""
     client.app.state.settings.pacing_interval_s = 0.001  # type: ignore[attr-defined]  # a step per call
     put(client, cid="fast", expected_decisions=100_000, pacing_method="descent", **{"lambda": 0.0})
-    engine = client.app.state.runtime.engine  # type: ignore[attr-defined]
+    background = client.app.state.runtime.background  # type: ignore[attr-defined]
     lambdas = []
     for n in range(3):
         body = {"requests": users(50, feature_dim, prefix=f"r{n}-")}
         assert client.post("/v1/campaigns/fast/decisions", json=body).status_code == 200
-        client.portal.call(engine.pace, "fast")  # type: ignore[attr-defined]
+        client.portal.call(background.pace, "fast")  # type: ignore[attr-defined]
         view = client.get("/v1/admin/campaigns/fast", headers=ADMIN).json()
         lambdas.append(view["lambda"])
     # from the campaign's lambda, upward while the spend runs ahead of the plan (then it holds, or eases

@@ -15,7 +15,7 @@ import pytest
 from fastapi.testclient import TestClient
 from svc_http import ADMIN, campaign_body, republish, users
 
-import service.engine
+import service.campaigns
 from research.delay_study import DelayStudy
 from service.app import create_app
 from service.settings import DAY_S, Settings
@@ -163,7 +163,7 @@ def test_a_replica_clock_ahead_releases_nothing_early(
     reserved = view(client, "clock")["reserved"]
     assert reserved > 0
     real = time.time
-    monkeypatch.setattr(service.engine, "now_ms", lambda: int((real() + 120) * 1000))
+    monkeypatch.setattr(service.campaigns, "now_ms", lambda: int((real() + 120) * 1000))
     monkeypatch.setattr(time, "time", lambda: real() + 120)
     assert view(client, "clock")["reserved"] == reserved  # the GET sweeps: nothing is due by the store's clock
 

@@ -16,7 +16,7 @@ from fastapi.testclient import TestClient
 from svc_http import ADMIN, campaign_body, users
 
 from service.app import create_app
-from service.engine import in_holdout
+from service.scoring import in_holdout
 from service.settings import Settings
 from service.state.store import StateStore
 

@@ -12,8 +12,10 @@ import pytest
 
 from model_store import ModelStore
 from service.app import create_app
-from service.engine import DecisionEngine, ScoreTerms, build_inputs, plan_lambda, preferences
+from service.decisions import Decisions
+from service.lambdas import plan_lambda
 from service.schemas import CampaignPut, DecisionsRequest, OutcomesRequest
+from service.scoring import ScoreTerms, build_inputs, preferences
 from service.settings import Settings
 from service.state import CampaignConfig, CampaignSettings, PacedState
 from service.state.context import HEADER, append_step, decode_context, empty_context, new_step_bytes
@@ -68,7 +70,7 @@ def test_context_writes_behind_the_answer_are_seen_by_the_next_call(model_store_
 
     async def scenario() -> None:
         async with app.router.lifespan_context(app):
-            engine: DecisionEngine = app.state.runtime.engine
+            engine: Decisions = app.state.runtime.decisions
             seen: list[list[bytes | None]] = []
             load = engine.store.load_for_decision
 
@@ -78,7 +80,9 @@ def test_context_writes_behind_the_answer_are_seen_by_the_next_call(model_store_
                 return campaign, contexts
 
             engine.store.load_for_decision = spy  # type: ignore[method-assign]
-            await engine.put_campaign("c", CampaignPut.model_validate({"budget": 100.0, "coupons": []}))
+            await app.state.runtime.campaigns.put_campaign(
+                "c", CampaignPut.model_validate({"budget": 100.0, "coupons": []})
+            )
             body = DecisionsRequest.model_validate({"requests": [{"user_id": "u", "features": [0.5] * dim}]})
             first = json.loads(await engine.decide("c", body))["decisions"][0]
             await engine.decide("c", body)  # no await in between: the first write may still be in flight

@@ -1,0 +1,225 @@
+"""Deciding and settling: the hot path behind POST /decisions and POST /outcomes."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+from collections import Counter
+
+import numpy as np
+
+from model_store import Manifest
+from service.batcher import MicroBatcher
+from service.lambdas import campaign_lambda, request_lambda
+from service.metrics import ServiceMetrics
+from service.money import from_cents, to_cents
+from service.policy import PolicyHolder
+from service.schemas import (
+    DecisionsRequest,
+    InvalidInput,
+    OutcomesRequest,
+    OutcomesResponse,
+)
+from service.scoring import ScoreTerms, build_inputs, choose, min_redemption, render
+from service.settings import Settings
+from service.state import (
+    CampaignConfig,
+    CampaignNotFound,
+    NewStep,
+    Outcome,
+    RequestIdConflict,
+    ReserveItem,
+    ReserveResult,
+    StateStoreError,
+    UserContext,
+)
+from service.state.store import StateStore
+
+log = logging.getLogger("saco.service.decisions")
+
+
+class Decisions:
+    def __init__(
+        self,
+        settings: Settings,
+        policies: PolicyHolder,
+        store: StateStore,
+        batcher: MicroBatcher,
+        metrics: ServiceMetrics,
+    ) -> None:
+        self.settings = settings
+        self.policies = policies
+        self.store = store
+        self.batcher = batcher
+        self.metrics = metrics
+        self.rng = random.Random(settings.exploration_seed)  # the exploration draws
+        # context writes still in flight, each with its campaign and users: the next read of one of those
+        # users waits for it
+        self._writes: dict[asyncio.Task[None], tuple[str, frozenset[str]]] = {}
+
+    # ---- decisions -------------------------------------------------------------------------------
+    async def decide(self, campaign_id: str, body: DecisionsRequest) -> bytes:
+        """The hot path: validate, read, score, choose, reserve, record, render (JSON bytes)."""
+        policy = self.policies.current
+        features = self._validate(body, policy.manifest)
+        user_ids = [r.user_id for r in body.requests]
+        with self.batcher.expect() as ticket:
+            campaign, contexts = await self._read(campaign_id, user_ids)
+            lam, _ = campaign_lambda(campaign, policy.manifest)
+            inputs = build_inputs(policy.manifest, features, contexts, lam)
+            outputs = await self.batcher.scores(policy, inputs, ticket)
+        scores, expected = outputs, None
+        if policy.manifest.score_terms:
+            terms = ScoreTerms.split(outputs, campaign, policy.manifest.cost_ratios, inputs.timesteps[:, -1])
+            terms = terms.floored(campaign, min_redemption(self.settings.min_redemption, campaign.settings))
+            lam = request_lambda(campaign, terms, lam, policy.manifest, self.settings.pacing_lambda_max)
+            scores, expected = terms.scores(lam), terms.expected
+        rows = features.astype("<f4", copy=False)
+        order, items = choose(scores, expected, campaign, body, rows, self.rng, self.metrics)
+        try:
+            reserved = await self.store.reserve(
+                campaign_id,
+                items,
+                model_version=policy.version,
+                lam=lam,
+                reservation_expiry_ms=self.settings.reservation_expiry_s * 1000,
+                decision_ttl_ms=self.settings.decision_ttl_s * 1000,
+                prior_coupons=self.settings.prior_coupons,
+                exploration_rate=campaign.settings.exploration_rate,
+                plan_lead=self.settings.plan_lead,
+            )
+        except RequestIdConflict as exc:  # the store counts items in priority order; the caller, in its own
+            raise RequestIdConflict(exc.request_id, order[exc.item]) from None
+        self._record(campaign_id, order, items, reserved, contexts, policy.manifest)
+        return render(order, reserved.decisions)
+
+    def _validate(self, body: DecisionsRequest, manifest: Manifest) -> np.ndarray:
+        """The batch size and every feature row against the model: the [users, feature_dim] float32 array."""
+        requests = body.requests
+        if len(requests) > self.settings.max_batch:
+            raise InvalidInput(
+                ("requests",), f"at most {self.settings.max_batch} requests per call, got {len(requests)}"
+            )
+        dim = manifest.feature_dim
+        for i, item in enumerate(requests):
+            if len(item.features) != dim:
+                raise InvalidInput(
+                    ("requests", i, "features"),
+                    f"must have {dim} values (the model's feature_dim), got {len(item.features)}",
+                )
+        values = np.array([item.features for item in requests], np.float64)
+        bound = self.settings.max_abs_feature
+        outside = np.abs(values) > bound
+        if outside.any():
+            row, column = (int(i) for i in np.argwhere(outside)[0])
+            raise InvalidInput(
+                ("requests", row, "features"),
+                f"user {requests[row].user_id!r}: features[{column}] = {values[row, column]:g} is outside "
+                f"-{bound:g}..{bound:g} (SACO_MAX_ABS_FEATURE)",
+                float(values[row, column]),
+            )
+        self.metrics.decision_batch_users.observe(len(requests))
+        return values.astype(np.float32)
+
+    async def _read(self, campaign_id: str, user_ids: list[str]) -> tuple[CampaignConfig, list[UserContext | None]]:
+        """The campaign and each user's context, once this process's own writes to them have landed."""
+        await self.contexts_written(campaign_id, user_ids)
+        campaign, contexts = await self.store.load_for_decision(campaign_id, user_ids)
+        if campaign is None:
+            raise CampaignNotFound(campaign_id)
+        return campaign, contexts
+
+    def _record(
+        self,
+        campaign_id: str,
+        order: list[int],
+        items: list[ReserveItem],
+        reserved: ReserveResult,
+        contexts: list[UserContext | None],
+        manifest: Manifest,
+    ) -> None:
+        """Each new decision becomes a step of its user's context (written behind the answer: the
+        reservations are what must be durable before it), and the metrics."""
+        new_steps = [
+            NewStep(decided.user_id, decided.decision_id, decided.action, item.features, contexts[row])
+            for row, item, decided in zip(order, items, reserved.decisions, strict=True)
+            if decided.new
+        ]
+        held_out = explored = 0
+        for item, decided in zip(items, reserved.decisions, strict=True):
+            if decided.new:
+                held_out += item.holdout
+                explored += item.explore_draw is not None and not item.holdout
+        if held_out:
+            self.metrics.holdout_decisions.labels(campaign=campaign_id).inc(held_out)
+        if explored:
+            self.metrics.explored_decisions.labels(campaign=campaign_id).inc(explored)
+        if new_steps:
+            self._write_behind(campaign_id, new_steps, manifest)
+        for action, count in Counter(step.action for step in new_steps).items():
+            self.metrics.decisions.labels(action=str(action)).inc(count)
+        downgraded = sum(decided.downgraded for decided in reserved.decisions)
+        if downgraded:
+            self.metrics.reservations_refused.labels(campaign=campaign_id).inc(downgraded)
+        if len(new_steps) < len(order):
+            self.metrics.idempotent_replays.inc(len(order) - len(new_steps))
+        self.metrics.budget_remaining.labels(campaign=campaign_id).set(from_cents(max(0, reserved.remaining)))
+
+    def _write_behind(self, campaign_id: str, steps: list[NewStep], manifest: Manifest) -> None:
+        async def write() -> None:
+            try:
+                await self.store.append_steps(
+                    campaign_id,
+                    steps,
+                    capacity=manifest.context_length - 1,
+                    ttl_ms=self.settings.context_ttl_s * 1000,
+                    initial_rtg=manifest.initial_rtg,
+                    initial_ctg=manifest.initial_ctg,
+                )
+            except Exception:  # nobody awaits this task: every failure is logged and counted here
+                # the reservations are made and answered: the users' next steps lack this one
+                self.metrics.context_write_failures.inc()
+                log.warning("context write failed after a successful reservation", exc_info=True)
+
+        task = asyncio.get_running_loop().create_task(write())
+        self._writes[task] = campaign_id, frozenset([step.user_id for step in steps])
+        task.add_done_callback(self._writes.pop)
+
+    async def contexts_written(self, campaign_id: str, user_ids: list[str]) -> None:
+        """Wait for the context writes in flight for these users."""
+        if self._writes:
+            pending = [
+                task
+                for task, (campaign, users) in self._writes.items()
+                if campaign == campaign_id and not users.isdisjoint(user_ids)
+            ]
+            if pending:
+                await asyncio.wait(pending)
+
+    async def drain(self) -> None:
+        """Wait for every context write in flight (shutdown; tests that read the store directly)."""
+        while self._writes:
+            await asyncio.wait(list(self._writes))
+
+    # ---- outcomes --------------------------------------------------------------------------------
+    async def record_outcomes(self, campaign_id: str, body: OutcomesRequest) -> OutcomesResponse:
+        outcomes = [Outcome(o.decision_id, o.reward, to_cents(o.cost)) for o in body.outcomes]
+        result = await self.store.settle(campaign_id, outcomes)
+        if result.context_updates:
+            await self.contexts_written(campaign_id, [user_id for user_id, *_ in result.context_updates])
+        try:
+            await self.store.apply_outcomes_to_contexts(
+                campaign_id, result.context_updates, ttl_ms=self.settings.context_ttl_s * 1000
+            )
+        except StateStoreError:
+            log.warning("context update failed after settling outcomes", exc_info=True)
+        for name, count in (
+            ("accepted", result.accepted),
+            ("duplicate", result.duplicates),
+            ("unknown", result.unknown),
+        ):
+            if count:
+                self.metrics.outcomes.labels(result=name).inc(count)
+        self.metrics.budget_remaining.labels(campaign=campaign_id).set(from_cents(max(0, result.remaining)))
+        return OutcomesResponse(accepted=result.accepted, duplicates=result.duplicates, unknown=result.unknown)

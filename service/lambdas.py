@@ -1,0 +1,98 @@
+"""Which lambda prices a campaign's decisions."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from model_store import Manifest
+from service.money import from_cents
+from service.scoring import ScoreTerms
+from service.state import (
+    CampaignConfig,
+    CampaignSettings,
+)
+
+PLAN_LAMBDA_STEPS = 24  # bisection steps: lambda to within lam_max / 2^24
+
+
+def plan_lambda(terms: ScoreTerms, campaign: CampaignConfig, target: float, lam_max: float) -> float:
+    """The smallest lambda in [0, lam_max] at which the request's expected spend fits `target` cents: each
+    user takes their best offered action (or none) at that lambda, and spends its expected cost corrected by
+    the campaign's realised / predicted ratio of that action. Bisection: spend falls as lambda rises. Users
+    whose terms are not finite are left out (they get no coupon), as is a user whose scores at a lambda are
+    not."""
+    usable = terms.finite
+    terms = ScoreTerms(terms.revenue[usable], terms.cost[usable], terms.expected[usable])
+    k = terms.revenue.shape[1]
+    offered = np.zeros(k, np.bool_)
+    offered[0] = True
+    offered[[a for a in campaign.coupons if 0 < a < k]] = True
+    ratios = np.ones(k)
+    if campaign.paced is not None:
+        for action, ratio in campaign.paced.ratios.items():
+            if 0 < action < k:
+                ratios[action] = ratio
+    spend = terms.expected * ratios
+    rows = np.arange(len(spend))
+
+    def spent(lam: float) -> float:
+        scores = terms.scores(lam)
+        chosen = np.where(offered, scores, -np.inf).argmax(axis=1)
+        chosen[~np.isfinite(scores).all(axis=1)] = 0
+        return float(spend[rows, chosen].sum())
+
+    if spent(0.0) <= target:
+        return 0.0
+    low, high = 0.0, lam_max
+    if spent(high) > target:
+        return high
+    for _ in range(PLAN_LAMBDA_STEPS):
+        middle = (low + high) / 2
+        low, high = (low, middle) if spent(middle) <= target else (middle, high)
+    return high
+
+
+def campaign_lambda(campaign: CampaignConfig, manifest: Manifest) -> tuple[float, str]:
+    """The campaign's lambda and where it came from: pacing (while it runs), else the lambda it starts
+    from: admin-set, calibration table, model default, none."""
+    if campaign.paced is not None and campaign.settings.pacing_on:
+        return campaign.paced.lam, "pacing"
+    return base_lambda(campaign.settings, manifest)
+
+
+def base_lambda(settings: CampaignSettings, manifest: Manifest) -> tuple[float, str]:
+    """The lambda a campaign has without pacing: admin-set, calibration table, model default, none."""
+    if settings.admin_lambda is not None:
+        return settings.admin_lambda, "admin"
+    if settings.expected_users and manifest.lambda_table:
+        lam = manifest.lambda_for_budget_per_user(from_cents(settings.budget) / settings.expected_users)
+        if lam is not None:
+            return float(lam), "calibration"
+    if manifest.default_lambda is not None:
+        return float(manifest.default_lambda), "model-default"
+    return 0.0, "none"
+
+
+def lambda_scale(manifest: Manifest) -> float:
+    """The size of a lambda step: the model's calibrated lambda (pacing's steps are fractions of it)."""
+    return float(manifest.default_lambda) if manifest.default_lambda else 1.0
+
+
+def request_lambda(
+    campaign: CampaignConfig, terms: ScoreTerms, lam: float, manifest: Manifest, pacing_lambda_max: float
+) -> float:
+    """With `resolve` pacing, the lambda at which this request's expected spend is its share of the
+    budget left (what each decision may spend, times the request's users); else the campaign's lambda."""
+    settings = campaign.settings
+    if not settings.pacing_on or settings.pacing_method != "resolve":
+        return lam
+    allowance = None if campaign.paced is None else campaign.paced.allowance
+    if allowance is None and campaign.paced is None and settings.expected_decisions:
+        allowance = settings.budget / settings.expected_decisions  # before the first pacing step
+    if allowance is None:
+        return lam
+    planned = int(terms.finite.sum())  # users the model could not score get no coupon: not planned for
+    if not planned:
+        return lam
+    lam_max = pacing_lambda_max * lambda_scale(manifest)
+    return plan_lambda(terms, campaign, allowance * planned, lam_max)

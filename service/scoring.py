@@ -1,0 +1,204 @@
+"""The decision path's array work: model inputs from contexts, score terms, ranking, the reservation items
+and the rendered answer. Pure functions of their arguments."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+import random
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import orjson
+
+from model_store import Manifest
+from service.metrics import ServiceMetrics
+from service.money import from_cents
+from service.policy import PolicyInputs
+from service.schemas import DecisionsRequest
+from service.state import (
+    CampaignConfig,
+    CampaignSettings,
+    ReservedDecision,
+    ReserveItem,
+    UserContext,
+)
+from service.state.context import gather
+
+log = logging.getLogger("saco.service.scoring")
+
+
+def in_holdout(campaign_id: str, user_id: str, holdout_rate: float) -> bool:
+    """Whether the user is in the campaign's holdout group: a hash of (campaign, user), uniform in [0, 1),
+    below the rate. The same answer on every replica and every call while the rate stays."""
+    if holdout_rate <= 0:
+        return False
+    digest = hashlib.blake2b(f"{campaign_id}\n{user_id}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big") / 2**64 < holdout_rate
+
+
+def choose(
+    scores: np.ndarray,
+    expected: np.ndarray | None,
+    campaign: CampaignConfig,
+    body: DecisionsRequest,
+    rows: np.ndarray,
+    rng: random.Random,
+    metrics: ServiceMetrics | None = None,
+) -> tuple[list[int], list[ReserveItem]]:
+    """The order in which users reserve (largest gain of their best coupon over none first) and, per user
+    in that order, the campaign's coupons by descending score down to "no coupon", the user's features
+    (float32 rows), whether the user is held out, with probability the exploration rate a uniform draw with
+    which the reservation picks among the coupons that fit instead, and the model's expected cost of each
+    coupon for that user (cents) when it has one. A user whose scores are not all finite gets no coupon
+    (not explored either): counted in `metrics` and logged."""
+    prefs, priority = preferences(scores, list(campaign.coupons))
+    order: list[int] = priority.tolist()
+    requests = body.requests
+    rate, holdout_rate = campaign.settings.exploration_rate, campaign.settings.holdout_rate
+    costs: list[list[int]] | list[None] = [None] * len(requests) if expected is None else expected.tolist()
+    finite = np.isfinite(scores).all(axis=1)
+    items = []
+    for i in order:
+        user_id = requests[i].user_id
+        draw = rng.random() if rate > 0 and rng.random() < rate else None
+        held_out = in_holdout(campaign.campaign_id, user_id, holdout_rate)
+        if not finite[i]:
+            draw = None
+        item = ReserveItem(user_id, requests[i].request_id, prefs[i], rows[i].tobytes(), held_out, draw, costs[i])
+        items.append(item)
+    if not finite.all():
+        unscored = [requests[i].user_id for i in np.flatnonzero(~finite)]
+        if metrics is not None:
+            metrics.nonfinite_scores.labels(campaign=campaign.campaign_id).inc(len(unscored))
+        log.warning(
+            "the model's output is not finite for some users: they get no coupon",
+            extra={"campaign": campaign.campaign_id, "users": len(unscored), "user_ids": unscored[:10]},
+        )
+    return order, items
+
+
+@dataclass(frozen=True)
+class ScoreTerms:
+    """A model's per-user score terms (`score_terms` of the exported module): score = revenue - lambda * cost.
+    A user whose output row is not all finite has a NaN revenue row (hence NaN scores: no coupon) and every
+    coupon at its face cost."""
+
+    revenue: np.ndarray  # [B, K], currency units
+    cost: np.ndarray  # [B, K], the cost term of the score (future weight included)
+    expected: np.ndarray  # [B, K] int64: each coupon's expected cost now, cents, within [0, the coupon's cost]
+
+    @staticmethod
+    def split(
+        outputs: np.ndarray, campaign: CampaignConfig, cost_ratios: list[float], decision_index: np.ndarray
+    ) -> ScoreTerms:
+        """`cost_ratios` (the manifest's, by decision index; the last for later decisions) correct the
+        expected costs of each row's `decision_index`-th decision."""
+        k = outputs.shape[1] // 3
+        faces = np.zeros(k, np.float64)
+        for action, cents in campaign.coupons.items():
+            if 0 < action < k:
+                faces[action] = cents
+        finite = np.isfinite(outputs).all(axis=1)
+        with np.errstate(over="ignore", invalid="ignore"):
+            predicted = outputs[:, 2 * k :].astype(np.float64) * 100
+            if cost_ratios:
+                ratios = np.asarray(cost_ratios, np.float64)
+                predicted *= ratios[np.minimum(decision_index, len(ratios) - 1)][:, None]
+        # what cannot be priced costs its face value: never a sign or size the ledger cannot settle
+        predicted[~finite] = faces
+        predicted = np.where(np.isnan(predicted), faces, predicted)
+        expected = np.rint(np.clip(predicted, 0, faces)).astype(np.int64)
+        revenue = outputs[:, :k].copy()
+        revenue[~finite] = np.nan
+        return ScoreTerms(revenue, outputs[:, k : 2 * k], expected)
+
+    @property
+    def finite(self) -> np.ndarray:
+        """[B] bool: the users whose terms are all finite (the others get no coupon)."""
+        return np.asarray(np.isfinite(self.revenue).all(axis=1) & np.isfinite(self.cost).all(axis=1))
+
+    def scores(self, lam: float) -> np.ndarray:
+        with np.errstate(over="ignore", invalid="ignore"):  # a row that overflows is not finite: no coupon
+            return self.revenue - np.float32(lam) * self.cost
+
+    def floored(self, campaign: CampaignConfig, min_redemption: float) -> ScoreTerms:
+        """Costs no lower than each coupon's floor: `min_redemption` of its cost, at least a cent, both the
+        expected cost now (what is reserved and planned) and the score's cost term (so that lambda prices
+        what is reserved). A model that prices a coupon near zero can be wrong by any factor; from a floor,
+        the realised / predicted ratio that corrects reservations and pacing (reserve.lua, pace.lua) can
+        grow; from zero it cannot."""
+        floors = np.zeros(self.expected.shape[1], np.int64)
+        for action, cents in campaign.coupons.items():
+            if 0 < action < len(floors):
+                floors[action] = min(cents, max(1, math.ceil(cents * min_redemption)))
+        cost = np.where(floors > 0, np.maximum(self.cost, floors.astype(np.float32) / 100), self.cost)
+        return ScoreTerms(self.revenue, cost.astype(self.cost.dtype), np.maximum(self.expected, floors))
+
+
+def render(order: list[int], decided: list[ReservedDecision]) -> bytes:
+    """The response body: one decision per request, in the order of the requests."""
+    decisions: list[dict[str, Any]] = [{}] * len(order)
+    for row, decision in zip(order, decided, strict=True):
+        decisions[row] = {
+            "user_id": decision.user_id,
+            "decision_id": decision.decision_id,
+            "action": decision.action,
+            "cost": from_cents(decision.cost),
+            "model_version": decision.model_version,
+            "lambda": decision.lam,
+        }
+    return orjson.dumps({"decisions": decisions})
+
+
+def build_inputs(
+    manifest: Manifest, features: np.ndarray, contexts: list[UserContext | None], lam: float
+) -> PolicyInputs:
+    """Right-aligned model inputs: each user's last context_length-1 steps, then the current decision."""
+    rows, dim = features.shape
+    past = gather(contexts, dim, manifest.context_length - 1, manifest.initial_rtg, manifest.initial_ctg)
+    kept = int(past.counts.max(initial=0))  # the longest context sets the length; shorter ones are padded
+    length = kept + 1
+    window = past.steps[:, past.steps.shape[1] - kept :]  # [B, kept], zero records where padded
+    states = np.empty((rows, length, dim), np.float32)
+    actions = np.empty((rows, length), np.int64)
+    rtg = np.empty((rows, length), np.float32)
+    ctg = np.empty((rows, length), np.float32)
+    timesteps = np.empty((rows, length), np.int64)
+    mask = np.empty((rows, length), np.bool_)
+    states[:, :kept], states[:, kept] = window["features"], features
+    actions[:, :kept], actions[:, kept] = window["action"], 0
+    rtg[:, :kept], rtg[:, kept] = window["rtg"], past.rtg
+    ctg[:, :kept], ctg[:, kept] = window["ctg"], past.ctg
+    timesteps[:, :kept], timesteps[:, kept] = window["t"], past.t
+    mask[:, :kept], mask[:, kept] = np.arange(kept) >= (kept - past.counts)[:, None], True
+    np.minimum(timesteps, manifest.max_timestep - 1, out=timesteps)  # never negative: only the top is bounded
+    return PolicyInputs(states, actions, rtg, ctg, timesteps, np.full(rows, lam, np.float32), mask)
+
+
+def preferences(scores: np.ndarray, offered: list[int]) -> tuple[list[list[int]], np.ndarray]:
+    """Per row: offered actions by descending score, cut after action 0 (nothing below "no coupon" is
+    preferable to it); and the priority order of rows (largest gain of the best coupon over none first).
+    A row with any non-finite score prefers action 0 alone and comes last."""
+    allowed = np.zeros(scores.shape[1], np.bool_)
+    allowed[0] = True
+    allowed[[a for a in offered if 0 < a < scores.shape[1]]] = True
+    masked = np.where(allowed, scores, -np.inf)
+    unscored = ~np.isfinite(scores).all(axis=1)
+    masked[unscored] = -np.inf
+    masked[unscored, 0] = 0.0
+    ranked = np.argsort(-masked, axis=1, kind="stable").tolist()
+    prefs = []
+    for row in ranked:
+        cut = row.index(0) + 1
+        prefs.append(row[:cut])
+    gain = masked.max(axis=1) - masked[:, 0]
+    gain[unscored] = -np.inf
+    return prefs, np.argsort(-gain, kind="stable")
+
+
+def min_redemption(default: float, settings: CampaignSettings) -> float:
+    """The campaign's expected-cost floor as a share of each coupon's cost (SACO_MIN_REDEMPTION unless set)."""
+    return default if settings.min_redemption is None else settings.min_redemption
