@@ -31,6 +31,10 @@ app.add_typer(models_app, name="models")
 F = TypeVar("F", bound=Callable[..., Any])
 
 LOG_SUFFIXES = (".parquet", ".pq", ".csv")  # the formats `offline.logs.write_logs` writes
+INSTALL_HINT = (
+    "install the dependency group the command needs: saco[serve] (serve), saco[train] (simulate, train, "
+    "calibrate, export, retrain, serve --bootstrap), saco[research] (evaluate, report)"
+)
 
 
 def _emit(result: dict[str, Any]) -> None:
@@ -48,16 +52,23 @@ def _fail(message: str, code: int = 2) -> None:
 def _errors_as_one_line(fn: F) -> F:
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
-        from redis import RedisError
-
         from model_store import ArtifactError
-        from offline.logs import LogValidationError
 
+        # a bad log file is a ValueError (offline.logs.LogValidationError); RedisError where redis is installed
+        expected: tuple[type[Exception], ...] = (ArtifactError, ValueError, RuntimeError, OSError)
+        try:
+            from redis import RedisError
+
+            expected += (RedisError,)
+        except ModuleNotFoundError:
+            pass
         try:
             return fn(*args, **kwargs)
         except typer.Exit:  # an exit status chosen by the command (a RuntimeError to click), its line written
             raise
-        except (LogValidationError, ArtifactError, ValueError, RuntimeError, OSError, RedisError) as exc:
+        except ModuleNotFoundError as exc:  # an optional dependency group not installed (pyproject.toml)
+            _fail(f"{exc.name} is not installed: {INSTALL_HINT}")
+        except expected as exc:
             _fail(str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
 
     return wrapper  # type: ignore[return-value]
