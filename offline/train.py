@@ -5,7 +5,6 @@ from __future__ import annotations
 import copy
 import math
 import os
-import sys
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field, fields
@@ -13,10 +12,10 @@ from dataclasses import asdict, dataclass, field, fields
 import numpy as np
 import torch
 import torch.nn.functional as F
-from tqdm import tqdm
 
 from offline.logs import Logs
 from offline.model import ModelConfig, SacoTransformer
+from offline.progress import progress as progress_bar
 from offline.trajectories import Batch, Trajectories, build_trajectories, make_batch, split_users
 
 
@@ -198,14 +197,7 @@ def train(
         return total / max(count, 1)
 
     best, best_state, stale, history = math.inf, copy.deepcopy(model.state_dict()), 0, []
-    bar = tqdm(
-        total=cfg.epochs * steps_per_epoch,
-        desc="train",
-        unit="step",
-        file=sys.stderr,
-        disable=not progress or rank != 0,
-        mininterval=1.0,
-    )
+    bar = progress_bar("train", cfg.epochs * steps_per_epoch, "step", disable=not progress or rank != 0)
     model.train()
     epoch = 0
     for epoch in range(1, cfg.epochs + 1):

@@ -31,6 +31,10 @@ app.add_typer(models_app, name="models")
 F = TypeVar("F", bound=Callable[..., Any])
 
 LOG_SUFFIXES = (".parquet", ".pq", ".csv")  # the formats `offline.logs.write_logs` writes
+INSTALL_HINT = (
+    "install the dependency group the command needs: saco[serve] (serve), saco[train] (simulate, train, "
+    "calibrate, export, retrain, serve --bootstrap), saco[research] (evaluate, report)"
+)
 
 
 def _emit(result: dict[str, Any]) -> None:
@@ -48,25 +52,32 @@ def _fail(message: str, code: int = 2) -> None:
 def _errors_as_one_line(fn: F) -> F:
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
-        from redis import RedisError
-
         from model_store import ArtifactError
-        from offline.logs import LogValidationError
 
+        # a bad log file is a ValueError (offline.logs.LogValidationError); RedisError where redis is installed
+        expected: tuple[type[Exception], ...] = (ArtifactError, ValueError, RuntimeError, OSError)
+        try:
+            from redis import RedisError
+
+            expected += (RedisError,)
+        except ModuleNotFoundError:
+            pass
         try:
             return fn(*args, **kwargs)
         except typer.Exit:  # an exit status chosen by the command (a RuntimeError to click), its line written
             raise
-        except (LogValidationError, ArtifactError, ValueError, RuntimeError, OSError, RedisError) as exc:
+        except ModuleNotFoundError as exc:  # an optional dependency group not installed (pyproject.toml)
+            _fail(f"{exc.name} is not installed: {INSTALL_HINT}")
+        except expected as exc:
             _fail(str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
 
     return wrapper  # type: ignore[return-value]
 
 
 def _progress(desc: str, total: int | None, unit: str = "it") -> Any:
-    from tqdm import tqdm
+    from offline.progress import progress
 
-    return tqdm(total=total, desc=desc, unit=unit, file=sys.stderr, mininterval=0.5)
+    return progress(desc, total, unit)
 
 
 @app.command()
@@ -274,13 +285,14 @@ def learning_loop(
         int,
         typer.Option(min=0, help="versions never current (refused, failed candidates) to keep; older ones are deleted"),
     ] = 5,
-    every: Annotated[float | None, typer.Option(min=1, help="scheduler: seconds between runs")] = None,
-    cron: Annotated[str | None, typer.Option(help='scheduler: a cron expression, e.g. "0 3 * * *"')] = None,
-    runs: Annotated[int | None, typer.Option(min=1, help="scheduler: stop after so many runs")] = None,
+    every: Annotated[float | None, typer.Option(min=1, help="repeat: seconds between runs")] = None,
+    cron: Annotated[str | None, typer.Option(help='repeat at a cron expression\'s times, e.g. "0 3 * * *"')] = None,
+    runs: Annotated[int | None, typer.Option(min=1, help="with --every / --cron: stop after so many runs")] = None,
 ) -> None:
-    """`saco retrain`: one run of the learning loop (export, train a candidate, gate, recalibrate, publish).
-    `saco scheduler --every S | --cron EXPR`: the same on a schedule. One JSON line per run on stdout; a failed
-    run also writes one line on stderr naming its step and reason (`saco retrain` then exits 1)."""
+    """One run of the learning loop (export, train a candidate, gate, recalibrate, publish); with --every S or
+    --cron EXPR, the same on a schedule, for hosts without a scheduler of their own (docs/learning_loop.md).
+    One JSON line per run on stdout; a failed run also writes one line on stderr naming its step and reason
+    (a single run then exits 1)."""
     from loop.data import DAY_MS, DelayConfig
     from loop.gate import GateConfig
     from loop.retrain import RetrainConfig, retrain_once, run_scheduler
@@ -308,11 +320,11 @@ def learning_loop(
         if report["decision"] == "failed":
             print(f"error: {ctx.info_name}: {report['reasons'][-1]}", file=sys.stderr, flush=True)
 
-    if ctx.info_name == "scheduler":
+    if ctx.info_name == "scheduler" or every is not None or cron is not None:
         run_scheduler(cfg, every_s=every, cron=cron, runs=runs, emit=emit, log=_say)
         return
-    if every is not None or cron is not None or runs is not None:
-        raise ValueError("--every, --cron and --runs are options of `saco scheduler`; `saco retrain` runs once")
+    if runs is not None:
+        raise ValueError("--runs counts the runs of a schedule: give --every or --cron with it")
     report = retrain_once(cfg, log=_say)
     emit(report)
     if report["decision"] == "failed":
@@ -320,7 +332,8 @@ def learning_loop(
 
 
 app.command("retrain")(learning_loop)
-app.command("scheduler")(learning_loop)
+# the name older deployments call; the same command (hidden from the help: one way to say it)
+app.command("scheduler", hidden=True)(learning_loop)
 
 
 @app.command()

@@ -76,8 +76,8 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     )
     await batcher.start()
     policies = PolicyHolder(policy, settings.store, settings.device)
-    decisions = Decisions(settings, policies, store, batcher, metrics)
     background = Background(settings, policies, store, metrics)
+    decisions = Decisions(settings, policies, store, batcher, metrics, background)
     runtime = Runtime(
         settings,
         metrics,

@@ -10,6 +10,7 @@ from collections import Counter
 import numpy as np
 
 from model_store import Manifest
+from service.background import Background
 from service.batcher import MicroBatcher
 from service.lambdas import campaign_lambda, request_lambda
 from service.metrics import ServiceMetrics
@@ -47,12 +48,14 @@ class Decisions:
         store: StateStore,
         batcher: MicroBatcher,
         metrics: ServiceMetrics,
+        background: Background,
     ) -> None:
         self.settings = settings
         self.policies = policies
         self.store = store
         self.batcher = batcher
         self.metrics = metrics
+        self.background = background
         self.rng = random.Random(settings.exploration_seed)  # the exploration draws
         # context writes still in flight, each with its campaign and users: the next read of one of those
         # users waits for it
@@ -92,6 +95,7 @@ class Decisions:
         except RequestIdConflict as exc:  # the store counts items in priority order; the caller, in its own
             raise RequestIdConflict(exc.request_id, order[exc.item]) from None
         self._record(campaign_id, order, items, reserved, contexts, policy.manifest)
+        self.background.after_decisions(campaign, reserved)
         return render(order, reserved.decisions)
 
     def _validate(self, body: DecisionsRequest, manifest: Manifest) -> np.ndarray:

@@ -102,6 +102,13 @@ class Settings(BaseSettings):
     context_ttl_s: int = Field(default=30 * DAY_S, ge=1, description="a user's trajectory context expires when idle")
     sweep_interval_s: float = Field(default=30.0, gt=0, description="period of the expired-reservation sweep")
     pacing_interval_s: float = Field(default=5.0, gt=0, description="period of a campaign's pacing steps")
+    pacing_step_share: float = Field(
+        default=0.02,
+        ge=0,
+        le=1,
+        description="a pacing step also runs once this share of the plan's decisions (expected_decisions) or "
+        "of the budget has gone since the last step, however soon; 0: steps on the timer alone",
+    )
     pacing_step: float = Field(
         default=20.0,
         gt=0,

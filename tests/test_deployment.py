@@ -44,7 +44,7 @@ def test_compose_runs_redis_with_aof_replicas_the_exporter_and_the_scheduler(
     assert redis_cmd[redis_cmd.index("--appendonly") + 1] == "yes"
     assert redis_cmd[redis_cmd.index("--appendfsync") + 1] == "everysec"
     assert services["service"]["deploy"]["replicas"] >= 2
-    for name, subcommand in (("service", "serve"), ("exporter", "export"), ("scheduler", "scheduler")):
+    for name, subcommand in (("service", "serve"), ("exporter", "export"), ("scheduler", "retrain")):
         spec = services[name]
         assert spec["command"][1] == subcommand
         ctx = _parses(spec["command"], monkeypatch, spec["environment"])

@@ -1,5 +1,7 @@
--- One step of online pacing, at most once per interval however many replicas call it. It keeps, in the
--- campaign's pacing key (JSON), what decisions read with the settings:
+-- One step of online pacing, once per interval, or sooner once a share of the plan's decisions
+-- (expected_decisions) or of the budget has gone since the last step, however many replicas call it (the
+-- script is atomic: of replicas asking together, the first steps and the rest find nothing due). It keeps,
+-- in the campaign's pacing key (JSON), what decisions read with the settings:
 --   lambda     dual descent toward the spend plan: lambda <- clip(lambda + step * (excess spend since the
 --              last step, as a fraction of the budget), 0, lambda max), each change bounded by max step.
 --              The part of a step the bound held back is carried into the next (pace_carry, a fraction of
@@ -17,11 +19,12 @@
 -- horizon (starts_ms .. ends_ms).
 -- KEYS[1] campaign hash, KEYS[2] the pacing key (JSON, read by decisions with the settings)
 -- ARGV[1] now ms ('': the store's clock, Redis TIME), [2] interval ms, [3] the lambda pacing starts from, [4] step, [5] max step,
---   [6] lambda max, [7] prior (cents), [8] prior coupons per action
+--   [6] lambda max, [7] prior (cents), [8] prior coupons per action, [9] the share of the plan's decisions or
+--   of the budget after which a step is due before its interval (0: the interval alone)
 -- Returns {the pacing JSON, plan cents, spend cents, stepped (1 | 0)}, or {} for an unknown campaign.
 local c = redis.call('HMGET', KEYS[1], 'budget', 'spent', 'reserved', 'outstanding_predicted', 'decisions',
   'starts_ms', 'ends_ms', 'expected_decisions', 'paced_at_ms', 'pace_plan', 'pace_actual', 'reservation_mode',
-  'pace_carry', 'coupons')
+  'pace_carry', 'coupons', 'pace_decisions')
 if not c[1] then return {} end
 local now, interval = tonumber(ARGV[1]), tonumber(ARGV[2])
 if ARGV[1] == '' then
@@ -55,7 +58,13 @@ local plan = math.floor(fraction * budget)
 local actual = math.floor(spent + outstanding * ratio)
 local state = cjson.decode(redis.call('GET', KEYS[2]) or '{}')
 local lam = state.lambda or tonumber(ARGV[3])
-if c[9] ~= '' and now - tonumber(c[9]) < interval then
+local share = tonumber(ARGV[9])
+local due = c[9] == '' or now - tonumber(c[9]) >= interval
+if not due and share > 0 then
+  local traffic = c[8] ~= '' and decisions - (tonumber(c[15]) or 0) >= share * tonumber(c[8])
+  due = traffic or actual - tonumber(c[11]) >= share * budget
+end
+if not due then
   return {redis.call('GET', KEYS[2]) or '', plan, actual, 0}
 end
 local carry = 0
@@ -75,6 +84,6 @@ if left ~= nil then
 end
 local encoded = cjson.encode({lambda = lam, allowance = allowance, ratios = ratios})
 redis.call('HSET', KEYS[1], 'paced_at_ms', string.format('%d', now), 'pace_plan', plan, 'pace_actual', actual,
-  'pace_carry', string.format('%.17g', carry))
+  'pace_carry', string.format('%.17g', carry), 'pace_decisions', decisions)
 redis.call('SET', KEYS[2], encoded)
 return {encoded, plan, actual, 1}

@@ -442,16 +442,18 @@ class StateStore:
         lambda_max: float,
         prior: int,
         prior_coupons: int = 0,
+        step_share: float = 0.0,
         now_ms: int | None = None,
     ) -> tuple[float, int, int, bool] | None:
-        """One pacing step (pace.lua), at most one per interval across every replica: (lambda, plan cents,
-        spend cents, whether it stepped); None for an unknown campaign. `prior`: cents at ratio 1 in the
-        spend of outstanding reservations; `prior_coupons`: coupons of each action predicted right in the
+        """One pacing step (pace.lua), at most one per interval across every replica, or sooner once
+        `step_share` of the plan's decisions or of the budget has gone since the last step: (lambda, plan
+        cents, spend cents, whether it stepped); None for an unknown campaign. `prior`: cents at ratio 1 in
+        the spend of outstanding reservations; `prior_coupons`: coupons of each action predicted right in the
         ratios of realised to predicted cost."""
         keys = [self.campaign_key(campaign_id), self.pacing_key(campaign_id)]
         clock = "" if now_ms is None else now_ms
         args = [clock, interval_ms, repr(start_lambda), repr(step), repr(max_step), repr(lambda_max)]
-        args += [prior, prior_coupons]
+        args += [prior, prior_coupons, repr(float(step_share))]
         reply = await self._eval("pace", keys, args)
         if not reply:
             return None

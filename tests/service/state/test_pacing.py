@@ -56,6 +56,26 @@ def test_a_traffic_plan_follows_the_decisions(run: Run) -> None:
     run(scenario)
 
 
+def test_a_share_of_the_traffic_or_the_budget_steps_before_the_interval_once_across_callers(run: Run) -> None:
+    async def scenario(store: StateStore) -> None:
+        await store.upsert_campaign("c", put(1_000_000, expected_decisions=100, coupons={1: 1_000}))
+        traffic = {"step_share": 0.05}  # a step after 5 decisions or 500.00 of spend, within the 1 s interval
+        assert (await pace(store, 0, **traffic))[3]
+        await reserve(store, "c", [item(f"u{i}", [0]) for i in range(4)])
+        assert not (await pace(store, 10, **traffic))[3]  # 4 decisions: not yet
+        await reserve(store, "c", [item("u4", [0])])
+        assert not (await pace(store, 20))[3]  # without a share, the interval alone
+        # callers asking together (replicas): the first steps, the others find nothing due
+        stepped = [(await pace(store, 30 + k, **traffic))[3] for k in range(3)]
+        assert stepped == [True, False, False]
+        await store.upsert_campaign("b", put(10_000, expected_decisions=1_000_000, coupons={1: 1_000}))
+        assert (await pace(store, 0, "b", **traffic))[3]
+        await reserve(store, "b", [item("u0", [1, 0])])  # 10.00 of 100.00 reserved: spend past the share
+        assert (await pace(store, 10, "b", **traffic))[3]
+
+    run(scenario)
+
+
 def test_a_bounded_step_carries_the_rest_of_the_error_and_the_clip_at_zero_does_not(run: Run) -> None:
     async def scenario(store: StateStore) -> None:
         await store.upsert_campaign("c", put(10_000, expected_decisions=100, coupons={1: 1_000}))
