@@ -114,6 +114,7 @@ class PolicyEstimate:
     cost_influence: np.ndarray
     matches: int  # decisions where the policy chose the logged action
     ess: float  # Kish effective sample size of the weights
+    actions: np.ndarray  # [N] the policy's choices
     lam: float | None = None  # the one lambda it was scored at; None: each decision's logged lambda
 
     def value(self, lam_ref: float) -> float:
@@ -177,7 +178,7 @@ def estimate(decisions: LoggedDecisions, chosen: np.ndarray, lam: float | None =
         cost, cost_inf = _dr_mean(d.cost, None, None, w)
     squares = float((w**2).sum())
     ess = float(w.sum()) ** 2 / squares if squares > 0 else 0.0
-    return PolicyEstimate(revenue, cost, revenue_inf, cost_inf, int(match.sum()), ess, lam)
+    return PolicyEstimate(revenue, cost, revenue_inf, cost_inf, int(match.sum()), ess, chosen, lam)
 
 
 @dataclass
@@ -296,6 +297,10 @@ class OffPolicyComparison:
             "candidate_lambda": self.candidate.lam,
             "incumbent_lambda": self.incumbent.lam if self.incumbent.lam is not None else self.lam_ref,
             "search_passes": self.candidate.passes,
+            # the decisions where the two choose differently are the only ones that tell them apart
+            "agreement": float(np.mean(self.candidate.estimate.actions == self.incumbent.actions))
+            if self.decisions
+            else None,
             "ess": {"candidate": self.candidate.estimate.ess, "incumbent": self.incumbent.ess},
         }
 
