@@ -21,8 +21,9 @@ one Redis and one model store:
    (`--eval-users`, a seed never served), each at its own lambda found so that its exact expected spend
    matches a common target (the campaign's budget per user; BARate in [0.995, 1], then the revenue is
    interpolated to the target itself). One row per period:
-   the gate's decision, the served version, lambda before and after, failed requests, and the ratio of
-   the two revenues at that equal spend.
+   the gate's decision, the served version, lambda before and after, failed requests, the ratio of
+   the two revenues at that equal spend, and the run's candidate against the incumbent it was gated against
+   (both so scored) beside the gate's own estimate of that ratio and its standard error.
 
     .venv/bin/python benchmarks/learning_loop.py                        # 4 periods, ~2 min on 2 cores
     .venv/bin/python benchmarks/learning_loop.py --png docs/learning_loop.png --json var/learning_loop.json
