@@ -21,8 +21,9 @@ one Redis and one model store:
    (`--eval-users`, a seed never served), each at its own lambda found so that its exact expected spend
    matches a common target (the campaign's budget per user; BARate in [0.995, 1], then the revenue is
    interpolated to the target itself). One row per period:
-   the gate's decision, the served version, lambda before and after, failed requests, and the ratio of
-   the two revenues at that equal spend.
+   the gate's decision, the served version, lambda before and after, failed requests, the ratio of
+   the two revenues at that equal spend, and the run's candidate against the incumbent it was gated against
+   (both so scored) beside the gate's own estimate of that ratio and its standard error.
 
     .venv/bin/python benchmarks/learning_loop.py                        # 4 periods, ~2 min on 2 cores
     .venv/bin/python benchmarks/learning_loop.py --png docs/learning_loop.png --json var/learning_loop.json
@@ -126,6 +127,10 @@ class PeriodResult:
     evaluation: Evaluation
     ratio: float  # revenue of the serving model / the first model's, at equal spend
     candidate_ratio: float | None  # the same for the run's candidate, promoted or not
+    # the run's candidate against the incumbent it was gated against, both at equal spend on the fresh population
+    candidate_vs_incumbent: float | None = None
+    # the gate's own estimate of that: difference / |incumbent's value| per decision, and its standard error
+    gate_estimate: dict[str, float | None] = field(default_factory=dict)
     seconds: dict[str, float] = field(default_factory=dict)
 
 
@@ -491,6 +496,8 @@ def run_loop(cfg: LoopConfig, work: Path, redis_url: str, prefix: str, log: Call
                 candidate_ratio: float | None = tried.revenue / first.revenue
             else:
                 candidate_ratio = evaluation.revenue / first.revenue if candidate is not None else None
+            incumbent_revenue = periods[-1].evaluation.revenue if periods else first.revenue
+            vs_incumbent = None if candidate_ratio is None else candidate_ratio * first.revenue / incumbent_revenue
             seconds["evaluate"] = time.perf_counter() - clock
             result = PeriodResult(
                 period=period,
@@ -512,6 +519,8 @@ def run_loop(cfg: LoopConfig, work: Path, redis_url: str, prefix: str, log: Call
                 evaluation=evaluation,
                 ratio=evaluation.revenue / first.revenue,
                 candidate_ratio=candidate_ratio,
+                candidate_vs_incumbent=vs_incumbent,
+                gate_estimate=gate_estimate(report),
                 seconds=seconds,
             )
             periods.append(result)
@@ -526,9 +535,28 @@ def run_loop(cfg: LoopConfig, work: Path, redis_url: str, prefix: str, log: Call
     return LoopResult(cfg, first_version, first, periods, time.perf_counter() - started)
 
 
+def gate_estimate(report: dict[str, Any]) -> dict[str, float | None]:
+    """The gate's paired difference relative to the incumbent's value per decision, from a run's report."""
+    gate = report.get("metrics", {}).get("gate", {})
+    difference, incumbent = gate.get("off_policy_difference", {}), gate.get("off_policy", {}).get("incumbent", {})
+    value = incumbent.get("value")
+    if not value or difference.get("difference") is None:
+        return {}
+    return {
+        "difference": difference["difference"] / abs(value),
+        "stderr": None if difference.get("stderr") is None else difference["stderr"] / abs(value),
+        "ess": gate.get("off_policy", {}).get("candidate", {}).get("ess"),
+    }
+
+
 # ---- output -------------------------------------------------------------------------------------------
 def _fmt(ratio: float | None) -> str:
     return "n/a" if ratio is None else f"{ratio:.4f}"
+
+
+def _estimate(gate: dict[str, float | None]) -> str:
+    d, se = gate.get("difference"), gate.get("stderr")
+    return "n/a" if d is None else f"{1 + d:.4f} +- {se:.4f}" if se is not None else f"{1 + d:.4f}"
 
 
 def table(result: LoopResult) -> str:
@@ -538,15 +566,15 @@ def table(result: LoopResult) -> str:
         f"(target {f.target:,.1f}, lambda {f.lam:.4g}) on {result.config.eval_users} fresh users",
         "| period | decisions served (explored so far) | failed requests (traffic / probe) | scheduler run | "
         "served version (both replicas) | lambda before -> after | revenue / first model at equal spend: serving "
-        "(candidate) |",
-        "|---|---|---|---|---|---|---|",
+        "(candidate) | candidate / incumbent at equal spend: fresh population (gate's estimate +- stderr) |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for p in result.periods:
         served = sorted(set(p.served.values()))
         lines.append(
             f"| {p.period} | {p.decisions:,} ({p.explored:,}) | {p.traffic_failed} / {p.probe_failed} | {p.decision} | "
             f"{', '.join(served)} | {p.lam_before:.4g} -> {p.lam_after:.4g} | {p.ratio:.4f} "
-            f"({_fmt(p.candidate_ratio)}) |"
+            f"({_fmt(p.candidate_ratio)}) | {_fmt(p.candidate_vs_incumbent)} ({_estimate(p.gate_estimate)}) |"
         )
     return "\n".join(lines)
 

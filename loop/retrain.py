@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 
 from loop.data import DAY_MS, DelayConfig, joined_decisions, label_outcomes
-from loop.gate import GateConfig, decide, environment_values, off_policy_estimates, paired_difference
+from loop.gate import GateConfig, gate_candidate
 from model_store import Artifact, ModelStore
 from offline.jsonsafe import json_safe
 from offline.logs import Logs, LogValidationError, validate_table
@@ -373,13 +373,17 @@ def retrain_once(
             eval_table = labelled.filter(rows)  # aligned: both are sorted by (user, t) in the same order
             artifacts = {"candidate": candidate, "incumbent": incumbent_artifact}
             say(f"gate: {eval_logs.n_rows} decisions of {eval_logs.n_users} held-out users ({cfg.delay.method})")
-            estimates, influences = off_policy_estimates(artifacts, eval_logs, eval_table, cfg.gate.z)
-            difference = paired_difference(estimates, influences, cfg.gate.z)
             env = None
-            if cfg.environment_check:
-                lam = float(np.median(labelled.column("lambda").to_numpy()))
-                env = environment_values(artifacts, train_logs, lam, seed=cfg.seed)
-            gate = decide(estimates, difference, env, cfg.gate)
+            if cfg.environment_check or cfg.gate.doubly_robust:
+                from offline.env import LogEnvironment
+
+                say("gate: fitting the learned environment on the training users' logs")
+                env = LogEnvironment.fit(
+                    train_logs, seed=cfg.seed, num_actions=max(num_actions, train_logs.num_actions)
+                )
+            gate = gate_candidate(
+                artifacts, eval_logs, eval_table, env, cfg.gate, environment_check=cfg.environment_check, seed=cfg.seed
+            )
             promote, reasons = gate.promote, gate.reasons
             report["metrics"]["gate"] = {
                 **gate.metrics,

@@ -18,6 +18,7 @@ import pytest
 import redis
 from loop_logs import DAY_MS, world_entries, write_entries
 
+from loop.gate import GateConfig
 from loop.retrain import RetrainConfig, next_run_in, remaining_decisions, retrain_once, run_scheduler
 from model_store import ModelStore
 from model_store.notify import models_channel
@@ -78,7 +79,9 @@ def test_a_worse_candidate_is_refused_with_its_reasons_and_the_incumbent_stays_c
 def test_a_better_candidate_is_promoted_and_announced(
     redis_url: str, redis_prefix: str, logged: int, tmp_path: Path
 ) -> None:
-    cfg = _config(tmp_path, redis_url, redis_prefix, logged)
+    # at the worse incumbent's (small) spend the good candidate earns ~9% more, with a standard error of ~7% of
+    # the value on 2,600 held-out decisions: a 10% tolerance, not the default 2%, is what that evidence certifies
+    cfg = dataclasses.replace(_config(tmp_path, redis_url, redis_prefix, logged), gate=GateConfig(tolerance=0.1))
     assert retrain_once(cfg, trainer=_worse)["decision"] == "promoted"  # the first model: no incumbent
     store = ModelStore(cfg.store)
     incumbent = store.current_version()
@@ -90,6 +93,9 @@ def test_a_better_candidate_is_promoted_and_announced(
     assert report["decision"] == "promoted", report
     assert report["metrics"]["export"]["entries"] == 0  # nothing new was logged
     assert store.current_version() == report["candidate"] != incumbent
+    point = report["metrics"]["gate"]["operating_point"]
+    assert point["spend_matched"] and 0.99 <= point["spend_ratio"] <= 1.0
+    assert report["metrics"]["gate"]["off_policy"]["candidate"]["ess"] >= 50
     assert store.history()[-1] == incumbent
     message = subscriber.get_message(timeout=2)
     assert message is not None and message["data"] == report["candidate"].encode()
