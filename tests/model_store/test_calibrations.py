@@ -45,7 +45,8 @@ def store(tmp_path: Path) -> ModelStore:
 
 
 def digests(directory: Path) -> dict[str, str]:
-    return {str(p.relative_to(directory)): hashlib.sha256(p.read_bytes()).hexdigest() for p in directory.rglob("*") if p.is_file()}
+    files = [p for p in directory.rglob("*") if p.is_file()]
+    return {str(p.relative_to(directory)): hashlib.sha256(p.read_bytes()).hexdigest() for p in files}
 
 
 def test_a_calibration_leaves_the_version_as_published_and_serves_its_values(store: ModelStore) -> None:
@@ -89,7 +90,7 @@ def test_a_tampered_or_misplaced_record_makes_the_version_refused(store: ModelSt
     with pytest.raises(ArtifactError, match=r"version 'v1'.*default_lambda must be a finite number within"):
         store.load("v1")
     path.write_text(json.dumps({**record, "version": "r1"}))
-    with pytest.raises(ArtifactError, match="names calibration .* of version 'r1'"):
+    with pytest.raises(ArtifactError, match=r"names calibration .* of version 'r1'"):
         store.load("v1")
     path.write_text(json.dumps({**record, "model_sha256": "0" * 64}))
     with pytest.raises(ArtifactError, match="made for another model file"):
