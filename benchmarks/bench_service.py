@@ -1,4 +1,4 @@
-"""Benchmark of the decision service, end to end over HTTP (a real `python -m service.server` process).
+"""Benchmark of the decision service, end to end over HTTP (a real `saco serve` process).
 
 Prints p50 / p99 latency and throughput for requests of 1, 16, 128 and 1024 users, on the embedded store
 and on Redis, the per-user cost of a 128-user request against a 1-user request, and the speed-up of the
@@ -36,7 +36,8 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-from service.state.servers import free_port, start_redis  # noqa: E402
+from service.replicas import start_replica  # noqa: E402
+from service.state.servers import start_redis  # noqa: E402
 
 TOKEN = "bench-admin-token"
 COUPONS = [{"action": 1, "cost": 2.0}, {"action": 2, "cost": 5.0}, {"action": 3, "cost": 10.0}]
@@ -70,28 +71,12 @@ def throwaway_redis(cpus: set[int] | None = None) -> Iterator[str]:
 def start_service(
     store: Path, redis_url: str | None, prefix: str, repo: Path = REPO, cpus: set[int] | None = None
 ) -> tuple[subprocess.Popen[bytes], str]:
-    """`python -m service.server` run from `repo` (its own code; on `cpus` when given), ready and with the
-    bench campaign."""
-    port = free_port()
-    env = dict(os.environ, SACO_ADMIN_TOKEN=TOKEN, SACO_REDIS_PREFIX=prefix, SACO_LOG_LEVEL="WARNING")
-    env.pop("SACO_REDIS_URL", None)
+    """`saco serve` run from `repo` (its own code; on `cpus` when given), ready and with the bench campaign."""
+    env = {"SACO_ADMIN_TOKEN": TOKEN, "SACO_REDIS_PREFIX": prefix, "SACO_LOG_LEVEL": "WARNING"}
     if cpus is not None:
         env["SACO_CPUS"] = ",".join(map(str, sorted(cpus)))
-    cmd = [sys.executable, "-m", "service.server", "--store", str(store), "--port", str(port)]
-    if redis_url:
-        cmd += ["--redis-url", redis_url]
-    proc = subprocess.Popen(cmd, cwd=repo, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    base = f"http://127.0.0.1:{port}"
-    for _ in range(300):
-        try:
-            if httpx.get(base + "/readyz", timeout=1).status_code == 200:
-                break
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.2)
-    else:
-        proc.kill()
-        raise RuntimeError("service did not become ready")
+    replica = start_replica(store, redis_url=redis_url, env=env, cwd=repo)
+    proc, base = replica.process, replica.base
     resp = httpx.put(
         f"{base}/v1/admin/campaigns/bench",
         headers={"Authorization": f"Bearer {TOKEN}"},

@@ -1,6 +1,6 @@
 """Budget control through the real service: BARate, revenue at equal spend, overspend, pacing.
 
-The project's sequential world (research/world.py) driven through `python -m service.server` on a throwaway
+The project's sequential world (research/world.py) driven through `saco serve` on a throwaway
 Redis. Per world (a low- and a high-redemption setting of WorldConfig): random logs (the code of `saco
 simulate`, with the world's settings), `saco train`, `saco calibrate` (twice: same lambda?) to half the
 random policy's spend, then many campaigns served concurrently by one service, one campaign per seed, each
@@ -36,7 +36,6 @@ import asyncio
 import contextlib
 import json
 import os
-import signal
 import subprocess
 import sys
 import tempfile
@@ -60,7 +59,8 @@ from offline.rollout import Policy, SequencePolicy  # noqa: E402
 from research.baselines import MyopicOracle  # noqa: E402
 from research.simulate import simulate_logs  # noqa: E402
 from research.world import Episode, SyntheticWorld, UserPopulation, WorldConfig, WorldState  # noqa: E402
-from service.state.servers import free_port, start_redis  # noqa: E402
+from service.replicas import start_replica  # noqa: E402
+from service.state.servers import start_redis  # noqa: E402
 
 TOKEN = "budget-control-token"
 REQUEST_USERS = 128
@@ -229,40 +229,20 @@ def oracle_features(world: SyntheticWorld, episode: Episode) -> np.ndarray:
 # ---- the service ---------------------------------------------------------------------------------------
 @contextlib.contextmanager
 def service(store: Path, redis_url: str, prefix: str, pacing_interval: float, log: Path) -> Iterator[str]:
-    """`python -m service.server` on `store`; its log (warnings) goes to `log`."""
-    port = free_port()
-    env = dict(
-        os.environ,
-        SACO_ADMIN_TOKEN=TOKEN,
-        SACO_REDIS_PREFIX=prefix,
-        SACO_LOG_LEVEL="WARNING",
-        SACO_PACING_INTERVAL_S=str(pacing_interval),
+    """`saco serve` on `store`; its log (warnings) goes to `log`."""
+    env = {
+        "SACO_ADMIN_TOKEN": TOKEN,
+        "SACO_REDIS_PREFIX": prefix,
+        "SACO_LOG_LEVEL": "WARNING",
+        "SACO_PACING_INTERVAL_S": str(pacing_interval),
         # the service, Redis and this client share 2 busy cores: the default 0.5 s read timeout answers 503s
-        SACO_REDIS_SOCKET_TIMEOUT_S="5",
-    )
-    env.pop("SACO_REDIS_URL", None)
-    cmd = [sys.executable, "-m", "service.server", "--store", str(store), "--port", str(port)]
-    with open(log, "wb") as sink:
-        proc = subprocess.Popen([*cmd, "--redis-url", redis_url], cwd=REPO, env=env, stdout=sink, stderr=sink)
-    base = f"http://127.0.0.1:{port}"
+        "SACO_REDIS_SOCKET_TIMEOUT_S": "5",
+    }
+    replica = start_replica(store, redis_url=redis_url, env=env, log=log, cwd=REPO)
     try:
-        for _ in range(600):
-            with contextlib.suppress(httpx.HTTPError):
-                if httpx.get(base + "/readyz", timeout=1).status_code == 200:
-                    break
-            if proc.poll() is not None:
-                raise RuntimeError(f"the service exited with {proc.returncode}")
-            time.sleep(0.2)
-        else:
-            raise RuntimeError("the service did not become ready")
-        yield base
+        yield replica.base
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        replica.stop()
 
 
 @dataclass(frozen=True)

@@ -40,6 +40,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from model_store import ModelStore  # noqa: E402
+from service.replicas import Replica, start_replica  # noqa: E402
 from service.state.servers import RedisServer, free_port, start_redis  # noqa: E402
 
 TOKEN = "faults-admin-token"
@@ -74,8 +75,7 @@ class Cluster:
         self.redis_port = free_port()
         self.redis = self.start_redis()
         self.url = self.redis.url
-        self.procs: list[subprocess.Popen[bytes] | None] = []
-        self.bases: list[str] = []
+        self.replicas: list[Replica] = []
         for i in range(replicas):
             self.start_replica(i)
 
@@ -88,46 +88,32 @@ class Cluster:
         )
 
     def start_replica(self, i: int) -> None:
-        port = free_port()
-        env = dict(os.environ, SACO_ADMIN_TOKEN=TOKEN, SACO_REDIS_PREFIX=self.prefix, SACO_DEVICE="cpu")
-        env.pop("SACO_REDIS_URL", None)
-        cmd = [sys.executable, "-m", "service.server", "--store", str(self.store), "--port", str(port)]
-        log = open(self.root / f"replica-{i}.log", "ab")  # noqa: SIM115
-        proc = subprocess.Popen([*cmd, "--redis-url", self.url], cwd=REPO, env=env, stdout=log, stderr=log)
-        base = f"http://127.0.0.1:{port}"
-        if i < len(self.procs):
-            self.procs[i], self.bases[i] = proc, base
+        replica = start_replica(
+            self.store,
+            redis_url=self.url,
+            env={"SACO_ADMIN_TOKEN": TOKEN, "SACO_REDIS_PREFIX": self.prefix, "SACO_DEVICE": "cpu"},
+            log=self.root / f"replica-{i}.log",
+            cwd=REPO,
+        )
+        if i < len(self.replicas):
+            self.replicas[i] = replica
         else:
-            self.procs.append(proc)
-            self.bases.append(base)
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            try:
-                if httpx.get(base + "/readyz", timeout=2).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            if proc.poll() is not None:
-                raise RuntimeError(f"replica {i} exited with {proc.returncode}: see {self.root}/replica-{i}.log")
-            time.sleep(0.2)
-        raise TimeoutError(f"replica {i} not ready within 120 s")
+            self.replicas.append(replica)
+
+    @property
+    def bases(self) -> list[str]:
+        return [replica.base for replica in self.replicas]
 
     def kill_replica(self, i: int) -> None:
-        proc = self.procs[i]
-        if proc is not None:
-            proc.kill()
-            proc.wait()
+        self.replicas[i].process.kill()
+        self.replicas[i].process.wait()
 
     def stop(self) -> None:
-        for proc in self.procs:
-            if proc is not None and proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-        for proc in self.procs:
-            if proc is not None:
-                try:
-                    proc.wait(timeout=20)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
+        for replica in self.replicas:
+            if replica.process.poll() is None:
+                replica.process.send_signal(signal.SIGTERM)
+        for replica in self.replicas:
+            replica.stop(timeout_s=20)
         if self.redis.process.poll() is None:
             os.kill(self.redis.process.pid, signal.SIGCONT)
         self.redis.stop()

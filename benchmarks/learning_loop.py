@@ -38,7 +38,6 @@ import asyncio
 import contextlib
 import json
 import os
-import signal
 import subprocess
 import sys
 import tempfile
@@ -62,7 +61,8 @@ from offline.logs import load_logs, write_logs  # noqa: E402
 from offline.rollout import Policy, SequencePolicy, rollout  # noqa: E402
 from research.simulate import simulate_logs  # noqa: E402
 from research.world import SyntheticWorld, WorldConfig  # noqa: E402
-from service.state.servers import free_port, start_redis  # noqa: E402
+from service.replicas import replicas as start_replicas  # noqa: E402
+from service.state.servers import start_redis  # noqa: E402
 
 TOKEN = "learning-loop-token"
 ADMIN = {"Authorization": f"Bearer {TOKEN}"}
@@ -200,50 +200,24 @@ def cli(*args: str, timeout: float = 1800) -> dict[str, Any]:
 def replicas(store: Path, redis_url: str, prefix: str, count: int, log_dir: Path, seed: int) -> Iterator[list[str]]:
     """`count` `saco serve` processes on one Redis and one model store; yields their base URLs. Replica i draws
     its explorations from seed `seed * 10 + i`."""
-    env = dict(
-        os.environ,
-        SACO_ADMIN_TOKEN=TOKEN,
-        SACO_REDIS_PREFIX=prefix,
-        SACO_DEVICE="cpu",
-        SACO_LOG_LEVEL="WARNING",
+    env = {
+        "SACO_ADMIN_TOKEN": TOKEN,
+        "SACO_REDIS_PREFIX": prefix,
+        "SACO_DEVICE": "cpu",
+        "SACO_LOG_LEVEL": "WARNING",
         # replicas, Redis, the client and the training share 2 busy cores: the default 0.5 s read timeout
         # answers 503s when a training run takes the CPUs
-        SACO_REDIS_SOCKET_TIMEOUT_S="5",
-    )
-    env.pop("SACO_REDIS_URL", None)
-    procs: list[subprocess.Popen[bytes]] = []
-    bases: list[str] = []
-    try:
-        for i in range(count):
-            port = free_port()
-            cmd = [sys.executable, "-m", "saco", "serve", "--store", str(store), "--port", str(port)]
-            env["SACO_EXPLORATION_SEED"] = str(seed * 10 + i)
-            with open(log_dir / f"replica-{i}.log", "wb") as sink:
-                procs.append(
-                    subprocess.Popen([*cmd, "--redis-url", redis_url], cwd=REPO, env=env, stdout=sink, stderr=sink)
-                )
-            bases.append(f"http://127.0.0.1:{port}")
-        for proc, base in zip(procs, bases, strict=True):
-            deadline = time.monotonic() + 120
-            while True:
-                with contextlib.suppress(httpx.HTTPError):
-                    if httpx.get(base + "/readyz", timeout=2).status_code == 200:
-                        break
-                if proc.poll() is not None:
-                    raise RuntimeError(f"replica {base} exited with {proc.returncode} (log in {log_dir})")
-                if time.monotonic() > deadline:
-                    raise RuntimeError(f"replica {base} did not become ready (log in {log_dir})")
-                time.sleep(0.2)
+        "SACO_REDIS_SOCKET_TIMEOUT_S": "5",
+    }
+    with start_replicas(
+        store,
+        count,
+        redis_url=redis_url,
+        env=lambda i: {**env, "SACO_EXPLORATION_SEED": str(seed * 10 + i)},
+        log_dir=log_dir,
+        cwd=REPO,
+    ) as bases:
         yield bases
-    finally:
-        for proc in procs:
-            proc.send_signal(signal.SIGTERM)
-        for proc in procs:
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
 
 
 def served_version(base: str) -> str:

@@ -11,7 +11,7 @@ nothing.
 
 Setup: the project's sequential world (research/world.py, default WorldConfig), random logs (the code of
 `saco simulate`), `saco train`, `saco calibrate` (its cost ratios correct the expected costs the service
-reserves with), the model served by `python -m service.server` on a throwaway Redis. Then, per
+reserves with), the model served by `saco serve` on a throwaway Redis. Then, per
 `--min-redemption` setting, `--campaigns` campaigns, one per seed (the same seeds for every setting), all
 settings interleaved and `--concurrency` at a time: each a fresh population of `--users` users x `--rounds`
 rounds whose features are multiplied by `--feature-scale`; every round the users arrive in random order

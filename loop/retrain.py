@@ -360,7 +360,14 @@ def retrain_once(
         extra = {"trained_on": {"decisions": train_logs.n_rows, "users": train_logs.n_users, "now_ms": now_ms}}
         candidate = export_and_publish(result, train_logs, store, extra_metrics=extra, make_current=False)
         if incumbent_artifact is not None and (prior := incumbent_artifact.manifest.default_lambda) is not None:
-            candidate = store.update_manifest(candidate.version, default_lambda=prior)
+            # the candidate starts from the incumbent's lambda: a calibration record of its own, naming its source
+            source = incumbent_artifact.calibration
+            candidate = store.calibrate(
+                candidate.version,
+                command="saco retrain: the incumbent's lambda",
+                lam=prior,
+                details={"from_version": incumbent, "from_calibration": None if source is None else source.id},
+            )
         report["candidate"] = candidate.version
         report["metrics"]["train"] = {k: round(float(v), 6) for k, v in result.metrics.items()}
 

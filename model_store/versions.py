@@ -7,6 +7,10 @@ Layout::
     <root>/versions/<version>/SHA256SUMS      sha256 of model.pt and manifest.json (`sha256sum -c` reads it)
     <root>/CURRENT                            the serving version (one line)
     <root>/HISTORY                            versions that were current, oldest first (for rollback)
+    <root>/calibrations/<version>/<id>.json   the version's calibrations (`model_store.calibrations`)
+
+A published version's files never change: a calibration is a record of its own, and the version's newest
+record is applied to the manifest it serves (`Artifact.manifest`; `Artifact.published` is the file's).
 
 Versions that were never current (refused candidates) are kept to a number by `prune`; versions that are
 or were current are never deleted by it.
@@ -20,8 +24,6 @@ model.
 
 from __future__ import annotations
 
-import contextlib
-import hashlib
 import json
 import os
 import re
@@ -33,6 +35,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from model_store.calibrations import Calibration, CalibrationRecords
+from model_store.files import atomic_write_bytes, fsync_dir, sha256_file
 from model_store.manifest import Manifest
 
 MODEL_FILE = "model.pt"
@@ -48,46 +52,18 @@ class ArtifactError(RuntimeError):
 
 @dataclass(frozen=True)
 class Artifact:
+    """A loaded version. `manifest`: its manifest with the active calibration applied (what serves);
+    `published`: the manifest file as published; `calibration`: the record applied (None: none yet)."""
+
     version: str
     path: Path
     manifest: Manifest
+    published: Manifest
+    calibration: Calibration | None = None
 
     @property
     def model_path(self) -> Path:
         return self.path / MODEL_FILE
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write `data` to `path` so that readers see the old or the new content, never a mix."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-        _fsync_dir(path.parent)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
 
 
 def write_checksums(directory: Path) -> None:
@@ -119,6 +95,7 @@ def verify_checksums(directory: Path, version: str) -> None:
 class ModelStore:
     def __init__(self, root: str | os.PathLike[str]) -> None:
         self.root = Path(root)
+        self.calibrations = CalibrationRecords(self.root)
 
     @property
     def versions_dir(self) -> Path:
@@ -148,7 +125,8 @@ class ModelStore:
         return [v for v in path.read_text().split() if v] if path.is_file() else []
 
     def load(self, version: str | None = None) -> Artifact:
-        """The named (default: current) version, with its checksum verified."""
+        """The named (default: current) version, with its checksums verified and its active calibration
+        applied."""
         version = version or self.current_version()
         if version is None:
             raise ArtifactError(f"model store {self.root} has no current version (train one with `saco train`)")
@@ -169,7 +147,19 @@ class ModelStore:
             )
         if manifest.version != version:
             raise ArtifactError(f"version {version!r}: manifest names version {manifest.version!r}")
-        return Artifact(version=version, path=path, manifest=manifest)
+        calibration = None
+        try:
+            active = self.calibrations.active_id(version)
+            if active is not None:
+                calibration = self.calibrations.read(version, active)
+                if calibration.model_sha256 != manifest.model_sha256:
+                    raise ValueError(f"calibration {active!r} was made for another model file")
+                served = calibration.apply(manifest)
+            else:
+                served = manifest
+        except (OSError, ValueError) as exc:
+            raise ArtifactError(f"version {version!r}: {exc}") from exc
+        return Artifact(version=version, path=path, manifest=served, published=manifest, calibration=calibration)
 
     # ---- writing -------------------------------------------------------------------------------
     def new_version_name(self) -> str:
@@ -216,9 +206,9 @@ class ModelStore:
             atomic_write_bytes(staging / MANIFEST_FILE, manifest_obj.to_json_bytes())
             write_checksums(staging)
             if validate is not None:
-                validate(Artifact(version=version, path=staging, manifest=manifest_obj))
+                validate(Artifact(version=version, path=staging, manifest=manifest_obj, published=manifest_obj))
             os.rename(staging, final)
-            _fsync_dir(self.versions_dir)
+            fsync_dir(self.versions_dir)
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
             raise
@@ -226,13 +216,12 @@ class ModelStore:
             self.promote(version)
         return self.load(version)
 
-    def update_manifest(self, version: str, **fields: Any) -> Artifact:
-        """Replace manifest fields (e.g. the lambda table after calibration); the model is untouched."""
+    def calibrate(self, version: str, *, command: str, lam: float, **fields: Any) -> Artifact:
+        """Record a calibration of `version` (see `CalibrationRecords.record` for its fields): it becomes the
+        version's active one. The version's own files are left as they are. Returns the version as it now
+        serves."""
         artifact = self.load(version)
-        data = artifact.manifest.to_json()
-        data.update(fields)
-        atomic_write_bytes(artifact.path / MANIFEST_FILE, Manifest.from_json(data).to_json_bytes())
-        write_checksums(artifact.path)
+        self.calibrations.record(artifact.published, command=command, lam=lam, **fields)
         return self.load(version)
 
     def promote(self, version: str) -> None:
@@ -280,8 +269,9 @@ class ModelStore:
             hidden = Path(tempfile.mkdtemp(prefix=f".deleting-{version}-", dir=self.versions_dir))
             os.rename(self.versions_dir / version, hidden / version)
             shutil.rmtree(hidden, ignore_errors=True)
+            self.calibrations.remove(version)
         if doomed:
-            _fsync_dir(self.versions_dir)
+            fsync_dir(self.versions_dir)
         return doomed
 
     @staticmethod

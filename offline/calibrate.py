@@ -278,7 +278,7 @@ def search_reserved(
 
 
 def spend_table(simulate: Simulator, lams: list[float]) -> list[Evaluation]:
-    """Spend and revenue over a lambda grid (the manifest's lambda table, the spend-vs-lambda plot)."""
+    """Spend and revenue over a lambda grid (the calibration's lambda table, the spend-vs-lambda plot)."""
     out = []
     for lam in lams:
         revenue, cost = simulate(lam)
@@ -299,16 +299,19 @@ def calibrate_artifact(
     seed: int = 0,
     progress: Callable[[str, Evaluation], None] | None = None,
     log: Callable[[str], None] | None = None,
+    command: str = "calibrate_artifact",
 ) -> dict[str, Any]:
     """`saco calibrate`: run the exported policy through the environment learned from `data`, find lambda
-    for `budget`, and record it (plus a spend-vs-lambda table) in the version's manifest.
+    for `budget`, and record it (plus a spend-vs-lambda table and the expected-cost ratios) as a new
+    calibration of the version, its active one (`model_store.calibrations`; `command` says what made it).
+    The version's published files are left as they are.
 
     `reservation` "none" (the default) returns the lambda whose spend without any ledger matches the
     budget: what a service that paces toward its plan, or reserves expected costs, spends. "strict"
     simulates the service's strict ledger (coupons reserve their face value, the mean logged cost of a
     redeemed coupon of that action, until the outcome settles at the end of the round; users arrive in
     random order in requests of `request_size`) and returns the lambda that earns most through it.
-    The manifest's lambda table is the spend without a ledger (it does not depend on the budget).
+    The lambda table is the spend without a ledger (it does not depend on the budget).
     `progress(phase, evaluation)` is told of every simulation pass as it ends."""
     from model_store import LambdaPoint, load_scripted
     from offline.env import LogEnvironment
@@ -389,13 +392,17 @@ def calibrate_artifact(
         cost_ratios = expected_cost_ratios(env, policy, result.lam, n_users, seed)
         say(f"expected-cost ratios: {', '.join(f'{r:.3f}' for r in cost_ratios)}")
     summary["cost_ratios"] = cost_ratios
-    store.update_manifest(
+    calibrated = store.calibrate(
         artifact.version,
-        cost_ratios=cost_ratios,
+        command=command,
+        lam=result.lam,
+        budget=budget,
+        users=n_users,
         lambda_table=table,
-        default_lambda=result.lam,
-        metrics={**m.metrics, "env_fit": env.fit_metrics, "calibration": summary},
+        cost_ratios=cost_ratios,
+        details={**summary, "method": result.method, "env_fit": env.fit_metrics},
     )
+    assert calibrated.calibration is not None
     return {
         **result.to_json(),
         "reservation": reservation,
@@ -403,6 +410,7 @@ def calibrate_artifact(
         "users": n_users,
         "seed": seed,
         "version": artifact.version,
+        "calibration": calibrated.calibration.id,
     }
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import json
+import shlex
 import sys
 import time
 from collections.abc import Callable
@@ -354,8 +355,15 @@ def calibrate(
     ] = "none",
     request_size: Annotated[int, typer.Option(min=1, help="users per decision request (strict ledger)")] = 128,
     seed: Annotated[int, typer.Option(help="seed of every random draw: same inputs and seed, same lambda")] = 0,
+    redis_url: Annotated[
+        str | None,
+        typer.Option(envvar="SACO_REDIS_URL", help="announce the calibration to the replicas on this Redis"),
+    ] = None,
+    prefix: Prefix = "saco:",
 ) -> None:
-    """Find lambda so that the policy spends close to, and not above, budget B; store it in the manifest."""
+    """Find lambda so that the policy spends close to, and not above, budget B; record it as the version's
+    active calibration (the version's files stay as they are). With a Redis URL, replicas serving the
+    version are told to load it."""
     started = time.time()
 
     def say(message: str) -> None:
@@ -399,9 +407,35 @@ def calibrate(
         seed=seed,
         progress=tick,
         log=say,
+        command=shlex.join(["saco", *sys.argv[1:]]),
     )
-    say(f"lambda {result['lambda']:.6g}, predicted spend {result['cost']:,.2f} of {budget:,.2f}")
+    say(
+        f"lambda {result['lambda']:.6g}, predicted spend {result['cost']:,.2f} of {budget:,.2f}: "
+        f"calibration {result['calibration']} of {result['version']}"
+    )
+    if redis_url is not None:
+        result["announced_to"] = _announce_calibration(redis_url, prefix, model_store, result["version"], say)
     _emit(result)
+
+
+def _announce_calibration(
+    redis_url: str, prefix: str, store: Any, version: str, say: Callable[[str], None]
+) -> int | None:
+    """Announce `version` when it is the store's current one (replicas serving it load its new calibration);
+    how many replicas heard it. The calibration stands either way: a failed announcement is a warning (an
+    admin reload, `POST /v1/admin/models/reload`, loads it too)."""
+    from redis import RedisError
+
+    from model_store.notify import announce
+
+    if store.current_version() != version:
+        say(f"{version} is not the current version: nothing announced")
+        return None
+    try:
+        return announce(redis_url, prefix, version)
+    except RedisError as exc:
+        print(f"warning: the calibration was not announced: {exc}", file=sys.stderr, flush=True)
+        return None
 
 
 @app.command()
@@ -470,7 +504,13 @@ def _bootstrap(store: Path) -> None:
     result = fit(data, TrainConfig(epochs=10))
     artifact = export_and_publish(result, data, ModelStore(store))
     # a default lambda: the one that spends 30% of what the random logging policy spent
-    cal = calibrate_artifact(ModelStore(store), data, 0.3 * float(data.cost.sum()), version=artifact.version)
+    cal = calibrate_artifact(
+        ModelStore(store),
+        data,
+        0.3 * float(data.cost.sum()),
+        version=artifact.version,
+        command="saco serve --bootstrap",
+    )
     print(
         f"bootstrap model {artifact.version} published in {store} (default lambda {cal['lambda']:.3g})",
         file=sys.stderr,

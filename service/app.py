@@ -65,7 +65,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         policy = await asyncio.to_thread(load_policy, settings.store, settings.device)
     else:
         policy = preloaded
-    metrics.set_model(None, policy.version)
+    metrics.set_model(None, (policy.version, policy.calibration_id))
     store, embedded = await open_state_store(settings)
     batcher = MicroBatcher(
         max_rows=settings.batcher_max_rows,
@@ -101,6 +101,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         "service ready",
         extra={
             "model_version": policy.version,
+            "calibration": policy.calibration_id,
             "device": str(policy.device),
             "state_store": "redis" if settings.redis_url else f"embedded ({settings.state_path()})",
             "redis_cluster": store.cluster,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 
-from service.lambdas import base_lambda, lambda_scale
+from service.lambdas import lambda_scale, resolve_lambda
 from service.metrics import ServiceMetrics
 from service.money import from_cents
 from service.policy import PolicyHolder
@@ -48,7 +48,7 @@ class Background:
         stepped = await self.store.pace(
             campaign_id,
             interval_ms=int(settings.pacing_interval_s * 1000),
-            start_lambda=base_lambda(campaign, manifest)[0],
+            start_lambda=resolve_lambda(CampaignConfig(campaign_id, campaign), manifest, paced=False)[0],
             step=settings.pacing_step * scale,
             max_step=settings.pacing_max_step * scale,
             lambda_max=settings.pacing_lambda_max * scale,

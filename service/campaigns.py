@@ -6,7 +6,7 @@ import time
 from datetime import UTC, datetime
 from typing import Any
 
-from service.lambdas import campaign_lambda
+from service.lambdas import resolve_lambda
 from service.metrics import ServiceMetrics
 from service.money import from_cents, to_cents
 from service.policy import PolicyHolder
@@ -138,7 +138,8 @@ class Campaigns:
         return self.view(campaign)
 
     def view(self, campaign: CampaignState) -> dict[str, Any]:
-        lam, source = campaign_lambda(campaign.config, self.policies.current.manifest)
+        policy = self.policies.current
+        lam, source = resolve_lambda(campaign.config, policy.manifest)
         settings, pacing = campaign.settings, campaign.pacing
         self.metrics.budget_remaining.labels(campaign=campaign.campaign_id).set(from_cents(campaign.remaining))
         paced = settings.pacing_on and pacing.at_ms is not None
@@ -157,6 +158,7 @@ class Campaigns:
             "decisions": campaign.decisions,
             "coupons": [{"action": a, "cost": from_cents(c)} for a, c in sorted(campaign.coupons.items())],
             "lambda_source": source,
+            "calibration": policy.calibration_id,
             "expected_users": settings.expected_users,
             "overrun": from_cents(campaign.overrun),
             "excess": from_cents(campaign.excess),

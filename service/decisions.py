@@ -12,7 +12,7 @@ import numpy as np
 from model_store import Manifest
 from service.background import Background
 from service.batcher import MicroBatcher
-from service.lambdas import campaign_lambda, request_lambda
+from service.lambdas import resolve_lambda
 from service.metrics import ServiceMetrics
 from service.money import from_cents, to_cents
 from service.policy import PolicyHolder
@@ -69,14 +69,14 @@ class Decisions:
         user_ids = [r.user_id for r in body.requests]
         with self.batcher.expect() as ticket:
             campaign, contexts = await self._read(campaign_id, user_ids)
-            lam, _ = campaign_lambda(campaign, policy.manifest)
+            lam, _ = resolve_lambda(campaign, policy.manifest)  # the model's lambda input
             inputs = build_inputs(policy.manifest, features, contexts, lam)
             outputs = await self.batcher.scores(policy, inputs, ticket)
         scores, expected = outputs, None
         if policy.manifest.score_terms:
             terms = ScoreTerms.split(outputs, campaign, policy.manifest.cost_ratios, inputs.timesteps[:, -1])
             terms = terms.floored(campaign, min_redemption(self.settings.min_redemption, campaign.settings))
-            lam = request_lambda(campaign, terms, lam, policy.manifest, self.settings.pacing_lambda_max)
+            lam, _ = resolve_lambda(campaign, policy.manifest, terms, pacing_lambda_max=self.settings.pacing_lambda_max)
             scores, expected = terms.scores(lam), terms.expected
         rows = features.astype("<f4", copy=False)
         order, items = choose(scores, expected, campaign, body, rows, self.rng, self.metrics)

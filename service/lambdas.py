@@ -1,4 +1,4 @@
-"""Which lambda prices a campaign's decisions."""
+"""Which lambda prices a campaign's decisions: `resolve_lambda`, one precedence."""
 
 from __future__ import annotations
 
@@ -7,10 +7,7 @@ import numpy as np
 from model_store import Manifest
 from service.money import from_cents
 from service.scoring import ScoreTerms
-from service.state import (
-    CampaignConfig,
-    CampaignSettings,
-)
+from service.state import CampaignConfig
 
 PLAN_LAMBDA_STEPS = 24  # bisection steps: lambda to within lam_max / 2^24
 
@@ -52,16 +49,36 @@ def plan_lambda(terms: ScoreTerms, campaign: CampaignConfig, target: float, lam_
     return high
 
 
-def campaign_lambda(campaign: CampaignConfig, manifest: Manifest) -> tuple[float, str]:
-    """The campaign's lambda and where it came from: pacing (while it runs), else the lambda it starts
-    from: admin-set, calibration table, model default, none."""
-    if campaign.paced is not None and campaign.settings.pacing_on:
-        return campaign.paced.lam, "pacing"
-    return base_lambda(campaign.settings, manifest)
+def resolve_lambda(
+    campaign: CampaignConfig,
+    manifest: Manifest,
+    terms: ScoreTerms | None = None,
+    *,
+    pacing_lambda_max: float = 0.0,
+    paced: bool = True,
+) -> tuple[float, str]:
+    """The lambda that prices a campaign's decisions and where it comes from (`lambda_source`). The first
+    that applies wins (docs/api.md, "Which lambda prices a decision"):
 
+    1. `resolve`: pacing on with `pacing_method` "resolve", and this request's score terms given (`terms`,
+       a model with `score_terms`) and an allowance known: the lambda at which the request's expected spend
+       is its share of the budget left (`plan_lambda`, at most `pacing_lambda_max` lambda steps);
+    2. `pacing`: pacing on and a pacing step has run: the lambda it left (dual descent, or the last
+       re-solve's starting point);
+    3. `admin`: the campaign's `lambda` (set by an operator, or by the learning loop's recalibration);
+    4. `calibration`: the model's active calibration table, for the campaign's budget per `expected_users`;
+    5. `model-default`: the active calibration's lambda (`default_lambda` of the served manifest);
+    6. `none`: 0.
 
-def base_lambda(settings: CampaignSettings, manifest: Manifest) -> tuple[float, str]:
-    """The lambda a campaign has without pacing: admin-set, calibration table, model default, none."""
+    `paced` False leaves out 1 and 2: the lambda a campaign starts from, where pacing begins."""
+    settings = campaign.settings
+    if paced and settings.pacing_on:
+        if terms is not None and settings.pacing_method == "resolve":
+            lam = _resolved(campaign, terms, manifest, pacing_lambda_max)
+            if lam is not None:
+                return lam, "resolve"
+        if campaign.paced is not None:
+            return campaign.paced.lam, "pacing"
     if settings.admin_lambda is not None:
         return settings.admin_lambda, "admin"
     if settings.expected_users and manifest.lambda_table:
@@ -78,21 +95,16 @@ def lambda_scale(manifest: Manifest) -> float:
     return float(manifest.default_lambda) if manifest.default_lambda else 1.0
 
 
-def request_lambda(
-    campaign: CampaignConfig, terms: ScoreTerms, lam: float, manifest: Manifest, pacing_lambda_max: float
-) -> float:
-    """With `resolve` pacing, the lambda at which this request's expected spend is its share of the
-    budget left (what each decision may spend, times the request's users); else the campaign's lambda."""
+def _resolved(campaign: CampaignConfig, terms: ScoreTerms, manifest: Manifest, lambda_max: float) -> float | None:
+    """The lambda at which this request's expected spend is its share of the budget left (what each decision
+    may spend, times the request's users); None while no allowance is known or no user could be scored."""
     settings = campaign.settings
-    if not settings.pacing_on or settings.pacing_method != "resolve":
-        return lam
     allowance = None if campaign.paced is None else campaign.paced.allowance
     if allowance is None and campaign.paced is None and settings.expected_decisions:
         allowance = settings.budget / settings.expected_decisions  # before the first pacing step
     if allowance is None:
-        return lam
+        return None
     planned = int(terms.finite.sum())  # users the model could not score get no coupon: not planned for
     if not planned:
-        return lam
-    lam_max = pacing_lambda_max * lambda_scale(manifest)
-    return plan_lambda(terms, campaign, allowance * planned, lam_max)
+        return None
+    return plan_lambda(terms, campaign, allowance * planned, lambda_max * lambda_scale(manifest))

@@ -164,7 +164,12 @@ class ServiceMetrics:
             "requests answered 503 because the state store failed",
             registry=r,
         )
-        self.model_info = Gauge("saco_model_info", "the serving model version (value 1)", ["version"], registry=r)
+        self.model_info = Gauge(
+            "saco_model_info",
+            "the serving model version and its calibration (empty: the manifest's own lambda) (value 1)",
+            ["version", "calibration"],
+            registry=r,
+        )
         self.gc_pauses = GcPauses()
         r.register(self.gc_pauses)
 
@@ -187,10 +192,11 @@ class ServiceMetrics:
                 extra={**facts, "newly_lost": status.lost - lost_before},
             )
 
-    def set_model(self, previous: str | None, version: str) -> None:
+    def set_model(self, previous: tuple[str, str | None] | None, served: tuple[str, str | None]) -> None:
+        """`saco_model_info` names what serves: (version, calibration id or None)."""
         if previous is not None:
-            self.model_info.remove(previous)
-        self.model_info.labels(version=version).set(1)
+            self.model_info.remove(previous[0], previous[1] or "")
+        self.model_info.labels(version=served[0], calibration=served[1] or "").set(1)
 
 
 class GcPauses(Collector):

@@ -1,4 +1,5 @@
-"""The served policy: load a model-store version, verify it, run forwards, swap versions atomically."""
+"""The served policy: load a model-store version with its active calibration, verify it, run forwards, swap
+atomically when the version or its calibration changes."""
 
 from __future__ import annotations
 
@@ -91,6 +92,12 @@ class LoadedPolicy:
         return self.artifact.version
 
     @property
+    def calibration_id(self) -> str | None:
+        """The calibration record serving (None: the manifest's own lambda values)."""
+        calibration = self.artifact.calibration
+        return None if calibration is None else calibration.id
+
+    @property
     def outputs(self) -> int:
         """Columns of `scores`: K scores, or, when the manifest says `score_terms`, 3 K score terms."""
         return self.manifest.num_actions * (3 if self.manifest.score_terms else 1)
@@ -131,12 +138,18 @@ def smoke_inputs(manifest: Manifest, rows: int = 2) -> PolicyInputs:
     )
 
 
-def load_policy(store_root: str, device_name: str, version: str | None = None) -> LoadedPolicy:
-    """Load and verify a version: checksum (model store), then a test forward of the expected shape."""
+def load_policy(
+    store_root: str, device_name: str, version: str | None = None, loaded: LoadedPolicy | None = None
+) -> LoadedPolicy:
+    """Load and verify a version with its active calibration: checksums (model store), then a test forward of
+    the expected shape. When `loaded` is the same version (the same manifest and model file), its module
+    serves on and only the calibration is new."""
     try:
         artifact = ModelStore(store_root).load(version)
     except ArtifactError as exc:
         raise PolicyRejected(str(exc)) from exc
+    if loaded is not None and loaded.artifact.published == artifact.published:  # the same version, verified again
+        return LoadedPolicy(artifact, loaded.module, loaded.device)
     device = resolve_device(device_name)
     try:
         module = load_scripted(artifact.model_path, device)
@@ -168,13 +181,19 @@ class PolicyHolder:
         self._reload_lock = asyncio.Lock()
 
     async def reload(self, version: str | None = None) -> tuple[LoadedPolicy, LoadedPolicy]:
-        """Serve `version` (default: the store's current one): (previous, new). Raises PolicyRejected and
-        keeps the incumbent when the candidate fails. The version already serving is not loaded again."""
+        """Serve `version` (default: the store's current one) with its active calibration: (previous, new).
+        Raises PolicyRejected and keeps the incumbent when the candidate fails. A named version already
+        serving with the same calibration is not loaded again; the default is always verified anew."""
         async with self._reload_lock:
             previous = self.current
             if version is not None and version == previous.version:
-                return previous, previous
-            candidate = await asyncio.to_thread(load_policy, self._store_root, self._device_name, version)
+                try:
+                    active = await asyncio.to_thread(ModelStore(self._store_root).calibrations.active_id, version)
+                except (OSError, ValueError) as exc:
+                    raise PolicyRejected(f"version {version!r}: {exc}") from exc
+                if active == previous.calibration_id:
+                    return previous, previous
+            candidate = await asyncio.to_thread(load_policy, self._store_root, self._device_name, version, previous)
             old, new = previous.manifest, candidate.manifest
             for field in ("feature_dim", "num_actions"):
                 if getattr(old, field) != getattr(new, field):
@@ -184,5 +203,13 @@ class PolicyHolder:
                         "new deployment, not a reload"
                     )
             self.current = candidate
-            log.info("model swapped", extra={"previous": previous.version, "version": candidate.version})
+            log.info(
+                "model swapped",
+                extra={
+                    "previous": previous.version,
+                    "previous_calibration": previous.calibration_id,
+                    "version": candidate.version,
+                    "calibration": candidate.calibration_id,
+                },
+            )
             return previous, candidate

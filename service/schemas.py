@@ -184,6 +184,10 @@ class CampaignView(BaseModel):
     decisions: int
     coupons: list[Coupon]
     lambda_source: str
+    calibration: str | None = Field(
+        description="the model calibration this replica takes the lambda table and default lambda from "
+        "(null: the manifest's own values)"
+    )
     expected_users: int | None
     overrun: float
     excess: float = Field(
@@ -229,7 +233,9 @@ class CampaignView(BaseModel):
 class ReloadResponse(BaseModel):
     version: str
     previous: str
-    changed: bool
+    changed: bool = Field(description="whether the version or its calibration changed")
+    calibration: str | None = Field(description="the calibration now serving (null: the manifest's own values)")
+    previous_calibration: str | None
 
 
 class ErrorResponse(BaseModel):

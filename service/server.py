@@ -1,4 +1,5 @@
-"""`saco serve`: run the app under uvicorn (one worker; scale with processes sharing one Redis)."""
+"""What `saco serve` runs (the one way the service starts): the checks that would stop a start, then the app
+under uvicorn (one worker; scale with processes sharing one Redis)."""
 
 from __future__ import annotations
 
@@ -135,18 +136,3 @@ def run(store: str, host: str = "127.0.0.1", port: int = 8000, redis_url: str | 
         log_level=settings.log_level.lower(),
         timeout_graceful_shutdown=10,
     )
-
-
-if __name__ == "__main__":
-    import argparse
-
-    parser = argparse.ArgumentParser(description="run the SACO decision service")
-    parser.add_argument("--store", required=True)
-    parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=int, default=8000)
-    parser.add_argument("--redis-url", default=None)
-    ns = parser.parse_args()
-    try:
-        run(ns.store, ns.host, ns.port, ns.redis_url)
-    except (StartupError, ValueError) as exc:
-        parser.exit(2, f"error: {exc}\n")

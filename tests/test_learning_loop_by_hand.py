@@ -5,16 +5,13 @@ Redis and service addresses replaced); the retrain promotes or refuses with its 
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import re
 import shutil
-import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +21,7 @@ import pytest
 
 from model_store import ModelStore
 from research.world import SyntheticWorld, WorldConfig
-from service.state.servers import free_port
+from service.replicas import replicas
 
 REPO = Path(__file__).resolve().parents[1]
 SACO = str(Path(sys.executable).with_name("saco"))
@@ -52,31 +49,6 @@ def strict_json(line: str) -> dict[str, Any]:
         raise ValueError(f"not valid JSON: {constant}")
 
     return dict(json.loads(line, parse_constant=refuse))
-
-
-@contextlib.contextmanager
-def service(store: Path, redis_url: str, env: dict[str, str], log: Path) -> Iterator[str]:
-    port = free_port()
-    cmd = [SACO, "serve", "--store", str(store), "--port", str(port), "--redis-url", redis_url]
-    with open(log, "wb") as sink:
-        proc = subprocess.Popen(cmd, env=env, stdout=sink, stderr=sink)
-    base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            with contextlib.suppress(httpx.HTTPError):
-                if httpx.get(base + "/readyz", timeout=2).status_code == 200:
-                    break
-            assert proc.poll() is None and time.monotonic() < deadline, log.read_text()[-2000:]
-            time.sleep(0.2)
-        yield base
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
 
 
 def serve_world(base: str, campaign: str, users: int, rounds: int, seed: int) -> int:
@@ -119,7 +91,7 @@ def test_the_documented_by_hand_loop_runs_on_fresh_traffic(
     env = dict(os.environ, SACO_ADMIN_TOKEN=TOKEN, SACO_REDIS_PREFIX=redis_prefix, SACO_LOG_LEVEL="WARNING")
     env.pop("SACO_REDIS_URL", None)
     users, rounds = 300, 4
-    with service(store, redis_url, env, tmp_path / "serve.log") as base:
+    with replicas(store, redis_url=redis_url, env=env, log_dir=tmp_path, timeout_s=60) as (base,):
         coupons = [{"action": a, "cost": v} for a, v in enumerate(WorldConfig().coupon_values) if a > 0]
         body = {
             "budget": 4000.0,

@@ -88,9 +88,17 @@ def test_a_better_candidate_is_promoted_and_announced(
     subscriber = redis.Redis.from_url(redis_url).pubsub()
     subscriber.subscribe(models_channel(redis_prefix))
     assert subscriber.get_message(timeout=2)["type"] == "subscribe"  # type: ignore[index]
+    calibration = store.calibrate(str(incumbent), command="test", lam=0.42).calibration
+    assert calibration is not None
+    published = {p: p.read_bytes() for p in store.versions_dir.rglob("*") if p.is_file()}
 
     report = retrain_once(cfg, trainer=_good)
     assert report["decision"] == "promoted", report
+    # the candidate starts from the incumbent's lambda, in a calibration record of its own; no published file changed
+    assert {p: p.read_bytes() for p in published} == published
+    carried = store.load(report["candidate"]).calibration
+    assert carried is not None and carried.lam == 0.42 and carried.command.startswith("saco retrain")
+    assert carried.details == {"from_version": incumbent, "from_calibration": calibration.id}
     assert report["metrics"]["export"]["entries"] == 0  # nothing new was logged
     assert store.current_version() == report["candidate"] != incumbent
     point = report["metrics"]["gate"]["operating_point"]

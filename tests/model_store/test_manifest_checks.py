@@ -99,11 +99,3 @@ def test_a_tampered_manifest_with_matching_checksums_is_still_validated(store: M
     (directory / CHECKSUMS_FILE).write_text("\n".join(lines) + "\n")
     with pytest.raises(ArtifactError, match="default_lambda must be a finite number"):
         store.load("v1")
-
-
-def test_update_manifest_rewrites_the_checksums(store: ModelStore) -> None:
-    updated = store.update_manifest("v1", default_lambda=0.75)
-    assert updated.manifest.default_lambda == 0.75 and store.load("v1").manifest.default_lambda == 0.75
-    with pytest.raises(ValueError, match="default_lambda"):
-        store.update_manifest("v1", default_lambda=math.nan)
-    assert store.load("v1").manifest.default_lambda == 0.75

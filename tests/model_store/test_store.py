@@ -98,16 +98,6 @@ def test_missing_version_and_empty_store(tmp_path: Path) -> None:
         store.rollback()
 
 
-def test_update_manifest_keeps_model(tmp_path: Path, model_file: Path) -> None:
-    store = ModelStore(tmp_path / "store")
-    a = store.publish(model_file, MANIFEST, version="v1")
-    b = store.update_manifest(
-        "v1", default_lambda=0.7, lambda_table=[{"lam": 0.7, "cost_per_user": 1.0, "revenue_per_user": 5.0}]
-    )
-    assert b.manifest.default_lambda == 0.7 and b.manifest.model_sha256 == a.manifest.model_sha256
-    assert b.manifest.lambda_for_budget_per_user(2.0) == 0.7
-
-
 def test_prune_keeps_the_newest_never_current_versions_and_every_served_one(tmp_path: Path, model_file: Path) -> None:
     store = ModelStore(tmp_path / "store")
     store.publish(model_file, MANIFEST, version="v1")

@@ -1,3 +1,4 @@
+import hashlib
 import json
 import math
 import subprocess
@@ -149,6 +150,12 @@ def run_saco(*args: str) -> subprocess.CompletedProcess[str]:
     return proc
 
 
+def published_files(store: Path) -> dict[str, str]:
+    """sha256 of every file of every published version (and the store's pointers)."""
+    files = [*(store / "versions").rglob("*"), store / "CURRENT", store / "HISTORY"]
+    return {str(p): hashlib.sha256(p.read_bytes()).hexdigest() for p in files if p.is_file()}
+
+
 def test_calibrate_twice_gives_the_same_lambda_and_shows_progress(
     tmp_path: Path, tiny_logs: Logs, tiny_model: TrainResult
 ):
@@ -158,12 +165,20 @@ def test_calibrate_twice_gives_the_same_lambda_and_shows_progress(
     assert load_logs(logs).sha256 == tiny_logs.sha256  # the logs tiny_model was trained on
     budget = str(round(0.5 * float(tiny_logs.cost.sum()), 2))
     args = ("calibrate", "--store", str(store), "--logs", str(logs), "--budget", budget, "--reservation", "strict")
+    published = published_files(store)
     first, second = run_saco(*args), run_saco(*args)
+    assert published_files(store) == published  # every published file byte-identical: calibrations are records
     one, two = (json.loads(p.stdout.strip().splitlines()[-1]) for p in (first, second))
     assert one["lambda"] == two["lambda"] and one["cost"] == two["cost"], (one, two)
     assert one["reservation"] == "strict" and one["cost"] <= float(budget)
-    manifest = ModelStore(store).load().manifest
-    assert manifest.default_lambda == one["lambda"]
+    artifact = ModelStore(store).load()
+    assert ModelStore(store).calibrations.ids(artifact.version) == [one["calibration"], two["calibration"]]
+    assert artifact.calibration is not None and artifact.calibration.id == two["calibration"]
+    record = artifact.calibration
+    assert record.budget == float(budget) and record.users == one["users"] and record.lam == two["lambda"]
+    assert record.command.startswith("saco calibrate --store") and record.details["reservation"] == "strict"
+    manifest = artifact.manifest
+    assert manifest.default_lambda == one["lambda"] and artifact.published.default_lambda is None
     assert len(manifest.cost_ratios) == 5, manifest.cost_ratios  # one per round of the environment
     assert all(COST_RATIO_BOUNDS[0] <= r <= COST_RATIO_BOUNDS[1] for r in manifest.cost_ratios)
     # every stage is on stderr as it happens, in order

@@ -42,7 +42,7 @@ def test_the_service_log_has_no_password(trained_store: Path, tmp_path: Path, wh
         url = query if where == "query" else server.url
         with serve(trained_store, url, prefix="redaction:", log_dir=tmp_path) as (base,):
             assert httpx.get(base + "/readyz").json()["ready"] is True
-        log = (tmp_path / "service-0.log").read_text()
+        log = (tmp_path / "replica-0.log").read_text()
     assert "service ready" in log
     for secret in (PASSWORD, quote(PASSWORD, safe=""), "w0rd", "ss:w0"):
         assert secret not in log, secret

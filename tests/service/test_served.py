@@ -52,7 +52,7 @@ def test_served_contract_round_trip(
         metrics = http.get(base + "/metrics").text
         assert 'route="/v1/campaigns/{campaign_id}/decisions"' in metrics, metrics[-3000:]
         assert "saco_decisions_total" in metrics and "saco_batch_rows_bucket" in metrics
-    log = (tmp_path / "service-0.log").read_text()
+    log = (tmp_path / "replica-0.log").read_text()
     assert "service ready" in log and "served-admin-token" not in log
 
 

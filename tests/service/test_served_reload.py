@@ -3,11 +3,16 @@ HTTP while decisions keep flowing, and none of them fails."""
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
 
 import httpx
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
 import redis
 from svc_served import ADMIN, serve
 
@@ -68,3 +73,44 @@ def test_every_replica_reloads_an_announced_version_with_no_failed_request(
     assert statuses and set(statuses) == {200}
     for base in bases:
         assert versions[base][0] == current.version and versions[base][-1] == new
+
+
+def test_saco_calibrate_reaches_every_replica_serving_the_version(
+    model_store_dir: Path, trained_store: Path, redis_url: str, redis_prefix: str, tmp_path: Path
+) -> None:
+    """`saco calibrate --redis-url` records a calibration of the serving version and announces it: both
+    replicas serve its lambda, the version unchanged, its files as published."""
+    logs = trained_store.parent / "logs.parquet"  # what the store's model was trained on
+    # above the spend floor of the store's one-epoch model (it gives coupons however high lambda prices them)
+    budget = round(0.9 * pc.sum(pq.read_table(logs)["cost"]).as_py(), 2)
+    version = ModelStore(model_store_dir).current_version()
+    version_dir = model_store_dir / "versions" / str(version)
+    published = {path.name: path.read_bytes() for path in version_dir.iterdir()}
+    publisher = redis.Redis.from_url(redis_url)
+    channel = f"{redis_prefix}models"
+    with serve(model_store_dir, redis_url, prefix=redis_prefix, count=2, log_dir=tmp_path) as bases:
+        httpx.put(bases[0] + "/v1/admin/campaigns/c", json={"budget": 100000.0, "coupons": COUPONS}, headers=ADMIN)
+        deadline = time.monotonic() + 30
+        while dict(publisher.pubsub_numsub(channel)).get(channel.encode(), 0) < 2:
+            assert time.monotonic() < deadline, "the replicas never subscribed to the models channel"
+            time.sleep(0.05)
+        args = ["--store", str(model_store_dir), "--logs", str(logs), "--budget", str(budget)]
+        done = subprocess.run(
+            [sys.executable, "-m", "saco", "calibrate", *args, "--redis-url", redis_url, "--prefix", redis_prefix],
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
+        assert done.returncode == 0, done.stderr[-2000:]
+        result = json.loads(done.stdout.strip().splitlines()[-1])
+        assert result["version"] == version and result["announced_to"] == 2
+        deadline = time.monotonic() + 30
+        while {httpx.get(base + "/readyz").json()["calibration"] for base in bases} != {result["calibration"]}:
+            assert time.monotonic() < deadline, "a replica did not load the announced calibration"
+            time.sleep(0.1)
+        for base in bases:
+            view = httpx.get(base + "/v1/admin/campaigns/c", headers=ADMIN).json()
+            assert view["lambda"] == result["lambda"] and view["calibration"] == result["calibration"]
+            assert httpx.get(base + "/readyz").json()["model_version"] == version
+    publisher.close()
+    assert {path.name: path.read_bytes() for path in version_dir.iterdir()} == published

@@ -3,15 +3,14 @@
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 from pydantic import ValidationError
-from svc_served import REPO, free_port, wait_ready
 
+from service.replicas import start_replica
 from service.settings import Settings
 
 CHECK = """
@@ -43,19 +42,9 @@ def test_the_served_process_runs_on_the_cpus_it_is_given(model_store_dir: Path) 
     """SACO_CPUS pins the process before it starts its threads: every thread of a running service (event
     loop, inference thread, torch's) is on the given CPU."""
     cpu = min(os.sched_getaffinity(0))
-    port = free_port()
-    env = dict(os.environ, SACO_CPUS=str(cpu), SACO_DEVICE="cpu")
-    env.pop("SACO_REDIS_URL", None)
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "service.server", "--store", str(model_store_dir), "--port", str(port)],
-        cwd=REPO,
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+    replica = start_replica(model_store_dir, env={"SACO_CPUS": str(cpu), "SACO_DEVICE": "cpu"})
     try:
-        wait_ready(f"http://127.0.0.1:{port}")
-        threads = list(Path(f"/proc/{proc.pid}/task").iterdir())
+        threads = list(Path(f"/proc/{replica.process.pid}/task").iterdir())
         assert len(threads) >= 2  # the event loop and the inference thread at least
         for thread in threads:
             allowed = next(
@@ -63,8 +52,7 @@ def test_the_served_process_runs_on_the_cpus_it_is_given(model_store_dir: Path) 
             )
             assert allowed.split()[-1] == str(cpu), (thread.name, allowed)
     finally:
-        proc.send_signal(signal.SIGTERM)
-        proc.wait(timeout=30)
+        replica.stop()
 
 
 def test_cpu_lists_are_read_as_the_kernel_writes_them() -> None:

@@ -7,6 +7,7 @@ from fastapi import APIRouter, HTTPException, status
 from service.api.deps import AdminDep, CampaignId, CampaignsDep, RuntimeDep
 from service.api.route import AdminRoute
 from service.policy import PolicyRejected
+from service.runtime import served
 from service.schemas import CampaignPatch, CampaignPut, CampaignView, ReloadResponse, error_responses
 
 # AdminRoute checks the token before the body is read; the dependency declares the scheme in OpenAPI
@@ -37,11 +38,16 @@ async def get_campaign(campaign_id: CampaignId, campaigns: CampaignsDep) -> dict
 
 @router.post("/models/reload", responses=error_responses(409))
 async def reload_model(runtime: RuntimeDep) -> ReloadResponse:
-    """Load the store's current version, verify it (checksum, dimensions, test forward), then swap."""
+    """Load the store's current version with its active calibration, verify it (checksums, dimensions, test
+    forward), then swap."""
     try:
         previous, current = await runtime.reload_model()
     except PolicyRejected as exc:
         raise HTTPException(status.HTTP_409_CONFLICT, f"model not loaded, the incumbent keeps serving: {exc}") from exc
     return ReloadResponse(
-        version=current.version, previous=previous.version, changed=previous.version != current.version
+        version=current.version,
+        previous=previous.version,
+        changed=served(previous) != served(current),
+        calibration=current.calibration_id,
+        previous_calibration=previous.calibration_id,
     )

@@ -20,7 +20,13 @@ async def readyz(runtime: RuntimeDep, response: Response) -> dict[str, object]:
     store_ok = await runtime.store.ping()
     if not store_ok:
         response.status_code = status.HTTP_503_SERVICE_UNAVAILABLE
-    return {"ready": store_ok, "model_version": runtime.policies.current.version, "state_store": store_ok}
+    policy = runtime.policies.current
+    return {
+        "ready": store_ok,
+        "model_version": policy.version,
+        "calibration": policy.calibration_id,
+        "state_store": store_ok,
+    }
 
 
 @router.get(

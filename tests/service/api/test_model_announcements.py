@@ -14,6 +14,7 @@ import redis.cluster
 from fastapi.testclient import TestClient
 from svc_http import ADMIN, campaign_body, republish, users
 
+from model_store import ModelStore
 from service.state.store import StateStore
 
 
@@ -78,7 +79,24 @@ def test_an_announced_version_is_served_with_no_failed_request(
     assert results[0][1] == incumbent and results[-1][1] == new
     metrics = client.get("/metrics").text
     assert 'saco_model_announcements_total{result="loaded"} 1.0' in metrics
-    assert f'saco_model_info{{version="{new}"}} 1.0' in metrics and incumbent not in metrics
+    assert f'saco_model_info{{calibration="",version="{new}"}} 1.0' in metrics and incumbent not in metrics
+
+
+def test_an_announced_calibration_of_the_serving_version_is_served(client: TestClient, model_store_dir: Path) -> None:
+    """The announcement names the version already serving; the replica loads what changed: its calibration."""
+    store: StateStore = client.app.state.runtime.store  # type: ignore[attr-defined]
+    version = client.get("/readyz").json()["model_version"]
+    client.put("/v1/admin/campaigns/c", json=campaign_body(), headers=ADMIN)
+    subscribed(store)
+    calibration = ModelStore(model_store_dir).calibrate(version, command="test", lam=0.25).calibration
+    assert calibration is not None
+    announce(store, version)
+    wait_for(lambda: client.get("/readyz").json()["calibration"] == calibration.id)
+    view = client.get("/v1/admin/campaigns/c", headers=ADMIN).json()
+    assert view["lambda"] == 0.25 and view["calibration"] == calibration.id and view["model_version"] is None
+    announce(store, version)  # nothing changed since: not loaded again
+    wait_for(lambda: 'saco_model_announcements_total{result="unchanged"} 1.0' in client.get("/metrics").text)
+    assert 'saco_model_announcements_total{result="loaded"} 1.0' in client.get("/metrics").text
 
 
 def test_a_refused_announcement_leaves_the_incumbent_serving(
