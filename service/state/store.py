@@ -416,12 +416,13 @@ class StateStore:
             json.dumps(_settings_text(update)),
             ",".join(OPTIONAL_SETTINGS),
         ]
-        flat = await self._eval("upsert_campaign", keys, args)
-        if flat is None:
+        reply = await self._eval("upsert_campaign", keys, args)
+        if reply is None:
             raise CampaignNotFound(campaign_id)
+        flat, paced = reply
         client = await self.client()
         await self._guard(lambda: client.sadd(self.campaigns_key, campaign_id))
-        state = _parse_campaign(campaign_id, dict(zip(flat[::2], flat[1::2], strict=True)), None)
+        state = _parse_campaign(campaign_id, dict(zip(flat[::2], flat[1::2], strict=True)), paced or None)
         assert state is not None
         return state
 

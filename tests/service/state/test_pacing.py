@@ -108,7 +108,7 @@ def test_the_prior_keeps_outstanding_spend_cautious_until_outcomes_arrive(run: R
     run(scenario)
 
 
-def test_a_new_admin_lambda_or_a_put_restarts_pacing(run: Run) -> None:
+def test_a_new_admin_lambda_is_where_pacing_goes_on_from_and_a_put_restarts_it(run: Run) -> None:
     async def scenario(store: StateStore) -> None:
         await store.upsert_campaign("c", put(10_000, expected_decisions=10))
         await pace(store, 0)
@@ -118,9 +118,15 @@ def test_a_new_admin_lambda_or_a_put_restarts_pacing(run: Run) -> None:
         config, _ = await store.load_for_decision("c", [])
         assert config is not None and config.paced is not None and config.paced.lam == 1.0
         await store.upsert_campaign("c", CampaignUpdate(replace=False, admin_lambda=3.0))
+        config, _ = await store.load_for_decision("c", [])  # pacing goes on from the new lambda
+        assert config is not None and config.paced is not None and config.paced.lam == 3.0
+        assert (await pace(store, 1_000, start_lambda=0.5))[0] == 3.0  # no excess spend: no change
+        await store.upsert_campaign("c", CampaignUpdate(replace=False, cleared=frozenset({"admin_lambda"})))
+        config, _ = await store.load_for_decision("c", [])  # back to the lambda it starts from
+        assert config is not None and config.paced is None
+        await store.upsert_campaign("c", put(10_000, expected_decisions=10))
         config, _ = await store.load_for_decision("c", [])
         assert config is not None and config.paced is None
-        assert await pace(store, 5, start_lambda=3.0) == (3.0, 0, 0, True)
 
     run(scenario)
 
