@@ -95,12 +95,9 @@ class Decisions:
         return render(order, reserved.decisions)
 
     def _validate(self, body: DecisionsRequest, manifest: Manifest) -> np.ndarray:
-        """The batch size and every feature row against the model: the [users, feature_dim] float32 array."""
+        """Every feature row against the model: the [users, feature_dim] float32 array. (The batch size is
+        checked before the body is validated: `DecisionsRoute`.)"""
         requests = body.requests
-        if len(requests) > self.settings.max_batch:
-            raise InvalidInput(
-                ("requests",), f"at most {self.settings.max_batch} requests per call, got {len(requests)}"
-            )
         dim = manifest.feature_dim
         for i, item in enumerate(requests):
             if len(item.features) != dim:
