@@ -190,14 +190,15 @@ def model_loop_speedup(store: Path, users: int = 128, repeats: int = 30) -> dict
     """One batched forward over `users` full contexts vs one forward per user (same inputs)."""
     import torch
 
-    from service.policy import PolicyInputs, load_policy
+    from contract.inputs import ModelInputs
+    from service.policy import load_policy
 
     torch.set_num_threads(max(1, (os.cpu_count() or 2) // 2))
     policy = load_policy(str(store), "cpu")
     m = policy.manifest
     rng = np.random.default_rng(0)
     length = m.context_length
-    batch = PolicyInputs(
+    batch = ModelInputs(
         states=rng.normal(size=(users, length, m.feature_dim)).astype(np.float32),
         actions=rng.integers(0, m.num_actions, size=(users, length)),
         rtg=np.full((users, length), m.initial_rtg, np.float32),
@@ -206,18 +207,7 @@ def model_loop_speedup(store: Path, users: int = 128, repeats: int = 30) -> dict
         lam=np.zeros(users, np.float32),
         mask=np.ones((users, length), np.bool_),
     )
-    singles = [
-        PolicyInputs(
-            batch.states[i : i + 1],
-            batch.actions[i : i + 1],
-            batch.rtg[i : i + 1],
-            batch.ctg[i : i + 1],
-            batch.timesteps[i : i + 1],
-            batch.lam[i : i + 1],
-            batch.mask[i : i + 1],
-        )
-        for i in range(users)
-    ]
+    singles = [batch.sliced(slice(i, i + 1)) for i in range(users)]
     for _ in range(5):
         policy.scores(batch)
         policy.scores(singles[0])

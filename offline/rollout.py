@@ -6,8 +6,8 @@ and afterwards observes the realised (sampled) reward and cost. Lambda prices co
 must not increase with lambda (calibration relies on it).
 
 A rollout can run behind the service's `strict` budget ledger (`StrictReservation`): every round the
-users arrive in requests, each request's coupons are granted first-fit as `service/scoring.py`
-`preferences` and `service/lua/reserve.lua` grant them, and each coupon holds its face value until its
+users arrive in requests, each request's coupons are granted as `contract/ranking.py` `first_fit`
+grants them (the reference service/lua/reserve.lua is tested against), and each coupon holds its face value until its
 outcome settles at the end of the round. That is what a served policy spends, where a rollout without
 it is what the policy would spend with no budget at all.
 """
@@ -21,6 +21,9 @@ from typing import Any, Protocol
 
 import numpy as np
 import torch
+
+from contract.money import rounded_cents
+from contract.ranking import first_fit
 
 
 class Environment(Protocol):
@@ -83,53 +86,16 @@ class StrictReservation:
     seed: int = 0
 
 
-def to_cents(amount: np.ndarray | float) -> np.ndarray:
-    """Money as the service's ledger holds it: integer cents."""
-    return np.rint(np.asarray(amount, dtype=np.float64) * 100.0).astype(np.int64)
-
-
-def first_fit(scores: np.ndarray, prices: np.ndarray, available: int) -> tuple[np.ndarray, np.ndarray]:
-    """One request's coupons granted as the service grants them. Returns the action of every row and
-    whether its preferred coupon was refused.
-
-    `scores` [B, K]; `prices` [K] integer cents, negative for an action not offered (action 0, no coupon,
-    is always allowed and costs nothing); `available` = budget - spent - reserved, in cents. As
-    `service/scoring.py` `preferences`: each row ranks the offered actions by descending score (stable) and
-    stops at action 0; rows go by descending gain of their best action over action 0 (stable). As
-    `service/lua/reserve.lua`: each row takes the first ranked coupon whose price fits what is still
-    available after the rows before it, else no coupon."""
-    allowed = prices >= 0
-    allowed[0] = True
-    masked = np.where(allowed[None, : scores.shape[1]], scores, -np.inf)
-    ranked = np.argsort(-masked, axis=1, kind="stable")
-    priority = np.argsort(-(masked.max(axis=1) - masked[:, 0]), kind="stable")
-    actions = np.zeros(len(scores), dtype=np.int64)
-    refused = np.zeros(len(scores), dtype=bool)
-    best = ranked[:, 0]
-    if int(np.where(best > 0, prices[best], 0).sum()) <= available:  # every first choice fits
-        return best, refused
-    for row in priority.tolist():
-        for candidate in ranked[row].tolist():
-            if candidate == 0:
-                break
-            if prices[candidate] <= available:
-                actions[row] = candidate
-                available -= int(prices[candidate])
-                break
-        refused[row] = best[row] != 0 and actions[row] != best[row]
-    return actions, refused
-
-
 class _Ledger:
     """Spent and reserved money of one simulated campaign (cents), round by round."""
 
     def __init__(self, reservation: StrictReservation, num_actions: int) -> None:
         self.reservation = reservation
         self.prices = np.full(num_actions, -1, dtype=np.int64)
-        given = to_cents(np.asarray(reservation.prices, dtype=np.float64)[:num_actions])
+        given = rounded_cents(np.asarray(reservation.prices, dtype=np.float64)[:num_actions])
         self.prices[: len(given)] = given
         self.prices[0] = 0
-        self.budget = int(to_cents(reservation.budget))
+        self.budget = int(rounded_cents(reservation.budget))
         self.spent = 0
         self.refused = 0
 
@@ -149,7 +115,7 @@ class _Ledger:
 
     def settle(self, actions: np.ndarray, cost: np.ndarray) -> None:
         """Outcomes replace the reservations: a settled cost never exceeds what its coupon reserved."""
-        self.spent += int(np.minimum(to_cents(cost), self.prices[actions]).sum())
+        self.spent += int(np.minimum(rounded_cents(cost), self.prices[actions]).sum())
 
 
 @dataclass

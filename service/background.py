@@ -5,9 +5,9 @@ from __future__ import annotations
 import asyncio
 import logging
 
+from contract.money import from_cents
 from service.lambdas import base_lambda, lambda_scale
 from service.metrics import ServiceMetrics
-from service.money import from_cents
 from service.policy import PolicyHolder
 from service.settings import Settings
 from service.state import (

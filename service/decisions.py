@@ -9,11 +9,11 @@ from collections import Counter
 
 import numpy as np
 
+from contract.money import from_cents, to_cents
 from model_store import Manifest
 from service.batcher import MicroBatcher
 from service.lambdas import campaign_lambda, request_lambda
 from service.metrics import ServiceMetrics
-from service.money import from_cents, to_cents
 from service.policy import PolicyHolder
 from service.schemas import (
     DecisionsRequest,
@@ -171,8 +171,6 @@ class Decisions:
                     steps,
                     capacity=manifest.context_length - 1,
                     ttl_ms=self.settings.context_ttl_s * 1000,
-                    initial_rtg=manifest.initial_rtg,
-                    initial_ctg=manifest.initial_ctg,
                 )
             except Exception:  # nobody awaits this task: every failure is logged and counted here
                 # the reservations are made and answered: the users' next steps lack this one

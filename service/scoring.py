@@ -13,10 +13,11 @@ from typing import Any
 import numpy as np
 import orjson
 
+from contract.inputs import History, ModelInputs, history_inputs
+from contract.money import from_cents
+from contract.ranking import preferences
 from model_store import Manifest
 from service.metrics import ServiceMetrics
-from service.money import from_cents
-from service.policy import PolicyInputs
 from service.schemas import DecisionsRequest
 from service.state import (
     CampaignConfig,
@@ -155,48 +156,30 @@ def render(order: list[int], decided: list[ReservedDecision]) -> bytes:
 
 def build_inputs(
     manifest: Manifest, features: np.ndarray, contexts: list[UserContext | None], lam: float
-) -> PolicyInputs:
-    """Right-aligned model inputs: each user's last context_length-1 steps, then the current decision."""
+) -> ModelInputs:
+    """Each user's last context_length-1 steps, then the current decision (right-aligned, the longest
+    context setting the length), through the history rule."""
     rows, dim = features.shape
-    past = gather(contexts, dim, manifest.context_length - 1, manifest.initial_rtg, manifest.initial_ctg)
-    kept = int(past.counts.max(initial=0))  # the longest context sets the length; shorter ones are padded
-    length = kept + 1
+    past = gather(contexts, dim, manifest.context_length - 1)
+    kept = int(past.counts.max(initial=0))
     window = past.steps[:, past.steps.shape[1] - kept :]  # [B, kept], zero records where padded
-    states = np.empty((rows, length, dim), np.float32)
-    actions = np.empty((rows, length), np.int64)
-    rtg = np.empty((rows, length), np.float32)
-    ctg = np.empty((rows, length), np.float32)
-    timesteps = np.empty((rows, length), np.int64)
-    mask = np.empty((rows, length), np.bool_)
-    states[:, :kept], states[:, kept] = window["features"], features
-    actions[:, :kept], actions[:, kept] = window["action"], 0
-    rtg[:, :kept], rtg[:, kept] = window["rtg"], past.rtg
-    ctg[:, :kept], ctg[:, kept] = window["ctg"], past.ctg
-    timesteps[:, :kept], timesteps[:, kept] = window["t"], past.t
-    mask[:, :kept], mask[:, kept] = np.arange(kept) >= (kept - past.counts)[:, None], True
-    np.minimum(timesteps, manifest.max_timestep - 1, out=timesteps)  # never negative: only the top is bounded
-    return PolicyInputs(states, actions, rtg, ctg, timesteps, np.full(rows, lam, np.float32), mask)
+    unknown = np.zeros((rows, 1), np.int64)  # the decision's action and outcome are not known yet
 
+    def then(steps: np.ndarray, now: np.ndarray) -> np.ndarray:
+        return np.concatenate([steps, now], axis=1)
 
-def preferences(scores: np.ndarray, offered: list[int]) -> tuple[list[list[int]], np.ndarray]:
-    """Per row: offered actions by descending score, cut after action 0 (nothing below "no coupon" is
-    preferable to it); and the priority order of rows (largest gain of the best coupon over none first).
-    A row with any non-finite score prefers action 0 alone and comes last."""
-    allowed = np.zeros(scores.shape[1], np.bool_)
-    allowed[0] = True
-    allowed[[a for a in offered if 0 < a < scores.shape[1]]] = True
-    masked = np.where(allowed, scores, -np.inf)
-    unscored = ~np.isfinite(scores).all(axis=1)
-    masked[unscored] = -np.inf
-    masked[unscored, 0] = 0.0
-    ranked = np.argsort(-masked, axis=1, kind="stable").tolist()
-    prefs = []
-    for row in ranked:
-        cut = row.index(0) + 1
-        prefs.append(row[:cut])
-    gain = masked.max(axis=1) - masked[:, 0]
-    gain[unscored] = -np.inf
-    return prefs, np.argsort(-gain, kind="stable")
+    history = History(
+        states=then(window["features"], features[:, None]),
+        actions=then(window["action"], unknown),
+        reward=then(window["reward"], unknown),
+        cost=then(window["cost"], unknown),
+        timesteps=then(window["t"], past.t[:, None]),
+        mask=np.arange(kept + 1) >= (kept - past.counts)[:, None],
+        reward_before_last=past.reward,
+        cost_before_last=past.cost,
+    )
+    lams = np.full(rows, lam, np.float32)
+    return history_inputs(history, lams, manifest.initial_rtg, manifest.initial_ctg, manifest.max_timestep)
 
 
 def min_redemption(default: float, settings: CampaignSettings) -> float:

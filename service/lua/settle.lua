@@ -2,7 +2,7 @@
 -- (reserved -= reserved amount, spent += cost). All or nothing: a cost above the coupon's cost refuses all
 -- (in strict mode a coupon reserves its cost, so a settled cost never exceeds its reservation).
 -- KEYS[1] campaign hash, KEYS[2..] the record hashes of the batches the outcomes name
--- ARGV per outcome: cost cents, reward (text), index of its record hash in KEYS, its field there
+-- ARGV per outcome: cost cents, reward cents, index of its record hash in KEYS, its field there
 -- Returns {'missing'} unknown campaign | {'too_high', index, coupon cost} | {remaining, code, user, ...}
 --   with code 'A' accepted, 'D' duplicate, 'U' unknown (or expired record).
 -- Decision record: see reserve.lua. Each settled coupon adds its predicted cost to issued:<action> and its
@@ -11,7 +11,7 @@
 -- Learning loop: KEYS[#KEYS] the campaign's log stream; the last two ARGV: now ms ('': the store's clock,
 --   Redis TIME), the log's MAXLEN (approximate; 0: no log). Each accepted outcome adds one `outcome` entry to the log (docs/state.md) and
 --   counts in its group, holdout (a record whose probability is marked /h) or treated: <group>_settled,
---   <group>_reward (cents, rounded half up), <group>_cost (cents).
+--   <group>_reward (cents), <group>_cost (cents).
 local campaign = KEYS[1]
 local RECORD = '^(%u)\t(%d+)\t(%d+)\t([^\t]*)\t(%d+)\t(%d+)\t([^\t]*\t[^\t]*\t[^\t]*\t[^\t]*)\t[^\t]*\t[^\t]*\t(%d+)\t()'
 local function int(x) return string.format('%d', x) end
@@ -120,7 +120,7 @@ for i = 1, n do
     -- the group's counters and the outcome log
     local probability, decided_at = string.match(middle, '^([^\t]*)\t([^\t]*)')
     local group = string.sub(probability, -2) == '/h' and 'holdout_' or 'treated_'
-    local reward = string.format('%d', math.floor(tonumber(ARGV[4 * i - 2]) * 100 + 0.5))
+    local reward = ARGV[4 * i - 2]
     redis.call('HINCRBY', campaign, group .. 'settled', 1)
     redis.call('HINCRBY', campaign, group .. 'reward', reward)
     redis.call('HINCRBY', campaign, group .. 'cost', int(cost))

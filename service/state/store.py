@@ -46,6 +46,7 @@ from redis.asyncio.cluster import RedisCluster
 from redis.crc import key_slot
 from redis.exceptions import NoScriptError, RedisError
 
+from contract.money import rounded_cents
 from service.state.context import HEADER, append_step, apply_outcome, empty_context, new_step_bytes
 from service.state.types import (
     OPTIONAL_SETTINGS,
@@ -639,13 +640,11 @@ class StateStore:
         *,
         capacity: int,
         ttl_ms: int,
-        initial_rtg: float,
-        initial_ctg: float,
     ) -> None:
         """Append each decision as the newest step of its user's context, keeping the last `capacity`."""
         if not steps:
             return
-        initial = empty_context(len(steps[0].features) // 4, initial_rtg, initial_ctg)
+        initial = empty_context(len(steps[0].features) // 4)
         by_user: dict[str, list[bytes]] = {}  # a user named twice gets both steps, in order
         read: dict[str, bytes | None] = {}
         for step in steps:
@@ -662,12 +661,12 @@ class StateStore:
         await self._update_contexts(keys, [read[user] for user in users], change, ttl_ms)
 
     async def apply_outcomes_to_contexts(
-        self, campaign_id: str, updates: list[tuple[str, str, float, int]], *, ttl_ms: int
+        self, campaign_id: str, updates: list[tuple[str, str, int, int]], *, ttl_ms: int
     ) -> None:
-        """Write outcomes (user, decision id, reward, cost in cents) into their users' context steps."""
-        by_user: dict[str, list[tuple[str, float, float]]] = {}
+        """Write outcomes (user, decision id, reward and cost in cents) into their users' contexts."""
+        by_user: dict[str, list[tuple[str, int, int]]] = {}
         for user_id, decision_id, reward, cost in updates:
-            by_user.setdefault(user_id, []).append((decision_id, reward, cost / 100))
+            by_user.setdefault(user_id, []).append((decision_id, reward, cost))
         if not by_user:
             return
         users = list(by_user)
@@ -689,6 +688,7 @@ class StateStore:
         key_index: dict[str, int] = {}
         args: list[Any] = []
         known: list[int] = []  # positions of the outcomes whose id is one this store made
+        rewards = rounded_cents([outcome.reward for outcome in outcomes]).tolist()  # what the log holds
         for position, outcome in enumerate(outcomes):
             match = DECISION_ID.fullmatch(outcome.decision_id)
             if match is None:
@@ -697,7 +697,7 @@ class StateStore:
             if key not in key_index:
                 keys.append(key)
                 key_index[key] = len(keys)
-            args += [outcome.cost, repr(float(outcome.reward)), key_index[key], match[2]]
+            args += [outcome.cost, rewards[position], key_index[key], match[2]]
             known.append(position)
         keys.append(self.log_key(campaign_id))
         args += ["" if now_ms is None else now_ms, self.log_max_entries]
@@ -712,7 +712,7 @@ class StateStore:
             outcome = outcomes[position]
             if code == b"A":
                 result.accepted += 1
-                result.context_updates.append((user_id.decode(), outcome.decision_id, outcome.reward, outcome.cost))
+                result.context_updates.append((user_id.decode(), outcome.decision_id, rewards[position], outcome.cost))
             elif code == b"D":
                 result.duplicates += 1
             else:

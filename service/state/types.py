@@ -262,8 +262,8 @@ class NewStep(NamedTuple):
 @dataclass(frozen=True)
 class Outcome:
     decision_id: str
-    reward: float
-    cost: int
+    reward: float  # currency units, any precision: the store logs and counts it in cents, rounded half up
+    cost: int  # cents
 
 
 @dataclass
@@ -271,6 +271,6 @@ class SettleResult:
     accepted: int = 0
     duplicates: int = 0
     unknown: int = 0
-    # (user_id, decision_id, reward, cost in cents) of the accepted outcomes, for the contexts
-    context_updates: list[tuple[str, str, float, int]] = field(default_factory=list)
+    # (user_id, decision_id, reward, cost) of the accepted outcomes (cents), for the contexts
+    context_updates: list[tuple[str, str, int, int]] = field(default_factory=list)
     remaining: int = 0

@@ -3,10 +3,11 @@
 import numpy as np
 import pytest
 
-from offline.rollout import StrictReservation, first_fit, rollout, to_cents
+from contract.money import rounded_cents as to_cents
+from contract.ranking import first_fit, preferences
+from offline.rollout import StrictReservation, rollout
 from research.baselines import MyopicOracle
 from research.world import SyntheticWorld, WorldConfig
-from service.scoring import preferences
 
 PRICES = to_cents(np.array([0.0, 2.0, 5.0, 10.0]))
 

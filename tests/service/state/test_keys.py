@@ -37,7 +37,7 @@ def test_the_same_user_in_two_campaigns_has_two_contexts(run: Run) -> None:
     async def scenario(store: StateStore) -> None:
         for campaign in ("x", "x:y"):
             await store.upsert_campaign(campaign, put(10_000))
-        kw = {"capacity": 3, "ttl_ms": DAY_MS, "initial_rtg": 1.0, "initial_ctg": 1.0}
+        kw = {"capacity": 3, "ttl_ms": DAY_MS}
         await store.append_steps("x", [NewStep("y:u", "d-a", 1, ONE)], **kw)
         await store.append_steps("x:y", [NewStep("u", "d-b", 2, ONE)], **kw)
         (_, (first,)), (_, (second,)) = [await store.load_for_decision(c, [u]) for c, u in (("x", "y:u"), ("x:y", "u"))]
@@ -69,9 +69,9 @@ def test_decision_records_keep_free_text_ids_through_settlement(run: Run) -> Non
         }  # fmt: skip
         ttl = await client.pttl(key)
         settled = await store.settle("c", [Outcome(decided.decision_id, 12.5, 300)])
-        assert settled.context_updates == [(user, decided.decision_id, 12.5, 300)]
+        assert settled.context_updates == [(user, decided.decision_id, 1250, 300)]
         record = parse_decision_record(await client.hget(key, index))
-        assert (record["status"], record["reward"], record["cost"]) == ("S", "12.5", "300")
+        assert (record["status"], record["reward"], record["cost"]) == ("S", "1250", "300")
         assert (record["user_id"], record["request_id"], record["action"]) == (user, request, "2")
         assert 0 < await client.pttl(key) <= ttl  # settlement keeps the record's expiry
 
@@ -112,9 +112,7 @@ def test_scripts_are_loaded_again_after_the_server_lost_them() -> None:
             await client.script_flush()
             assert (await reserve(store, "c", [item("u", [3, 0])])).decisions[0].action == 3
             await client.script_flush()
-            await store.append_steps(
-                "c", [NewStep("u", "d-1", 3, ONE)], capacity=3, ttl_ms=DAY_MS, initial_rtg=1.0, initial_ctg=1.0
-            )
+            await store.append_steps("c", [NewStep("u", "d-1", 3, ONE)], capacity=3, ttl_ms=DAY_MS)
             _, (raw,) = await store.load_for_decision("c", ["u"])
             ctx = decode_context(raw)
             assert ctx is not None and ctx.t == 1
