@@ -7,11 +7,9 @@ from __future__ import annotations
 import numpy as np
 
 
-def preferences(scores: np.ndarray, offered: list[int]) -> tuple[list[list[int]], np.ndarray]:
-    """Per row: offered actions by descending score, cut after action 0 (nothing below "no coupon" is
-    preferable to it); and the priority order of rows (largest gain of the best coupon over none first).
-    Ties keep the lower action and the earlier row. A row with any non-finite score prefers action 0 alone
-    and comes last."""
+def ranking(scores: np.ndarray, offered: list[int]) -> tuple[list[list[int]], np.ndarray, np.ndarray]:
+    """`preferences` as columns: the distinct preference lists, each row's index among them [B], and the
+    priority order of rows. By array operations: a batch has a handful of distinct lists."""
     allowed = np.zeros(scores.shape[1], np.bool_)
     allowed[0] = True
     allowed[[a for a in offered if 0 < a < scores.shape[1]]] = True
@@ -19,14 +17,23 @@ def preferences(scores: np.ndarray, offered: list[int]) -> tuple[list[list[int]]
     unscored = ~np.isfinite(scores).all(axis=1)
     masked[unscored] = -np.inf
     masked[unscored, 0] = 0.0
-    ranked = np.argsort(-masked, axis=1, kind="stable").tolist()
-    prefs = []
-    for row in ranked:
-        cut = row.index(0) + 1
-        prefs.append(row[:cut])
+    ranked = np.argsort(-masked, axis=1, kind="stable")
+    # cut after action 0: nothing below "no coupon" is preferable to it
+    cut = np.where(np.arange(ranked.shape[1]) <= (ranked == 0).argmax(axis=1)[:, None], ranked, -1)
+    distinct, index = np.unique(cut, axis=0, return_inverse=True)
+    lists = [row[row >= 0].tolist() for row in distinct]
     gain = masked.max(axis=1) - masked[:, 0]
     gain[unscored] = -np.inf
-    return prefs, np.argsort(-gain, kind="stable")
+    return lists, index.reshape(-1), np.argsort(-gain, kind="stable")
+
+
+def preferences(scores: np.ndarray, offered: list[int]) -> tuple[list[list[int]], np.ndarray]:
+    """Per row: offered actions by descending score, cut after action 0 (nothing below "no coupon" is
+    preferable to it); and the priority order of rows (largest gain of the best coupon over none first).
+    Ties keep the lower action and the earlier row. A row with any non-finite score prefers action 0 alone
+    and comes last."""
+    lists, index, priority = ranking(scores, offered)
+    return [lists[k] for k in index.tolist()], priority
 
 
 def first_fit(scores: np.ndarray, prices: np.ndarray, available: int) -> tuple[np.ndarray, np.ndarray]:

@@ -1,4 +1,4 @@
-"""The decision path's array work: model inputs from contexts, score terms, ranking, the reservation items
+"""The decision path's array work: model inputs from contexts, score terms, ranking, the batch to reserve
 and the rendered answer. Pure functions of their arguments."""
 
 from __future__ import annotations
@@ -14,18 +14,12 @@ import numpy as np
 import orjson
 
 from contract.inputs import History, ModelInputs, history_inputs
-from contract.money import from_cents
-from contract.ranking import preferences
+from contract.money import CENTS_PER_UNIT
+from contract.ranking import ranking
 from model_store import Manifest
 from service.metrics import ServiceMetrics
 from service.schemas import DecisionsRequest
-from service.state import (
-    CampaignConfig,
-    CampaignSettings,
-    ReservedDecision,
-    ReserveItem,
-    UserContext,
-)
+from service.state import CampaignConfig, CampaignSettings, ReserveBatch, ReserveResult, UserContext
 from service.state.context import gather
 
 log = logging.getLogger("saco.service.scoring")
@@ -48,28 +42,43 @@ def choose(
     rows: np.ndarray,
     rng: random.Random,
     metrics: ServiceMetrics | None = None,
-) -> tuple[list[int], list[ReserveItem]]:
-    """The order in which users reserve (largest gain of their best coupon over none first) and, per user
-    in that order, the campaign's coupons by descending score down to "no coupon", the user's features
-    (float32 rows), whether the user is held out, with probability the exploration rate a uniform draw with
-    which the reservation picks among the coupons that fit instead, and the model's expected cost of each
-    coupon for that user (cents) when it has one. A user whose scores are not all finite gets no coupon
-    (not explored either): counted in `metrics` and logged."""
-    prefs, priority = preferences(scores, list(campaign.coupons))
+) -> tuple[list[int], ReserveBatch]:
+    """The order in which users reserve (largest gain of their best coupon over none first) and the batch
+    to reserve, its users in that order: the campaign's coupons by descending score down to "no coupon",
+    the users' features (float32 rows), who is held out, who explores (with probability the exploration
+    rate: a uniform draw with which the reservation picks among the coupons that fit instead), and the
+    model's expected cost of each coupon for each user (cents) when it has one. A user whose scores are not
+    all finite gets no coupon (not explored either): counted in `metrics` and logged."""
+    lists, index, priority = ranking(scores, list(campaign.coupons))
     order: list[int] = priority.tolist()
     requests = body.requests
+    user_ids = [requests[i].user_id for i in order]
     rate, holdout_rate = campaign.settings.exploration_rate, campaign.settings.holdout_rate
-    costs: list[list[int]] | list[None] = [None] * len(requests) if expected is None else expected.tolist()
     finite = np.isfinite(scores).all(axis=1)
-    items = []
-    for i in order:
-        user_id = requests[i].user_id
-        draw = rng.random() if rate > 0 and rng.random() < rate else None
-        held_out = in_holdout(campaign.campaign_id, user_id, holdout_rate)
-        if not finite[i]:
-            draw = None
-        item = ReserveItem(user_id, requests[i].request_id, prefs[i], rows[i].tobytes(), held_out, draw, costs[i])
-        items.append(item)
+    holdout = (
+        [p for p, user_id in enumerate(user_ids) if in_holdout(campaign.campaign_id, user_id, holdout_rate)]
+        if holdout_rate > 0
+        else []
+    )
+    explore: list[tuple[int, float]] = []
+    if rate > 0:
+        held_out = set(holdout)
+        finite_in_order = finite[priority].tolist()
+        for position in range(len(order)):
+            if rng.random() < rate:
+                draw = rng.random()
+                if finite_in_order[position] and position not in held_out:
+                    explore.append((position, draw))
+    batch = ReserveBatch(
+        user_ids=user_ids,
+        request_ids=[requests[i].request_id for i in order],
+        orderings=lists,
+        ordering=index[priority].tolist(),
+        features=np.ascontiguousarray(rows[priority], "<f4").tobytes(),
+        holdout=holdout,
+        explore=explore,
+        expected_costs=None if expected is None else expected[priority].tolist(),
+    )
     if not finite.all():
         unscored = [requests[i].user_id for i in np.flatnonzero(~finite)]
         if metrics is not None:
@@ -78,7 +87,7 @@ def choose(
             "the model's output is not finite for some users: they get no coupon",
             extra={"campaign": campaign.campaign_id, "users": len(unscored), "user_ids": unscored[:10]},
         )
-    return order, items
+    return order, batch
 
 
 @dataclass(frozen=True)
@@ -139,17 +148,20 @@ class ScoreTerms:
         return ScoreTerms(self.revenue, cost.astype(self.cost.dtype), np.maximum(self.expected, floors))
 
 
-def render(order: list[int], decided: list[ReservedDecision]) -> bytes:
-    """The response body: one decision per request, in the order of the requests."""
+def render(order: list[int], result: ReserveResult) -> bytes:
+    """The response body: one decision per request, in the order of the requests (`result` is in `order`)."""
     decisions: list[dict[str, Any]] = [{}] * len(order)
-    for row, decision in zip(order, decided, strict=True):
+    costs = (np.asarray(result.costs, np.float64) / CENTS_PER_UNIT).tolist()  # cents as currency units
+    for row, user_id, decision_id, action, cost, version, lam in zip(
+        order, result.user_ids, result.decision_ids, result.actions, costs, result.versions, result.lams, strict=True
+    ):
         decisions[row] = {
-            "user_id": decision.user_id,
-            "decision_id": decision.decision_id,
-            "action": decision.action,
-            "cost": from_cents(decision.cost),
-            "model_version": decision.model_version,
-            "lambda": decision.lam,
+            "user_id": user_id,
+            "decision_id": decision_id,
+            "action": action,
+            "cost": cost,
+            "model_version": version,
+            "lambda": lam,
         }
     return orjson.dumps({"decisions": decisions})
 

@@ -103,19 +103,74 @@ def append_step(raw: bytes | None, step: bytes, capacity: int, initial: bytes) -
 
     `step` is `new_step_bytes(...)`; `initial` is the `empty_context(...)` used when `raw` is absent or
     unreadable (or written for another feature size)."""
-    size = len(step) + STEP_RUNNING.size
-    header = read_header(raw)
-    if raw is None or header is None or header.record_size != size:
-        raw, header = initial, read_header(initial)
-        assert header is not None
-    record = step[: STEP_PREFIX.size] + STEP_RUNNING.pack(0, 0, header.t) + step[STEP_PREFIX.size :]
-    body = raw[HEADER.size :] + record
-    body = body[max(0, len(body) - capacity * size) :] if capacity > 0 else b""
-    return HEADER.pack(FORMAT_VERSION, size, header.t + 1, header.reward, header.cost) + body
+    return append_steps([raw], [step], capacity, initial)[0]
 
 
 HEADER_DTYPE = np.dtype([("version", "u1"), ("record_size", "<u2"), ("t", "<u4"), ("reward", "<i8"), ("cost", "<i8")])
 assert HEADER_DTYPE.itemsize == HEADER.size
+
+
+def append_steps(raws: list[bytes | None], steps: list[bytes], capacity: int, initial: bytes) -> list[bytes]:
+    """`append_step` of each `steps[i]` to `raws[i]` (every step of one length), by array operations over
+    the contexts of one length (the common case: every context full), so the per-user Python is a length
+    lookup and a slice."""
+    if not steps:
+        return []
+    size = len(steps[0]) + STEP_RUNNING.size
+    if any(len(step) != size - STEP_RUNNING.size for step in steps):
+        raise ValueError("every step appended together must have the same length")
+    out: list[bytes] = [b""] * len(steps)
+    by_length: dict[int, list[int]] = {}
+    for i, raw in enumerate(raws):
+        by_length.setdefault(-1 if raw is None else len(raw), []).append(i)
+    fresh = by_length.pop(-1, [])  # no context, or not one of ours: appended to `initial`
+    for length, members in by_length.items():
+        if length < HEADER.size or (length - HEADER.size) % size:
+            fresh += members
+            continue
+        block = np.frombuffer(b"".join([cast(bytes, raws[i]) for i in members]), np.uint8).reshape(len(members), -1)
+        headers = block[:, : HEADER.size].copy().view(HEADER_DTYPE)[:, 0]
+        ours = (headers["version"] == FORMAT_VERSION) & (headers["record_size"] == size)
+        if not ours.all():
+            fresh += [i for i, mine in zip(members, ours.tolist(), strict=True) if not mine]
+            members = [i for i, mine in zip(members, ours.tolist(), strict=True) if mine]
+            block, headers = block[ours], headers[ours]
+        _append_block(out, members, block, headers, steps, capacity, size)
+    if fresh:
+        block = np.frombuffer(initial, np.uint8)[None, :].repeat(len(fresh), axis=0)
+        headers = block[:, : HEADER.size].copy().view(HEADER_DTYPE)[:, 0]
+        _append_block(out, fresh, block, headers, steps, capacity, size)
+    return out
+
+
+def _append_block(
+    out: list[bytes],
+    members: list[int],
+    block: np.ndarray,
+    headers: np.ndarray,
+    steps: list[bytes],
+    capacity: int,
+    size: int,
+) -> None:
+    """out[members[j]] = block[j] (contexts of one length, `headers` theirs) with steps[members[j]] appended."""
+    rows = len(members)
+    if not rows:
+        return
+    given = np.frombuffer(b"".join([steps[i] for i in members]), np.uint8).reshape(rows, -1)
+    records = np.zeros((rows, size), np.uint8)  # reward and cost 0 until the outcome arrives
+    records[:, : STEP_PREFIX.size] = given[:, : STEP_PREFIX.size]
+    t_at = STEP_PREFIX.size + STEP_RUNNING.size - 4  # the step index: the last i4 of the running part
+    records[:, t_at : t_at + 4] = headers["t"].astype("<i4").view(np.uint8).reshape(rows, 4)
+    records[:, STEP_PREFIX.size + STEP_RUNNING.size :] = given[:, STEP_PREFIX.size :]
+    headers = headers.copy()
+    headers["t"] += 1
+    kept = min((block.shape[1] - HEADER.size) // size + 1, capacity) if capacity > 0 else 0
+    body = np.concatenate([block[:, HEADER.size :], records], axis=1)
+    body = body[:, body.shape[1] - kept * size :]
+    values = np.concatenate([headers.view(np.uint8).reshape(rows, HEADER.size), body], axis=1)
+    width, data = values.shape[1], values.tobytes()
+    for j, i in enumerate(members):
+        out[i] = data[j * width : (j + 1) * width]
 
 
 def apply_outcome(raw: bytes | None, decision_id: str, reward: int, cost: int) -> bytes | None:

@@ -47,7 +47,8 @@ from redis.crc import key_slot
 from redis.exceptions import NoScriptError, RedisError
 
 from contract.money import rounded_cents
-from service.state.context import HEADER, append_step, apply_outcome, empty_context, new_step_bytes
+from service.state.context import HEADER, apply_outcome, empty_context, new_step_bytes
+from service.state.context import append_steps as append_context_steps
 from service.state.types import (
     OPTIONAL_SETTINGS,
     CampaignConfig,
@@ -59,11 +60,12 @@ from service.state.types import (
     Groups,
     LogStatus,
     NewStep,
+    NewSteps,
     Outcome,
     PacedState,
     Pacing,
     RequestIdConflict,
-    ReservedDecision,
+    ReserveBatch,
     ReserveItem,
     ReserveResult,
     SettleResult,
@@ -506,7 +508,7 @@ class StateStore:
     async def reserve(
         self,
         campaign_id: str,
-        items: list[ReserveItem],
+        items: Sequence[ReserveItem] | ReserveBatch,
         *,
         model_version: str,
         lam: float,
@@ -517,7 +519,7 @@ class StateStore:
         exploration_rate: float = 0.0,
         plan_lead: float = 0.1,
     ) -> ReserveResult:
-        """Decide and reserve a whole batch atomically, items in priority order: each takes the first of
+        """Decide and reserve a whole batch atomically, users in priority order: each takes the first of
         its preferences that fits (the campaign's reservation mode says what fits and what is reserved:
         reserve.lua), unless it is a holdout user's (no coupon) or it explores (its draw picks among the
         coupons that fit and none, `exploration_rate` being the probability it had of exploring). Each new
@@ -526,47 +528,45 @@ class StateStore:
         redeemed before outcomes say otherwise (expected mode); `plan_lead`: how far
         commitments may run ahead of a time plan (a fraction of the budget). `now_ms` (simulations and
         tests): the clock the script reads instead of the store's own."""
-        if len({len(item.features) for item in items}) > 1:
-            raise ValueError("every reserve item must carry features of the same length (float32 rows)")
-        batch = os.urandom(10).hex()
-        keys = [self.campaign_key(campaign_id), self.pending_key(campaign_id), self.batch_key(campaign_id, batch)]
-        orderings: dict[tuple[int, ...], int] = {}  # distinct preference lists: a batch has a handful
-        ordering = [orderings.setdefault(tuple(item.preferences), len(orderings) + 1) for item in items]
+        batch = items if isinstance(items, ReserveBatch) else ReserveBatch.of(items)
+        users = len(batch)
+        if batch.features and len(batch.features) % max(1, users):
+            raise ValueError("every user of a reservation must carry features of the same length (float32 rows)")
+        batch_id = os.urandom(10).hex()
+        keys = [self.campaign_key(campaign_id), self.pending_key(campaign_id), self.batch_key(campaign_id, batch_id)]
         requests = []
-        for position, item in enumerate(items, 1):
-            if item.request_id is not None:
-                keys.append(self.request_key(campaign_id, item.request_id))
-                requests.append((position, len(keys), item.user_id))
-        columns = {
-            "orderings": list(orderings),
-            "ordering": ordering,
-            "tails": [_record_tail(item.request_id, item.user_id) for item in items],
+        tails = []
+        for position, (user_id, request_id) in enumerate(zip(batch.user_ids, batch.request_ids, strict=True), 1):
+            if request_id is None:
+                tails.append("0\t\t" + user_id)
+            else:
+                tails.append(_record_tail(request_id, user_id))
+                keys.append(self.request_key(campaign_id, request_id))
+                requests.append((position, len(keys), user_id))
+        columns: dict[str, Any] = {
+            "orderings": batch.orderings,
+            "ordering": batch.ordering,  # 0-based here, 1-based in the script
+            "tails": tails,
             "requests": requests,
         }
-        if any(item.expected_costs for item in items):
-            columns["expected"] = [item.expected_costs or [] for item in items]
+        if batch.expected_costs is not None:
+            columns["expected"] = batch.expected_costs
+        keys.append(self.log_key(campaign_id))
+        behaviour = {
+            "holdout": [position + 1 for position in batch.holdout],
+            "explore": [[position + 1, draw] for position, draw in batch.explore],
+        }
         args = [
             "" if now_ms is None else now_ms,
             reservation_expiry_ms,
             decision_ttl_ms,
             model_version,
             repr(lam),
-            batch,
+            batch_id,
             orjson.dumps(columns),
-        ]
-        args.append(prior_coupons)
-        keys.append(self.log_key(campaign_id))
-        behaviour = {
-            "holdout": [position for position, item in enumerate(items, 1) if item.holdout],
-            "explore": [
-                [position, item.explore_draw]
-                for position, item in enumerate(items, 1)
-                if item.explore_draw is not None and not item.holdout
-            ],
-        }
-        args += [
+            prior_coupons,
             self.log_max_entries,
-            b"".join([item.features for item in items]),
+            batch.features,
             repr(float(exploration_rate)),
             orjson.dumps(behaviour),
             repr(float(plan_lead)),
@@ -576,34 +576,43 @@ class StateStore:
             raise CampaignNotFound(campaign_id)
         if reply[0] == b"conflict":
             position = int(reply[1]) - 1
-            raise RequestIdConflict(cast(str, items[position].request_id), position)
-        end = 3 * len(items) + 1
-        replays = iter(reply[end:])  # the earlier decisions of repeated request ids (flag 0), in item order
-        decisions = [
-            ReservedDecision(f"d-{batch}-{i}", item.user_id, action, cost, model_version, lam, True, flag == 2)
-            if flag
-            else _replayed(next(replays))
-            for i, (item, action, cost, flag) in enumerate(
-                zip(items, reply[1:end:3], reply[2:end:3], reply[3:end:3], strict=True)
-            )
-        ]
-        return ReserveResult(decisions, int(reply[0]))
+            raise RequestIdConflict(cast(str, batch.request_ids[position]), position)
+        end = 3 * users + 1
+        flags = reply[3:end:3]
+        result = ReserveResult(
+            decision_ids=[f"d-{batch_id}-{i}" for i in range(users)],
+            user_ids=list(batch.user_ids),
+            actions=reply[1:end:3],
+            costs=reply[2:end:3],
+            versions=[model_version] * users,
+            lams=[lam] * users,
+            new=[flag != 0 for flag in flags],
+            downgraded=[flag == 2 for flag in flags],
+            remaining=int(reply[0]),
+        )
+        if end < len(reply):  # the earlier decisions of repeated request ids (flag 0), in batch order
+            replays = iter(reply[end:])
+            for i in (i for i, flag in enumerate(flags) if flag == 0):
+                decision_id, action, cost, version, earlier_lam, user_id = next(replays).decode().split("\t", 5)
+                result.decision_ids[i], result.user_ids[i], result.actions[i] = decision_id, user_id, int(action)
+                result.costs[i], result.versions[i], result.lams[i] = int(cost), version, float(earlier_lam)
+        return result
 
     # ---- contexts --------------------------------------------------------------------------------
     async def _update_contexts(
         self,
         keys: list[str],
         read: list[bytes | None],
-        change: Callable[[int, bytes | None], bytes | None],
+        change: Callable[[list[int], list[bytes | None]], list[bytes | None]],
         ttl_ms: int,
     ) -> None:
-        """Store change(i, value) at keys[i] for each i, `read[i]` being the value as last read; a context
-        that changed since is read again and changed again (compare-and-set, `write_contexts.lua`).
-        A change that returns None leaves that key alone."""
+        """Store change(indices, values)[j] at keys[indices[j]], `values` being those keys' values as last
+        read (`read`); a context that changed since is read again and changed again (compare-and-set,
+        `write_contexts.lua`). A change that gives None leaves that key alone."""
         todo = list(range(len(keys)))
         for _ in range(CAS_ATTEMPTS):
-            changed = [(i, change(i, read[i])) for i in todo]
-            writes = [(i, value) for i, value in changed if value is not None]
+            changed = change(todo, [read[i] for i in todo])
+            writes = [(i, value) for i, value in zip(todo, changed, strict=True) if value is not None]
             if not writes:
                 return
             groups = self._by_slot(range(len(writes)), [keys[i] for i, _ in writes])
@@ -634,31 +643,49 @@ class StateStore:
         raise StateStoreError(f"{len(todo)} user contexts kept changing during {CAS_ATTEMPTS} attempts to write them")
 
     async def append_steps(
-        self,
-        campaign_id: str,
-        steps: list[NewStep],
-        *,
-        capacity: int,
-        ttl_ms: int,
+        self, campaign_id: str, steps: Sequence[NewStep] | NewSteps, *, capacity: int, ttl_ms: int
     ) -> None:
         """Append each decision as the newest step of its user's context, keeping the last `capacity`."""
-        if not steps:
+        if not isinstance(steps, NewSteps):
+            steps = NewSteps.of(steps)
+        if not len(steps):
             return
-        initial = empty_context(len(steps[0].features) // 4)
-        by_user: dict[str, list[bytes]] = {}  # a user named twice gets both steps, in order
-        read: dict[str, bytes | None] = {}
-        for step in steps:
-            by_user.setdefault(step.user_id, []).append(new_step_bytes(step.decision_id, step.action, step.features))
-            read.setdefault(step.user_id, step.read)
-        users = list(by_user)
+        row = len(steps.features) // len(steps)
+        initial = empty_context(row // 4)
+        features = steps.features
+        step_bytes = [
+            new_step_bytes(decision_id, action, features[i * row : (i + 1) * row])
+            for i, (decision_id, action) in enumerate(zip(steps.decision_ids, steps.actions, strict=True))
+        ]
+        first: dict[str, int] = {}  # user -> its index in `users`
+        taken: dict[str, int] = {}  # user -> its steps so far: a user named twice gets both, in order
+        rounds: list[list[int]] = []  # rounds[k]: the position of each user's k-th step
+        users: list[str] = []
+        read: list[bytes | None] = []
+        for position, user in enumerate(steps.user_ids):
+            k = taken.get(user, 0)
+            taken[user] = k + 1
+            if k == 0:
+                first[user] = len(users)
+                users.append(user)
+                read.append(steps.reads[position])
+            if k == len(rounds):
+                rounds.append([])
+            rounds[k].append(position)
+        owner = [first[user] for user in steps.user_ids]
 
-        def change(i: int, value: bytes | None) -> bytes:
-            for step_bytes in by_user[users[i]]:
-                value = append_step(value, step_bytes, capacity, initial)
-            return cast(bytes, value)
+        def change(indices: list[int], values: list[bytes | None]) -> list[bytes | None]:
+            current = dict(zip(indices, values, strict=True))
+            for positions in rounds:
+                wanted = [p for p in positions if owner[p] in current]
+                appended = append_context_steps(
+                    [current[owner[p]] for p in wanted], [step_bytes[p] for p in wanted], capacity, initial
+                )
+                current.update(zip([owner[p] for p in wanted], appended, strict=True))
+            return [current[i] for i in indices]
 
         keys = [self.context_key(campaign_id, user) for user in users]
-        await self._update_contexts(keys, [read[user] for user in users], change, ttl_ms)
+        await self._update_contexts(keys, read, change, ttl_ms)
 
     async def apply_outcomes_to_contexts(
         self, campaign_id: str, updates: list[tuple[str, str, int, int]], *, ttl_ms: int
@@ -672,10 +699,13 @@ class StateStore:
         users = list(by_user)
         keys = [self.context_key(campaign_id, user) for user in users]
 
-        def change(i: int, value: bytes | None) -> bytes | None:
-            for decision_id, reward, cost in by_user[users[i]]:
-                value = apply_outcome(value, decision_id, reward, cost)
-            return value
+        def change(indices: list[int], values: list[bytes | None]) -> list[bytes | None]:
+            changed = []
+            for i, value in zip(indices, values, strict=True):
+                for decision_id, reward, cost in by_user[users[i]]:
+                    value = apply_outcome(value, decision_id, reward, cost)
+                changed.append(value)
+            return changed
 
         await self._update_contexts(keys, await self._mget(keys), change, ttl_ms)
 
@@ -750,9 +780,3 @@ NO_HEADER = bytes(HEADER.size)  # what write_contexts.lua reads as "no context" 
 def _header(context: bytes | None) -> bytes:
     """A context's header as write_contexts.lua compares it: its first HEADER.size bytes, zero-padded."""
     return NO_HEADER if context is None else context[: HEADER.size].ljust(HEADER.size, b"\0")
-
-
-def _replayed(record: bytes) -> ReservedDecision:
-    """An earlier decision returned again for a repeated request id (its request record, reserve.lua)."""
-    decision_id, action, cost, version, lam, user_id = record.decode().split("\t", 5)
-    return ReservedDecision(decision_id, user_id, int(action), int(cost), version, float(lam), False)
