@@ -19,12 +19,21 @@ def ranking(scores: np.ndarray, offered: list[int]) -> tuple[list[list[int]], np
     masked[unscored, 0] = 0.0
     ranked = np.argsort(-masked, axis=1, kind="stable")
     # cut after action 0: nothing below "no coupon" is preferable to it
-    cut = np.where(np.arange(ranked.shape[1]) <= (ranked == 0).argmax(axis=1)[:, None], ranked, -1)
-    distinct, index = np.unique(cut, axis=0, return_inverse=True)
-    lists = [row[row >= 0].tolist() for row in distinct]
+    actions = ranked.shape[1]
+    cut = np.where(np.arange(actions) <= (ranked == 0).argmax(axis=1)[:, None], ranked, -1)
+    # one key per row: the row as one integer (digits cut + 1, base actions + 1) while that stays below 2^63
+    if actions <= 15:
+        keys: list[object] = ((cut + 1) @ (actions + 1) ** np.arange(actions, dtype=np.int64)).tolist()
+    else:
+        keys = [tuple(row) for row in cut.tolist()]
+    seen: dict[object, int] = {}
+    index = np.array([seen.setdefault(key, len(seen)) for key in keys], np.int64)
+    row_of = np.zeros(len(seen), np.int64)
+    row_of[index] = np.arange(len(index))  # a row of each list (they all read alike)
+    lists = [row[row >= 0].tolist() for row in cut[row_of]]
     gain = masked.max(axis=1) - masked[:, 0]
     gain[unscored] = -np.inf
-    return lists, index.reshape(-1), np.argsort(-gain, kind="stable")
+    return lists, index, np.argsort(-gain, kind="stable")
 
 
 def preferences(scores: np.ndarray, offered: list[int]) -> tuple[list[list[int]], np.ndarray]:

@@ -75,6 +75,21 @@ def new_step_bytes(decision_id: str, action: int, features: bytes) -> bytes:
     return STEP_PREFIX.pack(encode_decision_id(decision_id), action) + features
 
 
+def new_steps(decision_ids: list[str], actions: list[int], features: bytes) -> np.ndarray:
+    """`new_step_bytes` of each decision, as the rows [n, step bytes] of one uint8 array (`features`: the
+    float32 little-endian rows, concatenated)."""
+    rows = len(decision_ids)
+    encoded = [decision_id.encode() for decision_id in decision_ids]
+    if any(len(raw) > DECISION_BYTES for raw in encoded):
+        longest = max(decision_ids, key=lambda d: len(d.encode()))
+        raise ValueError(f"decision id longer than {DECISION_BYTES} bytes: {longest!r}")
+    steps = np.empty((rows, STEP_PREFIX.size + len(features) // max(1, rows)), np.uint8)
+    steps[:, :DECISION_BYTES] = np.array(encoded, f"S{DECISION_BYTES}").view(np.uint8).reshape(rows, DECISION_BYTES)
+    steps[:, DECISION_BYTES : STEP_PREFIX.size] = np.asarray(actions, "<i4").view(np.uint8).reshape(rows, 4)
+    steps[:, STEP_PREFIX.size :] = np.frombuffer(features, np.uint8).reshape(rows, -1)
+    return steps
+
+
 def empty_context(feature_dim: int) -> bytes:
     return HEADER.pack(FORMAT_VERSION, record_size(feature_dim), 0, 0, 0)
 
@@ -103,22 +118,20 @@ def append_step(raw: bytes | None, step: bytes, capacity: int, initial: bytes) -
 
     `step` is `new_step_bytes(...)`; `initial` is the `empty_context(...)` used when `raw` is absent or
     unreadable (or written for another feature size)."""
-    return append_steps([raw], [step], capacity, initial)[0]
+    return append_steps([raw], np.frombuffer(step, np.uint8)[None, :], capacity, initial)[0]
 
 
 HEADER_DTYPE = np.dtype([("version", "u1"), ("record_size", "<u2"), ("t", "<u4"), ("reward", "<i8"), ("cost", "<i8")])
 assert HEADER_DTYPE.itemsize == HEADER.size
 
 
-def append_steps(raws: list[bytes | None], steps: list[bytes], capacity: int, initial: bytes) -> list[bytes]:
-    """`append_step` of each `steps[i]` to `raws[i]` (every step of one length), by array operations over
-    the contexts of one length (the common case: every context full), so the per-user Python is a length
-    lookup and a slice."""
-    if not steps:
+def append_steps(raws: list[bytes | None], steps: np.ndarray, capacity: int, initial: bytes) -> list[bytes]:
+    """`append_step` of each step (`steps[i]`: the uint8 row of `new_step_bytes`, see `new_steps`) to
+    `raws[i]`, by array operations over the contexts of one length (the common case: every context full),
+    so the per-user Python is a length lookup and a slice."""
+    if not len(steps):
         return []
-    size = len(steps[0]) + STEP_RUNNING.size
-    if any(len(step) != size - STEP_RUNNING.size for step in steps):
-        raise ValueError("every step appended together must have the same length")
+    size = steps.shape[1] + STEP_RUNNING.size
     out: list[bytes] = [b""] * len(steps)
     by_length: dict[int, list[int]] = {}
     for i, raw in enumerate(raws):
@@ -148,7 +161,7 @@ def _append_block(
     members: list[int],
     block: np.ndarray,
     headers: np.ndarray,
-    steps: list[bytes],
+    steps: np.ndarray,
     capacity: int,
     size: int,
 ) -> None:
@@ -156,7 +169,7 @@ def _append_block(
     rows = len(members)
     if not rows:
         return
-    given = np.frombuffer(b"".join([steps[i] for i in members]), np.uint8).reshape(rows, -1)
+    given = steps[members]
     records = np.zeros((rows, size), np.uint8)  # reward and cost 0 until the outcome arrives
     records[:, : STEP_PREFIX.size] = given[:, : STEP_PREFIX.size]
     t_at = STEP_PREFIX.size + STEP_RUNNING.size - 4  # the step index: the last i4 of the running part

@@ -47,7 +47,7 @@ from redis.crc import key_slot
 from redis.exceptions import NoScriptError, RedisError
 
 from contract.money import rounded_cents
-from service.state.context import HEADER, apply_outcome, empty_context, new_step_bytes
+from service.state.context import HEADER, apply_outcome, empty_context, new_steps
 from service.state.context import append_steps as append_context_steps
 from service.state.types import (
     OPTIONAL_SETTINGS,
@@ -650,38 +650,34 @@ class StateStore:
             steps = NewSteps.of(steps)
         if not len(steps):
             return
-        row = len(steps.features) // len(steps)
-        initial = empty_context(row // 4)
-        features = steps.features
-        step_bytes = [
-            new_step_bytes(decision_id, action, features[i * row : (i + 1) * row])
-            for i, (decision_id, action) in enumerate(zip(steps.decision_ids, steps.actions, strict=True))
-        ]
-        first: dict[str, int] = {}  # user -> its index in `users`
-        taken: dict[str, int] = {}  # user -> its steps so far: a user named twice gets both, in order
-        rounds: list[list[int]] = []  # rounds[k]: the position of each user's k-th step
-        users: list[str] = []
-        read: list[bytes | None] = []
-        for position, user in enumerate(steps.user_ids):
-            k = taken.get(user, 0)
-            taken[user] = k + 1
-            if k == 0:
-                first[user] = len(users)
-                users.append(user)
-                read.append(steps.reads[position])
-            if k == len(rounds):
-                rounds.append([])
-            rounds[k].append(position)
-        owner = [first[user] for user in steps.user_ids]
+        initial = empty_context(len(steps.features) // len(steps) // 4)
+        rows = new_steps(steps.decision_ids, steps.actions, steps.features)
+        if len(set(steps.user_ids)) == len(steps):  # the common case: each user once
+            users, read, rounds = steps.user_ids, list(steps.reads), [list(range(len(steps)))]
+        else:  # a user named twice gets both steps, in order: its k-th step in round k
+            users, read, rounds = [], [], []
+            taken: dict[str, int] = {}
+            for position, user in enumerate(steps.user_ids):
+                k = taken.get(user, 0)
+                taken[user] = k + 1
+                if k == 0:
+                    users.append(user)
+                    read.append(steps.reads[position])
+                if k == len(rounds):
+                    rounds.append([])
+                rounds[k].append(position)
+        position_of = {user: i for i, user in enumerate(users)} if len(rounds) > 1 else {}
+        owner = [position_of[user] for user in steps.user_ids] if position_of else []
 
         def change(indices: list[int], values: list[bytes | None]) -> list[bytes | None]:
+            if len(rounds) == 1 and len(indices) == len(users):  # every user, one step each, in order
+                return list(append_context_steps(values, rows, capacity, initial))
             current = dict(zip(indices, values, strict=True))
             for positions in rounds:
-                wanted = [p for p in positions if owner[p] in current]
-                appended = append_context_steps(
-                    [current[owner[p]] for p in wanted], [step_bytes[p] for p in wanted], capacity, initial
-                )
-                current.update(zip([owner[p] for p in wanted], appended, strict=True))
+                mine = [p for p in positions if (owner[p] if owner else p) in current]
+                users_of = [owner[p] if owner else p for p in mine]
+                appended = append_context_steps([current[u] for u in users_of], rows[mine], capacity, initial)
+                current.update(zip(users_of, appended, strict=True))
             return [current[i] for i in indices]
 
         keys = [self.context_key(campaign_id, user) for user in users]
