@@ -7,9 +7,9 @@ from __future__ import annotations
 import numpy as np
 
 
-def ranking(scores: np.ndarray, offered: list[int]) -> tuple[list[list[int]], np.ndarray, np.ndarray]:
-    """`preferences` as columns: the distinct preference lists, each row's index among them [B], and the
-    priority order of rows. By array operations: a batch has a handful of distinct lists."""
+def ranking(scores: np.ndarray, offered: list[int]) -> tuple[list[list[int]], list[int], np.ndarray]:
+    """`preferences` as columns: the distinct preference lists (a batch has a handful), each row's index
+    among them, and the priority order of rows."""
     allowed = np.zeros(scores.shape[1], np.bool_)
     allowed[0] = True
     allowed[[a for a in offered if 0 < a < scores.shape[1]]] = True
@@ -17,20 +17,10 @@ def ranking(scores: np.ndarray, offered: list[int]) -> tuple[list[list[int]], np
     unscored = ~np.isfinite(scores).all(axis=1)
     masked[unscored] = -np.inf
     masked[unscored, 0] = 0.0
-    ranked = np.argsort(-masked, axis=1, kind="stable")
-    # cut after action 0: nothing below "no coupon" is preferable to it
-    actions = ranked.shape[1]
-    cut = np.where(np.arange(actions) <= (ranked == 0).argmax(axis=1)[:, None], ranked, -1)
-    # one key per row: the row as one integer (digits cut + 1, base actions + 1) while that stays below 2^63
-    if actions <= 15:
-        keys: list[object] = ((cut + 1) @ (actions + 1) ** np.arange(actions, dtype=np.int64)).tolist()
-    else:
-        keys = [tuple(row) for row in cut.tolist()]
-    seen: dict[object, int] = {}
-    index = np.array([seen.setdefault(key, len(seen)) for key in keys], np.int64)
-    row_of = np.zeros(len(seen), np.int64)
-    row_of[index] = np.arange(len(index))  # a row of each list (they all read alike)
-    lists = [row[row >= 0].tolist() for row in cut[row_of]]
+    ranked = np.argsort(-masked, axis=1, kind="stable").tolist()
+    seen: dict[tuple[int, ...], int] = {}  # each distinct list (cut after action 0) -> its index
+    index = [seen.setdefault(tuple(row[: row.index(0) + 1]), len(seen)) for row in ranked]
+    lists = [list(prefs) for prefs in seen]
     gain = masked.max(axis=1) - masked[:, 0]
     gain[unscored] = -np.inf
     return lists, index, np.argsort(-gain, kind="stable")
@@ -42,7 +32,7 @@ def preferences(scores: np.ndarray, offered: list[int]) -> tuple[list[list[int]]
     Ties keep the lower action and the earlier row. A row with any non-finite score prefers action 0 alone
     and comes last."""
     lists, index, priority = ranking(scores, offered)
-    return [lists[k] for k in index.tolist()], priority
+    return [lists[k] for k in index], priority
 
 
 def first_fit(scores: np.ndarray, prices: np.ndarray, available: int) -> tuple[np.ndarray, np.ndarray]:

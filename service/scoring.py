@@ -14,7 +14,7 @@ import numpy as np
 import orjson
 
 from contract.inputs import History, ModelInputs, history_inputs
-from contract.money import CENTS_PER_UNIT
+from contract.money import from_cents
 from contract.ranking import ranking
 from model_store import Manifest
 from service.metrics import ServiceMetrics
@@ -73,7 +73,7 @@ def choose(
         user_ids=user_ids,
         request_ids=[requests[i].request_id for i in order],
         orderings=lists,
-        ordering=index[priority].tolist(),
+        ordering=[index[i] for i in order],
         features=np.ascontiguousarray(rows[priority], "<f4").tobytes(),
         holdout=holdout,
         explore=explore,
@@ -151,7 +151,7 @@ class ScoreTerms:
 def render(order: list[int], result: ReserveResult) -> bytes:
     """The response body: one decision per request, in the order of the requests (`result` is in `order`)."""
     decisions: list[dict[str, Any]] = [{}] * len(order)
-    costs = (np.asarray(result.costs, np.float64) / CENTS_PER_UNIT).tolist()  # cents as currency units
+    costs = [from_cents(cost) for cost in result.costs]
     for row, user_id, decision_id, action, cost, version, lam in zip(
         order, result.user_ids, result.decision_ids, result.actions, costs, result.versions, result.lams, strict=True
     ):

@@ -114,21 +114,32 @@ def read_header(raw: bytes | None) -> Header | None:
 
 
 def append_step(raw: bytes | None, step: bytes, capacity: int, initial: bytes) -> bytes:
-    """`raw` with the new step appended, keeping the last `capacity` steps.
+    """`raw` with the new step appended, keeping the last `capacity` steps (the rule; `append_steps`
+    applies it to a batch).
 
     `step` is `new_step_bytes(...)`; `initial` is the `empty_context(...)` used when `raw` is absent or
     unreadable (or written for another feature size)."""
-    return append_steps([raw], np.frombuffer(step, np.uint8)[None, :], capacity, initial)[0]
+    size = len(step) + STEP_RUNNING.size
+    header = read_header(raw)
+    if raw is None or header is None or header.record_size != size:
+        raw, header = initial, read_header(initial)
+        assert header is not None
+    record = step[: STEP_PREFIX.size] + STEP_RUNNING.pack(0, 0, header.t) + step[STEP_PREFIX.size :]
+    body = raw[HEADER.size :] + record
+    body = body[max(0, len(body) - capacity * size) :] if capacity > 0 else b""
+    return HEADER.pack(FORMAT_VERSION, size, header.t + 1, header.reward, header.cost) + body
 
 
+ARRAY_ROWS = 16  # from this many contexts of one length, `append_steps` works on them as one array
 HEADER_DTYPE = np.dtype([("version", "u1"), ("record_size", "<u2"), ("t", "<u4"), ("reward", "<i8"), ("cost", "<i8")])
 assert HEADER_DTYPE.itemsize == HEADER.size
 
 
 def append_steps(raws: list[bytes | None], steps: np.ndarray, capacity: int, initial: bytes) -> list[bytes]:
     """`append_step` of each step (`steps[i]`: the uint8 row of `new_step_bytes`, see `new_steps`) to
-    `raws[i]`, by array operations over the contexts of one length (the common case: every context full),
-    so the per-user Python is a length lookup and a slice."""
+    `raws[i]`: by array operations over the contexts of one length (the common case: every context full),
+    so the per-user Python is a length lookup and a slice; a group too small to repay them (a request of
+    a few users) by `append_step` itself. Tests hold both ways equal."""
     if not len(steps):
         return []
     size = steps.shape[1] + STEP_RUNNING.size
@@ -141,6 +152,10 @@ def append_steps(raws: list[bytes | None], steps: np.ndarray, capacity: int, ini
         if length < HEADER.size or (length - HEADER.size) % size:
             fresh += members
             continue
+        if len(members) < ARRAY_ROWS:
+            for i in members:
+                out[i] = append_step(raws[i], steps[i].tobytes(), capacity, initial)
+            continue
         block = np.frombuffer(b"".join([cast(bytes, raws[i]) for i in members]), np.uint8).reshape(len(members), -1)
         headers = block[:, : HEADER.size].copy().view(HEADER_DTYPE)[:, 0]
         ours = (headers["version"] == FORMAT_VERSION) & (headers["record_size"] == size)
@@ -149,7 +164,10 @@ def append_steps(raws: list[bytes | None], steps: np.ndarray, capacity: int, ini
             members = [i for i, mine in zip(members, ours.tolist(), strict=True) if mine]
             block, headers = block[ours], headers[ours]
         _append_block(out, members, block, headers, steps, capacity, size)
-    if fresh:
+    if 0 < len(fresh) < ARRAY_ROWS:
+        for i in fresh:
+            out[i] = append_step(None, steps[i].tobytes(), capacity, initial)
+    elif fresh:
         block = np.frombuffer(initial, np.uint8)[None, :].repeat(len(fresh), axis=0)
         headers = block[:, : HEADER.size].copy().view(HEADER_DTYPE)[:, 0]
         _append_block(out, fresh, block, headers, steps, capacity, size)

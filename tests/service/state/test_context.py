@@ -6,12 +6,15 @@ import numpy as np
 import pytest
 
 from service.state.context import (
+    ARRAY_ROWS,
     append_step,
+    append_steps,
     apply_outcome,
     decode_context,
     empty_context,
     gather,
     new_step_bytes,
+    new_steps,
 )
 
 
@@ -41,6 +44,28 @@ def test_append_keeps_the_last_steps_and_starts_afresh_on_values_not_ours(capaci
     for foreign in (b"", b"not a context", grown(3, dim + 2, 9, np.random.default_rng(0))):
         fresh = decode_context(append_step(foreign, new_step_bytes("d-x", 1, b"\0" * 4 * dim), capacity, initial))
         assert fresh is not None and fresh.t == 1 and fresh.decision_ids == (["d-x"] if capacity else [])
+
+
+@pytest.mark.parametrize("capacity", [0, 1, 3, 9])
+@pytest.mark.parametrize("users", [1, ARRAY_ROWS - 1, 3 * ARRAY_ROWS])
+def test_the_batch_append_equals_appending_each_step(capacity: int, users: int) -> None:
+    """`append_steps` (array operations from ARRAY_ROWS contexts of one length) gives every user what
+    `append_step` gives: contexts of mixed lengths, absent ones and values not ours alike."""
+    rng = np.random.default_rng(capacity * 100 + users)
+    dim, initial = 3, empty_context(3)
+    kinds = [None, b"not a context", grown(2, dim + 1, 9, rng)]
+    raws = [grown(int(rng.integers(0, 12)), dim, capacity, rng) if i % 2 else kinds[i % 3] for i in range(users)]
+    for round_ in range(3):
+        ids = [f"d-{round_}-{i}" for i in range(users)]
+        actions = [int(a) for a in rng.integers(0, 4, size=users)]
+        features = rng.normal(size=(users, dim)).astype("<f4").tobytes()
+        row = 4 * dim
+        steps = [new_step_bytes(ids[i], actions[i], features[i * row : (i + 1) * row]) for i in range(users)]
+        rows = new_steps(ids, actions, features)
+        assert [row.tobytes() for row in rows] == steps
+        expected = [append_step(raw, step, capacity, initial) for raw, step in zip(raws, steps, strict=True)]
+        assert append_steps(raws, rows, capacity, initial) == expected
+        raws = list(expected)
 
 
 @pytest.mark.parametrize("capacity", [0, 1, 3, 9])
