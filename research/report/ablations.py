@@ -16,6 +16,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 import torch
 
+from contract.inputs import NAMES
 from offline.logs import Logs
 from offline.model import PolicyModule
 from offline.rollout import Policy, SequencePolicy
@@ -125,13 +126,13 @@ def zero_inputs(rtg: bool, ctg: bool, lam: bool) -> Callable[[Batch], Batch] | N
     if not (rtg or ctg or lam):
         return None
 
+    zeroed = {name for name, zero in (("rtg", rtg), ("ctg", ctg), ("lam", lam)) if zero}
+
     def transform(batch: Batch) -> Batch:
-        return replace(
-            batch,
-            rtg=torch.zeros_like(batch.rtg) if rtg else batch.rtg,
-            ctg=torch.zeros_like(batch.ctg) if ctg else batch.ctg,
-            lam=torch.zeros_like(batch.lam) if lam else batch.lam,
+        inputs = tuple(
+            torch.zeros_like(x) if name in zeroed else x for name, x in zip(NAMES, batch.inputs, strict=True)
         )
+        return replace(batch, inputs=inputs)
 
     return transform
 
