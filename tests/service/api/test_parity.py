@@ -11,8 +11,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pytest
 from fastapi.testclient import TestClient
+from svc_http import ADMIN, campaign_body
 
 from contract.inputs import NAMES, ModelInputs
 from loop.data import DelayConfig, training_logs
@@ -22,7 +22,6 @@ from service.app import create_app
 from service.policy import LoadedPolicy
 from service.settings import Settings
 
-ADMIN_TOKEN = "parity-admin-token"
 SACO = str(Path(sys.executable).with_name("saco"))
 
 
@@ -47,16 +46,14 @@ def serve_export_and_record(settings: Settings, feature_dim: int, out: Path) -> 
     inputs the model saw for that decision and the user."""
     rng = np.random.default_rng(7)
     served: dict[str, Any] = {}
-    admin = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
-    coupons = [{"action": 1, "cost": 2.0}, {"action": 2, "cost": 5.0}, {"action": 3, "cost": 10.0}]
     with TestClient(create_app(settings)) as client:
         runtime: Any = client.app.state.runtime  # type: ignore[attr-defined]
         current: LoadedPolicy = runtime.policies.current
         recording = RecordingPolicy(current.artifact, current.module, current.device)
         object.__setattr__(recording, "seen", [])
         runtime.policies.current = recording
-        body = {"budget": 1_000_000.0, "coupons": coupons, "lambda": 0.25}
-        assert client.put("/v1/admin/campaigns/c", json=body, headers=admin).status_code == 200
+        body = campaign_body(1_000_000.0, **{"lambda": 0.25})
+        assert client.put("/v1/admin/campaigns/c", json=body, headers=ADMIN).status_code == 200
         steps = recording.artifact.manifest.context_length + 3  # more than a context holds: the oldest trim
         for step in range(steps):
             for user in ("u", "v"):
@@ -93,18 +90,10 @@ def serve_export_and_record(settings: Settings, feature_dim: int, out: Path) -> 
     return served
 
 
-def test_served_inputs_equal_the_training_windows_of_the_same_steps(
-    store_kind: str, request: pytest.FixtureRequest, model_store_dir: Path, tmp_path: Path
-) -> None:
-    manifest = ModelStore(model_store_dir).load().manifest
-    overrides: dict[str, Any] = {"store": str(model_store_dir), "admin_token": ADMIN_TOKEN, "device": "cpu"}
-    if store_kind == "embedded":
-        overrides["state_dir"] = str(tmp_path / "state")
-    else:
-        overrides["redis_url"] = request.getfixturevalue("store_url")
-        overrides["redis_prefix"] = request.getfixturevalue("redis_prefix")
+def test_served_inputs_equal_the_training_windows_of_the_same_steps(settings: Settings, tmp_path: Path) -> None:
+    manifest = ModelStore(settings.store).load().manifest
     out = tmp_path / "export"
-    served = serve_export_and_record(Settings(**overrides), manifest.feature_dim, out)
+    served = serve_export_and_record(settings, manifest.feature_dim, out)
 
     logs, logged = training_logs(out, now_ms=int(time.time() * 1000) + 1, delay=DelayConfig("naive", maturity_ms=0))
     assert logs.n_rows == len(served)
