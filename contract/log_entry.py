@@ -25,6 +25,12 @@ class LogEntryError(ValueError):
     """A stream entry does not follow the log format; the message names the stream, entry and field."""
 
 
+def _decimal(x: float) -> str:
+    """A number as reserve.lua writes it: %.15g, or %.17g where that does not read back as `x`."""
+    text = f"{x:.15g}"
+    return text if float(text) == x else f"{x:.17g}"
+
+
 def decision_fields(
     *,
     decision_id: str,
@@ -46,7 +52,7 @@ def decision_fields(
         "user_id": user_id,
         "action": str(int(action)),
         "cost": str(int(cost_cents)),
-        "probability": repr(float(probability)),
+        "probability": _decimal(float(probability)),
         "explored": "1" if explored else "0",
         "holdout": "1" if holdout else "0",
         "lambda": repr(float(lam)),
