@@ -13,6 +13,7 @@ the service all call, so that a served user's inputs equal the training window o
   integer cents (exact and independent of the order in which outcomes arrive), the subtraction in
   doubles, then float32;
 - timesteps are each step's index in the user's history, clipped to max_timestep - 1;
+- the last position's action is 0: it is the action being decided (the model reads only earlier ones);
 - padding is all zeros (mask False).
 """
 
@@ -94,12 +95,15 @@ def assemble(
     max_timestep: int,
 ) -> ModelInputs:
     """Model inputs from per-step arrays [B, L] (states [B, L, d], lam [B]): padding (mask False) zeroed,
-    timesteps clipped to max_timestep - 1, dtypes as the model takes them. The history rule ends here; the
-    hindsight objectives of the ablations (dt-literal, dt-lagrangian) build their inputs here directly."""
+    timesteps clipped to max_timestep - 1, the last position's action 0 (it is the action being decided,
+    never an input), dtypes as the model takes them. The history rule ends here; the hindsight objectives of
+    the ablations (dt-literal, dt-lagrangian) build their inputs here directly."""
     pad = ~mask
+    known_actions = np.where(pad, 0, actions).astype(np.int64)
+    known_actions[:, -1] = 0
     return ModelInputs(
         states=np.where(pad[..., None], 0, states).astype(np.float32, copy=False),
-        actions=np.where(pad, 0, actions).astype(np.int64, copy=False),
+        actions=known_actions,
         rtg=np.where(pad, 0, rtg).astype(np.float32, copy=False),
         ctg=np.where(pad, 0, ctg).astype(np.float32, copy=False),
         timesteps=np.where(pad, 0, np.minimum(timesteps, max_timestep - 1)).astype(np.int64, copy=False),
@@ -114,7 +118,7 @@ class History:
     training: the window's last step). Outcomes are integer cents."""
 
     states: np.ndarray  # f32 [B, L, d]
-    actions: np.ndarray  # i64 [B, L]: the action taken (the last position's is not known when deciding)
+    actions: np.ndarray  # i64 [B, L]: the action taken (the last position's is not an input)
     reward: np.ndarray  # i64 [B, L] cents: each step's realised reward (0 until its outcome is known)
     cost: np.ndarray  # i64 [B, L] cents
     timesteps: np.ndarray  # i64 [B, L]: the step's index in the user's whole history

@@ -78,11 +78,8 @@ def greedy_actions(artifact: Artifact, logs: Logs, lam: np.ndarray, batch_size: 
     with torch.inference_mode():
         for i in range(0, len(windows), batch_size):
             w = windows[i : i + batch_size]
-            b = make_batch(traj, w, "value", lam[i : i + batch_size], m.initial_rtg, m.initial_ctg)
-            actions = b.actions.clone()
-            actions[:, -1] = 0  # the decision's own action is not known yet
-            timesteps = torch.clamp(b.timesteps, max=m.max_timestep - 1)
-            scores = module(b.states, actions, b.rtg, b.ctg, timesteps, b.lam, b.mask)
+            b = make_batch(traj, w, "value", lam[i : i + batch_size], m.initial_rtg, m.initial_ctg, m.max_timestep)
+            scores = module(*b.inputs)
             out[i : i + len(w)] = scores.argmax(dim=1).numpy()
     return out
 

@@ -195,49 +195,6 @@ local out, replays, fields = {0}, {}, {}
 local decision_prefix = 'd-' .. batch .. '-'
 local cost_text = {[0] = '0'} -- action -> its cost in cents, as the log writes it
 for a, price in pairs(prices) do cost_text[a] = string.format('%d', price) end
--- log_add(field, value, ...): one entry in the campaign's log (docs/state.md, "The decision log"), trimmed
--- to about its bound. The entries it trims that the exporter's group `export` has not read (every one while
--- there is no group) count in the campaign's log_lost; the group's cursor then moves past them, so that
--- its lag (XINFO GROUPS) stays the number of unread entries the stream holds, which the next call reads.
-local log_len, log_ahead, log_cursor -- length, entries at its head the group read, its last-delivered id
-local function info(reply, name)
-  for j = 1, #reply - 1, 2 do if reply[j] == name then return reply[j + 1] end end
-end
-local function log_add(...)
-  log_len = log_len or redis.call('XLEN', log)
-  local full = log_len >= tonumber(log_max)
-  if full and not log_ahead then
-    log_ahead, log_cursor = 0, false -- no group, or Redis does not know its lag: every trimmed entry counts
-    for _, group in ipairs(redis.call('XINFO', 'GROUPS', log)) do
-      if info(group, 'name') == 'export' then
-        log_cursor = info(group, 'last-delivered-id')
-        if info(group, 'lag') then log_ahead = math.max(0, log_len - info(group, 'lag')) end
-      end
-    end
-  end
-  redis.call('XADD', log, 'MAXLEN', '~', log_max, '*', ...)
-  if not full then
-    log_len = log_len + 1
-    return
-  end
-  local length = redis.call('XLEN', log)
-  local trimmed = log_len + 1 - length
-  local lost = math.max(0, trimmed - log_ahead)
-  log_len, log_ahead = length, math.max(0, log_ahead - trimmed)
-  if lost == 0 then return end
-  redis.call('HINCRBY', campaign, 'log_lost', lost)
-  if not log_cursor then return end
-  -- the trimmed entries are gone: the cursor goes just before the first entry left
-  local stream = redis.call('XINFO', 'STREAM', log)
-  local ms, seq = string.match(info(stream, 'first-entry')[1], '^(%d+)-(%d+)$')
-  local cursor = seq ~= '0' and ms .. '-' .. string.format('%d', tonumber(seq) - 1)
-    or string.format('%d', tonumber(ms) - 1) .. '-18446744073709551615'
-  local read_ms, read_seq = string.match(log_cursor, '^(%d+)-(%d+)$')
-  if tonumber(read_ms) < tonumber(ms) or (read_ms == ms and tonumber(read_seq) < tonumber(seq)) then
-    redis.call('XGROUP', 'SETID', log, 'export', cursor, 'ENTRIESREAD', info(stream, 'entries-added') - length)
-    log_cursor = cursor
-  end
-end
 for i = 1, #ordering do
   local request = requests[i]
   local earlier = request and redis.call('GET', KEYS[request[2]])
@@ -276,7 +233,7 @@ for i = 1, #ordering do
     fields[#fields + 1] = record_head(action, reserve, var, predicted, probability, explored, held_out[i]) .. tails[i]
     if log_max ~= '0' then
       local request_length, rest = string.match(tails[i], '^(%d+)\t()')
-      log_add('kind', 'decision',
+      log_add(campaign, log, log_max, 'kind', 'decision',
         'decision_id', decision_prefix .. (i - 1), 'user_id', string.sub(tails[i], rest + tonumber(request_length) + 1),
         'action', action, 'cost', cost_text[action], 'probability', decimal(probability),
         'explored', explored and '1' or '0', 'holdout', held_out[i] and '1' or '0', 'lambda', lam,

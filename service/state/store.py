@@ -4,24 +4,7 @@ Every ledger rule (reserve, settle, expire, campaign upsert) is one Lua script i
 is atomic and exists once; the user-context rules (append a step, apply an outcome) live once in
 `service.state.context`, and the `write_contexts` script stores their results compare-and-set.
 
-Key layout (P = the configured prefix; C = the campaign id, which has no braces; its hash tag {c:C} puts
-every key of one campaign's ledger in one Cluster slot, so each ledger script touches a single slot)::
-
-    P{c:C}:campaign       hash: the settings (budget, coupons as JSON {action: cents}, admin_lambda, ...: the
-                          fields of CampaignSettings, '' for a default), the ledger (spent, reserved,
-                          outstanding_predicted, overrun: cents), decisions, model_version, pacing's state
-    P{c:C}:config         string: the settings as one JSON object, what a decision reads of its campaign
-                          (written with the hash by upsert_campaign.lua; read with the users' contexts)
-    P{c:C}:pacing         string: what pacing has set (pace.lua, JSON), read with the settings
-    P{c:C}:pending        zset: batches that may hold reservations, scored by release deadline (ms)
-    P{c:C}:b:<batch>      hash: field i is the record of decision "d-<batch>-<i>" (reserve.lua documents
-                          the record); expires with the decision TTL
-    P{c:C}:r:<request>    string: the decision returned again for a repeated request_id
-    P{c:C}:log            stream: the campaign's decisions and outcomes, for training (docs/state.md)
-    P ctx:<n>:C:<user>    string: the user's context (service.state.context); n = len(C), so no two
-                          (campaign, user) pairs share a key; no hash tag: contexts spread over the slots
-    P campaigns           set of campaign ids (for the periodic sweep and the log's readers)
-    P models              pub/sub channel: a model version that became current (every replica reloads)
+The key and channel names are contract/keys.py's.
 
 Decision ids are made here: "d-<batch>-<i>", the batch 80 random bits (collisions are not a concern at any
 realistic volume), i the position in the batch; a batch's records are one hash written by one HSET.
@@ -46,6 +29,7 @@ from redis.asyncio.cluster import RedisCluster
 from redis.crc import key_slot
 from redis.exceptions import NoScriptError, RedisError
 
+from contract.keys import LOG_GROUP, Keys
 from contract.money import rounded_cents
 from service.state.context import HEADER, apply_outcome, empty_context, new_steps
 from service.state.context import append_steps as append_context_steps
@@ -77,8 +61,7 @@ T = TypeVar("T")
 Client = aioredis.Redis | RedisCluster
 LUA_DIR = Path(__file__).resolve().parents[1] / "lua"
 DECISION_ID = re.compile(r"d-([0-9a-f]{20})-([0-9]{1,5})")
-MODELS_CHANNEL = "models"  # after the prefix: where a new current model version is announced
-LOG_GROUP = "export"  # the exporter's consumer group (loop/logstream.py)
+LOGGING_SCRIPTS = ("reserve", "settle")  # the scripts that write the decision log (service/lua/log.lua)
 CAS_ATTEMPTS = 32  # a context changed by another writer between read and write is redone, at most this often
 
 
@@ -87,6 +70,8 @@ class Script:
 
     def __init__(self, name: str) -> None:
         self.source = (LUA_DIR / f"{name}.lua").read_text()
+        if name in LOGGING_SCRIPTS:  # the one definition of log_add, as a local of the script
+            self.source = (LUA_DIR / "log.lua").read_text() + self.source
         self.sha = hashlib.sha1(self.source.encode()).hexdigest()
 
     async def __call__(self, client: Client, keys: Sequence[Any], args: Sequence[Any]) -> Any:
@@ -264,8 +249,7 @@ class StateStore:
     ) -> None:
         if log_max_entries < 0:
             raise ValueError(f"log_max_entries must be >= 0 (0 turns the decision log off), got {log_max_entries}")
-        if "{" in prefix or "}" in prefix:
-            raise ValueError(f"the Redis key prefix {prefix!r} must not contain braces (they set the hash tag)")
+        self.keys = Keys(prefix)
         self.url = url
         self.prefix = prefix
         self.cluster = cluster
@@ -275,44 +259,6 @@ class StateStore:
         self._connecting = asyncio.Lock()
         names = ("upsert_campaign", "reserve", "settle", "sweep", "pace", "write_contexts", "clock")
         self.scripts = {name: Script(name) for name in names}
-
-    # ---- keys ------------------------------------------------------------------------------------
-    def _tag(self, campaign_id: str) -> str:
-        if "{" in campaign_id or "}" in campaign_id:
-            raise ValueError(f"campaign id {campaign_id!r} must not contain braces")
-        return f"{self.prefix}{{c:{campaign_id}}}"
-
-    def campaign_key(self, campaign_id: str) -> str:
-        return self._tag(campaign_id) + ":campaign"
-
-    def config_key(self, campaign_id: str) -> str:
-        return self._tag(campaign_id) + ":config"
-
-    def pacing_key(self, campaign_id: str) -> str:
-        return self._tag(campaign_id) + ":pacing"
-
-    def pending_key(self, campaign_id: str) -> str:
-        return self._tag(campaign_id) + ":pending"
-
-    def batch_key(self, campaign_id: str, batch: str) -> str:
-        return f"{self._tag(campaign_id)}:b:{batch}"
-
-    def request_key(self, campaign_id: str, request_id: str) -> str:
-        return f"{self._tag(campaign_id)}:r:{request_id}"
-
-    def log_key(self, campaign_id: str) -> str:
-        return self._tag(campaign_id) + ":log"
-
-    def context_key(self, campaign_id: str, user_id: str) -> str:
-        return f"{self.prefix}ctx:{len(campaign_id)}:{campaign_id}:{user_id}"
-
-    @property
-    def campaigns_key(self) -> str:
-        return f"{self.prefix}campaigns"
-
-    @property
-    def models_channel(self) -> str:
-        return f"{self.prefix}{MODELS_CHANNEL}"
 
     # ---- connection ------------------------------------------------------------------------------
     async def client(self) -> Client:
@@ -388,7 +334,7 @@ class StateStore:
                 raise StateStoreError(f"model announcements: {type(exc).__name__}: {exc}") from exc
 
         try:
-            await self._guard(lambda: pubsub.subscribe(self.models_channel))
+            await self._guard(lambda: pubsub.subscribe(self.keys.models_channel))
             yield versions()
         finally:
             await pubsub.aclose()
@@ -412,7 +358,11 @@ class StateStore:
     # ---- campaigns -------------------------------------------------------------------------------
     async def upsert_campaign(self, campaign_id: str, update: CampaignUpdate) -> CampaignState:
         """Create/replace (update.replace) or patch; patching an unknown campaign raises CampaignNotFound."""
-        keys = [self.campaign_key(campaign_id), self.config_key(campaign_id), self.pacing_key(campaign_id)]
+        keys = [
+            self.keys.campaign_key(campaign_id),
+            self.keys.config_key(campaign_id),
+            self.keys.pacing_key(campaign_id),
+        ]
         args = [
             "1" if update.replace else "0",
             campaign_id,
@@ -423,15 +373,15 @@ class StateStore:
         if flat is None:
             raise CampaignNotFound(campaign_id)
         client = await self.client()
-        await self._guard(lambda: client.sadd(self.campaigns_key, campaign_id))
+        await self._guard(lambda: client.sadd(self.keys.campaigns_key, campaign_id))
         state = _parse_campaign(campaign_id, dict(zip(flat[::2], flat[1::2], strict=True)), None)
         assert state is not None
         return state
 
     async def get_campaign(self, campaign_id: str) -> CampaignState | None:
         client = await self.client()
-        fields = await self._guard(lambda: client.hgetall(self.campaign_key(campaign_id)))
-        paced = await self._guard(lambda: client.get(self.pacing_key(campaign_id)))
+        fields = await self._guard(lambda: client.hgetall(self.keys.campaign_key(campaign_id)))
+        paced = await self._guard(lambda: client.get(self.keys.pacing_key(campaign_id)))
         return _parse_campaign(campaign_id, fields, cast(bytes | None, paced), await self.log_length(campaign_id))
 
     async def pace(
@@ -451,7 +401,7 @@ class StateStore:
         spend cents, whether it stepped); None for an unknown campaign. `prior`: cents at ratio 1 in the
         spend of outstanding reservations; `prior_coupons`: coupons of each action predicted right in the
         ratios of realised to predicted cost."""
-        keys = [self.campaign_key(campaign_id), self.pacing_key(campaign_id)]
+        keys = [self.keys.campaign_key(campaign_id), self.keys.pacing_key(campaign_id)]
         clock = "" if now_ms is None else now_ms
         args = [clock, interval_ms, repr(start_lambda), repr(step), repr(max_step), repr(lambda_max)]
         args += [prior, prior_coupons]
@@ -465,14 +415,14 @@ class StateStore:
     async def log_length(self, campaign_id: str) -> int:
         """Entries in the campaign's decision and outcome log."""
         client = await self.client()
-        return int(await self._guard(lambda: client.xlen(self.log_key(campaign_id))))
+        return int(await self._guard(lambda: client.xlen(self.keys.log_key(campaign_id))))
 
     async def log_status(self, campaign_id: str) -> LogStatus:
         """The campaign's log against its exporter: entries held, how many of them the group `export` has
         not read, how many were trimmed unread. The scripts keep the group's cursor past every entry they
         trim unread, so Redis's lag of the group is exact; should Redis not know it, every entry counts."""
         client = await self.client()
-        key = self.log_key(campaign_id)
+        key = self.keys.log_key(campaign_id)
         entries = int(await self._guard(lambda: client.xlen(key)))
         lag = entries
         if entries:
@@ -480,12 +430,12 @@ class StateStore:
             for group in cast(list[dict[str, Any]], groups):
                 if _text(group["name"]) == LOG_GROUP and group.get("lag") is not None:
                     lag = min(entries, int(group["lag"]))
-        lost = await self._guard(lambda: client.hget(self.campaign_key(campaign_id), "log_lost"))
+        lost = await self._guard(lambda: client.hget(self.keys.campaign_key(campaign_id), "log_lost"))
         return LogStatus(entries, lag, int(_text(cast(bytes | None, lost)) or 0))
 
     async def campaign_ids(self) -> list[str]:
         client = await self.client()
-        members = await self._guard(lambda: client.smembers(self.campaigns_key))
+        members = await self._guard(lambda: client.smembers(self.keys.campaigns_key))
         return sorted(_text(cast(bytes, m)) for m in members)
 
     # ---- decisions -------------------------------------------------------------------------------
@@ -500,8 +450,8 @@ class StateStore:
     ) -> tuple[CampaignConfig | None, list[UserContext | None]]:
         """The campaign's configuration (None: no such campaign) and every user's context, in one round
         trip (on a Cluster, one per slot, in parallel)."""
-        keys = [self.config_key(campaign_id), self.pacing_key(campaign_id)]
-        keys += [self.context_key(campaign_id, user_id) for user_id in user_ids]
+        keys = [self.keys.config_key(campaign_id), self.keys.pacing_key(campaign_id)]
+        keys += [self.keys.context_key(campaign_id, user_id) for user_id in user_ids]
         config, paced, *contexts = await self._mget(keys)
         return (None if config is None else _parse_config(campaign_id, config, paced)), contexts
 
@@ -533,7 +483,11 @@ class StateStore:
         if batch.features and len(batch.features) % max(1, users):
             raise ValueError("every user of a reservation must carry features of the same length (float32 rows)")
         batch_id = os.urandom(10).hex()
-        keys = [self.campaign_key(campaign_id), self.pending_key(campaign_id), self.batch_key(campaign_id, batch_id)]
+        keys = [
+            self.keys.campaign_key(campaign_id),
+            self.keys.pending_key(campaign_id),
+            self.keys.batch_key(campaign_id, batch_id),
+        ]
         requests = []
         tails = []
         for position, (user_id, request_id) in enumerate(zip(batch.user_ids, batch.request_ids, strict=True), 1):
@@ -541,7 +495,7 @@ class StateStore:
                 tails.append("0\t\t" + user_id)
             else:
                 tails.append(_record_tail(request_id, user_id))
-                keys.append(self.request_key(campaign_id, request_id))
+                keys.append(self.keys.request_key(campaign_id, request_id))
                 requests.append((position, len(keys), user_id))
         columns: dict[str, Any] = {
             "orderings": batch.orderings,
@@ -551,7 +505,7 @@ class StateStore:
         }
         if batch.expected_costs is not None:
             columns["expected"] = batch.expected_costs
-        keys.append(self.log_key(campaign_id))
+        keys.append(self.keys.log_key(campaign_id))
         behaviour = {
             "holdout": [position + 1 for position in batch.holdout],
             "explore": [[position + 1, draw] for position, draw in batch.explore],
@@ -680,7 +634,7 @@ class StateStore:
                 current.update(zip(users_of, appended, strict=True))
             return [current[i] for i in indices]
 
-        keys = [self.context_key(campaign_id, user) for user in users]
+        keys = [self.keys.context_key(campaign_id, user) for user in users]
         await self._update_contexts(keys, read, change, ttl_ms)
 
     async def apply_outcomes_to_contexts(
@@ -693,7 +647,7 @@ class StateStore:
         if not by_user:
             return
         users = list(by_user)
-        keys = [self.context_key(campaign_id, user) for user in users]
+        keys = [self.keys.context_key(campaign_id, user) for user in users]
 
         def change(indices: list[int], values: list[bytes | None]) -> list[bytes | None]:
             changed = []
@@ -710,7 +664,7 @@ class StateStore:
         """Settle a batch of outcomes atomically (all or nothing: CostAboveReservation refuses all); each
         accepted outcome is logged in the campaign's log stream, settled at `now_ms` (default: the store's
         clock)."""
-        keys = [self.campaign_key(campaign_id)]
+        keys = [self.keys.campaign_key(campaign_id)]
         key_index: dict[str, int] = {}
         args: list[Any] = []
         known: list[int] = []  # positions of the outcomes whose id is one this store made
@@ -719,13 +673,13 @@ class StateStore:
             match = DECISION_ID.fullmatch(outcome.decision_id)
             if match is None:
                 continue
-            key = self.batch_key(campaign_id, match[1])
+            key = self.keys.batch_key(campaign_id, match[1])
             if key not in key_index:
                 keys.append(key)
                 key_index[key] = len(keys)
             args += [outcome.cost, rewards[position], key_index[key], match[2]]
             known.append(position)
-        keys.append(self.log_key(campaign_id))
+        keys.append(self.keys.log_key(campaign_id))
         args += ["" if now_ms is None else now_ms, self.log_max_entries]
         reply = await self._eval("settle", keys, args)
         if reply[0] == b"missing":
@@ -750,10 +704,10 @@ class StateStore:
         simulations and tests); returns how many were released. Up to `limit` due batches, 16 per script
         call: a batch holds up to max_batch records, and no single call should hold Redis for long."""
         client = await self.client()
-        pending, released, taken = self.pending_key(campaign_id), 0, 0
+        pending, released, taken = self.keys.pending_key(campaign_id), 0, 0
         clock: int | str = "" if now_ms is None else now_ms  # what the script reads
         if now_ms is None:  # which batches to hand the script (it checks each deadline on its own clock)
-            now_ms = int(await self._eval("clock", [self.campaign_key(campaign_id)], []))
+            now_ms = int(await self._eval("clock", [self.keys.campaign_key(campaign_id)], []))
         while taken < limit:
             chunk = min(16, limit - taken)
             due = await self._guard(
@@ -762,7 +716,9 @@ class StateStore:
             if not due:
                 break
             batches = [_text(cast(bytes, member)) for member in due]
-            keys = [self.campaign_key(campaign_id), pending] + [self.batch_key(campaign_id, b) for b in batches]
+            keys = [self.keys.campaign_key(campaign_id), pending] + [
+                self.keys.batch_key(campaign_id, b) for b in batches
+            ]
             released += int(await self._eval("sweep", keys, [clock, *batches]))
             taken += len(due)
             if len(due) < chunk:

@@ -129,7 +129,7 @@ def test_an_unreadable_context_value_is_treated_as_no_context(run: Run) -> None:
     async def scenario(store: StateStore) -> None:
         await store.upsert_campaign("c", put(10_000))
         client = await store.client()
-        await client.set(store.context_key("c", "u"), '{"t": 3, "s": {}}')  # written by another program
+        await client.set(store.keys.context_key("c", "u"), '{"t": 3, "s": {}}')  # written by another program
         _, (raw,) = await store.load_for_decision("c", ["u"])
         assert decode_context(raw) is None
         await store.apply_outcomes_to_contexts("c", [("u", "d-1", 100, 100)], ttl_ms=DAY_MS)

@@ -18,17 +18,17 @@ from service.state.store import StateStore, parse_decision_record
 def test_no_two_campaign_user_pairs_share_a_context_key() -> None:
     store = StateStore("redis://127.0.0.1:1/0", prefix="p:")
     pairs = [("x", "y:u"), ("x:y", "u"), ("x", "y:u:"), ("x:", "y:u"), ("1", "1:x"), ("1:1", "x"), ("x", "")]
-    assert len({store.context_key(c, u) for c, u in pairs}) == len(pairs)
+    assert len({store.keys.context_key(c, u) for c, u in pairs}) == len(pairs)
 
 
 def test_one_campaigns_ledger_keys_share_a_slot_and_contexts_spread() -> None:
     store = StateStore("redis://127.0.0.1:1/0", prefix="p:")
-    keys = [store.campaign_key("c:1"), store.config_key("c:1"), store.pending_key("c:1")]
-    keys += [store.batch_key("c:1", "ab" * 10), store.request_key("c:1", "any {request} id}")]
+    keys = [store.keys.campaign_key("c:1"), store.keys.config_key("c:1"), store.keys.pending_key("c:1")]
+    keys += [store.keys.batch_key("c:1", "ab" * 10), store.keys.request_key("c:1", "any {request} id}")]
     assert len({key_slot(k.encode()) for k in keys}) == 1
-    assert len({key_slot(store.context_key("c:1", f"u{i}").encode()) for i in range(50)}) > 40
+    assert len({key_slot(store.keys.context_key("c:1", f"u{i}").encode()) for i in range(50)}) > 40
     with pytest.raises(ValueError, match="braces"):
-        store.campaign_key("c{1}")
+        store.keys.campaign_key("c{1}")
     with pytest.raises(ValueError, match="braces"):
         StateStore("redis://127.0.0.1:1/0", prefix="p{x}:")
 
@@ -58,7 +58,7 @@ def test_decision_records_keep_free_text_ids_through_settlement(run: Run) -> Non
         decided = result.decisions[0]
         assert decided.user_id == user
         batch, index = decided.decision_id[2:].rsplit("-", 1)
-        client, key = await store.client(), store.batch_key("c", batch)
+        client, key = await store.client(), store.keys.batch_key("c", batch)
         record = parse_decision_record(await client.hget(key, index))
         assert record == {
             "status": "R", "reserved": "500", "coupon_cost": "500", "variance": "0", "predicted": "500",
@@ -85,11 +85,11 @@ def test_a_batch_is_one_hash_with_one_pending_entry(run: Run) -> None:
         ids = [d.decision_id for d in result.decisions]
         batch = ids[0][2:].rsplit("-", 1)[0]
         assert ids == [f"d-{batch}-{i}" for i in range(300)]
-        client, key = await store.client(), store.batch_key("c", batch)
+        client, key = await store.client(), store.keys.batch_key("c", batch)
         assert await client.hlen(key) == 300 and 29 * DAY_MS < await client.pttl(key) <= 30 * DAY_MS
         record = parse_decision_record(await client.hget(key, "299"))
         assert (record["status"], record["reserved"], record["user_id"]) == ("R", "200", "u299")
-        pending = await client.zrange(store.pending_key("c"), 0, -1, withscores=True)
+        pending = await client.zrange(store.keys.pending_key("c"), 0, -1, withscores=True)
         assert pending == [(batch.encode(), 5_000 + DAY_MS)]
         await store.settle("c", [Outcome(ids[7], 1.0, 100)])
         assert parse_decision_record(await client.hget(key, "7"))["status"] == "S"
