@@ -1,16 +1,20 @@
-"""Benchmark of the decision service, end to end over HTTP (a real `saco serve` process).
+"""Benchmark of the decision service, end to end over HTTP (real `saco serve` processes).
 
 Prints p50 / p99 latency and throughput for requests of 1, 16, 128 and 1024 users, on the embedded store
-and on Redis, the per-user cost of a 128-user request against a 1-user request, and the speed-up of the
-batched path over a per-user model loop (one forward per user, the paper's way).
+and on Redis; beside them, in the same run, the HTTP floor (benchmarks/http_floor.py: the same route, body
+model and answer under the same uvicorn settings, no model and no store) and the batched forward of as many
+users (the TorchScript policy alone, at full context), and the service's p50 against floor + forward. Also
+the per-user cost of a 128-user request against a 1-user request, and the speed-up of the batched forward
+over a per-user model loop (one forward per user, the paper's way).
 
     python benchmarks/bench_service.py                    # trains a small model, starts a throwaway Redis
     python benchmarks/bench_service.py --store DIR --redis-url redis://127.0.0.1:6379/15
     python benchmarks/bench_service.py --pin              # Redis on a CPU of its own, the services on the rest
 
 Requests cycle over 8 disjoint groups of users that keep their context between requests, and a warm-up
-fills every context first, so the model sees full contexts (context_length steps), as in production. Both
-services run side by side and the timed requests are spread over 5 rounds of every store and size.
+fills every context first, so the model sees full contexts (context_length steps), as in production. The
+floor and both services run side by side and the timed requests (and forwards) are spread over 5 rounds of
+every service and size, so a slow minute of a shared machine lands on all of them alike.
 """
 
 from __future__ import annotations
@@ -37,7 +41,10 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 from service.replicas import start_replica  # noqa: E402
-from service.state.servers import start_redis  # noqa: E402
+from service.state.servers import (
+    free_port,
+    start_redis,
+)
 
 TOKEN = "bench-admin-token"
 COUPONS = [{"action": 1, "cost": 2.0}, {"action": 2, "cost": 5.0}, {"action": 3, "cost": 10.0}]
@@ -84,6 +91,26 @@ def start_service(
     )
     assert resp.status_code == 200, resp.text
     return proc, base
+
+
+def start_floor(repo: Path = REPO, cpus: set[int] | None = None) -> tuple[subprocess.Popen[bytes], str]:
+    """benchmarks/http_floor.py run from `repo` (on `cpus` when given), ready."""
+    port = free_port()
+    cmd = [sys.executable, str(repo / "benchmarks" / "http_floor.py"), "--port", str(port)]
+    env = dict(os.environ)
+    if cpus is not None:
+        cmd = ["taskset", "-c", ",".join(map(str, sorted(cpus))), *cmd]
+    proc = subprocess.Popen(cmd, cwd=repo, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    base = f"http://127.0.0.1:{port}"
+    for _ in range(300):
+        try:
+            if httpx.get(base + "/healthz", timeout=1).status_code == 200:
+                return proc, base
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    proc.kill()
+    raise RuntimeError("the HTTP floor did not become ready")
 
 
 def delete_keys(redis_url: str, prefix: str) -> None:
@@ -171,38 +198,59 @@ class Workload:
         }
 
 
-def model_loop_speedup(store: Path, users: int = 128, repeats: int = 30) -> dict[str, float]:
-    """One batched forward over `users` full contexts vs one forward per user (same inputs)."""
-    import torch
+def full_context_inputs(manifest: Any, users: int) -> Any:
+    """Model inputs of `users` users at full context (every step real), as the warmed-up services see them."""
+    from contract.inputs import ModelInputs
 
-    from service.policy import PolicyInputs, load_policy
-
-    torch.set_num_threads(max(1, (os.cpu_count() or 2) // 2))
-    policy = load_policy(str(store), "cpu")
-    m = policy.manifest
-    rng = np.random.default_rng(0)
-    length = m.context_length
-    batch = PolicyInputs(
-        states=rng.normal(size=(users, length, m.feature_dim)).astype(np.float32),
-        actions=rng.integers(0, m.num_actions, size=(users, length)),
-        rtg=np.full((users, length), m.initial_rtg, np.float32),
-        ctg=np.full((users, length), m.initial_ctg, np.float32),
+    rng = np.random.default_rng(users)
+    length = manifest.context_length
+    return ModelInputs(
+        states=rng.normal(size=(users, length, manifest.feature_dim)).astype(np.float32),
+        actions=rng.integers(0, manifest.num_actions, size=(users, length)),
+        rtg=np.full((users, length), manifest.initial_rtg, np.float32),
+        ctg=np.full((users, length), manifest.initial_ctg, np.float32),
         timesteps=np.tile(np.arange(length), (users, 1)),
         lam=np.zeros(users, np.float32),
         mask=np.ones((users, length), np.bool_),
     )
-    singles = [
-        PolicyInputs(
-            batch.states[i : i + 1],
-            batch.actions[i : i + 1],
-            batch.rtg[i : i + 1],
-            batch.ctg[i : i + 1],
-            batch.timesteps[i : i + 1],
-            batch.lam[i : i + 1],
-            batch.mask[i : i + 1],
-        )
-        for i in range(users)
-    ]
+
+
+def load_bench_policy(store: Path) -> Any:
+    """The store's policy on the CPU, with as many intra-op threads as the service's inference thread."""
+    import torch
+
+    from service.policy import load_policy
+
+    torch.set_num_threads(max(1, (os.cpu_count() or 2) // 2))
+    return load_policy(str(store), "cpu")
+
+
+class Forward:
+    """The batched forward of `users` users alone (the TorchScript policy, in this process), timed in the
+    same rounds as the HTTP workloads."""
+
+    def __init__(self, policy: Any, users: int) -> None:
+        self.policy, self.users = policy, users
+        self.inputs = full_context_inputs(policy.manifest, users)
+        self.latencies: list[float] = []
+        for _ in range(5):
+            policy.scores(self.inputs)
+
+    def run(self, calls: int) -> None:
+        for _ in range(calls):
+            t0 = time.perf_counter()
+            self.policy.scores(self.inputs)
+            self.latencies.append(time.perf_counter() - t0)
+
+    def p50_ms(self) -> float:
+        return float(np.percentile(np.array(self.latencies) * 1000, 50))
+
+
+def model_loop_speedup(store: Path, users: int = 128, repeats: int = 30) -> dict[str, float]:
+    """One batched forward over `users` full contexts vs one forward per user (same inputs)."""
+    policy = load_bench_policy(store)
+    batch = full_context_inputs(policy.manifest, users)
+    singles = [batch.sliced(slice(i, i + 1)) for i in range(users)]
     for _ in range(5):
         policy.scores(batch)
         policy.scores(singles[0])
@@ -229,14 +277,22 @@ ROUNDS = 5
 
 def run_suites(
     stores: dict[str, str | None], store: Path, dim: int, context_length: int, cpus: set[int] | None = None
-) -> list[dict[str, Any]]:
-    """Both services run side by side and the timed requests go in ROUNDS rounds over every store and batch
-    size, so a slow period of a shared machine lands on all of them alike instead of on one
-    row, and the per-user ratios compare figures taken over the same minutes."""
+) -> tuple[list[dict[str, Any]], dict[int, float]]:
+    """The HTTP floor and both services run side by side and the timed requests (and the forwards) go in
+    ROUNDS rounds over every service and batch size, so a slow period of a shared machine lands on all of
+    them alike instead of on one row, and the ratios compare figures taken over the same minutes. Returns
+    the HTTP figures and the forward's p50 (ms) by users."""
     prefix = f"bench-{uuid.uuid4().hex[:8]}:"
     services: dict[str, tuple[subprocess.Popen[bytes], str]] = {}
     workloads: dict[tuple[str, int], Workload] = {}
+    policy = load_bench_policy(store)
+    forwards = {users: Forward(policy, users) for users in BATCH_SIZES}
     try:
+        services["floor"] = proc, base = start_floor(cpus=cpus)
+        client = KeepAliveClient(base)
+        for users in BATCH_SIZES:
+            workloads["floor", users] = Workload(client, dim, users)
+            workloads["floor", users].warm_up(1)
         for name, redis_url in stores.items():
             services[name] = proc, base = start_service(store, redis_url, prefix, cpus=cpus)
             client = KeepAliveClient(base)
@@ -246,6 +302,8 @@ def run_suites(
         for _ in range(ROUNDS):
             for (_, users), workload in workloads.items():
                 workload.run(REPEATS[users] // ROUNDS)
+            for users, forward in forwards.items():
+                forward.run(REPEATS[users] // ROUNDS)
     finally:
         for workload in workloads.values():
             workload.client.close()
@@ -254,7 +312,8 @@ def run_suites(
             proc.wait(timeout=30)
         for redis_url in filter(None, stores.values()):
             delete_keys(redis_url, prefix)
-    return [workload.figures() | {"store": name} for (name, _), workload in workloads.items()]
+    rows = [workload.figures() | {"store": name} for (name, _), workload in workloads.items()]
+    return rows, {users: forward.p50_ms() for users, forward in forwards.items()}
 
 
 def main() -> int:
@@ -283,7 +342,7 @@ def main() -> int:
 
             manifest = ModelStore(store).load().manifest
             dim, length = manifest.feature_dim, manifest.context_length
-            rows = run_suites({"embedded": None, "redis": redis_url}, store, dim, length, service_cpus)
+            rows, forward = run_suites({"embedded": None, "redis": redis_url}, store, dim, length, service_cpus)
             loop = model_loop_speedup(store)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -292,18 +351,31 @@ def main() -> int:
         print(f"services on CPUs {sorted(service_cpus or ())}, Redis on CPU {sorted(redis_cpus or ())}")
     print(f"{'store':9} {'users':>5} {'p50 ms':>8} {'p99 ms':>8} {'users/s':>10} {'per-user vs 1-user':>19}")
     for row in rows:
+        if row["store"] == "floor":
+            continue
         one = next(r for r in rows if r["store"] == row["store"] and r["users"] == 1)
         gain = one["p50_ms"] / (row["p50_ms"] / row["users"])
         print(
             f"{row['store']:9} {row['users']:>5} {row['p50_ms']:8.2f} {row['p99_ms']:8.2f} "
             f"{row['users_per_s']:10.0f} {gain:18.1f}x"
         )
+    print("\np50 ms of the HTTP floor, the batched forward and the service on Redis; ratio = Redis / (floor + forward)")
+    print(f"{'users':>5} {'floor':>8} {'forward':>8} {'Redis':>8} {'ratio':>6}")
+    ratios = {}
+    for users in BATCH_SIZES:
+        floor, service = (next(r for r in rows if r["store"] == s and r["users"] == users) for s in ("floor", "redis"))
+        ratios[users] = service["p50_ms"] / (floor["p50_ms"] + forward[users])
+        print(
+            f"{users:>5} {floor['p50_ms']:10.2f} {forward[users]:12.2f} {service['p50_ms']:10.2f} {ratios[users]:5.1f}x"
+        )
     print(
         f"model only, {loop['users']} users at full context: batched forward {loop['batched_ms']:.2f} ms, "
         f"per-user loop {loop['per_user_loop_ms']:.2f} ms -> batched path {loop['speedup']:.1f}x faster"
     )
     if args.json:
-        Path(args.json).write_text(json.dumps({"http": rows, "model_loop": loop}, indent=2))
+        Path(args.json).write_text(
+            json.dumps({"http": rows, "forward_p50_ms": forward, "ratio": ratios, "model_loop": loop}, indent=2)
+        )
     return 0
 
 

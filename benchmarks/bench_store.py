@@ -47,7 +47,7 @@ async def decision(store: StateStore, users: list[str], step: int) -> dict[str, 
     )
     t2 = time.perf_counter()
     steps = [NewStep(d.user_id, d.decision_id, d.action, FEATURES, contexts[i]) for i, d in enumerate(result.decisions)]
-    await store.append_steps("bench", steps, capacity=CAPACITY, ttl_ms=DAY_MS, initial_rtg=10.0, initial_ctg=5.0)
+    await store.append_steps("bench", steps, capacity=CAPACITY, ttl_ms=DAY_MS)
     t3 = time.perf_counter()
     times["read"], times["reserve"], times["write contexts"], times["all"] = t1 - t0, t2 - t1, t3 - t2, t3 - t0
     return times

@@ -135,7 +135,7 @@ class OverspendRunner(Runner):
         client = await self.store.client()
         out: dict[str, dict[str, str]] = {}
         for batch in batches:
-            fields = await client.hgetall(self.store.batch_key(cid, batch))
+            fields = await client.hgetall(self.store.keys.batch_key(cid, batch))
             for index, raw in fields.items():
                 out[f"d-{batch}-{int(index)}"] = parse_decision_record(raw if isinstance(raw, bytes) else raw.encode())
         return out

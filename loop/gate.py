@@ -43,6 +43,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
+from contract.inputs import NAMES
 from model_store import Artifact, load_scripted
 from offline.logs import Logs
 from offline.trajectories import build_trajectories, make_batch
@@ -344,25 +345,31 @@ class ModelChoices:
         traj = build_trajectories(logs, m.context_length)
         windows = traj.windows(loss_on_every_step=False)  # one window ending at every row, in row order
         zero = np.zeros(len(windows))
-        self.batches = []
-        for i in range(0, len(windows), batch_size):
-            b = make_batch(
-                traj, windows[i : i + batch_size], "value", zero[i : i + batch_size], m.initial_rtg, m.initial_ctg
-            )
-            actions = b.actions.clone()
-            actions[:, -1] = 0  # the decision's own action is not known yet
-            self.batches.append((b, actions, torch.clamp(b.timesteps, max=m.max_timestep - 1)))
+        # the inputs of each batch (the decision's own action is 0, as the service sends it), lambda aside
+        self.batches = [
+            make_batch(
+                traj,
+                windows[i : i + batch_size],
+                "value",
+                zero[i : i + batch_size],
+                m.initial_rtg,
+                m.initial_ctg,
+                m.max_timestep,
+            ).inputs
+            for i in range(0, len(windows), batch_size)
+        ]
         self.n = logs.n_rows
 
     def __call__(self, lam: np.ndarray) -> np.ndarray:
         out = np.zeros(self.n, dtype=np.int64)
         start = 0
+        at = NAMES.index("lam")
         with torch.inference_mode():
-            for b, actions, timesteps in self.batches:
-                size = len(actions)
-                lam_t = torch.from_numpy(np.asarray(lam[start : start + size], dtype=np.float32))
-                scores = self.module(b.states, actions, b.rtg, b.ctg, timesteps, lam_t, b.mask)
-                out[start : start + size] = scores.argmax(dim=1).numpy()
+            for inputs in self.batches:
+                size = len(inputs[0])
+                given = list(inputs)
+                given[at] = torch.from_numpy(np.asarray(lam[start : start + size], dtype=np.float32))
+                out[start : start + size] = self.module(*given).argmax(dim=1).numpy()
                 start += size
         return out
 

@@ -1,9 +1,8 @@
 """The service's decision and outcome log streams, and their export to Parquet partitions.
 
-One Redis stream per campaign, key ``P{c:C}:log`` (P the key prefix, C the campaign id; campaign ids are
-the members of the set ``P campaigns``). The service writes one ``decision`` entry per new decision and
-one ``outcome`` entry per accepted outcome (the fields are documented in docs/state.md and encoded by
-`decision_fields` / `outcome_fields` below).
+One Redis stream per campaign (its key and the set of campaign ids: contract/keys.py). The service writes
+one ``decision`` entry per new decision and one ``outcome`` entry per accepted outcome (the entry format:
+contract/log_entry.py).
 
 The exporter reads every stream through the consumer group ``export``: first the entries it was given
 before and did not acknowledge (a previous run that died), then new ones. Each batch is written as Parquet
@@ -44,8 +43,10 @@ import pyarrow.parquet as pq
 import redis
 import redis.cluster
 
+from contract.keys import LOG_GROUP, Keys
+from contract.log_entry import LogEntryError, decode_decision, decode_outcome
+
 Client = redis.Redis | redis.cluster.RedisCluster
-GROUP = "export"
 DEFAULT_CONSUMER = "exporter"
 DECISIONS = "decisions"
 OUTCOMES = "outcomes"
@@ -79,10 +80,6 @@ OUTCOME_COLUMNS: dict[str, pa.DataType] = {
 }
 
 
-class LogEntryError(ValueError):
-    """A stream entry does not follow the log format; the message names the stream, entry and field."""
-
-
 def connect(redis_url: str) -> Client:
     """A client of the service's Redis: a Cluster client when the server is a Cluster node."""
     client = redis.Redis.from_url(redis_url)
@@ -96,18 +93,6 @@ def connect(redis_url: str) -> Client:
     return redis.cluster.RedisCluster.from_url(redis_url)
 
 
-def log_stream_key(prefix: str, campaign_id: str) -> str:
-    return f"{prefix}{{c:{campaign_id}}}:log"
-
-
-def campaigns_key(prefix: str) -> str:
-    return f"{prefix}campaigns"
-
-
-def campaign_key(prefix: str, campaign_id: str) -> str:
-    return f"{prefix}{{c:{campaign_id}}}:campaign"
-
-
 # KEYS[1] the campaign hash; ARGV[1] entries this run found trimmed while pending. Adds them to log_lost,
 # returns what log_lost gained since the last report and marks it reported (a stream without its campaign,
 # written by a test or a tool: just ARGV[1]).
@@ -119,53 +104,6 @@ local reported = tonumber(redis.call('HGET', KEYS[1], 'log_lost_reported') or '0
 redis.call('HSET', KEYS[1], 'log_lost_reported', lost)
 return lost - reported
 """
-
-
-def decision_fields(
-    *,
-    decision_id: str,
-    user_id: str,
-    action: int,
-    cost_cents: int,
-    probability: float,
-    features: np.ndarray,
-    at_ms: int,
-    model_version: str,
-    lam: float,
-    explored: bool = False,
-    holdout: bool = False,
-) -> dict[str, str | bytes]:
-    """The fields of a `decision` entry, as the service writes them."""
-    return {
-        "kind": "decision",
-        "decision_id": decision_id,
-        "user_id": user_id,
-        "action": str(int(action)),
-        "cost": str(int(cost_cents)),
-        "probability": repr(float(probability)),
-        "explored": "1" if explored else "0",
-        "holdout": "1" if holdout else "0",
-        "lambda": repr(float(lam)),
-        "model_version": model_version,
-        "at_ms": str(int(at_ms)),
-        "features": np.ascontiguousarray(features, dtype="<f4").tobytes(),
-    }
-
-
-def outcome_fields(
-    *, decision_id: str, user_id: str, action: int, reward_cents: int, cost_cents: int, at_ms: int, decided_at_ms: int
-) -> dict[str, str | bytes]:
-    """The fields of an `outcome` entry, as the service writes them."""
-    return {
-        "kind": "outcome",
-        "decision_id": decision_id,
-        "user_id": user_id,
-        "action": str(int(action)),
-        "reward": str(int(reward_cents)),
-        "cost": str(int(cost_cents)),
-        "at_ms": str(int(at_ms)),
-        "decided_at_ms": str(int(decided_at_ms)),
-    }
 
 
 @dataclass
@@ -182,90 +120,8 @@ class _Rows:
             self.columns.setdefault(name, []).append(value)
 
 
-def _text(fields: Mapping[bytes, bytes], name: str, where: str) -> str:
-    value = fields.get(name.encode())
-    if value is None:
-        raise LogEntryError(f"{where}: field {name!r} is missing")
-    try:
-        return value.decode()
-    except UnicodeDecodeError as exc:
-        raise LogEntryError(f"{where}: field {name!r} is not text") from exc
-
-
-def _int(fields: Mapping[bytes, bytes], name: str, where: str) -> int:
-    text = _text(fields, name, where)
-    try:
-        return int(text)
-    except ValueError as exc:
-        raise LogEntryError(f"{where}: field {name!r} must be an integer, got {text!r}") from exc
-
-
-def _float(fields: Mapping[bytes, bytes], name: str, where: str) -> float:
-    text = _text(fields, name, where)
-    try:
-        value = float(text)
-    except ValueError as exc:
-        raise LogEntryError(f"{where}: field {name!r} must be a number, got {text!r}") from exc
-    if not np.isfinite(value):
-        raise LogEntryError(f"{where}: field {name!r} must be finite, got {text!r}")
-    return value
-
-
-def _flag(fields: Mapping[bytes, bytes], name: str, where: str) -> bool:
-    text = _text(fields, name, where)
-    if text not in ("0", "1"):
-        raise LogEntryError(f"{where}: field {name!r} must be 0 or 1, got {text!r}")
-    return text == "1"
-
-
 def _date(at_ms: int) -> str:
     return dt.datetime.fromtimestamp(at_ms / 1000, tz=dt.UTC).strftime("%Y-%m-%d")
-
-
-def decode_decision(
-    campaign_id: str, entry_id: str, fields: Mapping[bytes, bytes]
-) -> tuple[dict[str, object], np.ndarray]:
-    where = f"campaign {campaign_id!r} log entry {entry_id}"
-    raw = fields.get(b"features")
-    if raw is None:
-        raise LogEntryError(f"{where}: field 'features' is missing")
-    if len(raw) == 0 or len(raw) % 4:
-        raise LogEntryError(f"{where}: field 'features' must be 4 x feature_dim bytes, got {len(raw)}")
-    features = np.frombuffer(raw, dtype="<f4").astype(np.float64)
-    if not np.isfinite(features).all():
-        raise LogEntryError(f"{where}: field 'features' holds a non-finite value")
-    at_ms = _int(fields, "at_ms", where)
-    values: dict[str, object] = {
-        "decision_id": _text(fields, "decision_id", where),
-        "campaign_id": campaign_id,
-        "user_id": _text(fields, "user_id", where),
-        "t": at_ms,
-        "action": _int(fields, "action", where),
-        "cost": _int(fields, "cost", where) / 100,
-        "probability": _float(fields, "probability", where),
-        "explored": _flag(fields, "explored", where),
-        "holdout": _flag(fields, "holdout", where),
-        "lambda": _float(fields, "lambda", where),
-        "model_version": _text(fields, "model_version", where),
-        "decided_at_ms": at_ms,
-    }
-    return values, features
-
-
-def decode_outcome(campaign_id: str, entry_id: str, fields: Mapping[bytes, bytes]) -> dict[str, object]:
-    where = f"campaign {campaign_id!r} log entry {entry_id}"
-    decided = _int(fields, "decided_at_ms", where)
-    return {
-        "decision_id": _text(fields, "decision_id", where),
-        "campaign_id": campaign_id,
-        "user_id": _text(fields, "user_id", where),
-        "t": decided,
-        "action": _int(fields, "action", where),
-        "reward": _int(fields, "reward", where) / 100,
-        "cost": _int(fields, "cost", where) / 100,
-        "decided_at_ms": decided,
-        "outcome_at_ms": _int(fields, "at_ms", where),
-    }
 
 
 def _table(rows: _Rows, schema: dict[str, pa.DataType], where: str) -> pa.Table:
@@ -396,11 +252,12 @@ def export_campaign(
     campaign lost since the previous run (module docstring)."""
     if not _CAMPAIGN_RE.match(campaign_id) or campaign_id in (".", ".."):
         raise LogEntryError(f"campaign id {campaign_id!r} cannot name a partition directory")
-    key = log_stream_key(prefix, campaign_id)
+    keys = Keys(prefix)
+    key = keys.log_key(campaign_id)
     trimmed = 0
     if client.exists(key):
         trimmed = _read_stream(client, key, campaign_id, out, summary, consumer, batch_size, progress)
-    lost = int(client.eval(_REPORT_LOST, 1, campaign_key(prefix, campaign_id), trimmed))
+    lost = int(client.eval(_REPORT_LOST, 1, keys.campaign_key(campaign_id), trimmed))
     if lost:
         summary.trimmed += lost
         summary.trimmed_by_campaign[campaign_id] = lost
@@ -419,14 +276,14 @@ def _read_stream(
     """Export the stream's entries through the group; returns how many pending ones it found trimmed."""
     trimmed = 0
     try:
-        client.xgroup_create(key, GROUP, id="0")
+        client.xgroup_create(key, LOG_GROUP, id="0")
     except redis.ResponseError as exc:
         if "BUSYGROUP" not in str(exc):
             raise
     summary.campaigns += 1
     start = "0"  # the consumer's pending entries; then ">" (new ones)
     while True:
-        reply: Any = client.xreadgroup(GROUP, consumer, {key: start}, count=batch_size)
+        reply: Any = client.xreadgroup(LOG_GROUP, consumer, {key: start}, count=batch_size)
         entries: list[tuple[bytes, dict[bytes, bytes] | None]] = reply[0][1] if reply else []
         if not entries:
             if start == ">":
@@ -434,7 +291,7 @@ def _read_stream(
             start = ">"
             continue
         trimmed += _write_batch(campaign_id, entries, out, summary)
-        client.xack(key, GROUP, *[entry_id for entry_id, _ in entries])
+        client.xack(key, LOG_GROUP, *[entry_id for entry_id, _ in entries])
         summary.entries += len(entries)
         if start == "0":
             summary.redelivered += len(entries)
@@ -468,7 +325,7 @@ def export_logs(
     client = connect(redis_url)
     try:
         names = (
-            sorted(c.decode() for c in client.smembers(campaigns_key(prefix)))  # type: ignore[union-attr]
+            sorted(c.decode() for c in client.smembers(Keys(prefix).campaigns_key))  # type: ignore[union-attr]
             if campaigns is None
             else list(campaigns)
         )

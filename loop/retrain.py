@@ -240,11 +240,11 @@ def recalibrate_campaigns(
 def _campaign_ids(redis_url: str, prefix: str) -> list[str]:
     import redis
 
-    from loop.logstream import campaigns_key
+    from contract.keys import Keys
 
     client = redis.Redis.from_url(redis_url)
     try:
-        return sorted(c.decode() for c in client.smembers(campaigns_key(prefix)))  # type: ignore[union-attr]
+        return sorted(c.decode() for c in client.smembers(Keys(prefix).campaigns_key))  # type: ignore[union-attr]
     finally:
         client.close()
 

@@ -1,21 +1,18 @@
 """Model announcements: after a version becomes current, the publisher tells every service replica on the
-store's pub/sub channel ``<prefix>models`` (the message is the version); a replica that hears it reloads,
-verifying the version first (a refused version leaves its incumbent serving)."""
+store's pub/sub channel (contract/keys.py `models_channel`; the message is the version); a replica that
+hears it reloads, verifying the version first (a refused version leaves its incumbent serving)."""
 
 from __future__ import annotations
 
 import redis
 
-
-def models_channel(prefix: str) -> str:
-    """The channel replicas subscribe to: ``<prefix>models``."""
-    return f"{prefix}models"
+from contract.keys import Keys
 
 
 def announce(redis_url: str, prefix: str, version: str) -> int:
-    """``PUBLISH <prefix>models <version>``; returns how many subscribers received it."""
+    """Publish `version` on the models channel; returns how many subscribers received it."""
     client = redis.Redis.from_url(redis_url)
     try:
-        return int(client.publish(models_channel(prefix), version))
+        return int(client.publish(Keys(prefix).models_channel, version))
     finally:
         client.close()

@@ -29,8 +29,8 @@ def parity_batch(result: TrainResult, n: int = 256, seed: int = 0) -> tuple[torc
     rng = np.random.default_rng(seed)
     pick = windows[rng.choice(len(windows), size=min(n, len(windows)), replace=False)]
     lam = rng.uniform(0.0, 2.0, size=len(pick))
-    b = make_batch(traj, pick, result.config.objective, lam, result.initial_rtg, result.initial_ctg)
-    return b.states, b.actions, b.rtg, b.ctg, b.timesteps, b.lam, b.mask
+    cfg = result.config
+    return make_batch(traj, pick, cfg.objective, lam, result.initial_rtg, result.initial_ctg, cfg.max_timestep).inputs
 
 
 def smoke_test(module: torch.nn.Module, feature_dim: int, num_actions: int, context_length: int) -> None:

@@ -6,8 +6,8 @@ and afterwards observes the realised (sampled) reward and cost. Lambda prices co
 must not increase with lambda (calibration relies on it).
 
 A rollout can run behind the service's `strict` budget ledger (`StrictReservation`): every round the
-users arrive in requests, each request's coupons are granted first-fit as `service/scoring.py`
-`preferences` and `service/lua/reserve.lua` grant them, and each coupon holds its face value until its
+users arrive in requests, each request's coupons are granted as `contract/ranking.py` `first_fit`
+grants them (the reference service/lua/reserve.lua is tested against), and each coupon holds its face value until its
 outcome settles at the end of the round. That is what a served policy spends, where a rollout without
 it is what the policy would spend with no budget at all.
 """
@@ -16,11 +16,15 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
 import numpy as np
 import torch
+
+from contract.inputs import History, ModelInputs, history_inputs
+from contract.money import rounded_cents
+from contract.ranking import first_fit
 
 
 class Environment(Protocol):
@@ -83,53 +87,16 @@ class StrictReservation:
     seed: int = 0
 
 
-def to_cents(amount: np.ndarray | float) -> np.ndarray:
-    """Money as the service's ledger holds it: integer cents."""
-    return np.rint(np.asarray(amount, dtype=np.float64) * 100.0).astype(np.int64)
-
-
-def first_fit(scores: np.ndarray, prices: np.ndarray, available: int) -> tuple[np.ndarray, np.ndarray]:
-    """One request's coupons granted as the service grants them. Returns the action of every row and
-    whether its preferred coupon was refused.
-
-    `scores` [B, K]; `prices` [K] integer cents, negative for an action not offered (action 0, no coupon,
-    is always allowed and costs nothing); `available` = budget - spent - reserved, in cents. As
-    `service/scoring.py` `preferences`: each row ranks the offered actions by descending score (stable) and
-    stops at action 0; rows go by descending gain of their best action over action 0 (stable). As
-    `service/lua/reserve.lua`: each row takes the first ranked coupon whose price fits what is still
-    available after the rows before it, else no coupon."""
-    allowed = prices >= 0
-    allowed[0] = True
-    masked = np.where(allowed[None, : scores.shape[1]], scores, -np.inf)
-    ranked = np.argsort(-masked, axis=1, kind="stable")
-    priority = np.argsort(-(masked.max(axis=1) - masked[:, 0]), kind="stable")
-    actions = np.zeros(len(scores), dtype=np.int64)
-    refused = np.zeros(len(scores), dtype=bool)
-    best = ranked[:, 0]
-    if int(np.where(best > 0, prices[best], 0).sum()) <= available:  # every first choice fits
-        return best, refused
-    for row in priority.tolist():
-        for candidate in ranked[row].tolist():
-            if candidate == 0:
-                break
-            if prices[candidate] <= available:
-                actions[row] = candidate
-                available -= int(prices[candidate])
-                break
-        refused[row] = best[row] != 0 and actions[row] != best[row]
-    return actions, refused
-
-
 class _Ledger:
     """Spent and reserved money of one simulated campaign (cents), round by round."""
 
     def __init__(self, reservation: StrictReservation, num_actions: int) -> None:
         self.reservation = reservation
         self.prices = np.full(num_actions, -1, dtype=np.int64)
-        given = to_cents(np.asarray(reservation.prices, dtype=np.float64)[:num_actions])
+        given = rounded_cents(np.asarray(reservation.prices, dtype=np.float64)[:num_actions])
         self.prices[: len(given)] = given
         self.prices[0] = 0
-        self.budget = int(to_cents(reservation.budget))
+        self.budget = int(rounded_cents(reservation.budget))
         self.spent = 0
         self.refused = 0
 
@@ -149,7 +116,7 @@ class _Ledger:
 
     def settle(self, actions: np.ndarray, cost: np.ndarray) -> None:
         """Outcomes replace the reservations: a settled cost never exceeds what its coupon reserved."""
-        self.spent += int(np.minimum(to_cents(cost), self.prices[actions]).sum())
+        self.spent += int(np.minimum(rounded_cents(cost), self.prices[actions]).sum())
 
 
 @dataclass
@@ -211,8 +178,9 @@ def rollout(
 
 class SequencePolicy(Policy):
     """Runs a SACO policy module (eager `PolicyModule` or the exported TorchScript) over user contexts,
-    exactly as the service does: right-aligned context of the last L steps, to-go values that start at
-    the manifest targets and drop by every observed outcome."""
+    exactly as the service does: each user's last L steps through the history rule (contract/inputs.py),
+    the to-go values starting at the manifest targets and dropping by every observed outcome (in cents).
+    `max_timestep` clips the step index as the manifest says (None: the module's own clamp does)."""
 
     def __init__(
         self,
@@ -225,6 +193,7 @@ class SequencePolicy(Policy):
         batch_size: int = 4096,
         rtg_for_lambda: Any = None,
         offered: np.ndarray | None = None,
+        max_timestep: int | None = None,
     ) -> None:
         self.module = module
         # [K] bool: the actions `act` may choose (as the service offers only a campaign's coupons); None: every one
@@ -236,18 +205,24 @@ class SequencePolicy(Policy):
         self.d = feature_dim
         self.batch_size = batch_size
         self.rtg_for_lambda = rtg_for_lambda  # optional lam -> initial RTG (dt-lagrangian ablation)
+        self.max_timestep = max_timestep if max_timestep is not None else np.iinfo(np.int64).max
 
     def begin(self, n_users: int) -> None:
         L = self.L
-        self.states = np.zeros((n_users, L, self.d), dtype=np.float32)
-        self.actions = np.zeros((n_users, L), dtype=np.int64)
-        self.rtg = np.zeros((n_users, L), dtype=np.float32)
-        self.ctg = np.zeros((n_users, L), dtype=np.float32)
-        self.timesteps = np.zeros((n_users, L), dtype=np.int64)
-        self.mask = np.zeros((n_users, L), dtype=bool)
-        self.rtg_now: np.ndarray | None = None
-        self.ctg_now = np.full(n_users, self.initial_ctg, dtype=np.float64)
+        zeros = np.zeros((n_users, L), dtype=np.int64)
+        self.history = History(
+            np.zeros((n_users, L, self.d), dtype=np.float32),
+            zeros.copy(),
+            zeros.copy(),
+            zeros.copy(),
+            zeros.copy(),
+            np.zeros((n_users, L), dtype=bool),
+            np.zeros(n_users, dtype=np.int64),
+            np.zeros(n_users, dtype=np.int64),
+        )
+        self.rtg_start: float | None = None
         self.step_index = 0
+        self.inputs: ModelInputs | None = None
 
     def act(
         self, features: np.ndarray, t: int, lam: float, expected: tuple[np.ndarray, np.ndarray] | None = None
@@ -261,56 +236,45 @@ class SequencePolicy(Policy):
         self, features: np.ndarray, t: int, lam: float, expected: tuple[np.ndarray, np.ndarray] | None = None
     ) -> np.ndarray:
         n = features.shape[0]
-        if self.rtg_now is None:
-            start = self.rtg_for_lambda(lam) if self.rtg_for_lambda is not None else self.initial_rtg
-            self.rtg_now = np.full(n, start, dtype=np.float64)
+        if self.rtg_start is None:
+            self.rtg_start = self.rtg_for_lambda(lam) if self.rtg_for_lambda is not None else self.initial_rtg
+        h = self.history
         # shift the context one step left and write the current step at the last position
-        for arr in (self.states, self.actions, self.rtg, self.ctg, self.timesteps, self.mask):
+        for arr in (h.states, h.actions, h.reward, h.cost, h.timesteps, h.mask):
             arr[:, :-1] = arr[:, 1:]
-        self.states[:, -1] = features
-        self.actions[:, -1] = 0
-        self.rtg[:, -1] = self.rtg_now
-        self.ctg[:, -1] = self.ctg_now
-        self.timesteps[:, -1] = self.step_index
-        self.mask[:, -1] = True
-        lam_t = torch.full((n,), float(lam), dtype=torch.float32)
+        h.states[:, -1] = features
+        h.actions[:, -1] = h.reward[:, -1] = h.cost[:, -1] = 0
+        h.timesteps[:, -1] = self.step_index
+        h.mask[:, -1] = True
+        lams = np.full(n, lam, dtype=np.float32)
+        self.inputs = history_inputs(h, lams, self.rtg_start, self.initial_ctg, self.max_timestep)
+        return self._run(lambda part: self.module(*part))
+
+    def _run(self, forward: Any, lam: float | None = None) -> np.ndarray:
+        """`forward` over the current inputs (at `lam` if given) in parts of `batch_size` users."""
+        inputs = self.inputs
+        assert inputs is not None
+        if lam is not None:
+            inputs = replace(inputs, lam=np.full(inputs.rows, lam, dtype=np.float32))
         parts = []
         with torch.inference_mode():
-            for i in range(0, n, self.batch_size):
-                sl = slice(i, i + self.batch_size)
-                parts.append(
-                    self.module(
-                        torch.from_numpy(self.states[sl]),
-                        torch.from_numpy(self.actions[sl]),
-                        torch.from_numpy(self.rtg[sl]),
-                        torch.from_numpy(self.ctg[sl]),
-                        torch.from_numpy(self.timesteps[sl]),
-                        lam_t[sl],
-                        torch.from_numpy(self.mask[sl]),
-                    )
-                )
+            for i in range(0, inputs.rows, self.batch_size):
+                arrays = inputs.sliced(slice(i, i + self.batch_size)).arrays()
+                parts.append(forward([torch.from_numpy(np.ascontiguousarray(a)) for a in arrays]))
         return torch.cat(parts).numpy()
 
     def expected_costs_now(self, lam: float) -> np.ndarray:
         """[n, K]: each coupon's expected cost now (the exported module's `score_terms`, last K columns) at
         the current step; call after `scores` of that step."""
-        n = self.states.shape[0]
-        lam_t = torch.full((n,), float(lam), dtype=torch.float32)
         score_terms: Any = self.module.score_terms
-        history = (self.states, self.actions, self.rtg, self.ctg, self.timesteps)
-        parts = []
-        with torch.inference_mode():
-            for i in range(0, n, self.batch_size):
-                sl = slice(i, i + self.batch_size)
-                terms = score_terms(
-                    *(torch.from_numpy(x[sl]) for x in history), lam_t[sl], torch.from_numpy(self.mask[sl])
-                )
-                parts.append(terms[:, 2 * terms.shape[1] // 3 :])
-        return torch.cat(parts).numpy()
+        terms = self._run(lambda part: score_terms(*part), lam)
+        return terms[:, 2 * terms.shape[1] // 3 :]
 
     def observe(self, actions: np.ndarray, reward: np.ndarray, cost: np.ndarray) -> None:
-        self.actions[:, -1] = actions
-        assert self.rtg_now is not None
-        self.rtg_now = self.rtg_now - reward
-        self.ctg_now = self.ctg_now - cost
+        h = self.history
+        h.actions[:, -1] = actions
+        reward_cents, cost_cents = rounded_cents(reward), rounded_cents(cost)
+        h.reward[:, -1], h.cost[:, -1] = reward_cents, cost_cents
+        h.reward_before_last[:] += reward_cents
+        h.cost_before_last[:] += cost_cents
         self.step_index += 1

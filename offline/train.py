@@ -7,7 +7,7 @@ import math
 import os
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 
 import numpy as np
 import torch
@@ -83,15 +83,15 @@ def _loss(
 ) -> torch.Tensor:
     """`forward` (default: `model`) runs the batch: the DistributedDataParallel wrapper under torchrun."""
     run = forward if forward is not None else model
-    logits, values = run(batch.states, batch.actions, batch.rtg, batch.ctg, batch.timesteps, batch.lam, batch.mask)
+    logits, values = run(*batch.inputs)
     mask = batch.loss_mask
     if model.value_objective:
         scale = torch.stack([model.rtg_scale, model.ctg_scale, model.rtg_scale, model.ctg_scale])
-        idx = batch.actions.unsqueeze(-1).unsqueeze(-1).expand(*batch.actions.shape, 4, 1)
+        idx = batch.taken.unsqueeze(-1).unsqueeze(-1).expand(*batch.taken.shape, 4, 1)
         pred = values.gather(3, idx).squeeze(-1)  # [B, L, 4] prediction for the logged action
         err = (pred - batch.value_targets / scale) ** 2 / value_weights
         return err.sum(-1)[mask].mean()
-    return F.cross_entropy(logits[mask], batch.actions[mask])
+    return F.cross_entropy(logits[mask], batch.taken[mask])
 
 
 def train(
@@ -149,6 +149,7 @@ def train(
         initial_rtg = float(np.quantile(traj.rtg[first], 0.75))
         initial_ctg = float(np.mean(traj.ctg[first]))
         draws = cfg.lambda_draws
+    targets = (initial_rtg, initial_ctg, cfg.max_timestep)  # make_batch's last arguments
     # each value head's loss is divided by its target variance so now/later, revenue/cost weigh alike
     tgt = np.stack(
         [
@@ -188,7 +189,7 @@ def train(
             for i in range(0, len(val_windows), 2048):
                 w = val_windows[i : i + 2048]
                 b = _to(
-                    transform(make_batch(traj, w, cfg.objective, val_lam[i : i + 2048], initial_rtg, initial_ctg)),
+                    transform(make_batch(traj, w, cfg.objective, val_lam[i : i + 2048], *targets)),
                     device,
                 )
                 total += float(_loss(model, b, value_weights)) * len(w)
@@ -215,7 +216,7 @@ def train(
             if len(sel) == 0:
                 continue
             batch = _to(
-                transform(make_batch(traj, train_windows[sel], cfg.objective, lam_all[pick], initial_rtg, initial_ctg)),
+                transform(make_batch(traj, train_windows[sel], cfg.objective, lam_all[pick], *targets)),
                 device,
             )
             loss = _loss(model, batch, value_weights, forward)
@@ -288,8 +289,11 @@ def _device(distributed: bool) -> torch.device:
 def _to(batch: Batch, device: torch.device) -> Batch:
     if device.type == "cpu":
         return batch
-    moved = {f.name: getattr(batch, f.name).to(device, non_blocking=True) for f in fields(batch)}
-    return Batch(**moved)
+
+    def to(x: torch.Tensor) -> torch.Tensor:
+        return x.to(device, non_blocking=True)
+
+    return Batch(tuple(map(to, batch.inputs)), to(batch.taken), to(batch.loss_mask), to(batch.value_targets))
 
 
 def init_distributed() -> bool:

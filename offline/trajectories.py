@@ -3,15 +3,16 @@
 RTG_t = sum_{t' >= t} r_t' and CTG_t = sum_{t' >= t} c_t' (gamma = 1), computed per user over the
 logged steps in `t` order. What the model is conditioned on depends on the objective:
 
-- "value" (default): the to-go inputs are *targets minus what has happened so far*:
-  RTG_in_t = initial_rtg - sum_{t' < t} r_t', CTG_in_t = initial_ctg - sum_{t' < t} c_t'. The service
-  computes exactly the same numbers online (start at the manifest targets, subtract each observed
-  outcome), so nothing the model sees in training is unavailable when it decides. The value heads are
-  fitted to the realised revenue/cost now (r_t, c_t) and later (RTG_t - r_t, CTG_t - c_t).
+- "value" (default): the inputs are contract/inputs.py's history rule, the one the service and the
+  calibration rollouts call: to-go inputs are *targets minus what has happened so far*
+  (RTG_in_t = initial_rtg - sum_{t' < t} r_t', in cents), so nothing the model sees in training is
+  unavailable when it decides, and a served user's inputs equal the window of the same logged steps. The
+  value heads are fitted to the realised revenue/cost now (r_t, c_t) and later (RTG_t - r_t, CTG_t - c_t).
 - "dt-literal" (the paper): hindsight RTG_t / CTG_t as inputs, lambda drawn uniformly and independently
   of the trajectory (so it carries no information), cross-entropy on the logged action.
 - "dt-lagrangian": like dt-literal, but the return input is the Lagrangian return-to-go
   sum (r - lambda c) under the drawn lambda, so lambda changes what the model is asked to achieve.
+  Both build their hindsight inputs through the same input type (contract/inputs.py `assemble`).
 """
 
 from __future__ import annotations
@@ -21,6 +22,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from contract.inputs import NAMES, History, assemble, history_inputs
+from contract.money import rounded_cents
 from offline.logs import Logs
 
 
@@ -30,8 +33,10 @@ class Trajectories:
     position: np.ndarray  # [n] 0-based step index within the user's trajectory
     rtg: np.ndarray  # [n] return-to-go including this step
     ctg: np.ndarray  # [n] cost-to-go including this step
-    reward_before: np.ndarray  # [n] sum of the user's rewards before this step
-    cost_before: np.ndarray  # [n]
+    reward_cents: np.ndarray  # [n] i64: the step's reward in cents (rounded half up, as the service logs it)
+    cost_cents: np.ndarray  # [n] i64
+    reward_before: np.ndarray  # [n] i64: cents of the user's rewards before this step
+    cost_before: np.ndarray  # [n] i64
     context_length: int
 
     @property
@@ -77,14 +82,15 @@ def build_trajectories(logs: Logs, context_length: int) -> Trajectories:
     user_start = np.repeat(starts[:-1], lengths)
     position = np.arange(logs.n_rows) - user_start
     rtg, ctg = _reverse_cumsum_by_user(logs.reward, starts), _reverse_cumsum_by_user(logs.cost, starts)
-    reward_before = _cumsum_by_user(logs.reward, starts) - logs.reward
-    cost_before = _cumsum_by_user(logs.cost, starts) - logs.cost
-    return Trajectories(logs, position, rtg, ctg, reward_before, cost_before, context_length)
+    reward_cents, cost_cents = rounded_cents(logs.reward), rounded_cents(logs.cost)
+    reward_before = _cumsum_by_user(reward_cents, starts) - reward_cents
+    cost_before = _cumsum_by_user(cost_cents, starts) - cost_cents
+    return Trajectories(logs, position, rtg, ctg, reward_cents, cost_cents, reward_before, cost_before, context_length)
 
 
 def _cumsum_by_user(x: np.ndarray, starts: np.ndarray) -> np.ndarray:
     total = np.cumsum(x)
-    before_user = np.concatenate([[0.0], total[starts[1:-1] - 1]])
+    before_user = np.concatenate([np.zeros(1, total.dtype), total[starts[1:-1] - 1]])
     return total - np.repeat(before_user, np.diff(starts))
 
 
@@ -103,16 +109,16 @@ def split_users(n_users: int, val_fraction: float, seed: int) -> tuple[np.ndarra
 
 @dataclass
 class Batch:
-    states: torch.Tensor
-    actions: torch.Tensor
-    rtg: torch.Tensor
-    ctg: torch.Tensor
-    timesteps: torch.Tensor
-    lam: torch.Tensor
-    mask: torch.Tensor
+    """Training windows: the model inputs (contract/inputs.py, as tensors in the model's argument order) and
+    what the loss compares them with."""
+
+    inputs: tuple[torch.Tensor, ...]
+    taken: torch.Tensor  # [B, L] the logged actions (the action head's targets; the value heads' columns)
     loss_mask: torch.Tensor  # [B, L] steps this window is responsible for (each step in one window only)
-    # training targets (scaled where the model predicts scaled values)
     value_targets: torch.Tensor  # [B, L, 4]: revenue now, cost now, revenue later, cost later (raw units)
+
+    def input(self, name: str) -> torch.Tensor:
+        return self.inputs[NAMES.index(name)]
 
 
 def make_batch(
@@ -122,6 +128,7 @@ def make_batch(
     lam: np.ndarray,
     initial_rtg: float,
     initial_ctg: float,
+    max_timestep: int,
 ) -> Batch:
     """Gather windows [B, L] of rows into model inputs for `objective` with per-window lambda [B]."""
     logs = traj.logs
@@ -129,14 +136,25 @@ def make_batch(
     rows = np.where(mask, window, 0)
     first_owned = (traj.position[window[:, -1]] // traj.context_length) * traj.context_length
     loss_mask = mask & (traj.position[rows] >= first_owned[:, None])
-    lam_rows = np.broadcast_to(lam[:, None], rows.shape)
+    states, taken, timesteps = logs.features[rows], np.where(mask, logs.action[rows], 0), traj.position[rows]
     if objective == "value":
-        rtg_in = initial_rtg - traj.reward_before[rows]
-        ctg_in = initial_ctg - traj.cost_before[rows]
-    elif objective == "dt-literal":
+        last = window[:, -1]
+        history = History(
+            states,
+            taken,
+            traj.reward_cents[rows],
+            traj.cost_cents[rows],
+            timesteps,
+            mask,
+            reward_before_last=traj.reward_before[last],
+            cost_before_last=traj.cost_before[last],
+        )
+        inputs = history_inputs(history, lam, initial_rtg, initial_ctg, max_timestep)
+    elif objective in ("dt-literal", "dt-lagrangian"):
         rtg_in, ctg_in = traj.rtg[rows], traj.ctg[rows]
-    elif objective == "dt-lagrangian":
-        rtg_in, ctg_in = traj.rtg[rows] - lam_rows * traj.ctg[rows], traj.ctg[rows]
+        if objective == "dt-lagrangian":
+            rtg_in = rtg_in - lam[:, None] * ctg_in
+        inputs = assemble(states, taken, rtg_in, ctg_in, timesteps, lam, mask, max_timestep)
     else:
         raise ValueError(f"unknown objective {objective!r}")
     targets = np.stack(
@@ -144,13 +162,8 @@ def make_batch(
         axis=-1,
     )
     return Batch(
-        states=torch.from_numpy(logs.features[rows]),
-        actions=torch.from_numpy(np.where(mask, logs.action[rows], 0)),
-        rtg=torch.from_numpy(np.where(mask, rtg_in, 0.0).astype(np.float32)),
-        ctg=torch.from_numpy(np.where(mask, ctg_in, 0.0).astype(np.float32)),
-        timesteps=torch.from_numpy(np.where(mask, traj.position[rows], 0)),
-        lam=torch.from_numpy(lam.astype(np.float32)),
-        mask=torch.from_numpy(mask),
+        inputs=tuple(torch.from_numpy(np.ascontiguousarray(a)) for a in inputs.arrays()),
+        taken=torch.from_numpy(taken),
         loss_mask=torch.from_numpy(loss_mask),
         value_targets=torch.from_numpy(np.where(mask[..., None], targets, 0.0).astype(np.float32)),
     )

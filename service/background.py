@@ -5,9 +5,9 @@ from __future__ import annotations
 import asyncio
 import logging
 
+from contract.money import from_cents
 from service.lambdas import lambda_scale, resolve_lambda
 from service.metrics import ServiceMetrics
-from service.money import from_cents
 from service.policy import PolicyHolder
 from service.settings import Settings
 from service.state import CampaignConfig, CampaignSettings, ReserveResult, StateStoreError
@@ -73,7 +73,7 @@ class Background:
             return
         campaign_id, expected = campaign.campaign_id, campaign.settings.expected_decisions
         decisions, remaining = self._traffic.get(campaign_id, (0, reserved.remaining))
-        decisions, remaining = decisions + len(reserved.decisions), max(remaining, reserved.remaining)
+        decisions, remaining = decisions + len(reserved.actions), max(remaining, reserved.remaining)
         due = remaining - reserved.remaining >= share * campaign.budget
         due = due or (expected is not None and decisions >= share * expected)
         if not due or campaign_id in self._traffic_steps:

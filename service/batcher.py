@@ -25,8 +25,9 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from contract.inputs import ModelInputs
 from service.metrics import ServiceMetrics
-from service.policy import LoadedPolicy, PolicyInputs
+from service.policy import LoadedPolicy
 
 log = logging.getLogger("saco.service.batcher")
 
@@ -59,7 +60,7 @@ class Ticket:
 @dataclass
 class _Job:
     policy: LoadedPolicy
-    inputs: PolicyInputs
+    inputs: ModelInputs
     future: asyncio.Future[np.ndarray]
     enqueued_at: float = field(default_factory=time.perf_counter)
 
@@ -105,7 +106,7 @@ class MicroBatcher:
         finally:
             ticket.close()
 
-    async def scores(self, policy: LoadedPolicy, inputs: PolicyInputs, ticket: Ticket | None = None) -> np.ndarray:
+    async def scores(self, policy: LoadedPolicy, inputs: ModelInputs, ticket: Ticket | None = None) -> np.ndarray:
         future: asyncio.Future[np.ndarray] = asyncio.get_running_loop().create_future()
         try:
             with self._ready:
@@ -190,7 +191,7 @@ def _forward(jobs: list[_Job]) -> list[np.ndarray]:
         by_policy.setdefault(id(job.policy), []).append(index)
     for indices in by_policy.values():
         policy = jobs[indices[0]].policy
-        scores = policy.scores(PolicyInputs.concatenate([jobs[i].inputs for i in indices]))
+        scores = policy.scores(ModelInputs.concatenate([jobs[i].inputs for i in indices]))
         row = 0
         for i in indices:
             rows = jobs[i].inputs.rows

@@ -6,9 +6,9 @@ import time
 from datetime import UTC, datetime
 from typing import Any
 
+from contract.money import from_cents, to_cents
 from service.lambdas import resolve_lambda
 from service.metrics import ServiceMetrics
-from service.money import from_cents, to_cents
 from service.policy import PolicyHolder
 from service.schemas import (
     CampaignPatch,

@@ -9,12 +9,12 @@ from collections import Counter
 
 import numpy as np
 
+from contract.money import from_cents, to_cents
 from model_store import Manifest
 from service.background import Background
 from service.batcher import MicroBatcher
 from service.lambdas import resolve_lambda
 from service.metrics import ServiceMetrics
-from service.money import from_cents, to_cents
 from service.policy import PolicyHolder
 from service.schemas import (
     DecisionsRequest,
@@ -27,10 +27,10 @@ from service.settings import Settings
 from service.state import (
     CampaignConfig,
     CampaignNotFound,
-    NewStep,
+    NewSteps,
     Outcome,
     RequestIdConflict,
-    ReserveItem,
+    ReserveBatch,
     ReserveResult,
     StateStoreError,
     UserContext,
@@ -79,11 +79,11 @@ class Decisions:
             lam, _ = resolve_lambda(campaign, policy.manifest, terms, pacing_lambda_max=self.settings.pacing_lambda_max)
             scores, expected = terms.scores(lam), terms.expected
         rows = features.astype("<f4", copy=False)
-        order, items = choose(scores, expected, campaign, body, rows, self.rng, self.metrics)
+        order, batch = choose(scores, expected, campaign, body, rows, self.rng, self.metrics)
         try:
             reserved = await self.store.reserve(
                 campaign_id,
-                items,
+                batch,
                 model_version=policy.version,
                 lam=lam,
                 reservation_expiry_ms=self.settings.reservation_expiry_s * 1000,
@@ -94,17 +94,14 @@ class Decisions:
             )
         except RequestIdConflict as exc:  # the store counts items in priority order; the caller, in its own
             raise RequestIdConflict(exc.request_id, order[exc.item]) from None
-        self._record(campaign_id, order, items, reserved, contexts, policy.manifest)
+        self._record(campaign_id, order, batch, reserved, contexts, policy.manifest)
         self.background.after_decisions(campaign, reserved)
-        return render(order, reserved.decisions)
+        return render(order, reserved)
 
     def _validate(self, body: DecisionsRequest, manifest: Manifest) -> np.ndarray:
-        """The batch size and every feature row against the model: the [users, feature_dim] float32 array."""
+        """Every feature row against the model: the [users, feature_dim] float32 array. (The batch size is
+        checked before the body is validated: `DecisionsRoute`.)"""
         requests = body.requests
-        if len(requests) > self.settings.max_batch:
-            raise InvalidInput(
-                ("requests",), f"at most {self.settings.max_batch} requests per call, got {len(requests)}"
-            )
         dim = manifest.feature_dim
         for i, item in enumerate(requests):
             if len(item.features) != dim:
@@ -138,39 +135,50 @@ class Decisions:
         self,
         campaign_id: str,
         order: list[int],
-        items: list[ReserveItem],
+        batch: ReserveBatch,
         reserved: ReserveResult,
         contexts: list[UserContext | None],
         manifest: Manifest,
     ) -> None:
         """Each new decision becomes a step of its user's context (written behind the answer: the
         reservations are what must be durable before it), and the metrics."""
-        new_steps = [
-            NewStep(decided.user_id, decided.decision_id, decided.action, item.features, contexts[row])
-            for row, item, decided in zip(order, items, reserved.decisions, strict=True)
-            if decided.new
-        ]
-        held_out = explored = 0
-        for item, decided in zip(items, reserved.decisions, strict=True):
-            if decided.new:
-                held_out += item.holdout
-                explored += item.explore_draw is not None and not item.holdout
+        new = reserved.new
+        fresh = sum(new)
+        if fresh == len(new):
+            steps = NewSteps(
+                batch.user_ids, reserved.decision_ids, reserved.actions, batch.features, [contexts[i] for i in order]
+            )
+            held_out, explored = len(batch.holdout), len(batch.explore)
+            actions = reserved.actions
+        else:  # some repeated request_ids: their earlier decisions are already steps
+            row = len(batch.features) // max(1, len(new))
+            kept = [p for p, is_new in enumerate(new) if is_new]
+            steps = NewSteps(
+                [batch.user_ids[p] for p in kept],
+                [reserved.decision_ids[p] for p in kept],
+                [reserved.actions[p] for p in kept],
+                b"".join([batch.features[p * row : (p + 1) * row] for p in kept]),
+                [contexts[order[p]] for p in kept],
+            )
+            held_out = sum(new[p] for p in batch.holdout)
+            explored = sum(new[p] for p, _ in batch.explore)
+            actions = steps.actions
         if held_out:
             self.metrics.holdout_decisions.labels(campaign=campaign_id).inc(held_out)
         if explored:
             self.metrics.explored_decisions.labels(campaign=campaign_id).inc(explored)
-        if new_steps:
-            self._write_behind(campaign_id, new_steps, manifest)
-        for action, count in Counter(step.action for step in new_steps).items():
+        if fresh:
+            self._write_behind(campaign_id, steps, manifest)
+        for action, count in Counter(actions).items():
             self.metrics.decisions.labels(action=str(action)).inc(count)
-        downgraded = sum(decided.downgraded for decided in reserved.decisions)
+        downgraded = sum(reserved.downgraded)
         if downgraded:
             self.metrics.reservations_refused.labels(campaign=campaign_id).inc(downgraded)
-        if len(new_steps) < len(order):
-            self.metrics.idempotent_replays.inc(len(order) - len(new_steps))
+        if fresh < len(new):
+            self.metrics.idempotent_replays.inc(len(new) - fresh)
         self.metrics.budget_remaining.labels(campaign=campaign_id).set(from_cents(max(0, reserved.remaining)))
 
-    def _write_behind(self, campaign_id: str, steps: list[NewStep], manifest: Manifest) -> None:
+    def _write_behind(self, campaign_id: str, steps: NewSteps, manifest: Manifest) -> None:
         async def write() -> None:
             try:
                 await self.store.append_steps(
@@ -178,8 +186,6 @@ class Decisions:
                     steps,
                     capacity=manifest.context_length - 1,
                     ttl_ms=self.settings.context_ttl_s * 1000,
-                    initial_rtg=manifest.initial_rtg,
-                    initial_ctg=manifest.initial_ctg,
                 )
             except Exception:  # nobody awaits this task: every failure is logged and counted here
                 # the reservations are made and answered: the users' next steps lack this one
@@ -187,7 +193,7 @@ class Decisions:
                 log.warning("context write failed after a successful reservation", exc_info=True)
 
         task = asyncio.get_running_loop().create_task(write())
-        self._writes[task] = campaign_id, frozenset([step.user_id for step in steps])
+        self._writes[task] = campaign_id, frozenset(steps.user_ids)
         task.add_done_callback(self._writes.pop)
 
     async def contexts_written(self, campaign_id: str, user_ids: list[str]) -> None:

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from contract.money import from_cents
 from model_store import Manifest
-from service.money import from_cents
 from service.scoring import ScoreTerms
 from service.state import CampaignConfig
 

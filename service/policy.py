@@ -10,6 +10,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from contract.inputs import ModelInputs
 from model_store import Artifact, ArtifactError, Manifest, ModelStore, load_scripted
 
 log = logging.getLogger("saco.service.policy")
@@ -17,56 +18,6 @@ log = logging.getLogger("saco.service.policy")
 
 class PolicyRejected(RuntimeError):
     """A model version that must not serve (checksum, dimensions, failing forward)."""
-
-
-@dataclass(frozen=True)
-class PolicyInputs:
-    """One batch of model inputs, right-aligned (padding on the left, the last position is the decision)."""
-
-    states: np.ndarray  # f32 [B, L, d]
-    actions: np.ndarray  # i64 [B, L]
-    rtg: np.ndarray  # f32 [B, L]
-    ctg: np.ndarray  # f32 [B, L]
-    timesteps: np.ndarray  # i64 [B, L]
-    lam: np.ndarray  # f32 [B]
-    mask: np.ndarray  # bool [B, L]
-
-    @property
-    def rows(self) -> int:
-        return int(self.states.shape[0])
-
-    @property
-    def length(self) -> int:
-        return int(self.states.shape[1])
-
-    @staticmethod
-    def concatenate(parts: list[PolicyInputs]) -> PolicyInputs:
-        """Stack batches, left-padding the shorter ones to the longest context."""
-        if len(parts) == 1:
-            return parts[0]
-        rows = sum(p.rows for p in parts)
-        length = max(p.length for p in parts)
-        dim = parts[0].states.shape[2]
-        out = PolicyInputs(
-            states=np.zeros((rows, length, dim), np.float32),
-            actions=np.zeros((rows, length), np.int64),
-            rtg=np.zeros((rows, length), np.float32),
-            ctg=np.zeros((rows, length), np.float32),
-            timesteps=np.zeros((rows, length), np.int64),
-            lam=np.concatenate([p.lam for p in parts]),
-            mask=np.zeros((rows, length), np.bool_),
-        )
-        row = 0
-        for p in parts:
-            rs, cs = slice(row, row + p.rows), slice(length - p.length, length)
-            out.states[rs, cs] = p.states
-            out.actions[rs, cs] = p.actions
-            out.rtg[rs, cs] = p.rtg
-            out.ctg[rs, cs] = p.ctg
-            out.timesteps[rs, cs] = p.timesteps
-            out.mask[rs, cs] = p.mask
-            row += p.rows
-        return out
 
 
 def resolve_device(name: str) -> torch.device:
@@ -102,40 +53,29 @@ class LoadedPolicy:
         """Columns of `scores`: K scores, or, when the manifest says `score_terms`, 3 K score terms."""
         return self.manifest.num_actions * (3 if self.manifest.score_terms else 1)
 
-    def scores(self, inputs: PolicyInputs) -> np.ndarray:
+    def scores(self, inputs: ModelInputs) -> np.ndarray:
         """f32 [B, num_actions]: the scores at each row's lambda; or, when the manifest says `score_terms`,
         [B, 3 num_actions]: the revenue and cost terms of the scores and each coupon's expected cost now
         (`score_terms` of the exported module). Blocking: call it on the inference thread."""
         device = self.device
         forward = self.module.score_terms if self.manifest.score_terms else self.module
         with torch.inference_mode():
-            out = forward(
-                torch.from_numpy(inputs.states).to(device),
-                torch.from_numpy(inputs.actions).to(device),
-                torch.from_numpy(inputs.rtg).to(device),
-                torch.from_numpy(inputs.ctg).to(device),
-                torch.from_numpy(inputs.timesteps).to(device),
-                torch.from_numpy(inputs.lam).to(device),
-                torch.from_numpy(inputs.mask).to(device),
-            )
+            out = forward(*(torch.from_numpy(a).to(device) for a in inputs.arrays()))
         scores: np.ndarray = out.float().cpu().numpy()
         return scores
 
 
-def smoke_inputs(manifest: Manifest, rows: int = 2) -> PolicyInputs:
+def smoke_inputs(manifest: Manifest, rows: int = 2) -> ModelInputs:
+    """Two users at the manifest's targets, one with a padded first position when the context allows it."""
     length = min(2, manifest.context_length)
-    mask = np.ones((rows, length), np.bool_)
+    inputs = ModelInputs.zeros(rows, length, manifest.feature_dim)
+    inputs.rtg.fill(manifest.initial_rtg)
+    inputs.ctg.fill(manifest.initial_ctg)
+    inputs.timesteps[:] = np.arange(length)
+    inputs.mask.fill(True)
     if length > 1:
-        mask[0, 0] = False
-    return PolicyInputs(
-        states=np.zeros((rows, length, manifest.feature_dim), np.float32),
-        actions=np.zeros((rows, length), np.int64),
-        rtg=np.full((rows, length), manifest.initial_rtg, np.float32),
-        ctg=np.full((rows, length), manifest.initial_ctg, np.float32),
-        timesteps=np.tile(np.arange(length, dtype=np.int64), (rows, 1)),
-        lam=np.zeros(rows, np.float32),
-        mask=mask,
-    )
+        inputs.mask[0, 0] = False
+    return inputs
 
 
 def load_policy(

@@ -8,8 +8,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, AwareDatetime, BaseModel, ConfigDict, Field, StringConstraints, model_validator
 
+from contract.money import MAX_AMOUNT, to_cents
 from model_store import MAX_LAMBDA
-from service.money import MAX_AMOUNT, to_cents
 
 CAMPAIGN_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$"
 CAMPAIGN_ID_TEXT = "letters, digits, . _ : -"

@@ -1,4 +1,4 @@
-"""The decision path's array work: model inputs from contexts, score terms, ranking, the reservation items
+"""The decision path's array work: model inputs from contexts, score terms, ranking, the batch to reserve
 and the rendered answer. Pure functions of their arguments."""
 
 from __future__ import annotations
@@ -13,18 +13,13 @@ from typing import Any
 import numpy as np
 import orjson
 
+from contract.inputs import History, ModelInputs, history_inputs
+from contract.money import from_cents
+from contract.ranking import ranking
 from model_store import Manifest
 from service.metrics import ServiceMetrics
-from service.money import from_cents
-from service.policy import PolicyInputs
 from service.schemas import DecisionsRequest
-from service.state import (
-    CampaignConfig,
-    CampaignSettings,
-    ReservedDecision,
-    ReserveItem,
-    UserContext,
-)
+from service.state import CampaignConfig, CampaignSettings, ReserveBatch, ReserveResult, UserContext
 from service.state.context import gather
 
 log = logging.getLogger("saco.service.scoring")
@@ -47,28 +42,43 @@ def choose(
     rows: np.ndarray,
     rng: random.Random,
     metrics: ServiceMetrics | None = None,
-) -> tuple[list[int], list[ReserveItem]]:
-    """The order in which users reserve (largest gain of their best coupon over none first) and, per user
-    in that order, the campaign's coupons by descending score down to "no coupon", the user's features
-    (float32 rows), whether the user is held out, with probability the exploration rate a uniform draw with
-    which the reservation picks among the coupons that fit instead, and the model's expected cost of each
-    coupon for that user (cents) when it has one. A user whose scores are not all finite gets no coupon
-    (not explored either): counted in `metrics` and logged."""
-    prefs, priority = preferences(scores, list(campaign.coupons))
+) -> tuple[list[int], ReserveBatch]:
+    """The order in which users reserve (largest gain of their best coupon over none first) and the batch
+    to reserve, its users in that order: the campaign's coupons by descending score down to "no coupon",
+    the users' features (float32 rows), who is held out, who explores (with probability the exploration
+    rate: a uniform draw with which the reservation picks among the coupons that fit instead), and the
+    model's expected cost of each coupon for each user (cents) when it has one. A user whose scores are not
+    all finite gets no coupon (not explored either): counted in `metrics` and logged."""
+    lists, index, priority = ranking(scores, list(campaign.coupons))
     order: list[int] = priority.tolist()
     requests = body.requests
+    user_ids = [requests[i].user_id for i in order]
     rate, holdout_rate = campaign.settings.exploration_rate, campaign.settings.holdout_rate
-    costs: list[list[int]] | list[None] = [None] * len(requests) if expected is None else expected.tolist()
     finite = np.isfinite(scores).all(axis=1)
-    items = []
-    for i in order:
-        user_id = requests[i].user_id
-        draw = rng.random() if rate > 0 and rng.random() < rate else None
-        held_out = in_holdout(campaign.campaign_id, user_id, holdout_rate)
-        if not finite[i]:
-            draw = None
-        item = ReserveItem(user_id, requests[i].request_id, prefs[i], rows[i].tobytes(), held_out, draw, costs[i])
-        items.append(item)
+    holdout = (
+        [p for p, user_id in enumerate(user_ids) if in_holdout(campaign.campaign_id, user_id, holdout_rate)]
+        if holdout_rate > 0
+        else []
+    )
+    explore: list[tuple[int, float]] = []
+    if rate > 0:
+        held_out = set(holdout)
+        finite_in_order = finite[priority].tolist()
+        for position in range(len(order)):
+            if rng.random() < rate:
+                draw = rng.random()
+                if finite_in_order[position] and position not in held_out:
+                    explore.append((position, draw))
+    batch = ReserveBatch(
+        user_ids=user_ids,
+        request_ids=[requests[i].request_id for i in order],
+        orderings=lists,
+        ordering=[index[i] for i in order],
+        features=np.ascontiguousarray(rows[priority], "<f4").tobytes(),
+        holdout=holdout,
+        explore=explore,
+        expected_costs=None if expected is None else expected[priority].tolist(),
+    )
     if not finite.all():
         unscored = [requests[i].user_id for i in np.flatnonzero(~finite)]
         if metrics is not None:
@@ -77,7 +87,7 @@ def choose(
             "the model's output is not finite for some users: they get no coupon",
             extra={"campaign": campaign.campaign_id, "users": len(unscored), "user_ids": unscored[:10]},
         )
-    return order, items
+    return order, batch
 
 
 @dataclass(frozen=True)
@@ -138,65 +148,50 @@ class ScoreTerms:
         return ScoreTerms(self.revenue, cost.astype(self.cost.dtype), np.maximum(self.expected, floors))
 
 
-def render(order: list[int], decided: list[ReservedDecision]) -> bytes:
-    """The response body: one decision per request, in the order of the requests."""
+def render(order: list[int], result: ReserveResult) -> bytes:
+    """The response body: one decision per request, in the order of the requests (`result` is in `order`)."""
     decisions: list[dict[str, Any]] = [{}] * len(order)
-    for row, decision in zip(order, decided, strict=True):
+    costs = [from_cents(cost) for cost in result.costs]
+    for row, user_id, decision_id, action, cost, version, lam in zip(
+        order, result.user_ids, result.decision_ids, result.actions, costs, result.versions, result.lams, strict=True
+    ):
         decisions[row] = {
-            "user_id": decision.user_id,
-            "decision_id": decision.decision_id,
-            "action": decision.action,
-            "cost": from_cents(decision.cost),
-            "model_version": decision.model_version,
-            "lambda": decision.lam,
+            "user_id": user_id,
+            "decision_id": decision_id,
+            "action": action,
+            "cost": cost,
+            "model_version": version,
+            "lambda": lam,
         }
     return orjson.dumps({"decisions": decisions})
 
 
 def build_inputs(
     manifest: Manifest, features: np.ndarray, contexts: list[UserContext | None], lam: float
-) -> PolicyInputs:
-    """Right-aligned model inputs: each user's last context_length-1 steps, then the current decision."""
+) -> ModelInputs:
+    """Each user's last context_length-1 steps, then the current decision (right-aligned, the longest
+    context setting the length), through the history rule."""
     rows, dim = features.shape
-    past = gather(contexts, dim, manifest.context_length - 1, manifest.initial_rtg, manifest.initial_ctg)
-    kept = int(past.counts.max(initial=0))  # the longest context sets the length; shorter ones are padded
-    length = kept + 1
+    past = gather(contexts, dim, manifest.context_length - 1)
+    kept = int(past.counts.max(initial=0))
     window = past.steps[:, past.steps.shape[1] - kept :]  # [B, kept], zero records where padded
-    states = np.empty((rows, length, dim), np.float32)
-    actions = np.empty((rows, length), np.int64)
-    rtg = np.empty((rows, length), np.float32)
-    ctg = np.empty((rows, length), np.float32)
-    timesteps = np.empty((rows, length), np.int64)
-    mask = np.empty((rows, length), np.bool_)
-    states[:, :kept], states[:, kept] = window["features"], features
-    actions[:, :kept], actions[:, kept] = window["action"], 0
-    rtg[:, :kept], rtg[:, kept] = window["rtg"], past.rtg
-    ctg[:, :kept], ctg[:, kept] = window["ctg"], past.ctg
-    timesteps[:, :kept], timesteps[:, kept] = window["t"], past.t
-    mask[:, :kept], mask[:, kept] = np.arange(kept) >= (kept - past.counts)[:, None], True
-    np.minimum(timesteps, manifest.max_timestep - 1, out=timesteps)  # never negative: only the top is bounded
-    return PolicyInputs(states, actions, rtg, ctg, timesteps, np.full(rows, lam, np.float32), mask)
+    unknown = np.zeros((rows, 1), np.int64)  # the decision's action and outcome are not known yet
 
+    def then(steps: np.ndarray, now: np.ndarray) -> np.ndarray:
+        return np.concatenate([steps, now], axis=1)
 
-def preferences(scores: np.ndarray, offered: list[int]) -> tuple[list[list[int]], np.ndarray]:
-    """Per row: offered actions by descending score, cut after action 0 (nothing below "no coupon" is
-    preferable to it); and the priority order of rows (largest gain of the best coupon over none first).
-    A row with any non-finite score prefers action 0 alone and comes last."""
-    allowed = np.zeros(scores.shape[1], np.bool_)
-    allowed[0] = True
-    allowed[[a for a in offered if 0 < a < scores.shape[1]]] = True
-    masked = np.where(allowed, scores, -np.inf)
-    unscored = ~np.isfinite(scores).all(axis=1)
-    masked[unscored] = -np.inf
-    masked[unscored, 0] = 0.0
-    ranked = np.argsort(-masked, axis=1, kind="stable").tolist()
-    prefs = []
-    for row in ranked:
-        cut = row.index(0) + 1
-        prefs.append(row[:cut])
-    gain = masked.max(axis=1) - masked[:, 0]
-    gain[unscored] = -np.inf
-    return prefs, np.argsort(-gain, kind="stable")
+    history = History(
+        states=then(window["features"], features[:, None]),
+        actions=then(window["action"], unknown),
+        reward=then(window["reward"], unknown),
+        cost=then(window["cost"], unknown),
+        timesteps=then(window["t"], past.t[:, None]),
+        mask=np.arange(kept + 1) >= (kept - past.counts)[:, None],
+        reward_before_last=past.reward,
+        cost_before_last=past.cost,
+    )
+    lams = np.full(rows, lam, np.float32)
+    return history_inputs(history, lams, manifest.initial_rtg, manifest.initial_ctg, manifest.max_timestep)
 
 
 def min_redemption(default: float, settings: CampaignSettings) -> float:

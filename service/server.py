@@ -126,6 +126,11 @@ def run(store: str, host: str = "127.0.0.1", port: int = 8000, redis_url: str | 
     policy = load_current_policy(settings)
     app = create_app(settings)
     app.state.policy = policy  # loaded and verified above: the app's start-up serves it
+    serve_app(app, host, port, settings.log_level)
+
+
+def serve_app(app: Any, host: str, port: int, log_level: str) -> None:
+    """`app` under uvicorn as `saco serve` runs it (benchmarks/bench_service.py's HTTP floor runs the same)."""
     uvicorn.run(
         app,
         host=host,
@@ -133,6 +138,6 @@ def run(store: str, host: str = "127.0.0.1", port: int = 8000, redis_url: str | 
         workers=1,
         access_log=False,
         log_config=None,
-        log_level=settings.log_level.lower(),
+        log_level=log_level.lower(),
         timeout_graceful_shutdown=10,
     )

@@ -16,6 +16,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 import torch
 
+from contract.inputs import NAMES
 from offline.logs import Logs
 from offline.model import PolicyModule
 from offline.rollout import Policy, SequencePolicy
@@ -96,27 +97,26 @@ ABLATIONS = (
 
 
 class ZeroInputs(torch.nn.Module):
-    """A policy module with some conditioning inputs replaced by zeros (ablations)."""
+    """A policy module with some conditioning inputs replaced by zeros (ablations). Eager only: it takes the
+    model inputs in their order (contract/inputs.py)."""
 
     def __init__(self, inner: torch.nn.Module, rtg: bool, ctg: bool, lam: bool) -> None:
         super().__init__()
-        self.inner, self.zero_rtg, self.zero_ctg, self.zero_lam = inner, rtg, ctg, lam
+        self.inner = inner
+        self.zeroed = _zeroed(rtg, ctg, lam)
 
-    def forward(
-        self,
-        states: torch.Tensor,
-        actions: torch.Tensor,
-        rtg: torch.Tensor,
-        ctg: torch.Tensor,
-        timesteps: torch.Tensor,
-        lam: torch.Tensor,
-        mask: torch.Tensor,
-    ) -> torch.Tensor:
-        rtg = torch.zeros_like(rtg) if self.zero_rtg else rtg
-        ctg = torch.zeros_like(ctg) if self.zero_ctg else ctg
-        lam = torch.zeros_like(lam) if self.zero_lam else lam
-        out: torch.Tensor = self.inner(states, actions, rtg, ctg, timesteps, lam, mask)
+    def forward(self, *inputs: torch.Tensor) -> torch.Tensor:
+        out: torch.Tensor = self.inner(*_zero(self.zeroed, inputs))
         return out
+
+
+def _zeroed(rtg: bool, ctg: bool, lam: bool) -> frozenset[str]:
+    return frozenset(name for name, zero in (("rtg", rtg), ("ctg", ctg), ("lam", lam)) if zero)
+
+
+def _zero(zeroed: frozenset[str], inputs: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+    """`inputs` (the model's, in order) with the named ones replaced by zeros."""
+    return tuple(torch.zeros_like(x) if name in zeroed else x for name, x in zip(NAMES, inputs, strict=True))
 
 
 def zero_inputs(rtg: bool, ctg: bool, lam: bool) -> Callable[[Batch], Batch] | None:
@@ -125,13 +125,10 @@ def zero_inputs(rtg: bool, ctg: bool, lam: bool) -> Callable[[Batch], Batch] | N
     if not (rtg or ctg or lam):
         return None
 
+    zeroed = _zeroed(rtg, ctg, lam)
+
     def transform(batch: Batch) -> Batch:
-        return replace(
-            batch,
-            rtg=torch.zeros_like(batch.rtg) if rtg else batch.rtg,
-            ctg=torch.zeros_like(batch.ctg) if ctg else batch.ctg,
-            lam=torch.zeros_like(batch.lam) if lam else batch.lam,
-        )
+        return replace(batch, inputs=_zero(zeroed, batch.inputs))
 
     return transform
 

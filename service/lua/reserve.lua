@@ -9,7 +9,7 @@
 --   (expected mode), [13] plan lead: how far (a fraction of the budget) commitments may run ahead of a time plan,
 --   [7] the items as JSON columns (flat arrays: cjson builds one Lua table per array):
 --   orderings  the distinct preference lists: offered actions by descending score, cut after 0
---   ordering   per item, the 1-based index of its list in `orderings`
+--   ordering   per item, the 0-based index of its list in `orderings`
 --   tails      per item, the end of its record: byte length of the request id, request id, user id
 --   requests   [item, request key index, user id] for each item with a request id
 --   expected   (optional) per item, the model's expected cost of each action for that user (cents, index =
@@ -52,9 +52,10 @@
 --   by action; any other item takes the greedy first fit above. The logged probability of the action is
 --   what the policy gave it with these candidates: rate / k, plus 1 - rate for the greedy action.
 local campaign, pending, records = KEYS[1], KEYS[2], KEYS[3]
+local items = cjson.decode(ARGV[7])
 do -- a request_id names one user's decision: another user reusing it gets nothing, and nothing is written
   local owners = {}
-  for _, request in ipairs(cjson.decode(ARGV[7]).requests) do
+  for _, request in ipairs(items.requests) do
     local key, user = KEYS[request[2]], request[3]
     local earlier = owners[key] or redis.call('GET', key)
     local owner = earlier and (owners[key] or string.match(earlier, '^[^\t]*\t[^\t]*\t[^\t]*\t[^\t]*\t[^\t]*\t(.*)$'))
@@ -84,7 +85,6 @@ if ledger[10] and ledger[10] ~= '' then
   if now >= starts and now < ends then share = math.min(1, (now - starts) / math.max(1, ends - starts) + tonumber(ARGV[13])) end
   available = math.min(available, math.floor(budget * share) - spent - committed)
 end
-local items = cjson.decode(ARGV[7])
 local orderings, ordering, tails = items.orderings, items.ordering, items.tails
 local expected_costs = items.expected or {}
 local prices, ratios = {}, {}
@@ -140,9 +140,13 @@ for _, pick in ipairs(behaviour.explore) do draws[pick[1]] = pick[2] end
 local by_action = {}
 for a in pairs(prices) do by_action[#by_action + 1] = a end
 table.sort(by_action)
-local function decimal(x) -- the shorter of %.15g and %.17g that reads back as x
-  local text = string.format('%.15g', x)
+local decimals = {[1] = '1'} -- x -> the shorter of %.15g and %.17g that reads back as x
+local function decimal(x)
+  local text = decimals[x]
+  if text then return text end
+  text = string.format('%.15g', x)
   if tonumber(text) ~= x then text = string.format('%.17g', x) end
+  decimals[x] = text
   return text
 end
 -- the action item i takes, its probability under the behaviour policy, whether exploration chose it
@@ -159,60 +163,38 @@ local function behave(i, greedy)
   if chosen == greedy then probability = probability + 1 - rate end
   return chosen, probability, draw ~= nil
 end
--- a decision record's head: its reservation, then its probability, marked /h (holdout) or /x (explored)
+-- a decision record's head: its reservation, then its probability, marked /h (holdout) or /x (explored).
+-- A batch has a handful of distinct heads: each is built once (heads[chance][action][reserve][predicted]).
+local heads = {}
+local function level(t, k)
+  local v = t[k]
+  if not v then
+    v = {}
+    t[k] = v
+  end
+  return v
+end
 local function record_head(action, reserve, var, predicted, probability, explored, holdout)
   local mark = holdout and '/h' or (explored and '/x' or '')
   local chance = (probability == 1 and mark == '') and '1' or decimal(probability) .. mark
+  local by_predicted = level(level(level(heads, chance), action), reserve)
+  local head = by_predicted[predicted]
+  if head then return head end
   local tail = '\t' .. chance .. '\t' .. now_text .. '\t' .. version .. '\t' .. lam .. '\t\t\t'
-  if action == 0 then return 'R\t0\t0\t0\t0\t0' .. tail end
-  return 'R\t' .. string.format('%d', reserve) .. '\t' .. string.format('%d', prices[action]) .. '\t'
-    .. string.format('%.17g', var) .. '\t' .. string.format('%d', predicted) .. '\t' .. action .. tail
+  if action == 0 then
+    head = 'R\t0\t0\t0\t0\t0' .. tail
+  else
+    head = 'R\t' .. string.format('%d', reserve) .. '\t' .. string.format('%d', prices[action]) .. '\t'
+      .. string.format('%.17g', var) .. '\t' .. string.format('%d', predicted) .. '\t' .. action .. tail
+  end
+  by_predicted[predicted] = head
+  return head
 end
 local new_held_out, new_explored = 0, 0
 local out, replays, fields = {0}, {}, {}
--- log_add(field, value, ...): one entry in the campaign's log (docs/state.md, "The decision log"), trimmed
--- to about its bound. The entries it trims that the exporter's group `export` has not read (every one while
--- there is no group) count in the campaign's log_lost; the group's cursor then moves past them, so that
--- its lag (XINFO GROUPS) stays the number of unread entries the stream holds, which the next call reads.
-local log_len, log_ahead, log_cursor -- length, entries at its head the group read, its last-delivered id
-local function log_add(...)
-  local function info(reply, name)
-    for j = 1, #reply - 1, 2 do if reply[j] == name then return reply[j + 1] end end
-  end
-  log_len = log_len or redis.call('XLEN', log)
-  local full = log_len >= tonumber(log_max)
-  if full and not log_ahead then
-    log_ahead, log_cursor = 0, false -- no group, or Redis does not know its lag: every trimmed entry counts
-    for _, group in ipairs(redis.call('XINFO', 'GROUPS', log)) do
-      if info(group, 'name') == 'export' then
-        log_cursor = info(group, 'last-delivered-id')
-        if info(group, 'lag') then log_ahead = math.max(0, log_len - info(group, 'lag')) end
-      end
-    end
-  end
-  redis.call('XADD', log, 'MAXLEN', '~', log_max, '*', ...)
-  if not full then
-    log_len = log_len + 1
-    return
-  end
-  local length = redis.call('XLEN', log)
-  local trimmed = log_len + 1 - length
-  local lost = math.max(0, trimmed - log_ahead)
-  log_len, log_ahead = length, math.max(0, log_ahead - trimmed)
-  if lost == 0 then return end
-  redis.call('HINCRBY', campaign, 'log_lost', lost)
-  if not log_cursor then return end
-  -- the trimmed entries are gone: the cursor goes just before the first entry left
-  local stream = redis.call('XINFO', 'STREAM', log)
-  local ms, seq = string.match(info(stream, 'first-entry')[1], '^(%d+)-(%d+)$')
-  local cursor = seq ~= '0' and ms .. '-' .. string.format('%d', tonumber(seq) - 1)
-    or string.format('%d', tonumber(ms) - 1) .. '-18446744073709551615'
-  local read_ms, read_seq = string.match(log_cursor, '^(%d+)-(%d+)$')
-  if tonumber(read_ms) < tonumber(ms) or (read_ms == ms and tonumber(read_seq) < tonumber(seq)) then
-    redis.call('XGROUP', 'SETID', log, 'export', cursor, 'ENTRIESREAD', info(stream, 'entries-added') - length)
-    log_cursor = cursor
-  end
-end
+local decision_prefix = 'd-' .. batch .. '-'
+local cost_text = {[0] = '0'} -- action -> its cost in cents, as the log writes it
+for a, price in pairs(prices) do cost_text[a] = string.format('%d', price) end
 for i = 1, #ordering do
   local request = requests[i]
   local earlier = request and redis.call('GET', KEYS[request[2]])
@@ -222,7 +204,7 @@ for i = 1, #ordering do
     out[#out + 1] = 0
     replays[#replays + 1] = earlier
   else
-    local prefs = orderings[ordering[i]]
+    local prefs = orderings[ordering[i] + 1]
     local action = 0
     for _, candidate in ipairs(prefs) do
       if candidate == 0 then break end
@@ -251,16 +233,16 @@ for i = 1, #ordering do
     fields[#fields + 1] = record_head(action, reserve, var, predicted, probability, explored, held_out[i]) .. tails[i]
     if log_max ~= '0' then
       local request_length, rest = string.match(tails[i], '^(%d+)\t()')
-      log_add('kind', 'decision',
-        'decision_id', 'd-' .. batch .. '-' .. (i - 1), 'user_id', string.sub(tails[i], rest + tonumber(request_length) + 1),
-        'action', action, 'cost', string.format('%d', cost), 'probability', decimal(probability),
+      log_add(campaign, log, log_max, 'kind', 'decision',
+        'decision_id', decision_prefix .. (i - 1), 'user_id', string.sub(tails[i], rest + tonumber(request_length) + 1),
+        'action', action, 'cost', cost_text[action], 'probability', decimal(probability),
         'explored', explored and '1' or '0', 'holdout', held_out[i] and '1' or '0', 'lambda', lam,
         'model_version', version, 'at_ms', now_text,
         'features', string.sub(features, (i - 1) * row_bytes + 1, i * row_bytes))
     end
     if request then
-      redis.call('SET', KEYS[request[2]], 'd-' .. batch .. '-' .. (i - 1) .. '\t' .. action .. '\t'
-        .. string.format('%d', cost) .. '\t' .. version .. '\t' .. lam .. '\t' .. request[3], 'PX', ARGV[3])
+      redis.call('SET', KEYS[request[2]], decision_prefix .. (i - 1) .. '\t' .. action .. '\t'
+        .. cost_text[action] .. '\t' .. version .. '\t' .. lam .. '\t' .. request[3], 'PX', ARGV[3])
     end
     out[#out + 1] = action
     out[#out + 1] = cost

@@ -2,7 +2,7 @@
 -- (reserved -= reserved amount, spent += cost). All or nothing: a cost above the coupon's cost refuses all
 -- (in strict mode a coupon reserves its cost, so a settled cost never exceeds its reservation).
 -- KEYS[1] campaign hash, KEYS[2..] the record hashes of the batches the outcomes name
--- ARGV per outcome: cost cents, reward (text), index of its record hash in KEYS, its field there
+-- ARGV per outcome: cost cents, reward cents, index of its record hash in KEYS, its field there
 -- Returns {'missing'} unknown campaign | {'too_high', index, coupon cost} | {remaining, code, user, ...}
 --   with code 'A' accepted, 'D' duplicate, 'U' unknown (or expired record).
 -- Decision record: see reserve.lua. Each settled coupon adds its predicted cost to issued:<action> and its
@@ -11,7 +11,7 @@
 -- Learning loop: KEYS[#KEYS] the campaign's log stream; the last two ARGV: now ms ('': the store's clock,
 --   Redis TIME), the log's MAXLEN (approximate; 0: no log). Each accepted outcome adds one `outcome` entry to the log (docs/state.md) and
 --   counts in its group, holdout (a record whose probability is marked /h) or treated: <group>_settled,
---   <group>_reward (cents, rounded half up), <group>_cost (cents).
+--   <group>_reward (cents), <group>_cost (cents).
 local campaign = KEYS[1]
 local RECORD = '^(%u)\t(%d+)\t(%d+)\t([^\t]*)\t(%d+)\t(%d+)\t([^\t]*\t[^\t]*\t[^\t]*\t[^\t]*)\t[^\t]*\t[^\t]*\t(%d+)\t()'
 local function int(x) return string.format('%d', x) end
@@ -36,49 +36,6 @@ for i = 1, n do
   end
 end
 local out = {0}
--- log_add(field, value, ...): one entry in the campaign's log (docs/state.md, "The decision log"), trimmed
--- to about its bound. The entries it trims that the exporter's group `export` has not read (every one while
--- there is no group) count in the campaign's log_lost; the group's cursor then moves past them, so that
--- its lag (XINFO GROUPS) stays the number of unread entries the stream holds, which the next call reads.
-local log_len, log_ahead, log_cursor -- length, entries at its head the group read, its last-delivered id
-local function log_add(...)
-  local function info(reply, name)
-    for j = 1, #reply - 1, 2 do if reply[j] == name then return reply[j + 1] end end
-  end
-  log_len = log_len or redis.call('XLEN', log)
-  local full = log_len >= tonumber(log_max)
-  if full and not log_ahead then
-    log_ahead, log_cursor = 0, false -- no group, or Redis does not know its lag: every trimmed entry counts
-    for _, group in ipairs(redis.call('XINFO', 'GROUPS', log)) do
-      if info(group, 'name') == 'export' then
-        log_cursor = info(group, 'last-delivered-id')
-        if info(group, 'lag') then log_ahead = math.max(0, log_len - info(group, 'lag')) end
-      end
-    end
-  end
-  redis.call('XADD', log, 'MAXLEN', '~', log_max, '*', ...)
-  if not full then
-    log_len = log_len + 1
-    return
-  end
-  local length = redis.call('XLEN', log)
-  local trimmed = log_len + 1 - length
-  local lost = math.max(0, trimmed - log_ahead)
-  log_len, log_ahead = length, math.max(0, log_ahead - trimmed)
-  if lost == 0 then return end
-  redis.call('HINCRBY', campaign, 'log_lost', lost)
-  if not log_cursor then return end
-  -- the trimmed entries are gone: the cursor goes just before the first entry left
-  local stream = redis.call('XINFO', 'STREAM', log)
-  local ms, seq = string.match(info(stream, 'first-entry')[1], '^(%d+)-(%d+)$')
-  local cursor = seq ~= '0' and ms .. '-' .. string.format('%d', tonumber(seq) - 1)
-    or string.format('%d', tonumber(ms) - 1) .. '-18446744073709551615'
-  local read_ms, read_seq = string.match(log_cursor, '^(%d+)-(%d+)$')
-  if tonumber(read_ms) < tonumber(ms) or (read_ms == ms and tonumber(read_seq) < tonumber(seq)) then
-    redis.call('XGROUP', 'SETID', log, 'export', cursor, 'ENTRIESREAD', info(stream, 'entries-added') - length)
-    log_cursor = cursor
-  end
-end
 for i = 1, n do
   -- read again: the batch may name a decision twice
   local status, reserved, face, variance, predicted, action, middle, request_length, tail, value = record(i)
@@ -120,13 +77,13 @@ for i = 1, n do
     -- the group's counters and the outcome log
     local probability, decided_at = string.match(middle, '^([^\t]*)\t([^\t]*)')
     local group = string.sub(probability, -2) == '/h' and 'holdout_' or 'treated_'
-    local reward = string.format('%d', math.floor(tonumber(ARGV[4 * i - 2]) * 100 + 0.5))
+    local reward = ARGV[4 * i - 2]
     redis.call('HINCRBY', campaign, group .. 'settled', 1)
     redis.call('HINCRBY', campaign, group .. 'reward', reward)
     redis.call('HINCRBY', campaign, group .. 'cost', int(cost))
     if log_max ~= '0' then
       local key = KEYS[tonumber(ARGV[4 * i - 1])]
-      log_add('kind', 'outcome',
+      log_add(campaign, log, log_max, 'kind', 'outcome',
         'decision_id', 'd-' .. string.match(key, ':b:(%x+)$') .. '-' .. ARGV[4 * i], 'user_id', user,
         'action', action, 'reward', reward, 'cost', int(cost), 'at_ms', now, 'decided_at_ms', decided_at)
     end

@@ -13,19 +13,16 @@ local none = string.rep('\0', h)
 local stale, i, offset = {}, 0, 1
 for length in string.gmatch(ARGV[5], '%d+') do
   i = i + 1
-  local key, value = KEYS[i], string.sub(values, offset, offset + tonumber(length) - 1)
-  offset = offset + tonumber(length)
-  local current = redis.call('GET', key)
-  local seen = none
-  if current then -- its first h bytes, zero-padded as the writer pads them
-    seen = string.sub(current, 1, h)
-    seen = seen .. string.sub(none, 1, h - #seen)
-  end
+  local key, value_end = KEYS[i], offset + tonumber(length)
+  -- the header alone is compared (the value itself is read only when it changed: its reply costs more)
+  local seen = redis.call('GETRANGE', key, 0, h - 1)
+  if #seen < h then seen = seen .. string.sub(none, 1, h - #seen) end -- zero-padded as the writer pads it
   if seen == string.sub(headers, (i - 1) * h + 1, i * h) then
-    redis.call('SET', key, value, 'PX', ttl)
+    redis.call('SET', key, string.sub(values, offset, value_end - 1), 'PX', ttl)
   else
     stale[#stale + 1] = i
-    stale[#stale + 1] = current or ''
+    stale[#stale + 1] = redis.call('GET', key) or ''
   end
+  offset = value_end
 end
 return stale

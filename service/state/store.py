@@ -4,24 +4,7 @@ Every ledger rule (reserve, settle, expire, campaign upsert) is one Lua script i
 is atomic and exists once; the user-context rules (append a step, apply an outcome) live once in
 `service.state.context`, and the `write_contexts` script stores their results compare-and-set.
 
-Key layout (P = the configured prefix; C = the campaign id, which has no braces; its hash tag {c:C} puts
-every key of one campaign's ledger in one Cluster slot, so each ledger script touches a single slot)::
-
-    P{c:C}:campaign       hash: the settings (budget, coupons as JSON {action: cents}, admin_lambda, ...: the
-                          fields of CampaignSettings, '' for a default), the ledger (spent, reserved,
-                          outstanding_predicted, overrun: cents), decisions, model_version, pacing's state
-    P{c:C}:config         string: the settings as one JSON object, what a decision reads of its campaign
-                          (written with the hash by upsert_campaign.lua; read with the users' contexts)
-    P{c:C}:pacing         string: what pacing has set (pace.lua, JSON), read with the settings
-    P{c:C}:pending        zset: batches that may hold reservations, scored by release deadline (ms)
-    P{c:C}:b:<batch>      hash: field i is the record of decision "d-<batch>-<i>" (reserve.lua documents
-                          the record); expires with the decision TTL
-    P{c:C}:r:<request>    string: the decision returned again for a repeated request_id
-    P{c:C}:log            stream: the campaign's decisions and outcomes, for training (docs/state.md)
-    P ctx:<n>:C:<user>    string: the user's context (service.state.context); n = len(C), so no two
-                          (campaign, user) pairs share a key; no hash tag: contexts spread over the slots
-    P campaigns           set of campaign ids (for the periodic sweep and the log's readers)
-    P models              pub/sub channel: a model version that became current (every replica reloads)
+The key and channel names are contract/keys.py's.
 
 Decision ids are made here: "d-<batch>-<i>", the batch 80 random bits (collisions are not a concern at any
 realistic volume), i the position in the batch; a batch's records are one hash written by one HSET.
@@ -46,7 +29,10 @@ from redis.asyncio.cluster import RedisCluster
 from redis.crc import key_slot
 from redis.exceptions import NoScriptError, RedisError
 
-from service.state.context import HEADER, append_step, apply_outcome, empty_context, new_step_bytes
+from contract.keys import LOG_GROUP, Keys
+from contract.money import rounded_cents
+from service.state.context import HEADER, apply_outcome, empty_context, new_steps
+from service.state.context import append_steps as append_context_steps
 from service.state.types import (
     OPTIONAL_SETTINGS,
     CampaignConfig,
@@ -58,11 +44,12 @@ from service.state.types import (
     Groups,
     LogStatus,
     NewStep,
+    NewSteps,
     Outcome,
     PacedState,
     Pacing,
     RequestIdConflict,
-    ReservedDecision,
+    ReserveBatch,
     ReserveItem,
     ReserveResult,
     SettleResult,
@@ -74,8 +61,7 @@ T = TypeVar("T")
 Client = aioredis.Redis | RedisCluster
 LUA_DIR = Path(__file__).resolve().parents[1] / "lua"
 DECISION_ID = re.compile(r"d-([0-9a-f]{20})-([0-9]{1,5})")
-MODELS_CHANNEL = "models"  # after the prefix: where a new current model version is announced
-LOG_GROUP = "export"  # the exporter's consumer group (loop/logstream.py)
+LOGGING_SCRIPTS = ("reserve", "settle")  # the scripts that write the decision log (service/lua/log.lua)
 CAS_ATTEMPTS = 32  # a context changed by another writer between read and write is redone, at most this often
 
 
@@ -84,6 +70,8 @@ class Script:
 
     def __init__(self, name: str) -> None:
         self.source = (LUA_DIR / f"{name}.lua").read_text()
+        if name in LOGGING_SCRIPTS:  # the one definition of log_add, as a local of the script
+            self.source = (LUA_DIR / "log.lua").read_text() + self.source
         self.sha = hashlib.sha1(self.source.encode()).hexdigest()
 
     async def __call__(self, client: Client, keys: Sequence[Any], args: Sequence[Any]) -> Any:
@@ -261,8 +249,7 @@ class StateStore:
     ) -> None:
         if log_max_entries < 0:
             raise ValueError(f"log_max_entries must be >= 0 (0 turns the decision log off), got {log_max_entries}")
-        if "{" in prefix or "}" in prefix:
-            raise ValueError(f"the Redis key prefix {prefix!r} must not contain braces (they set the hash tag)")
+        self.keys = Keys(prefix)
         self.url = url
         self.prefix = prefix
         self.cluster = cluster
@@ -272,44 +259,6 @@ class StateStore:
         self._connecting = asyncio.Lock()
         names = ("upsert_campaign", "reserve", "settle", "sweep", "pace", "write_contexts", "clock")
         self.scripts = {name: Script(name) for name in names}
-
-    # ---- keys ------------------------------------------------------------------------------------
-    def _tag(self, campaign_id: str) -> str:
-        if "{" in campaign_id or "}" in campaign_id:
-            raise ValueError(f"campaign id {campaign_id!r} must not contain braces")
-        return f"{self.prefix}{{c:{campaign_id}}}"
-
-    def campaign_key(self, campaign_id: str) -> str:
-        return self._tag(campaign_id) + ":campaign"
-
-    def config_key(self, campaign_id: str) -> str:
-        return self._tag(campaign_id) + ":config"
-
-    def pacing_key(self, campaign_id: str) -> str:
-        return self._tag(campaign_id) + ":pacing"
-
-    def pending_key(self, campaign_id: str) -> str:
-        return self._tag(campaign_id) + ":pending"
-
-    def batch_key(self, campaign_id: str, batch: str) -> str:
-        return f"{self._tag(campaign_id)}:b:{batch}"
-
-    def request_key(self, campaign_id: str, request_id: str) -> str:
-        return f"{self._tag(campaign_id)}:r:{request_id}"
-
-    def log_key(self, campaign_id: str) -> str:
-        return self._tag(campaign_id) + ":log"
-
-    def context_key(self, campaign_id: str, user_id: str) -> str:
-        return f"{self.prefix}ctx:{len(campaign_id)}:{campaign_id}:{user_id}"
-
-    @property
-    def campaigns_key(self) -> str:
-        return f"{self.prefix}campaigns"
-
-    @property
-    def models_channel(self) -> str:
-        return f"{self.prefix}{MODELS_CHANNEL}"
 
     # ---- connection ------------------------------------------------------------------------------
     async def client(self) -> Client:
@@ -385,7 +334,7 @@ class StateStore:
                 raise StateStoreError(f"model announcements: {type(exc).__name__}: {exc}") from exc
 
         try:
-            await self._guard(lambda: pubsub.subscribe(self.models_channel))
+            await self._guard(lambda: pubsub.subscribe(self.keys.models_channel))
             yield versions()
         finally:
             await pubsub.aclose()
@@ -409,7 +358,11 @@ class StateStore:
     # ---- campaigns -------------------------------------------------------------------------------
     async def upsert_campaign(self, campaign_id: str, update: CampaignUpdate) -> CampaignState:
         """Create/replace (update.replace) or patch; patching an unknown campaign raises CampaignNotFound."""
-        keys = [self.campaign_key(campaign_id), self.config_key(campaign_id), self.pacing_key(campaign_id)]
+        keys = [
+            self.keys.campaign_key(campaign_id),
+            self.keys.config_key(campaign_id),
+            self.keys.pacing_key(campaign_id),
+        ]
         args = [
             "1" if update.replace else "0",
             campaign_id,
@@ -421,15 +374,15 @@ class StateStore:
             raise CampaignNotFound(campaign_id)
         flat, paced = reply
         client = await self.client()
-        await self._guard(lambda: client.sadd(self.campaigns_key, campaign_id))
+        await self._guard(lambda: client.sadd(self.keys.campaigns_key, campaign_id))
         state = _parse_campaign(campaign_id, dict(zip(flat[::2], flat[1::2], strict=True)), paced or None)
         assert state is not None
         return state
 
     async def get_campaign(self, campaign_id: str) -> CampaignState | None:
         client = await self.client()
-        fields = await self._guard(lambda: client.hgetall(self.campaign_key(campaign_id)))
-        paced = await self._guard(lambda: client.get(self.pacing_key(campaign_id)))
+        fields = await self._guard(lambda: client.hgetall(self.keys.campaign_key(campaign_id)))
+        paced = await self._guard(lambda: client.get(self.keys.pacing_key(campaign_id)))
         return _parse_campaign(campaign_id, fields, cast(bytes | None, paced), await self.log_length(campaign_id))
 
     async def pace(
@@ -451,7 +404,7 @@ class StateStore:
         cents, spend cents, whether it stepped); None for an unknown campaign. `prior`: cents at ratio 1 in
         the spend of outstanding reservations; `prior_coupons`: coupons of each action predicted right in the
         ratios of realised to predicted cost."""
-        keys = [self.campaign_key(campaign_id), self.pacing_key(campaign_id)]
+        keys = [self.keys.campaign_key(campaign_id), self.keys.pacing_key(campaign_id)]
         clock = "" if now_ms is None else now_ms
         args = [clock, interval_ms, repr(start_lambda), repr(step), repr(max_step), repr(lambda_max)]
         args += [prior, prior_coupons, repr(float(step_share))]
@@ -465,14 +418,14 @@ class StateStore:
     async def log_length(self, campaign_id: str) -> int:
         """Entries in the campaign's decision and outcome log."""
         client = await self.client()
-        return int(await self._guard(lambda: client.xlen(self.log_key(campaign_id))))
+        return int(await self._guard(lambda: client.xlen(self.keys.log_key(campaign_id))))
 
     async def log_status(self, campaign_id: str) -> LogStatus:
         """The campaign's log against its exporter: entries held, how many of them the group `export` has
         not read, how many were trimmed unread. The scripts keep the group's cursor past every entry they
         trim unread, so Redis's lag of the group is exact; should Redis not know it, every entry counts."""
         client = await self.client()
-        key = self.log_key(campaign_id)
+        key = self.keys.log_key(campaign_id)
         entries = int(await self._guard(lambda: client.xlen(key)))
         lag = entries
         if entries:
@@ -480,12 +433,12 @@ class StateStore:
             for group in cast(list[dict[str, Any]], groups):
                 if _text(group["name"]) == LOG_GROUP and group.get("lag") is not None:
                     lag = min(entries, int(group["lag"]))
-        lost = await self._guard(lambda: client.hget(self.campaign_key(campaign_id), "log_lost"))
+        lost = await self._guard(lambda: client.hget(self.keys.campaign_key(campaign_id), "log_lost"))
         return LogStatus(entries, lag, int(_text(cast(bytes | None, lost)) or 0))
 
     async def campaign_ids(self) -> list[str]:
         client = await self.client()
-        members = await self._guard(lambda: client.smembers(self.campaigns_key))
+        members = await self._guard(lambda: client.smembers(self.keys.campaigns_key))
         return sorted(_text(cast(bytes, m)) for m in members)
 
     # ---- decisions -------------------------------------------------------------------------------
@@ -500,15 +453,15 @@ class StateStore:
     ) -> tuple[CampaignConfig | None, list[UserContext | None]]:
         """The campaign's configuration (None: no such campaign) and every user's context, in one round
         trip (on a Cluster, one per slot, in parallel)."""
-        keys = [self.config_key(campaign_id), self.pacing_key(campaign_id)]
-        keys += [self.context_key(campaign_id, user_id) for user_id in user_ids]
+        keys = [self.keys.config_key(campaign_id), self.keys.pacing_key(campaign_id)]
+        keys += [self.keys.context_key(campaign_id, user_id) for user_id in user_ids]
         config, paced, *contexts = await self._mget(keys)
         return (None if config is None else _parse_config(campaign_id, config, paced)), contexts
 
     async def reserve(
         self,
         campaign_id: str,
-        items: list[ReserveItem],
+        items: Sequence[ReserveItem] | ReserveBatch,
         *,
         model_version: str,
         lam: float,
@@ -519,7 +472,7 @@ class StateStore:
         exploration_rate: float = 0.0,
         plan_lead: float = 0.1,
     ) -> ReserveResult:
-        """Decide and reserve a whole batch atomically, items in priority order: each takes the first of
+        """Decide and reserve a whole batch atomically, users in priority order: each takes the first of
         its preferences that fits (the campaign's reservation mode says what fits and what is reserved:
         reserve.lua), unless it is a holdout user's (no coupon) or it explores (its draw picks among the
         coupons that fit and none, `exploration_rate` being the probability it had of exploring). Each new
@@ -528,47 +481,49 @@ class StateStore:
         redeemed before outcomes say otherwise (expected mode); `plan_lead`: how far
         commitments may run ahead of a time plan (a fraction of the budget). `now_ms` (simulations and
         tests): the clock the script reads instead of the store's own."""
-        if len({len(item.features) for item in items}) > 1:
-            raise ValueError("every reserve item must carry features of the same length (float32 rows)")
-        batch = os.urandom(10).hex()
-        keys = [self.campaign_key(campaign_id), self.pending_key(campaign_id), self.batch_key(campaign_id, batch)]
-        orderings: dict[tuple[int, ...], int] = {}  # distinct preference lists: a batch has a handful
-        ordering = [orderings.setdefault(tuple(item.preferences), len(orderings) + 1) for item in items]
+        batch = items if isinstance(items, ReserveBatch) else ReserveBatch.of(items)
+        users = len(batch)
+        if batch.features and len(batch.features) % max(1, users):
+            raise ValueError("every user of a reservation must carry features of the same length (float32 rows)")
+        batch_id = os.urandom(10).hex()
+        keys = [
+            self.keys.campaign_key(campaign_id),
+            self.keys.pending_key(campaign_id),
+            self.keys.batch_key(campaign_id, batch_id),
+        ]
         requests = []
-        for position, item in enumerate(items, 1):
-            if item.request_id is not None:
-                keys.append(self.request_key(campaign_id, item.request_id))
-                requests.append((position, len(keys), item.user_id))
-        columns = {
-            "orderings": list(orderings),
-            "ordering": ordering,
-            "tails": [_record_tail(item.request_id, item.user_id) for item in items],
+        tails = []
+        for position, (user_id, request_id) in enumerate(zip(batch.user_ids, batch.request_ids, strict=True), 1):
+            if request_id is None:
+                tails.append("0\t\t" + user_id)
+            else:
+                tails.append(_record_tail(request_id, user_id))
+                keys.append(self.keys.request_key(campaign_id, request_id))
+                requests.append((position, len(keys), user_id))
+        columns: dict[str, Any] = {
+            "orderings": batch.orderings,
+            "ordering": batch.ordering,  # 0-based here, 1-based in the script
+            "tails": tails,
             "requests": requests,
         }
-        if any(item.expected_costs for item in items):
-            columns["expected"] = [item.expected_costs or [] for item in items]
+        if batch.expected_costs is not None:
+            columns["expected"] = batch.expected_costs
+        keys.append(self.keys.log_key(campaign_id))
+        behaviour = {
+            "holdout": [position + 1 for position in batch.holdout],
+            "explore": [[position + 1, draw] for position, draw in batch.explore],
+        }
         args = [
             "" if now_ms is None else now_ms,
             reservation_expiry_ms,
             decision_ttl_ms,
             model_version,
             repr(lam),
-            batch,
+            batch_id,
             orjson.dumps(columns),
-        ]
-        args.append(prior_coupons)
-        keys.append(self.log_key(campaign_id))
-        behaviour = {
-            "holdout": [position for position, item in enumerate(items, 1) if item.holdout],
-            "explore": [
-                [position, item.explore_draw]
-                for position, item in enumerate(items, 1)
-                if item.explore_draw is not None and not item.holdout
-            ],
-        }
-        args += [
+            prior_coupons,
             self.log_max_entries,
-            b"".join([item.features for item in items]),
+            batch.features,
             repr(float(exploration_rate)),
             orjson.dumps(behaviour),
             repr(float(plan_lead)),
@@ -578,34 +533,43 @@ class StateStore:
             raise CampaignNotFound(campaign_id)
         if reply[0] == b"conflict":
             position = int(reply[1]) - 1
-            raise RequestIdConflict(cast(str, items[position].request_id), position)
-        end = 3 * len(items) + 1
-        replays = iter(reply[end:])  # the earlier decisions of repeated request ids (flag 0), in item order
-        decisions = [
-            ReservedDecision(f"d-{batch}-{i}", item.user_id, action, cost, model_version, lam, True, flag == 2)
-            if flag
-            else _replayed(next(replays))
-            for i, (item, action, cost, flag) in enumerate(
-                zip(items, reply[1:end:3], reply[2:end:3], reply[3:end:3], strict=True)
-            )
-        ]
-        return ReserveResult(decisions, int(reply[0]))
+            raise RequestIdConflict(cast(str, batch.request_ids[position]), position)
+        end = 3 * users + 1
+        flags = reply[3:end:3]
+        result = ReserveResult(
+            decision_ids=[f"d-{batch_id}-{i}" for i in range(users)],
+            user_ids=list(batch.user_ids),
+            actions=reply[1:end:3],
+            costs=reply[2:end:3],
+            versions=[model_version] * users,
+            lams=[lam] * users,
+            new=[flag != 0 for flag in flags],
+            downgraded=[flag == 2 for flag in flags],
+            remaining=int(reply[0]),
+        )
+        if end < len(reply):  # the earlier decisions of repeated request ids (flag 0), in batch order
+            replays = iter(reply[end:])
+            for i in (i for i, flag in enumerate(flags) if flag == 0):
+                decision_id, action, cost, version, earlier_lam, user_id = next(replays).decode().split("\t", 5)
+                result.decision_ids[i], result.user_ids[i], result.actions[i] = decision_id, user_id, int(action)
+                result.costs[i], result.versions[i], result.lams[i] = int(cost), version, float(earlier_lam)
+        return result
 
     # ---- contexts --------------------------------------------------------------------------------
     async def _update_contexts(
         self,
         keys: list[str],
         read: list[bytes | None],
-        change: Callable[[int, bytes | None], bytes | None],
+        change: Callable[[list[int], list[bytes | None]], list[bytes | None]],
         ttl_ms: int,
     ) -> None:
-        """Store change(i, value) at keys[i] for each i, `read[i]` being the value as last read; a context
-        that changed since is read again and changed again (compare-and-set, `write_contexts.lua`).
-        A change that returns None leaves that key alone."""
+        """Store change(indices, values)[j] at keys[indices[j]], `values` being those keys' values as last
+        read (`read`); a context that changed since is read again and changed again (compare-and-set,
+        `write_contexts.lua`). A change that gives None leaves that key alone."""
         todo = list(range(len(keys)))
         for _ in range(CAS_ATTEMPTS):
-            changed = [(i, change(i, read[i])) for i in todo]
-            writes = [(i, value) for i, value in changed if value is not None]
+            changed = change(todo, [read[i] for i in todo])
+            writes = [(i, value) for i, value in zip(todo, changed, strict=True) if value is not None]
             if not writes:
                 return
             groups = self._by_slot(range(len(writes)), [keys[i] for i, _ in writes])
@@ -636,50 +600,65 @@ class StateStore:
         raise StateStoreError(f"{len(todo)} user contexts kept changing during {CAS_ATTEMPTS} attempts to write them")
 
     async def append_steps(
-        self,
-        campaign_id: str,
-        steps: list[NewStep],
-        *,
-        capacity: int,
-        ttl_ms: int,
-        initial_rtg: float,
-        initial_ctg: float,
+        self, campaign_id: str, steps: Sequence[NewStep] | NewSteps, *, capacity: int, ttl_ms: int
     ) -> None:
         """Append each decision as the newest step of its user's context, keeping the last `capacity`."""
-        if not steps:
+        if not isinstance(steps, NewSteps):
+            steps = NewSteps.of(steps)
+        if not len(steps):
             return
-        initial = empty_context(len(steps[0].features) // 4, initial_rtg, initial_ctg)
-        by_user: dict[str, list[bytes]] = {}  # a user named twice gets both steps, in order
-        read: dict[str, bytes | None] = {}
-        for step in steps:
-            by_user.setdefault(step.user_id, []).append(new_step_bytes(step.decision_id, step.action, step.features))
-            read.setdefault(step.user_id, step.read)
-        users = list(by_user)
+        initial = empty_context(len(steps.features) // len(steps) // 4)
+        rows = new_steps(steps.decision_ids, steps.actions, steps.features)
+        if len(set(steps.user_ids)) == len(steps):  # the common case: each user once
+            users, read, rounds = steps.user_ids, list(steps.reads), [list(range(len(steps)))]
+        else:  # a user named twice gets both steps, in order: its k-th step in round k
+            users, read, rounds = [], [], []
+            taken: dict[str, int] = {}
+            for position, user in enumerate(steps.user_ids):
+                k = taken.get(user, 0)
+                taken[user] = k + 1
+                if k == 0:
+                    users.append(user)
+                    read.append(steps.reads[position])
+                if k == len(rounds):
+                    rounds.append([])
+                rounds[k].append(position)
+        position_of = {user: i for i, user in enumerate(users)} if len(rounds) > 1 else {}
+        owner = [position_of[user] for user in steps.user_ids] if position_of else []
 
-        def change(i: int, value: bytes | None) -> bytes:
-            for step_bytes in by_user[users[i]]:
-                value = append_step(value, step_bytes, capacity, initial)
-            return cast(bytes, value)
+        def change(indices: list[int], values: list[bytes | None]) -> list[bytes | None]:
+            if len(rounds) == 1 and len(indices) == len(users):  # every user, one step each, in order
+                return list(append_context_steps(values, rows, capacity, initial))
+            current = dict(zip(indices, values, strict=True))
+            for positions in rounds:
+                mine = [p for p in positions if (owner[p] if owner else p) in current]
+                users_of = [owner[p] if owner else p for p in mine]
+                appended = append_context_steps([current[u] for u in users_of], rows[mine], capacity, initial)
+                current.update(zip(users_of, appended, strict=True))
+            return [current[i] for i in indices]
 
-        keys = [self.context_key(campaign_id, user) for user in users]
-        await self._update_contexts(keys, [read[user] for user in users], change, ttl_ms)
+        keys = [self.keys.context_key(campaign_id, user) for user in users]
+        await self._update_contexts(keys, read, change, ttl_ms)
 
     async def apply_outcomes_to_contexts(
-        self, campaign_id: str, updates: list[tuple[str, str, float, int]], *, ttl_ms: int
+        self, campaign_id: str, updates: list[tuple[str, str, int, int]], *, ttl_ms: int
     ) -> None:
-        """Write outcomes (user, decision id, reward, cost in cents) into their users' context steps."""
-        by_user: dict[str, list[tuple[str, float, float]]] = {}
+        """Write outcomes (user, decision id, reward and cost in cents) into their users' contexts."""
+        by_user: dict[str, list[tuple[str, int, int]]] = {}
         for user_id, decision_id, reward, cost in updates:
-            by_user.setdefault(user_id, []).append((decision_id, reward, cost / 100))
+            by_user.setdefault(user_id, []).append((decision_id, reward, cost))
         if not by_user:
             return
         users = list(by_user)
-        keys = [self.context_key(campaign_id, user) for user in users]
+        keys = [self.keys.context_key(campaign_id, user) for user in users]
 
-        def change(i: int, value: bytes | None) -> bytes | None:
-            for decision_id, reward, cost in by_user[users[i]]:
-                value = apply_outcome(value, decision_id, reward, cost)
-            return value
+        def change(indices: list[int], values: list[bytes | None]) -> list[bytes | None]:
+            changed = []
+            for i, value in zip(indices, values, strict=True):
+                for decision_id, reward, cost in by_user[users[i]]:
+                    value = apply_outcome(value, decision_id, reward, cost)
+                changed.append(value)
+            return changed
 
         await self._update_contexts(keys, await self._mget(keys), change, ttl_ms)
 
@@ -688,21 +667,22 @@ class StateStore:
         """Settle a batch of outcomes atomically (all or nothing: CostAboveReservation refuses all); each
         accepted outcome is logged in the campaign's log stream, settled at `now_ms` (default: the store's
         clock)."""
-        keys = [self.campaign_key(campaign_id)]
+        keys = [self.keys.campaign_key(campaign_id)]
         key_index: dict[str, int] = {}
         args: list[Any] = []
         known: list[int] = []  # positions of the outcomes whose id is one this store made
+        rewards = rounded_cents([outcome.reward for outcome in outcomes]).tolist()  # what the log holds
         for position, outcome in enumerate(outcomes):
             match = DECISION_ID.fullmatch(outcome.decision_id)
             if match is None:
                 continue
-            key = self.batch_key(campaign_id, match[1])
+            key = self.keys.batch_key(campaign_id, match[1])
             if key not in key_index:
                 keys.append(key)
                 key_index[key] = len(keys)
-            args += [outcome.cost, repr(float(outcome.reward)), key_index[key], match[2]]
+            args += [outcome.cost, rewards[position], key_index[key], match[2]]
             known.append(position)
-        keys.append(self.log_key(campaign_id))
+        keys.append(self.keys.log_key(campaign_id))
         args += ["" if now_ms is None else now_ms, self.log_max_entries]
         reply = await self._eval("settle", keys, args)
         if reply[0] == b"missing":
@@ -715,7 +695,7 @@ class StateStore:
             outcome = outcomes[position]
             if code == b"A":
                 result.accepted += 1
-                result.context_updates.append((user_id.decode(), outcome.decision_id, outcome.reward, outcome.cost))
+                result.context_updates.append((user_id.decode(), outcome.decision_id, rewards[position], outcome.cost))
             elif code == b"D":
                 result.duplicates += 1
             else:
@@ -727,10 +707,10 @@ class StateStore:
         simulations and tests); returns how many were released. Up to `limit` due batches, 16 per script
         call: a batch holds up to max_batch records, and no single call should hold Redis for long."""
         client = await self.client()
-        pending, released, taken = self.pending_key(campaign_id), 0, 0
+        pending, released, taken = self.keys.pending_key(campaign_id), 0, 0
         clock: int | str = "" if now_ms is None else now_ms  # what the script reads
         if now_ms is None:  # which batches to hand the script (it checks each deadline on its own clock)
-            now_ms = int(await self._eval("clock", [self.campaign_key(campaign_id)], []))
+            now_ms = int(await self._eval("clock", [self.keys.campaign_key(campaign_id)], []))
         while taken < limit:
             chunk = min(16, limit - taken)
             due = await self._guard(
@@ -739,7 +719,9 @@ class StateStore:
             if not due:
                 break
             batches = [_text(cast(bytes, member)) for member in due]
-            keys = [self.campaign_key(campaign_id), pending] + [self.batch_key(campaign_id, b) for b in batches]
+            keys = [self.keys.campaign_key(campaign_id), pending] + [
+                self.keys.batch_key(campaign_id, b) for b in batches
+            ]
             released += int(await self._eval("sweep", keys, [clock, *batches]))
             taken += len(due)
             if len(due) < chunk:
@@ -753,9 +735,3 @@ NO_HEADER = bytes(HEADER.size)  # what write_contexts.lua reads as "no context" 
 def _header(context: bytes | None) -> bytes:
     """A context's header as write_contexts.lua compares it: its first HEADER.size bytes, zero-padded."""
     return NO_HEADER if context is None else context[: HEADER.size].ljust(HEADER.size, b"\0")
-
-
-def _replayed(record: bytes) -> ReservedDecision:
-    """An earlier decision returned again for a repeated request id (its request record, reserve.lua)."""
-    decision_id, action, cost, version, lam, user_id = record.decode().split("\t", 5)
-    return ReservedDecision(decision_id, user_id, int(action), int(cost), version, float(lam), False)

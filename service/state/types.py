@@ -5,6 +5,7 @@ All money is integer cents. A user context is one binary value in the format of 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
@@ -217,8 +218,9 @@ class CampaignUpdate:
     cleared: frozenset[str] = frozenset()
 
 
-# One per user on the decision path, built and dropped within a request: NamedTuples are the cheapest.
 class ReserveItem(NamedTuple):
+    """One user of a reservation (tests and tools; the decision path builds a `ReserveBatch` directly)."""
+
     user_id: str
     request_id: str | None
     # offered actions in descending score order, cut after action 0: the first that fits is taken
@@ -231,6 +233,47 @@ class ReserveItem(NamedTuple):
     # per action (index = action): the model's expected cost of that coupon for this user, in cents, at most
     # the coupon's cost; what an `expected` reservation starts from (None: the coupon's cost)
     expected_costs: list[int] | None = None
+
+
+@dataclass(frozen=True)
+class ReserveBatch:
+    """A request's users as the reservation takes them: columns, one entry per user, in priority order (the
+    order in which they reserve); what `ReserveItem` says of one user, for all of them."""
+
+    user_ids: list[str]
+    request_ids: list[str | None]
+    orderings: list[list[int]]  # the distinct preference lists (a batch has a handful)
+    ordering: list[int]  # per user: the index of its preference list in `orderings`
+    features: bytes = b""  # the users' float32 little-endian feature rows, concatenated
+    holdout: list[int] = field(default_factory=list)  # positions of the holdout users
+    explore: list[tuple[int, float]] = field(default_factory=list)  # (position, draw) of the exploring users
+    expected_costs: list[list[int]] | None = None  # per user, as ReserveItem.expected_costs ([]: none)
+
+    def __len__(self) -> int:
+        return len(self.user_ids)
+
+    @staticmethod
+    def of(items: Sequence[ReserveItem]) -> ReserveBatch:
+        if len({len(item.features) for item in items}) > 1:
+            raise ValueError("every reserve item must carry features of the same length (float32 rows)")
+        orderings: dict[tuple[int, ...], int] = {}
+        ordering = [orderings.setdefault(tuple(item.preferences), len(orderings)) for item in items]
+        return ReserveBatch(
+            user_ids=[item.user_id for item in items],
+            request_ids=[item.request_id for item in items],
+            orderings=[list(prefs) for prefs in orderings],
+            ordering=ordering,
+            features=b"".join([item.features for item in items]),
+            holdout=[i for i, item in enumerate(items) if item.holdout],
+            explore=[
+                (i, item.explore_draw)
+                for i, item in enumerate(items)
+                if item.explore_draw is not None and not item.holdout
+            ],
+            expected_costs=[item.expected_costs or [] for item in items]
+            if any(item.expected_costs for item in items)
+            else None,
+        )
 
 
 class ReservedDecision(NamedTuple):
@@ -246,8 +289,34 @@ class ReservedDecision(NamedTuple):
 
 @dataclass(frozen=True)
 class ReserveResult:
-    decisions: list[ReservedDecision]  # in the order of the items
+    """The batch's decisions as columns, in the order of the batch."""
+
+    decision_ids: list[str]
+    user_ids: list[str]
+    actions: list[int]
+    costs: list[int]  # cents reserved
+    versions: list[str]  # the model version of each decision (an earlier one's for a repeated request_id)
+    lams: list[float]
+    new: list[bool]  # False: an earlier decision returned again for a repeated request_id
+    downgraded: list[bool]  # the preferred coupon did not fit the remaining budget
     remaining: int
+
+    @property
+    def decisions(self) -> list[ReservedDecision]:
+        return [
+            ReservedDecision(*row)
+            for row in zip(
+                self.decision_ids,
+                self.user_ids,
+                self.actions,
+                self.costs,
+                self.versions,
+                self.lams,
+                self.new,
+                self.downgraded,
+                strict=True,
+            )
+        ]
 
 
 class NewStep(NamedTuple):
@@ -260,10 +329,36 @@ class NewStep(NamedTuple):
 
 
 @dataclass(frozen=True)
+class NewSteps:
+    """Decisions to append to their users' contexts, as columns (what `NewStep` says of one, for all)."""
+
+    user_ids: list[str]
+    decision_ids: list[str]
+    actions: list[int]
+    features: bytes  # the float32 little-endian feature rows, concatenated
+    reads: list[bytes | None]  # each user's context as the decision read it
+
+    def __len__(self) -> int:
+        return len(self.user_ids)
+
+    @staticmethod
+    def of(steps: Sequence[NewStep]) -> NewSteps:
+        if len({len(step.features) for step in steps}) > 1:
+            raise ValueError("every new step must carry features of the same length (float32 rows)")
+        return NewSteps(
+            user_ids=[step.user_id for step in steps],
+            decision_ids=[step.decision_id for step in steps],
+            actions=[step.action for step in steps],
+            features=b"".join([step.features for step in steps]),
+            reads=[step.read for step in steps],
+        )
+
+
+@dataclass(frozen=True)
 class Outcome:
     decision_id: str
-    reward: float
-    cost: int
+    reward: float  # currency units, any precision: the store logs and counts it in cents, rounded half up
+    cost: int  # cents
 
 
 @dataclass
@@ -271,6 +366,6 @@ class SettleResult:
     accepted: int = 0
     duplicates: int = 0
     unknown: int = 0
-    # (user_id, decision_id, reward, cost in cents) of the accepted outcomes, for the contexts
-    context_updates: list[tuple[str, str, float, int]] = field(default_factory=list)
+    # (user_id, decision_id, reward, cost) of the accepted outcomes (cents), for the contexts
+    context_updates: list[tuple[str, str, int, int]] = field(default_factory=list)
     remaining: int = 0

@@ -10,7 +10,8 @@ from dataclasses import dataclass
 import numpy as np
 import redis
 
-from loop.logstream import campaigns_key, decision_fields, log_stream_key, outcome_fields
+from contract.keys import Keys
+from contract.log_entry import decision_fields, outcome_fields
 from research.simulate import simulate_logs
 from research.world import WorldConfig
 
@@ -90,8 +91,9 @@ def world_entries(
 def write_entries(url: str, prefix: str, campaign: str, entries: list[Entry]) -> int:
     """XADD the entries to the campaign's stream, in order; returns how many."""
     client = redis.Redis.from_url(url)
-    client.sadd(campaigns_key(prefix), campaign)
-    key = log_stream_key(prefix, campaign)
+    keys = Keys(prefix)
+    client.sadd(keys.campaigns_key, campaign)
+    key = keys.log_key(campaign)
     pipe = client.pipeline(transaction=False)
     written = 0
     for entry in entries:

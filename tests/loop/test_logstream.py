@@ -17,7 +17,9 @@ import pytest
 import redis
 from loop_logs import DAY_MS, world_entries, write_entries
 
-from loop.logstream import GROUP, LogEntryError, export_logs, log_stream_key
+from contract.keys import LOG_GROUP, Keys
+from contract.log_entry import LogEntryError
+from loop.logstream import export_logs
 
 SACO = str(Path(sys.executable).with_name("saco"))
 
@@ -74,14 +76,14 @@ def test_entries_read_and_not_acknowledged_are_exported_first(
     entries = world_entries(30, 2, seed=3)
     write_entries(redis_url, redis_prefix, "c1", entries)
     client = redis.Redis.from_url(redis_url)
-    key = log_stream_key(redis_prefix, "c1")
-    client.xgroup_create(key, GROUP, id="0")
-    client.xreadgroup(GROUP, "exporter", {key: ">"}, count=25)  # an exporter that died before its write
+    key = Keys(redis_prefix).log_key("c1")
+    client.xgroup_create(key, LOG_GROUP, id="0")
+    client.xreadgroup(LOG_GROUP, "exporter", {key: ">"}, count=25)  # an exporter that died before its write
     summary = export_logs(redis_url, tmp_path, prefix=redis_prefix, batch_size=25)
     assert summary.redelivered == 25 and summary.entries == len(entries)
     ids = _read(tmp_path, "decisions")["decision_id"]
     assert len(ids) == len(set(ids)) == 60
-    assert client.xpending(key, GROUP)["pending"] == 0
+    assert client.xpending(key, LOG_GROUP)["pending"] == 0
     client.close()
 
 
@@ -93,12 +95,12 @@ def test_a_malformed_entry_is_refused_naming_it_and_nothing_is_written_or_acknow
     bad["probability"] = "often"
     write_entries(redis_url, redis_prefix, "c1", entries[:1])
     client = redis.Redis.from_url(redis_url)
-    key = log_stream_key(redis_prefix, "c1")
+    key = Keys(redis_prefix).log_key("c1")
     bad_id = client.xadd(key, bad).decode()  # type: ignore[arg-type, union-attr]
     with pytest.raises(LogEntryError, match=f"entry {bad_id}: field 'probability' must be a number"):
         export_logs(redis_url, tmp_path, prefix=redis_prefix)
     assert not list(tmp_path.rglob("*.parquet"))
-    assert client.xpending(key, GROUP)["pending"] == 2
+    assert client.xpending(key, LOG_GROUP)["pending"] == 2
     client.close()
 
 
@@ -117,7 +119,7 @@ def test_an_exporter_killed_mid_run_loses_and_duplicates_nothing(
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     client = redis.Redis.from_url(redis_url)
-    groups = client.xinfo_groups(log_stream_key(redis_prefix, "c1"))
+    groups = client.xinfo_groups(Keys(redis_prefix).log_key("c1"))
     assert groups[0]["lag"] > 0, "the exporter finished before it was killed: the test proves nothing"
     client.close()
 

@@ -18,10 +18,10 @@ import pytest
 import redis
 from loop_logs import DAY_MS, world_entries, write_entries
 
+from contract.keys import Keys
 from loop.gate import GateConfig
 from loop.retrain import RetrainConfig, next_run_in, remaining_decisions, retrain_once, run_scheduler
 from model_store import ModelStore
-from model_store.notify import models_channel
 from offline.logs import Logs
 from offline.train import TrainConfig, TrainResult, train
 
@@ -86,7 +86,7 @@ def test_a_better_candidate_is_promoted_and_announced(
     store = ModelStore(cfg.store)
     incumbent = store.current_version()
     subscriber = redis.Redis.from_url(redis_url).pubsub()
-    subscriber.subscribe(models_channel(redis_prefix))
+    subscriber.subscribe(Keys(redis_prefix).models_channel)
     assert subscriber.get_message(timeout=2)["type"] == "subscribe"  # type: ignore[index]
     calibration = store.calibrate(str(incumbent), command="test", lam=0.42).calibration
     assert calibration is not None

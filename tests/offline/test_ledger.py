@@ -1,44 +1,15 @@
-"""The service's `strict` ledger as rollouts simulate it (offline/rollout.py `first_fit`, `StrictReservation`)."""
+"""The service's `strict` ledger as rollouts simulate it (contract/ranking.py `first_fit`, offline/rollout.py
+`StrictReservation`); reserve.lua is held against `first_fit` in tests/service/state/test_contract.py."""
 
 import numpy as np
-import pytest
 
-from offline.rollout import StrictReservation, first_fit, rollout, to_cents
+from contract.money import rounded_cents as to_cents
+from contract.ranking import first_fit
+from offline.rollout import StrictReservation, rollout
 from research.baselines import MyopicOracle
 from research.world import SyntheticWorld, WorldConfig
-from service.scoring import preferences
 
 PRICES = to_cents(np.array([0.0, 2.0, 5.0, 10.0]))
-
-
-def reference_grant(scores: np.ndarray, offered: list[int], prices: dict[int, int], available: int) -> list[int]:
-    """The service's rule written out as the service runs it: engine.preferences, then reserve.lua's loop."""
-    prefs, priority = preferences(scores, offered)
-    actions = [0] * len(scores)
-    for row in priority.tolist():
-        for candidate in prefs[row]:
-            if candidate == 0:
-                break
-            if prices[candidate] <= available:
-                actions[row] = candidate
-                available -= prices[candidate]
-                break
-    return actions
-
-
-@pytest.mark.parametrize("seed", range(6))
-def test_first_fit_grants_what_the_service_grants(seed: int) -> None:
-    rng = np.random.default_rng(seed)
-    scores = rng.normal(size=(64, 4)).round(1)  # ties, so the stable orders matter
-    offered = [1, 3] if seed % 2 else [1, 2, 3]
-    prices = np.where(np.isin(np.arange(4), [0, *offered]), PRICES, -1)
-    available = int(rng.integers(0, 40_000))
-    actions, refused = first_fit(scores, prices, available)
-    expected = reference_grant(scores, offered, {a: int(PRICES[a]) for a in offered}, available)
-    assert actions.tolist() == expected
-    assert int(prices[actions].sum()) <= available
-    best = np.where(prices >= 0, scores, -np.inf).argmax(axis=1)
-    assert refused.tolist() == [b != 0 and a != b for a, b in zip(actions, best, strict=True)]
 
 
 def test_first_fit_by_hand() -> None:

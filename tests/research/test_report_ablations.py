@@ -17,18 +17,20 @@ from research.report import zero_inputs
 def _batch(logs: Logs, objective: str = "dt-literal") -> Batch:
     traj = build_trajectories(logs, 4)
     windows = traj.windows()[:16]
-    return make_batch(traj, windows, objective, np.linspace(0.1, 0.9, len(windows)), 100.0, 10.0)
+    return make_batch(traj, windows, objective, np.linspace(0.1, 0.9, len(windows)), 100.0, 10.0, 64)
 
 
 def test_zero_inputs_zeroes_only_the_chosen_inputs(tiny_logs: Logs) -> None:
     batch = _batch(tiny_logs)
-    assert batch.rtg.abs().sum() > 0 and batch.ctg.abs().sum() > 0 and batch.lam.abs().sum() > 0
+    assert all(batch.input(name).abs().sum() > 0 for name in ("rtg", "ctg", "lam"))
     out = zero_inputs(rtg=False, ctg=True, lam=True)
     assert out is not None
     zeroed = out(batch)
-    assert torch.equal(zeroed.rtg, batch.rtg)
-    assert not zeroed.ctg.any() and not zeroed.lam.any()
-    for name in ("states", "actions", "timesteps", "mask", "loss_mask", "value_targets"):
+    assert torch.equal(zeroed.input("rtg"), batch.input("rtg"))
+    assert not zeroed.input("ctg").any() and not zeroed.input("lam").any()
+    for name in ("states", "actions", "timesteps", "mask"):
+        assert torch.equal(zeroed.input(name), batch.input(name)), name
+    for name in ("taken", "loss_mask", "value_targets"):
         assert torch.equal(getattr(zeroed, name), getattr(batch, name)), name
     assert zero_inputs(False, False, False) is None
 
@@ -38,7 +40,7 @@ def test_train_applies_the_transform_to_every_batch(tiny_logs: Logs) -> None:
     seen: list[tuple[int, bool]] = []
 
     def record(batch: Batch) -> Batch:
-        seen.append((batch.states.shape[0], torch.is_grad_enabled()))
+        seen.append((batch.taken.shape[0], torch.is_grad_enabled()))
         return batch
 
     result = train(tiny_logs, cfg, progress=False, batch_transform=record)

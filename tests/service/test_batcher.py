@@ -9,17 +9,18 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from contract.inputs import ModelInputs
 from service.batcher import BatcherOverloaded, MicroBatcher
 from service.metrics import ServiceMetrics
-from service.policy import LoadedPolicy, PolicyInputs, load_policy
+from service.policy import LoadedPolicy, load_policy
 
 
-def random_inputs(policy: LoadedPolicy, rows: int, length: int, seed: int) -> PolicyInputs:
+def random_inputs(policy: LoadedPolicy, rows: int, length: int, seed: int) -> ModelInputs:
     m = policy.manifest
     rng = np.random.default_rng(seed)
     mask = np.ones((rows, length), np.bool_)
     mask[0, : length - 1] = False  # a first-step user among them
-    return PolicyInputs(
+    return ModelInputs(
         states=rng.normal(size=(rows, length, m.feature_dim)).astype(np.float32),
         actions=rng.integers(0, m.num_actions, size=(rows, length)),
         rtg=rng.uniform(0, m.initial_rtg, size=(rows, length)).astype(np.float32),
@@ -80,7 +81,7 @@ def test_full_queue_refuses(policy: LoadedPolicy) -> None:
 
 def test_a_failing_forward_answers_its_requests_and_the_thread_serves_on(policy: LoadedPolicy) -> None:
     good = random_inputs(policy, 2, 3, seed=1)
-    bad = PolicyInputs(**{**good.__dict__, "states": good.states[:, :, :-1]})  # one feature short
+    bad = ModelInputs(**{**good.__dict__, "states": good.states[:, :, :-1]})  # one feature short
 
     async def main() -> tuple[BaseException | np.ndarray, np.ndarray]:
         batcher = MicroBatcher(max_rows=64, max_wait_s=0.0, queue_size=4, threads=1, metrics=ServiceMetrics())

@@ -10,28 +10,29 @@ from typing import Any
 import numpy as np
 import pytest
 
+from contract.ranking import preferences
 from model_store import ModelStore
 from service.app import create_app
 from service.decisions import Decisions
 from service.lambdas import plan_lambda
 from service.schemas import CampaignPut, DecisionsRequest, OutcomesRequest
-from service.scoring import ScoreTerms, build_inputs, preferences
+from service.scoring import ScoreTerms, build_inputs
 from service.settings import Settings
 from service.state import CampaignConfig, CampaignSettings, PacedState
-from service.state.context import HEADER, append_step, decode_context, empty_context, new_step_bytes
+from service.state.context import append_step, apply_outcome, decode_context, empty_context, new_step_bytes
 
 
 def test_build_inputs_right_aligns_each_users_context(model_store_dir: Path) -> None:
     m = ModelStore(model_store_dir).load().manifest
     dim, capacity = m.feature_dim, m.context_length - 1
-    initial = empty_context(dim, m.initial_rtg, m.initial_ctg)
+    initial = empty_context(dim)
     context = None
     for n in range(capacity + 3):  # more steps than fit: the oldest fall out
         step = new_step_bytes(f"d-{n}", n % m.num_actions, np.full(dim, n, "<f4").tobytes())
         context = append_step(context, step, capacity, initial)
     assert context is not None
-    _, size, t, rtg, ctg = HEADER.unpack_from(context)
-    context = HEADER.pack(1, size, t, rtg - 1.5, ctg) + context[HEADER.size :]  # as if an outcome had arrived
+    context = apply_outcome(context, f"d-{capacity + 1}", 150, 25)
+    assert context is not None
     short = append_step(None, new_step_bytes("d-v", 1, np.full(dim, 7, "<f4").tobytes()), capacity, initial)
     current = np.arange(3 * dim, dtype=np.float32).reshape(3, dim)
     inputs = build_inputs(m, current, [context, short, None], lam=0.4)
@@ -44,6 +45,9 @@ def test_build_inputs_right_aligns_each_users_context(model_store_dir: Path) -> 
     assert inputs.timesteps[0].tolist() == list(range(3, capacity + 4))
     assert inputs.timesteps[1, -2:].tolist() == [0, 1] and inputs.timesteps[2, -1] == 0
     assert inputs.rtg[0, -1] == np.float32(m.initial_rtg - 1.5) and inputs.rtg[2, -1] == np.float32(m.initial_rtg)
+    # the steps up to the one with the outcome were before it; the step after it was not
+    assert inputs.rtg[0, :-2].tolist() == [np.float32(m.initial_rtg)] * (length - 2)
+    assert inputs.ctg[0, -2:].tolist() == [np.float32(m.initial_ctg - 0.25)] * 2
     assert inputs.actions[1, -2] == 1 and inputs.states[1, -2, 0] == 7
     assert inputs.lam.tolist() == [np.float32(0.4)] * 3
 
@@ -94,7 +98,7 @@ def test_context_writes_behind_the_answer_are_seen_by_the_next_call(model_store_
             _, (raw,) = await load("c", ["u"])
             second_view, final = decode_context(seen[1][0]), decode_context(raw)
             assert second_view is not None and second_view.decision_ids == [first["decision_id"]]
-            assert final is not None and final.t == 2 and final.steps["reward"].tolist() == [2.5, 0.0]
+            assert final is not None and final.t == 2 and final.steps["reward"].tolist() == [250, 0]
 
     asyncio.run(scenario())
 

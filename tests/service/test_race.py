@@ -162,11 +162,11 @@ async def live_reservations(url: str, prefix: str) -> dict[str, int]:
     store = StateStore(url, prefix=prefix)
     try:
         client = await store.client()
-        batches = [m.decode() for m in await client.zrange(store.pending_key("race"), 0, -1)]
+        batches = [m.decode() for m in await client.zrange(store.keys.pending_key("race"), 0, -1)]
         assert batches  # one entry per batch that reserved
         reserved: dict[str, int] = {}
         for batch in batches:
-            for field, raw in (await client.hgetall(store.batch_key("race", batch))).items():
+            for field, raw in (await client.hgetall(store.keys.batch_key("race", batch))).items():
                 record = parse_decision_record(raw)
                 assert record["status"] in {"R", "S"}
                 if record["status"] == "R" and int(record["reserved"]):

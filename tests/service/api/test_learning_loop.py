@@ -25,7 +25,7 @@ def read_log(client: TestClient, campaign: str) -> list[dict[str, bytes]]:
     store: StateStore = client.app.state.runtime.store  # type: ignore[attr-defined]
     reader: Any = (redis.cluster.RedisCluster if store.cluster else redis.Redis).from_url(store.url)
     try:
-        return [{k.decode(): v for k, v in fields.items()} for _, fields in reader.xrange(store.log_key(campaign))]
+        return [{k.decode(): v for k, v in fields.items()} for _, fields in reader.xrange(store.keys.log_key(campaign))]
     finally:
         reader.close()
 

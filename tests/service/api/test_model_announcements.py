@@ -22,7 +22,9 @@ def subscribed(store: StateStore) -> None:
     """Wait until the service listens on the models channel (on the node its URL names)."""
     node = redis.Redis.from_url(store.url)
     try:
-        wait_for(lambda: dict(node.pubsub_numsub(store.models_channel)).get(store.models_channel.encode(), 0) >= 1)
+        wait_for(
+            lambda: dict(node.pubsub_numsub(store.keys.models_channel)).get(store.keys.models_channel.encode(), 0) >= 1
+        )
     finally:
         node.close()
 
@@ -31,7 +33,7 @@ def announce(store: StateStore, version: str) -> None:
     """PUBLISH as a publisher does (on a Cluster, through a Cluster client: any node passes it on)."""
     publisher: Any = (redis.cluster.RedisCluster if store.cluster else redis.Redis).from_url(store.url)
     try:
-        publisher.publish(store.models_channel, version)
+        publisher.publish(store.keys.models_channel, version)
     finally:
         publisher.close()
 

@@ -5,14 +5,13 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-import pytest
 from conftest import DAY_MS, ONE, TWO, Run, put
 
 from service.state import NewStep
 from service.state.context import append_step, decode_context, empty_context, new_step_bytes
 from service.state.store import StateStore
 
-KW: dict[str, Any] = {"ttl_ms": DAY_MS, "initial_rtg": 50.0, "initial_ctg": 20.0}
+KW: dict[str, Any] = {"ttl_ms": DAY_MS}
 
 
 def test_contexts_append_trim_and_take_outcomes(run: Run) -> None:
@@ -27,23 +26,22 @@ def test_contexts_append_trim_and_take_outcomes(run: Run) -> None:
         assert u is not None and v is not None
         assert u.t == 5 and u.decision_ids == ["d-2", "d-3", "d-4"]
         assert u.steps["t"].tolist() == [2, 3, 4] and u.steps["features"].tolist() == [[1.0]] * 3
-        assert (v.t, v.rtg, v.ctg, v.decision_ids) == (1, 50.0, 20.0, ["d-v"])
-        assert v.steps[0].tolist() == (b"d-v", 1, 0.0, 0.0, 50.0, 20.0, 0, [2.0])
+        assert (v.t, v.reward, v.cost, v.decision_ids) == (1, 0, 0, ["d-v"])
+        assert v.steps[0].tolist() == (b"d-v", 1, 0, 0, 0, [2.0])
         # one call for several outcomes, two of them for the same user, one for a trimmed step
         await store.apply_outcomes_to_contexts(
-            "c", [("u", "d-3", 10.0, 250), ("v", "d-v", 2.0, 0), ("u", "d-0", 1.0, 0)], ttl_ms=DAY_MS
+            "c", [("u", "d-3", 1000, 250), ("v", "d-v", 200, 0), ("u", "d-0", 100, 0)], ttl_ms=DAY_MS
         )
         _, (raw_u,) = await store.load_for_decision("c", ["u"])
         u = decode_context(raw_u)
-        assert u is not None and u.rtg == pytest.approx(39.0) and u.ctg == pytest.approx(17.5)
-        d2, d3, d4 = u.steps.tolist()
-        assert d2[2:5] == (0.0, 0.0, 50.0) and d3[2:6] == (10.0, 2.5, 50.0, 20.0) and d4[4:6] == (40.0, 17.5)
+        assert u is not None and (u.reward, u.cost) == (1100, 250)  # the trimmed step's outcome counts
+        assert u.steps["reward"].tolist() == [0, 1000, 0] and u.steps["cost"].tolist() == [0, 250, 0]
         # one call appending for several users
         await store.append_steps("c", [NewStep("u", "d-5", 2, ONE), NewStep("w", "d-w", 3, TWO)], capacity=3, **KW)
         _, raw = await store.load_for_decision("c", ["u", "w"])
         u, w = decode_context(raw[0]), decode_context(raw[1])
         assert u is not None and w is not None
-        assert u.steps[-1].tolist()[4:7] == (pytest.approx(39.0), pytest.approx(17.5), 5)
+        assert (u.reward, u.cost) == (1100, 250) and u.steps[-1].tolist()[2:5] == (0, 0, 5)
         assert (w.t, w.decision_ids, w.steps["action"].tolist()) == (1, ["d-w"], [3])
 
     run(scenario)
@@ -57,7 +55,7 @@ def test_an_append_from_a_stale_read_keeps_what_changed_since(run: Run) -> None:
         await store.upsert_campaign("c", put(10_000))
         await store.append_steps("c", [NewStep("u", "d-0", 1, ONE)], capacity=5, **KW)
         _, (read,) = await store.load_for_decision("c", ["u"])
-        await store.apply_outcomes_to_contexts("c", [("u", "d-0", 3.0, 100)], ttl_ms=DAY_MS)  # after the read
+        await store.apply_outcomes_to_contexts("c", [("u", "d-0", 300, 100)], ttl_ms=DAY_MS)  # after the read
         await store.append_steps("c", [NewStep("u", "d-1", 2, ONE, read)], capacity=5, **KW)
         _, (read,) = await store.load_for_decision("c", ["u"])
         await store.append_steps("c", [NewStep("u", "d-2", 3, ONE)], capacity=5, **KW)  # another decision
@@ -65,13 +63,12 @@ def test_an_append_from_a_stale_read_keeps_what_changed_since(run: Run) -> None:
         _, (raw,) = await store.load_for_decision("c", ["u"])
         u = decode_context(raw)
         assert u is not None and (u.t, u.decision_ids) == (4, ["d-0", "d-1", "d-2", "d-3"])
-        assert (u.rtg, u.ctg) == (47.0, 19.0)
-        assert u.steps["reward"].tolist() == [3.0, 0.0, 0.0, 0.0]
-        assert u.steps["rtg"].tolist() == [50.0, 47.0, 47.0, 47.0]
+        assert (u.reward, u.cost) == (300, 100)
+        assert u.steps["reward"].tolist() == [300, 0, 0, 0]
         # a fresh read: the stored value is exactly the read with the step appended
         await store.append_steps("c", [NewStep("u", "d-4", 2, ONE, raw)], capacity=5, **KW)
         _, (after,) = await store.load_for_decision("c", ["u"])
-        assert after == append_step(raw, new_step_bytes("d-4", 2, ONE), 5, empty_context(1, 50.0, 20.0))
+        assert after == append_step(raw, new_step_bytes("d-4", 2, ONE), 5, empty_context(1))
 
     run(scenario)
 
@@ -104,12 +101,10 @@ def test_concurrent_writers_of_one_user_lose_no_step(run: Run) -> None:
 def test_context_capacity_zero_keeps_only_running_values(run: Run) -> None:
     async def scenario(store: StateStore) -> None:
         await store.upsert_campaign("c", put(10_000))
-        await store.append_steps(
-            "c", [NewStep("u", "d-1", 1, ONE)], capacity=0, ttl_ms=DAY_MS, initial_rtg=5.0, initial_ctg=2.0
-        )
+        await store.append_steps("c", [NewStep("u", "d-1", 1, ONE)], capacity=0, ttl_ms=DAY_MS)
         _, (raw,) = await store.load_for_decision("c", ["u"])
         u = decode_context(raw)
-        assert u is not None and (u.t, u.rtg, u.ctg, len(u.steps)) == (1, 5.0, 2.0, 0)
+        assert u is not None and (u.t, u.reward, u.cost, len(u.steps)) == (1, 0, 0, 0)
 
     run(scenario)
 
@@ -134,15 +129,13 @@ def test_an_unreadable_context_value_is_treated_as_no_context(run: Run) -> None:
     async def scenario(store: StateStore) -> None:
         await store.upsert_campaign("c", put(10_000))
         client = await store.client()
-        await client.set(store.context_key("c", "u"), '{"t": 3, "s": {}}')  # written by another program
+        await client.set(store.keys.context_key("c", "u"), '{"t": 3, "s": {}}')  # written by another program
         _, (raw,) = await store.load_for_decision("c", ["u"])
         assert decode_context(raw) is None
-        await store.apply_outcomes_to_contexts("c", [("u", "d-1", 1.0, 100)], ttl_ms=DAY_MS)
-        await store.append_steps(
-            "c", [NewStep("u", "d-2", 1, ONE, raw)], capacity=3, ttl_ms=DAY_MS, initial_rtg=5.0, initial_ctg=2.0
-        )
+        await store.apply_outcomes_to_contexts("c", [("u", "d-1", 100, 100)], ttl_ms=DAY_MS)
+        await store.append_steps("c", [NewStep("u", "d-2", 1, ONE, raw)], capacity=3, ttl_ms=DAY_MS)
         _, (raw,) = await store.load_for_decision("c", ["u"])
         ctx = decode_context(raw)
-        assert ctx is not None and (ctx.t, ctx.rtg, ctx.ctg, ctx.decision_ids) == (1, 5.0, 2.0, ["d-2"])
+        assert ctx is not None and (ctx.t, ctx.reward, ctx.cost, ctx.decision_ids) == (1, 0, 0, ["d-2"])
 
     run(scenario)

@@ -11,7 +11,8 @@ import redis
 import redis.cluster
 from conftest import DAY_MS, Run, item, put, reserve
 
-from loop.logstream import GROUP, export_logs
+from contract.keys import LOG_GROUP
+from loop.logstream import export_logs
 from service.state import LogStatus, Outcome, ReserveItem
 from service.state.store import StateStore, parse_decision_record
 
@@ -32,7 +33,7 @@ def read_log(store: StateStore, campaign: str) -> list[dict[str, bytes]]:
     """Every entry of the campaign's log stream, oldest first (field names decoded, values as stored)."""
     client = sync_client(store)
     try:
-        return [{k.decode(): v for k, v in fields.items()} for _, fields in client.xrange(store.log_key(campaign))]
+        return [{k.decode(): v for k, v in fields.items()} for _, fields in client.xrange(store.keys.log_key(campaign))]
     finally:
         client.close()
 
@@ -41,7 +42,7 @@ def record(store: StateStore, decision_id: str) -> dict[str, str]:
     _, batch, index = decision_id.split("-")
     client = sync_client(store)
     try:
-        return parse_decision_record(client.hget(store.batch_key("c", batch), index))
+        return parse_decision_record(client.hget(store.keys.batch_key("c", batch), index))
     finally:
         client.close()
 
@@ -204,7 +205,7 @@ def test_entries_trimmed_before_the_exporter_read_them_are_counted(run: Run) -> 
     async def scenario(store: StateStore) -> None:
         store.log_max_entries = 40
         await store.upsert_campaign("c", put(10**9))
-        key, client = store.log_key("c"), sync_client(store)
+        key, client = store.keys.log_key("c"), sync_client(store)
         written, read = 0, 0
 
         def unread() -> int:  # what the stream holds beyond the group's last-delivered id
@@ -226,10 +227,10 @@ def test_entries_trimmed_before_the_exporter_read_them_are_counted(run: Run) -> 
             written += 300
             status = await store.log_status("c")
             assert status.lag == status.entries and status.lost == written - status.entries >= 300 - 140
-            client.xgroup_create(key, GROUP, id="0")
+            client.xgroup_create(key, LOG_GROUP, id="0")
             assert (await check()).lag == status.entries
-            entries = client.xreadgroup(GROUP, "x", {key: ">"}, count=25)[0][1]
-            client.xack(key, GROUP, *[entry_id for entry_id, _ in entries])
+            entries = client.xreadgroup(LOG_GROUP, "x", {key: ">"}, count=25)[0][1]
+            client.xack(key, LOG_GROUP, *[entry_id for entry_id, _ in entries])
             read += len(entries)
             before = await check()
 
@@ -241,7 +242,7 @@ def test_entries_trimmed_before_the_exporter_read_them_are_counted(run: Run) -> 
             trimmed = before.entries + 300 - status.entries
             assert status.lost - before.lost == trimmed - 25  # every one trimmed but the 25 read
 
-            entries = client.xreadgroup(GROUP, "x", {key: ">"}, count=1000)[0][1]
+            entries = client.xreadgroup(LOG_GROUP, "x", {key: ">"}, count=1000)[0][1]
             read += len(entries)
             assert [f[b"kind"] for _, f in entries[-10:]] == [b"decision"] * 10  # the newest
             assert (await check()).lag == 0 and written == read + status.lost
@@ -256,10 +257,10 @@ def test_a_lowered_bound_counts_what_it_trims_unread(run: Run) -> None:
         store.log_max_entries = 1000
         await store.upsert_campaign("c", put(10**9))
         await reserve(store, "c", [item(f"a{i}", [1, 0]) for i in range(300)])
-        key, client = store.log_key("c"), sync_client(store)
+        key, client = store.keys.log_key("c"), sync_client(store)
         try:
-            client.xgroup_create(key, GROUP, id="0")
-            assert len(client.xreadgroup(GROUP, "x", {key: ">"}, count=250)[0][1]) == 250
+            client.xgroup_create(key, LOG_GROUP, id="0")
+            assert len(client.xreadgroup(LOG_GROUP, "x", {key: ">"}, count=250)[0][1]) == 250
             store.log_max_entries = 10
             await reserve(store, "c", [item("b", [1, 0])])
             status = await store.log_status("c")
@@ -296,7 +297,7 @@ def test_the_export_reports_what_was_lost_since_its_previous_run(run: Run, tmp_p
         await reserve(store, "c", [featured(f"b{i}") for i in range(10)])
         client = sync_client(store)
         try:  # the exporter's consumer reads 10 new entries and dies
-            assert len(client.xreadgroup(GROUP, "exporter", {store.log_key("c"): ">"}, count=10)[0][1]) == 10
+            assert len(client.xreadgroup(LOG_GROUP, "exporter", {store.keys.log_key("c"): ">"}, count=10)[0][1]) == 10
         finally:
             client.close()
         await reserve(store, "c", [featured(f"c{i}") for i in range(300)])

@@ -18,17 +18,17 @@ from service.state.store import StateStore, parse_decision_record
 def test_no_two_campaign_user_pairs_share_a_context_key() -> None:
     store = StateStore("redis://127.0.0.1:1/0", prefix="p:")
     pairs = [("x", "y:u"), ("x:y", "u"), ("x", "y:u:"), ("x:", "y:u"), ("1", "1:x"), ("1:1", "x"), ("x", "")]
-    assert len({store.context_key(c, u) for c, u in pairs}) == len(pairs)
+    assert len({store.keys.context_key(c, u) for c, u in pairs}) == len(pairs)
 
 
 def test_one_campaigns_ledger_keys_share_a_slot_and_contexts_spread() -> None:
     store = StateStore("redis://127.0.0.1:1/0", prefix="p:")
-    keys = [store.campaign_key("c:1"), store.config_key("c:1"), store.pending_key("c:1")]
-    keys += [store.batch_key("c:1", "ab" * 10), store.request_key("c:1", "any {request} id}")]
+    keys = [store.keys.campaign_key("c:1"), store.keys.config_key("c:1"), store.keys.pending_key("c:1")]
+    keys += [store.keys.batch_key("c:1", "ab" * 10), store.keys.request_key("c:1", "any {request} id}")]
     assert len({key_slot(k.encode()) for k in keys}) == 1
-    assert len({key_slot(store.context_key("c:1", f"u{i}").encode()) for i in range(50)}) > 40
+    assert len({key_slot(store.keys.context_key("c:1", f"u{i}").encode()) for i in range(50)}) > 40
     with pytest.raises(ValueError, match="braces"):
-        store.campaign_key("c{1}")
+        store.keys.campaign_key("c{1}")
     with pytest.raises(ValueError, match="braces"):
         StateStore("redis://127.0.0.1:1/0", prefix="p{x}:")
 
@@ -37,7 +37,7 @@ def test_the_same_user_in_two_campaigns_has_two_contexts(run: Run) -> None:
     async def scenario(store: StateStore) -> None:
         for campaign in ("x", "x:y"):
             await store.upsert_campaign(campaign, put(10_000))
-        kw = {"capacity": 3, "ttl_ms": DAY_MS, "initial_rtg": 1.0, "initial_ctg": 1.0}
+        kw = {"capacity": 3, "ttl_ms": DAY_MS}
         await store.append_steps("x", [NewStep("y:u", "d-a", 1, ONE)], **kw)
         await store.append_steps("x:y", [NewStep("u", "d-b", 2, ONE)], **kw)
         (_, (first,)), (_, (second,)) = [await store.load_for_decision(c, [u]) for c, u in (("x", "y:u"), ("x:y", "u"))]
@@ -58,7 +58,7 @@ def test_decision_records_keep_free_text_ids_through_settlement(run: Run) -> Non
         decided = result.decisions[0]
         assert decided.user_id == user
         batch, index = decided.decision_id[2:].rsplit("-", 1)
-        client, key = await store.client(), store.batch_key("c", batch)
+        client, key = await store.client(), store.keys.batch_key("c", batch)
         record = parse_decision_record(await client.hget(key, index))
         assert record == {
             "status": "R", "reserved": "500", "coupon_cost": "500", "variance": "0", "predicted": "500",
@@ -69,9 +69,9 @@ def test_decision_records_keep_free_text_ids_through_settlement(run: Run) -> Non
         }  # fmt: skip
         ttl = await client.pttl(key)
         settled = await store.settle("c", [Outcome(decided.decision_id, 12.5, 300)])
-        assert settled.context_updates == [(user, decided.decision_id, 12.5, 300)]
+        assert settled.context_updates == [(user, decided.decision_id, 1250, 300)]
         record = parse_decision_record(await client.hget(key, index))
-        assert (record["status"], record["reward"], record["cost"]) == ("S", "12.5", "300")
+        assert (record["status"], record["reward"], record["cost"]) == ("S", "1250", "300")
         assert (record["user_id"], record["request_id"], record["action"]) == (user, request, "2")
         assert 0 < await client.pttl(key) <= ttl  # settlement keeps the record's expiry
 
@@ -85,11 +85,11 @@ def test_a_batch_is_one_hash_with_one_pending_entry(run: Run) -> None:
         ids = [d.decision_id for d in result.decisions]
         batch = ids[0][2:].rsplit("-", 1)[0]
         assert ids == [f"d-{batch}-{i}" for i in range(300)]
-        client, key = await store.client(), store.batch_key("c", batch)
+        client, key = await store.client(), store.keys.batch_key("c", batch)
         assert await client.hlen(key) == 300 and 29 * DAY_MS < await client.pttl(key) <= 30 * DAY_MS
         record = parse_decision_record(await client.hget(key, "299"))
         assert (record["status"], record["reserved"], record["user_id"]) == ("R", "200", "u299")
-        pending = await client.zrange(store.pending_key("c"), 0, -1, withscores=True)
+        pending = await client.zrange(store.keys.pending_key("c"), 0, -1, withscores=True)
         assert pending == [(batch.encode(), 5_000 + DAY_MS)]
         await store.settle("c", [Outcome(ids[7], 1.0, 100)])
         assert parse_decision_record(await client.hget(key, "7"))["status"] == "S"
@@ -112,9 +112,7 @@ def test_scripts_are_loaded_again_after_the_server_lost_them() -> None:
             await client.script_flush()
             assert (await reserve(store, "c", [item("u", [3, 0])])).decisions[0].action == 3
             await client.script_flush()
-            await store.append_steps(
-                "c", [NewStep("u", "d-1", 3, ONE)], capacity=3, ttl_ms=DAY_MS, initial_rtg=1.0, initial_ctg=1.0
-            )
+            await store.append_steps("c", [NewStep("u", "d-1", 3, ONE)], capacity=3, ttl_ms=DAY_MS)
             _, (raw,) = await store.load_for_decision("c", ["u"])
             ctx = decode_context(raw)
             assert ctx is not None and ctx.t == 1

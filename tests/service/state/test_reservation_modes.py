@@ -147,7 +147,7 @@ def test_expected_mode_reserves_each_users_predicted_cost_corrected_by_what_was_
         records = {}
         for decision_id, user, _ in decided:
             batch, index = decision_id[2:].rsplit("-", 1)
-            records[user] = parse_decision_record(await client.hget(store.batch_key("c", batch), index))
+            records[user] = parse_decision_record(await client.hget(store.keys.batch_key("c", batch), index))
         assert (records["low"]["reserved"], records["low"]["predicted"], records["low"]["coupon_cost"]) == (
             "100",
             "100",
@@ -215,7 +215,7 @@ def test_predicted_costs_the_ledger_cannot_settle_are_bounded_to_the_coupons_cos
         for decision_id, _, action in decided:
             assert action == 1
             batch, index = decision_id[2:].rsplit("-", 1)
-            record = parse_decision_record(await client.hget(store.batch_key("c", batch), index))
+            record = parse_decision_record(await client.hget(store.keys.batch_key("c", batch), index))
             assert 1 <= int(record["reserved"]) <= 1_000 and 1 <= int(record["predicted"]) <= 1_000
         state = await store.get_campaign("c")
         assert state is not None and 4 <= state.reserved <= 4_000 and state.outstanding == 4_000

@@ -1,9 +1,12 @@
-"""Money is integer minor units (cents) inside the service; floats only at the API boundary."""
+"""Money is integer minor units (cents) on both sides; floats only at the edges (the API, the logs' columns)."""
 
 from __future__ import annotations
 
 import math
 from decimal import Decimal
+
+import numpy as np
+import numpy.typing as npt
 
 CENTS_PER_UNIT = 100
 # The largest amount the service takes (a budget, a coupon's cost, an outcome's cost or reward), in
@@ -24,6 +27,12 @@ def to_cents(amount: float) -> int:
     if exact != exact.to_integral_value():
         raise ValueError("must have at most 2 decimals")
     return int(exact)
+
+
+def rounded_cents(amount: npt.ArrayLike) -> np.ndarray:
+    """Amounts of any precision (a reward, a simulated cost) as int64 cents, rounded half up: floor(100 x +
+    0.5) in doubles, the same operations (hence the same result) as the ledger's Lua where it rounds."""
+    return np.floor(np.asarray(amount, dtype=np.float64) * CENTS_PER_UNIT + 0.5).astype(np.int64)
 
 
 def from_cents(cents: int) -> float:
