@@ -41,10 +41,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 from service.replicas import start_replica  # noqa: E402
-from service.state.servers import (
-    free_port,
-    start_redis,
-)
+from service.state.servers import free_port, start_redis  # noqa: E402
 
 TOKEN = "bench-admin-token"
 COUPONS = [{"action": 1, "cost": 2.0}, {"action": 2, "cost": 5.0}, {"action": 3, "cost": 10.0}]
