@@ -122,8 +122,18 @@ def _to_float(value: object) -> float:
         return float("nan")
 
 
-def validate_table(table: pa.Table) -> Logs:
-    """Check the log schema and return sorted, typed arrays; raises LogValidationError naming column + row."""
+@dataclass(frozen=True)
+class CheckedRows:
+    """Columns of a table that passed the per-row checks of the log schema (as float64, user ids as str)."""
+
+    user_ids: np.ndarray  # [n] object (str)
+    columns: dict[str, np.ndarray]  # t, action, cost, reward, f0.. -> [n] float64
+    feature_names: tuple[str, ...]
+
+
+def check_rows(table: pa.Table, first_row: int = 1) -> CheckedRows:
+    """The checks of the log schema that need one row at a time; `first_row` is the table's first row's number
+    in the whole log, so a batch of a streamed log names the row of the log. Raises LogValidationError."""
     names = table.column_names
     for name in REQUIRED:
         if name not in names:
@@ -135,19 +145,20 @@ def validate_table(table: pa.Table) -> Logs:
     if feature_cols != expected:
         missing = sorted(set(expected) - set(feature_cols), key=lambda n: int(n[1:]))
         raise LogValidationError(f"feature columns must be f0..f{len(feature_cols) - 1}; missing column {missing[0]!r}")
-    n = table.num_rows
-    if n == 0:
-        raise LogValidationError("logs have no rows")
+    offset = first_row - 1
+
+    def first_bad(mask: np.ndarray) -> int:
+        return _first_bad(mask) + offset
 
     uid_col = table.column("user_id")
     if uid_col.null_count:
         raise LogValidationError(
-            f"column 'user_id' is empty at row {_first_bad(pc.is_null(uid_col).to_numpy(zero_copy_only=False))}"
+            f"column 'user_id' is empty at row {first_bad(pc.is_null(uid_col).to_numpy(zero_copy_only=False))}"
         )
     user_ids_raw = np.asarray(uid_col.cast(pa.string()).to_pylist(), dtype=object)
     empty = np.array([len(u) == 0 for u in user_ids_raw])
     if empty.any():
-        raise LogValidationError(f"column 'user_id' is empty at row {_first_bad(empty)}")
+        raise LogValidationError(f"column 'user_id' is empty at row {first_bad(empty)}")
 
     columns: dict[str, np.ndarray] = {}
     for name in ("t", "action", "cost", "reward", *feature_cols):
@@ -156,22 +167,37 @@ def validate_table(table: pa.Table) -> Logs:
         if bad.any():
             row = _first_bad(bad)
             raise LogValidationError(
-                f"column {name!r} has a missing or non-finite value ({values[row - 1]}) at row {row}"
+                f"column {name!r} has a missing or non-finite value ({values[row - 1]}) at row {row + offset}"
             )
         columns[name] = values
     for name in ("t", "action"):
         frac = columns[name] != np.round(columns[name])
         if frac.any():
             row = _first_bad(frac)
-            raise LogValidationError(f"column {name!r} must be an integer; row {row} has {columns[name][row - 1]}")
+            raise LogValidationError(
+                f"column {name!r} must be an integer; row {row + offset} has {columns[name][row - 1]}"
+            )
     neg_action = columns["action"] < 0
     if neg_action.any():
-        row = _first_bad(neg_action)
+        row = first_bad(neg_action)
         raise LogValidationError(f"column 'action' must be >= 0 (0 = no coupon); row {row} is negative")
     neg_cost = columns["cost"] < 0
     if neg_cost.any():
         row = _first_bad(neg_cost)
-        raise LogValidationError(f"column 'cost' must be >= 0; row {row} has {columns['cost'][row - 1]}")
+        raise LogValidationError(f"column 'cost' must be >= 0; row {row + offset} has {columns['cost'][row - 1]}")
+    return CheckedRows(user_ids_raw, columns, tuple(feature_cols))
+
+
+def duplicate_step_error(user_id: str, t: int, row: int) -> LogValidationError:
+    return LogValidationError(f"column 't' cannot order user {user_id!r}: value {t} repeats at row {row}")
+
+
+def validate_table(table: pa.Table) -> Logs:
+    """Check the log schema and return sorted, typed arrays; raises LogValidationError naming column + row."""
+    checked = check_rows(table)
+    if table.num_rows == 0:
+        raise LogValidationError("logs have no rows")
+    user_ids_raw, columns, feature_cols = checked.user_ids, checked.columns, checked.feature_names
 
     unique_ids, first_pos, dense = np.unique(user_ids_raw.astype(str), return_index=True, return_inverse=True)
     # dense user index in order of first appearance, for stable, readable output
@@ -185,9 +211,7 @@ def validate_table(table: pa.Table) -> Logs:
     dup = (np.diff(user_s) == 0) & (np.diff(t_s) == 0)
     if dup.any():
         row = int(order[np.flatnonzero(dup)[0] + 1]) + 1
-        raise LogValidationError(
-            f"column 't' cannot order user {user_ids_raw[row - 1]!r}: value {t[row - 1]} repeats at row {row}"
-        )
+        raise duplicate_step_error(user_ids_raw[row - 1], int(t[row - 1]), row)
 
     features = np.stack([columns[c] for c in feature_cols], axis=1)[order].astype(np.float32)
     digest = hashlib.sha256()

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from contract.inputs import NAMES, History, assemble, history_inputs
+from contract.inputs import NAMES, History, ModelInputs, assemble, history_inputs
 from contract.money import rounded_cents
 from offline.logs import Logs
 
@@ -89,9 +89,22 @@ def build_trajectories(logs: Logs, context_length: int) -> Trajectories:
 
 
 def _cumsum_by_user(x: np.ndarray, starts: np.ndarray) -> np.ndarray:
-    total = np.cumsum(x)
-    before_user = np.concatenate([np.zeros(1, total.dtype), total[starts[1:-1] - 1]])
-    return total - np.repeat(before_user, np.diff(starts))
+    """Each user's running sum of x, added in step order from zero and independently of other users, so a
+    user's sums are the same bits whichever users share the array (the out-of-core windows, offline/windows.py,
+    build them a group of users at a time). One pass per step position, vectorised over users."""
+    lengths = np.diff(starts)
+    out = np.empty_like(x)
+    if not len(lengths):
+        return out
+    by_length = np.argsort(-lengths, kind="stable")
+    first, longest_first = starts[:-1][by_length], lengths[by_length]
+    running = np.zeros(len(first), dtype=x.dtype)
+    for step in range(int(longest_first[0])):
+        k = int(np.searchsorted(-longest_first, -step, side="left"))  # users with more than `step` steps
+        rows = first[:k] + step
+        running[:k] += x[rows]
+        out[rows] = running[:k]
+    return out
 
 
 def _reverse_cumsum_by_user(x: np.ndarray, starts: np.ndarray) -> np.ndarray:
@@ -121,6 +134,46 @@ class Batch:
         return self.inputs[NAMES.index(name)]
 
 
+@dataclass(frozen=True)
+class WindowSteps:
+    """What training windows [W, L] hold before a lambda and the to-go targets are chosen: the history the
+    rule (contract/inputs.py) turns into model inputs, and what the loss compares them with."""
+
+    history: History
+    loss_mask: np.ndarray  # [W, L] steps each window is responsible for (each step in one window only)
+    value_targets: np.ndarray  # [W, L, 4] f32: revenue now, cost now, revenue later, cost later (raw units)
+
+    def batch(self, lam: np.ndarray, initial_rtg: float, initial_ctg: float, max_timestep: int) -> Batch:
+        """The "value" objective's batch: the history rule's inputs at per-window lambda [W]."""
+        inputs = history_inputs(self.history, lam, initial_rtg, initial_ctg, max_timestep)
+        return _batch(inputs, self.history.actions, self.loss_mask, self.value_targets)
+
+
+def window_steps(traj: Trajectories, window: np.ndarray) -> WindowSteps:
+    """Gather windows [W, L] of rows (-1 = padding) into their history, loss mask and value targets."""
+    logs = traj.logs
+    mask = window >= 0
+    rows = np.where(mask, window, 0)
+    first_owned = (traj.position[window[:, -1]] // traj.context_length) * traj.context_length
+    loss_mask = mask & (traj.position[rows] >= first_owned[:, None])
+    last = window[:, -1]
+    history = History(
+        logs.features[rows],
+        np.where(mask, logs.action[rows], 0),
+        traj.reward_cents[rows],
+        traj.cost_cents[rows],
+        traj.position[rows],
+        mask,
+        reward_before_last=traj.reward_before[last],
+        cost_before_last=traj.cost_before[last],
+    )
+    targets = np.stack(
+        [logs.reward[rows], logs.cost[rows], traj.rtg[rows] - logs.reward[rows], traj.ctg[rows] - logs.cost[rows]],
+        axis=-1,
+    )
+    return WindowSteps(history, loss_mask, np.where(mask[..., None], targets, 0.0).astype(np.float32))
+
+
 def make_batch(
     traj: Trajectories,
     window: np.ndarray,
@@ -131,39 +184,24 @@ def make_batch(
     max_timestep: int,
 ) -> Batch:
     """Gather windows [B, L] of rows into model inputs for `objective` with per-window lambda [B]."""
-    logs = traj.logs
-    mask = window >= 0
-    rows = np.where(mask, window, 0)
-    first_owned = (traj.position[window[:, -1]] // traj.context_length) * traj.context_length
-    loss_mask = mask & (traj.position[rows] >= first_owned[:, None])
-    states, taken, timesteps = logs.features[rows], np.where(mask, logs.action[rows], 0), traj.position[rows]
+    steps = window_steps(traj, window)
     if objective == "value":
-        last = window[:, -1]
-        history = History(
-            states,
-            taken,
-            traj.reward_cents[rows],
-            traj.cost_cents[rows],
-            timesteps,
-            mask,
-            reward_before_last=traj.reward_before[last],
-            cost_before_last=traj.cost_before[last],
-        )
-        inputs = history_inputs(history, lam, initial_rtg, initial_ctg, max_timestep)
-    elif objective in ("dt-literal", "dt-lagrangian"):
-        rtg_in, ctg_in = traj.rtg[rows], traj.ctg[rows]
-        if objective == "dt-lagrangian":
-            rtg_in = rtg_in - lam[:, None] * ctg_in
-        inputs = assemble(states, taken, rtg_in, ctg_in, timesteps, lam, mask, max_timestep)
-    else:
+        return steps.batch(lam, initial_rtg, initial_ctg, max_timestep)
+    if objective not in ("dt-literal", "dt-lagrangian"):
         raise ValueError(f"unknown objective {objective!r}")
-    targets = np.stack(
-        [logs.reward[rows], logs.cost[rows], traj.rtg[rows] - logs.reward[rows], traj.ctg[rows] - logs.cost[rows]],
-        axis=-1,
-    )
+    rows = np.where(steps.history.mask, window, 0)
+    rtg_in, ctg_in = traj.rtg[rows], traj.ctg[rows]
+    if objective == "dt-lagrangian":
+        rtg_in = rtg_in - lam[:, None] * ctg_in
+    h = steps.history
+    inputs = assemble(h.states, h.actions, rtg_in, ctg_in, h.timesteps, lam, h.mask, max_timestep)
+    return _batch(inputs, h.actions, steps.loss_mask, steps.value_targets)
+
+
+def _batch(inputs: ModelInputs, taken: np.ndarray, loss_mask: np.ndarray, value_targets: np.ndarray) -> Batch:
     return Batch(
         inputs=tuple(torch.from_numpy(np.ascontiguousarray(a)) for a in inputs.arrays()),
         taken=torch.from_numpy(taken),
         loss_mask=torch.from_numpy(loss_mask),
-        value_targets=torch.from_numpy(np.where(mask[..., None], targets, 0.0).astype(np.float32)),
+        value_targets=torch.from_numpy(value_targets),
     )
