@@ -157,12 +157,16 @@ def window_steps(traj: Trajectories, window: np.ndarray) -> WindowSteps:
     first_owned = (traj.position[window[:, -1]] // traj.context_length) * traj.context_length
     loss_mask = mask & (traj.position[rows] >= first_owned[:, None])
     last = window[:, -1]
+
+    def steps_of(per_row: np.ndarray) -> np.ndarray:  # padding zeroed: a window is a function of its user alone
+        return np.where(mask.reshape(mask.shape + (1,) * (per_row.ndim - 1)), per_row[rows], 0).astype(per_row.dtype)
+
     history = History(
-        logs.features[rows],
-        np.where(mask, logs.action[rows], 0),
-        traj.reward_cents[rows],
-        traj.cost_cents[rows],
-        traj.position[rows],
+        steps_of(logs.features),
+        steps_of(logs.action),
+        steps_of(traj.reward_cents),
+        steps_of(traj.cost_cents),
+        steps_of(traj.position),
         mask,
         reward_before_last=traj.reward_before[last],
         cost_before_last=traj.cost_before[last],
