@@ -192,6 +192,26 @@ def train(
     )
 
 
+@app.command()
+@_errors_as_one_line
+def windows(
+    logs: Annotated[Path, typer.Option(help="Parquet logs: one file or a directory of files")],
+    out: Annotated[Path, typer.Option(help="directory for the shards and manifest.json")],
+    shards: Annotated[int, typer.Option(min=1, help="number of user shards")] = 16,
+    context_length: Annotated[int | None, typer.Option(min=1, help="steps per window (as saco train)")] = None,
+    memory_limit: Annotated[str, typer.Option(help="DuckDB's memory limit; beyond it, it spills to disk")] = "1GB",
+    temp_dir: Annotated[Path | None, typer.Option(help="where DuckDB spills (default: OUT/.spill)")] = None,
+) -> None:
+    """User-sharded training windows of logs of any size, built out of core."""
+    from offline.train import TrainConfig
+    from offline.windows import build_windows
+
+    length = context_length or TrainConfig().context_length
+    manifest = build_windows(logs, out, length, shards, memory_limit, temp_dir)
+    keys = ("rows", "users", "windows", "shards")
+    _emit({**{k: manifest[k] for k in keys}, "path": str(out)})
+
+
 @app.command("export")
 @_errors_as_one_line
 def export_logs_command(

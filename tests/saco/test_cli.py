@@ -8,6 +8,7 @@ import sys
 import time
 from pathlib import Path
 
+import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
@@ -112,3 +113,16 @@ def test_help_reads_naturally() -> None:
     assert "--promote" in helps["train"] and "--no-promote" in helps["train"]
     assert "--effects" in helps["simulate"] and "--no-effects" in helps["simulate"]
     assert "--quick" in helps["report"] and "--no-quick" not in helps["report"]
+
+
+def test_windows_shards_a_parquet_log_and_names_a_bad_row(tmp_path: Path) -> None:
+    logs = tmp_path / "logs.parquet"
+    saco("simulate", "--users", "50", "--rounds", "3", "--seed", "1", "--out", str(logs))
+    built = last_json(saco("windows", "--logs", str(logs), "--out", str(tmp_path / "w"), "--shards", "3").stdout)
+    assert built == {"rows": 150, "users": 50, "windows": 50, "shards": 3, "path": str(tmp_path / "w")}
+    assert sorted(p.name for p in (tmp_path / "w").glob("shard-*.npz")) == [f"shard-0000{k}.npz" for k in range(3)]
+    table = pq.read_table(logs)
+    pq.write_table(table.set_column(3, "cost", pa.array([-1.0] + [0.0] * 149)), tmp_path / "bad.parquet")
+    refused = saco("windows", "--logs", str(tmp_path / "bad.parquet"), "--out", str(tmp_path / "b"), check=False)
+    assert refused.returncode != 0
+    assert refused.stderr.strip() == "error: column 'cost' must be >= 0; row 1 has -1.0"
