@@ -4,9 +4,9 @@
 the whole log:
 
 1. each batch passes the log's per-row checks (offline/logs.py `check_rows`: errors name the column and the
-   row of the whole log) and is tagged with its row number and its user's shard (`shard_of`);
-2. DuckDB orders the stream by (shard, user_id, t) out of core: past `memory_limit` it spills to
-   `temp_directory`;
+   row of the whole log) and is staged, typed and tagged with its row number, as Parquet in `temp_directory`;
+2. DuckDB orders the staged rows by (shard, user_id, t), the shard by `shard_of`, out of core: past
+   `memory_limit` it spills to `temp_directory`;
 3. the ordered rows are cut at user boundaries into groups of users, and each group goes through the same
    code as the in-memory path (offline/trajectories.py `build_trajectories`, `Trajectories.windows`,
    `window_steps`), so a user's windows are the same arrays whichever path built them;
@@ -23,7 +23,6 @@ import hashlib
 import json
 import os
 import tempfile
-from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -31,6 +30,7 @@ import duckdb
 import numpy as np
 import pyarrow as pa
 import pyarrow.dataset as pads
+import pyarrow.parquet as pq
 
 from contract.inputs import History
 from offline.logs import Logs, LogValidationError, check_rows, duplicate_step_error
@@ -50,6 +50,10 @@ def shard_of(user_id: str, shards: int) -> int:
 def _shard_sql(shards: int) -> str:
     # SHARD_RULE in DuckDB's SQL: the first 15 hex digits (60 bits) fit a BIGINT
     return f"('0x' || substr(md5(user_id), 1, 15))::BIGINT % {int(shards)}"
+
+
+def _sql_text(text: str) -> str:
+    return "'" + text.replace("'", "''") + "'"
 
 
 @dataclass(frozen=True)
@@ -165,7 +169,9 @@ def build_windows(
     if not path.exists():
         raise LogValidationError(f"logs not found: {path}")
     try:
-        dataset = pads.dataset(str(path), format="parquet")
+        # without pre-buffering, the scan holds about one batch whatever the file's size
+        options = pads.ParquetFragmentScanOptions(pre_buffer=False)
+        dataset = pads.dataset(str(path), format=pads.ParquetFileFormat(default_fragment_scan_options=options))
     except (pa.ArrowInvalid, OSError) as exc:
         raise LogValidationError(f"cannot read logs {path}: {exc}") from exc
     feature_names = check_rows(dataset.schema.empty_table()).feature_names
@@ -173,55 +179,47 @@ def build_windows(
     out_dir.mkdir(parents=True, exist_ok=True)
     spill = Path(temp_directory) if temp_directory is not None else out_dir / ".spill"
 
-    failure: list[LogValidationError] = []
     schema = pa.schema(
         [("user_id", pa.string()), ("t", pa.int64()), ("action", pa.int64()), ("cost", pa.float64())]
         + [("reward", pa.float64())]
         + [(name, pa.float64()) for name in feature_names]
         + [("row", pa.int64())]
     )
-
-    def checked_batches() -> Iterator[pa.RecordBatch]:
-        first_row = 1
-        for batch in dataset.to_batches(batch_size=batch_rows):
-            try:
-                checked = check_rows(pa.Table.from_batches([batch]), first_row)
-            except LogValidationError as exc:
-                failure.append(exc)
-                raise
-            columns = checked.columns
-            yield pa.record_batch(
-                [pa.array(checked.user_ids.astype(str)), pa.array(columns["t"].astype(np.int64))]
-                + [pa.array(columns["action"].astype(np.int64)), pa.array(columns["cost"])]
-                + [pa.array(columns["reward"])]
-                + [pa.array(columns[name]) for name in feature_names]
-                + [pa.array(np.arange(first_row, first_row + batch.num_rows, dtype=np.int64))],
-                schema=schema,
-            )
-            first_row += batch.num_rows
-
-    # the checked rows go to an on-disk DuckDB table (a single pass over the stream), which DuckDB then
-    # orders within memory_limit, spilling to temp_directory
     spill.mkdir(parents=True, exist_ok=True)
-    database = spill / f"logs-{os.getpid()}.duckdb"
-    con = duckdb.connect(str(database))
+    # the checked, typed rows are staged as Parquet: DuckDB's own Parquet scan and sort keep within
+    # memory_limit (an Arrow stream handed to DuckDB is held in memory as it arrives)
+    staged = spill / f"checked-{os.getpid()}.parquet"
     try:
-        con.execute(f"SET memory_limit = '{memory_limit}'")
-        con.execute(f"SET temp_directory = '{spill}'")
-        con.register("log_stream", pa.RecordBatchReader.from_batches(schema, checked_batches()))
-        columns = ", ".join(schema.names)
+        with pq.ParquetWriter(staged, schema) as writer:
+            first_row = 1
+            for batch in dataset.to_batches(batch_size=batch_rows, batch_readahead=1, fragment_readahead=1):
+                checked = check_rows(pa.Table.from_batches([batch]), first_row)
+                columns = checked.columns
+                rows = np.arange(first_row, first_row + batch.num_rows, dtype=np.int64)
+                writer.write_batch(
+                    pa.record_batch(
+                        [pa.array(checked.user_ids.astype(str)), pa.array(columns["t"].astype(np.int64))]
+                        + [pa.array(columns["action"].astype(np.int64)), pa.array(columns["cost"])]
+                        + [pa.array(columns["reward"])]
+                        + [pa.array(columns[name]) for name in feature_names]
+                        + [pa.array(rows)],
+                        schema=schema,
+                    ),
+                    row_group_size=batch_rows,
+                )
+                first_row += batch.num_rows
+        con = duckdb.connect()
         try:
-            con.execute(f"CREATE TABLE logs AS SELECT {columns}, {_shard_sql(shards)} AS shard FROM log_stream")
-        except duckdb.Error:
-            if failure:
-                raise failure[0] from None
-            raise
-        ordered = con.sql("SELECT * FROM logs ORDER BY shard, user_id, t, row").to_arrow_reader(batch_rows)
-        written = _write_shards(ordered, out_dir, context_length, shards, feature_names)
+            con.execute(f"SET memory_limit = {_sql_text(memory_limit)}")
+            con.execute(f"SET temp_directory = {_sql_text(str(spill))}")
+            ordered = con.sql(
+                f"SELECT *, {_shard_sql(shards)} AS shard FROM read_parquet('{staged}') ORDER BY shard, user_id, t, row"
+            ).to_arrow_reader(batch_rows)
+            written = _write_shards(ordered, out_dir, context_length, shards, feature_names)
+        finally:
+            con.close()
     finally:
-        con.close()
-        database.unlink(missing_ok=True)
-        Path(f"{database}.wal").unlink(missing_ok=True)
+        staged.unlink(missing_ok=True)
     shard_files, totals = written
     if totals.users == 0:
         raise LogValidationError("logs have no rows")
