@@ -20,9 +20,11 @@ Shard files hold the "value" objective's windows (the default); the hindsight ab
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import os
 import tempfile
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -160,9 +162,11 @@ def build_windows(
     memory_limit: str = "1GB",
     temp_directory: str | os.PathLike[str] | None = None,
     batch_rows: int = 65_536,
+    threads: int | None = None,
 ) -> dict[str, object]:
     """Write the user-sharded training windows of a Parquet log (file or directory) to `out`; returns the
-    manifest. Memory is bounded by `memory_limit` (DuckDB's, spilling beyond it), one batch and one shard."""
+    manifest. DuckDB sorts within `memory_limit` on `threads` (default: every core), spilling beyond it; the
+    manifest's `spilled_bytes` is what it wrote to disk for the sort."""
     if shards < 1:
         raise ValueError(f"shards must be >= 1, got {shards}")
     path = Path(logs)
@@ -212,9 +216,17 @@ def build_windows(
         try:
             con.execute(f"SET memory_limit = {_sql_text(memory_limit)}")
             con.execute(f"SET temp_directory = {_sql_text(str(spill))}")
-            ordered = con.sql(
-                f"SELECT *, {_shard_sql(shards)} AS shard FROM read_parquet('{staged}') ORDER BY shard, user_id, t, row"
-            ).to_arrow_reader(batch_rows)
+            if threads is not None:
+                con.execute(f"SET threads = {int(threads)}")
+            query = (
+                f"SELECT *, {_shard_sql(shards)} AS shard FROM read_parquet({_sql_text(str(staged))}) "
+                "ORDER BY shard, user_id, t, row"
+            )
+            batches = iter(con.sql(query).to_arrow_reader(batch_rows))
+            first = next(batches, None)  # the sort is done (its runs spilled) once the first rows come
+            spilled = con.cursor().execute("SELECT coalesce(sum(size), 0) FROM duckdb_temporary_files()").fetchone()
+            spilled_bytes = int(spilled[0]) if spilled else 0
+            ordered = itertools.chain([] if first is None else [first], batches)
             written = _write_shards(ordered, out_dir, context_length, shards, feature_names)
         finally:
             con.close()
@@ -233,6 +245,7 @@ def build_windows(
         "users": totals.users,
         "windows": sum(f.windows for f in shard_files),
         **totals.summary(),
+        "spilled_bytes": spilled_bytes,
         "files": [asdict(f) for f in shard_files],
     }
     _write_atomic(out_dir / MANIFEST, (json.dumps(manifest, indent=2) + "\n").encode())
@@ -240,7 +253,7 @@ def build_windows(
 
 
 def _write_shards(
-    ordered: pa.RecordBatchReader, out_dir: Path, context_length: int, shards: int, feature_names: tuple[str, ...]
+    ordered: Iterable[pa.RecordBatch], out_dir: Path, context_length: int, shards: int, feature_names: tuple[str, ...]
 ) -> tuple[list[ShardFile], _Totals]:
     """Consume rows ordered by (shard, user_id, t): groups of whole users -> windows -> one file per shard."""
     files: list[ShardFile] = []

@@ -37,10 +37,17 @@ def log_directory(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return write_log_directory(table.filter(pa.array(keep)), tmp_path_factory.mktemp("logs") / "logs")
 
 
-def build(log_directory: Path, out: Path) -> dict[str, object]:
-    # small batches and a small memory limit: the rows reach the history rule in many groups of users
+def build(log_directory: Path, out: Path, memory_limit: str = "64MB") -> dict[str, object]:
+    # small batches: the rows reach the history rule in many groups of users
     return build_windows(
-        log_directory, out, CONTEXT, shards=SHARDS, memory_limit="64MB", temp_directory=out / "spill", batch_rows=97
+        log_directory,
+        out,
+        CONTEXT,
+        shards=SHARDS,
+        memory_limit=memory_limit,
+        temp_directory=out / "spill",
+        batch_rows=97,
+        threads=1,
     )
 
 
@@ -141,3 +148,12 @@ def test_a_repeated_step_is_named_as_the_in_memory_loader_names_it(log_directory
         build(bad, tmp_path / "w")
     assert str(out_of_core.value) == str(in_memory.value)
     assert f"repeats at row {table.num_rows + 1}" in str(in_memory.value)
+
+
+def test_a_log_larger_than_the_memory_limit_spills_and_gives_the_same_windows(tmp_path: Path) -> None:
+    table = simulate_logs(WorldConfig(users=20_000, rounds=10, seed=4))
+    logs = write_log_directory(table, tmp_path / "logs", files=2)
+    spilled = build_windows(logs, tmp_path / "small", CONTEXT, SHARDS, "32MB", tmp_path / "spill", 50_000, threads=1)
+    in_memory = build_windows(logs, tmp_path / "large", CONTEXT, SHARDS, "4GB", tmp_path / "spill", 50_000, threads=1)
+    assert spilled["spilled_bytes"] > 0 and in_memory["spilled_bytes"] == 0
+    assert spilled["files"] == in_memory["files"]  # the same shard files, byte for byte
