@@ -124,33 +124,50 @@ class _ShardParts:
 
 
 @dataclass
-class _Totals:
-    """Streaming sums of the users' total return and cost: the to-go targets and scales of training."""
+class _Spread:
+    """Count, mean and sum of squared deviations of a stream of values, merged group by group (Chan et al.),
+    free of the cancellation of sums of squares."""
 
-    users: int = 0
-    rtg: float = 0.0
-    rtg_sq: float = 0.0
-    ctg: float = 0.0
-    ctg_sq: float = 0.0
+    n: int = 0
+    mean: float = 0.0
+    m2: float = 0.0
+
+    def add(self, values: np.ndarray) -> None:
+        if not len(values):
+            return
+        n, mean = len(values), float(values.mean())
+        m2 = float(np.square(values - mean).sum())
+        delta, total = mean - self.mean, self.n + n
+        self.mean += delta * n / total
+        self.m2 += m2 + delta**2 * self.n * n / total
+        self.n = total
+
+    def std(self) -> float:
+        return float(np.sqrt(self.m2 / self.n)) if self.n else 0.0
+
+
+@dataclass
+class _Totals:
+    """The users' total return and cost, streamed: the to-go targets and scales of training."""
+
+    rtg: _Spread = field(default_factory=_Spread)
+    ctg: _Spread = field(default_factory=_Spread)
+
+    @property
+    def users(self) -> int:
+        return self.rtg.n
 
     def add(self, user_return: np.ndarray, user_cost: np.ndarray) -> None:
-        self.users += len(user_return)
-        self.rtg += float(user_return.sum())
-        self.rtg_sq += float(np.square(user_return).sum())
-        self.ctg += float(user_cost.sum())
-        self.ctg_sq += float(np.square(user_cost).sum())
+        self.rtg.add(user_return)
+        self.ctg.add(user_cost)
 
     def summary(self) -> dict[str, float]:
-        n = max(self.users, 1)
-        rtg_mean, ctg_mean = self.rtg / n, self.ctg / n
-        rtg_std = float(np.sqrt(max(self.rtg_sq / n - rtg_mean**2, 0.0)))
-        ctg_std = float(np.sqrt(max(self.ctg_sq / n - ctg_mean**2, 0.0)))
         # as Trajectories.initial_targets / scales (a zero spread scales by 1)
         return {
-            "initial_rtg": rtg_mean,
-            "initial_ctg": ctg_mean,
-            "rtg_scale": rtg_std or 1.0,
-            "ctg_scale": ctg_std or 1.0,
+            "initial_rtg": self.rtg.mean,
+            "initial_ctg": self.ctg.mean,
+            "rtg_scale": self.rtg.std() or 1.0,
+            "ctg_scale": self.ctg.std() or 1.0,
         }
 
 
@@ -190,8 +207,8 @@ def build_windows(
         + [("row", pa.int64())]
     )
     spill.mkdir(parents=True, exist_ok=True)
-    # the checked, typed rows are staged as Parquet: DuckDB's own Parquet scan and sort keep within
-    # memory_limit (an Arrow stream handed to DuckDB is held in memory as it arrives)
+    # the checked, typed rows are staged as Parquet, so that DuckDB orders them with its own Parquet scan and
+    # external sort (an Arrow stream handed to DuckDB held more memory the longer the log)
     staged = spill / f"checked-{os.getpid()}.parquet"
     try:
         with pq.ParquetWriter(staged, schema) as writer:
