@@ -24,7 +24,7 @@ import itertools
 import json
 import os
 import tempfile
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -190,9 +190,7 @@ def build_windows(
     if not path.exists():
         raise LogValidationError(f"logs not found: {path}")
     try:
-        # without pre-buffering, the scan holds about one batch whatever the file's size
-        options = pads.ParquetFragmentScanOptions(pre_buffer=False)
-        dataset = pads.dataset(str(path), format=pads.ParquetFileFormat(default_fragment_scan_options=options))
+        dataset = pads.dataset(str(path), format="parquet")
     except (pa.ArrowInvalid, OSError) as exc:
         raise LogValidationError(f"cannot read logs {path}: {exc}") from exc
     feature_names = check_rows(dataset.schema.empty_table()).feature_names
@@ -213,7 +211,7 @@ def build_windows(
     try:
         with pq.ParquetWriter(staged, schema) as writer:
             first_row = 1
-            for batch in dataset.to_batches(batch_size=batch_rows, batch_readahead=1, fragment_readahead=1):
+            for batch in _batches(dataset, batch_rows):
                 checked = check_rows(pa.Table.from_batches([batch]), first_row)
                 columns = checked.columns
                 rows = np.arange(first_row, first_row + batch.num_rows, dtype=np.int64)
@@ -267,6 +265,14 @@ def build_windows(
     }
     _write_atomic(out_dir / MANIFEST, (json.dumps(manifest, indent=2) + "\n").encode())
     return manifest
+
+
+def _batches(dataset: pads.Dataset, batch_rows: int) -> Iterator[pa.RecordBatch]:
+    """The log's record batches in the order `load_logs` reads its rows: file by file, each read one batch at
+    a time (the dataset scanner reads ahead of a slow consumer and its memory grows with the file)."""
+    for fragment in dataset.get_fragments():
+        with pq.ParquetFile(fragment.path, pre_buffer=False) as file:
+            yield from file.iter_batches(batch_size=batch_rows, use_threads=False)
 
 
 def _write_shards(
