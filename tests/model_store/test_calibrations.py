@@ -8,40 +8,19 @@ import hashlib
 import json
 import math
 from pathlib import Path
-from typing import Any
 
 import pytest
-import torch
+from tiny_artifact import published
 
-from model_store import ArtifactError, ModelStore, save_scripted
+from model_store import ArtifactError, ModelStore
 from model_store.calibrations import calibration_sort_key
 
-MANIFEST: dict[str, Any] = {
-    "feature_dim": 3,
-    "num_actions": 4,
-    "context_length": 5,
-    "max_timestep": 16,
-    "objective": "value",
-    "initial_rtg": 10.0,
-    "initial_ctg": 2.0,
-    "default_lambda": 0.5,
-}
 TABLE = [{"lam": 0.7, "cost_per_user": 1.0, "revenue_per_user": 5.0}]
-
-
-class Half(torch.nn.Module):
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x / 2
 
 
 @pytest.fixture()
 def store(tmp_path: Path) -> ModelStore:
-    model = tmp_path / "m.pt"
-    save_scripted(Half(), model)
-    store = ModelStore(tmp_path / "store")
-    store.publish(model, MANIFEST, version="v1")
-    store.publish(model, MANIFEST, version="r1", make_current=False)
-    return store
+    return published(tmp_path, "r1")
 
 
 def digests(directory: Path) -> dict[str, str]:

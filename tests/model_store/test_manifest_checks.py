@@ -10,35 +10,15 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import torch
+from tiny_artifact import MANIFEST, published
 
-from model_store import ArtifactError, Manifest, ModelStore, save_scripted
+from model_store import ArtifactError, Manifest, ModelStore
 from model_store.versions import CHECKSUMS_FILE
-
-MANIFEST: dict[str, Any] = {
-    "feature_dim": 3,
-    "num_actions": 4,
-    "context_length": 5,
-    "max_timestep": 16,
-    "objective": "value",
-    "initial_rtg": 10.0,
-    "initial_ctg": 2.0,
-    "default_lambda": 0.5,
-}
-
-
-class Half(torch.nn.Module):
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x / 2
 
 
 @pytest.fixture()
 def store(tmp_path: Path) -> ModelStore:
-    model = tmp_path / "m.pt"
-    save_scripted(Half(), model)
-    store = ModelStore(tmp_path / "store")
-    store.publish(model, MANIFEST, version="v1")
-    return store
+    return published(tmp_path)
 
 
 def test_checksums_cover_model_and_manifest(store: ModelStore) -> None:

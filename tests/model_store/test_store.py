@@ -2,6 +2,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from tiny_artifact import MANIFEST as TINY
 
 from model_store import ArtifactError, ModelStore, load_scripted, save_scripted
 
@@ -11,15 +12,7 @@ class Double(torch.nn.Module):
         return x * 2
 
 
-MANIFEST = {
-    "feature_dim": 3,
-    "num_actions": 4,
-    "context_length": 5,
-    "max_timestep": 16,
-    "objective": "value",
-    "initial_rtg": 10.0,
-    "initial_ctg": 2.0,
-}
+MANIFEST = {k: v for k, v in TINY.items() if k != "default_lambda"}  # a model without a calibrated lambda
 
 
 @pytest.fixture()
