@@ -341,7 +341,6 @@ class ModelChoices:
     def __init__(self, artifact: Artifact, logs: Logs, batch_size: int = 4096) -> None:
         m = artifact.manifest
         self.module = load_scripted(artifact.model_path)
-        self.max_timestep = m.max_timestep
         traj = build_trajectories(logs, m.context_length)
         windows = traj.windows(loss_on_every_step=False)  # one window ending at every row, in row order
         zero = np.zeros(len(windows))
@@ -382,10 +381,10 @@ def greedy_actions(artifact: Artifact, logs: Logs, lam: np.ndarray, batch_size: 
 def direct_model(env: LogEnvironment, logs: Logs) -> tuple[np.ndarray, np.ndarray]:
     """The learned environment's expected reward and cost [N, K] of every action at every logged decision, from
     the decision's features and the user's logged history as the environment summarises it."""
-    from offline.env import _history_inputs, history_summaries
+    from offline.env import history_summaries, response_features
 
     coupons, purchases, face, position = history_summaries(logs, env.relative_face)
-    p, reward, cost = env.response.predict_parts(_history_inputs(logs.features, coupons, purchases, face, position))
+    p, reward, cost = env.response.predict_parts(response_features(logs.features, coupons, purchases, face, position))
     cost[:, 0] = 0.0  # no coupon costs nothing
     return p * reward, p * cost
 

@@ -45,9 +45,11 @@ class LogEpisode:
     t: int = 0
 
 
-def _history_inputs(
+def response_features(
     features: np.ndarray, coupons: np.ndarray, purchases: np.ndarray, face: np.ndarray, t: np.ndarray
 ) -> np.ndarray:
+    """What the response models read of a decision: its features, then the user's history summaries (decayed sums of
+    coupons, purchases and relative face value) and the step index (capped at 20, over 10)."""
     extra = np.stack([coupons, purchases, face, np.minimum(t, 20) / 10.0], axis=1)
     return np.concatenate([features, extra], axis=1).astype(np.float32)
 
@@ -96,7 +98,7 @@ class LogEnvironment:
         )
         relative_face = mean_cost / mean_cost.max() if mean_cost.max() > 0 else mean_cost
         coupons, purchases, face, position = history_summaries(logs, relative_face)
-        x = _history_inputs(logs.features, coupons, purchases, face, position)
+        x = response_features(logs.features, coupons, purchases, face, position)
         if log is not None:
             log(f"fitting the response model on {logs.n_rows} rows ({num_actions} actions, up to {cfg.epochs} epochs)")
         response = OutcomeModel(x.shape[1], num_actions, cfg).fit(x, logs.action, logs.reward, logs.cost, log=log)
@@ -140,7 +142,7 @@ class LogEnvironment:
 
     def _parts(self, ep: LogEpisode) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """P(purchase), reward and cost given one [N, K] at the current step; zero for users past their end."""
-        x = _history_inputs(ep.features[ep.t], ep.coupons, ep.purchases, ep.face, np.full(len(ep.coupons), ep.t))
+        x = response_features(ep.features[ep.t], ep.coupons, ep.purchases, ep.face, np.full(len(ep.coupons), ep.t))
         p, reward, cost = self.response.predict_parts(x)
         p *= ep.active[ep.t][:, None]
         cost[:, 0] = 0.0  # no coupon costs nothing
