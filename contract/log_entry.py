@@ -1,20 +1,29 @@
 """The decision log entry: what the service's Lua writes into a campaign's log stream (service/lua/reserve.lua
-`decision` entries, service/lua/settle.lua `outcome` entries, both through service/lua/log.lua), encoded
+`decisions` entries, service/lua/settle.lua `outcome` entries, both through service/lua/log.lua), encoded
 here for tests and tools, and decoded here for the export (loop/logstream.py). A test holds the Lua's real
 output, written through the store on a real Redis, against both.
 
-Fields (every value text but `features`; money in integer cents)::
+Fields (every value text but `user_ids` and `features`; money in integer cents)::
 
-    decision  kind=decision, decision_id, user_id, action, cost (the coupon's cost), probability (of the
-              logged action), explored (0/1), holdout (0/1), lambda, model_version, at_ms,
-              features (float32 little-endian)
-    outcome   kind=outcome, decision_id, user_id, action, reward, cost, at_ms (settled),
-              decided_at_ms
+    decisions  one entry per reservation call: every new decision of one request, as columns.
+               kind=decisions, batch, at_ms, lambda, model_version (shared by the request's decisions);
+               items (comma-separated: the decisions' indices in the batch, decision id d-<batch>-<index>),
+               user_ids (the user ids' UTF-8 bytes concatenated) with user_id_bytes (their lengths,
+               comma-separated), actions, costs (the coupons' costs), probabilities (of the logged actions),
+               each comma-separated; explored and holdout (one 0/1 character per decision); features
+               (float32 little-endian rows, one per decision, concatenated)
+    outcome    kind=outcome, decision_id, user_id, action, reward, cost, at_ms (settled), decided_at_ms
+    decision   one decision (the entry of earlier service versions, still read): kind=decision,
+               decision_id, user_id, action, cost, probability, explored (0/1), holdout (0/1), lambda,
+               model_version, at_ms, features
+
+One entry per request rather than per decision keeps the reservation script's work per user small: a
+request's decisions share one stream entry and their columns are joined once.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 
@@ -58,6 +67,43 @@ def decision_fields(
         "lambda": repr(float(lam)),
         "model_version": model_version,
         "at_ms": str(int(at_ms)),
+        "features": np.ascontiguousarray(features, dtype="<f4").tobytes(),
+    }
+
+
+def decisions_fields(
+    *,
+    batch_id: str,
+    items: Sequence[int],
+    user_ids: Sequence[str],
+    actions: Sequence[int],
+    cost_cents: Sequence[int],
+    probabilities: Sequence[float],
+    features: np.ndarray,
+    at_ms: int,
+    model_version: str,
+    lam: float,
+    explored: Sequence[bool] | None = None,
+    holdout: Sequence[bool] | None = None,
+) -> dict[str, str | bytes]:
+    """The fields of a `decisions` entry (one request's new decisions), as the service writes them;
+    `features` is [decisions, feature_dim]."""
+    n = len(items)
+    names = [user_id.encode() for user_id in user_ids]
+    return {
+        "kind": "decisions",
+        "batch": batch_id,
+        "at_ms": str(int(at_ms)),
+        "lambda": repr(float(lam)),
+        "model_version": model_version,
+        "items": ",".join(str(int(i)) for i in items),
+        "user_ids": b"".join(names),
+        "user_id_bytes": ",".join(str(len(name)) for name in names),
+        "actions": ",".join(str(int(a)) for a in actions),
+        "costs": ",".join(str(int(c)) for c in cost_cents),
+        "probabilities": ",".join(_decimal(float(p)) for p in probabilities),
+        "explored": "".join("1" if e else "0" for e in (explored or [False] * n)),
+        "holdout": "".join("1" if h else "0" for h in (holdout or [False] * n)),
         "features": np.ascontiguousarray(features, dtype="<f4").tobytes(),
     }
 
@@ -158,3 +204,85 @@ def decode_outcome(campaign_id: str, entry_id: str, fields: Mapping[bytes, bytes
         "decided_at_ms": decided,
         "outcome_at_ms": _int(fields, "at_ms", where),
     }
+
+
+def _column(fields: Mapping[bytes, bytes], name: str, where: str, n: int, kind: type[int] | type[float]) -> list:
+    text = _text(fields, name, where)
+    values = text.split(",") if text else []
+    if len(values) != n:
+        raise LogEntryError(f"{where}: field {name!r} must hold {n} values (one per decision), got {len(values)}")
+    try:
+        parsed = [kind(v) for v in values]
+    except ValueError as exc:
+        raise LogEntryError(f"{where}: field {name!r} holds a value that is not {kind.__name__}: {exc}") from exc
+    if kind is float and not all(np.isfinite(parsed)):
+        raise LogEntryError(f"{where}: field {name!r} holds a non-finite value")
+    return parsed
+
+
+def _flags(fields: Mapping[bytes, bytes], name: str, where: str, n: int) -> list[bool]:
+    text = _text(fields, name, where)
+    if len(text) != n or set(text) - {"0", "1"}:
+        raise LogEntryError(f"{where}: field {name!r} must be {n} characters 0 or 1 (one per decision), got {text!r}")
+    return [c == "1" for c in text]
+
+
+def decode_decisions(
+    campaign_id: str, entry_id: str, fields: Mapping[bytes, bytes]
+) -> tuple[list[dict[str, object]], np.ndarray]:
+    """A `decisions` entry: one row per decision (the export's decision columns) and their features
+    [decisions, feature_dim] (float64)."""
+    where = f"campaign {campaign_id!r} log entry {entry_id}"
+    batch = _text(fields, "batch", where)
+    items = _text(fields, "items", where)
+    indices = items.split(",") if items else []
+    n = len(indices)
+    if n == 0 or not all(i.isdigit() for i in indices):
+        raise LogEntryError(f"{where}: field 'items' must list the decisions' indices, got {items!r}")
+    lengths = _column(fields, "user_id_bytes", where, n, int)
+    names = fields.get(b"user_ids")
+    if names is None:
+        raise LogEntryError(f"{where}: field 'user_ids' is missing")
+    if min(lengths) < 0 or sum(lengths) != len(names):
+        raise LogEntryError(f"{where}: field 'user_id_bytes' does not add up to the {len(names)} bytes of 'user_ids'")
+    user_ids, start = [], 0
+    for length in lengths:
+        try:
+            user_ids.append(names[start : start + length].decode())
+        except UnicodeDecodeError as exc:
+            raise LogEntryError(f"{where}: field 'user_ids' is not UTF-8 text") from exc
+        start += length
+    raw = fields.get(b"features")
+    if raw is None:
+        raise LogEntryError(f"{where}: field 'features' is missing")
+    if len(raw) == 0 or len(raw) % (4 * n):
+        raise LogEntryError(f"{where}: field 'features' must be {n} x 4 x feature_dim bytes, got {len(raw)}")
+    features = np.frombuffer(raw, dtype="<f4").reshape(n, -1).astype(np.float64)
+    if not np.isfinite(features).all():
+        raise LogEntryError(f"{where}: field 'features' holds a non-finite value")
+    at_ms = _int(fields, "at_ms", where)
+    lam = _float(fields, "lambda", where)
+    version = _text(fields, "model_version", where)
+    actions = _column(fields, "actions", where, n, int)
+    costs = _column(fields, "costs", where, n, int)
+    probabilities = _column(fields, "probabilities", where, n, float)
+    explored = _flags(fields, "explored", where, n)
+    holdout = _flags(fields, "holdout", where, n)
+    rows: list[dict[str, object]] = [
+        {
+            "decision_id": f"d-{batch}-{indices[k]}",
+            "campaign_id": campaign_id,
+            "user_id": user_ids[k],
+            "t": at_ms,
+            "action": actions[k],
+            "cost": costs[k] / CENTS_PER_UNIT,
+            "probability": probabilities[k],
+            "explored": explored[k],
+            "holdout": holdout[k],
+            "lambda": lam,
+            "model_version": version,
+            "decided_at_ms": at_ms,
+        }
+        for k in range(n)
+    ]
+    return rows, features

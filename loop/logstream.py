@@ -1,8 +1,8 @@
 """The service's decision and outcome log streams, and their export to Parquet partitions.
 
 One Redis stream per campaign (its key and the set of campaign ids: contract/keys.py). The service writes
-one ``decision`` entry per new decision and one ``outcome`` entry per accepted outcome (the entry format:
-contract/log_entry.py).
+one ``decisions`` entry per reservation call (a request's new decisions) and one ``outcome`` entry per
+accepted outcome (the entry format: contract/log_entry.py).
 
 The exporter reads every stream through the consumer group ``export``: first the entries it was given
 before and did not acknowledge (a previous run that died), then new ones. Each batch is written as Parquet
@@ -44,7 +44,7 @@ import redis
 import redis.cluster
 
 from contract.keys import LOG_GROUP, Keys
-from contract.log_entry import LogEntryError, decode_decision, decode_outcome
+from contract.log_entry import LogEntryError, decode_decision, decode_decisions, decode_outcome
 
 Client = redis.Redis | redis.cluster.RedisCluster
 DEFAULT_CONSUMER = "exporter"
@@ -112,7 +112,7 @@ class _Rows:
 
     ids: list[str] = field(default_factory=list)
     columns: dict[str, list[object]] = field(default_factory=dict)
-    features: list[np.ndarray] = field(default_factory=list)
+    features: list[np.ndarray] = field(default_factory=list)  # [decisions, feature_dim] blocks, in row order
 
     def add(self, entry_id: str, values: Mapping[str, object]) -> None:
         self.ids.append(entry_id)
@@ -127,10 +127,10 @@ def _date(at_ms: int) -> str:
 def _table(rows: _Rows, schema: dict[str, pa.DataType], where: str) -> pa.Table:
     data = {name: pa.array(rows.columns[name], type=kind) for name, kind in schema.items()}
     if rows.features:
-        dims = {len(f) for f in rows.features}
+        dims = {f.shape[1] for f in rows.features}
         if len(dims) > 1:
             raise LogEntryError(f"{where}: decisions have different feature lengths {sorted(dims)}")
-        stacked = np.stack(rows.features)
+        stacked = np.concatenate(rows.features)
         for j in range(stacked.shape[1]):
             data[f"f{j}"] = pa.array(stacked[:, j], type=pa.float64())
     return pa.table(data)
@@ -207,11 +207,17 @@ def _write_batch(
             trimmed += 1
             continue
         kind = fields.get(b"kind", b"").decode(errors="replace")
-        if kind == "decision":
+        if kind == "decisions":
+            decided, features = decode_decisions(campaign_id, entry_id, fields)
+            rows = groups.setdefault((DECISIONS, _date(int(decided[0]["decided_at_ms"]))), _Rows())  # type: ignore[call-overload]
+            for values in decided:
+                rows.add(entry_id, values)
+            rows.features.append(features)
+        elif kind == "decision":  # one decision (earlier service versions)
             values, features = decode_decision(campaign_id, entry_id, fields)
             rows = groups.setdefault((DECISIONS, _date(int(values["decided_at_ms"]))), _Rows())  # type: ignore[call-overload]
             rows.add(entry_id, values)
-            rows.features.append(features)
+            rows.features.append(features[None, :])
         elif kind == "outcome":
             values = decode_outcome(campaign_id, entry_id, fields)
             groups.setdefault((OUTCOMES, _date(int(values["outcome_at_ms"]))), _Rows()).add(entry_id, values)  # type: ignore[call-overload]
@@ -244,7 +250,7 @@ def export_campaign(
     summary: ExportSummary,
     *,
     consumer: str = DEFAULT_CONSUMER,
-    batch_size: int = 5000,
+    batch_size: int = 1000,
     progress: Callable[[str], None] | None = None,
 ) -> None:
     """Export everything the campaign's stream holds for the group that this consumer has not
@@ -309,7 +315,7 @@ def export_logs(
     prefix: str = "saco:",
     campaigns: Iterable[str] | None = None,
     consumer: str = DEFAULT_CONSUMER,
-    batch_size: int = 5000,
+    batch_size: int = 1000,
     progress: Callable[[str], None] | None = None,
 ) -> ExportSummary:
     """Export every campaign's log stream (default: the campaigns in ``P campaigns``) into `out`.
@@ -346,7 +352,7 @@ def follow(
     every_s: float,
     prefix: str = "saco:",
     consumer: str = DEFAULT_CONSUMER,
-    batch_size: int = 5000,
+    batch_size: int = 1000,
     emit: Callable[[ExportSummary], None],
     stop: Callable[[], bool] = lambda: False,
 ) -> None:

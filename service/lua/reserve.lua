@@ -43,7 +43,8 @@
 --   (strict: outstanding; expected: reserved) stays within budget * min(1, elapsed share + plan lead), so that
 --   pacing starts with the first request and no burst can take the budget ahead of the plan.
 -- Learning loop (docs/state.md, "The decision log"): KEYS[#KEYS] the campaign's log stream, ARGV[9] its
---   MAXLEN (approximate; 0: no log), ARGV[10] the items' features: little-endian float32 rows concatenated
+--   MAXLEN (approximate; 0: no log); the batch's new decisions go into it as one `decisions` entry
+--   (contract/log_entry.py), ARGV[10] the items' features: little-endian float32 rows concatenated
 --   in item order, ARGV[11] the exploration rate, ARGV[12] JSON {holdout: [item, ...], explore: [[item,
 --   draw], ...]}: the items of holdout users, and the items that explore with their uniform draw in [0, 1)
 --   (the caller draws, so that this script stays deterministic).
@@ -192,6 +193,12 @@ local function record_head(action, reserve, var, predicted, probability, explore
 end
 local new_held_out, new_explored = 0, 0
 local out, replays, fields = {0}, {}, {}
+local logging = log_max ~= '0'
+-- the `decisions` entry's columns, one value per new decision (contract/log_entry.py)
+local logged, log_users, log_user_bytes, log_actions, log_costs, log_chances, log_explored, log_holdout =
+  {}, {}, {}, {}, {}, {}, {}, {}
+local log_rows = {} -- the features of the logged items, when an item may be a replay (it names a request id)
+local replayable = #items.requests > 0
 local decision_prefix = 'd-' .. batch .. '-'
 local cost_text = {[0] = '0'} -- action -> its cost in cents, as the log writes it
 for a, price in pairs(prices) do cost_text[a] = string.format('%d', price) end
@@ -231,14 +238,14 @@ for i = 1, #ordering do
     new_count = new_count + 1
     fields[#fields + 1] = i - 1
     fields[#fields + 1] = record_head(action, reserve, var, predicted, probability, explored, held_out[i]) .. tails[i]
-    if log_max ~= '0' then
+    if logging then
+      local n = #logged + 1
       local request_length, rest = string.match(tails[i], '^(%d+)\t()')
-      log_add(campaign, log, log_max, 'kind', 'decision',
-        'decision_id', decision_prefix .. (i - 1), 'user_id', string.sub(tails[i], rest + tonumber(request_length) + 1),
-        'action', action, 'cost', cost_text[action], 'probability', decimal(probability),
-        'explored', explored and '1' or '0', 'holdout', held_out[i] and '1' or '0', 'lambda', lam,
-        'model_version', version, 'at_ms', now_text,
-        'features', string.sub(features, (i - 1) * row_bytes + 1, i * row_bytes))
+      local user = string.sub(tails[i], rest + tonumber(request_length) + 1)
+      logged[n], log_users[n], log_user_bytes[n] = i - 1, user, #user
+      log_actions[n], log_costs[n], log_chances[n] = action, cost_text[action], decimal(probability)
+      log_explored[n], log_holdout[n] = explored and '1' or '0', held_out[i] and '1' or '0'
+      if replayable then log_rows[n] = string.sub(features, (i - 1) * row_bytes + 1, i * row_bytes) end
     end
     if request then
       redis.call('SET', KEYS[request[2]], decision_prefix .. (i - 1) .. '\t' .. action .. '\t'
@@ -248,6 +255,14 @@ for i = 1, #ordering do
     out[#out + 1] = cost
     out[#out + 1] = flag
   end
+end
+if #logged > 0 then
+  log_add(campaign, log, log_max, 'kind', 'decisions', 'batch', batch, 'at_ms', now_text, 'lambda', lam,
+    'model_version', version, 'items', table.concat(logged, ','), 'user_ids', table.concat(log_users),
+    'user_id_bytes', table.concat(log_user_bytes, ','), 'actions', table.concat(log_actions, ','),
+    'costs', table.concat(log_costs, ','), 'probabilities', table.concat(log_chances, ','),
+    'explored', table.concat(log_explored), 'holdout', table.concat(log_holdout),
+    'features', replayable and table.concat(log_rows) or features)
 end
 -- unpack() is bounded by the Lua C stack (8000 values): large batches go in chunks
 for first = 1, #fields, 2000 do

@@ -15,6 +15,7 @@ import redis.cluster
 from fastapi.testclient import TestClient
 from svc_http import ADMIN, campaign_body, users
 
+from contract.log_entry import decode_decisions
 from service.app import create_app
 from service.scoring import in_holdout
 from service.settings import Settings
@@ -28,6 +29,15 @@ def read_log(client: TestClient, campaign: str) -> list[dict[str, bytes]]:
         return [{k.decode(): v for k, v in fields.items()} for _, fields in reader.xrange(store.keys.log_key(campaign))]
     finally:
         reader.close()
+
+
+def logged_decisions(client: TestClient, campaign: str) -> list[dict[str, object]]:
+    """The decisions of the campaign's log (its `decisions` entries), as the export reads them."""
+    rows: list[dict[str, object]] = []
+    for entry in read_log(client, campaign):
+        if entry["kind"] == b"decisions":
+            rows += decode_decisions(campaign, "-", {k.encode(): v for k, v in entry.items()})[0]
+    return rows
 
 
 def decide(client: TestClient, campaign: str, requests: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -68,29 +78,29 @@ def test_the_log_holds_exactly_the_decisions_and_outcomes(client: TestClient, fe
     decided = decide(client, "c", requests)
     assert decide(client, "c", [r for r in requests if "request_id" in r])  # replays: nothing new
     log = read_log(client, "c")
-    assert [e["kind"] for e in log] == [b"decision"] * 12
-    by_id = {e["decision_id"].decode(): e for e in log}
+    assert [e["kind"] for e in log] == [b"decisions"]  # one entry for the request's decisions
+    rows, features = decode_decisions("c", "1-0", {k.encode(): v for k, v in log[0].items()})
+    by_id = {row["decision_id"]: (row, row_features) for row, row_features in zip(rows, features, strict=True)}
     assert set(by_id) == {d["decision_id"] for d in decided}
     for request, decision in zip(requests, decided, strict=True):
-        entry = by_id[decision["decision_id"]]
-        assert entry["user_id"].decode() == request["user_id"]
-        assert int(entry["action"]) == decision["action"] and int(entry["cost"]) == round(decision["cost"] * 100)
-        assert entry["model_version"].decode() == decision["model_version"]
-        assert float(entry["lambda"]) == decision["lambda"]
-        assert entry["features"] == np.asarray(request["features"], "<f4").tobytes()
-        assert (entry["probability"], entry["explored"], entry["holdout"]) == (b"1", b"0", b"0")
+        row, row_features = by_id[decision["decision_id"]]
+        assert row["user_id"] == request["user_id"]
+        assert row["action"] == decision["action"] and row["cost"] == decision["cost"]
+        assert row["model_version"] == decision["model_version"] and row["lambda"] == decision["lambda"]
+        np.testing.assert_array_equal(row_features, np.asarray(request["features"], "<f4"))
+        assert (row["probability"], row["explored"], row["holdout"]) == (1.0, False, False)
 
     outcomes = [{"decision_id": d["decision_id"], "reward": 1.5, "cost": d["cost"]} for d in decided[:5]]
     first = client.post("/v1/campaigns/c/outcomes", json={"outcomes": outcomes}).json()
     again = client.post("/v1/campaigns/c/outcomes", json={"outcomes": outcomes[:3]}).json()
     assert (first["accepted"], again["duplicates"]) == (5, 3)
     log = read_log(client, "c")
-    assert len(log) == 17
-    logged = [(e["decision_id"].decode(), int(e["reward"]), int(e["cost"])) for e in log[12:]]
+    assert len(log) == 6
+    logged = [(e["decision_id"].decode(), int(e["reward"]), int(e["cost"])) for e in log[1:]]
     assert logged == [(o["decision_id"], 150, round(o["cost"] * 100)) for o in outcomes]
     view = client.get("/v1/admin/campaigns/c", headers=ADMIN).json()
-    assert view["log_entries"] == 17 and view["treated"]["settled"] == 5 and view["treated"]["reward"] == 7.5
-    assert 'saco_decision_log_entries{campaign="c"} 17.0' in client.get("/metrics").text
+    assert view["log_entries"] == 6 and view["treated"]["settled"] == 5 and view["treated"]["reward"] == 7.5
+    assert 'saco_decision_log_entries{campaign="c"} 6.0' in client.get("/metrics").text
 
 
 def test_holdout_users_never_get_a_coupon_and_stay_held_out(client: TestClient, feature_dim: int) -> None:
@@ -102,14 +112,14 @@ def test_holdout_users_never_get_a_coupon_and_stay_held_out(client: TestClient, 
     for _ in range(2):  # the same users again: the same group
         decided = decide(client, "h", requests)
         assert {d["user_id"] for d in decided if d["action"] == 0} >= expected
-    log = read_log(client, "h")
-    held = [e for e in log if e["holdout"] == b"1"]
-    assert {e["user_id"].decode() for e in held} == expected and len(held) == 2 * len(expected)
-    assert all(e["action"] == b"0" and e["probability"] == b"1" and e["cost"] == b"0" for e in held)
-    assert any(e["action"] != b"0" for e in log if e["holdout"] == b"0")  # the others are served
+    log = logged_decisions(client, "h")
+    held = [e for e in log if e["holdout"]]
+    assert {e["user_id"] for e in held} == expected and len(held) == 2 * len(expected)
+    assert all(e["action"] == 0 and e["probability"] == 1.0 and e["cost"] == 0 for e in held)
+    assert any(e["action"] != 0 for e in log if not e["holdout"])  # the others are served
 
     reward = {True: 2.0, False: 5.0}  # held-out users buy less
-    ids = {e["decision_id"].decode(): e["holdout"] == b"1" for e in log}
+    ids = {str(e["decision_id"]): bool(e["holdout"]) for e in log}
     outcomes = [{"decision_id": i, "reward": reward[held_out], "cost": 0.0} for i, held_out in ids.items()]
     assert client.post("/v1/campaigns/h/outcomes", json={"outcomes": outcomes}).json()["accepted"] == 400
     view = client.get("/v1/admin/campaigns/h", headers=ADMIN).json()
@@ -138,16 +148,16 @@ def test_exploration_frequencies_match_the_logged_probabilities(seeded_client: T
     assert client.put("/v1/admin/campaigns/e", json=body, headers=ADMIN).status_code == 200
     for batch in range(n // 500):
         decide(client, "e", users(500, feature_dim, prefix=f"b{batch}-"))
-    log = read_log(client, "e")
+    log = logged_decisions(client, "e")
     assert len(log) == n
-    probability = {int(e["action"]): float(e["probability"]) for e in log}
-    assert len({(int(e["action"]), e["probability"]) for e in log}) == len(probability)  # one number per action
+    probability = {int(e["action"]): float(e["probability"]) for e in log}  # type: ignore[call-overload, arg-type]
+    assert len({(e["action"], e["probability"]) for e in log}) == len(probability)  # one number per action
     assert sorted(probability) == [0, 1, 2, 3] and math.isclose(sum(probability.values()), 1.0)
     assert sorted(probability.values())[:3] == [rate / 4] * 3  # the non-greedy actions
-    counts = Counter(int(e["action"]) for e in log)
+    counts = Counter(int(e["action"]) for e in log)  # type: ignore[call-overload]
     for action, p in probability.items():
         assert abs(counts[action] - n * p) <= 4.5 * math.sqrt(n * p * (1 - p)), (action, counts[action], n * p)
-    explored = sum(e["explored"] == b"1" for e in log)
+    explored = sum(bool(e["explored"]) for e in log)
     assert abs(explored - n * rate) <= 4.5 * math.sqrt(n * rate * (1 - rate))
     view = client.get("/v1/admin/campaigns/e", headers=ADMIN).json()
     assert view["explored"] == explored

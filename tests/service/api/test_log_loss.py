@@ -75,10 +75,13 @@ def test_entries_trimmed_before_export_are_counted_reported_and_shown(
     try:
         assert client.put("/v1/admin/campaigns/c", json=campaign_body(1_000_000.0), headers=ADMIN).status_code == 200
 
-        def decide(prefix: str, n: int) -> list[dict[str, Any]]:
-            resp = client.post("/v1/campaigns/c/decisions", json={"requests": users(n, feature_dim, prefix=prefix)})
-            assert resp.status_code == 200, resp.text
-            return list(resp.json()["decisions"])
+        def decide(prefix: str, n: int) -> list[dict[str, Any]]:  # one request a user: one log entry each
+            decided = []
+            for user in users(n, feature_dim, prefix=prefix):
+                resp = client.post("/v1/campaigns/c/decisions", json={"requests": [user]})
+                assert resp.status_code == 200, resp.text
+                decided += resp.json()["decisions"]
+            return decided
 
         decided = decide("a", 150)
         code, first, _ = export(store, out)

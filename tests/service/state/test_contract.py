@@ -12,7 +12,7 @@ import redis
 import redis.cluster
 from conftest import Run, put, reserve
 
-from contract.log_entry import decision_fields, decode_decision, decode_outcome, outcome_fields
+from contract.log_entry import decisions_fields, decode_decisions, decode_outcome, outcome_fields
 from contract.ranking import first_fit, preferences
 from service.state import Outcome, ReserveItem
 from service.state.store import StateStore
@@ -56,31 +56,39 @@ def _encoded(fields: dict[str, str | bytes]) -> dict[bytes, bytes]:
 
 
 def test_the_lua_log_entries_are_what_the_contract_encodes_and_decodes(run: Run) -> None:
-    features = np.array([0.25, -1.5, 3.0], "<f4")
+    features = np.array([[0.25, -1.5, 3.0], [1.0, 2.0, -0.125]], "<f4")
 
     async def scenario(store: StateStore) -> None:
         await store.upsert_campaign("c", put(100_000))
         now = int(time.time() * 1000)
-        item = ReserveItem("user\twith tab", None, [2, 0], features.tobytes())
-        (decided,) = (await reserve(store, "c", [item], now=now)).decisions
+        items = [
+            ReserveItem("user\twith tab", None, [2, 0], features[0].tobytes()),
+            ReserveItem("ünï", None, [0], features[1].tobytes()),
+        ]
+        decided, other = (await reserve(store, "c", items, now=now)).decisions
         await store.settle("c", [Outcome(decided.decision_id, 3.335, 500)], now_ms=now + 7)
         (decision_id, decision), (outcome_id, outcome) = _read_log(store, "c")
 
-        written = decision_fields(
-            decision_id=decided.decision_id,
-            user_id="user\twith tab",
-            action=2,
-            cost_cents=500,
-            probability=1.0,
+        written = decisions_fields(
+            batch_id=decided.decision_id.split("-")[1],
+            items=[0, 1],
+            user_ids=["user\twith tab", "ünï"],
+            actions=[2, 0],
+            cost_cents=[500, 0],
+            probabilities=[1.0, 1.0],
             features=features,
             at_ms=now,
             model_version="v1",
             lam=0.25,
         )
         assert decision == _encoded(written)
-        values, decoded_features = decode_decision("c", decision_id, decision)
-        assert values["decision_id"] == decided.decision_id and values["user_id"] == "user\twith tab"
-        assert (values["action"], values["cost"], values["lambda"], values["decided_at_ms"]) == (2, 5.0, 0.25, now)
+        rows, decoded_features = decode_decisions("c", decision_id, decision)
+        assert [r["decision_id"] for r in rows] == [decided.decision_id, other.decision_id]
+        assert [r["user_id"] for r in rows] == ["user\twith tab", "ünï"]
+        assert [(r["action"], r["cost"], r["lambda"], r["decided_at_ms"]) for r in rows] == [
+            (2, 5.0, 0.25, now),
+            (0, 0.0, 0.25, now),
+        ]
         np.testing.assert_array_equal(decoded_features, features)
 
         written = outcome_fields(

@@ -12,6 +12,7 @@ import redis.cluster
 from conftest import DAY_MS, Run, item, put, reserve
 
 from contract.keys import LOG_GROUP
+from contract.log_entry import decode_decisions
 from loop.logstream import export_logs
 from service.state import LogStatus, Outcome, ReserveItem
 from service.state.store import StateStore, parse_decision_record
@@ -47,7 +48,29 @@ def record(store: StateStore, decision_id: str) -> dict[str, str]:
         client.close()
 
 
-def test_one_entry_per_new_decision_and_accepted_outcome(run: Run) -> None:
+def reserve_each(store: StateStore, campaign: str, items: list[ReserveItem]) -> Any:
+    """One reservation call per item: one log entry each."""
+
+    async def calls() -> list[Any]:
+        return [(await reserve(store, campaign, [one])).decisions[0] for one in items]
+
+    return calls()
+
+
+def decisions_logged(store: StateStore, campaign: str) -> list[dict[str, object]]:
+    """Every decision of the campaign's log, oldest first, as the export reads them."""
+    client = sync_client(store)
+    try:
+        rows: list[dict[str, object]] = []
+        for entry_id, fields in client.xrange(store.keys.log_key(campaign)):
+            if fields[b"kind"] == b"decisions":
+                rows += decode_decisions(campaign, entry_id.decode(), fields)[0]
+        return rows
+    finally:
+        client.close()
+
+
+def test_one_entry_per_reservation_call_and_per_accepted_outcome(run: Run) -> None:
     async def scenario(store: StateStore) -> None:
         await store.upsert_campaign("c", put(10_000))
         rows = [features(0.5, -1.0), features(2.0, 3.25), features(0.0, 1e-3)]
@@ -60,26 +83,38 @@ def test_one_entry_per_new_decision_and_accepted_outcome(run: Run) -> None:
             "c", items, model_version="v7", lam=0.25, now_ms=NOW, reservation_expiry_ms=DAY_MS, decision_ttl_ms=DAY_MS
         )
         log = read_log(store, "c")
-        assert len(log) == 3
-        for entry, decided, row in zip(log, first.decisions, rows, strict=True):
-            assert entry == {
-                "kind": b"decision",
-                "decision_id": decided.decision_id.encode(),
-                "user_id": decided.user_id.encode(),
-                "action": str(decided.action).encode(),
-                "cost": str(decided.cost).encode(),
-                "probability": b"1",
-                "explored": b"0",
-                "holdout": b"0",
+        batch = first.decisions[0].decision_id.split("-")[1]
+        assert log == [
+            {
+                "kind": b"decisions",
+                "batch": batch.encode(),
+                "at_ms": str(NOW).encode(),
                 "lambda": b"0.25",
                 "model_version": b"v7",
-                "at_ms": str(NOW).encode(),
-                "features": row,
+                "items": b"0,1,2",
+                "user_ids": b"atab\tuserc",
+                "user_id_bytes": b"1,8,1",
+                "actions": b"2,3,0",
+                "costs": b"500,1000,0",
+                "probabilities": b"1,1,1",
+                "explored": b"000",
+                "holdout": b"000",
+                "features": b"".join(rows),
             }
+        ]
+        logged = decisions_logged(store, "c")
+        assert [r["decision_id"] for r in logged] == [d.decision_id for d in first.decisions]
+        assert [r["user_id"] for r in logged] == ["a", "tab\tuser", "c"]
         assert [d.action for d in first.decisions] == [2, 3, 0]
         # a replayed request id decides nothing new and logs nothing
         again = await reserve(store, "c", [item("a", [1, 0], "req-a"), item("c", [1, 0], "req-c")])
-        assert [d.new for d in again.decisions] == [False, False] and len(read_log(store, "c")) == 3
+        assert [d.new for d in again.decisions] == [False, False] and len(read_log(store, "c")) == 1
+        # a batch with a replay logs its new decisions only, with their own features
+        replay, new = ReserveItem("a", "req-a", [1, 0], rows[0]), ReserveItem("n", None, [1, 0], rows[1])
+        mixed = await reserve(store, "c", [replay, new])
+        (entry,) = read_log(store, "c")[1:]
+        assert (entry["items"], entry["user_ids"], entry["features"]) == (b"1", b"n", rows[1])
+        assert decisions_logged(store, "c")[-1]["decision_id"] == mixed.decisions[1].decision_id
 
         ids = [d.decision_id for d in first.decisions]
         outcomes = [Outcome(ids[0], 0.125, 500), Outcome(ids[1], -1.0, 0), Outcome(ids[0], 99.0, 0)]
@@ -87,8 +122,8 @@ def test_one_entry_per_new_decision_and_accepted_outcome(run: Run) -> None:
         assert (settled.accepted, settled.duplicates) == (2, 1)
         await store.settle("c", [Outcome(ids[1], 3.0, 0), Outcome("d-unknown", 1.0, 0)], now_ms=NOW + 6000)
         log = read_log(store, "c")
-        assert len(log) == 5  # duplicates and unknown ids log nothing
-        assert log[3:] == [
+        assert len(log) == 4  # duplicates and unknown ids log nothing
+        assert log[2:4] == [
             {
                 "kind": b"outcome",
                 "decision_id": ids[0].encode(),
@@ -111,9 +146,9 @@ def test_one_entry_per_new_decision_and_accepted_outcome(run: Run) -> None:
             },
         ]
         state = await store.get_campaign("c")
-        assert state is not None and state.log_entries == 5
+        assert state is not None and state.log_entries == 4
         assert (state.treated.decisions, state.treated.settled, state.treated.reward, state.treated.cost) == (
-            3,
+            4,
             2,
             -87,
             500,
@@ -128,7 +163,7 @@ def test_the_log_is_bounded_and_can_be_turned_off(run: Run) -> None:
         store.log_max_entries = 10
         await store.upsert_campaign("c", put(10**9))
         for batch in range(6):
-            await reserve(store, "c", [item(f"u{batch}-{i}", [1, 0]) for i in range(100)])
+            await reserve_each(store, "c", [item(f"u{batch}-{i}", [1, 0]) for i in range(100)])
         # MAXLEN ~ trims whole stream nodes (stream-node-max-entries, 100 by default); with no exporter,
         # every entry it trimmed is lost
         status = await store.log_status("c")
@@ -156,11 +191,11 @@ def test_exploration_and_holdout_log_their_probabilities(run: Run) -> None:
         await store.upsert_campaign("c", put(600, exploration_rate=rate))
         prefs = [3, 2, 1, 0]
         items = [
-            ReserveItem("x0", None, prefs, explore_draw=0.1),  # candidates 0, 1, 2: takes 0
-            ReserveItem("x1", None, prefs, explore_draw=0.5),  # candidates 0, 1, 2: takes 1 (2.00 reserved)
-            ReserveItem("g", None, prefs),  # 2 no longer fits: greedy 1 among candidates 0, 1
-            ReserveItem("h", None, prefs, holdout=True, explore_draw=0.99),  # held out: no coupon
-            ReserveItem("x2", None, prefs, explore_draw=0.7),  # candidates 0, 1: 1 is greedy too
+            ReserveItem("x0", None, prefs, features(1.0), explore_draw=0.1),  # candidates 0, 1, 2: takes 0
+            ReserveItem("x1", None, prefs, features(1.0), explore_draw=0.5),  # candidates 0, 1, 2: takes 1 (2.00)
+            ReserveItem("g", None, prefs, features(1.0)),  # 2 no longer fits: greedy 1 among candidates 0, 1
+            ReserveItem("h", None, prefs, features(1.0), holdout=True, explore_draw=0.99),  # held out: no coupon
+            ReserveItem("x2", None, prefs, features(1.0), explore_draw=0.7),  # candidates 0, 1: 1 is greedy too
         ]
         result = await store.reserve(
             "c",
@@ -174,11 +209,11 @@ def test_exploration_and_holdout_log_their_probabilities(run: Run) -> None:
         )
         assert [d.action for d in result.decisions] == [0, 1, 1, 0, 1]
         expected = [rate / 3, rate / 3, rate / 2 + 1 - rate, 1.0, rate / 2 + 1 - rate]
-        log = read_log(store, "c")
-        assert [float(e["probability"]) for e in log] == expected
-        assert [e["explored"] for e in log] == [b"1", b"1", b"0", b"0", b"1"]
-        assert [e["holdout"] for e in log] == [b"0", b"0", b"0", b"1", b"0"]
-        assert [int(e["cost"]) for e in log] == [0, 200, 200, 0, 200]
+        log = decisions_logged(store, "c")
+        assert [e["probability"] for e in log] == expected
+        assert [e["explored"] for e in log] == [True, True, False, False, True]
+        assert [e["holdout"] for e in log] == [False, False, False, True, False]
+        assert [e["cost"] for e in log] == [0, 2.0, 2.0, 0, 2.0]
         marks = [record(store, d.decision_id)["probability"] for d in result.decisions]
         assert [m.partition("/")[2] for m in marks] == ["x", "x", "", "h", "x"]
         assert [float(m.partition("/")[0]) for m in marks] == expected
@@ -223,7 +258,7 @@ def test_entries_trimmed_before_the_exporter_read_them_are_counted(run: Run) -> 
         try:
             decided = []
             for batch in range(10):  # 300 decisions before any exporter ran: the bound trimmed about 260
-                decided += (await reserve(store, "c", [item(f"a{batch}-{i}", [1, 0]) for i in range(30)])).decisions
+                decided += await reserve_each(store, "c", [item(f"a{batch}-{i}", [1, 0]) for i in range(30)])
             written += 300
             status = await store.log_status("c")
             assert status.lag == status.entries and status.lost == written - status.entries >= 300 - 140
@@ -236,7 +271,7 @@ def test_entries_trimmed_before_the_exporter_read_them_are_counted(run: Run) -> 
 
             for batch in range(10):  # outcomes and decisions: the bound trims the read entries first
                 await store.settle("c", [Outcome(d.decision_id, 1.0, 0) for d in decided[20 * batch : 20 * batch + 20]])
-                await reserve(store, "c", [item(f"b{batch}-{i}", [1, 0]) for i in range(10)])
+                await reserve_each(store, "c", [item(f"b{batch}-{i}", [1, 0]) for i in range(10)])
                 written += 30
                 status = await check()
             trimmed = before.entries + 300 - status.entries
@@ -244,7 +279,7 @@ def test_entries_trimmed_before_the_exporter_read_them_are_counted(run: Run) -> 
 
             entries = client.xreadgroup(LOG_GROUP, "x", {key: ">"}, count=1000)[0][1]
             read += len(entries)
-            assert [f[b"kind"] for _, f in entries[-10:]] == [b"decision"] * 10  # the newest
+            assert [f[b"kind"] for _, f in entries[-10:]] == [b"decisions"] * 10  # the newest
             assert (await check()).lag == 0 and written == read + status.lost
         finally:
             client.close()
@@ -256,7 +291,7 @@ def test_a_lowered_bound_counts_what_it_trims_unread(run: Run) -> None:
     async def scenario(store: StateStore) -> None:
         store.log_max_entries = 1000
         await store.upsert_campaign("c", put(10**9))
-        await reserve(store, "c", [item(f"a{i}", [1, 0]) for i in range(300)])
+        await reserve_each(store, "c", [item(f"a{i}", [1, 0]) for i in range(300)])
         key, client = store.keys.log_key("c"), sync_client(store)
         try:
             client.xgroup_create(key, LOG_GROUP, id="0")
@@ -286,7 +321,7 @@ def test_the_export_reports_what_was_lost_since_its_previous_run(run: Run, tmp_p
     async def scenario(store: StateStore) -> None:
         store.log_max_entries = 20
         await store.upsert_campaign("c", put(10**9))
-        await reserve(store, "c", [featured(f"a{i}") for i in range(300)])
+        await reserve_each(store, "c", [featured(f"a{i}") for i in range(300)])
         first = export_logs(store.url, tmp_path, prefix=store.prefix)
         assert first.entries == first.decisions == (await store.log_status("c")).entries <= 20 + 100
         assert first.trimmed == 300 - first.entries and first.trimmed_by_campaign == {"c": first.trimmed}
@@ -294,13 +329,13 @@ def test_the_export_reports_what_was_lost_since_its_previous_run(run: Run, tmp_p
         assert first.to_json()["trimmed_by_campaign"] == {"c": first.trimmed}
         assert export_logs(store.url, tmp_path, prefix=store.prefix).trimmed == 0  # nothing new was lost
 
-        await reserve(store, "c", [featured(f"b{i}") for i in range(10)])
+        await reserve_each(store, "c", [featured(f"b{i}") for i in range(10)])
         client = sync_client(store)
         try:  # the exporter's consumer reads 10 new entries and dies
             assert len(client.xreadgroup(LOG_GROUP, "exporter", {store.keys.log_key("c"): ">"}, count=10)[0][1]) == 10
         finally:
             client.close()
-        await reserve(store, "c", [featured(f"c{i}") for i in range(300)])
+        await reserve_each(store, "c", [featured(f"c{i}") for i in range(300)])
         status = await store.log_status("c")
         service_counted = status.lost - first.trimmed  # the pending 10 are the exporter's to count
         assert service_counted == 310 - 10 - status.entries
