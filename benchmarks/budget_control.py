@@ -52,7 +52,7 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-from model_store import ModelStore, load_scripted, save_scripted  # noqa: E402
+from model_store import ModelStore, ScoringModule, load_scripted, save_scripted  # noqa: E402
 from offline.calibrate import search_monotone  # noqa: E402
 from offline.logs import load_logs, write_logs  # noqa: E402
 from offline.rollout import Policy, SequencePolicy  # noqa: E402
@@ -152,7 +152,7 @@ def curve(world: SyntheticWorld, seeds: list[int], users: int, policy: Policy, l
 
 
 # ---- the oracle as a served model ----------------------------------------------------------------------
-class OracleScores(torch.nn.Module):
+class OracleScores(ScoringModule):
     """The myopic oracle behind the service's model interface: the request's features are the world's exact
     E[reward | action] (first K values) and E[cost | action] (next K); scores E[reward] - lambda E[cost]."""
 
@@ -160,34 +160,13 @@ class OracleScores(torch.nn.Module):
         super().__init__()
         self.k = num_actions
 
-    def forward(
-        self,
-        states: torch.Tensor,
-        actions: torch.Tensor,
-        rtg: torch.Tensor,
-        ctg: torch.Tensor,
-        timesteps: torch.Tensor,
-        lam: torch.Tensor,
-        mask: torch.Tensor,
-    ) -> torch.Tensor:
-        last = states[:, -1, :]
-        return last[:, : self.k] - lam.unsqueeze(1) * last[:, self.k : 2 * self.k]
+    def scores(self, x: torch.Tensor, lam: torch.Tensor) -> torch.Tensor:
+        return x[:, : self.k] - lam.unsqueeze(1) * x[:, self.k : 2 * self.k]
 
-    @torch.jit.export
-    def score_terms(
-        self,
-        states: torch.Tensor,
-        actions: torch.Tensor,
-        rtg: torch.Tensor,
-        ctg: torch.Tensor,
-        timesteps: torch.Tensor,
-        lam: torch.Tensor,
-        mask: torch.Tensor,
-    ) -> torch.Tensor:
+    def terms(self, x: torch.Tensor) -> torch.Tensor:
         """E[reward], E[cost] (the score's terms) and E[cost] (its expected cost now): the same pacing and
         reservations as the model's."""
-        last = states[:, -1, :]
-        return torch.cat([last[:, : 2 * self.k], last[:, self.k : 2 * self.k]], dim=1)
+        return torch.cat([x[:, : 2 * self.k], x[:, self.k : 2 * self.k]], dim=1)
 
 
 def publish_oracle(model_store: Path, oracle_store: Path, lam: float) -> None:

@@ -3,7 +3,7 @@
 from model_store.calibrations import Calibration
 from model_store.files import atomic_write_bytes, sha256_file
 from model_store.manifest import MAX_LAMBDA, OBJECTIVES, LambdaPoint, Manifest
-from model_store.torchscript import load_scripted, save_scripted
+from model_store.torchscript import ScoringModule, load_scripted, save_scripted
 from model_store.versions import Artifact, ArtifactError, ModelStore
 
 __all__ = [
@@ -15,6 +15,7 @@ __all__ = [
     "LambdaPoint",
     "Manifest",
     "ModelStore",
+    "ScoringModule",
     "atomic_write_bytes",
     "load_scripted",
     "save_scripted",

@@ -38,3 +38,62 @@ def load_scripted(path: str | os.PathLike[str], device: str | torch.device = "cp
         module = _jit_load(str(Path(path)), map_location=torch.device(device))
     module.eval()
     return module
+
+
+class ScoringModule(torch.nn.Module):
+    """The exported policy's interface, written once: every published model is a TorchScript module with
+
+    - ``forward(states, actions, rtg, ctg, timesteps, lam, mask) -> [B, K]``: each coupon's score at each
+      row's lambda (the inputs are `contract.inputs.ModelInputs`, in that order);
+    - ``score_terms(...)`` (same inputs) ``-> [B, 3K]``: the revenue and cost terms of the score (score =
+      revenue - lambda * cost) and each coupon's expected cost now, used when the manifest says
+      `score_terms`.
+
+    A subclass says how the inputs become one vector per row (`encode`; the last step's state unless
+    overridden) and how that vector scores (`scores`) and splits into terms (`terms`)."""
+
+    def forward(
+        self,
+        states: torch.Tensor,
+        actions: torch.Tensor,
+        rtg: torch.Tensor,
+        ctg: torch.Tensor,
+        timesteps: torch.Tensor,
+        lam: torch.Tensor,
+        mask: torch.Tensor,
+    ) -> torch.Tensor:
+        return self.scores(self.encode(states, actions, rtg, ctg, timesteps, lam, mask), lam)
+
+    @torch.jit.export
+    def score_terms(
+        self,
+        states: torch.Tensor,
+        actions: torch.Tensor,
+        rtg: torch.Tensor,
+        ctg: torch.Tensor,
+        timesteps: torch.Tensor,
+        lam: torch.Tensor,
+        mask: torch.Tensor,
+    ) -> torch.Tensor:
+        return self.terms(self.encode(states, actions, rtg, ctg, timesteps, lam, mask))
+
+    def encode(
+        self,
+        states: torch.Tensor,
+        actions: torch.Tensor,
+        rtg: torch.Tensor,
+        ctg: torch.Tensor,
+        timesteps: torch.Tensor,
+        lam: torch.Tensor,
+        mask: torch.Tensor,
+    ) -> torch.Tensor:
+        """[B, ...] what `scores` and `terms` read: here the last step's state."""
+        return states[:, -1, :]
+
+    def scores(self, x: torch.Tensor, lam: torch.Tensor) -> torch.Tensor:
+        """[B, K] each coupon's score at lambda `lam` [B]."""
+        raise NotImplementedError
+
+    def terms(self, x: torch.Tensor) -> torch.Tensor:
+        """[B, 3K] revenue terms, cost terms, expected cost now."""
+        raise NotImplementedError

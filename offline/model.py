@@ -26,6 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from model_store import ScoringModule
+
 TOKEN_LAYOUTS = ("step", "dt4")
 
 
@@ -288,7 +290,7 @@ class SacoTransformer(nn.Module):
         return logits[:, -1]
 
 
-class PolicyModule(nn.Module):
+class PolicyModule(ScoringModule):
     """What is exported: raw inputs -> decision scores [B, K] for the last step (argmax = the policy).
 
     `SacoTransformer.decide` with the model's linear maps folded together when this module is built, since a
@@ -400,38 +402,15 @@ class PolicyModule(nn.Module):
         self._buffer("cost_weight", cost_weight)
         self._buffer("cost_bias", cost_bias)
 
-    def forward(
-        self,
-        states: torch.Tensor,
-        actions: torch.Tensor,
-        rtg: torch.Tensor,
-        ctg: torch.Tensor,
-        timesteps: torch.Tensor,
-        lam: torch.Tensor,
-        mask: torch.Tensor,
-    ) -> torch.Tensor:
-        return self._scores(self._decision_token(states, actions, rtg, ctg, timesteps, lam, mask), lam)
-
-    @torch.jit.export
-    def score_terms(
-        self,
-        states: torch.Tensor,
-        actions: torch.Tensor,
-        rtg: torch.Tensor,
-        ctg: torch.Tensor,
-        timesteps: torch.Tensor,
-        lam: torch.Tensor,
-        mask: torch.Tensor,
-    ) -> torch.Tensor:
+    def terms(self, x: torch.Tensor) -> torch.Tensor:
         """[B, 3K] (value objective, whose scores do not read lambda): the revenue and the cost terms of the
         score (score = revenue - lambda * cost, future weight included), then each coupon's expected cost now
         for this user. Raw units. The service scores any lambda from one forward, and `expected`
         reservations start from the cost now."""
-        x = self._decision_token(states, actions, rtg, ctg, timesteps, lam, mask)
         terms = F.linear(x, self.head_weight, self.head_bias)
         return torch.cat([terms, F.linear(x, self.cost_weight, self.cost_bias)], dim=1)
 
-    def _decision_token(
+    def encode(
         self,
         states: torch.Tensor,
         actions: torch.Tensor,
@@ -453,7 +432,7 @@ class PolicyModule(nn.Module):
                 x = block(x, attn_mask)
         return self.model.ln_out(self._last_block(x, token_mask))
 
-    def _scores(self, x: torch.Tensor, lam: torch.Tensor) -> torch.Tensor:
+    def scores(self, x: torch.Tensor, lam: torch.Tensor) -> torch.Tensor:
         scores = F.linear(x, self.head_weight, self.head_bias)
         if self.value_objective:
             k = self.num_actions

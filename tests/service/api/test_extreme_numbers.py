@@ -15,7 +15,7 @@ import torch
 from fastapi.testclient import TestClient
 from svc_http import ADMIN, campaign_body, users
 
-from model_store import ModelStore, save_scripted
+from model_store import ModelStore, ScoringModule, save_scripted
 from service.app import create_app
 from service.settings import Settings
 
@@ -61,7 +61,7 @@ def test_the_feature_range_is_a_setting(settings: Settings, feature_dim: int) ->
 
 
 # ---- a model whose output is not finite -------------------------------------------------------------------
-class Flaky(torch.nn.Module):
+class Flaky(ScoringModule):
     """Four actions: revenue x0 * (0, 3, 6, 11), cost (0, 2, 5, 10) currency units (the coupons' costs),
     expected cost now = cost. Users whose feature 1 is negative get NaN: in the score of "no coupon"
     (`forward`) and in the expected costs (`score_terms`), where a model's NaN hides best."""
@@ -74,35 +74,14 @@ class Flaky(torch.nn.Module):
     def _nan(self, last: torch.Tensor, width: int) -> torch.Tensor:
         return torch.where(last[:, 1:2] < 0, float("nan"), 0.0).expand(-1, width)
 
-    def forward(
-        self,
-        states: torch.Tensor,
-        actions: torch.Tensor,
-        rtg: torch.Tensor,
-        ctg: torch.Tensor,
-        timesteps: torch.Tensor,
-        lam: torch.Tensor,
-        mask: torch.Tensor,
-    ) -> torch.Tensor:
-        last = states[:, -1, :]
-        scores = last[:, :1] * self.gain - lam.unsqueeze(1) * self.price
-        return torch.cat([scores[:, :1] + self._nan(last, 1), scores[:, 1:]], dim=1)
+    def scores(self, x: torch.Tensor, lam: torch.Tensor) -> torch.Tensor:
+        scores = x[:, :1] * self.gain - lam.unsqueeze(1) * self.price
+        return torch.cat([scores[:, :1] + self._nan(x, 1), scores[:, 1:]], dim=1)
 
-    @torch.jit.export
-    def score_terms(
-        self,
-        states: torch.Tensor,
-        actions: torch.Tensor,
-        rtg: torch.Tensor,
-        ctg: torch.Tensor,
-        timesteps: torch.Tensor,
-        lam: torch.Tensor,
-        mask: torch.Tensor,
-    ) -> torch.Tensor:
-        last = states[:, -1, :]
-        revenue = last[:, :1] * self.gain
+    def terms(self, x: torch.Tensor) -> torch.Tensor:
+        revenue = x[:, :1] * self.gain
         cost = self.price.expand_as(revenue)
-        return torch.cat([revenue, cost, cost + self._nan(last, 4)], dim=1)
+        return torch.cat([revenue, cost, cost + self._nan(x, 4)], dim=1)
 
 
 @pytest.fixture(params=["score_terms", "scores"])
