@@ -66,7 +66,7 @@ TOKEN = "budget-control-token"
 REQUEST_USERS = 128
 # Worlds whose coupons are redeemed rarely or often (WorldConfig knobs; everything else at its default):
 # strong fatigue and no habit -> about 1 coupon in 5 redeemed; strong habit, no fatigue -> about 1 in 2.
-WORLDS: dict[str, dict[str, float]] = {"low": {"habit": 0.0, "fatigue": 2.0}, "high": {"habit": 2.0, "fatigue": 0.0}}
+WORLDS: dict[str, dict[str, Any]] = {"low": {"habit": 0.0, "fatigue": 2.0}, "high": {"habit": 2.0, "fatigue": 0.0}}
 STARTS = {"cal": 1.0, "zero": 0.0, "double": 2.0}  # pacing starts from this multiple of the calibrated lambda
 START_NAMES = {"cal": "calibrated", "zero": "0", "double": "2x calibrated"}
 OPEN_BUDGET = 10.0  # the pacing-off variant's budget multiple: the ledger never binds
@@ -88,7 +88,8 @@ def stack_episodes(episodes: list[Episode]) -> Episode:
     users = UserPopulation(
         *(cat(n, lambda e: e.users) for n in ("base", "sensitivity", "basket", "mean_state", "trait_view"))
     )
-    state = WorldState(*(cat(n, lambda e: e.state) for n in ("x", "habit", "fatigue", "reference")))
+    x, habit, fatigue, reference = (cat(n, lambda e: e.state) for n in ("x", "habit", "fatigue", "reference"))
+    state = WorldState(x, habit, fatigue, reference)
     return Episode(
         config=first.config,
         users=users,

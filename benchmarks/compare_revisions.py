@@ -90,11 +90,11 @@ def main() -> int:
     print(f"{'store':9} {'users':>5} " + " ".join(f"{h:>9}" if h != "ratio" else f"{h:>6}" for h in header))
     for store_kind in ("embedded", "redis"):
         for users in sizes:
-            base, head = loads["base", store_kind, users].figures(), loads["head", store_kind, users].figures()
+            old, new = loads["base", store_kind, users].figures(), loads["head", store_kind, users].figures()
             print(
-                f"{store_kind:9} {users:>5} {base['p50_ms']:9.2f} {head['p50_ms']:9.2f} "
-                f"{base['p50_ms'] / head['p50_ms']:5.2f}x {base['p99_ms']:9.2f} {head['p99_ms']:9.2f} "
-                f"{base['p99_ms'] / head['p99_ms']:5.2f}x"
+                f"{store_kind:9} {users:>5} {old['p50_ms']:9.2f} {new['p50_ms']:9.2f} "
+                f"{old['p50_ms'] / new['p50_ms']:5.2f}x {old['p99_ms']:9.2f} {new['p99_ms']:9.2f} "
+                f"{old['p99_ms'] / new['p99_ms']:5.2f}x"
             )
     return 0
 

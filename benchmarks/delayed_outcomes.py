@@ -48,7 +48,7 @@ def main() -> None:
     )
     print("| treatment | rows | predicted revenue / decision (bias) | predicted spend / decision (bias) |")
     print("|---|---|---|---|")
-    for name, m in result["methods"].items():  # type: ignore[union-attr]
+    for name, m in result["methods"].items():  # type: ignore[attr-defined]
         revenue, spend = sum(m["revenue_per_decision"]), sum(m["spend_per_decision"][1:])
         revenue_text = f"{revenue:.3f} ({m['revenue_bias']:+.1%})"
         print(f"| {name} | {m['rows']} | {revenue_text} | {spend:.3f} ({m['spend_bias']:+.1%}) |")

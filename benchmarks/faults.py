@@ -251,7 +251,7 @@ def timed(seen: Seen, fault_at: float, ended_at: float) -> tuple[float | None, f
 
 
 def scenario(
-    name: str, cluster: Cluster, dim: int, clients: int, warm_s: float, fault: Callable[[], float], after_s: float
+    name: str, cluster: Cluster, dim: int, clients: int, warm_s: float, fault: Callable[[], object], after_s: float
 ) -> Result:
     """On a campaign of its own: load, `fault()` (returns when the fault ends), more load, then the ledger
     check."""
