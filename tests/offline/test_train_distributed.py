@@ -1,21 +1,26 @@
 """`saco train` data-parallel under torchrun: two CPU processes (gloo) give a model of the same quality as
 one process on the same data (held-out loss, and value in the synthetic world the logs came from), from logs
-in memory and from window shards (each process reading only its own shards)."""
+in memory and from window shards (each process reading only its own shards, and resuming from a checkpoint
+after one of them is killed)."""
 
 from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
+import psutil
 import pyarrow.parquet as pq
 import pytest
+import torch
 
 from model_store import ModelStore, load_scripted
 from offline.rollout import SequencePolicy, rollout
-from offline.train import TrainConfig
+from offline.train import CHECKPOINT, TrainConfig
 from offline.windows import build_windows
 from research.simulate import simulate_logs
 from research.world import SyntheticWorld, WorldConfig
@@ -23,6 +28,7 @@ from research.world import SyntheticWorld, WorldConfig
 BIN = Path(sys.executable).parent
 WORLD = WorldConfig(users=1500, rounds=5, seed=3)
 LAM = 0.5
+_ONE_THREAD = {**os.environ, "OMP_NUM_THREADS": "1"}  # as torchrun sets it: two threads per process contend
 
 
 def _train(cmd: list[str], store: Path, *data: str) -> dict[str, object]:
@@ -32,7 +38,7 @@ def _train(cmd: list[str], store: Path, *data: str) -> dict[str, object]:
         capture_output=True,
         text=True,
         timeout=600,
-        env={**os.environ, "OMP_NUM_THREADS": "1"},  # as torchrun sets it: two threads per process contend
+        env=_ONE_THREAD,
     )
     assert done.returncode == 0, done.stderr[-3000:]
     lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
@@ -41,12 +47,14 @@ def _train(cmd: list[str], store: Path, *data: str) -> dict[str, object]:
 
 
 def world_value(store: Path) -> float:
+    """Revenue less LAM x cost per user of the store's current policy on 2,000 fresh users of the world of the
+    logs (WORLD)."""
     artifact = ModelStore(store).load()
     m = artifact.manifest
     policy = SequencePolicy(
         load_scripted(artifact.model_path), m.context_length, m.initial_rtg, m.initial_ctg, m.feature_dim
     )
-    r = rollout(SyntheticWorld(WorldConfig(users=2000, rounds=5, seed=99)), policy, LAM)
+    r = rollout(SyntheticWorld(WORLD), policy, LAM, n_users=2000, seed=99)
     return (r.revenue - LAM * r.cost) / r.users
 
 
@@ -97,3 +105,22 @@ def test_two_processes_each_stream_half_of_the_shards_to_a_model_as_good_as_one(
     assert world_value(tmp_path / "two") == pytest.approx(
         values[0], abs=2 * max(abs(values[0] - values[1]), 0.01 * values[0])
     )
+
+    # one of the two processes killed with SIGKILL after the first checkpoint: torchrun ends the run, and the
+    # same command continues it to the model of the run not killed
+    checkpoint = tmp_path / "checkpoint"
+    again = [*windows, "--seed", "0", "--checkpoint-dir", str(checkpoint), "--checkpoint-every", "5"]
+    cmd = [*torchrun, "train", *again, "--store", str(tmp_path / "resumed"), "--epochs", "6"]
+    run = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_ONE_THREAD)
+    while not (checkpoint / CHECKPOINT).exists():
+        assert run.poll() is None, run.communicate()[1][-3000:]
+        time.sleep(0.02)
+    workers = psutil.Process(run.pid).children()
+    assert len(workers) == 2
+    os.kill(workers[1].pid, signal.SIGKILL)
+    assert run.wait(timeout=300) != 0
+    resumed = _train(torchrun, tmp_path / "resumed", *again)
+    assert 0 < int(resumed["resumed_from_step"]) < int(two["steps"])  # type: ignore[call-overload]
+    assert resumed["val_loss"] == two["val_loss"]
+    a, b = (load_scripted(ModelStore(tmp_path / name).load().model_path).state_dict() for name in ("two", "resumed"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
