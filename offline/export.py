@@ -12,7 +12,7 @@ import torch
 from model_store import Artifact, ModelStore, load_scripted, save_scripted
 from offline.logs import Logs
 from offline.model import PolicyModule, SacoTransformer, parameter_count
-from offline.train import TrainResult, config_dict
+from offline.train import StreamResult, TrainResult, config_dict
 from offline.trajectories import make_batch
 
 PARITY_TOLERANCE = 1e-5
@@ -66,9 +66,37 @@ def export_and_publish(
     extra_metrics: dict[str, Any] | None = None,
     make_current: bool = True,
 ) -> Artifact:
+    """Export and publish a model trained on `logs` in memory."""
+    action_costs = [
+        float(logs.cost[logs.action == a].mean()) if np.any(logs.action == a) else 0.0
+        for a in range(result.model.cfg.num_actions)
+    ]
+    return publish(result, parity_batch(result), action_costs, logs.sha256, store, extra_metrics, make_current)
+
+
+def export_and_publish_stream(
+    result: StreamResult, store: ModelStore, extra_metrics: dict[str, Any] | None = None, make_current: bool = True
+) -> Artifact:
+    """Export and publish a model trained from window shards (`train_windows`)."""
+    return publish(
+        result, result.parity_inputs, result.action_costs, result.data_sha256, store, extra_metrics, make_current
+    )
+
+
+def publish(
+    result: TrainResult | StreamResult,
+    inputs: tuple[torch.Tensor, ...],
+    action_costs: list[float],
+    data_sha256: str,
+    store: ModelStore,
+    extra_metrics: dict[str, Any] | None = None,
+    make_current: bool = True,
+) -> Artifact:
+    """Script the model's policy, check it against the model on `inputs` (ExportError if they differ), and
+    publish it with its manifest: `action_costs` the mean logged cost per action, `data_sha256` the training
+    data's hash."""
     model = result.model.eval()
     cfg = model.cfg
-    inputs = parity_batch(result)
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "model.pt"
         module = write_policy(model, path)
@@ -97,10 +125,6 @@ def export_and_publish(
             terms_diff = max(float((rebuilt - reference).abs().max()), float((costs - cost_now).abs().max()))
             if not terms_diff <= PARITY_TOLERANCE * size:
                 raise ExportError(f"scripted score terms differ from the model's by {terms_diff:.2e}")
-        action_costs = [
-            float(logs.cost[logs.action == a].mean()) if np.any(logs.action == a) else 0.0
-            for a in range(cfg.num_actions)
-        ]
         manifest = {
             "feature_dim": cfg.feature_dim,
             "num_actions": cfg.num_actions,
@@ -117,7 +141,7 @@ def export_and_publish(
             },
             "action_costs": action_costs,
             "score_terms": bool(model.value_objective),
-            "data_sha256": logs.sha256,
+            "data_sha256": data_sha256,
             "metrics": {
                 **result.metrics,
                 "export_parity_max_abs_diff": diff,

@@ -112,13 +112,23 @@ def simulate(
 @app.command()
 @_errors_as_one_line
 def train(
-    logs: Annotated[Path, typer.Option(help="logs (.parquet, Parquet directory, or .csv)")],
     store: Annotated[Path, typer.Option(help="model store directory")],
+    logs: Annotated[
+        Path | None, typer.Option(help="logs (.parquet, Parquet directory, or .csv), or a directory of window shards")
+    ] = None,
+    windows: Annotated[
+        Path | None, typer.Option(help="window shards (`saco windows`): stream them instead of loading logs")
+    ] = None,
     epochs: Annotated[int | None, typer.Option(min=1, help="default: TrainConfig's (12)")] = None,
+    max_steps: Annotated[
+        int | None, typer.Option(min=1, help="a step budget: train exactly this many steps (instead of --epochs)")
+    ] = None,
     seed: Annotated[int, typer.Option()] = 0,
     objective: Annotated[str, typer.Option(help="value | dt-lagrangian | dt-literal")] = "value",
     token_layout: Annotated[str, typer.Option(help="step (one token per step) | dt4 (the paper's 4 tokens)")] = "step",
-    context_length: Annotated[int | None, typer.Option(min=1, help="steps the model sees (default 6)")] = None,
+    context_length: Annotated[
+        int | None, typer.Option(min=1, help="steps the model sees (default 6; window shards: their length)")
+    ] = None,
     d_model: Annotated[int | None, typer.Option(min=8, help="width (default 32)")] = None,
     layers: Annotated[int | None, typer.Option(min=1, help="default 1")] = None,
     heads: Annotated[int | None, typer.Option(min=1, help="default 4")] = None,
@@ -129,18 +139,85 @@ def train(
         str, typer.Option(help="exported logs: delay-model | maturity | naive (outcomes not arrived yet)")
     ] = "delay-model",
     maturity_days: Annotated[float, typer.Option(min=0, help="exported logs: the maturity window")] = 7.0,
+    checkpoint_dir: Annotated[
+        Path | None, typer.Option(help="window shards: save the training state here, and resume from it")
+    ] = None,
+    checkpoint_every: Annotated[int, typer.Option(min=1, help="steps between checkpoints")] = 1000,
+    resume: Annotated[
+        bool, typer.Option("--resume/--no-resume", help="continue from the checkpoint in --checkpoint-dir if any")
+    ] = True,
 ) -> None:
-    """Train the SACO model on logs (or the exporter's Parquet partitions), export TorchScript and publish a
-    new version."""
-    from loop.data import DAY_MS, DelayConfig, is_export_dir, training_logs
-    from model_store import OBJECTIVES, ModelStore
-    from offline.export import export_and_publish
-    from offline.logs import load_logs
-    from offline.train import TrainConfig, init_distributed
-    from offline.train import train as fit
+    """Train the SACO model on logs (or the exporter's Parquet partitions, or window shards), export TorchScript
+    and publish a new version."""
+    from model_store import OBJECTIVES
+    from offline.train import TrainConfig
+    from offline.windows import MANIFEST
 
     if objective not in OBJECTIVES:
         raise ValueError(f"--objective must be one of {', '.join(OBJECTIVES)}")
+    if (logs is None) == (windows is None):
+        raise ValueError("give the training data: --logs PATH or --windows DIR")
+    if logs is not None and (logs / MANIFEST).is_file():
+        logs, windows = None, logs  # a directory `saco windows` wrote
+    if checkpoint_dir is not None and windows is None:
+        raise ValueError("--checkpoint-dir needs --windows: training on logs in memory keeps no checkpoints")
+    given: dict[str, Any] = {
+        "context_length": context_length,
+        "d_model": d_model,
+        "n_layers": layers,
+        "n_heads": heads,
+        "epochs": epochs,
+        "max_steps": max_steps,
+    }
+    if windows is not None and context_length is None:
+        from offline.windows import read_manifest
+
+        given["context_length"] = read_manifest(windows)["context_length"]
+    cfg = TrainConfig(
+        objective=objective,
+        token_layout=token_layout,
+        seed=seed,
+        **{name: value for name, value in given.items() if value is not None},
+    )
+    if windows is not None:
+        checkpoints = _checkpoints(checkpoint_dir, checkpoint_every, resume)
+        _train_windows(windows, store, cfg, checkpoints, promote)
+    else:
+        assert logs is not None
+        _train_logs(logs, store, cfg, promote, delay_method, maturity_days)
+
+
+def _checkpoints(directory: Path | None, every: int, resume: bool) -> Any:
+    from offline.train import Checkpoints
+
+    return None if directory is None else Checkpoints(directory, every, resume)
+
+
+def _distributed_run(fit: Callable[[], Any]) -> tuple[Any, bool]:
+    """`fit()` data-parallel when torchrun started this process: its result and whether this process publishes
+    (rank 0, or the only process)."""
+    from offline.train import init_distributed
+
+    distributed = init_distributed()  # under torchrun: data-parallel, rank 0 publishes
+    rank = 0
+    try:
+        result = fit()
+    finally:
+        if distributed:
+            import torch.distributed
+
+            rank = torch.distributed.get_rank()
+            torch.distributed.destroy_process_group()
+    return result, rank == 0
+
+
+def _train_logs(logs: Path, store: Path, cfg: Any, promote: bool, delay_method: str, maturity_days: float) -> None:
+    from loop.data import DAY_MS, DelayConfig, is_export_dir, training_logs
+    from model_store import ModelStore
+    from offline.export import export_and_publish
+    from offline.logs import load_logs
+    from offline.train import train as fit
+
     started = time.time()
     if is_export_dir(logs):
         delay = DelayConfig(method=delay_method, maturity_ms=round(maturity_days * DAY_MS))
@@ -152,44 +229,46 @@ def train(
         f"loaded {data.n_rows} rows, {data.n_users} users, {data.feature_dim} features, {data.num_actions} actions",
         file=sys.stderr,
     )
-    given: dict[str, Any] = {
-        "context_length": context_length,
-        "d_model": d_model,
-        "n_layers": layers,
-        "n_heads": heads,
-        "epochs": epochs,
-    }
-    cfg = TrainConfig(
-        objective=objective,
-        token_layout=token_layout,
-        seed=seed,
-        **{name: value for name, value in given.items() if value is not None},
-    )
-    distributed = init_distributed()  # under torchrun: data-parallel, rank 0 publishes
-    try:
-        result = fit(data, cfg)
-    finally:
-        if distributed:
-            import torch.distributed
-
-            rank = torch.distributed.get_rank()
-            torch.distributed.destroy_process_group()
-    if distributed and rank != 0:
+    result, publishes = _distributed_run(lambda: fit(data, cfg))
+    if not publishes:
         return
     artifact = export_and_publish(result, data, ModelStore(store), make_current=promote)
-    _emit(
-        {
-            "version": artifact.version,
-            "store": str(store),
-            "objective": objective,
-            "val_loss": result.metrics["val_loss"],
-            "epochs_run": int(result.metrics["epochs_run"]),
-            "train_seconds": round(result.seconds, 1),
-            "total_seconds": round(time.time() - started, 1),
-            "current": promote,
-            "processes": int(result.metrics["world_size"]),
-        }
-    )
+    _emit(_trained(artifact.version, store, cfg, result.metrics, result.seconds, started, promote))
+
+
+def _train_windows(windows: Path, store: Path, cfg: Any, checkpoints: Any, promote: bool) -> None:
+    from model_store import ModelStore
+    from offline.export import export_and_publish_stream
+    from offline.train import train_windows
+
+    started = time.time()
+    result, publishes = _distributed_run(lambda: train_windows(windows, cfg, checkpoints))
+    if not publishes:
+        return
+    artifact = export_and_publish_stream(result, ModelStore(store), make_current=promote)
+    summary = _trained(artifact.version, store, cfg, result.metrics, result.seconds, started, promote)
+    summary["steps"] = int(result.metrics["steps"])
+    summary["resumed_from_step"] = int(result.metrics["resumed_from_step"])
+    summary["per_process"] = result.processes
+    _emit(summary)
+
+
+def _trained(
+    version: str, store: Path, cfg: Any, metrics: dict[str, float], seconds: float, started: float, promote: bool
+) -> dict[str, Any]:
+    return {
+        "version": version,
+        "store": str(store),
+        "objective": cfg.objective,
+        "val_loss": metrics["val_loss"],
+        "epochs_run": int(metrics["epochs_run"])
+        if float(metrics["epochs_run"]).is_integer()
+        else metrics["epochs_run"],
+        "train_seconds": round(seconds, 1),
+        "total_seconds": round(time.time() - started, 1),
+        "current": promote,
+        "processes": int(metrics["world_size"]),
+    }
 
 
 @app.command()

@@ -51,3 +51,11 @@ def test_the_action_space_may_be_wider_than_the_logs(logs: Logs) -> None:
     assert train(few, TrainConfig(epochs=1, num_actions=4), progress=False).model.cfg.num_actions == 4
     with pytest.raises(ValueError, match="the logs hold action 3, beyond the 2 actions"):
         train(logs, TrainConfig(epochs=1, num_actions=2), progress=False)
+
+
+def test_a_step_budget_ends_training_within_an_epoch(logs: Logs) -> None:
+    probe = train(logs, TrainConfig(epochs=1, batch_size=1 << 20), progress=False)
+    batch = math.ceil(int(probe.metrics["train_windows"]) / 5)  # 5 steps an epoch
+    result = train(logs, TrainConfig(max_steps=7, batch_size=batch), progress=False)
+    assert result.metrics["steps"] == 7 and result.metrics["epochs_run"] == 2
+    assert math.isfinite(result.metrics["val_loss"])

@@ -126,3 +126,26 @@ def test_windows_shards_a_parquet_log_and_names_a_bad_row(tmp_path: Path) -> Non
     refused = saco("windows", "--logs", str(tmp_path / "bad.parquet"), "--out", str(tmp_path / "b"), check=False)
     assert refused.returncode != 0
     assert refused.stderr.strip() == "error: column 'cost' must be >= 0; row 1 has -1.0"
+
+
+def test_train_takes_window_shards_and_refuses_what_does_not_fit_them(tmp_path: Path) -> None:
+    logs, windows, store = tmp_path / "logs.parquet", tmp_path / "w", tmp_path / "store"
+    saco("simulate", "--users", "60", "--rounds", "4", "--seed", "1", "--out", str(logs))
+    saco("windows", "--logs", str(logs), "--out", str(windows), "--shards", "2")
+    # the directory `saco windows` wrote, given as --logs, is streamed like --windows
+    trained = last_json(saco("train", "--logs", str(windows), "--store", str(store), "--max-steps", "3").stdout)
+    assert trained["steps"] == 3 and trained["per_process"][0]["shards"] == [0, 1]
+    assert ModelStore(store).load().version == trained["version"]
+    refusals = {
+        ("--store", str(store)): "error: give the training data: --logs PATH or --windows DIR",
+        ("--logs", str(logs), "--store", str(store), "--checkpoint-dir", str(tmp_path / "c")): (
+            "error: --checkpoint-dir needs --windows: training on logs in memory keeps no checkpoints"
+        ),
+        ("--windows", str(windows), "--store", str(store), "--context-length", "3"): (
+            f"error: the windows in {windows} are 6 steps long and the model's context is 3: build windows of that "
+            "length (saco windows --context-length)"
+        ),
+    }
+    for args, line in refusals.items():
+        refused = saco("train", *args, check=False)
+        assert refused.returncode != 0 and refused.stderr.strip() == line
