@@ -34,7 +34,8 @@ F = TypeVar("F", bound=Callable[..., Any])
 LOG_SUFFIXES = (".parquet", ".pq", ".csv")  # the formats `offline.logs.write_logs` writes
 INSTALL_HINT = (
     "install the dependency group the command needs: saco[serve] (serve), saco[train] (simulate, train, "
-    "calibrate, export, retrain, serve --bootstrap), saco[research] (evaluate, report)"
+    "calibrate, export, retrain, serve --bootstrap), saco[research] (evaluate, report), saco[spark] "
+    "(windows --engine spark)"
 )
 
 
@@ -200,14 +201,35 @@ def windows(
     shards: Annotated[int, typer.Option(min=1, help="number of user shards")] = 16,
     context_length: Annotated[int | None, typer.Option(min=1, help="steps per window (as saco train)")] = None,
     memory_limit: Annotated[str, typer.Option(help="DuckDB's memory limit; beyond it, it spills to disk")] = "1GB",
-    temp_dir: Annotated[Path | None, typer.Option(help="where DuckDB spills (default: OUT/.spill)")] = None,
+    temp_dir: Annotated[Path | None, typer.Option(help="where the engine spills (default: OUT/.spill)")] = None,
+    engine: Annotated[
+        str, typer.Option(help="duckdb (default: this machine, out of core) | spark (a cluster or local mode)")
+    ] = "duckdb",
+    spark_master: Annotated[
+        str | None, typer.Option(help="--engine spark: the master URL (default: local[*]), e.g. spark://host:7077")
+    ] = None,
+    spark_conf: Annotated[
+        list[str] | None, typer.Option(help="--engine spark: a Spark setting KEY=VALUE (repeat for several)")
+    ] = None,
 ) -> None:
-    """User-sharded training windows of logs of any size, built out of core."""
+    """User-sharded training windows of logs of any size, built out of core (DuckDB) or on Spark."""
     from offline.train import TrainConfig
-    from offline.windows import build_windows
+    from offline.windows import ENGINES, build_windows
 
+    if engine not in ENGINES:
+        raise ValueError(f"--engine must be one of {', '.join(ENGINES)}, got {engine!r}")
+    if engine != "spark" and (spark_master is not None or spark_conf):
+        raise ValueError("--spark-master and --spark-conf are for --engine spark")
+    settings: dict[str, str] = {}
+    for item in spark_conf or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"--spark-conf takes KEY=VALUE, got {item!r}")
+        settings[key.strip()] = value
     length = context_length or TrainConfig().context_length
-    manifest = build_windows(logs, out, length, shards, memory_limit, temp_dir)
+    manifest = build_windows(
+        logs, out, length, shards, memory_limit, temp_dir, engine=engine, spark_master=spark_master, spark_conf=settings
+    )
     keys = ("rows", "users", "windows", "shards")
     _emit({**{k: manifest[k] for k in keys}, "path": str(out)})
 
