@@ -31,7 +31,7 @@ app.add_typer(models_app, name="models")
 
 F = TypeVar("F", bound=Callable[..., Any])
 
-LOG_SUFFIXES = (".parquet", ".pq", ".csv")  # the formats `offline.logs.write_logs` writes
+LOG_SUFFIXES = (".parquet", ".pq", ".csv")  # the formats `offline.logs.log_writer` writes
 INSTALL_HINT = (
     "install the dependency group the command needs: saco[serve] (serve), saco[train] (simulate, train, "
     "calibrate, export, retrain, serve --bootstrap), saco[research] (evaluate, report), saco[spark] "
@@ -95,19 +95,22 @@ def simulate(
     ] = True,
 ) -> None:
     """Logs of the built-in sequential synthetic world under a random behaviour policy."""
-    if out.suffix.lower() not in LOG_SUFFIXES:  # refused before any work, like write_logs would after it
+    if out.suffix.lower() not in LOG_SUFFIXES:  # refused before any work, like log_writer would
         raise ValueError(f"unsupported output {out.name!r}: use .parquet or .csv")
-    from offline.logs import write_logs
-    from research.simulate import simulate_logs
+    from offline.logs import log_writer
+    from research.simulate import blocks, simulate_blocks
     from research.world import WorldConfig
 
     config = WorldConfig(users=users, rounds=rounds, seed=seed)
     if not effects:
         config = config.myopic()
-    with _progress("simulate", rounds, "round") as bar:
-        table = simulate_logs(config, behaviour_bias, progress=bar.update)
-    path = write_logs(table, out)
-    _emit({"rows": table.num_rows, "path": str(path)})
+    rows = 0
+    # a block of users at a time, each written as it is simulated: memory is bounded by a block
+    with _progress("simulate", rounds * blocks(config), "round") as bar, log_writer(out) as write:
+        for table in simulate_blocks(config, behaviour_bias, progress=bar.update):
+            write(table)
+            rows += table.num_rows
+    _emit({"rows": rows, "path": str(out)})
 
 
 @app.command()
