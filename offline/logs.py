@@ -67,10 +67,13 @@ class Logs:
 
     def subset_users(self, users: np.ndarray) -> Logs:
         """Logs of the given dense user indices (re-indexed 0..len-1, in the given order)."""
+        users = np.asarray(users, dtype=np.int64)
         starts = self.user_slices()
-        parts = [np.arange(starts[u], starts[u + 1]) for u in users]
-        rows = np.concatenate(parts).astype(np.int64) if parts else np.zeros(0, dtype=np.int64)
-        new_index = np.repeat(np.arange(len(users)), [starts[u + 1] - starts[u] for u in users])
+        lengths = starts[users + 1] - starts[users]
+        new_index = np.repeat(np.arange(len(users)), lengths)
+        # each user's rows in order: its start plus the row's place among the user's rows
+        first_of_user = np.cumsum(lengths) - lengths
+        rows = starts[users][new_index] + np.arange(len(new_index)) - first_of_user[new_index]
         return Logs(
             user=new_index.astype(np.int64),
             user_ids=self.user_ids[users],

@@ -143,7 +143,7 @@ class _ShardParts:
 
 
 @dataclass
-class _Spread:
+class Spread:
     """Count, mean and sum of squared deviations of values, merged part by part (Chan et al.), free of the
     cancellation of sums of squares."""
 
@@ -152,13 +152,13 @@ class _Spread:
     m2: float = 0.0
 
     @classmethod
-    def of(cls, values: np.ndarray) -> _Spread:
+    def of(cls, values: np.ndarray) -> Spread:
         if not len(values):
             return cls()
         mean = float(values.mean())
         return cls(len(values), mean, float(np.square(values - mean).sum()))
 
-    def merge(self, other: _Spread) -> None:
+    def merge(self, other: Spread) -> None:
         if not other.n:
             return
         if not self.n:
@@ -177,8 +177,8 @@ class _Spread:
 class _Totals:
     """The users' total return and cost: the to-go targets and scales of training, merged shard by shard."""
 
-    rtg: _Spread = field(default_factory=_Spread)
-    ctg: _Spread = field(default_factory=_Spread)
+    rtg: Spread = field(default_factory=Spread)
+    ctg: Spread = field(default_factory=Spread)
 
     @property
     def users(self) -> int:
@@ -465,7 +465,7 @@ def _write_shard(parts: _ShardParts, out_dir: Path, context_length: int, feature
     content = Path(tmp).read_bytes()
     os.replace(tmp, out_dir / name)
     users, windows = int(arrays["user_ids"].shape[0]), int(arrays["window_user"].shape[0])
-    totals = _Totals(_Spread.of(arrays["user_return"]), _Spread.of(arrays["user_cost"]))
+    totals = _Totals(Spread.of(arrays["user_return"]), Spread.of(arrays["user_cost"]))
     return _Written(
         parts.shard, ShardFile(name, parts.rows, users, windows, hashlib.sha256(content).hexdigest()), totals
     )
@@ -604,8 +604,8 @@ def _spark_job(
             int(r["shard"]),
             ShardFile(r["file"], int(r["rows"]), int(r["users"]), int(r["windows"]), r["sha256"]),
             _Totals(
-                _Spread(int(r["rtg_n"]), float(r["rtg_mean"]), float(r["rtg_m2"])),
-                _Spread(int(r["ctg_n"]), float(r["ctg_mean"]), float(r["ctg_m2"])),
+                Spread(int(r["rtg_n"]), float(r["rtg_mean"]), float(r["rtg_m2"])),
+                Spread(int(r["ctg_n"]), float(r["ctg_mean"]), float(r["ctg_m2"])),
             ),
         )
         for r in rows

@@ -386,8 +386,8 @@ app.command("scheduler", hidden=True)(learning_loop)
 @_errors_as_one_line
 def calibrate(
     store: Annotated[Path, typer.Option(help="model store directory")],
-    logs: Annotated[Path, typer.Option(help="logs the offline environment is learned from")],
     budget: Annotated[float, typer.Option(help="total budget B over the simulated users")],
+    logs: Annotated[Path | None, typer.Option(help="logs the offline environment is learned from")] = None,
     users: Annotated[int | None, typer.Option(min=1, help="users to simulate (default: the logs' users)")] = None,
     version: Annotated[str | None, typer.Option(help="model version (default: current)")] = None,
     method: Annotated[str, typer.Option(help="monotone (default) | slsqp (the paper's Algorithm 2)")] = "monotone",
@@ -405,31 +405,48 @@ def calibrate(
         typer.Option(envvar="SACO_REDIS_URL", help="announce the calibration to the replicas on this Redis"),
     ] = None,
     prefix: Prefix = "saco:",
+    windows: Annotated[
+        Path | None,
+        typer.Option(help="instead of --logs: the window shards of `saco windows`, read as a map over shards"),
+    ] = None,
+    sample: Annotated[
+        int | None,
+        typer.Option(min=1, help="--windows: users simulated for the --users the budget is for (default: all)"),
+    ] = None,
+    fit_rows: Annotated[
+        int | None,
+        typer.Option(min=1, help="--windows: rows of the seeded sample the response model is fitted on (100,000)"),
+    ] = None,
+    workers: Annotated[int, typer.Option(min=1, help="--windows: processes the shards are mapped over")] = 1,
 ) -> None:
     """Find lambda so that the policy spends close to, and not above, budget B; record it as the version's
     active calibration (the version's files stay as they are). With a Redis URL, replicas serving the
-    version are told to load it."""
+    version are told to load it. With --windows instead of --logs, the environment and the users come
+    from window shards, each step a map over shards (the same lambda whatever --workers)."""
     started = time.time()
 
     def say(message: str) -> None:
         print(f"[{time.time() - started:5.1f}s] {message}", file=sys.stderr, flush=True)
 
     from model_store import ModelStore
-    from offline.calibrate import calibrate_artifact
+    from offline.calibrate import FIT_ROWS, calibrate_artifact, calibrate_shards
     from offline.logs import load_logs
 
     if method not in ("monotone", "slsqp"):
         raise ValueError("--method must be monotone or slsqp")
     if budget <= 0:
         raise ValueError("--budget must be > 0")
+    if (logs is None) == (windows is None):
+        raise ValueError("give the logs (--logs PATH) or their window shards (--windows DIR), one of the two")
+    if windows is None and (sample is not None or workers != 1 or fit_rows is not None):
+        raise ValueError("--sample, --fit-rows and --workers are for --windows")
+    if windows is not None and reservation != "none":
+        raise ValueError(
+            "--reservation strict simulates one ledger over every user in one process: calibrate from --logs"
+        )
     # progress starts once the inputs are valid: an error stays the only line on stderr
     model_store = ModelStore(store)
     artifact = model_store.load(version)  # a missing or corrupt model fails before the logs are read
-    data = load_logs(logs)
-    say(
-        f"loaded model {artifact.version} and the logs: {data.n_rows} rows, {data.n_users} users, "
-        f"{data.num_actions} actions"
-    )
     passes = 0
 
     def tick(phase: str, ev: Any) -> None:
@@ -440,6 +457,29 @@ def calibrate(
             f"(BARate {ev.cost / budget:.4f}), revenue {ev.revenue:,.2f}"
         )
 
+    if windows is not None:
+        result = calibrate_shards(
+            model_store,
+            windows,
+            budget,
+            version=version,
+            users=users,
+            sample=sample,
+            fit_rows=fit_rows or FIT_ROWS,
+            method=method,
+            workers=workers,
+            seed=seed,
+            progress=tick,
+            log=say,
+            command=shlex.join(["saco", *sys.argv[1:]]),
+        )
+        return _calibrated(result, budget, redis_url, prefix, model_store, say)
+    assert logs is not None
+    data = load_logs(logs)
+    say(
+        f"loaded model {artifact.version} and the logs: {data.n_rows} rows, {data.n_users} users, "
+        f"{data.num_actions} actions"
+    )
     result = calibrate_artifact(
         model_store,
         data,
@@ -454,12 +494,22 @@ def calibrate(
         log=say,
         command=shlex.join(["saco", *sys.argv[1:]]),
     )
+    _calibrated(result, budget, redis_url, prefix, model_store, say)
+
+
+def _calibrated(
+    result: dict[str, Any], budget: float, redis_url: str | None, prefix: str, store: Any, say: Callable[[str], None]
+) -> None:
+    """`saco calibrate`'s last lines: the lambda found, the announcement (with a Redis URL), the JSON line."""
+    spread = ""
+    if result.get("spend_standard_error"):
+        spread = f" (standard error {result['spend_standard_error']:,.2f} from {result['sample_users']} users)"
     say(
-        f"lambda {result['lambda']:.6g}, predicted spend {result['cost']:,.2f} of {budget:,.2f}: "
+        f"lambda {result['lambda']:.6g}, predicted spend {result['cost']:,.2f}{spread} of {budget:,.2f}: "
         f"calibration {result['calibration']} of {result['version']}"
     )
     if redis_url is not None:
-        result["announced_to"] = _announce_calibration(redis_url, prefix, model_store, result["version"], say)
+        result["announced_to"] = _announce_calibration(redis_url, prefix, store, result["version"], say)
     _emit(result)
 
 
