@@ -395,17 +395,7 @@ def calibrate_artifact(
         cost_ratios = expected_cost_ratios(env, policy, result.lam, n_users, seed)
         say(f"expected-cost ratios: {', '.join(f'{r:.3f}' for r in cost_ratios)}")
     summary["cost_ratios"] = cost_ratios
-    calibrated = store.calibrate(
-        artifact.version,
-        command=command,
-        lam=result.lam,
-        budget=budget,
-        users=n_users,
-        lambda_table=table,
-        cost_ratios=cost_ratios,
-        details={**summary, "method": result.method, "env_fit": env.fit_metrics},
-    )
-    assert calibrated.calibration is not None
+    calibration = _record(store, artifact.version, command, result, table, {**summary, "env_fit": env.fit_metrics})
     return {
         **result.to_json(),
         "reservation": reservation,
@@ -413,8 +403,32 @@ def calibrate_artifact(
         "users": n_users,
         "seed": seed,
         "version": artifact.version,
-        "calibration": calibrated.calibration.id,
+        "calibration": calibration,
     }
+
+
+def _record(
+    store: ModelStore,
+    version: str,
+    command: str,
+    result: CalibrationResult,
+    table: list[Any],
+    details: dict[str, Any],
+) -> str:
+    """The calibration recorded as the version's active one (`details` with the budget, users and cost ratios);
+    its id."""
+    calibrated = store.calibrate(
+        version,
+        command=command,
+        lam=result.lam,
+        budget=details["budget"],
+        users=details["users"],
+        lambda_table=table,
+        cost_ratios=details["cost_ratios"],
+        details={**details, "method": result.method},
+    )
+    assert calibrated.calibration is not None
+    return calibrated.calibration.id
 
 
 COST_RATIO_BOUNDS = (0.5, 2.0)  # a correction beyond these says the environment, not the policy, is off
@@ -840,17 +854,7 @@ def calibrate_shards(
         "seed": seed,
         "cost_ratios": ratios,
     }
-    calibrated = store.calibrate(
-        artifact.version,
-        command=command,
-        lam=result.lam,
-        budget=budget,
-        users=n_users,
-        lambda_table=table,
-        cost_ratios=ratios,
-        details={**summary, "method": result.method, "env_fit": env.fit_metrics},
-    )
-    assert calibrated.calibration is not None
+    calibration = _record(store, artifact.version, command, result, table, {**summary, "env_fit": env.fit_metrics})
     return {
         **result.to_json(),
         "reservation": "none",
@@ -862,7 +866,7 @@ def calibrate_shards(
         "workers": workers,
         "seed": seed,
         "version": artifact.version,
-        "calibration": calibrated.calibration.id,
+        "calibration": calibration,
     }
 
 

@@ -534,7 +534,9 @@ def _spark_session(
         session.sparkContext.setLogLevel("ERROR")
     session.conf.set("spark.sql.execution.arrow.maxRecordsPerBatch", str(batch_rows))
     try:
-        yield session
+        with warnings.catch_warnings():  # pyspark's own, about pandas versions it has not been tried with
+            warnings.filterwarnings("ignore", category=FutureWarning, module="pyspark")
+            yield session
     finally:
         if made:
             session.stop()
@@ -546,19 +548,6 @@ def _local_path(uri: str) -> str:
 
 
 def _spark_windows(
-    spark: SparkSession,
-    dataset: pads.Dataset,
-    out_dir: Path,
-    context_length: int,
-    shards: int,
-    feature_names: tuple[str, ...],
-) -> list[_Written]:
-    with warnings.catch_warnings():  # pyspark's own about pandas versions it has not been tried with
-        warnings.filterwarnings("ignore", category=FutureWarning, module="pyspark")
-        return _spark_job(spark, dataset, out_dir, context_length, shards, feature_names)
-
-
-def _spark_job(
     spark: SparkSession,
     dataset: pads.Dataset,
     out_dir: Path,

@@ -457,43 +457,27 @@ def calibrate(
             f"(BARate {ev.cost / budget:.4f}), revenue {ev.revenue:,.2f}"
         )
 
+    common: dict[str, Any] = {
+        "version": version,
+        "users": users,
+        "method": method,
+        "seed": seed,
+        "progress": tick,
+        "log": say,
+        "command": shlex.join(["saco", *sys.argv[1:]]),
+    }
     if windows is not None:
-        result = calibrate_shards(
-            model_store,
-            windows,
-            budget,
-            version=version,
-            users=users,
-            sample=sample,
-            fit_rows=fit_rows or FIT_ROWS,
-            method=method,
-            workers=workers,
-            seed=seed,
-            progress=tick,
-            log=say,
-            command=shlex.join(["saco", *sys.argv[1:]]),
+        sharded: dict[str, Any] = {"sample": sample, "fit_rows": fit_rows or FIT_ROWS, "workers": workers}
+        result = calibrate_shards(model_store, windows, budget, **common, **sharded)
+    else:
+        assert logs is not None  # one of the two is given
+        data = load_logs(logs)
+        say(
+            f"loaded model {artifact.version} and the logs: {data.n_rows} rows, {data.n_users} users, "
+            f"{data.num_actions} actions"
         )
-        return _calibrated(result, budget, redis_url, prefix, model_store, say)
-    assert logs is not None
-    data = load_logs(logs)
-    say(
-        f"loaded model {artifact.version} and the logs: {data.n_rows} rows, {data.n_users} users, "
-        f"{data.num_actions} actions"
-    )
-    result = calibrate_artifact(
-        model_store,
-        data,
-        budget,
-        version=version,
-        users=users,
-        method=method,
-        reservation=reservation,
-        request_size=request_size,
-        seed=seed,
-        progress=tick,
-        log=say,
-        command=shlex.join(["saco", *sys.argv[1:]]),
-    )
+        ledger: dict[str, Any] = {"reservation": reservation, "request_size": request_size}
+        result = calibrate_artifact(model_store, data, budget, **common, **ledger)
     _calibrated(result, budget, redis_url, prefix, model_store, say)
 
 
