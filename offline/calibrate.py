@@ -24,8 +24,10 @@ logs, budget, user count and seed give the same lambda bit for bit.
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -35,6 +37,7 @@ if TYPE_CHECKING:
     from model_store import ModelStore
     from offline.logs import Logs
     from offline.rollout import Environment, SequencePolicy
+    from offline.windows import Spread
 
 TARGET_LOW = 0.98  # BARate = C / B target band [0.98, 1.00]
 RESERVATIONS = ("strict", "none")
@@ -392,17 +395,7 @@ def calibrate_artifact(
         cost_ratios = expected_cost_ratios(env, policy, result.lam, n_users, seed)
         say(f"expected-cost ratios: {', '.join(f'{r:.3f}' for r in cost_ratios)}")
     summary["cost_ratios"] = cost_ratios
-    calibrated = store.calibrate(
-        artifact.version,
-        command=command,
-        lam=result.lam,
-        budget=budget,
-        users=n_users,
-        lambda_table=table,
-        cost_ratios=cost_ratios,
-        details={**summary, "method": result.method, "env_fit": env.fit_metrics},
-    )
-    assert calibrated.calibration is not None
+    calibration = _record(store, artifact.version, command, result, table, {**summary, "env_fit": env.fit_metrics})
     return {
         **result.to_json(),
         "reservation": reservation,
@@ -410,8 +403,32 @@ def calibrate_artifact(
         "users": n_users,
         "seed": seed,
         "version": artifact.version,
-        "calibration": calibrated.calibration.id,
+        "calibration": calibration,
     }
+
+
+def _record(
+    store: ModelStore,
+    version: str,
+    command: str,
+    result: CalibrationResult,
+    table: list[Any],
+    details: dict[str, Any],
+) -> str:
+    """The calibration recorded as the version's active one (`details` with the budget, users and cost ratios);
+    its id."""
+    calibrated = store.calibrate(
+        version,
+        command=command,
+        lam=result.lam,
+        budget=details["budget"],
+        users=details["users"],
+        lambda_table=table,
+        cost_ratios=details["cost_ratios"],
+        details={**details, "method": result.method},
+    )
+    assert calibrated.calibration is not None
+    return calibrated.calibration.id
 
 
 COST_RATIO_BOUNDS = (0.5, 2.0)  # a correction beyond these says the environment, not the policy, is off
@@ -422,6 +439,13 @@ def expected_cost_ratios(env: Environment, policy: SequencePolicy, lam: float, n
     policy's own expected cost now of them. The policy's expected costs are off by round (how much history a
     user has) and, being the ones its argmax favours, low where it under-predicts; the service corrects the
     expected costs it reserves and paces with by these ratios before any outcome has settled."""
+    return cost_ratios(*round_costs(env, policy, lam, n_users, seed))
+
+
+def round_costs(
+    env: Environment, policy: SequencePolicy, lam: float, n_users: int | None, seed: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Per round: the policy's expected cost now of the coupons it chooses at `lam`, and the environment's."""
     from offline.rollout import SequencePolicy, rollout
 
     class Tracking(SequencePolicy):
@@ -435,8 +459,13 @@ def expected_cost_ratios(env: Environment, policy: SequencePolicy, lam: float, n
     predicted = np.zeros(env.rounds)
     tracking = Tracking(policy.module, policy.L, policy.initial_rtg, policy.initial_ctg, policy.d)
     result = rollout(env, tracking, lam, n_users=n_users, seed=seed)
+    return predicted, result.cost_by_round
+
+
+def cost_ratios(predicted: np.ndarray, actual: np.ndarray) -> list[float]:
+    """`expected_cost_ratios` of per-round predicted and actual costs, clipped to COST_RATIO_BOUNDS."""
     low, high = COST_RATIO_BOUNDS
-    ratios = np.where(predicted > 0, result.cost_by_round / np.maximum(predicted, 1e-12), 1.0)
+    ratios = np.where(predicted > 0, actual / np.maximum(predicted, 1e-12), 1.0)
     return [round(float(r), 6) for r in np.clip(ratios, low, high)]
 
 
@@ -449,3 +478,423 @@ def face_values(data: Logs) -> list[float]:
         paid = data.cost[(data.action == a) & (data.cost > 0)]
         out.append(float(paid.mean()) if len(paid) else 0.0)
     return out
+
+
+# ---- calibration over window shards ------------------------------------------------------------------------
+# `calibrate_shards` (`saco calibrate --windows DIR`) reads the user-sharded windows of offline/windows.py
+# instead of a whole log. Every step is a map over shards, in worker processes, and a reduce in shard order:
+#
+# 1. each shard gives the rows of a seeded sample of its users for the response model (about `fit_rows` rows
+#    over all shards), and writes the replay (features by user and step) of the users it simulates to a
+#    scratch file; the environment is fitted once on the reduced sample (offline/env.py);
+# 2. every simulation pass at a lambda runs each shard's simulated users (in chunks of SHARD_CHUNK_USERS,
+#    each seeded by (seed, shard, chunk)) and sums revenue and spend, shard by shard in shard order.
+#
+# What a worker computes depends on its shard alone (one torch thread per worker), so the lambda is the same
+# bits whatever the number of workers. Memory: a worker holds one shard's arrays, then one chunk's rollout.
+
+SHARD_CHUNK_USERS = 65_536
+FIT_ROWS = 100_000  # rows of the seeded sample of users the response model is fitted on
+
+
+@dataclass(frozen=True)
+class _Policy:
+    """What a worker needs to load the exported policy."""
+
+    model_path: str
+    context_length: int
+    initial_rtg: float
+    initial_ctg: float
+    feature_dim: int
+
+
+@dataclass(frozen=True)
+class _ShardTask:
+    shard: int
+    path: str
+    simulate: int  # users of the shard simulated (drawn with replacement where `replace`)
+    fit: int  # users whose rows go into the response model's sample
+    replace: bool
+    seed: int
+    replay: str  # the scratch file of the simulated users' replay
+
+
+@dataclass(frozen=True)
+class _Prepared:
+    shard: int
+    fit_logs: Logs | None
+    max_length: int
+    max_action: int
+    users: int
+
+
+@dataclass(frozen=True)
+class _PassTask:
+    shard: int
+    replay: str
+    lam: float
+    seed: int
+    environment: str  # the pickled environment's file
+    policy: _Policy
+    ratios: bool = False
+
+
+@dataclass
+class _Pass:
+    """One shard's simulation at one lambda (or the reduce of several, in shard order)."""
+
+    revenue: float = 0.0
+    cost: float = 0.0
+    user_revenue: Spread | None = None  # of the simulated users' revenue (and cost) over the rounds
+    user_cost: Spread | None = None
+    predicted_by_round: np.ndarray | None = None
+    cost_by_round: np.ndarray | None = None
+
+    def add(self, other: _Pass) -> None:
+        from offline.windows import Spread
+
+        self.revenue += other.revenue
+        self.cost += other.cost
+        for name in ("user_revenue", "user_cost"):
+            mine = getattr(self, name) or Spread()
+            mine.merge(getattr(other, name) or Spread())
+            setattr(self, name, mine)
+        for name in ("predicted_by_round", "cost_by_round"):
+            theirs = getattr(other, name)
+            if theirs is not None:
+                mine = getattr(self, name)
+                setattr(self, name, theirs.copy() if mine is None else mine + theirs)
+
+
+def _apportion(total: int, weights: list[int]) -> list[int]:
+    """`total` split over parts in proportion to `weights` (largest remainders; ties to the earlier part)."""
+    w = np.asarray(weights, dtype=np.float64)
+    if total <= 0 or w.sum() <= 0:
+        return [0] * len(weights)
+    exact = total * w / w.sum()
+    out = np.floor(exact).astype(np.int64)
+    extra = np.argsort(-(exact - out), kind="stable")[: total - int(out.sum())]
+    out[extra] += 1
+    return [int(x) for x in out]
+
+
+def _seed_of(*parts: int) -> int:
+    return int(np.random.SeedSequence(list(parts)).generate_state(1)[0])
+
+
+def _shard_logs(path: str) -> Logs:
+    """A shard's logged rows, read back from its windows: each logged step is in exactly one window's loss,
+    in user and step order; rewards and costs in the cents the history holds."""
+    from offline.logs import Logs
+
+    with np.load(path, allow_pickle=False) as data:
+        owned = data["loss_mask"]
+        user = np.repeat(data["window_user"], owned.sum(axis=1))
+        user_ids = data["user_ids"]
+        return Logs(
+            user=user.astype(np.int64),
+            user_ids=user_ids,
+            t=data["timesteps"][owned],
+            action=data["actions"][owned],
+            cost=data["cost"][owned] / 100.0,
+            reward=data["reward"][owned] / 100.0,
+            features=data["states"][owned],
+            feature_names=tuple(f"f{i}" for i in range(data["states"].shape[-1])),
+            sha256="",
+        )
+
+
+def _prepare_shard(task: _ShardTask) -> _Prepared:
+    """Map, step 1: the shard's sample of rows for the response model; its simulated users' replay written."""
+    logs = _shard_logs(task.path)
+    rng = np.random.default_rng([task.seed, task.shard])
+    users = logs.n_users
+    if task.simulate == users and not task.replace:
+        chosen = np.arange(users)
+    else:
+        chosen = np.sort(rng.choice(users, size=task.simulate, replace=task.replace))
+    replay = logs.subset_users(chosen)
+    np.savez(task.replay, user=replay.user, features=replay.features)
+    fit_rng = np.random.default_rng([task.seed, task.shard, 1])
+    fit = np.sort(fit_rng.choice(users, size=task.fit, replace=False)) if task.fit < users else np.arange(users)
+    lengths = np.diff(logs.user_slices()) if logs.n_rows else np.zeros(1, np.int64)
+    return _Prepared(
+        task.shard,
+        logs.subset_users(fit) if task.fit else None,
+        int(lengths.max()),
+        int(logs.action.max()) if logs.n_rows else 0,
+        users,
+    )
+
+
+_WORKER: dict[str, Any] = {}
+
+
+def _worker_start(threads: int) -> None:
+    import torch
+
+    torch.set_num_threads(threads)
+
+
+def _loaded(task: _PassTask) -> tuple[Any, SequencePolicy]:
+    """The worker's environment parts and policy (loaded once per worker)."""
+    import pickle
+
+    from model_store import load_scripted
+    from offline.rollout import SequencePolicy
+
+    if _WORKER.get("environment_file") != task.environment:
+        with open(task.environment, "rb") as fh:
+            _WORKER["environment"] = pickle.load(fh)
+        _WORKER["environment_file"] = task.environment
+    if _WORKER.get("policy_spec") != task.policy:
+        p = task.policy
+        module = load_scripted(p.model_path)
+        _WORKER["policy"] = SequencePolicy(module, p.context_length, p.initial_rtg, p.initial_ctg, p.feature_dim)
+        _WORKER["policy_spec"] = p
+    return _WORKER["environment"], _WORKER["policy"]
+
+
+def _simulate_shard(task: _PassTask) -> _Pass:
+    """Map, step 2: one shard's simulated users at one lambda, a chunk of users at a time."""
+    from offline.env import LogEnvironment
+    from offline.logs import Logs
+    from offline.rollout import rollout
+    from offline.windows import Spread
+
+    parts, policy = _loaded(task)
+    out = _Pass(user_revenue=Spread(), user_cost=Spread())
+    with np.load(task.replay, allow_pickle=False) as data:
+        user, features = data["user"], data["features"]
+    starts = np.concatenate([[0], np.flatnonzero(np.diff(user)) + 1, [len(user)]])
+    n_users = len(starts) - 1
+    for chunk, first in enumerate(range(0, n_users, SHARD_CHUNK_USERS)):
+        last = min(first + SHARD_CHUNK_USERS, n_users)
+        rows = slice(int(starts[first]), int(starts[last]))
+        n_rows = rows.stop - rows.start
+        logs = Logs(  # what the environment replays: the users' features, step by step
+            user=user[rows] - user[starts[first]],
+            user_ids=np.arange(last - first).astype(str),
+            t=np.zeros(n_rows, np.int64),
+            action=np.zeros(n_rows, np.int64),
+            cost=np.zeros(n_rows),
+            reward=np.zeros(n_rows),
+            features=features[rows],
+            feature_names=(),
+            sha256="",
+        )
+        env = LogEnvironment(logs, parts["response"], parts["relative_face"], parts["rounds"], parts["mean_positive"])
+        seed = _seed_of(task.seed, task.shard, chunk)
+        part = _Pass()
+        if task.ratios:
+            part.predicted_by_round, part.cost_by_round = round_costs(env, policy, task.lam, None, seed)
+        else:
+            r = rollout(env, policy, task.lam, seed=seed)
+            part = _Pass(r.revenue, r.cost, Spread.of(r.revenue_by_user), Spread.of(r.cost_by_user))
+        out.add(part)
+    return out
+
+
+def calibrate_shards(
+    store: ModelStore,
+    windows: str | os.PathLike[str],
+    budget: float,
+    *,
+    version: str | None = None,
+    users: int | None = None,
+    sample: int | None = None,
+    fit_rows: int = FIT_ROWS,
+    method: str = "monotone",
+    workers: int = 1,
+    seed: int = 0,
+    progress: Callable[[str, Evaluation], None] | None = None,
+    log: Callable[[str], None] | None = None,
+    command: str = "calibrate_shards",
+) -> dict[str, Any]:
+    """`saco calibrate --windows DIR`: as `calibrate_artifact` (without a ledger), the environment and the
+    simulated users read from the window shards of offline/windows.py, as a map over shards in `workers`
+    processes and a reduce.
+
+    `budget` is for `users` users drawn like the windows' users (default: all of them). `sample` users are
+    simulated (default: `users`; drawn without replacement where they are no more than the windows' users,
+    spread over the shards by their user counts) and their spend and revenue scaled to `users`; the result
+    states the sample's size and the standard error of the scaled spend and revenue at the lambda found
+    (0 when every user is simulated). The response model is fitted on a seeded sample of about `fit_rows`
+    rows. The same windows, options and seed give the same lambda bit for bit, whatever `workers`."""
+    import concurrent.futures
+    import multiprocessing
+    import pickle
+    import tempfile
+
+    from model_store import LambdaPoint
+    from offline.env import LogEnvironment
+    from offline.windows import read_manifest
+
+    say = log or (lambda _msg: None)
+    if workers < 1:
+        raise ValueError(f"workers must be >= 1, got {workers}")
+    if fit_rows < 1:
+        raise ValueError(f"fit_rows must be >= 1, got {fit_rows}")
+    directory = Path(windows)
+    if not (directory / "manifest.json").exists():
+        raise ValueError(f"{directory} holds no manifest.json: build the windows with `saco windows` first")
+    manifest = read_manifest(directory)
+    artifact = store.load(version)
+    m = artifact.manifest
+    if len(manifest["feature_names"]) != m.feature_dim:
+        raise ValueError(
+            f"windows have {len(manifest['feature_names'])} features, model {artifact.version} expects {m.feature_dim}"
+        )
+    shard_users = [int(f["users"]) for f in manifest["files"]]
+    logged_users, logged_rows = sum(shard_users), int(manifest["rows"])
+    n_users = users or logged_users
+    simulated = sample or n_users
+    if simulated < 1 or n_users < 1:
+        raise ValueError("users and sample must be >= 1")
+    replace = simulated > logged_users
+    fit_users = min(logged_users, math.ceil(logged_users * min(1.0, fit_rows / max(logged_rows, 1))))
+    per_shard = _apportion(simulated, shard_users)
+    fit_per_shard = _apportion(fit_users, shard_users)
+    scale = n_users / simulated
+    policy = _Policy(str(artifact.model_path), m.context_length, m.initial_rtg, m.initial_ctg, m.feature_dim)
+    context = multiprocessing.get_context("spawn")
+    with (
+        tempfile.TemporaryDirectory(prefix="saco-calibrate-") as scratch,
+        concurrent.futures.ProcessPoolExecutor(
+            workers, mp_context=context, initializer=_worker_start, initargs=(1,)
+        ) as pool,
+    ):
+        tasks = [
+            _ShardTask(
+                k,
+                str(directory / f["file"]),
+                per_shard[k],
+                fit_per_shard[k],
+                replace,
+                seed,
+                f"{scratch}/replay-{k}.npz",
+            )
+            for k, f in enumerate(manifest["files"])
+        ]
+        say(
+            f"reading {len(tasks)} shards ({logged_rows} rows, {logged_users} users) in {workers} worker(s): "
+            f"{simulated} users to simulate, {fit_users} users' rows for the response model"
+        )
+        prepared = list(pool.map(_prepare_shard, tasks))
+        fit_parts = [p.fit_logs for p in prepared if p.fit_logs is not None and p.fit_logs.n_rows]
+        fit_logs = _concatenate_logs(fit_parts)
+        num_actions = max(max(p.max_action for p in prepared) + 1, 2)
+        env = LogEnvironment.fit(fit_logs, seed=seed, log=say, num_actions=num_actions)
+        rounds = int(min(max(p.max_length for p in prepared), 64))
+        parts = {
+            "response": env.response,
+            "relative_face": env.relative_face,
+            "rounds": rounds,
+            "mean_positive": env.mean_positive_reward,
+        }
+        environment = f"{scratch}/environment.pkl"
+        with open(environment, "wb") as fh:
+            pickle.dump(parts, fh)
+        del fit_parts, fit_logs, prepared
+        passes: dict[float, _Pass] = {}
+
+        def run(lam: float, ratios: bool = False) -> _Pass:
+            shard_tasks = [_PassTask(t.shard, t.replay, lam, seed, environment, policy, ratios) for t in tasks]
+            total = _Pass()
+            for part in pool.map(_simulate_shard, shard_tasks):  # reduced in shard order
+                total.add(part)
+            return total
+
+        def simulate_free(lam: float) -> tuple[float, float]:
+            passes[lam] = run(lam)
+            return passes[lam].revenue * scale, passes[lam].cost * scale
+
+        def told(phase: str) -> Callable[[Evaluation], None] | None:
+            return None if progress is None else (lambda ev: progress(phase, ev))
+
+        say(f"simulating {simulated} users x {rounds} rounds per pass, for {n_users} users; searching lambda")
+        search = search_slsqp if method == "slsqp" else search_monotone
+        try:
+            result = search(simulate_free, budget, progress=told("no ledger"))
+        except BudgetUnreachable as exc:
+            raise RuntimeError(exc.advice(f"model {artifact.version}")) from exc
+        grid = sorted({0.0, *(result.lam * f for f in (0.25, 0.5, 1.0, 2.0, 4.0) if result.lam > 0)})
+        points = {e.lam: e for e in result.history}
+        missing = [lam for lam in grid if lam not in points]
+        say(f"spend-vs-lambda table: {len(missing)} more passes")
+        for lam in missing:
+            points[lam] = spend_table(simulate_free, [lam])[0]
+            if progress is not None:
+                progress("table", points[lam])
+        table = [LambdaPoint(lam, points[lam].cost / n_users, points[lam].revenue / n_users) for lam in grid]
+        ratios: list[float] = []
+        if m.score_terms:
+            say(f"expected-cost ratios per decision index at lambda {result.lam:.4g}: one more pass")
+            by_round = run(result.lam, ratios=True)
+            assert by_round.predicted_by_round is not None and by_round.cost_by_round is not None
+            ratios = cost_ratios(by_round.predicted_by_round, by_round.cost_by_round)
+            say(f"expected-cost ratios: {', '.join(f'{r:.3f}' for r in ratios)}")
+    chosen = passes[result.lam]
+    errors = {
+        name: _standard_error(getattr(chosen, f"user_{name}"), n_users, simulated, logged_users, replace)
+        for name in ("cost", "revenue")
+    }
+    summary = {
+        "reservation": "none",
+        "budget": budget,
+        "lambda": result.lam,
+        "predicted_spend": result.cost,
+        "predicted_revenue": result.revenue,
+        "users": n_users,
+        "sample_users": simulated,
+        "spend_standard_error": errors["cost"],
+        "revenue_standard_error": errors["revenue"],
+        "fit_rows": env.logs.n_rows,
+        "windows": str(directory),
+        "seed": seed,
+        "cost_ratios": ratios,
+    }
+    calibration = _record(store, artifact.version, command, result, table, {**summary, "env_fit": env.fit_metrics})
+    return {
+        **result.to_json(),
+        "reservation": "none",
+        "users": n_users,
+        "sample_users": simulated,
+        "spend_standard_error": errors["cost"],
+        "revenue_standard_error": errors["revenue"],
+        "fit_rows": env.logs.n_rows,
+        "workers": workers,
+        "seed": seed,
+        "version": artifact.version,
+        "calibration": calibration,
+    }
+
+
+def _standard_error(spread: Spread | None, n_users: int, simulated: int, logged_users: int, replace: bool) -> float:
+    """Standard error of `n_users` x the sample's mean per user: the sample's spread, less the finite
+    population's correction where the sample is drawn without replacement (0 when it is every user)."""
+    if spread is None or spread.n < 2:
+        return 0.0
+    sd = math.sqrt(spread.m2 / (spread.n - 1))
+    fpc = 1.0 if replace or logged_users < 2 else math.sqrt(max(logged_users - simulated, 0) / (logged_users - 1))
+    return float(n_users * sd / math.sqrt(simulated) * fpc)
+
+
+def _concatenate_logs(parts: list[Logs]) -> Logs:
+    """Logs of several groups of users, one after the other (users re-indexed in order)."""
+    from offline.logs import Logs
+
+    if not parts:
+        raise ValueError("the windows hold no rows")
+    offsets = np.cumsum([0] + [p.n_users for p in parts])
+    return Logs(
+        user=np.concatenate([p.user + offset for p, offset in zip(parts, offsets[:-1], strict=True)]),
+        user_ids=np.concatenate([p.user_ids for p in parts]),
+        t=np.concatenate([p.t for p in parts]),
+        action=np.concatenate([p.action for p in parts]),
+        cost=np.concatenate([p.cost for p in parts]),
+        reward=np.concatenate([p.reward for p in parts]),
+        features=np.concatenate([p.features for p in parts]),
+        feature_names=parts[0].feature_names,
+        sha256="",
+    )

@@ -7,10 +7,12 @@ downstream ever sees a partly valid log.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import re
 import tempfile
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -65,10 +67,13 @@ class Logs:
 
     def subset_users(self, users: np.ndarray) -> Logs:
         """Logs of the given dense user indices (re-indexed 0..len-1, in the given order)."""
+        users = np.asarray(users, dtype=np.int64)
         starts = self.user_slices()
-        parts = [np.arange(starts[u], starts[u + 1]) for u in users]
-        rows = np.concatenate(parts).astype(np.int64) if parts else np.zeros(0, dtype=np.int64)
-        new_index = np.repeat(np.arange(len(users)), [starts[u + 1] - starts[u] for u in users])
+        lengths = starts[users + 1] - starts[users]
+        new_index = np.repeat(np.arange(len(users)), lengths)
+        # each user's rows in order: its start plus the row's place among the user's rows
+        first_of_user = np.cumsum(lengths) - lengths
+        rows = starts[users][new_index] + np.arange(len(new_index)) - first_of_user[new_index]
         return Logs(
             user=new_index.astype(np.int64),
             user_ids=self.user_ids[users],
@@ -257,8 +262,20 @@ def logs_table(
     return pa.table(data)
 
 
+ROW_GROUP_ROWS = 65_536  # rows per Parquet row group: what a streaming reader holds of a file at a time
+
+
 def write_logs(table: pa.Table, path: str | os.PathLike[str]) -> Path:
     """Write Parquet or CSV by the extension of `path`, atomically (temp file + rename)."""
+    with log_writer(path) as write:
+        write(table)
+    return Path(path)
+
+
+@contextlib.contextmanager
+def log_writer(path: str | os.PathLike[str]) -> Iterator[Callable[[pa.Table], None]]:
+    """A log written a table at a time (Parquet in row groups of `ROW_GROUP_ROWS`, or CSV by the extension of
+    `path`), to a temporary file renamed to `path` when the block ends without an error."""
     path = Path(path)
     suffix = path.suffix.lower()
     if suffix not in (".parquet", ".pq", ".csv"):
@@ -267,15 +284,24 @@ def write_logs(table: pa.Table, path: str | os.PathLike[str]) -> Path:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     os.close(fd)
     try:
-        if suffix == ".csv":
-            # pyarrow quotes header names; write a plain header line (our column names never need quotes)
-            with open(tmp, "wb") as fh:
-                fh.write((",".join(table.column_names) + "\n").encode())
-                pacsv.write_csv(table, fh, pacsv.WriteOptions(include_header=False, quoting_style="needed"))
-        else:
-            pq.write_table(table, tmp)
+        with contextlib.ExitStack() as stack:
+            parquet: list[pq.ParquetWriter] = []
+            fh = stack.enter_context(open(tmp, "wb")) if suffix == ".csv" else None
+
+            def write(table: pa.Table) -> None:
+                if fh is not None:
+                    if not fh.tell():  # a plain header line (pyarrow quotes names; ours never need quotes)
+                        fh.write((",".join(table.column_names) + "\n").encode())
+                    pacsv.write_csv(table, fh, pacsv.WriteOptions(include_header=False, quoting_style="needed"))
+                    return
+                if not parquet:
+                    parquet.append(stack.enter_context(pq.ParquetWriter(tmp, table.schema)))
+                parquet[0].write_table(table, row_group_size=ROW_GROUP_ROWS)
+
+            yield write
+            if fh is None and not parquet:  # no table written: an empty file is no Parquet file
+                raise ValueError(f"no rows to write to {path}")
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-    return path

@@ -131,6 +131,8 @@ class RolloutResult:
     sampled_revenue: float = 0.0  # sum of the sampled outcomes the policy observed
     sampled_cost: float = 0.0
     refused: int = 0  # decisions whose preferred coupon the ledger refused
+    revenue_by_user: np.ndarray = field(default_factory=lambda: np.zeros(0), repr=False)  # [users] over rounds
+    cost_by_user: np.ndarray = field(default_factory=lambda: np.zeros(0), repr=False)
 
     @property
     def roi(self) -> float:
@@ -153,6 +155,7 @@ def rollout(
     policy.begin(n)
     ledger = _Ledger(reservation, env.num_actions) if reservation is not None else None
     rev, cost = np.zeros(env.rounds), np.zeros(env.rounds)
+    rev_user, cost_user = np.zeros(n), np.zeros(n)
     sampled = np.zeros(2)
     counts = np.zeros(env.num_actions, dtype=np.int64)
     for t in range(env.rounds):
@@ -168,11 +171,24 @@ def rollout(
         if ledger is not None:
             ledger.settle(actions, response.cost)
         rev[t], cost[t] = response.expected_reward.sum(), response.expected_cost.sum()
+        rev_user += response.expected_reward
+        cost_user += response.expected_cost
         sampled += response.reward.sum(), response.cost.sum()
         counts += np.bincount(actions, minlength=env.num_actions)
     refused = ledger.refused if ledger is not None else 0
     return RolloutResult(
-        lam, float(rev.sum()), float(cost.sum()), n, counts, rev, cost, float(sampled[0]), float(sampled[1]), refused
+        lam,
+        float(rev.sum()),
+        float(cost.sum()),
+        n,
+        counts,
+        rev,
+        cost,
+        float(sampled[0]),
+        float(sampled[1]),
+        refused,
+        rev_user,
+        cost_user,
     )
 
 

@@ -18,13 +18,16 @@ logged steps in `t` order. What the model is conditioned on depends on the objec
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 
 from contract.inputs import NAMES, History, ModelInputs, assemble, history_inputs
 from contract.money import rounded_cents
 from offline.logs import Logs
+
+if TYPE_CHECKING:
+    import torch
 
 
 @dataclass(frozen=True)
@@ -203,6 +206,8 @@ def make_batch(
 
 
 def _batch(inputs: ModelInputs, taken: np.ndarray, loss_mask: np.ndarray, value_targets: np.ndarray) -> Batch:
+    import torch  # here: the window builders (offline/windows.py, in Spark's Python workers too) need no torch
+
     return Batch(
         inputs=tuple(torch.from_numpy(np.ascontiguousarray(a)) for a in inputs.arrays()),
         taken=torch.from_numpy(taken),

@@ -31,10 +31,11 @@ app.add_typer(models_app, name="models")
 
 F = TypeVar("F", bound=Callable[..., Any])
 
-LOG_SUFFIXES = (".parquet", ".pq", ".csv")  # the formats `offline.logs.write_logs` writes
+LOG_SUFFIXES = (".parquet", ".pq", ".csv")  # the formats `offline.logs.log_writer` writes
 INSTALL_HINT = (
     "install the dependency group the command needs: saco[serve] (serve), saco[train] (simulate, train, "
-    "calibrate, export, retrain, serve --bootstrap), saco[research] (evaluate, report)"
+    "calibrate, export, retrain, serve --bootstrap), saco[research] (evaluate, report), saco[spark] "
+    "(windows --engine spark)"
 )
 
 
@@ -94,19 +95,22 @@ def simulate(
     ] = True,
 ) -> None:
     """Logs of the built-in sequential synthetic world under a random behaviour policy."""
-    if out.suffix.lower() not in LOG_SUFFIXES:  # refused before any work, like write_logs would after it
+    if out.suffix.lower() not in LOG_SUFFIXES:  # refused before any work, like log_writer would
         raise ValueError(f"unsupported output {out.name!r}: use .parquet or .csv")
-    from offline.logs import write_logs
-    from research.simulate import simulate_logs
+    from offline.logs import log_writer
+    from research.simulate import blocks, simulate_blocks
     from research.world import WorldConfig
 
     config = WorldConfig(users=users, rounds=rounds, seed=seed)
     if not effects:
         config = config.myopic()
-    with _progress("simulate", rounds, "round") as bar:
-        table = simulate_logs(config, behaviour_bias, progress=bar.update)
-    path = write_logs(table, out)
-    _emit({"rows": table.num_rows, "path": str(path)})
+    rows = 0
+    # a block of users at a time, each written as it is simulated: memory is bounded by a block
+    with _progress("simulate", rounds * blocks(config), "round") as bar, log_writer(out) as write:
+        for table in simulate_blocks(config, behaviour_bias, progress=bar.update):
+            write(table)
+            rows += table.num_rows
+    _emit({"rows": rows, "path": str(out)})
 
 
 @app.command()
@@ -279,14 +283,35 @@ def windows(
     shards: Annotated[int, typer.Option(min=1, help="number of user shards")] = 16,
     context_length: Annotated[int | None, typer.Option(min=1, help="steps per window (as saco train)")] = None,
     memory_limit: Annotated[str, typer.Option(help="DuckDB's memory limit; beyond it, it spills to disk")] = "1GB",
-    temp_dir: Annotated[Path | None, typer.Option(help="where DuckDB spills (default: OUT/.spill)")] = None,
+    temp_dir: Annotated[Path | None, typer.Option(help="where the engine spills (default: OUT/.spill)")] = None,
+    engine: Annotated[
+        str, typer.Option(help="duckdb (default: this machine, out of core) | spark (a cluster or local mode)")
+    ] = "duckdb",
+    spark_master: Annotated[
+        str | None, typer.Option(help="--engine spark: the master URL (default: local[*]), e.g. spark://host:7077")
+    ] = None,
+    spark_conf: Annotated[
+        list[str] | None, typer.Option(help="--engine spark: a Spark setting KEY=VALUE (repeat for several)")
+    ] = None,
 ) -> None:
-    """User-sharded training windows of logs of any size, built out of core."""
+    """User-sharded training windows of logs of any size, built out of core (DuckDB) or on Spark."""
     from offline.train import TrainConfig
-    from offline.windows import build_windows
+    from offline.windows import ENGINES, build_windows
 
+    if engine not in ENGINES:
+        raise ValueError(f"--engine must be one of {', '.join(ENGINES)}, got {engine!r}")
+    if engine != "spark" and (spark_master is not None or spark_conf):
+        raise ValueError("--spark-master and --spark-conf are for --engine spark")
+    settings: dict[str, str] = {}
+    for item in spark_conf or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"--spark-conf takes KEY=VALUE, got {item!r}")
+        settings[key.strip()] = value
     length = context_length or TrainConfig().context_length
-    manifest = build_windows(logs, out, length, shards, memory_limit, temp_dir)
+    manifest = build_windows(
+        logs, out, length, shards, memory_limit, temp_dir, engine=engine, spark_master=spark_master, spark_conf=settings
+    )
     keys = ("rows", "users", "windows", "shards")
     _emit({**{k: manifest[k] for k in keys}, "path": str(out)})
 
@@ -440,8 +465,8 @@ app.command("scheduler", hidden=True)(learning_loop)
 @_errors_as_one_line
 def calibrate(
     store: Annotated[Path, typer.Option(help="model store directory")],
-    logs: Annotated[Path, typer.Option(help="logs the offline environment is learned from")],
     budget: Annotated[float, typer.Option(help="total budget B over the simulated users")],
+    logs: Annotated[Path | None, typer.Option(help="logs the offline environment is learned from")] = None,
     users: Annotated[int | None, typer.Option(min=1, help="users to simulate (default: the logs' users)")] = None,
     version: Annotated[str | None, typer.Option(help="model version (default: current)")] = None,
     method: Annotated[str, typer.Option(help="monotone (default) | slsqp (the paper's Algorithm 2)")] = "monotone",
@@ -459,31 +484,48 @@ def calibrate(
         typer.Option(envvar="SACO_REDIS_URL", help="announce the calibration to the replicas on this Redis"),
     ] = None,
     prefix: Prefix = "saco:",
+    windows: Annotated[
+        Path | None,
+        typer.Option(help="instead of --logs: the window shards of `saco windows`, read as a map over shards"),
+    ] = None,
+    sample: Annotated[
+        int | None,
+        typer.Option(min=1, help="--windows: users simulated for the --users the budget is for (default: all)"),
+    ] = None,
+    fit_rows: Annotated[
+        int | None,
+        typer.Option(min=1, help="--windows: rows of the seeded sample the response model is fitted on (100,000)"),
+    ] = None,
+    workers: Annotated[int, typer.Option(min=1, help="--windows: processes the shards are mapped over")] = 1,
 ) -> None:
     """Find lambda so that the policy spends close to, and not above, budget B; record it as the version's
     active calibration (the version's files stay as they are). With a Redis URL, replicas serving the
-    version are told to load it."""
+    version are told to load it. With --windows instead of --logs, the environment and the users come
+    from window shards, each step a map over shards (the same lambda whatever --workers)."""
     started = time.time()
 
     def say(message: str) -> None:
         print(f"[{time.time() - started:5.1f}s] {message}", file=sys.stderr, flush=True)
 
     from model_store import ModelStore
-    from offline.calibrate import calibrate_artifact
+    from offline.calibrate import FIT_ROWS, calibrate_artifact, calibrate_shards
     from offline.logs import load_logs
 
     if method not in ("monotone", "slsqp"):
         raise ValueError("--method must be monotone or slsqp")
     if budget <= 0:
         raise ValueError("--budget must be > 0")
+    if (logs is None) == (windows is None):
+        raise ValueError("give the logs (--logs PATH) or their window shards (--windows DIR), one of the two")
+    if windows is None and (sample is not None or workers != 1 or fit_rows is not None):
+        raise ValueError("--sample, --fit-rows and --workers are for --windows")
+    if windows is not None and reservation != "none":
+        raise ValueError(
+            "--reservation strict simulates one ledger over every user in one process: calibrate from --logs"
+        )
     # progress starts once the inputs are valid: an error stays the only line on stderr
     model_store = ModelStore(store)
     artifact = model_store.load(version)  # a missing or corrupt model fails before the logs are read
-    data = load_logs(logs)
-    say(
-        f"loaded model {artifact.version} and the logs: {data.n_rows} rows, {data.n_users} users, "
-        f"{data.num_actions} actions"
-    )
     passes = 0
 
     def tick(phase: str, ev: Any) -> None:
@@ -494,26 +536,43 @@ def calibrate(
             f"(BARate {ev.cost / budget:.4f}), revenue {ev.revenue:,.2f}"
         )
 
-    result = calibrate_artifact(
-        model_store,
-        data,
-        budget,
-        version=version,
-        users=users,
-        method=method,
-        reservation=reservation,
-        request_size=request_size,
-        seed=seed,
-        progress=tick,
-        log=say,
-        command=shlex.join(["saco", *sys.argv[1:]]),
-    )
+    common: dict[str, Any] = {
+        "version": version,
+        "users": users,
+        "method": method,
+        "seed": seed,
+        "progress": tick,
+        "log": say,
+        "command": shlex.join(["saco", *sys.argv[1:]]),
+    }
+    if windows is not None:
+        sharded: dict[str, Any] = {"sample": sample, "fit_rows": fit_rows or FIT_ROWS, "workers": workers}
+        result = calibrate_shards(model_store, windows, budget, **common, **sharded)
+    else:
+        assert logs is not None  # one of the two is given
+        data = load_logs(logs)
+        say(
+            f"loaded model {artifact.version} and the logs: {data.n_rows} rows, {data.n_users} users, "
+            f"{data.num_actions} actions"
+        )
+        ledger: dict[str, Any] = {"reservation": reservation, "request_size": request_size}
+        result = calibrate_artifact(model_store, data, budget, **common, **ledger)
+    _calibrated(result, budget, redis_url, prefix, model_store, say)
+
+
+def _calibrated(
+    result: dict[str, Any], budget: float, redis_url: str | None, prefix: str, store: Any, say: Callable[[str], None]
+) -> None:
+    """`saco calibrate`'s last lines: the lambda found, the announcement (with a Redis URL), the JSON line."""
+    spread = ""
+    if result.get("spend_standard_error"):
+        spread = f" (standard error {result['spend_standard_error']:,.2f} from {result['sample_users']} users)"
     say(
-        f"lambda {result['lambda']:.6g}, predicted spend {result['cost']:,.2f} of {budget:,.2f}: "
+        f"lambda {result['lambda']:.6g}, predicted spend {result['cost']:,.2f}{spread} of {budget:,.2f}: "
         f"calibration {result['calibration']} of {result['version']}"
     )
     if redis_url is not None:
-        result["announced_to"] = _announce_calibration(redis_url, prefix, model_store, result["version"], say)
+        result["announced_to"] = _announce_calibration(redis_url, prefix, store, result["version"], say)
     _emit(result)
 
 

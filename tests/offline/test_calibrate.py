@@ -13,6 +13,7 @@ from model_store import ModelStore, load_scripted
 from offline.calibrate import (
     COST_RATIO_BOUNDS,
     BudgetUnreachable,
+    calibrate_shards,
     expected_cost_ratios,
     search_monotone,
     search_reserved,
@@ -24,6 +25,7 @@ from offline.logs import Logs, load_logs, write_logs
 from offline.response import OutcomeModel, ResponseConfig
 from offline.rollout import SequencePolicy
 from offline.train import TrainResult
+from offline.windows import build_windows
 from research.simulate import simulate_logs
 from research.world import WorldConfig
 
@@ -216,3 +218,58 @@ def test_cost_ratios_undo_a_policy_s_bias_in_its_expected_costs(
     assert inside.any(), plain
     np.testing.assert_allclose(biased[inside], plain[inside] / 2, rtol=1e-4)
     assert expected_cost_ratios(tiny_env, policy(1.0), lam, 500, seed=3) == plain.tolist()  # seeded
+
+
+@pytest.fixture(scope="module")
+def tiny_windows(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    directory = tmp_path_factory.mktemp("windows")
+    logs = write_logs(simulate_logs(WorldConfig(users=300, rounds=5, seed=0)), directory / "logs.parquet")
+    build_windows(logs, directory / "w", context_length=4, shards=4, threads=1)
+    return directory / "w"
+
+
+def test_calibration_over_shards_gives_the_same_lambda_on_one_process_or_many(
+    tmp_path: Path, tiny_logs: Logs, tiny_model: TrainResult, tiny_windows: Path
+):
+    store = tmp_path / "store"
+    export_and_publish(tiny_model, tiny_logs, ModelStore(store))
+    budget = round(0.75 * float(tiny_logs.cost.sum()), 2)  # above the tiny model's spend floor
+    one = calibrate_shards(ModelStore(store), tiny_windows, budget, fit_rows=600, workers=1)
+    cli = run_saco(
+        "calibrate", "--store", str(store), "--windows", str(tiny_windows), "--budget", str(budget),
+        "--fit-rows", "600", "--workers", "2",
+    )  # fmt: skip
+    two = json.loads(cli.stdout.strip().splitlines()[-1])
+    assert (two["lambda"], two["cost"], two["revenue"]) == (one["lambda"], one["cost"], one["revenue"])
+    assert (one["workers"], two["workers"]) == (1, 2) and one["sample_users"] == one["users"] == 300
+    assert 0.98 * budget <= one["cost"] <= budget and one["spend_standard_error"] == 0.0  # every user simulated
+    assert 550 <= one["fit_rows"] <= 650  # a sample of users: about the rows asked for
+    artifact = ModelStore(store).load()
+    assert artifact.calibration is not None and artifact.calibration.id == two["calibration"]
+    assert artifact.calibration.details["sample_users"] == 300 and len(artifact.manifest.cost_ratios) == 5
+    assert "reading 4 shards (1500 rows, 300 users) in 2 worker(s)" in cli.stderr
+
+
+def test_calibration_over_a_sample_of_users_states_its_sampling_error(
+    tmp_path: Path, tiny_logs: Logs, tiny_model: TrainResult, tiny_windows: Path
+):
+    store = ModelStore(tmp_path / "store")
+    export_and_publish(tiny_model, tiny_logs, store)
+    budget = round(0.75 * float(tiny_logs.cost.sum()), 2)
+    # a budget for 3,000 users, simulated with 100 of the 300
+    result = calibrate_shards(store, tiny_windows, 10 * budget, users=3000, sample=100, fit_rows=600, seed=1)
+    assert (result["users"], result["sample_users"]) == (3000, 100)
+    assert 0 < result["spend_standard_error"] < 0.5 * result["cost"] and result["revenue_standard_error"] > 0
+    assert 0.98 * 10 * budget <= result["cost"] <= 10 * budget  # the scaled spend meets the budget
+    record = store.load().calibration
+    assert record is not None and record.users == 3000
+    assert record.details["spend_standard_error"] == result["spend_standard_error"]
+
+
+def test_calibration_over_shards_refuses_the_strict_ledger(tmp_path: Path, tiny_windows: Path):
+    proc = subprocess.run(
+        [sys.executable, "-m", "saco", "calibrate", "--store", str(tmp_path), "--windows", str(tiny_windows),
+         "--budget", "10", "--reservation", "strict"],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert proc.returncode != 0 and proc.stderr.startswith("error: --reservation strict simulates one ledger")

@@ -1,5 +1,11 @@
 import json
+import os
+import shutil
+import sys
+import warnings
+from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow as pa
@@ -11,6 +17,9 @@ from offline.trajectories import build_trajectories, window_steps
 from offline.windows import build_windows, load_shard, read_manifest, shard_of
 from research.simulate import simulate_logs
 from research.world import WorldConfig
+
+if TYPE_CHECKING:
+    from pyspark.sql import SparkSession
 
 CONTEXT = 4
 SHARDS = 5
@@ -37,7 +46,7 @@ def log_directory(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return write_log_directory(table.filter(pa.array(keep)), tmp_path_factory.mktemp("logs") / "logs")
 
 
-def build(log_directory: Path, out: Path, memory_limit: str = "64MB") -> dict[str, object]:
+def build(log_directory: Path, out: Path, memory_limit: str = "64MB") -> dict[str, Any]:
     # small batches: the rows reach the history rule in many groups of users
     return build_windows(
         log_directory,
@@ -157,3 +166,78 @@ def test_a_log_larger_than_the_memory_limit_spills_and_gives_the_same_windows(tm
     in_memory = build_windows(logs, tmp_path / "large", CONTEXT, SHARDS, "4GB", tmp_path / "spill", 50_000, threads=1)
     assert spilled["spilled_bytes"] > 0 and in_memory["spilled_bytes"] == 0
     assert spilled["files"] == in_memory["files"]  # the same shard files, byte for byte
+
+
+# ---- the Spark engine: Spark's local mode, one session for the module ------------------------------------
+
+
+@pytest.fixture(scope="module")
+def spark(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SparkSession]:
+    if shutil.which("java") is None:
+        pytest.skip("Spark's local mode needs a Java runtime (17+) on PATH")
+    from pyspark.sql import SparkSession
+
+    warnings.filterwarnings("ignore", category=FutureWarning, module="pyspark")  # its pandas version notice
+    os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
+    session = (
+        SparkSession.builder.master("local[2]")
+        .appName("saco tests")
+        .config("spark.ui.enabled", "false")
+        .config("spark.ui.showConsoleProgress", "false")
+        .config("spark.sql.shuffle.partitions", "4")
+        .config("spark.local.dir", str(tmp_path_factory.mktemp("spark")))
+        .getOrCreate()
+    )
+    session.sparkContext.setLogLevel("ERROR")
+    yield session
+    session.stop()
+
+
+def build_on_spark(spark: SparkSession, logs: Path, out: Path) -> dict[str, Any]:
+    return build_windows(logs, out, CONTEXT, shards=SHARDS, batch_rows=97, engine="spark", spark=spark)
+
+
+def test_spark_writes_the_windows_the_out_of_core_path_writes(
+    log_directory: Path, tmp_path: Path, spark: SparkSession
+) -> None:
+    duckdb_manifest = build(log_directory, tmp_path / "duckdb")
+    spark_manifest = build_on_spark(spark, log_directory, tmp_path / "spark")
+    assert (duckdb_manifest["engine"], spark_manifest["engine"]) == ("duckdb", "spark")
+    different = {k for k in duckdb_manifest if duckdb_manifest[k] != spark_manifest[k]}
+    assert different == {"engine", "spilled_bytes"}  # the targets and scales too, to the bit
+    for entry in duckdb_manifest["files"]:  # the same users in the same shard, the same arrays, byte for byte
+        mine, theirs = tmp_path / "spark" / entry["file"], tmp_path / "duckdb" / entry["file"]
+        assert mine.read_bytes() == theirs.read_bytes(), entry["file"]
+    assert sum(1 for f in spark_manifest["files"] if f["users"]) > 1
+
+
+def test_spark_names_the_first_bad_row_whichever_task_fails_first(
+    log_directory: Path, tmp_path: Path, spark: SparkSession
+) -> None:
+    table = pq.ParquetDataset(log_directory).read()
+    cost, reward = table.column("cost").to_numpy().copy(), table.column("reward").to_numpy().copy()
+    cost[1000], reward[300] = -1.0, float("nan")  # in different files: two tasks refuse a row
+    table = table.set_column(table.column_names.index("cost"), "cost", pa.array(cost))
+    table = table.set_column(table.column_names.index("reward"), "reward", pa.array(reward))
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    for i, start in enumerate(range(0, table.num_rows, 400)):
+        pq.write_table(table.slice(start, 400), bad / f"part-{i}.parquet")
+    with pytest.raises(LogValidationError) as out_of_core:
+        build(bad, tmp_path / "w")
+    with pytest.raises(LogValidationError) as on_spark:
+        build_on_spark(spark, bad, tmp_path / "s")
+    assert str(on_spark.value) == str(out_of_core.value)
+    assert str(on_spark.value).startswith("column 'reward' has a missing or non-finite value (nan) at row 301")
+
+
+def test_spark_names_a_repeated_step(log_directory: Path, tmp_path: Path, spark: SparkSession) -> None:
+    table = pq.ParquetDataset(log_directory).read()
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    pq.write_table(pa.concat_tables([table, table.slice(10, 1)]), bad / "part-0.parquet")
+    with pytest.raises(LogValidationError) as out_of_core:
+        build(bad, tmp_path / "w")
+    with pytest.raises(LogValidationError) as on_spark:
+        build_on_spark(spark, bad, tmp_path / "s")
+    assert str(on_spark.value) == str(out_of_core.value)

@@ -126,6 +126,9 @@ def test_windows_shards_a_parquet_log_and_names_a_bad_row(tmp_path: Path) -> Non
     refused = saco("windows", "--logs", str(tmp_path / "bad.parquet"), "--out", str(tmp_path / "b"), check=False)
     assert refused.returncode != 0
     assert refused.stderr.strip() == "error: column 'cost' must be >= 0; row 1 has -1.0"
+    engine = saco("windows", "--logs", str(logs), "--out", str(tmp_path / "e"), "--engine", "hive", check=False)
+    assert engine.returncode != 0
+    assert engine.stderr.strip() == "error: --engine must be one of duckdb, spark, got 'hive'"
 
 
 def test_train_takes_window_shards_and_refuses_what_does_not_fit_them(tmp_path: Path) -> None:
