@@ -195,9 +195,9 @@ def test_the_streamed_model_is_as_good_as_the_in_memory_one_and_the_service_serv
     memory_run = _json(memory)
     stream_run = _json(_saco_train("--windows", str(data / "windows"), "--store", str(tmp_path / "s"), "--epochs", "6"))
     assert stream_run["epochs_run"] == memory_run["epochs_run"] == 6
-    # quality: value per user in the world the logs came from (fresh users), and the held-out losses
+    # quality: value per user on fresh users of the world the logs came from (the held-out losses are over
+    # different held-out users, each path drawing its own)
     assert world_value(tmp_path / "s") == pytest.approx(world_value(tmp_path / "m"), rel=0.03)
-    assert float(stream_run["val_loss"]) == pytest.approx(float(memory_run["val_loss"]), rel=0.05)  # type: ignore[arg-type]
 
     artifact = ModelStore(tmp_path / "s").load()
     assert artifact.version == stream_run["version"] and artifact.manifest.context_length == CONTEXT
