@@ -5,11 +5,15 @@ output, written through the store on a real Redis, against both.
 
 Fields (every value text but `features`; money in integer cents)::
 
-    decision  kind=decision, decision_id, user_id, action, cost (the coupon's cost), probability (of the
-              logged action), explored (0/1), holdout (0/1), lambda, model_version, at_ms,
-              features (float32 little-endian)
+    decision  kind=decision, decision_id, user_id, action, cost (the coupon's cost; a bundle's: the sum of
+              its coupons'), probability (of the logged action), explored (0/1), holdout (0/1), lambda,
+              model_version, at_ms, features (float32 little-endian); a catalog campaign's also coupons
+              (the bundle's coupon actions, ','-separated, '' for none) and coupon_costs (their costs, cents)
     outcome   kind=outcome, decision_id, user_id, action, reward, cost, at_ms (settled),
-              decided_at_ms
+              decided_at_ms; a catalog campaign's also coupons and coupon_costs (each coupon's realised cost)
+
+Decoded, every decision and outcome has `coupons` (actions) and `coupon_costs` (currency units): an entry
+without them is a campaign's without a catalog, one coupon (its action and cost) or none.
 """
 
 from __future__ import annotations
@@ -44,8 +48,10 @@ def decision_fields(
     lam: float,
     explored: bool = False,
     holdout: bool = False,
+    coupons: list[tuple[int, int]] | None = None,
 ) -> dict[str, str | bytes]:
-    """The fields of a `decision` entry, as the service writes them."""
+    """The fields of a `decision` entry, as the service writes them; `coupons` (coupon, cost cents) for a
+    catalog campaign's."""
     return {
         "kind": "decision",
         "decision_id": decision_id,
@@ -59,13 +65,29 @@ def decision_fields(
         "model_version": model_version,
         "at_ms": str(int(at_ms)),
         "features": np.ascontiguousarray(features, dtype="<f4").tobytes(),
+        **_coupon_fields(coupons),
     }
 
 
+def _coupon_fields(coupons: list[tuple[int, int]] | None) -> dict[str, str | bytes]:
+    if coupons is None:
+        return {}
+    return {"coupons": ",".join(str(a) for a, _ in coupons), "coupon_costs": ",".join(str(c) for _, c in coupons)}
+
+
 def outcome_fields(
-    *, decision_id: str, user_id: str, action: int, reward_cents: int, cost_cents: int, at_ms: int, decided_at_ms: int
+    *,
+    decision_id: str,
+    user_id: str,
+    action: int,
+    reward_cents: int,
+    cost_cents: int,
+    at_ms: int,
+    decided_at_ms: int,
+    coupons: list[tuple[int, int]] | None = None,
 ) -> dict[str, str | bytes]:
-    """The fields of an `outcome` entry, as the service writes them."""
+    """The fields of an `outcome` entry, as the service writes them; `coupons` (coupon, realised cents) for a
+    catalog campaign's."""
     return {
         "kind": "outcome",
         "decision_id": decision_id,
@@ -75,6 +97,7 @@ def outcome_fields(
         "cost": str(int(cost_cents)),
         "at_ms": str(int(at_ms)),
         "decided_at_ms": str(int(decided_at_ms)),
+        **_coupon_fields(coupons),
     }
 
 
@@ -114,6 +137,21 @@ def _flag(fields: Mapping[bytes, bytes], name: str, where: str) -> bool:
     return text == "1"
 
 
+def _coupons(fields: Mapping[bytes, bytes], where: str, action: int, cost: int) -> tuple[list[int], list[float]]:
+    """The entry's coupons and their costs (currency units); without the fields, its action alone (or none)."""
+    if b"coupons" not in fields:
+        return ([action], [cost / CENTS_PER_UNIT]) if action else ([], [])
+    actions, costs = _text(fields, "coupons", where), _text(fields, "coupon_costs", where)
+    try:
+        parsed = [int(a) for a in actions.split(",")] if actions else []
+        cents = [int(c) for c in costs.split(",")] if costs else []
+    except ValueError as exc:
+        raise LogEntryError(f"{where}: fields 'coupons' and 'coupon_costs' must be integers, ','-separated") from exc
+    if len(parsed) != len(cents):
+        raise LogEntryError(f"{where}: fields 'coupons' and 'coupon_costs' name {len(parsed)} and {len(cents)} coupons")
+    return parsed, [c / CENTS_PER_UNIT for c in cents]
+
+
 def decode_decision(
     campaign_id: str, entry_id: str, fields: Mapping[bytes, bytes]
 ) -> tuple[dict[str, object], np.ndarray]:
@@ -127,19 +165,23 @@ def decode_decision(
     if not np.isfinite(features).all():
         raise LogEntryError(f"{where}: field 'features' holds a non-finite value")
     at_ms = _int(fields, "at_ms", where)
+    action, cost = _int(fields, "action", where), _int(fields, "cost", where)
+    coupons, coupon_costs = _coupons(fields, where, action, cost)
     values: dict[str, object] = {
         "decision_id": _text(fields, "decision_id", where),
         "campaign_id": campaign_id,
         "user_id": _text(fields, "user_id", where),
         "t": at_ms,
-        "action": _int(fields, "action", where),
-        "cost": _int(fields, "cost", where) / CENTS_PER_UNIT,
+        "action": action,
+        "cost": cost / CENTS_PER_UNIT,
         "probability": _float(fields, "probability", where),
         "explored": _flag(fields, "explored", where),
         "holdout": _flag(fields, "holdout", where),
         "lambda": _float(fields, "lambda", where),
         "model_version": _text(fields, "model_version", where),
         "decided_at_ms": at_ms,
+        "coupons": coupons,
+        "coupon_costs": coupon_costs,
     }
     return values, features
 
@@ -147,14 +189,18 @@ def decode_decision(
 def decode_outcome(campaign_id: str, entry_id: str, fields: Mapping[bytes, bytes]) -> dict[str, object]:
     where = f"campaign {campaign_id!r} log entry {entry_id}"
     decided = _int(fields, "decided_at_ms", where)
+    action, cost = _int(fields, "action", where), _int(fields, "cost", where)
+    coupons, coupon_costs = _coupons(fields, where, action, cost)
     return {
         "decision_id": _text(fields, "decision_id", where),
         "campaign_id": campaign_id,
         "user_id": _text(fields, "user_id", where),
         "t": decided,
-        "action": _int(fields, "action", where),
+        "action": action,
         "reward": _int(fields, "reward", where) / CENTS_PER_UNIT,
-        "cost": _int(fields, "cost", where) / CENTS_PER_UNIT,
+        "cost": cost / CENTS_PER_UNIT,
         "decided_at_ms": decided,
         "outcome_at_ms": _int(fields, "at_ms", where),
+        "coupons": coupons,
+        "coupon_costs": coupon_costs,
     }
