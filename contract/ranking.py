@@ -26,22 +26,24 @@ def ranking(scores: np.ndarray, offered: list[int]) -> tuple[list[list[int]], li
 
 
 def bundle_scores(scores: np.ndarray, bundles: Sequence[Sequence[int]]) -> np.ndarray:
-    """[B, 1 + n] float64: column 0 no coupon (s_0), column j the (j-1)-th bundle, s_0 + the sum of its
-    coupons' gains over no coupon (module docstring). A bundle naming an action the scores lack scores -inf."""
-    k = scores.shape[1]
-    membership = np.zeros((k, len(bundles)), np.float64)
-    unknown = np.zeros(len(bundles), np.bool_)
+    """[B, 1 + n] in the scores' precision: column 0 no coupon (s_0), column j the (j-1)-th bundle, s_0 + the
+    sum of its coupons' gains over no coupon (module docstring; summed in doubles); a one-coupon bundle is
+    its coupon's score as it is, so that it ranks exactly as the coupon does. A bundle naming an action the
+    scores lack scores -inf."""
+    rows, k = scores.shape
+    out = np.full((rows, 1 + len(bundles)), -np.inf, np.result_type(scores.dtype, np.float32))
+    out[:, 0] = scores[:, 0]
+    several = [j for j, bundle in enumerate(bundles) if len(bundle) > 1 and all(0 < a < k for a in bundle)]
     for j, bundle in enumerate(bundles):
-        for a in bundle:
-            if 0 < a < k:
-                membership[a, j] = 1
-            else:
-                unknown[j] = True
-    base = scores[:, :1].astype(np.float64)
-    with np.errstate(invalid="ignore", over="ignore"):
-        gains = (scores - base) @ membership
-        out = np.concatenate([base, base + gains], axis=1)
-    out[:, 1:][:, unknown] = -np.inf
+        if len(bundle) == 1 and 0 < bundle[0] < k:
+            out[:, j + 1] = scores[:, bundle[0]]
+    if several:
+        membership = np.zeros((k, len(several)), np.float64)
+        for column, j in enumerate(several):
+            membership[list(bundles[j]), column] = 1
+        base = scores[:, :1].astype(np.float64)
+        with np.errstate(invalid="ignore", over="ignore"):
+            out[:, [j + 1 for j in several]] = base + (scores - base) @ membership
     return out
 
 

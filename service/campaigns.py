@@ -50,13 +50,15 @@ def incremental_revenue(campaign: CampaignState) -> float | None:
 
 def coupons_view(campaign: CampaignState) -> dict[str, Any]:
     """The view's coupons: {action, cost} each for a campaign without a catalog; with one, each coupon's
-    catalog fields and the units of its stock left, and the allowed bundles."""
+    catalog fields and the units of its stock left (below 0 only after an operator lowered the stock below
+    what is held or redeemed, or a coupon redeemed after its reservation expired took its unit again), and
+    the allowed bundles."""
     catalog = campaign.settings.catalog
     if catalog is None:
         return {"coupons": [{"action": a, "cost": from_cents(c)} for a, c in sorted(campaign.coupons.items())]}
     coupons = []
     for coupon in catalog.coupons:
-        left = None if coupon.stock is None else max(0, coupon.stock - campaign.stock_used.get(coupon.action, 0))
+        left = None if coupon.stock is None else coupon.stock - campaign.stock_used.get(coupon.action, 0)
         coupons.append({**coupon.public(), "stock_left": left})
     return {"coupons": coupons, **catalog.public()}
 

@@ -244,7 +244,10 @@ class CatalogCoupon(BaseModel):
     stock: int | None
     class_: str | None = Field(alias="class")
     cost: float = Field(description="the most the coupon costs: its amount, or its cap")
-    stock_left: int | None = Field(description="units of its stock neither held by a decision nor redeemed")
+    stock_left: int | None = Field(
+        description="units of its stock neither held by a decision nor redeemed (below 0: the stock was lowered "
+        "below them, or a coupon redeemed after its reservation expired took its unit again)"
+    )
 
 
 class BundleView(BaseModel):

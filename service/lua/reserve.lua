@@ -15,17 +15,28 @@
 --   expected   (optional) per item, the model's expected cost of each action for that user (cents, index =
 --              action + 1; an empty list: none): what an expected reservation starts from, and in either
 --              mode the prediction settlement compares the realised cost with
+--   bundles    (optional: a catalog request) the bundle keys ("1+3", contract/catalog.py) that the lists
+--              name by position (1-based; 0 no coupon); without it the lists name coupon actions
 -- Returns {'missing'} for an unknown campaign, {'conflict', item} (1-based, nothing written) when an item's
 --   request_id was used before, or earlier in the batch, by another user, else {remaining cents, then per
---   item: action, cost, flag,
+--   item: action, cost, flag (and for a catalog request its coupons: "coupon=cost" ','-separated),
 --   then the earlier record of each item with flag 0, in item order}.
---   flag 0 = earlier decision returned again (record = "id\taction\tcost\tversion\tlambda\tuser"),
---   1 = new, 2 = new and the preferred coupon did not fit.
+--   flag 0 = earlier decision returned again (record = "id\taction\tcost\tversion\tlambda\tuser"; a catalog
+--   request's action is "action;coupons"), 1 = new, 2 = new and the preferred offer did not fit.
+-- The coupon catalog (a campaign hash with `bundles`: {key: [action, coupon...]}, and `stock`: {coupon:
+--   units}, with `used:<coupon>` the units held or redeemed): a candidate is a bundle, granted whole or not
+--   at all: it fits when the sum of its coupons' reservations fits (strict: their costs, a percent coupon's
+--   being its cap) and each coupon with a stock has a unit left; granting takes one unit of each. A
+--   campaign without a catalog offers each coupon alone (a bundle of one). A request's keys name bundles
+--   by their coupons, so a catalog changed since the request was ranked never grants another bundle: a
+--   key the campaign no longer allows is skipped.
 -- A decision record (service/state/store.py, parse_decision_record): status (R reserved, S settled,
 --   X expired), reserved cents, the coupon's cost (cents), the variance of its realised cost, the predicted
 --   cost (cents: the model's expected cost, else the coupon's cost), action, probability, decided at ms,
 --   model version, lambda, reward and cost (empty until settled), byte length of the request id, request
---   id, user id; tab-separated.
+--   id, user id; tab-separated. A catalog campaign's action field is the action, ':', then per coupon
+--   "coupon,reserved,face,variance,predicted,took" (took: 1 when it took a unit of stock), ';'-separated,
+--   and its reserved, face, variance and predicted fields are the bundle's sums.
 -- Reservation modes (the campaign's reservation_mode):
 --   strict    a coupon fits when its cost fits budget - spent - outstanding, outstanding being the face value
 --             of every coupon without an outcome (`outstanding_face`: coupons reserved in expected mode
@@ -48,8 +59,8 @@
 --   draw], ...]}: the items of holdout users, and the items that explore with their uniform draw in [0, 1)
 --   (the caller draws, so that this script stays deterministic).
 --   Behaviour policy: a holdout user gets no coupon (probability 1); an exploring item takes the
---   candidate floor(draw * k) + 1 of the k candidates: "no coupon", then the campaign's coupons that fit,
---   by action; any other item takes the greedy first fit above. The logged probability of the action is
+--   candidate floor(draw * k) + 1 of the k candidates: "no coupon", then the campaign's offers (coupons, or a
+--   catalog's bundles) that fit, by action; any other item takes the greedy first fit above. The logged probability of the action is
 --   what the policy gave it with these candidates: rate / k, plus 1 - rate for the greedy action.
 local campaign, pending, records = KEYS[1], KEYS[2], KEYS[3]
 local items = cjson.decode(ARGV[7])

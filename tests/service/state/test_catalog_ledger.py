@@ -4,12 +4,16 @@ cent, expiry releases a bundle and returns its stock, exploration draws among th
 
 from __future__ import annotations
 
+import struct
+from pathlib import Path
 from typing import Any, cast
 
 import pytest
 from conftest import DAY_MS, Run
 
 from contract.catalog import Catalog
+from loop.data import joined_decisions, read_partitions
+from loop.logstream import export_logs
 from service.state import (
     CampaignUpdate,
     CostAboveReservation,
@@ -231,5 +235,55 @@ def test_a_campaign_changed_to_a_catalog_between_ranking_and_reservation(run: Ru
         assert legacy.actions == [2]  # 1 alone is not an allowed bundle any more
         result = await decide(store, [[ONE, 0], [TWO, 0]], catalog=moved)
         assert result.actions == [1_000_001, 2] and result.components == [[(1, 200), (2, 500)], [(2, 500)]]
+
+    run(scenario)
+
+
+def test_the_export_carries_the_bundle_and_its_coupons(run: Run, tmp_path: Path) -> None:
+    """`saco export`'s partitions: every decision and outcome with its coupons and their costs (a campaign
+    without a catalog's too); training reads a bundle of several coupons as its dearest coupon."""
+
+    async def scenario(store: StateStore) -> None:
+        row = struct.pack("<f", 0.5)
+        await store.upsert_campaign("c", put(100_000))
+        items = [ReserveItem(f"u{i}", None, p, row) for i, p in enumerate([[TWO_THREE, 0], [ONE, 0], [0]])]
+        bundle, single, nothing = (
+            await store.reserve(
+                "c",
+                ReserveBatch.of(items, bundles=[b.key for b in CATALOG.bundles]),
+                model_version="v1",
+                lam=0.25,
+                now_ms=NOW,
+                reservation_expiry_ms=DAY_MS,
+                decision_ttl_ms=DAY_MS,
+            )
+        ).decisions
+        await store.settle("c", [Outcome(bundle.decision_id, 30.0, 1000, [(3, 1000)])], now_ms=NOW + 1)
+        # a campaign without a catalog beside it
+        await store.upsert_campaign("plain", CampaignUpdate(replace=True, budget=10_000, coupons={2: 500}))
+        await store.reserve(
+            "plain",
+            [ReserveItem("p", None, [2, 0], row)],
+            model_version="v1",
+            lam=0.25,
+            now_ms=NOW,
+            reservation_expiry_ms=DAY_MS,
+            decision_ttl_ms=DAY_MS,
+        )
+        export_logs(store.url, tmp_path, prefix=store.prefix)
+        decisions = read_partitions(tmp_path, "decisions", "c").sort_by("decision_id").to_pylist()
+        by_id = {d["decision_id"]: d for d in decisions}
+        assert (by_id[bundle.decision_id]["action"], by_id[bundle.decision_id]["cost"]) == (1_000_004, 15.0)
+        assert by_id[bundle.decision_id]["coupons"] == [2, 3]
+        assert by_id[bundle.decision_id]["coupon_costs"] == [5.0, 10.0]
+        assert (by_id[single.decision_id]["coupons"], by_id[single.decision_id]["coupon_costs"]) == ([1], [2.0])
+        assert (by_id[nothing.decision_id]["coupons"], by_id[nothing.decision_id]["coupon_costs"]) == ([], [])
+        (outcome,) = read_partitions(tmp_path, "outcomes", "c").to_pylist()
+        assert (outcome["coupons"], outcome["coupon_costs"], outcome["cost"]) == ([2, 3], [0.0, 10.0], 10.0)
+        (plain,) = read_partitions(tmp_path, "decisions", "plain").to_pylist()
+        assert (plain["action"], plain["coupons"], plain["coupon_costs"]) == (2, [2], [5.0])
+        joined, _ = joined_decisions(tmp_path, campaigns=["c"])
+        actions = dict(zip(joined.column("decision_id").to_pylist(), joined.column("action").to_pylist(), strict=True))
+        assert actions == {bundle.decision_id: 3, single.decision_id: 1, nothing.decision_id: 0}
 
     run(scenario)
