@@ -88,14 +88,9 @@ def test_concurrent_processes_never_overspend(
                         }
                         for j in range(USERS_PER_BATCH)
                     ]
-                    first = http.post(bases[k % 4] + "/v1/campaigns/race/decisions", json={"requests": reqs})
-                    retry = http.post(bases[(k + 1) % 4] + "/v1/campaigns/race/decisions", json={"requests": reqs})
-                    if first.status_code != 200 or retry.status_code != 200:
-                        errors.append(f"{first.status_code} {retry.status_code} {first.text[:100]}")
+                    decisions = decide_twice(http, bases, k, "race", reqs, errors)
+                    if decisions is None:
                         continue
-                    decisions = first.json()["decisions"]
-                    if retry.json()["decisions"] != decisions:
-                        errors.append("a retried request_id gave another decision")
                     coupons = [d for d in decisions if d["action"] > 0]
                     with lock:
                         for d in coupons:
@@ -156,6 +151,22 @@ def test_concurrent_processes_never_overspend(
     assert sum(reserved.values()) == round(camp["reserved"] * 100)
     assert set(reserved) == set(live) if mode == "strict" else set(reserved) <= set(live)
     print(f"race: {camp['decisions']} decisions in {elapsed:.1f}s, {len(observations)} observations")
+
+
+def decide_twice(
+    http: httpx.Client, bases: list[str], k: int, campaign: str, reqs: list[dict[str, Any]], errors: list[str]
+) -> list[dict[str, Any]] | None:
+    """Client k's request through one process, then retried through the next: the first answer, or None
+    (an error noted) when either failed or the retry answered other decisions."""
+    first = http.post(bases[k % 4] + f"/v1/campaigns/{campaign}/decisions", json={"requests": reqs})
+    retry = http.post(bases[(k + 1) % 4] + f"/v1/campaigns/{campaign}/decisions", json={"requests": reqs})
+    if first.status_code != 200 or retry.status_code != 200:
+        errors.append(f"{first.status_code} {retry.status_code} {first.text[:100]}")
+        return None
+    decisions: list[dict[str, Any]] = first.json()["decisions"]
+    if retry.json()["decisions"] != decisions:
+        errors.append("a retried request_id gave another decision")
+    return decisions
 
 
 async def live_reservations(url: str, prefix: str) -> dict[str, int]:
@@ -236,14 +247,9 @@ def test_concurrent_processes_never_oversell_stock(
                          "request_id": f"s{k}-{b}-{j}"}
                         for j in range(16)
                     ]  # fmt: skip
-                    first = http.post(bases[k % 4] + "/v1/campaigns/stock/decisions", json={"requests": reqs})
-                    retry = http.post(bases[(k + 1) % 4] + "/v1/campaigns/stock/decisions", json={"requests": reqs})
-                    if first.status_code != 200 or retry.status_code != 200:
-                        errors.append(f"{first.status_code} {retry.status_code} {first.text[:100]}")
+                    decisions = decide_twice(http, bases, k, "stock", reqs, errors)
+                    if decisions is None:
                         continue
-                    decisions = first.json()["decisions"]
-                    if retry.json()["decisions"] != decisions:
-                        errors.append("a retried request_id gave another decision")
                     granted = [d for d in decisions if d["coupons"]]
                     outcomes = []
                     for d in granted:

@@ -51,9 +51,12 @@ async def decide(
     draws: list[float | None] | None = None,
     rate: float = 0.0,
     catalog: Catalog = CATALOG,
+    row: bytes = b"",
 ) -> ReserveResult:
+    """Users u0, u1, ... with these preferences (bundle positions) and features `row`, in one request."""
     items = [
-        ReserveItem(f"u{i}", None, p, explore_draw=None if draws is None else draws[i]) for i, p in enumerate(prefs)
+        ReserveItem(f"u{i}", None, p, row, explore_draw=None if draws is None else draws[i])
+        for i, p in enumerate(prefs)
     ]
     return await store.reserve(
         "c",
@@ -246,18 +249,7 @@ def test_the_export_carries_the_bundle_and_its_coupons(run: Run, tmp_path: Path)
     async def scenario(store: StateStore) -> None:
         row = struct.pack("<f", 0.5)
         await store.upsert_campaign("c", put(100_000))
-        items = [ReserveItem(f"u{i}", None, p, row) for i, p in enumerate([[TWO_THREE, 0], [ONE, 0], [0]])]
-        bundle, single, nothing = (
-            await store.reserve(
-                "c",
-                ReserveBatch.of(items, bundles=[b.key for b in CATALOG.bundles]),
-                model_version="v1",
-                lam=0.25,
-                now_ms=NOW,
-                reservation_expiry_ms=DAY_MS,
-                decision_ttl_ms=DAY_MS,
-            )
-        ).decisions
+        bundle, single, nothing = (await decide(store, [[TWO_THREE, 0], [ONE, 0], [0]], row=row)).decisions
         await store.settle("c", [Outcome(bundle.decision_id, 30.0, 1000, [(3, 1000)])], now_ms=NOW + 1)
         # a campaign without a catalog beside it
         await store.upsert_campaign("plain", CampaignUpdate(replace=True, budget=10_000, coupons={2: 500}))

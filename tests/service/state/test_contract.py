@@ -163,27 +163,25 @@ def test_a_catalog_campaigns_log_entries_are_what_the_contract_encodes(run: Run)
         entries = _read_log(store, "c")
         assert len(entries) == 3
         (bundle_id, decided), (nothing_id, skipped), (outcome_id, outcome) = entries
-        common = {"probability": 1.0, "features": features, "at_ms": now, "model_version": "v1", "lam": 0.25}
-        assert decided == _encoded(
-            decision_fields(
-                decision_id=bundle.decision_id,
-                user_id="u",
-                action=1_000_003,
-                cost_cents=950,
-                coupons=[(1, 200), (3, 750)],
-                **common,  # type: ignore[arg-type]
+
+        def written(decision_id: str, user_id: str, action: int, cost: int, coupons: list[tuple[int, int]]) -> Any:
+            return _encoded(
+                decision_fields(
+                    decision_id=decision_id,
+                    user_id=user_id,
+                    action=action,
+                    cost_cents=cost,
+                    probability=1.0,
+                    features=features,
+                    at_ms=now,
+                    model_version="v1",
+                    lam=0.25,
+                    coupons=coupons,
+                )
             )
-        )
-        assert skipped == _encoded(
-            decision_fields(
-                decision_id=nothing.decision_id,
-                user_id="v",
-                action=0,
-                cost_cents=0,
-                coupons=[],
-                **common,  # type: ignore[arg-type]
-            )
-        )
+
+        assert decided == written(bundle.decision_id, "u", 1_000_003, 950, [(1, 200), (3, 750)])
+        assert skipped == written(nothing.decision_id, "v", 0, 0, [])
         assert outcome == _encoded(
             outcome_fields(
                 decision_id=bundle.decision_id,
