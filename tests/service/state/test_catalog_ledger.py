@@ -279,3 +279,41 @@ def test_the_export_carries_the_bundle_and_its_coupons(run: Run, tmp_path: Path)
         assert actions == {bundle.decision_id: 3, single.decision_id: 1, nothing.decision_id: 0}
 
     run(scenario)
+
+
+def test_expected_mode_reserves_a_bundle_at_its_coupons_expected_costs(run: Run) -> None:
+    """In expected mode each coupon of a bundle reserves its own expected cost (the model's, corrected by
+    that coupon's realised / predicted ratio); settling corrects each coupon's ratio on its own."""
+
+    async def scenario(store: StateStore) -> None:
+        await store.upsert_campaign("c", put(100_000, reservation_mode="expected"))
+        expected = [0, 50, 120, 300]  # cents, by action
+        item = ReserveItem("u", None, [ONE_TWO, 0], expected_costs=expected)
+
+        async def reserve_expected(*users: str) -> ReserveResult:
+            items = [item._replace(user_id=user) for user in users]
+            return await store.reserve(
+                "c", ReserveBatch.of(items, bundles=[b.key for b in CATALOG.bundles]), model_version="v1", lam=0.25,
+                now_ms=NOW, reservation_expiry_ms=DAY_MS, decision_ttl_ms=DAY_MS, prior_coupons=1,
+            )  # fmt: skip
+
+        first, _ = (await reserve_expected("u", "v")).decisions
+        assert first.cost == 700  # the answer is the bundle's cost: its coupons' worst cases
+        state = await ledger(store)
+        assert state["reserved"] == state["outstanding_predicted"] == 2 * (50 + 120)
+        assert state["outstanding_face"] == 2 * 700
+        parts = (await record(store, first.decision_id))["parts"]
+        assert [p.split(",")[:3] for p in parts.split(";")] == [["1", "50", "200"], ["2", "120", "500"]]
+        # coupon 1 redeemed at its full 2.00 (4x its prediction), coupon 2 not at all
+        await store.settle("c", [Outcome(first.decision_id, 10.0, 200, [(1, 200)])])
+        state = await ledger(store)
+        assert (state["issued:1"], state["realised:1"], state["issued:2"], state["realised:2"]) == (50, 200, 120, 0)
+        assert state["reserved"] == 50 + 120
+        # with one coupon at its cost as the prior, the ratios are (200 + 200) / (50 + 200) = 1.6 for coupon 1
+        # and (0 + 500) / (120 + 500) for coupon 2: they reserve ceil(1.6 x 50) = 80 and ceil(0.806 x 120) = 97
+        (third,) = (await reserve_expected("w")).decisions
+        parts = (await record(store, third.decision_id))["parts"]
+        assert [p.split(",")[:3] for p in parts.split(";")] == [["1", "80", "200"], ["2", "97", "500"]]
+        assert (await ledger(store))["reserved"] == 50 + 120 + 80 + 97
+
+    run(scenario)
