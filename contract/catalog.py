@@ -431,16 +431,24 @@ def _check_bundles(
 
 
 def _by_rule(coupons: Sequence[Coupon], max_per_bundle: int) -> list[tuple[int, ...]]:
-    """Every set of at most `max_per_bundle` coupons with at most one per class: by size, then actions."""
+    """Every set of at most `max_per_bundle` coupons with at most one per class: by size, then actions. Counted
+    before it is listed (class by class), so that a rule allowing too many is refused at once."""
+    classes: dict[str, list[int]] = {}
+    for c in coupons:
+        classes.setdefault(c.klass, []).append(c.action)
+    ways = [1] + [0] * max_per_bundle  # ways[k]: the bundles of k coupons from the classes seen so far
+    for members in classes.values():
+        for k in range(max_per_bundle, 0, -1):
+            ways[k] += ways[k - 1] * len(members)
+    if sum(ways[1:]) > MAX_BUNDLES:
+        raise CatalogError(
+            ("max_per_bundle",),
+            f"the rule allows {sum(ways[1:])} bundles of these coupons, more than {MAX_BUNDLES}; list them in "
+            "`bundles`",
+            max_per_bundle,
+        )
     sets: list[tuple[int, ...]] = []
-    for size in range(1, min(max_per_bundle, len(coupons)) + 1):
-        for combination in itertools.combinations(coupons, size):
-            if len({c.klass for c in combination}) == size:
-                sets.append(tuple(c.action for c in combination))
-                if len(sets) > MAX_BUNDLES:
-                    raise CatalogError(
-                        ("max_per_bundle",),
-                        f"the rule allows more than {MAX_BUNDLES} bundles of these coupons; list them in `bundles`",
-                        max_per_bundle,
-                    )
-    return sets
+    for size in range(1, min(max_per_bundle, len(classes)) + 1):
+        for chosen in itertools.combinations(classes.values(), size):
+            sets.extend(tuple(sorted(picked)) for picked in itertools.product(*chosen))
+    return sorted(sets, key=lambda s: (len(s), s))

@@ -52,7 +52,7 @@ def test_the_bundle_rule_one_coupon_per_class() -> None:
     listed = Catalog.parse(COUPONS, bundles=[[3, 1], [2]], max_per_bundle=2)  # a list is taken as given
     assert [(b.action, b.coupons, b.key) for b in listed.bundles] == [(1_000_001, (1, 3), "1+3"), (2, (2,), "2")]
     many = [{"action": a, "cost": 1.0, "class": f"c{a}"} for a in range(1, 41)]
-    with pytest.raises(CatalogError, match=f"more than {MAX_BUNDLES}") as caught:
+    with pytest.raises(CatalogError, match=f"allows 10700 bundles of these coupons, more than {MAX_BUNDLES}") as caught:
         Catalog.parse(many, max_per_bundle=3)  # 40 + 780 + 9880 bundles
     assert caught.value.loc == ("max_per_bundle",)
 
@@ -132,3 +132,14 @@ def test_first_fit_bundles_takes_budget_and_stock_whole() -> None:
 def test_dominant_is_the_dearest_coupon() -> None:
     assert dominant([(1, 200), (3, 800), (2, 800)]) == 2
     assert dominant([]) == 0
+
+
+def test_a_rule_that_allows_too_many_bundles_is_refused_at_once() -> None:
+    """Counted class by class, not listed: 1,024 coupons of one class and a rule of 8 is 1,024 bundles of one."""
+    same = [{"action": a, "cost": 1.0} for a in range(1, 1025)]
+    assert len(Catalog.parse(same, max_per_bundle=8).bundles) == 1024
+    own = [{**c, "class": str(c["action"])} for c in same]
+    with pytest.raises(CatalogError, match="allows 524800 bundles"):
+        Catalog.parse(own, max_per_bundle=2)
+    with pytest.raises(CatalogError, match="more than 4096"):
+        Catalog.parse(own, max_per_bundle=8)
