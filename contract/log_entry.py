@@ -290,7 +290,8 @@ def _bundles(
     """Each decision's coupons and their costs (currency units) of a `decisions` entry; without the fields,
     each decision's action alone (or none)."""
     if b"coupons" not in fields:
-        return [[a] if a else [] for a in actions], [[c / CENTS_PER_UNIT] if a else [] for a, c in zip(actions, costs)]
+        faces = [[c / CENTS_PER_UNIT] if a else [] for a, c in zip(actions, costs, strict=True)]
+        return [[a] if a else [] for a in actions], faces
     n = len(actions)
     bundles = _text(fields, "coupons", where).split(",")
     prices = _text(fields, "coupon_costs", where).split(",")
@@ -301,7 +302,7 @@ def _bundles(
         cents = [[int(c) for c in price.split("+")] if price else [] for price in prices]
     except ValueError as exc:
         raise LogEntryError(f"{where}: fields 'coupons' and 'coupon_costs' must be integers, '+'-separated") from exc
-    if any(len(a) != len(c) for a, c in zip(parsed, cents)):
+    if any(len(a) != len(c) for a, c in zip(parsed, cents, strict=True)):
         raise LogEntryError(f"{where}: fields 'coupons' and 'coupon_costs' name different numbers of coupons")
     return parsed, [[c / CENTS_PER_UNIT for c in bundle] for bundle in cents]
 
