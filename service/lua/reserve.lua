@@ -60,9 +60,10 @@
 --   draw], ...]}: the items of holdout users, and the items that explore with their uniform draw in [0, 1)
 --   (the caller draws, so that this script stays deterministic).
 --   Behaviour policy: a holdout user gets no coupon (probability 1); an exploring item takes the
---   candidate floor(draw * k) + 1 of the k candidates: "no coupon", then the campaign's offers (coupons, or a
---   catalog's bundles) that fit, by action; any other item takes the greedy first fit above. The logged probability of the action is
---   what the policy gave it with these candidates: rate / k, plus 1 - rate for the greedy action.
+--   candidate floor(draw * k) + 1 of the k candidates: "no coupon", then the campaign's offers (coupons,
+--   or a catalog's bundles) that fit, by action; any other item takes the greedy first fit above. The
+--   logged probability of the action is what the policy gave it with these candidates: rate / k, plus
+--   1 - rate for the greedy action.
 local campaign, pending, records = KEYS[1], KEYS[2], KEYS[3]
 local items = cjson.decode(ARGV[7])
 do -- a request_id names one user's decision: another user reusing it gets nothing, and nothing is written
