@@ -11,11 +11,19 @@ Fields (every value text but `user_ids` and `features`; money in integer cents):
                user_ids (the user ids' UTF-8 bytes concatenated) with user_id_bytes (their lengths,
                comma-separated), actions, costs (the coupons' costs), probabilities (of the logged actions),
                each comma-separated; explored and holdout (one 0/1 character per decision); features
-               (float32 little-endian rows, one per decision, concatenated)
-    outcome    kind=outcome, decision_id, user_id, action, reward, cost, at_ms (settled), decided_at_ms
+               (float32 little-endian rows, one per decision, concatenated); a catalog campaign's also
+               coupons (per decision the bundle's coupon actions, '+'-separated, '' for none) and
+               coupon_costs (their costs, cents, the same shape), each comma-separated by decision; a
+               bundle's cost is the sum of its coupons'
+    outcome    kind=outcome, decision_id, user_id, action, reward, cost, at_ms (settled), decided_at_ms;
+               a catalog campaign's also coupons and coupon_costs (each coupon's realised cost, cents),
+               ','-separated
     decision   one decision (the entry of earlier service versions, still read): kind=decision,
                decision_id, user_id, action, cost, probability, explored (0/1), holdout (0/1), lambda,
                model_version, at_ms, features
+
+Decoded, every decision and outcome has `coupons` (actions) and `coupon_costs` (currency units): an entry
+without them is a campaign's without a catalog, one coupon (its action and cost) or none.
 
 One entry per request rather than per decision keeps the reservation script's work per user small: a
 request's decisions share one stream entry and their columns are joined once.
@@ -85,9 +93,11 @@ def decisions_fields(
     lam: float,
     explored: Sequence[bool] | None = None,
     holdout: Sequence[bool] | None = None,
+    coupons: Sequence[Sequence[tuple[int, int]]] | None = None,
 ) -> dict[str, str | bytes]:
     """The fields of a `decisions` entry (one request's new decisions), as the service writes them;
-    `features` is [decisions, feature_dim]."""
+    `features` is [decisions, feature_dim]; `coupons`, for a catalog campaign's, each decision's (coupon,
+    cost cents)."""
     n = len(items)
     names = [user_id.encode() for user_id in user_ids]
     return {
@@ -105,13 +115,36 @@ def decisions_fields(
         "explored": "".join("1" if e else "0" for e in (explored or [False] * n)),
         "holdout": "".join("1" if h else "0" for h in (holdout or [False] * n)),
         "features": np.ascontiguousarray(features, dtype="<f4").tobytes(),
+        **(
+            {}
+            if coupons is None
+            else {
+                "coupons": ",".join("+".join(str(a) for a, _ in bundle) for bundle in coupons),
+                "coupon_costs": ",".join("+".join(str(c) for _, c in bundle) for bundle in coupons),
+            }
+        ),
     }
 
 
+def _coupon_fields(coupons: list[tuple[int, int]] | None) -> dict[str, str | bytes]:
+    if coupons is None:
+        return {}
+    return {"coupons": ",".join(str(a) for a, _ in coupons), "coupon_costs": ",".join(str(c) for _, c in coupons)}
+
+
 def outcome_fields(
-    *, decision_id: str, user_id: str, action: int, reward_cents: int, cost_cents: int, at_ms: int, decided_at_ms: int
+    *,
+    decision_id: str,
+    user_id: str,
+    action: int,
+    reward_cents: int,
+    cost_cents: int,
+    at_ms: int,
+    decided_at_ms: int,
+    coupons: list[tuple[int, int]] | None = None,
 ) -> dict[str, str | bytes]:
-    """The fields of an `outcome` entry, as the service writes them."""
+    """The fields of an `outcome` entry, as the service writes them; `coupons` (coupon, realised cents) for a
+    catalog campaign's."""
     return {
         "kind": "outcome",
         "decision_id": decision_id,
@@ -121,6 +154,7 @@ def outcome_fields(
         "cost": str(int(cost_cents)),
         "at_ms": str(int(at_ms)),
         "decided_at_ms": str(int(decided_at_ms)),
+        **_coupon_fields(coupons),
     }
 
 
@@ -160,6 +194,21 @@ def _flag(fields: Mapping[bytes, bytes], name: str, where: str) -> bool:
     return text == "1"
 
 
+def _coupons(fields: Mapping[bytes, bytes], where: str, action: int, cost: int) -> tuple[list[int], list[float]]:
+    """The entry's coupons and their costs (currency units); without the fields, its action alone (or none)."""
+    if b"coupons" not in fields:
+        return ([action], [cost / CENTS_PER_UNIT]) if action else ([], [])
+    actions, costs = _text(fields, "coupons", where), _text(fields, "coupon_costs", where)
+    try:
+        parsed = [int(a) for a in actions.split(",")] if actions else []
+        cents = [int(c) for c in costs.split(",")] if costs else []
+    except ValueError as exc:
+        raise LogEntryError(f"{where}: fields 'coupons' and 'coupon_costs' must be integers, ','-separated") from exc
+    if len(parsed) != len(cents):
+        raise LogEntryError(f"{where}: fields 'coupons' and 'coupon_costs' name {len(parsed)} and {len(cents)} coupons")
+    return parsed, [c / CENTS_PER_UNIT for c in cents]
+
+
 def decode_decision(
     campaign_id: str, entry_id: str, fields: Mapping[bytes, bytes]
 ) -> tuple[dict[str, object], np.ndarray]:
@@ -173,19 +222,23 @@ def decode_decision(
     if not np.isfinite(features).all():
         raise LogEntryError(f"{where}: field 'features' holds a non-finite value")
     at_ms = _int(fields, "at_ms", where)
+    action, cost = _int(fields, "action", where), _int(fields, "cost", where)
+    coupons, coupon_costs = _coupons(fields, where, action, cost)
     values: dict[str, object] = {
         "decision_id": _text(fields, "decision_id", where),
         "campaign_id": campaign_id,
         "user_id": _text(fields, "user_id", where),
         "t": at_ms,
-        "action": _int(fields, "action", where),
-        "cost": _int(fields, "cost", where) / CENTS_PER_UNIT,
+        "action": action,
+        "cost": cost / CENTS_PER_UNIT,
         "probability": _float(fields, "probability", where),
         "explored": _flag(fields, "explored", where),
         "holdout": _flag(fields, "holdout", where),
         "lambda": _float(fields, "lambda", where),
         "model_version": _text(fields, "model_version", where),
         "decided_at_ms": at_ms,
+        "coupons": coupons,
+        "coupon_costs": coupon_costs,
     }
     return values, features
 
@@ -193,16 +246,20 @@ def decode_decision(
 def decode_outcome(campaign_id: str, entry_id: str, fields: Mapping[bytes, bytes]) -> dict[str, object]:
     where = f"campaign {campaign_id!r} log entry {entry_id}"
     decided = _int(fields, "decided_at_ms", where)
+    action, cost = _int(fields, "action", where), _int(fields, "cost", where)
+    coupons, coupon_costs = _coupons(fields, where, action, cost)
     return {
         "decision_id": _text(fields, "decision_id", where),
         "campaign_id": campaign_id,
         "user_id": _text(fields, "user_id", where),
         "t": decided,
-        "action": _int(fields, "action", where),
+        "action": action,
         "reward": _int(fields, "reward", where) / CENTS_PER_UNIT,
-        "cost": _int(fields, "cost", where) / CENTS_PER_UNIT,
+        "cost": cost / CENTS_PER_UNIT,
         "decided_at_ms": decided,
         "outcome_at_ms": _int(fields, "at_ms", where),
+        "coupons": coupons,
+        "coupon_costs": coupon_costs,
     }
 
 
@@ -225,6 +282,29 @@ def _flags(fields: Mapping[bytes, bytes], name: str, where: str, n: int) -> list
     if len(text) != n or set(text) - {"0", "1"}:
         raise LogEntryError(f"{where}: field {name!r} must be {n} characters 0 or 1 (one per decision), got {text!r}")
     return [c == "1" for c in text]
+
+
+def _bundles(
+    fields: Mapping[bytes, bytes], where: str, actions: list[int], costs: list[int]
+) -> tuple[list[list[int]], list[list[float]]]:
+    """Each decision's coupons and their costs (currency units) of a `decisions` entry; without the fields,
+    each decision's action alone (or none)."""
+    if b"coupons" not in fields:
+        faces = [[c / CENTS_PER_UNIT] if a else [] for a, c in zip(actions, costs, strict=True)]
+        return [[a] if a else [] for a in actions], faces
+    n = len(actions)
+    bundles = _text(fields, "coupons", where).split(",")
+    prices = _text(fields, "coupon_costs", where).split(",")
+    if len(bundles) != n or len(prices) != n:
+        raise LogEntryError(f"{where}: fields 'coupons' and 'coupon_costs' must hold {n} bundles (one per decision)")
+    try:
+        parsed = [[int(a) for a in bundle.split("+")] if bundle else [] for bundle in bundles]
+        cents = [[int(c) for c in price.split("+")] if price else [] for price in prices]
+    except ValueError as exc:
+        raise LogEntryError(f"{where}: fields 'coupons' and 'coupon_costs' must be integers, '+'-separated") from exc
+    if any(len(a) != len(c) for a, c in zip(parsed, cents, strict=True)):
+        raise LogEntryError(f"{where}: fields 'coupons' and 'coupon_costs' name different numbers of coupons")
+    return parsed, [[c / CENTS_PER_UNIT for c in bundle] for bundle in cents]
 
 
 def decode_decisions(
@@ -268,6 +348,7 @@ def decode_decisions(
     probabilities = _column(fields, "probabilities", where, n, float)
     explored = _flags(fields, "explored", where, n)
     holdout = _flags(fields, "holdout", where, n)
+    coupons, coupon_costs = _bundles(fields, where, actions, costs)
     rows: list[dict[str, object]] = [
         {
             "decision_id": f"d-{batch}-{indices[k]}",
@@ -282,6 +363,8 @@ def decode_decisions(
             "lambda": lam,
             "model_version": version,
             "decided_at_ms": at_ms,
+            "coupons": coupons[k],
+            "coupon_costs": coupon_costs[k],
         }
         for k in range(n)
     ]

@@ -1,8 +1,16 @@
 """Ranking and first fit: the reference of how a request's coupons are granted. The service ranks with
-`preferences`; service/lua/reserve.lua grants in that order (tested against `first_fit` through the real
-store); calibration rollouts grant with `first_fit`."""
+`preferences` (a campaign of single coupons) or `bundle_ranking` (a catalog's bundles);
+service/lua/reserve.lua grants in that order (tested against `first_fit` and `first_fit_bundles` through the
+real store); calibration rollouts grant with `first_fit`.
+
+Until a model scores bundles itself, a bundle's score is built from the model's per-coupon scores (each
+action's score = revenue - lambda x cost, action 0 being no coupon): no coupon's score plus the sum of its
+coupons' gains over no coupon, s(B) = s_0 + sum over a in B of (s_a - s_0). A one-coupon bundle scores
+as its coupon; a bundle's coupons add their effects (the additive assumption a bundle-aware model lifts)."""
 
 from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 
@@ -14,7 +22,43 @@ def ranking(scores: np.ndarray, offered: list[int]) -> tuple[list[list[int]], li
     allowed[0] = True
     allowed[[a for a in offered if 0 < a < scores.shape[1]]] = True
     masked = np.where(allowed, scores, -np.inf)
-    unscored = ~np.isfinite(scores).all(axis=1)
+    return _ranked(masked, ~np.isfinite(scores).all(axis=1))
+
+
+def bundle_scores(scores: np.ndarray, bundles: Sequence[Sequence[int]]) -> np.ndarray:
+    """[B, 1 + n] in the scores' precision: column 0 no coupon (s_0), column j the (j-1)-th bundle, s_0 + the
+    sum of its coupons' gains over no coupon (module docstring; summed in doubles); a one-coupon bundle is
+    its coupon's score as it is, so that it ranks exactly as the coupon does. A bundle naming an action the
+    scores lack scores -inf."""
+    rows, k = scores.shape
+    out = np.full((rows, 1 + len(bundles)), -np.inf, np.result_type(scores.dtype, np.float32))
+    out[:, 0] = scores[:, 0]
+    several = [j for j, bundle in enumerate(bundles) if len(bundle) > 1 and all(0 < a < k for a in bundle)]
+    for j, bundle in enumerate(bundles):
+        if len(bundle) == 1 and 0 < bundle[0] < k:
+            out[:, j + 1] = scores[:, bundle[0]]
+    if several:
+        membership = np.zeros((k, len(several)), np.float64)
+        for column, j in enumerate(several):
+            membership[list(bundles[j]), column] = 1
+        base = scores[:, :1].astype(np.float64)
+        with np.errstate(invalid="ignore", over="ignore"):
+            out[:, [j + 1 for j in several]] = base + (scores - base) @ membership
+    return out
+
+
+def bundle_ranking(
+    scores: np.ndarray, bundles: Sequence[Sequence[int]]
+) -> tuple[list[list[int]], list[int], np.ndarray]:
+    """`ranking` of bundles: per row, bundle positions (1-based in `bundles`; 0 no coupon) by descending
+    `bundle_scores`, cut after 0, as distinct lists and each row's index among them; and the priority order
+    of rows (largest gain of the best bundle over none first). Ties keep the earlier bundle and row; a row
+    with any non-finite score prefers no coupon alone and comes last."""
+    return _ranked(bundle_scores(scores, bundles), ~np.isfinite(scores).all(axis=1))
+
+
+def _ranked(masked: np.ndarray, unscored: np.ndarray) -> tuple[list[list[int]], list[int], np.ndarray]:
+    """Column 0 is no coupon; -inf columns are not offered."""
     masked[unscored] = -np.inf
     masked[unscored, 0] = 0.0
     ranked = np.argsort(-masked, axis=1, kind="stable").tolist()
@@ -60,3 +104,41 @@ def first_fit(scores: np.ndarray, prices: np.ndarray, available: int) -> tuple[n
                 break
         refused[row] = best[row] != 0 and actions[row] != best[row]
     return actions, refused
+
+
+def first_fit_bundles(
+    scores: np.ndarray,
+    bundles: Sequence[Sequence[int]],
+    prices: np.ndarray,
+    stock: Mapping[int, int],
+    available: int,
+) -> tuple[np.ndarray, np.ndarray]:
+    """One request's bundles granted as the service grants them in its `strict` mode: rows in
+    `bundle_ranking`'s priority order, each taking its first preferred bundle that fits whole: its price,
+    the sum of its coupons' `prices` (cents, negative for an action not offered: no bundle holding it is
+    granted), fits what is still available after the rows before it, and every coupon of it with a stock
+    (`stock`: action -> units left) has a unit left; else no coupon. Returns each row's bundle (its position,
+    1-based in `bundles`; 0 no coupon) and whether its preferred bundle was refused."""
+    lists, index, priority = bundle_ranking(scores, bundles)
+    left = dict(stock)
+    price = [
+        int(sum(prices[a] for a in b)) if all(0 <= a < len(prices) and prices[a] >= 0 for a in b) else -1
+        for b in bundles
+    ]
+    granted = np.zeros(len(scores), dtype=np.int64)
+    refused = np.zeros(len(scores), dtype=bool)
+    for row in priority.tolist():
+        prefs = lists[index[row]]
+        for candidate in prefs:
+            if candidate == 0:
+                break
+            bundle = bundles[candidate - 1]
+            if 0 <= price[candidate - 1] <= available and all(left.get(a, 1) >= 1 for a in bundle):
+                granted[row] = candidate
+                available -= price[candidate - 1]
+                for a in bundle:
+                    if a in left:
+                        left[a] -= 1
+                break
+        refused[row] = prefs[0] != 0 and granted[row] != prefs[0]
+    return granted, refused

@@ -31,6 +31,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.dataset as pads
 
+from contract.catalog import BUNDLE_ACTIONS, dominant
 from offline.logs import Logs, LogValidationError, logs_table, validate_table
 
 DELAY_METHODS = ("maturity", "delay-model", "naive")
@@ -80,6 +81,26 @@ def read_partitions(root: str | os.PathLike[str], kind: str, campaign: str) -> p
     dataset = pads.dataset(str(path), format="parquet", partitioning=_PARTITIONING)
     columns = [n for n in dataset.schema.names if n != "date"]
     return _dedupe(dataset.to_table(columns=columns))
+
+
+def model_actions(decisions: pa.Table, campaign: str) -> np.ndarray:
+    """Each exported decision's action as a model that scores single coupons learns it: a bundle of several
+    coupons is its dearest coupon (contract/catalog.py `dominant`), as the service's user contexts hold it."""
+    action = decisions.column("action").to_numpy().astype(np.int64)
+    bundled = np.flatnonzero(action > BUNDLE_ACTIONS)
+    if not len(bundled):
+        return action
+    if "coupons" not in decisions.column_names:
+        raise LogValidationError(
+            f"campaign {campaign!r}: {len(bundled)} decisions granted bundles, and their partitions lack the "
+            "`coupons` column that names their coupons"
+        )
+    coupons = decisions.column("coupons").to_pylist()
+    costs = decisions.column("coupon_costs").to_pylist()
+    action = action.copy()
+    for i in bundled.tolist():
+        action[i] = dominant(list(zip(coupons[i] or [], costs[i] or [], strict=True)))
+    return action
 
 
 @dataclass
@@ -147,7 +168,7 @@ def joined_decisions(
             logs_table(
                 users,
                 decisions.column("decided_at_ms").to_numpy(),
-                decisions.column("action").to_numpy(),
+                model_actions(decisions, campaign),
                 cost,
                 reward,
                 features,

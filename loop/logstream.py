@@ -66,6 +66,8 @@ DECISION_COLUMNS: dict[str, pa.DataType] = {
     "lambda": pa.float64(),
     "model_version": pa.string(),
     "decided_at_ms": pa.int64(),
+    "coupons": pa.list_(pa.int64()),  # the bundle's coupon actions ([] no coupon; [action] a single coupon)
+    "coupon_costs": pa.list_(pa.float64()),  # their costs
 }
 OUTCOME_COLUMNS: dict[str, pa.DataType] = {
     "decision_id": pa.string(),
@@ -77,6 +79,8 @@ OUTCOME_COLUMNS: dict[str, pa.DataType] = {
     "cost": pa.float64(),
     "decided_at_ms": pa.int64(),
     "outcome_at_ms": pa.int64(),
+    "coupons": pa.list_(pa.int64()),
+    "coupon_costs": pa.list_(pa.float64()),  # each coupon's realised cost
 }
 
 

@@ -6,6 +6,7 @@ import time
 from datetime import UTC, datetime
 from typing import Any
 
+from contract.catalog import Catalog, CatalogError
 from contract.money import from_cents, to_cents
 from service.lambdas import resolve_lambda
 from service.metrics import ServiceMetrics
@@ -47,6 +48,21 @@ def incremental_revenue(campaign: CampaignState) -> float | None:
     return None if treated is None or holdout is None else (treated - holdout) / 100
 
 
+def coupons_view(campaign: CampaignState) -> dict[str, Any]:
+    """The view's coupons: {action, cost} each for a campaign without a catalog; with one, each coupon's
+    catalog fields and the units of its stock left (below 0 only after an operator lowered the stock below
+    what is held or redeemed, or a coupon redeemed after its reservation expired took its unit again), and
+    the allowed bundles."""
+    catalog = campaign.settings.catalog
+    if catalog is None:
+        return {"coupons": [{"action": a, "cost": from_cents(c)} for a, c in sorted(campaign.coupons.items())]}
+    coupons = []
+    for coupon in catalog.coupons:
+        left = None if coupon.stock is None else coupon.stock - campaign.stock_used.get(coupon.action, 0)
+        coupons.append({**coupon.public(), "stock_left": left})
+    return {"coupons": coupons, **catalog.public()}
+
+
 def epoch_ms(moment: datetime | None) -> int | None:
     return None if moment is None else int(moment.timestamp() * 1000)
 
@@ -62,20 +78,37 @@ class Campaigns:
         self.store = store
         self.metrics = metrics
 
-    def _coupons(self, coupons: list[Any]) -> dict[int, int]:
+    def _catalog(self, body: CampaignPut | CampaignPatch, stored: CampaignState | None) -> Catalog | None:
+        """The campaign's catalog after this PUT or PATCH (None: unchanged, a PATCH that names none of its
+        fields); a PATCH keeps what it does not name of the stored one. Every rule of contract/catalog.py,
+        and each coupon one of the model's actions."""
+        given = body.model_fields_set & {"coupons", "bundles", "max_per_bundle"}
+        if stored is not None and not given:
+            return None
+        kept = None if stored is None else stored.settings
+        kept_catalog = None if kept is None else kept.catalog or Catalog.of_costs(kept.coupons)
+        bundles = body.bundles if "bundles" in given or kept_catalog is None else kept_catalog.listed
+        per_bundle = (
+            body.max_per_bundle if "max_per_bundle" in given or kept_catalog is None else kept_catalog.max_per_bundle
+        )
+        try:
+            if "coupons" in given:
+                coupons = [c.model_dump(by_alias=True, exclude_none=True) for c in body.coupons or []]
+                catalog = Catalog.parse(coupons, bundles, per_bundle)
+            else:  # the stored coupons
+                assert kept_catalog is not None
+                catalog = Catalog.build(kept_catalog.coupons, bundles, per_bundle)
+        except CatalogError as exc:
+            raise InvalidInput(exc.loc, exc.msg, exc.value) from None
         num_actions = self.policies.current.manifest.num_actions
-        table: dict[int, int] = {}
-        for i, coupon in enumerate(coupons):
+        for i, coupon in enumerate(catalog.coupons):
             if coupon.action >= num_actions:
                 raise InvalidInput(
                     ("coupons", i, "action"),
                     f"must be within 1..{num_actions - 1} (the model's actions)",
                     coupon.action,
                 )
-            if coupon.action in table:
-                raise InvalidInput(("coupons", i, "action"), f"action {coupon.action} is listed twice", coupon.action)
-            table[coupon.action] = to_cents(coupon.cost)
-        return table
+        return catalog
 
     def _update(self, body: CampaignPut | CampaignPatch, replace: bool, stored: CampaignState | None) -> CampaignUpdate:
         given = body.model_fields_set
@@ -98,10 +131,12 @@ class Campaigns:
         cleared = frozenset(aliases.get(name, name) for name in given if getattr(body, name) is None)
         if starts_ms is not None:
             cleared -= {"starts_ms"}
+        catalog = self._catalog(body, None if replace else stored)
         return CampaignUpdate(
             replace=replace,
             budget=None if body.budget is None else to_cents(body.budget),
-            coupons=None if body.coupons is None else self._coupons(body.coupons),
+            coupons=None if catalog is None else catalog.costs,
+            catalog=None if catalog is None or catalog.plain else catalog,
             admin_lambda=body.lambda_,
             expected_users=body.expected_users,
             reservation_mode=body.reservation_mode,
@@ -114,7 +149,7 @@ class Campaigns:
             exploration_rate=body.exploration_rate,
             holdout_rate=body.holdout_rate,
             min_redemption=body.min_redemption,
-            cleared=cleared - {"budget", "coupons"},
+            cleared=cleared - {"budget", "coupons", "bundles", "max_per_bundle"},
         )
 
     async def put_campaign(self, campaign_id: str, body: CampaignPut) -> dict[str, Any]:
@@ -156,7 +191,7 @@ class Campaigns:
             "lambda": lam,
             "model_version": campaign.model_version,
             "decisions": campaign.decisions,
-            "coupons": [{"action": a, "cost": from_cents(c)} for a, c in sorted(campaign.coupons.items())],
+            **coupons_view(campaign),
             "lambda_source": source,
             "calibration": policy.calibration_id,
             "expected_users": settings.expected_users,

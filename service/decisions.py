@@ -9,6 +9,7 @@ from collections import Counter
 
 import numpy as np
 
+from contract.catalog import dominant
 from contract.money import from_cents, to_cents
 from model_store import Manifest
 from service.background import Background
@@ -141,12 +142,18 @@ class Decisions:
         manifest: Manifest,
     ) -> None:
         """Each new decision becomes a step of its user's context (written behind the answer: the
-        reservations are what must be durable before it), and the metrics."""
+        reservations are what must be durable before it), and the metrics. A bundle of several coupons is
+        its dearest coupon in the context (contract/catalog.py `dominant`): the model scores single coupons."""
         new = reserved.new
         fresh = sum(new)
+        steps_actions = reserved.actions
+        if reserved.components is not None:
+            steps_actions = [
+                dominant(c) if len(c) > 1 else a for a, c in zip(reserved.actions, reserved.components, strict=True)
+            ]
         if fresh == len(new):
             steps = NewSteps(
-                batch.user_ids, reserved.decision_ids, reserved.actions, batch.features, [contexts[i] for i in order]
+                batch.user_ids, reserved.decision_ids, steps_actions, batch.features, [contexts[i] for i in order]
             )
             held_out, explored = len(batch.holdout), len(batch.explore)
             actions = reserved.actions
@@ -156,13 +163,13 @@ class Decisions:
             steps = NewSteps(
                 [batch.user_ids[p] for p in kept],
                 [reserved.decision_ids[p] for p in kept],
-                [reserved.actions[p] for p in kept],
+                [steps_actions[p] for p in kept],
                 b"".join([batch.features[p * row : (p + 1) * row] for p in kept]),
                 [contexts[order[p]] for p in kept],
             )
             held_out = sum(new[p] for p in batch.holdout)
             explored = sum(new[p] for p, _ in batch.explore)
-            actions = steps.actions
+            actions = [reserved.actions[p] for p in kept]
         if held_out:
             self.metrics.holdout_decisions.labels(campaign=campaign_id).inc(held_out)
         if explored:
@@ -214,7 +221,15 @@ class Decisions:
 
     # ---- outcomes --------------------------------------------------------------------------------
     async def record_outcomes(self, campaign_id: str, body: OutcomesRequest) -> OutcomesResponse:
-        outcomes = [Outcome(o.decision_id, o.reward, to_cents(o.cost)) for o in body.outcomes]
+        outcomes = [
+            Outcome(
+                o.decision_id,
+                o.reward,
+                to_cents(o.cost),
+                None if o.coupons is None else [(c.action, to_cents(c.cost)) for c in o.coupons],
+            )
+            for o in body.outcomes
+        ]
         result = await self.store.settle(campaign_id, outcomes)
         if result.context_updates:
             await self.contexts_written(campaign_id, [user_id for user_id, *_ in result.context_updates])

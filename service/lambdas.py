@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from contract.money import from_cents
+from contract.ranking import bundle_scores
 from model_store import Manifest
 from service.scoring import ScoreTerms
 from service.state import CampaignConfig
@@ -14,16 +15,13 @@ PLAN_LAMBDA_STEPS = 24  # bisection steps: lambda to within lam_max / 2^24
 
 def plan_lambda(terms: ScoreTerms, campaign: CampaignConfig, target: float, lam_max: float) -> float:
     """The smallest lambda in [0, lam_max] at which the request's expected spend fits `target` cents: each
-    user takes their best offered action (or none) at that lambda, and spends its expected cost corrected by
-    the campaign's realised / predicted ratio of that action. Bisection: spend falls as lambda rises. Users
-    whose terms are not finite are left out (they get no coupon), as is a user whose scores at a lambda are
-    not."""
+    user takes their best offered action (a catalog campaign's: bundle) or none at that lambda, and spends
+    its expected cost corrected by the campaign's realised / predicted ratio of that action (of each coupon of
+    a bundle). Bisection: spend falls as lambda rises. Users whose terms are not finite are left out (they
+    get no coupon), as is a user whose scores at a lambda are not."""
     usable = terms.finite
     terms = ScoreTerms(terms.revenue[usable], terms.cost[usable], terms.expected[usable])
     k = terms.revenue.shape[1]
-    offered = np.zeros(k, np.bool_)
-    offered[0] = True
-    offered[[a for a in campaign.coupons if 0 < a < k]] = True
     ratios = np.ones(k)
     if campaign.paced is not None:
         for action, ratio in campaign.paced.ratios.items():
@@ -31,10 +29,25 @@ def plan_lambda(terms: ScoreTerms, campaign: CampaignConfig, target: float, lam_
                 ratios[action] = ratio
     spend = terms.expected * ratios
     rows = np.arange(len(spend))
+    catalog = campaign.settings.catalog
+    if catalog is None:
+        offered = np.zeros(k, np.bool_)
+        offered[0] = True
+        offered[[a for a in campaign.coupons if 0 < a < k]] = True
+
+        def columns(scores: np.ndarray) -> np.ndarray:
+            return np.where(offered, scores, -np.inf)
+
+    else:  # a catalog's bundles (contract/ranking.py): a bundle spends its coupons' expected costs
+        bundles = [b.coupons for b in catalog.bundles]
+        spend = np.concatenate([np.zeros((len(spend), 1)), spend @ catalog.membership(k)], axis=1)
+
+        def columns(scores: np.ndarray) -> np.ndarray:
+            return bundle_scores(scores, bundles)
 
     def spent(lam: float) -> float:
         scores = terms.scores(lam)
-        chosen = np.where(offered, scores, -np.inf).argmax(axis=1)
+        chosen = columns(scores).argmax(axis=1)
         chosen[~np.isfinite(scores).all(axis=1)] = 0
         return float(spend[rows, chosen].sum())
 

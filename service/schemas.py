@@ -8,6 +8,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, AwareDatetime, BaseModel, ConfigDict, Field, StringConstraints, model_validator
 
+from contract.catalog import MAX_ACTION, MAX_BUNDLES, MAX_CLASS_CHARS, MAX_COUPONS, MAX_PER_BUNDLE, MAX_STOCK
 from contract.money import MAX_AMOUNT, to_cents
 from model_store import MAX_LAMBDA
 
@@ -16,8 +17,6 @@ CAMPAIGN_ID_TEXT = "letters, digits, . _ : -"
 # The largest count a campaign takes (`expected_users`, `expected_decisions`): far above any audience, and
 # exact in the doubles of Redis's Lua scripts and of JSON.
 MAX_COUNT = 10**12
-# The largest coupon action the schema takes; the served model's `num_actions` bounds it further.
-MAX_ACTION = 10**6
 # The largest magnitude a 32-bit float holds: the model reads features as float32. The service's
 # feature range (SACO_MAX_ABS_FEATURE) is narrower.
 FLOAT32_MAX = 3.4028234663852886e38
@@ -64,23 +63,58 @@ class DecisionsRequest(_Body):
     requests: list[DecisionRequestItem] = Field(min_length=1)
 
 
+class DecisionCoupon(BaseModel):
+    action: int
+    cost: float = Field(description="what the coupon reserves at worst: its amount, or a percent coupon's cap")
+
+
 class Decision(BaseModel):
     user_id: str
     decision_id: str
-    action: int
-    cost: float
+    action: int = Field(
+        description="0 no coupon; a coupon's action; a bundle of several coupons: its action in the campaign's "
+        "`bundles` (above 1000000)"
+    )
+    cost: float = Field(description="the amount reserved at worst: the sum of the coupons' costs")
     model_version: str
     lambda_: float = Field(alias="lambda")
+    coupons: list[DecisionCoupon] | None = Field(
+        default=None, description="a catalog campaign's decision: its coupons (absent for a campaign without one)"
+    )
 
 
 class DecisionsResponse(BaseModel):
     decisions: list[Decision]
 
 
+Action = Annotated[int, Field(strict=True, ge=1, le=MAX_ACTION)]
+
+
+class OutcomeCoupon(_Body):
+    action: Action
+    cost: Money
+
+
 class OutcomeItem(_Body):
     decision_id: DecisionId
     reward: Reward
     cost: Money
+    coupons: list[OutcomeCoupon] | None = Field(
+        default=None,
+        max_length=MAX_PER_BUNDLE,
+        description="the realised cost of each coupon of the decision's bundle (a coupon left out: 0, unused); "
+        "they sum to `cost`. Needed for a bundle of several coupons whose cost is above 0",
+    )
+
+    @model_validator(mode="after")
+    def _coupons_sum(self) -> OutcomeItem:
+        if self.coupons is not None:
+            actions = [c.action for c in self.coupons]
+            if len(set(actions)) < len(actions):
+                raise ValueError("coupons: a coupon is named twice")
+            if sum(to_cents(c.cost) for c in self.coupons) != to_cents(self.cost):
+                raise ValueError("coupons: their costs must sum to the outcome's cost")
+        return self
 
 
 class OutcomesRequest(_Body):
@@ -94,8 +128,29 @@ class OutcomesResponse(BaseModel):
 
 
 class Coupon(_Body):
-    action: Annotated[int, Field(strict=True, ge=1, le=MAX_ACTION)]
-    cost: PositiveMoney
+    """A coupon of the campaign (docs/api.md, "Coupon catalog"; contract/catalog.py): today's `{action,
+    cost}`, or a catalog coupon with `kind`, `value`, `cap`, `min_spend`, `stock`, `class`."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+    action: Action
+    cost: PositiveMoney | None = Field(default=None, description="a fixed amount off (today's form of `value`)")
+    kind: Literal["amount", "percent"] | None = Field(default=None, description="amount (default) or percent")
+    value: Annotated[float, Field(strict=True, allow_inf_nan=False, gt=0, le=MAX_AMOUNT)] | None = Field(
+        default=None, description="the amount off (money), or the percent off (0 < value <= 100)"
+    )
+    cap: PositiveMoney | None = Field(default=None, description="a percent coupon's largest amount off (required)")
+    min_spend: Money | None = Field(default=None, description="the basket the coupon needs")
+    stock: Annotated[int, Field(strict=True, ge=0, le=MAX_STOCK)] | None = Field(
+        default=None, description="units the campaign may grant"
+    )
+    group: Annotated[str, StringConstraints(min_length=1, max_length=MAX_CLASS_CHARS)] | None = Field(
+        default=None, alias="class", description="the class of the bundle rule (default: the kind)"
+    )
+
+
+Bundle = Annotated[list[Action], Field(min_length=1, max_length=MAX_PER_BUNDLE)]
+MaxPerBundle = Annotated[int, Field(strict=True, ge=1, le=MAX_PER_BUNDLE)]
 
 
 ReservationMode = Literal["strict", "expected"]
@@ -148,6 +203,16 @@ class _Campaign(_Body):
         "at least this share of its cost, and at least a cent (default SACO_MIN_REDEMPTION, 0.02)",
     )
 
+    bundles: list[Bundle] | None = Field(
+        default=None,
+        max_length=MAX_BUNDLES,
+        description="the allowed bundles, each a list of coupon actions (default: each coupon alone)",
+    )
+    max_per_bundle: MaxPerBundle | None = Field(
+        default=None,
+        description="the largest bundle; without `bundles`, every bundle of at most this many coupons, one per class",
+    )
+
     @model_validator(mode="after")
     def _horizon(self) -> _Campaign:
         if self.starts_at is not None and self.ends_at is not None and self.ends_at <= self.starts_at:
@@ -157,12 +222,38 @@ class _Campaign(_Body):
 
 class CampaignPut(_Campaign):
     budget: Money
-    coupons: list[Coupon] = Field(max_length=1024)
+    coupons: list[Coupon] = Field(max_length=MAX_COUPONS)
 
 
 class CampaignPatch(_Campaign):
     budget: Money | None = None
-    coupons: list[Coupon] | None = Field(default=None, max_length=1024)
+    coupons: list[Coupon] | None = Field(default=None, max_length=MAX_COUPONS)
+
+
+class PlainCoupon(_Body):
+    action: int
+    cost: float
+
+
+class CatalogCoupon(BaseModel):
+    action: int
+    kind: str
+    value: float = Field(description="the amount off, or the percent off")
+    cap: float | None
+    min_spend: float | None
+    stock: int | None
+    class_: str | None = Field(alias="class")
+    cost: float = Field(description="the most the coupon costs: its amount, or its cap")
+    stock_left: int | None = Field(
+        description="units of its stock neither held by a decision nor redeemed (below 0: the stock was lowered "
+        "below them, or a coupon redeemed after its reservation expired took its unit again)"
+    )
+
+
+class BundleView(BaseModel):
+    action: int = Field(description="what a decision granting the bundle answers")
+    coupons: list[int]
+    cost: float = Field(description="the sum of its coupons' costs")
 
 
 class GroupView(BaseModel):
@@ -182,7 +273,13 @@ class CampaignView(BaseModel):
     lambda_: float = Field(alias="lambda")
     model_version: str | None
     decisions: int
-    coupons: list[Coupon]
+    coupons: list[PlainCoupon | CatalogCoupon] = Field(
+        description="a campaign without a catalog: {action, cost}; with one: each coupon's catalog fields"
+    )
+    bundles: list[BundleView] | None = Field(
+        default=None, description="a catalog campaign's allowed bundles (absent for a campaign without a catalog)"
+    )
+    max_per_bundle: int | None = None
     lambda_source: str
     calibration: str | None = Field(
         description="the model calibration this replica takes the lambda table and default lambda from "

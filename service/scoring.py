@@ -15,7 +15,7 @@ import orjson
 
 from contract.inputs import History, ModelInputs, history_inputs
 from contract.money import from_cents
-from contract.ranking import ranking
+from contract.ranking import bundle_ranking, ranking
 from model_store import Manifest
 from service.metrics import ServiceMetrics
 from service.schemas import DecisionsRequest
@@ -48,8 +48,13 @@ def choose(
     the users' features (float32 rows), who is held out, who explores (with probability the exploration
     rate: a uniform draw with which the reservation picks among the coupons that fit instead), and the
     model's expected cost of each coupon for each user (cents) when it has one. A user whose scores are not
-    all finite gets no coupon (not explored either): counted in `metrics` and logged."""
-    lists, index, priority = ranking(scores, list(campaign.coupons))
+    all finite gets no coupon (not explored either): counted in `metrics` and logged. A catalog campaign
+    ranks its bundles (contract/ranking.py `bundle_ranking`): the lists name them by position."""
+    catalog = campaign.settings.catalog
+    if catalog is None:
+        lists, index, priority = ranking(scores, list(campaign.coupons))
+    else:
+        lists, index, priority = bundle_ranking(scores, [b.coupons for b in catalog.bundles])
     order: list[int] = priority.tolist()
     requests = body.requests
     user_ids = [requests[i].user_id for i in order]
@@ -78,6 +83,7 @@ def choose(
         holdout=holdout,
         explore=explore,
         expected_costs=None if expected is None else expected[priority].tolist(),
+        bundles=None if catalog is None else [b.key for b in catalog.bundles],
     )
     if not finite.all():
         unscored = [requests[i].user_id for i in np.flatnonzero(~finite)]
@@ -149,7 +155,8 @@ class ScoreTerms:
 
 
 def render(order: list[int], result: ReserveResult) -> bytes:
-    """The response body: one decision per request, in the order of the requests (`result` is in `order`)."""
+    """The response body: one decision per request, in the order of the requests (`result` is in `order`);
+    a catalog request's decisions list their coupons."""
     decisions: list[dict[str, Any]] = [{}] * len(order)
     costs = [from_cents(cost) for cost in result.costs]
     for row, user_id, decision_id, action, cost, version, lam in zip(
@@ -163,6 +170,9 @@ def render(order: list[int], result: ReserveResult) -> bytes:
             "model_version": version,
             "lambda": lam,
         }
+    if result.components is not None:
+        for row, coupons in zip(order, result.components, strict=True):
+            decisions[row]["coupons"] = [{"action": a, "cost": from_cents(c)} for a, c in coupons]
     return orjson.dumps({"decisions": decisions})
 
 

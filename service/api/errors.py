@@ -14,7 +14,13 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from service.batcher import BatcherOverloaded
 from service.metrics import ServiceMetrics
 from service.schemas import InvalidInput
-from service.state import CampaignNotFound, CostAboveReservation, RequestIdConflict, StateStoreError
+from service.state import (
+    CampaignNotFound,
+    CostAboveReservation,
+    CouponCostsRefused,
+    RequestIdConflict,
+    StateStoreError,
+)
 
 log = logging.getLogger("saco.service")
 RETRY = {"Retry-After": "1"}
@@ -41,7 +47,13 @@ def add_error_handlers(app: FastAPI, metrics: ServiceMetrics) -> None:
 
     async def cost_above_reservation(_: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, CostAboveReservation)
-        loc = ["body", "outcomes", exc.index, "cost"]
+        loc = ["body", "outcomes", exc.index, "cost" if exc.coupon is None else "coupons"]
+        message = f"{exc}; no outcome of this request was applied"
+        return _error(422, [{"type": "value_error", "loc": loc, "msg": message}])
+
+    async def coupon_costs_refused(_: Request, exc: Exception) -> JSONResponse:
+        assert isinstance(exc, CouponCostsRefused)
+        loc = ["body", "outcomes", exc.index, "coupons"]
         message = f"{exc}; no outcome of this request was applied"
         return _error(422, [{"type": "value_error", "loc": loc, "msg": message}])
 
@@ -81,6 +93,7 @@ def add_error_handlers(app: FastAPI, metrics: ServiceMetrics) -> None:
 
     app.add_exception_handler(InvalidInput, invalid_input)
     app.add_exception_handler(CostAboveReservation, cost_above_reservation)
+    app.add_exception_handler(CouponCostsRefused, coupon_costs_refused)
     app.add_exception_handler(CampaignNotFound, campaign_not_found)
     app.add_exception_handler(StateStoreError, store_unavailable)
     app.add_exception_handler(BatcherOverloaded, overloaded)

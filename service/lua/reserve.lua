@@ -15,17 +15,28 @@
 --   expected   (optional) per item, the model's expected cost of each action for that user (cents, index =
 --              action + 1; an empty list: none): what an expected reservation starts from, and in either
 --              mode the prediction settlement compares the realised cost with
+--   bundles    (optional: a catalog request) the bundle keys ("1+3", contract/catalog.py) that the lists
+--              name by position (1-based; 0 no coupon); without it the lists name coupon actions
 -- Returns {'missing'} for an unknown campaign, {'conflict', item} (1-based, nothing written) when an item's
 --   request_id was used before, or earlier in the batch, by another user, else {remaining cents, then per
---   item: action, cost, flag,
+--   item: action, cost, flag (and for a catalog request its coupons: "coupon=cost" ','-separated),
 --   then the earlier record of each item with flag 0, in item order}.
---   flag 0 = earlier decision returned again (record = "id\taction\tcost\tversion\tlambda\tuser"),
---   1 = new, 2 = new and the preferred coupon did not fit.
+--   flag 0 = earlier decision returned again (record = "id\taction\tcost\tversion\tlambda\tuser"; a catalog
+--   request's action is "action;coupons"), 1 = new, 2 = new and the preferred offer did not fit.
+-- The coupon catalog (a campaign hash with `bundles`: {key: [action, coupon...]}, and `stock`: {coupon:
+--   units}, with `used:<coupon>` the units held or redeemed): a candidate is a bundle, granted whole or not
+--   at all: it fits when the sum of its coupons' reservations fits (strict: their costs, a percent coupon's
+--   being its cap) and each coupon with a stock has a unit left; granting takes one unit of each. A
+--   campaign without a catalog offers each coupon alone (a bundle of one). A request's keys name bundles
+--   by their coupons, so a catalog changed since the request was ranked never grants another bundle: a
+--   key the campaign no longer allows is skipped.
 -- A decision record (service/state/store.py, parse_decision_record): status (R reserved, S settled,
 --   X expired), reserved cents, the coupon's cost (cents), the variance of its realised cost, the predicted
 --   cost (cents: the model's expected cost, else the coupon's cost), action, probability, decided at ms,
 --   model version, lambda, reward and cost (empty until settled), byte length of the request id, request
---   id, user id; tab-separated.
+--   id, user id; tab-separated. A catalog campaign's action field is the action, ':', then per coupon
+--   "coupon,reserved,face,variance,predicted,took" (took: 1 when it took a unit of stock), ';'-separated,
+--   and its reserved, face, variance and predicted fields are the bundle's sums.
 -- Reservation modes (the campaign's reservation_mode):
 --   strict    a coupon fits when its cost fits budget - spent - outstanding, outstanding being the face value
 --             of every coupon without an outcome (`outstanding_face`: coupons reserved in expected mode
@@ -49,9 +60,10 @@
 --   draw], ...]}: the items of holdout users, and the items that explore with their uniform draw in [0, 1)
 --   (the caller draws, so that this script stays deterministic).
 --   Behaviour policy: a holdout user gets no coupon (probability 1); an exploring item takes the
---   candidate floor(draw * k) + 1 of the k candidates: "no coupon", then the campaign's coupons that fit,
---   by action; any other item takes the greedy first fit above. The logged probability of the action is
---   what the policy gave it with these candidates: rate / k, plus 1 - rate for the greedy action.
+--   candidate floor(draw * k) + 1 of the k candidates: "no coupon", then the campaign's offers (coupons,
+--   or a catalog's bundles) that fit, by action; any other item takes the greedy first fit above. The
+--   logged probability of the action is what the policy gave it with these candidates: rate / k, plus
+--   1 - rate for the greedy action.
 local campaign, pending, records = KEYS[1], KEYS[2], KEYS[3]
 local items = cjson.decode(ARGV[7])
 do -- a request_id names one user's decision: another user reusing it gets nothing, and nothing is written
@@ -65,7 +77,7 @@ do -- a request_id names one user's decision: another user reusing it gets nothi
   end
 end
 local ledger = redis.call('HMGET', campaign, 'budget', 'spent', 'reserved', 'coupons', 'reservation_mode',
-  'overspend_risk', 'outstanding_var', 'outstanding_face', 'starts_ms', 'ends_ms')
+  'overspend_risk', 'outstanding_var', 'outstanding_face', 'starts_ms', 'ends_ms', 'bundles', 'stock')
 if not ledger[1] then return {'missing'} end
 local now = tonumber(ARGV[1])
 if ARGV[1] == '' then
@@ -127,6 +139,71 @@ local function fits(reserve, var)
   end
   return reserve + margin <= available - new_reserved
 end
+-- what a candidate of a preference list offers: {action, coupon, ...} (the decision's action, then the
+-- bundle's coupons), or nil when the campaign does not offer it now
+local catalog, left, taken = nil, {}, {} -- bundle key -> offer; coupon -> units left; coupon -> units taken
+if ledger[11] and ledger[11] ~= '' then
+  catalog = cjson.decode(ledger[11])
+  if ledger[12] and ledger[12] ~= '' then
+    for action, units in pairs(cjson.decode(ledger[12])) do
+      left[tonumber(action)] = units - (tonumber(redis.call('HGET', campaign, 'used:' .. action)) or 0)
+    end
+  end
+end
+local sent_keys = items.bundles -- a catalog request ranks bundles: its lists hold positions in these keys
+local singles = {} -- coupon -> the offer of that coupon alone
+local function offered(key) -- key: a bundle key ("1+3"), or a coupon's action
+  if catalog then
+    local found = catalog[tostring(key)]
+    if found then
+      for k = 2, #found do
+        if not prices[found[k]] then return nil end
+      end
+    end
+    return found
+  end
+  local a = tonumber(key)
+  if not (a and prices[a]) then return nil end
+  local single = singles[a]
+  if not single then
+    single = {a, a}
+    singles[a] = single
+  end
+  return single
+end
+local function offer(candidate) -- a candidate of a preference list
+  if sent_keys then
+    local key = sent_keys[candidate]
+    return key and offered(key)
+  end
+  return offered(candidate)
+end
+-- what an offer reserves for the user of item i: reserved cents, variance, predicted, and its face value
+local function offer_reservation(i, found)
+  if #found == 2 then
+    local a = found[2]
+    local reserve, var, predicted = reservation(i, a)
+    return reserve, var, predicted, prices[a]
+  end
+  local reserve, var, predicted, face = 0, 0, 0, 0
+  for k = 2, #found do
+    local r, v, p = reservation(i, found[k])
+    reserve, var, predicted, face = reserve + r, var + v, predicted + p, face + prices[found[k]]
+  end
+  return reserve, var, predicted, face
+end
+local function in_stock(found)
+  for k = 2, #found do
+    local units = left[found[k]]
+    if units and units < 1 then return false end
+  end
+  return true
+end
+local function grantable(i, found)
+  if not in_stock(found) then return false end
+  local reserve, var = offer_reservation(i, found)
+  return fits(reserve, var)
+end
 local requests = {} -- item -> {item, request key index, user id}
 for _, request in ipairs(items.requests) do requests[request[1]] = request end
 
@@ -138,9 +215,21 @@ local behaviour = cjson.decode(ARGV[12])
 local held_out, draws = {}, {}
 for _, item in ipairs(behaviour.holdout) do held_out[item] = true end
 for _, pick in ipairs(behaviour.explore) do draws[pick[1]] = pick[2] end
-local by_action = {}
-for a in pairs(prices) do by_action[#by_action + 1] = a end
-table.sort(by_action)
+local by_action -- every offer of the campaign, by action (exploration's candidates)
+local function all_offers()
+  if by_action then return by_action end
+  by_action = {}
+  if catalog then
+    for key in pairs(catalog) do
+      local found = offered(key)
+      if found then by_action[#by_action + 1] = found end
+    end
+  else
+    for a in pairs(prices) do by_action[#by_action + 1] = offered(a) end
+  end
+  table.sort(by_action, function(x, y) return x[1] < y[1] end)
+  return by_action
+end
 local decimals = {[1] = '1'} -- x -> the shorter of %.15g and %.17g that reads back as x
 local function decimal(x)
   local text = decimals[x]
@@ -150,13 +239,14 @@ local function decimal(x)
   decimals[x] = text
   return text
 end
--- the action item i takes, its probability under the behaviour policy, whether exploration chose it
+-- the offer item i takes (false: no coupon), its probability under the behaviour policy, whether
+-- exploration chose it
 local function behave(i, greedy)
-  if held_out[i] then return 0, 1, false end
+  if held_out[i] then return false, 1, false end
   if rate <= 0 then return greedy, 1, false end
-  local candidates = {0}
-  for _, a in ipairs(by_action) do
-    if fits(reservation(i, a)) then candidates[#candidates + 1] = a end
+  local candidates = {false}
+  for _, found in ipairs(all_offers()) do
+    if grantable(i, found) then candidates[#candidates + 1] = found end
   end
   local chosen, draw = greedy, draws[i]
   if draw then chosen = candidates[math.min(#candidates, math.floor(draw * #candidates) + 1)] end
@@ -175,17 +265,19 @@ local function level(t, k)
   end
   return v
 end
-local function record_head(action, reserve, var, predicted, probability, explored, holdout)
+-- `action` is the record's action field: the action, and for a catalog campaign its coupons (reserve.lua's
+-- header); `face` the offer's face value
+local function record_head(action, face, reserve, var, predicted, probability, explored, holdout)
   local mark = holdout and '/h' or (explored and '/x' or '')
   local chance = (probability == 1 and mark == '') and '1' or decimal(probability) .. mark
   local by_predicted = level(level(level(heads, chance), action), reserve)
   local head = by_predicted[predicted]
   if head then return head end
   local tail = '\t' .. chance .. '\t' .. now_text .. '\t' .. version .. '\t' .. lam .. '\t\t\t'
-  if action == 0 then
-    head = 'R\t0\t0\t0\t0\t0' .. tail
+  if face == 0 then
+    head = 'R\t0\t0\t0\t0\t' .. action .. tail
   else
-    head = 'R\t' .. string.format('%d', reserve) .. '\t' .. string.format('%d', prices[action]) .. '\t'
+    head = 'R\t' .. string.format('%d', reserve) .. '\t' .. string.format('%d', face) .. '\t'
       .. string.format('%.17g', var) .. '\t' .. string.format('%d', predicted) .. '\t' .. action .. tail
   end
   by_predicted[predicted] = head
@@ -197,11 +289,32 @@ local logging = log_max ~= '0'
 -- the `decisions` entry's columns, one value per new decision (contract/log_entry.py)
 local logged, log_users, log_user_bytes, log_actions, log_costs, log_chances, log_explored, log_holdout =
   {}, {}, {}, {}, {}, {}, {}, {}
+local log_coupons, log_coupon_costs = {}, {} -- a catalog campaign's: each decision's coupons and their faces
 local log_rows = {} -- the features of the logged items, when an item may be a replay (it names a request id)
 local replayable = #items.requests > 0
 local decision_prefix = 'd-' .. batch .. '-'
 local cost_text = {[0] = '0'} -- action -> its cost in cents, as the log writes it
 for a, price in pairs(prices) do cost_text[a] = string.format('%d', price) end
+local fmt = string.format
+-- a catalog campaign's decision: its record's action field (the action, then ':' and per coupon
+-- "coupon,reserved,face,variance,predicted,took stock (1|0)", ';'-separated), the coupons and their faces
+-- as the log writes them, and the answer's "coupon=face" list (','-separated)
+local function parts_of(i, found)
+  if not found then return '0:', '', '', '' end
+  local record, coupons, faces, answer = {}, {}, {}, {}
+  for k = 2, #found do
+    local a = found[k]
+    local r, v, p = reservation(i, a)
+    local took = left[a] and '1' or '0'
+    record[#record + 1] = a .. ',' .. fmt('%d', r) .. ',' .. cost_text[a] .. ',' .. fmt('%.17g', v) .. ','
+      .. fmt('%d', p) .. ',' .. took
+    coupons[#coupons + 1] = a
+    faces[#faces + 1] = cost_text[a]
+    answer[#answer + 1] = a .. '=' .. cost_text[a]
+  end
+  return found[1] .. ':' .. table.concat(record, ';'), table.concat(coupons, '+'), table.concat(faces, '+'),
+    table.concat(answer, ',')
+end
 for i = 1, #ordering do
   local request = requests[i]
   local earlier = request and redis.call('GET', KEYS[request[2]])
@@ -209,60 +322,85 @@ for i = 1, #ordering do
     out[#out + 1] = 0
     out[#out + 1] = 0
     out[#out + 1] = 0
+    if sent_keys then out[#out + 1] = '' end
     replays[#replays + 1] = earlier
   else
     local prefs = orderings[ordering[i] + 1]
-    local action = 0
+    local greedy, first = false, prefs[1]
     for _, candidate in ipairs(prefs) do
       if candidate == 0 then break end
-      if prices[candidate] and fits(reservation(i, candidate)) then
-        action = candidate
+      local found = offer(candidate)
+      if found and grantable(i, found) then
+        greedy = found
+        if candidate == first then first = nil end
         break
       end
     end
     local flag = 1
-    if prefs[1] and prefs[1] ~= 0 and action ~= prefs[1] then flag = 2 end
-    local probability, explored
-    action, probability, explored = behave(i, action)
+    if first and first ~= 0 then flag = 2 end -- the preferred offer did not fit
+    local chosen, probability, explored = behave(i, greedy)
     if held_out[i] then flag, new_held_out = 1, new_held_out + 1 end
     if explored then new_explored = new_explored + 1 end
-    local cost, reserve, var, predicted = 0, 0, 0, 0
-    if action ~= 0 then
-      cost = prices[action]
-      reserve, var, predicted = reservation(i, action)
+    local action, cost, reserve, var, predicted = 0, 0, 0, 0, 0
+    if chosen then
+      action = chosen[1]
+      reserve, var, predicted, cost = offer_reservation(i, chosen)
+      for k = 2, #chosen do
+        local a = chosen[k]
+        if left[a] then
+          left[a] = left[a] - 1
+          taken[a] = (taken[a] or 0) + 1
+        end
+      end
     end
     new_reserved = new_reserved + reserve
-    if action ~= 0 then new_face = new_face + cost end
+    new_face = new_face + cost
     new_variance = new_variance + var
     new_predicted = new_predicted + predicted
     new_count = new_count + 1
+    local action_field, coupons, faces, answer, cost_field = action, nil, nil, nil, cost_text[action]
+    if catalog or sent_keys then
+      action_field, coupons, faces, answer = parts_of(i, chosen)
+      cost_field = fmt('%d', cost)
+      if not catalog then action_field = action end -- a campaign without a catalog records as before
+    end
     fields[#fields + 1] = i - 1
-    fields[#fields + 1] = record_head(action, reserve, var, predicted, probability, explored, held_out[i]) .. tails[i]
+    fields[#fields + 1] = record_head(action_field, cost, reserve, var, predicted, probability, explored, held_out[i])
+      .. tails[i]
     if logging then
       local n = #logged + 1
       local request_length, rest = string.match(tails[i], '^(%d+)\t()')
       local user = string.sub(tails[i], rest + tonumber(request_length) + 1)
       logged[n], log_users[n], log_user_bytes[n] = i - 1, user, #user
-      log_actions[n], log_costs[n], log_chances[n] = action, cost_text[action], decimal(probability)
+      log_actions[n], log_costs[n], log_chances[n] = action, cost_field, decimal(probability)
       log_explored[n], log_holdout[n] = explored and '1' or '0', held_out[i] and '1' or '0'
       if replayable then log_rows[n] = string.sub(features, (i - 1) * row_bytes + 1, i * row_bytes) end
+      if catalog then log_coupons[n], log_coupon_costs[n] = coupons, faces end
     end
     if request then
-      redis.call('SET', KEYS[request[2]], decision_prefix .. (i - 1) .. '\t' .. action .. '\t'
-        .. cost_text[action] .. '\t' .. version .. '\t' .. lam .. '\t' .. request[3], 'PX', ARGV[3])
+      local answered = action
+      if sent_keys then answered = action .. ';' .. answer end
+      redis.call('SET', KEYS[request[2]], decision_prefix .. (i - 1) .. '\t' .. answered .. '\t'
+        .. cost_field .. '\t' .. version .. '\t' .. lam .. '\t' .. request[3], 'PX', ARGV[3])
     end
     out[#out + 1] = action
     out[#out + 1] = cost
     out[#out + 1] = flag
+    if sent_keys then out[#out + 1] = answer end
   end
 end
 if #logged > 0 then
-  log_add(campaign, log, log_max, 'kind', 'decisions', 'batch', batch, 'at_ms', now_text, 'lambda', lam,
+  local entry = {'kind', 'decisions', 'batch', batch, 'at_ms', now_text, 'lambda', lam,
     'model_version', version, 'items', table.concat(logged, ','), 'user_ids', table.concat(log_users),
     'user_id_bytes', table.concat(log_user_bytes, ','), 'actions', table.concat(log_actions, ','),
     'costs', table.concat(log_costs, ','), 'probabilities', table.concat(log_chances, ','),
     'explored', table.concat(log_explored), 'holdout', table.concat(log_holdout),
-    'features', replayable and table.concat(log_rows) or features)
+    'features', replayable and table.concat(log_rows) or features}
+  if catalog then
+    entry[#entry + 1], entry[#entry + 2] = 'coupons', table.concat(log_coupons, ',')
+    entry[#entry + 1], entry[#entry + 2] = 'coupon_costs', table.concat(log_coupon_costs, ',')
+  end
+  log_add(campaign, log, log_max, unpack(entry))
 end
 -- unpack() is bounded by the Lua C stack (8000 values): large batches go in chunks
 for first = 1, #fields, 2000 do
@@ -284,6 +422,7 @@ if new_count > 0 then
 end
 if new_held_out > 0 then redis.call('HINCRBY', campaign, 'holdout_decisions', new_held_out) end
 if new_explored > 0 then redis.call('HINCRBY', campaign, 'explored_decisions', new_explored) end
+for a, units in pairs(taken) do redis.call('HINCRBY', campaign, 'used:' .. a, units) end
 out[1] = budget - spent - reserved - new_reserved
 for _, record in ipairs(replays) do out[#out + 1] = record end
 return out

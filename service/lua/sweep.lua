@@ -1,5 +1,6 @@
 -- Release the reservations of batches whose deadline passed (status R -> X, reserved -= amount): a coupon
--- without an outcome by then was not redeemed, so it counts as issued at no cost (settle.lua).
+-- without an outcome by then was not redeemed, so it counts as issued at no cost (settle.lua), and a coupon
+-- that took a unit of stock returns it.
 -- KEYS[1] campaign hash, KEYS[2] pending zset, KEYS[3..] the record hashes of the due batches
 -- ARGV[1] now ms ('': the store's clock, Redis TIME, which reserve.lua's deadlines also read),
 --   ARGV[2..] the batch ids of KEYS[3..] (their members in the pending zset)
@@ -12,7 +13,9 @@ if ARGV[1] == '' then
 end
 local released, amount, variance, face = 0, 0, 0, 0
 local issued = {} -- action -> predicted cost of its released coupons
-local RECORD = '^(%u)\t(%d+)\t(%d+)\t([^\t]*)\t(%d+)\t(%d+)\t'
+local returned = {} -- coupon -> units of stock its released coupons return
+local RECORD = '^(%u)\t(%d+)\t(%d+)\t([^\t]*)\t(%d+)\t(%d+)([^\t]*)\t'
+local PART = '(%d+),%d+,%d+,[^,]*,(%d+),(%d)'
 for i = 3, #KEYS do
   local batch, key = ARGV[i - 1], KEYS[i]
   local deadline = redis.call('ZSCORE', pending, batch)
@@ -21,12 +24,18 @@ for i = 3, #KEYS do
     local records = redis.call('HGETALL', key)
     for j = 1, #records, 2 do
       local value = records[j + 1]
-      local status, reserved, cost, var, predicted, action = string.match(value, RECORD)
+      local status, reserved, cost, var, predicted, action, parts = string.match(value, RECORD)
       if status == 'R' then
         redis.call('HSET', key, records[j], 'X' .. string.sub(value, 2))
         amount = amount + tonumber(reserved)
         variance = variance + tonumber(var)
-        if action ~= '0' then
+        if parts ~= '' then -- a catalog campaign's record: per coupon
+          for coupon, coupon_predicted, took in string.gmatch(parts, PART) do
+            issued[coupon] = (issued[coupon] or 0) + tonumber(coupon_predicted)
+            if took == '1' then returned[coupon] = (returned[coupon] or 0) + 1 end
+          end
+          face = face + tonumber(cost)
+        elseif action ~= '0' then
           issued[action] = (issued[action] or 0) + tonumber(predicted)
           face = face + tonumber(cost)
         end
@@ -43,5 +52,6 @@ if released > 0 and redis.call('EXISTS', campaign) == 1 then
     redis.call('HINCRBY', campaign, 'issued:' .. action, string.format('%d', predicted))
     redis.call('HINCRBY', campaign, 'outstanding_predicted', string.format('%d', -predicted))
   end
+  for coupon, units in pairs(returned) do redis.call('HINCRBY', campaign, 'used:' .. coupon, -units) end
 end
 return released

@@ -29,6 +29,7 @@ from redis.asyncio.cluster import RedisCluster
 from redis.crc import key_slot
 from redis.exceptions import NoScriptError, RedisError
 
+from contract.catalog import Catalog
 from contract.keys import LOG_GROUP, Keys
 from contract.money import rounded_cents
 from service.state.context import HEADER, apply_outcome, empty_context, new_steps
@@ -41,6 +42,7 @@ from service.state.types import (
     CampaignState,
     CampaignUpdate,
     CostAboveReservation,
+    CouponCostsRefused,
     Groups,
     LogStatus,
     NewStep,
@@ -85,6 +87,12 @@ def _text(value: bytes | str | None) -> str:
     return value.decode() if isinstance(value, bytes) else (value or "")
 
 
+def _coupons(raw: bytes | str) -> list[tuple[int, int]]:
+    """A decision's coupons as reserve.lua answers them: "coupon=cents" pairs, ','-separated."""
+    text = _text(raw)
+    return [(int(a), int(c)) for a, _, c in (pair.partition("=") for pair in text.split(","))] if text else []
+
+
 def _record_tail(request_id: str | None, user_id: str) -> str:
     """The end of a decision record: byte length of the request id (the scripts count bytes), request id,
     user id."""
@@ -110,9 +118,13 @@ DECISION_FIELDS = (
 
 
 def parse_decision_record(raw: bytes) -> dict[str, str]:
-    """A decision record as reserve.lua, settle.lua and sweep.lua write it (for tests, tools, debugging)."""
+    """A decision record as reserve.lua, settle.lua and sweep.lua write it (for tests, tools, debugging); a
+    catalog campaign's record has its coupons in `parts` (reserve.lua)."""
     *fixed, request_length, free_text = raw.split(b"\t", len(DECISION_FIELDS) + 1)
     record = {name: value.decode() for name, value in zip(DECISION_FIELDS, fixed, strict=True)}
+    action, colon, parts = record["action"].partition(":")
+    if colon:
+        record["action"], record["parts"] = action, parts
     length = int(request_length)  # in bytes, as the scripts count it
     record["request_id"], record["user_id"] = free_text[:length].decode(), free_text[length + 1 :].decode()
     return record
@@ -139,7 +151,18 @@ def _parse_settings(fields: dict[str, str]) -> CampaignSettings:
         exploration_rate=_optional(fields.get("exploration_rate") or "", float) or 0.0,
         holdout_rate=_optional(fields.get("holdout_rate") or "", float) or 0.0,
         min_redemption=_optional(fields.get("min_redemption") or "", float),
+        catalog=_parse_catalog(fields.get("catalog") or ""),
     )
+
+
+@lru_cache(maxsize=256)
+def _parse_catalog(text: str) -> Catalog | None:
+    return Catalog.from_json(text) if text else None
+
+
+# the fields of a campaign's catalog, written together whenever its coupons are (a PUT without them resets
+# them: a campaign without a catalog); `bundles` and `stock` are the tables reserve.lua reads
+CATALOG_SETTINGS = ("catalog", "bundles", "stock")
 
 
 def _settings_text(update: CampaignUpdate) -> dict[str, str]:
@@ -149,6 +172,10 @@ def _settings_text(update: CampaignUpdate) -> dict[str, str]:
         text["budget"] = str(update.budget)
     if update.coupons is not None:
         text["coupons"] = json.dumps({str(a): c for a, c in sorted(update.coupons.items())})
+        catalog = update.catalog
+        text["catalog"] = "" if catalog is None else catalog.to_json()
+        text["bundles"] = "" if catalog is None else catalog.ledger_bundles()
+        text["stock"] = "" if catalog is None or not catalog.stock else catalog.ledger_stock()
     for name in OPTIONAL_SETTINGS:
         value = getattr(update, name)
         if name in update.cleared:
@@ -219,6 +246,7 @@ def _parse_campaign(
         # a campaign that never kept outstanding_face reserved only in strict mode: at face value
         outstanding=int(fields["outstanding_face"]) if "outstanding_face" in fields else int(fields["reserved"]),
         log_lost=int(fields.get("log_lost") or 0),
+        stock_used={int(name[5:]): int(value) for name, value in fields.items() if name.startswith("used:")},
     )
 
 
@@ -367,7 +395,7 @@ class StateStore:
             "1" if update.replace else "0",
             campaign_id,
             json.dumps(_settings_text(update)),
-            ",".join(OPTIONAL_SETTINGS),
+            ",".join(OPTIONAL_SETTINGS + CATALOG_SETTINGS),
         ]
         reply = await self._eval("upsert_campaign", keys, args)
         if reply is None:
@@ -508,6 +536,8 @@ class StateStore:
         }
         if batch.expected_costs is not None:
             columns["expected"] = batch.expected_costs
+        if batch.bundles is not None:
+            columns["bundles"] = batch.bundles
         keys.append(self.keys.log_key(campaign_id))
         behaviour = {
             "holdout": [position + 1 for position in batch.holdout],
@@ -534,25 +564,31 @@ class StateStore:
         if reply[0] == b"conflict":
             position = int(reply[1]) - 1
             raise RequestIdConflict(cast(str, batch.request_ids[position]), position)
-        end = 3 * users + 1
-        flags = reply[3:end:3]
+        stride = 3 if batch.bundles is None else 4  # a catalog request's items end with their coupons
+        end = stride * users + 1
+        flags = reply[3:end:stride]
         result = ReserveResult(
             decision_ids=[f"d-{batch_id}-{i}" for i in range(users)],
             user_ids=list(batch.user_ids),
-            actions=reply[1:end:3],
-            costs=reply[2:end:3],
+            actions=reply[1:end:stride],
+            costs=reply[2:end:stride],
             versions=[model_version] * users,
             lams=[lam] * users,
             new=[flag != 0 for flag in flags],
             downgraded=[flag == 2 for flag in flags],
             remaining=int(reply[0]),
+            components=None if batch.bundles is None else [_coupons(raw) for raw in reply[4:end:stride]],
         )
         if end < len(reply):  # the earlier decisions of repeated request ids (flag 0), in batch order
             replays = iter(reply[end:])
             for i in (i for i, flag in enumerate(flags) if flag == 0):
                 decision_id, action, cost, version, earlier_lam, user_id = next(replays).decode().split("\t", 5)
+                action, _, coupons = action.partition(";")
                 result.decision_ids[i], result.user_ids[i], result.actions[i] = decision_id, user_id, int(action)
                 result.costs[i], result.versions[i], result.lams[i] = int(cost), version, float(earlier_lam)
+                if result.components is not None:  # a decision made before the campaign had a catalog: one coupon
+                    single = [(int(action), int(cost))] if int(action) else []
+                    result.components[i] = _coupons(coupons) if coupons else single
         return result
 
     # ---- contexts --------------------------------------------------------------------------------
@@ -673,6 +709,8 @@ class StateStore:
         known: list[int] = []  # positions of the outcomes whose id is one this store made
         rewards = rounded_cents([outcome.reward for outcome in outcomes]).tolist()  # what the log holds
         for position, outcome in enumerate(outcomes):
+            if outcome.coupons is not None and sum(c for _, c in outcome.coupons) != outcome.cost:
+                raise ValueError(f"outcome {position}: its coupons' costs must sum to its cost")
             match = DECISION_ID.fullmatch(outcome.decision_id)
             if match is None:
                 continue
@@ -680,16 +718,28 @@ class StateStore:
             if key not in key_index:
                 keys.append(key)
                 key_index[key] = len(keys)
-            args += [outcome.cost, rewards[position], key_index[key], match[2]]
+            coupons = "" if outcome.coupons is None else ",".join(f"{a}={c}" for a, c in outcome.coupons)
+            args += [outcome.cost, rewards[position], key_index[key], match[2], coupons]
             known.append(position)
         keys.append(self.keys.log_key(campaign_id))
         args += ["" if now_ms is None else now_ms, self.log_max_entries]
         reply = await self._eval("settle", keys, args)
         if reply[0] == b"missing":
             raise CampaignNotFound(campaign_id)
-        if reply[0] == b"too_high":
+        if reply[0] in (b"too_high", b"not_component", b"ambiguous"):
             index = known[int(reply[1])]
-            raise CostAboveReservation(index, outcomes[index].cost, int(reply[2]))
+            outcome = outcomes[index]
+            if reply[0] == b"too_high":
+                coupon = int(reply[3]) if reply[3] and outcome.coupons is not None else None
+                cost = outcome.cost if coupon is None else dict(outcome.coupons or [])[coupon]
+                raise CostAboveReservation(index, cost, int(reply[2]), coupon)
+            if reply[0] == b"not_component":
+                raise CouponCostsRefused(index, f"coupon {int(reply[2])} is not one this decision granted")
+            raise CouponCostsRefused(
+                index,
+                f"the decision granted a bundle of {int(reply[2])} coupons: give each one's realised cost in "
+                "`coupons` (a cost above 0 cannot be split between them)",
+            )
         result = SettleResult(remaining=int(reply[0]), unknown=len(outcomes) - len(known))
         for position, code, user_id in zip(known, reply[1::2], reply[2::2], strict=True):
             outcome = outcomes[position]

@@ -9,6 +9,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
+from contract.catalog import Catalog
+
 UserContext = bytes  # see service.state.context
 
 
@@ -23,12 +25,26 @@ class CampaignNotFound(LookupError):
 
 
 class CostAboveReservation(ValueError):
-    """An outcome's realized cost exceeds what its decision reserved; the whole outcome batch is refused."""
+    """An outcome's realized cost exceeds what its decision reserved (for a coupon of a bundle: what that
+    coupon reserved); the whole outcome batch is refused."""
 
-    def __init__(self, index: int, cost_cents: int, reserved_cents: int) -> None:
-        super().__init__(
-            f"cost {cost_cents / 100:.2f} is above the {reserved_cents / 100:.2f} this decision's coupon costs"
-        )
+    def __init__(self, index: int, cost_cents: int, reserved_cents: int, coupon: int | None = None) -> None:
+        cost, reserved = f"{cost_cents / 100:.2f}", f"{reserved_cents / 100:.2f}"
+        if coupon is None:
+            message = f"cost {cost} is above the {reserved} this decision's coupon costs"
+        else:
+            message = f"coupon {coupon}'s cost {cost} is above the {reserved} it costs"
+        super().__init__(message)
+        self.index = index
+        self.coupon = coupon  # None: the outcome's cost; else the coupon of `coupons` whose cost is too high
+
+
+class CouponCostsRefused(ValueError):
+    """An outcome's per-coupon costs do not fit its decision: a coupon the decision did not grant, or no
+    per-coupon costs for a bundle of several coupons with a cost above 0. The whole outcome batch is refused."""
+
+    def __init__(self, index: int, message: str) -> None:
+        super().__init__(message)
         self.index = index
 
 
@@ -61,6 +77,8 @@ class CampaignSettings:
     pacing_method: str = "resolve"  # "resolve" | "descent"
     # expected mode: the smallest redemption probability a reservation assumes (None: the service's default)
     min_redemption: float | None = None
+    # the coupon catalog (contract/catalog.py); None: `coupons` alone, each coupon a bundle of its own
+    catalog: Catalog | None = None
 
     @property
     def has_plan(self) -> bool:
@@ -168,6 +186,7 @@ class CampaignState:
     log_entries: int = 0  # entries in the campaign's decision and outcome log
     outstanding: int = 0  # face value (cents) of the coupons granted and neither settled nor expired
     log_lost: int = 0  # log entries trimmed before the exporter read them (docs/state.md)
+    stock_used: dict[int, int] = field(default_factory=dict)  # coupon -> units of its stock held or redeemed
 
     @property
     def budget(self) -> int:
@@ -215,6 +234,7 @@ class CampaignUpdate:
     holdout_rate: float | None = None
     pacing_method: str | None = None
     min_redemption: float | None = None
+    catalog: Catalog | None = None  # with `coupons`: the catalog they come from (None: a plain campaign)
     cleared: frozenset[str] = frozenset()
 
 
@@ -248,12 +268,16 @@ class ReserveBatch:
     holdout: list[int] = field(default_factory=list)  # positions of the holdout users
     explore: list[tuple[int, float]] = field(default_factory=list)  # (position, draw) of the exploring users
     expected_costs: list[list[int]] | None = None  # per user, as ReserveItem.expected_costs ([]: none)
+    # a catalog campaign's request: the bundle keys (contract/catalog.py `Bundle.key`) that the preference
+    # lists name by position (1-based; 0 no coupon); None: the lists name coupon actions
+    bundles: list[str] | None = None
 
     def __len__(self) -> int:
         return len(self.user_ids)
 
     @staticmethod
-    def of(items: Sequence[ReserveItem]) -> ReserveBatch:
+    def of(items: Sequence[ReserveItem], bundles: list[str] | None = None) -> ReserveBatch:
+        """The batch of these items; `bundles`: the bundle keys their preferences name by position."""
         if len({len(item.features) for item in items}) > 1:
             raise ValueError("every reserve item must carry features of the same length (float32 rows)")
         orderings: dict[tuple[int, ...], int] = {}
@@ -273,6 +297,7 @@ class ReserveBatch:
             expected_costs=[item.expected_costs or [] for item in items]
             if any(item.expected_costs for item in items)
             else None,
+            bundles=bundles,
         )
 
 
@@ -300,6 +325,8 @@ class ReserveResult:
     new: list[bool]  # False: an earlier decision returned again for a repeated request_id
     downgraded: list[bool]  # the preferred coupon did not fit the remaining budget
     remaining: int
+    # a catalog request's: per decision, its coupons and their costs in cents ([] no coupon); None otherwise
+    components: list[list[tuple[int, int]]] | None = None
 
     @property
     def decisions(self) -> list[ReservedDecision]:
@@ -359,6 +386,8 @@ class Outcome:
     decision_id: str
     reward: float  # currency units, any precision: the store logs and counts it in cents, rounded half up
     cost: int  # cents
+    # each coupon's realised cost (coupon, cents), summing to `cost`; None: not given
+    coupons: list[tuple[int, int]] | None = None
 
 
 @dataclass

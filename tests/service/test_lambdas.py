@@ -8,6 +8,7 @@ from dataclasses import replace
 import numpy as np
 import pytest
 
+from contract.catalog import Catalog
 from model_store import LambdaPoint, Manifest
 from service.lambdas import resolve_lambda
 from service.scoring import ScoreTerms
@@ -76,3 +77,22 @@ def test_resolve_gives_way_without_an_allowance_or_a_scored_user() -> None:
 def test_pacing_starts_from_the_rules_below_it(paced: PacedState | None) -> None:
     config = campaign(paced, expected_users=100, **PLAN)
     assert resolve_lambda(config, MANIFEST, TERMS, paced=False) == (0.25, "calibration")
+
+
+def test_resolve_plans_a_catalogs_bundles_by_their_coupons_expected_costs() -> None:
+    """A bundle spends the sum of its coupons' expected costs: the bundle of 1 and 2 (5 + 3 euros expected)
+    is priced out of a 6-euro allowance where each coupon alone would not be."""
+    terms = ScoreTerms(
+        np.array([[0.0, 10.0, 10.0]]), np.array([[0.0, 10.0, 10.0]]), np.array([[0, 500, 300]], np.int64)
+    )
+    manifest = replace(MANIFEST, num_actions=3)
+    plain = Catalog.of_costs({1: 1000, 2: 1000})
+    bundled = Catalog.build(plain.coupons, [[1], [2], [1, 2]])
+    paced = PacedState(lam=2.0, allowance=600.0, ratios={})
+    base = campaign(paced, coupons={1: 1000, 2: 1000}, **PLAN)
+    alone, source = resolve_lambda(base, manifest, terms, pacing_lambda_max=50.0)
+    both, _ = resolve_lambda(
+        replace(base, settings=replace(base.settings, catalog=bundled)), manifest, terms, pacing_lambda_max=50.0
+    )
+    assert source == "resolve" and alone == 0.0  # 5 euros, the best coupon alone, fits 6
+    assert both == pytest.approx(1.0, abs=1e-5)  # above 1, each coupon loses and the bundle of both with them

@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from service.state import CampaignUpdate, ReserveItem, ReserveResult
+from service.state import CampaignUpdate, ReserveBatch, ReserveItem, ReserveResult
 from service.state.store import StateStore
 
 Scenario = Callable[[StateStore], Awaitable[Any]]
@@ -42,7 +42,11 @@ def put(budget: int, coupons: dict[int, int] | None = None, **kw: Any) -> Campai
 
 
 async def reserve(
-    store: StateStore, campaign: str, items: list[ReserveItem], now: int | None = None, expiry_ms: int = DAY_MS
+    store: StateStore,
+    campaign: str,
+    items: list[ReserveItem] | ReserveBatch,
+    now: int | None = None,
+    expiry_ms: int = DAY_MS,
 ) -> ReserveResult:
     return await store.reserve(
         campaign,
