@@ -326,7 +326,7 @@ def train_windows(
         raise ValueError(
             f"window shards hold the value objective's windows: train objective {cfg.objective!r} on --logs"
         )
-    if int(manifest["context_length"]) != cfg.context_length:  # type: ignore[call-overload]
+    if int(manifest["context_length"]) != cfg.context_length:
         raise ValueError(
             f"the windows in {root} are {manifest['context_length']} steps long and the model's context is "
             f"{cfg.context_length}: build windows of that length (saco windows --context-length)"
@@ -337,14 +337,14 @@ def train_windows(
     device = _device(distributed)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    files: list[dict[str, Any]] = manifest["files"]  # type: ignore[assignment]
+    files: list[dict[str, Any]] = manifest["files"]
     if len(files) < world:
         raise ValueError(f"{len(files)} shards for {world} processes: write at least one shard per process")
     readers = {
         s: ShardReader(root / files[s]["file"]) for s in rank_shards(len(files), rank, world) if files[s]["windows"]
     }
-    rtg_scale, ctg_scale = float(manifest["rtg_scale"]), float(manifest["ctg_scale"])  # type: ignore[arg-type]
-    initial_rtg, initial_ctg = float(manifest["initial_rtg"]), float(manifest["initial_ctg"])  # type: ignore[arg-type]
+    rtg_scale, ctg_scale = float(manifest["rtg_scale"]), float(manifest["ctg_scale"])
+    initial_rtg, initial_ctg = float(manifest["initial_rtg"]), float(manifest["initial_ctg"])
     mine = [
         shard_stats(reader, s, cfg.seed, cfg.val_fraction, rtg_scale, ctg_scale, cfg.read_windows)
         for s, reader in readers.items()
@@ -368,7 +368,7 @@ def train_windows(
     targets = (initial_rtg, initial_ctg, cfg.max_timestep)  # WindowSteps.batch's last arguments
 
     torch.manual_seed(cfg.seed)
-    feature_names: list[str] = manifest["feature_names"]  # type: ignore[assignment]
+    feature_names: list[str] = manifest["feature_names"]
     model = SacoTransformer(cfg.model_config(len(feature_names), _action_space(stats.num_actions, cfg.num_actions)))
     model.set_normalisation(torch.from_numpy(stats.state_mean), torch.from_numpy(stats.state_std), rtg_scale, ctg_scale)
     value_weights = _value_weights(stats.target_var, cfg).to(device)
