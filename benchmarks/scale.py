@@ -215,8 +215,8 @@ def report(results: list[dict[str, Any]]) -> None:
     for name in ("windows", "calibrate"):
         per_row = [(rows, sized[rows][name]["us_per_row"]) for rows in sorted(sized) if rows >= 1_000_000]
         if len(per_row) > 1:
-            ratio = max(p for _, p in per_row) / min(p for _, p in per_row)
-            print(f"{name}: time per row from {per_row[0][0]:,} to {per_row[-1][0]:,} rows within {ratio:.2f}x")
+            (first, a), (last, b) = per_row[0], per_row[-1]
+            print(f"{name}: {a:.2f} µs per row at {first:,} rows, {b:.2f} at {last:,} rows (x{b / a:.2f})")
     over = [
         (r["rows"], name, r[name]["peak_mb"])
         for r in results

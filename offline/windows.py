@@ -567,9 +567,8 @@ def _spark_windows(
         F.col("_metadata.file_path").alias(_FILE),
         F.col("_metadata.row_index").alias(_INDEX),
     )
-    schema = _checked_schema(feature_names)
-    ddl = ", ".join(f"{f.name} {'string' if f.type == pa.string() else f.type}" for f in schema)
-    ddl = ddl.replace("int64", "long")
+    spark_types = {pa.string(): "string", pa.int64(): "long", pa.float64(): "double"}
+    ddl = ", ".join(f"{f.name} {spark_types[f.type]}" for f in _checked_schema(feature_names))
     checked = log.mapInArrow(
         functools.partial(_spark_checked, offsets=offsets, feature_names=feature_names, shards=shards),
         f"{ddl}, shard long",

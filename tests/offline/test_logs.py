@@ -84,3 +84,16 @@ def test_write_is_atomic_on_failure(tmp_path: Path) -> None:
     with pytest.raises(ValueError):
         write_logs(pa.table({"a": [1]}), tmp_path / "out.json")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_subset_of_users_keeps_their_rows_in_order_repeats_included() -> None:
+    n = np.array([3, 1, 4, 2])  # users of different lengths
+    user = np.repeat(np.arange(4), n)
+    t = np.concatenate([np.arange(k) for k in n])
+    table = logs_table(np.char.add("u", user.astype(str)), t, t % 2, 0.0 * t, 1.0 * t, np.stack([user, t], axis=1))
+    logs = validate_table(table)
+    part = logs.subset_users(np.array([2, 0, 2]))
+    assert part.user.tolist() == [0] * 4 + [1] * 3 + [2] * 4 and part.user_ids.tolist() == ["u2", "u0", "u2"]
+    assert part.features[:, 0].tolist() == [2] * 4 + [0] * 3 + [2] * 4
+    assert part.t.tolist() == [0, 1, 2, 3, 0, 1, 2, 0, 1, 2, 3]
+    assert logs.subset_users(np.zeros(0, np.int64)).n_rows == 0
