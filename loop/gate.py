@@ -2,13 +2,15 @@
 
 Two pieces of evidence, both required:
 
-1. **Off-policy estimate at the operating point, on logged traffic.** On the decisions of held-out users (never
-   trained on), each model's choice is computed from the logged context (the user's logged history, as the
-   service builds it). The incumbent is scored at the lambdas it served at; the candidate at the lambda whose
-   estimated spend per decision meets the incumbent's estimated spend (or a given target, e.g. a campaign's
-   plan): a monotone search over lambda on the same logged decisions (spend falls as lambda rises), starting
-   from the incumbent's lambda. Comparing both at the logged lambda would compare two different operating
-   points, as a candidate may spend much more or less there; recalibration moves it to this one anyway.
+1. **Off-policy estimate at the operating point, on logged traffic.** On logged decisions that neither model
+   trained on (the `Evidence` parts: held-out users' decisions, and decisions new to the incumbent, each scored
+   with a candidate that never saw them; `loop.retrain.EvidencePlan`), each model's choice is computed from the
+   logged context (the user's logged history, as the service builds it). The incumbent is scored at the lambdas
+   it served at; the candidate at the lambda whose estimated spend per decision meets the incumbent's estimated
+   spend (or a given target, e.g. a campaign's plan): a monotone search over lambda on the same logged
+   decisions (spend falls as lambda rises), starting from the incumbent's lambda. Comparing both at the logged
+   lambda would compare two different operating points, as a candidate may spend much more or less there;
+   recalibration moves it to this one anyway.
 
    Both models' revenue and cost per decision are estimated with the same weights by a doubly robust
    estimator: the direct model (the learned environment's expected reward and cost of every action at every
@@ -27,9 +29,10 @@ Two pieces of evidence, both required:
    incumbent's there; the value is priced the same way.
 
 The candidate is promoted only if the lower bound of the difference is at least
-``-tolerance * |incumbent's estimate|`` (the candidate is, with 95% confidence, not worse than the incumbent by
-more than the tolerance), its effective sample size (Kish: ``sum(w)^2 / sum(w^2)``) is at least ``min_ess``,
-and its value in the learned environment is at least the incumbent's minus the same relative tolerance.
+``-tolerance * incumbent's revenue`` per decision (with 95% confidence, the candidate earns at equal spend no
+less than the incumbent less the tolerance), its effective sample size (Kish: ``sum(w)^2 / sum(w^2)``) is at
+least ``min_ess``, and its value in the learned environment is at least the incumbent's less the same share of
+the incumbent's revenue there.
 """
 
 from __future__ import annotations

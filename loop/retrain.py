@@ -167,15 +167,17 @@ class EvidencePlan:
         }
 
 
-def evidence_plan(logs: Logs, table: pa.Table, incumbent: Artifact | None, cfg: RetrainConfig) -> EvidencePlan:
-    """The plan for `logs` (rows aligned with `table`'s)."""
-    held = is_eval_user(logs.user_ids, cfg.eval_fraction)[logs.user]
+def evidence_plan(
+    logs: Logs, table: pa.Table, cutoff_ms: int | None, eval_fraction: float, cross_fit: bool = True
+) -> EvidencePlan:
+    """The plan for `logs` (rows aligned with `table`'s: its ``decided_at_ms``), `cutoff_ms` the incumbent's
+    `trained_until_ms` (None: no incumbent, nothing is new)."""
+    held = is_eval_user(logs.user_ids, eval_fraction)[logs.user]
     decided = table.column("decided_at_ms").to_numpy(zero_copy_only=False).astype(np.int64)
-    cutoff = trained_until_ms(incumbent) if incumbent is not None else None
     new = np.zeros(logs.n_rows, dtype=bool)
-    if cutoff is not None and cfg.cross_fit:
-        new = (decided > cutoff) & ~held
-    return EvidencePlan(held, new, half_of(logs.user_ids)[logs.user], decided, cutoff)
+    if cutoff_ms is not None and cross_fit:
+        new = (decided > cutoff_ms) & ~held
+    return EvidencePlan(held, new, half_of(logs.user_ids)[logs.user], decided, cutoff_ms)
 
 
 def _check_candidate(result: TrainResult, incumbent: Artifact | None) -> None:
@@ -432,7 +434,8 @@ def retrain_once(
             )
         all_logs = validate_table(labelled)
         incumbent_artifact = store.load(incumbent) if incumbent is not None else None
-        plan = evidence_plan(all_logs, labelled, incumbent_artifact, cfg)
+        cutoff = trained_until_ms(incumbent_artifact) if incumbent_artifact is not None else None
+        plan = evidence_plan(all_logs, labelled, cutoff, cfg.eval_fraction, cfg.cross_fit)
         coupons: dict[str, list[int]] = {}
         if incumbent_artifact is None and cfg.admin_url is not None:
             logged_campaigns = sorted(set(labelled.column("campaign_id").to_pylist()))
