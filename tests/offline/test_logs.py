@@ -84,3 +84,15 @@ def test_write_is_atomic_on_failure(tmp_path: Path) -> None:
     with pytest.raises(ValueError):
         write_logs(pa.table({"a": [1]}), tmp_path / "out.json")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_row_subset_keeps_its_users_in_order_and_drops_the_empty_ones() -> None:
+    users = np.array(["a", "a", "a", "b", "b", "c"])
+    logs = validate_table(
+        logs_table(users, np.array([0, 1, 2, 0, 1, 0]), np.arange(6) % 2, np.zeros(6), np.arange(6.0), np.ones((6, 1)))
+    )
+    sub = logs.subset_rows(np.array([True, True, False, False, False, True]))  # a's first two rows, c's
+    assert list(sub.user_ids) == ["a", "c"] and list(sub.user) == [0, 0, 1]
+    assert list(sub.t) == [0, 1, 0] and list(sub.reward) == [0.0, 1.0, 5.0]
+    with pytest.raises(ValueError, match="6 rows"):
+        logs.subset_rows(np.ones(5, dtype=bool))
