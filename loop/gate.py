@@ -2,13 +2,15 @@
 
 Two pieces of evidence, both required:
 
-1. **Off-policy estimate at the operating point, on logged traffic.** On the decisions of held-out users (never
-   trained on), each model's choice is computed from the logged context (the user's logged history, as the
-   service builds it). The incumbent is scored at the lambdas it served at; the candidate at the lambda whose
-   estimated spend per decision meets the incumbent's estimated spend (or a given target, e.g. a campaign's
-   plan): a monotone search over lambda on the same logged decisions (spend falls as lambda rises), starting
-   from the incumbent's lambda. Comparing both at the logged lambda would compare two different operating
-   points, as a candidate may spend much more or less there; recalibration moves it to this one anyway.
+1. **Off-policy estimate at the operating point, on logged traffic.** On logged decisions that neither model
+   trained on (the `Evidence` parts: held-out users' decisions, and decisions new to the incumbent, each scored
+   with a candidate that never saw them; `loop.retrain.EvidencePlan`), each model's choice is computed from the
+   logged context (the user's logged history, as the service builds it). The incumbent is scored at the lambdas
+   it served at; the candidate at the lambda whose estimated spend per decision meets the incumbent's estimated
+   spend (or a given target, e.g. a campaign's plan): a monotone search over lambda on the same logged
+   decisions (spend falls as lambda rises), starting from the incumbent's lambda. Comparing both at the logged
+   lambda would compare two different operating points, as a candidate may spend much more or less there;
+   recalibration moves it to this one anyway.
 
    Both models' revenue and cost per decision are estimated with the same weights by a doubly robust
    estimator: the direct model (the learned environment's expected reward and cost of every action at every
@@ -27,9 +29,10 @@ Two pieces of evidence, both required:
    incumbent's there; the value is priced the same way.
 
 The candidate is promoted only if the lower bound of the difference is at least
-``-tolerance * |incumbent's estimate|`` (the candidate is, with 95% confidence, not worse than the incumbent by
-more than the tolerance), its effective sample size (Kish: ``sum(w)^2 / sum(w^2)``) is at least ``min_ess``,
-and its value in the learned environment is at least the incumbent's minus the same relative tolerance.
+``-tolerance * incumbent's revenue`` per decision (with 95% confidence, the candidate earns at equal spend no
+less than the incumbent less the tolerance), its effective sample size (Kish: ``sum(w)^2 / sum(w^2)``) is at
+least ``min_ess``, and its value in the learned environment is at least the incumbent's less the same share of
+the incumbent's revenue there.
 """
 
 from __future__ import annotations
@@ -389,16 +392,38 @@ def direct_model(env: LogEnvironment, logs: Logs) -> tuple[np.ndarray, np.ndarra
     return p * reward, p * cost
 
 
-def logged_decisions(logs: Logs, table: pa.Table, env: LogEnvironment | None) -> tuple[LoggedDecisions, np.ndarray]:
-    """The gate's evidence from `logs` (held out) and their `table` (aligned rows: lambda, probability, holdout):
-    the decisions not in the holdout group, and the mask of those rows."""
+@dataclass
+class Evidence:
+    """One part of the gate's evidence: the logs of some users (whole trajectories: the models' context), the rows
+    among them that are evidence (the others are context only), aligned rows of their logging `table` (lambda,
+    probability, holdout), the candidate that never trained on the evidence rows and the direct model (the
+    environment learned without them; None: IPS)."""
+
+    candidate: Artifact
+    logs: Logs
+    table: pa.Table
+    rows: np.ndarray  # [logs.n_rows] bool
+    env: LogEnvironment | None = None
+
+    def __post_init__(self) -> None:
+        if self.table.num_rows != self.logs.n_rows or self.rows.shape != (self.logs.n_rows,):
+            raise ValueError(
+                f"logs ({self.logs.n_rows} rows), table ({self.table.num_rows}) and rows {self.rows.shape} must align"
+            )
+
+
+def logged_decisions(part: Evidence, doubly_robust: bool = True) -> tuple[LoggedDecisions, np.ndarray]:
+    """The decisions of `part` that are evidence (its rows, less the holdout group's: their action was not the
+    policy's), and the mask of those rows."""
+    table = part.table
     lam = table.column("lambda").to_numpy(zero_copy_only=False).astype(np.float64)
     probability = table.column("probability").to_numpy(zero_copy_only=False).astype(np.float64)
-    scored = ~table.column("holdout").to_numpy(zero_copy_only=False).astype(bool)
+    scored = part.rows & ~table.column("holdout").to_numpy(zero_copy_only=False).astype(bool)
     expected_reward = expected_cost = None
-    if env is not None:
-        q_r, q_c = direct_model(env, logs)
+    if part.env is not None and doubly_robust:
+        q_r, q_c = direct_model(part.env, part.logs)
         expected_reward, expected_cost = q_r[scored], q_c[scored]
+    logs = part.logs
     decisions = LoggedDecisions(
         action=logs.action[scored],
         probability=probability[scored],
@@ -411,32 +436,52 @@ def logged_decisions(logs: Logs, table: pa.Table, env: LogEnvironment | None) ->
     return decisions, scored
 
 
+def _concatenate(parts: list[LoggedDecisions]) -> LoggedDecisions:
+    direct = all(p.expected_reward is not None for p in parts)
+
+    def cat(name: str) -> np.ndarray:
+        return np.concatenate([getattr(p, name) for p in parts])
+
+    return LoggedDecisions(
+        action=cat("action"),
+        probability=cat("probability"),
+        reward=cat("reward"),
+        cost=cat("cost"),
+        lam=cat("lam"),
+        expected_reward=cat("expected_reward") if direct else None,
+        expected_cost=cat("expected_cost") if direct else None,
+    )
+
+
 def off_policy_comparison(
-    artifacts: dict[str, Artifact],
-    logs: Logs,
-    table: pa.Table,
-    env: LogEnvironment | None,
+    parts: list[Evidence],
+    incumbent: Artifact,
     cfg: GateConfig,
     target_cost: float | None = None,
 ) -> OffPolicyComparison:
-    """`compare_at_equal_spend` of the candidate and the incumbent artifacts on `logs` (held out), whose rows align
-    with `table`'s; `env` (None: IPS alone) is the direct model."""
-    decisions, scored = logged_decisions(logs, table, env if cfg.doubly_robust else None)
-    n_rows = logs.n_rows
+    """`compare_at_equal_spend` of the candidates (each on its own part of the evidence: together, one policy)
+    and the incumbent on every part."""
+    if not parts:
+        raise ValueError("the gate needs evidence")
+    scored_parts = [logged_decisions(p, cfg.doubly_robust) for p in parts]
+    decisions = _concatenate([d for d, _ in scored_parts])
+    sizes = [d.n for d, _ in scored_parts]
+    bounds = np.cumsum([0, *sizes])
 
-    def choices(artifact: Artifact) -> Choices:
-        model = ModelChoices(artifact, logs)
-
+    def choices(models: list[ModelChoices]) -> Choices:
         def at(lam: np.ndarray) -> np.ndarray:
-            full = np.zeros(n_rows)
-            full[scored] = lam  # holdout rows are scored at lambda 0 and dropped
-            return model(full)[scored]
+            out = []
+            for k, (model, (_, scored)) in enumerate(zip(models, scored_parts, strict=True)):
+                full = np.zeros(len(scored))
+                full[scored] = lam[bounds[k] : bounds[k + 1]]  # rows that are not evidence: context only
+                out.append(model(full)[scored])
+            return np.concatenate(out) if out else np.zeros(0, dtype=np.int64)
 
         return at
 
-    return compare_at_equal_spend(
-        decisions, choices(artifacts["candidate"]), choices(artifacts["incumbent"]), cfg, target_cost
-    )
+    candidates = choices([ModelChoices(p.candidate, p.logs) for p in parts])
+    incumbents = choices([ModelChoices(incumbent, p.logs) for p in parts])
+    return compare_at_equal_spend(decisions, candidates, incumbents, cfg, target_cost)
 
 
 def environment_values(
@@ -494,8 +539,9 @@ class GateResult:
     metrics: dict[str, Any] = field(default_factory=dict)
 
 
-def _not_worse(candidate: float, incumbent: float, tolerance: float) -> bool:
-    return candidate >= incumbent - tolerance * abs(incumbent)
+def _not_worse(candidate: float, incumbent: float, revenue: float, tolerance: float) -> bool:
+    """Whether the candidate's value is at least the incumbent's less `tolerance` of the incumbent's revenue."""
+    return candidate >= incumbent - tolerance * abs(revenue)
 
 
 def decide(comparison: OffPolicyComparison, env: dict[str, dict[str, float]] | None, cfg: GateConfig) -> GateResult:
@@ -505,7 +551,7 @@ def decide(comparison: OffPolicyComparison, env: dict[str, dict[str, float]] | N
     cand_value, inc_value = cand.estimate.value(lam_ref), inc.value(lam_ref)
     reasons: list[str] = []
     ok = True
-    allowed = -cfg.tolerance * abs(inc_value)
+    allowed = -cfg.tolerance * abs(inc.revenue)
     if not cand.estimate.ess >= cfg.min_ess:
         ok = False
         reasons.append(
@@ -516,35 +562,41 @@ def decide(comparison: OffPolicyComparison, env: dict[str, dict[str, float]] | N
         ok = False
         reasons.append(
             f"off-policy lower bound of candidate minus incumbent {difference.lower:.4f} per decision at equal "
-            f"spend is below the tolerance {allowed:.4f} ({cfg.tolerance:.0%} of the incumbent's {inc_value:.4f}): "
-            f"the candidate ({cand_value:.4f}) may be worse than the incumbent"
+            f"spend is below the tolerance {allowed:.4f} ({cfg.tolerance:.0%} of the incumbent's revenue "
+            f"{inc.revenue:.4f}): the candidate ({cand_value:.4f} against {inc_value:.4f}) may be worse than the "
+            "incumbent"
         )
     else:
         reasons.append(
             f"off-policy lower bound of candidate minus incumbent {difference.lower:.4f} per decision at equal "
-            f"spend >= {allowed:.4f} ({cfg.tolerance:.0%} of the incumbent's {inc_value:.4f})"
+            f"spend >= {allowed:.4f} ({cfg.tolerance:.0%} of the incumbent's revenue {inc.revenue:.4f})"
         )
     if not cand.matched:
         reasons.append(f"the candidate's spend could not be matched to the incumbent's: {cand.reason}")
     if env is not None:
-        c, i = env["candidate"]["value"], env["incumbent"]["value"]
-        if _not_worse(c, i, cfg.tolerance):
+        c, i, revenue = env["candidate"]["value"], env["incumbent"]["value"], env["incumbent"]["revenue"]
+        if _not_worse(c, i, revenue, cfg.tolerance):
             reasons.append(
                 f"learned environment at equal spend: value per user {c:.4f} >= incumbent {i:.4f} minus "
-                f"{cfg.tolerance:.0%}"
+                f"{cfg.tolerance:.0%} of its revenue {revenue:.4f}"
             )
         else:
             ok = False
             reasons.append(
                 f"learned environment at equal spend: value per user {c:.4f} is below the incumbent's {i:.4f} "
-                f"by more than the tolerance {cfg.tolerance:.0%}"
+                f"by more than the tolerance, {cfg.tolerance:.0%} of its revenue {revenue:.4f}"
             )
     metrics: dict[str, Any] = {
         "off_policy": {
             "candidate": cand.estimate.to_json(lam_ref, cfg.z),
             "incumbent": inc.to_json(lam_ref, cfg.z),
         },
-        "off_policy_difference": difference.to_json(),
+        "off_policy_difference": {
+            **difference.to_json(),
+            # relative to the incumbent's revenue per decision: what the tolerance is a share of
+            "relative": difference.difference / abs(inc.revenue) if inc.revenue else None,
+            "relative_stderr": difference.stderr / abs(inc.revenue) if inc.revenue else None,
+        },
         "operating_point": comparison.to_json(cfg.z),
         "tolerance": cfg.tolerance,
     }
@@ -554,20 +606,20 @@ def decide(comparison: OffPolicyComparison, env: dict[str, dict[str, float]] | N
 
 
 def gate_candidate(
-    artifacts: dict[str, Artifact],
-    logs: Logs,
-    table: pa.Table,
-    env: LogEnvironment | None,
+    parts: list[Evidence],
+    incumbent: Artifact,
     cfg: GateConfig,
     *,
     environment_check: bool = True,
     target_cost: float | None = None,
     seed: int = 0,
 ) -> GateResult:
-    """The gate on held-out `logs` (rows aligned with `table`'s), `env` the environment learned from the
-    training logs (the direct model and the second evidence; None: IPS alone, no environment check)."""
-    comparison = off_policy_comparison(artifacts, logs, table, env, cfg, target_cost)
+    """The gate on the evidence `parts` (see `off_policy_comparison`); the learned environment check runs the
+    first part's candidate (the one published) in that part's environment (None: no environment check)."""
+    comparison = off_policy_comparison(parts, incumbent, cfg, target_cost)
     env_values = None
-    if environment_check and env is not None:
-        env_values = environment_values(artifacts, env, comparison.lam_ref, seed=seed)
+    first = parts[0]
+    if environment_check and first.env is not None:
+        artifacts = {"candidate": first.candidate, "incumbent": incumbent}
+        env_values = environment_values(artifacts, first.env, comparison.lam_ref, seed=seed)
     return decide(comparison, env_values, cfg)

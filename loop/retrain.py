@@ -16,22 +16,27 @@ from __future__ import annotations
 
 import datetime as dt
 import math
+import tempfile
 import time
 import traceback
 import zlib
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+import pyarrow as pa
 
 from loop.data import DAY_MS, DelayConfig, joined_decisions, label_outcomes
-from loop.gate import GateConfig, gate_candidate
+from loop.gate import Evidence, GateConfig, gate_candidate
 from model_store import Artifact, ModelStore
 from offline.jsonsafe import json_safe
 from offline.logs import Logs, LogValidationError, validate_table
 from offline.train import TrainConfig, TrainResult, train
+
+if TYPE_CHECKING:
+    from offline.env import LogEnvironment
 
 Trainer = Callable[[Logs], TrainResult]
 
@@ -49,6 +54,7 @@ class RetrainConfig:
     gate: GateConfig = field(default_factory=GateConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval_fraction: float = 0.2  # users held out of training, on whom the gate evaluates
+    cross_fit: bool = True  # decisions new to the incumbent are evidence too, through two cross-fitted candidates
     environment_check: bool = True
     now_ms: int | None = None  # default: the clock
     seed: int = 0
@@ -67,6 +73,7 @@ class RetrainConfig:
             "gate": asdict(self.gate),
             "epochs": self.train.epochs,
             "eval_fraction": self.eval_fraction,
+            "cross_fit": self.cross_fit,
             "campaigns": self.campaigns,
             "warm_start": self.warm_start,
             "keep_refused": self.keep_refused,
@@ -79,13 +86,107 @@ def is_eval_user(user_ids: np.ndarray, fraction: float) -> np.ndarray:
     return np.array([zlib.crc32(u.encode()) % 10_000 < cut for u in user_ids], dtype=bool)
 
 
-def _split(logs: Logs, fraction: float) -> tuple[np.ndarray, np.ndarray]:
-    held = is_eval_user(logs.user_ids, fraction)
-    return np.flatnonzero(~held), np.flatnonzero(held)
+def half_of(user_ids: np.ndarray) -> np.ndarray:
+    """Each user's half (0 or 1) for cross-fitting: a stable hash of the id, independent of `is_eval_user`'s."""
+    return np.array([zlib.crc32(b"half:" + u.encode()) & 1 for u in user_ids], dtype=np.int64)
 
 
-def _rows_of(logs: Logs, users: np.ndarray) -> np.ndarray:
-    return np.isin(logs.user, users)
+def trained_until_ms(artifact: Artifact) -> int:
+    """When the newest decision the model trained on was made (`saco retrain` records it), else when the model was
+    created: decisions made after it are new to the model."""
+    until = (artifact.manifest.metrics.get("trained_on") or {}).get("until_ms")
+    if until is not None:
+        return int(until)
+    created = dt.datetime.fromisoformat(artifact.manifest.created_at)
+    if created.tzinfo is None:
+        created = created.replace(tzinfo=dt.UTC)
+    return int(created.timestamp() * 1000)
+
+
+@dataclass
+class EvidencePlan:
+    """Which decisions train which candidate, and which are the gate's evidence (docs/learning_loop.md, "The gate").
+
+    Held-out users (`is_eval_user`) never train a candidate: all their decisions are evidence. The decisions of
+    the other users made after the newest one the incumbent trained on are new to it; when there are any (and
+    cross-fitting is on), the run trains two candidates, each on every other decision less the new ones of one
+    half of the users (`half_of`), and each half's new decisions are evidence against the candidate that never
+    saw them. The first candidate (trained on the second half's new decisions) is the one published."""
+
+    held: np.ndarray  # [rows] bool: a held-out user's decision
+    new: np.ndarray  # [rows] bool: made after the newest decision the incumbent trained on (not held out)
+    half: np.ndarray  # [rows] the user's half
+    decided: np.ndarray  # [rows] decided_at_ms
+    cutoff_ms: int | None  # the incumbent's newest training decision; None: no incumbent
+
+    @property
+    def cross_fit(self) -> bool:
+        return bool(self.new.any())
+
+    @property
+    def train_rows(self) -> list[np.ndarray]:
+        if not self.cross_fit:
+            return [~self.held]
+        return [~self.held & ~(self.new & (self.half == k)) for k in (0, 1)]
+
+    def evidence_rows(self, k: int) -> np.ndarray:
+        rows = self.new & (self.half == k)
+        return rows | self.held if k == 0 else rows
+
+    @property
+    def held_out_decisions(self) -> int:
+        return int(self.held.sum())
+
+    @property
+    def new_decisions(self) -> int:
+        return int(self.new.sum())
+
+    @property
+    def evidence_decisions(self) -> int:
+        return self.held_out_decisions + self.new_decisions
+
+    def evidence(
+        self, k: int, logs: Logs, table: pa.Table, candidate: Artifact, env: LogEnvironment | None
+    ) -> Evidence:
+        """Part `k` of the evidence: the users with an evidence decision, their whole trajectories as context."""
+        rows = self.evidence_rows(k)
+        users = np.unique(logs.user[rows])
+        of_users = np.isin(logs.user, users)
+        # aligned: the table and the logs are both sorted by (user, t) in the same order
+        return Evidence(candidate, logs.subset_users(users), table.filter(pa.array(of_users)), rows[of_users], env)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "train_decisions": [int(r.sum()) for r in self.train_rows],
+            "held_out_decisions": self.held_out_decisions,
+            "new_decisions": self.new_decisions,
+            "incumbent_trained_until": None
+            if self.cutoff_ms is None
+            else dt.datetime.fromtimestamp(self.cutoff_ms / 1000, dt.UTC).isoformat(),
+            "cross_fit": self.cross_fit,
+        }
+
+
+def evidence_plan(
+    logs: Logs, table: pa.Table, cutoff_ms: int | None, eval_fraction: float, cross_fit: bool = True
+) -> EvidencePlan:
+    """The plan for `logs` (rows aligned with `table`'s: its ``decided_at_ms``), `cutoff_ms` the incumbent's
+    `trained_until_ms` (None: no incumbent, nothing is new)."""
+    held = is_eval_user(logs.user_ids, eval_fraction)[logs.user]
+    decided = table.column("decided_at_ms").to_numpy(zero_copy_only=False).astype(np.int64)
+    new = np.zeros(logs.n_rows, dtype=bool)
+    if cutoff_ms is not None and cross_fit:
+        new = (decided > cutoff_ms) & ~held
+    return EvidencePlan(held, new, half_of(logs.user_ids)[logs.user], decided, cutoff_ms)
+
+
+def _check_candidate(result: TrainResult, incumbent: Artifact | None) -> None:
+    if incumbent is None:
+        return
+    got, m = result.model.cfg, incumbent.manifest
+    for name, have, want in (("actions", got.num_actions, m.num_actions), ("features", got.feature_dim, m.feature_dim)):
+        if have != want:
+            raise ValueError(f"the candidate has {have} {name}, the incumbent {want}: every replica would refuse it")
 
 
 def default_trainer(cfg: TrainConfig, initial: dict[str, Any] | None = None) -> Trainer:
@@ -154,9 +255,11 @@ def recalibrate_campaigns(
     env_logs: Logs,
     seed: int = 0,
     log: Callable[[str], None] | None = None,
+    env: LogEnvironment | None = None,
 ) -> list[Recalibration]:
     """For each campaign with money left and a horizon, the lambda whose simulated spend over its remaining
-    decisions meets its remaining budget (the learned environment, the serving model), set by PATCH."""
+    decisions meets its remaining budget (the learned environment, the serving model), set by PATCH. `env`: the
+    environment the gate learned, if any (else one is learned from `env_logs`)."""
     import httpx
 
     from model_store import load_scripted
@@ -167,7 +270,6 @@ def recalibrate_campaigns(
     say = log or (lambda _m: None)
     headers = {"Authorization": f"Bearer {admin_token}"} if admin_token else {}
     out: list[Recalibration] = []
-    env: LogEnvironment | None = None
     m = artifact.manifest
     module = load_scripted(artifact.model_path)
     now = dt.datetime.now(dt.UTC)
@@ -301,6 +403,16 @@ def retrain_once(
         "metrics": {},
     }
     step = "export"
+    seconds: dict[str, float] = {}  # each step's wall time
+    clock = time.perf_counter()
+
+    def enter(name: str) -> str:
+        nonlocal clock
+        now = time.perf_counter()
+        seconds[step] = round(now - clock, 1)
+        clock = now
+        return name
+
     try:
         if cfg.export and cfg.redis_url is not None:
             from loop.logstream import export_logs
@@ -310,7 +422,7 @@ def retrain_once(
             report["metrics"]["export"] = exported.to_json()
             if exported.trimmed:
                 say(f"warning: {exported.trimmed} log entries were trimmed before they were exported")
-        step = "data"
+        step = enter("data")
         joined, counts = joined_decisions(cfg.logs, campaigns=cfg.campaigns)
         # training and the gate see the same labels: under the delay model every decision, a pending one at
         # its expected outcome; under the maturity window the matured decisions only
@@ -321,9 +433,9 @@ def retrain_once(
                 "--delay-method maturity; the delay model (--delay-method delay-model) labels young decisions too"
             )
         all_logs = validate_table(labelled)
-        train_users, eval_users = _split(all_logs, cfg.eval_fraction)
-        train_logs = all_logs.subset_users(train_users)
         incumbent_artifact = store.load(incumbent) if incumbent is not None else None
+        cutoff = trained_until_ms(incumbent_artifact) if incumbent_artifact is not None else None
+        plan = evidence_plan(all_logs, labelled, cutoff, cfg.eval_fraction, cfg.cross_fit)
         coupons: dict[str, list[int]] = {}
         if incumbent_artifact is None and cfg.admin_url is not None:
             logged_campaigns = sorted(set(labelled.column("campaign_id").to_pylist()))
@@ -332,33 +444,36 @@ def retrain_once(
         report["metrics"]["data"] = {
             **counts,
             **delay_metrics,
-            "train_users": len(train_users),
+            **plan.to_json(),
             "num_actions": num_actions,
             "action_space_from": space_from,
         }
 
-        step = "train"
-        say(f"training a candidate on {train_logs.n_rows} decisions of {train_logs.n_users} users")
+        step = enter("train")
         train_cfg = replace(cfg.train, num_actions=num_actions)
         if trainer is None and cfg.warm_start and incumbent_artifact is not None:
             say(f"warm start from the incumbent {incumbent}")
             trainer = default_trainer(train_cfg, incumbent_weights(incumbent_artifact, train_cfg))
-        result = (trainer or default_trainer(train_cfg))(train_logs)
-        got = result.model.cfg
-        if incumbent_artifact is not None:
-            m = incumbent_artifact.manifest
-            for name, have, want in (
-                ("actions", got.num_actions, m.num_actions),
-                ("features", got.feature_dim, m.feature_dim),
-            ):
-                if have != want:
-                    raise ValueError(
-                        f"the candidate has {have} {name}, the incumbent {want}: every replica would refuse it"
-                    )
+        fit = trainer or default_trainer(train_cfg)
+        train_logs = [all_logs.subset_rows(rows) for rows in plan.train_rows]
+        results = []
+        for k, logs_k in enumerate(train_logs):
+            which = f" (half {k + 1} of {len(train_logs)})" if len(train_logs) > 1 else ""
+            say(f"training a candidate{which} on {logs_k.n_rows} decisions of {logs_k.n_users} users")
+            results.append(fit(logs_k))
+            _check_candidate(results[-1], incumbent_artifact)
         from offline.export import export_and_publish
 
-        extra = {"trained_on": {"decisions": train_logs.n_rows, "users": train_logs.n_users, "now_ms": now_ms}}
-        candidate = export_and_publish(result, train_logs, store, extra_metrics=extra, make_current=False)
+        until = int(plan.decided[plan.train_rows[0]].max()) if plan.train_rows[0].any() else None
+        extra = {
+            "trained_on": {
+                "decisions": train_logs[0].n_rows,
+                "users": train_logs[0].n_users,
+                "now_ms": now_ms,
+                "until_ms": until,  # the newest decision it trained on: later ones are new to it
+            }
+        }
+        candidate = export_and_publish(results[0], train_logs[0], store, extra_metrics=extra, make_current=False)
         if incumbent_artifact is not None and (prior := incumbent_artifact.manifest.default_lambda) is not None:
             # the candidate starts from the incumbent's lambda: a calibration record of its own, naming its source
             source = incumbent_artifact.calibration
@@ -369,39 +484,50 @@ def retrain_once(
                 details={"from_version": incumbent, "from_calibration": None if source is None else source.id},
             )
         report["candidate"] = candidate.version
-        report["metrics"]["train"] = {k: round(float(v), 6) for k, v in result.metrics.items()}
+        report["metrics"]["train"] = {k: round(float(v), 6) for k, v in results[0].metrics.items()}
 
-        step = "gate"
+        step = enter("gate")
+        env = None
         if incumbent_artifact is None:
             promote, reasons = True, ["no incumbent: the first model is promoted"]
         else:
-            rows = _rows_of(all_logs, eval_users)
-            eval_logs = all_logs.subset_users(eval_users)
-            eval_table = labelled.filter(rows)  # aligned: both are sorted by (user, t) in the same order
-            artifacts = {"candidate": candidate, "incumbent": incumbent_artifact}
-            say(f"gate: {eval_logs.n_rows} decisions of {eval_logs.n_users} held-out users ({cfg.delay.method})")
-            env = None
-            if cfg.environment_check or cfg.gate.doubly_robust:
-                from offline.env import LogEnvironment
+            with tempfile.TemporaryDirectory(prefix="saco-retrain-") as tmp:
+                # the other half's candidate is evidence only: exported beside the store, never published
+                others = [
+                    export_and_publish(r, logs_k, ModelStore(Path(tmp)), make_current=False)
+                    for r, logs_k in zip(results[1:], train_logs[1:], strict=True)
+                ]
+                parts = []
+                for k, artifact in enumerate([candidate, *others]):
+                    env_k = None
+                    if cfg.environment_check or cfg.gate.doubly_robust:
+                        from offline.env import LogEnvironment
 
-                say("gate: fitting the learned environment on the training users' logs")
-                env = LogEnvironment.fit(
-                    train_logs, seed=cfg.seed, num_actions=max(num_actions, train_logs.num_actions)
+                        say(f"gate: fitting the learned environment on candidate {k + 1}'s training decisions")
+                        logs_k = train_logs[k]
+                        env_k = LogEnvironment.fit(
+                            logs_k, seed=cfg.seed, num_actions=max(num_actions, logs_k.num_actions)
+                        )
+                    parts.append(plan.evidence(k, all_logs, labelled, artifact, env_k))
+                env = parts[0].env
+                say(
+                    f"gate: {plan.evidence_decisions:,} decisions ({plan.held_out_decisions:,} of held-out users, "
+                    f"{plan.new_decisions:,} new to the incumbent) ({cfg.delay.method})"
                 )
-            gate = gate_candidate(
-                artifacts, eval_logs, eval_table, env, cfg.gate, environment_check=cfg.environment_check, seed=cfg.seed
-            )
+                gate = gate_candidate(
+                    parts, incumbent_artifact, cfg.gate, environment_check=cfg.environment_check, seed=cfg.seed
+                )
             promote, reasons = gate.promote, gate.reasons
             report["metrics"]["gate"] = {
                 **gate.metrics,
-                "eval_decisions": eval_logs.n_rows,
+                "eval_decisions": plan.evidence_decisions,
                 "labelling": cfg.delay.method,
             }
         report["reasons"] = reasons
         serving = candidate if promote else incumbent_artifact
         assert serving is not None
 
-        step = "recalibrate"
+        step = enter("recalibrate")
         if cfg.admin_url is not None and cfg.redis_url is not None:
             recal = recalibrate_campaigns(
                 cfg.admin_url,
@@ -411,10 +537,11 @@ def retrain_once(
                 all_logs,
                 seed=cfg.seed,
                 log=say,
+                env=env,
             )
             report["recalibrated"] = [asdict(r) for r in recal]
 
-        step = "publish"
+        step = enter("publish")
         if promote:
             store.promote(candidate.version)
             report["decision"] = "promoted"
@@ -430,12 +557,15 @@ def retrain_once(
         message = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
         report["reasons"] = [*report["reasons"], f"{step} failed: {type(exc).__name__}: {message}".rstrip(": ")]
         report["traceback"] = traceback.format_exc()
+    step = enter("prune")
     try:
         report["pruned"] = store.prune(cfg.keep_refused)
     except (OSError, ValueError) as exc:  # the run's outcome stands; the next run prunes again
         report["prune_error"] = f"{type(exc).__name__}: {exc}"
+    enter("")
     report["current"] = store.current_version()
     report["seconds"] = round(time.time() - started, 1)
+    report["seconds_by_step"] = seconds
     return dict(json_safe(report))
 
 

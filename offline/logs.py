@@ -86,6 +86,26 @@ class Logs:
             sha256=self.sha256,
         )
 
+    def subset_rows(self, keep: np.ndarray) -> Logs:
+        """Logs of the rows where `keep` [n] is true (users left with no row drop out; the others are re-indexed
+        0..in order). Keep each user's rows a prefix of its trajectory (e.g. the decisions before a time), so
+        that every kept row's history is kept too."""
+        keep = np.asarray(keep, dtype=bool)
+        if keep.shape != (self.n_rows,):
+            raise ValueError(f"keep has shape {keep.shape}, the logs {self.n_rows} rows")
+        kept_users, new_index = np.unique(self.user[keep], return_inverse=True)
+        return Logs(
+            user=new_index.astype(np.int64),
+            user_ids=self.user_ids[kept_users],
+            t=self.t[keep],
+            action=self.action[keep],
+            cost=self.cost[keep],
+            reward=self.reward[keep],
+            features=self.features[keep],
+            feature_names=self.feature_names,
+            sha256=self.sha256,
+        )
+
 
 def _read_table(path: Path) -> pa.Table:
     if not path.exists():

@@ -406,6 +406,13 @@ def learning_loop(
         typer.Option(help="train on and recalibrate only this campaign (repeat for several; default: every one)"),
     ] = None,
     warm_start: Annotated[bool, typer.Option(help="start the candidate from the incumbent's weights")] = False,
+    eval_fraction: Annotated[
+        float, typer.Option(min=0, max=0.9, help="users held out of training (a stable hash): evidence for the gate")
+    ] = 0.2,
+    cross_fit: Annotated[
+        bool,
+        typer.Option(help="decisions new to the incumbent are evidence too: two candidates, each trained without half"),
+    ] = True,
     keep_refused: Annotated[
         int,
         typer.Option(min=0, help="versions never current (refused, failed candidates) to keep; older ones are deleted"),
@@ -437,6 +444,8 @@ def learning_loop(
         export=export,
         campaigns=campaign or None,
         warm_start=warm_start,
+        eval_fraction=eval_fraction,
+        cross_fit=cross_fit,
         keep_refused=keep_refused,
     )
 

@@ -97,3 +97,15 @@ def test_a_subset_of_users_keeps_their_rows_in_order_repeats_included() -> None:
     assert part.features[:, 0].tolist() == [2] * 4 + [0] * 3 + [2] * 4
     assert part.t.tolist() == [0, 1, 2, 3, 0, 1, 2, 0, 1, 2, 3]
     assert logs.subset_users(np.zeros(0, np.int64)).n_rows == 0
+
+
+def test_a_row_subset_keeps_its_users_in_order_and_drops_the_empty_ones() -> None:
+    users = np.array(["a", "a", "a", "b", "b", "c"])
+    logs = validate_table(
+        logs_table(users, np.array([0, 1, 2, 0, 1, 0]), np.arange(6) % 2, np.zeros(6), np.arange(6.0), np.ones((6, 1)))
+    )
+    sub = logs.subset_rows(np.array([True, True, False, False, False, True]))  # a's first two rows, c's
+    assert list(sub.user_ids) == ["a", "c"] and list(sub.user) == [0, 0, 1]
+    assert list(sub.t) == [0, 1, 0] and list(sub.reward) == [0.0, 1.0, 5.0]
+    with pytest.raises(ValueError, match="6 rows"):
+        logs.subset_rows(np.ones(5, dtype=bool))
