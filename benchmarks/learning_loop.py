@@ -92,6 +92,7 @@ class LoopConfig:
     tolerance: float = 0.02  # the gate's: the candidate may earn at most this much less (95% lower bound)
     eval_fraction: float = 0.2  # `saco retrain --eval-fraction`: users held out of training
     cross_fit: bool = True  # `saco retrain --cross-fit`: decisions new to the incumbent are evidence too
+    refit: bool = False  # `saco retrain --refit`: a passing candidate is retrained on both halves' decisions
     seed: int = 0
     probe_gap_s: float = 0.05  # between the probe's requests
 
@@ -460,6 +461,7 @@ def run_loop(cfg: LoopConfig, work: Path, redis_url: str, prefix: str, log: Call
                 "--admin-token", TOKEN, "--campaign", CAMPAIGN, "--maturity-days", "0",
                 "--epochs", str(cfg.epochs), "--tolerance", str(cfg.tolerance),
                 "--eval-fraction", str(cfg.eval_fraction), "--cross-fit" if cfg.cross_fit else "--no-cross-fit",
+                "--refit" if cfg.refit else "--no-refit",
             ]  # fmt: skip
             if cfg.warm_start:
                 run.append("--warm-start")
@@ -739,6 +741,12 @@ def main() -> int:
         default=defaults.cross_fit,
         help="decisions new to the incumbent are evidence too",
     )
+    ap.add_argument(
+        "--refit",
+        action=argparse.BooleanOptionalAction,
+        default=defaults.refit,
+        help="a passing candidate is retrained on both halves' decisions",
+    )
     ap.add_argument("--seeds", default=str(defaults.seed), help="comma-separated world seeds, one loop each")
     ap.add_argument("--redis-url", help="a Redis to use (keys under a fresh prefix); default: a throwaway one")
     ap.add_argument("--png", type=Path, help="write the candidates' truth against the gate, and the loops, here")
@@ -760,6 +768,7 @@ def main() -> int:
         tolerance=args.tolerance,
         eval_fraction=args.eval_fraction,
         cross_fit=args.cross_fit,
+        refit=args.refit,
     )
     import torch
 
@@ -784,7 +793,8 @@ def main() -> int:
             f"seed {seed}: {cfg.periods} periods of {cfg.users} users x {cfg.rounds} rounds through 2 replicas, "
             f"exploration {cfg.exploration_rate:g}, holdout {cfg.holdout_rate:g}, {cfg.epochs} epochs"
             f"{', warm start' if cfg.warm_start else ''}, tolerance {cfg.tolerance:g}, eval fraction "
-            f"{cfg.eval_fraction:g}{', cross-fitted' if cfg.cross_fit else ''}; {result.seconds / 60:.1f} min",
+            f"{cfg.eval_fraction:g}{', cross-fitted' if cfg.cross_fit else ''}{', refit' if cfg.refit else ''}; "
+            f"{result.seconds / 60:.1f} min",
             flush=True,
         )
         print(table(result))

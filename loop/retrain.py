@@ -55,6 +55,7 @@ class RetrainConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     eval_fraction: float = 0.2  # users held out of training, on whom the gate evaluates
     cross_fit: bool = True  # decisions new to the incumbent are evidence too, through two cross-fitted candidates
+    refit: bool = False  # once the cross-fitted candidates pass, publish one trained on both halves' decisions
     environment_check: bool = True
     now_ms: int | None = None  # default: the clock
     seed: int = 0
@@ -74,6 +75,7 @@ class RetrainConfig:
             "epochs": self.train.epochs,
             "eval_fraction": self.eval_fraction,
             "cross_fit": self.cross_fit,
+            "refit": self.refit,
             "campaigns": self.campaigns,
             "warm_start": self.warm_start,
             "keep_refused": self.keep_refused,
@@ -464,25 +466,30 @@ def retrain_once(
             _check_candidate(results[-1], incumbent_artifact)
         from offline.export import export_and_publish
 
-        until = int(plan.decided[plan.train_rows[0]].max()) if plan.train_rows[0].any() else None
-        extra = {
-            "trained_on": {
-                "decisions": train_logs[0].n_rows,
-                "users": train_logs[0].n_users,
-                "now_ms": now_ms,
-                "until_ms": until,  # the newest decision it trained on: later ones are new to it
+        def publish(result: TrainResult, logs_k: Logs, rows: np.ndarray) -> Artifact:
+            """The candidate into the store (not current), with the incumbent's lambda as its calibration."""
+            until = int(plan.decided[rows].max()) if rows.any() else None
+            extra = {
+                "trained_on": {
+                    "decisions": logs_k.n_rows,
+                    "users": logs_k.n_users,
+                    "now_ms": now_ms,
+                    "until_ms": until,  # the newest decision it trained on: later ones are new to it
+                }
             }
-        }
-        candidate = export_and_publish(results[0], train_logs[0], store, extra_metrics=extra, make_current=False)
-        if incumbent_artifact is not None and (prior := incumbent_artifact.manifest.default_lambda) is not None:
-            # the candidate starts from the incumbent's lambda: a calibration record of its own, naming its source
-            source = incumbent_artifact.calibration
-            candidate = store.calibrate(
-                candidate.version,
-                command="saco retrain: the incumbent's lambda",
-                lam=prior,
-                details={"from_version": incumbent, "from_calibration": None if source is None else source.id},
-            )
+            published = export_and_publish(result, logs_k, store, extra_metrics=extra, make_current=False)
+            if incumbent_artifact is not None and (prior := incumbent_artifact.manifest.default_lambda) is not None:
+                # it starts from the incumbent's lambda: a calibration record of its own, naming its source
+                source = incumbent_artifact.calibration
+                published = store.calibrate(
+                    published.version,
+                    command="saco retrain: the incumbent's lambda",
+                    lam=prior,
+                    details={"from_version": incumbent, "from_calibration": None if source is None else source.id},
+                )
+            return published
+
+        candidate = publish(results[0], train_logs[0], plan.train_rows[0])
         report["candidate"] = candidate.version
         report["metrics"]["train"] = {k: round(float(v), 6) for k, v in results[0].metrics.items()}
 
@@ -524,6 +531,16 @@ def retrain_once(
                 "labelling": cfg.delay.method,
             }
         report["reasons"] = reasons
+        if promote and plan.cross_fit and cfg.refit:
+            step = enter("refit")
+            rows = ~plan.held
+            logs_all = all_logs.subset_rows(rows)
+            say(f"refit: the candidate on both halves' {logs_all.n_rows} decisions ({logs_all.n_users} users)")
+            refitted = fit(logs_all)
+            _check_candidate(refitted, incumbent_artifact)
+            report["gated_candidate"] = candidate.version
+            candidate = publish(refitted, logs_all, rows)
+            report["candidate"] = candidate.version
         serving = candidate if promote else incumbent_artifact
         assert serving is not None
 

@@ -413,6 +413,9 @@ def learning_loop(
         bool,
         typer.Option(help="decisions new to the incumbent are evidence too: two candidates, each trained without half"),
     ] = True,
+    refit: Annotated[
+        bool, typer.Option(help="once the cross-fitted candidates pass, publish one trained on both halves")
+    ] = False,
     keep_refused: Annotated[
         int,
         typer.Option(min=0, help="versions never current (refused, failed candidates) to keep; older ones are deleted"),
@@ -446,6 +449,7 @@ def learning_loop(
         warm_start=warm_start,
         eval_fraction=eval_fraction,
         cross_fit=cross_fit,
+        refit=refit,
         keep_refused=keep_refused,
     )
 

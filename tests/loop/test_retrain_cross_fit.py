@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import itertools
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -99,11 +100,15 @@ def test_a_second_run_gates_on_the_decisions_new_to_the_incumbent(
     assert trained_until_ms(incumbent) <= last_old  # the newest decision of a training user
     assert first["metrics"]["data"]["train_decisions"] == [2000 - held_old]
 
-    # a later campaign's traffic: new to the incumbent
+    shutil.copytree(cfg.store, tmp_path / "store-2")  # the same incumbent, for a run without cross-fitting
+
+    # a later campaign's traffic: new to the incumbent. --refit: once the two candidates pass (a tolerance of 100%
+    # passes any), the one published and promoted is trained on both halves' decisions
     new = world_entries(400, 3, seed=42, campaign="c2", start_ms=last_old + DAY_MS)
     write_entries(redis_url, redis_prefix, "c2", new)
-    second = retrain_once(dataclasses.replace(cfg, now_ms=new[-1].at_ms + DAY_MS))
-    assert second["decision"] in ("promoted", "refused"), second
+    lenient = dataclasses.replace(cfg.gate, tolerance=1.0, min_ess=1.0)
+    second = retrain_once(dataclasses.replace(cfg, now_ms=new[-1].at_ms + DAY_MS, refit=True, gate=lenient))
+    assert second["decision"] == "promoted", second
     data = second["metrics"]["data"]
     users = np.array([f"c2/u{u}" for u in range(400)])
     held_new = is_eval_user(users, 0.2)
@@ -122,12 +127,20 @@ def test_a_second_run_gates_on_the_decisions_new_to_the_incumbent(
     )
     gate = second["metrics"]["gate"]
     assert gate["operating_point"]["decisions"] == data["held_out_decisions"] + data["new_decisions"]
-    # the published candidate (the first) trained on the second half's new decisions: its newest is new
-    assert trained_until_ms(store.load(second["candidate"])) > last_old
-    assert second["seconds_by_step"]["train"] > 0
+    # the gated candidate (the first) trained on the second half's new decisions, the refit on both halves'
+    gated = store.load(second["gated_candidate"]).manifest.metrics["trained_on"]
+    assert gated["decisions"] == data["train_decisions"][0] and gated["until_ms"] > last_old
+    assert second["gated_candidate"] != second["candidate"] == store.current_version()
+    trained_on = store.load(second["candidate"]).manifest.metrics["trained_on"]
+    assert trained_on["decisions"] == 2000 - held_old + data["new_decisions"]
+    assert second["seconds_by_step"]["train"] > 0 and second["seconds_by_step"]["refit"] > 0
 
-    third = retrain_once(dataclasses.replace(cfg, now_ms=new[-1].at_ms + DAY_MS, cross_fit=False))
-    assert third["metrics"]["data"]["cross_fit"] is False and len(third["metrics"]["data"]["train_decisions"]) == 1
+    alone = retrain_once(
+        dataclasses.replace(cfg, store=tmp_path / "store-2", now_ms=new[-1].at_ms + DAY_MS, cross_fit=False)
+    )
+    assert alone["metrics"]["data"]["cross_fit"] is False
+    assert alone["metrics"]["data"]["train_decisions"] == [2000 - held_old + data["new_decisions"]]
+    assert alone["metrics"]["gate"]["operating_point"]["decisions"] == data["held_out_decisions"]
 
 
 def test_a_model_saco_train_made_is_new_to_every_decision_after_its_creation(model_store_dir: Path) -> None:
