@@ -1,3 +1,5 @@
+from typing import Any
+
 import numpy as np
 import pytest
 
@@ -8,7 +10,7 @@ from research.evaluate import oracle_at_spend
 from research.world import SyntheticWorld, WorldConfig
 
 # action 1: 5 off; action 2: 10% off at most 2.50; action 3: 4 off on a basket of 30 or more
-COUPONS = [
+COUPONS: list[dict[str, Any]] = [
     {"action": 1, "value": 5.0},
     {"action": 2, "kind": "percent", "value": 10.0, "cap": 2.5},
     {"action": 3, "value": 4.0, "min_spend": 30.0, "class": "threshold"},
