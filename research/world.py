@@ -36,8 +36,8 @@ included); `coupon_values` is then unused. A coupon c gives user i the discount
            min(value x basket_i, cap)   percent coupon (value a fraction), rounded to the cent
            0                            when its min_spend exceeds basket_i: it cannot be redeemed
 
-and lifts the logit by l_ic = 1.2 sqrt(d_ic / full_lift_discount): the plain world's lift with its scale
-(the largest face value, 10) named, so a catalog of amount coupons 2, 5, 10 alone is the plain world. A
+and lifts the logit by l_ic = 1.2 sqrt(d_ic / full_lift_discount): the plain world's lift, whose scale
+(its largest face value, 10) is full_lift_discount, so amount coupons 2, 5, 10 alone are the plain world. A
 bundle B lifts the logit by
 
     L_iB = sum_c l_ic + bundle_synergy * (sum_c l_ic - max_c l_ic)
@@ -47,8 +47,10 @@ lift. bundle_synergy = 0 is additive in the logit (a bundle adds nothing beyond 
 super-additive (coupons that remove different purchase barriers, say a discount and free delivery,
 reinforce each other), < 0 sub-additive down to -1, where a bundle lifts as its strongest coupon alone
 (saturation: a second discount on the same basket adds little). The default is 0: nothing assumed; the
-bundle benchmark (benchmarks/bundle_world.py) also runs 0.5, fixed before any result: the second coupon
-of a bundle then works 1.5 times as hard as alone, a moderate complementarity.
+bundle benchmark (benchmarks/bundle_world.py) also runs 0.5 and -0.5, fixed before any result: with 0.5 the
+second coupon of a bundle works 1.5 times as hard as alone (a moderate complementarity), with -0.5 half as
+hard. As a coupon's lift is concave in its discount, two equal coupons lift as one coupon of their summed
+discount at synergy sqrt(2) - 2 (about -0.6): above it bundling pays even without complementarity.
 
 Redemption: a purchase redeems every coupon of the bundle that applies (a buyer uses every discount the
 basket qualifies for), so a bought bundle costs sum_c d_ic and an unbought one nothing; the expected cost
