@@ -90,9 +90,8 @@ def test_a_bundles_lift_is_its_coupons_lifts_combined_by_the_synergy(synergy):
 
 
 def test_synergy_orders_the_bundles_purchase_probability():
-    probability = {
-        s: bundle_world(synergy=s).purchase_probability(bundle_world(synergy=s).start()) for s in (-0.5, 0, 0.5)
-    }
+    worlds = {s: bundle_world(synergy=s) for s in (-0.5, 0, 0.5)}
+    probability = {s: world.purchase_probability(world.start()) for s, world in worlds.items()}
     active = probability[0][:, ONE] > probability[0][:, 0]  # users with some coupon sensitivity
     assert active.mean() > 0.5
     for low, high in ((-0.5, 0), (0, 0.5)):
