@@ -102,6 +102,20 @@ class CachedSimulator:
 COMPARISON_TARGET_LOW = 0.995
 
 
+def oracle_at_spend(
+    world: Environment,
+    budget: float,
+    n_users: int | None = None,
+    seed: int = 0,
+    target_low: float = COMPARISON_TARGET_LOW,
+) -> CalibrationResult:
+    """The perfect-information myopic oracle (argmax over the world's actions, bundles included, of E[r] -
+    lambda E[c]) at the lambda the monotone search finds for `budget`: its exact expected spend on the
+    population (n_users, seed) is at most `budget`, and at least `target_low` x `budget` unless the search
+    runs out of passes; all the oracle wants at lambda 0 when that is less."""
+    return search_monotone(CachedSimulator(world, MyopicOracle(), n_users, seed), budget, target_low=target_low)
+
+
 def calibrate_levels(
     policy: str,
     simulate: Callable[[float], tuple[float, float]],
