@@ -92,7 +92,7 @@ class LoopConfig:
     tolerance: float = 0.02  # the gate's: the candidate may earn at most this much less (95% lower bound)
     eval_fraction: float = 0.2  # `saco retrain --eval-fraction`: users held out of training
     cross_fit: bool = True  # `saco retrain --cross-fit`: decisions new to the incumbent are evidence too
-    refit: bool = False  # `saco retrain --refit`: a passing candidate is retrained on both halves' decisions
+    refit: bool = True  # `saco retrain --refit`: a passing candidate is retrained on both halves' decisions
     seed: int = 0
     probe_gap_s: float = 0.05  # between the probe's requests
 

@@ -55,7 +55,7 @@ class RetrainConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     eval_fraction: float = 0.2  # users held out of training, on whom the gate evaluates
     cross_fit: bool = True  # decisions new to the incumbent are evidence too, through two cross-fitted candidates
-    refit: bool = False  # once the cross-fitted candidates pass, publish one trained on both halves' decisions
+    refit: bool = True  # once the cross-fitted candidates pass, publish one trained on both halves' decisions
     environment_check: bool = True
     now_ms: int | None = None  # default: the clock
     seed: int = 0

@@ -415,7 +415,7 @@ def learning_loop(
     ] = True,
     refit: Annotated[
         bool, typer.Option(help="once the cross-fitted candidates pass, publish one trained on both halves")
-    ] = False,
+    ] = True,
     keep_refused: Annotated[
         int,
         typer.Option(min=0, help="versions never current (refused, failed candidates) to keep; older ones are deleted"),
