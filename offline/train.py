@@ -141,12 +141,7 @@ def train(
     the same weights."""
     started = time.time()
     transform = batch_transform or (lambda batch: batch)
-    distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
-    world = torch.distributed.get_world_size() if distributed else 1
-    rank = torch.distributed.get_rank() if distributed else 0
-    device = _device(distributed)
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
+    distributed, world, rank, device = _join_processes(cfg.threads)
     torch.manual_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
     num_actions = action_space(logs, cfg.num_actions)
@@ -331,12 +326,7 @@ def train_windows(
             f"the windows in {root} are {manifest['context_length']} steps long and the model's context is "
             f"{cfg.context_length}: build windows of that length (saco windows --context-length)"
         )
-    distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
-    world = torch.distributed.get_world_size() if distributed else 1
-    rank = torch.distributed.get_rank() if distributed else 0
-    device = _device(distributed)
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
+    distributed, world, rank, device = _join_processes(cfg.threads)
     files: list[dict[str, Any]] = manifest["files"]
     if len(files) < world:
         raise ValueError(f"{len(files)} shards for {world} processes: write at least one shard per process")
@@ -628,6 +618,17 @@ def one_cycle(optimizer: torch.optim.Optimizer, lr: float, total_steps: int) -> 
         return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _step: 1.0)
     pct_start = WARMUP if WARMUP * total_steps >= 2 else 0.0
     return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=total_steps, pct_start=pct_start)
+
+
+def _join_processes(threads: int) -> tuple[bool, int, int, torch.device]:
+    """This process's place among torchrun's (distributed or not, world size, rank) and its device; sets
+    torch's intra-op threads when `threads` is given."""
+    distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+    world = torch.distributed.get_world_size() if distributed else 1
+    rank = torch.distributed.get_rank() if distributed else 0
+    if threads:
+        torch.set_num_threads(threads)
+    return distributed, world, rank, _device(distributed)
 
 
 def _device(distributed: bool) -> torch.device:
