@@ -148,6 +148,43 @@ class CouponFeatures:
     worst_case: np.ndarray  # f64 [N]: currency units
 
 
+# The descriptor of a decision's bundle that a model scoring by features reads (`action_descriptors`), one
+# number each, money in currency units and a percentage as a fraction (0.1 = 10%):
+ACTION_FEATURES = (
+    "step",  # 1 for every decision, no coupon included (a row of zeros is "no step": padding)
+    "coupons",  # how many coupons the bundle holds
+    "amount_off",  # the sum of its amount coupons' values
+    "percent_off",  # the sum of its percent coupons' percentages
+    "percent_cap",  # the sum of its percent coupons' caps
+    "worst_case",  # the sum of its coupons' worst cases (what strict mode reserves)
+    "largest_worst_case",  # its dearest coupon's worst case
+    "largest_min_spend",  # the largest minimum spend among its coupons (0: none needs one)
+    "with_min_spend",  # how many of its coupons need a minimum spend
+)
+
+
+def action_descriptors(coupons: Sequence[Coupon], bundles: Sequence[Sequence[int]]) -> np.ndarray:
+    """[1 + len(bundles), len(ACTION_FEATURES)] float32: row 0 no coupon, row j the (j-1)-th bundle (a list of
+    coupon actions of `coupons`). The one description of a decision by what it gives, so that a model scoring
+    by it reads a coupon or bundle it never saw as it reads the others; training and serving both build it
+    here."""
+    by_action = {c.action: c for c in coupons}
+    rows = np.zeros((1 + len(bundles), len(ACTION_FEATURES)), np.float64)
+    rows[:, 0] = 1.0
+    for j, bundle in enumerate(bundles, 1):
+        parts = [by_action[a] for a in bundle]
+        worst = [c.worst_case / 100 for c in parts]
+        rows[j, 1] = len(parts)
+        rows[j, 2] = sum(c.value / 100 for c in parts if c.kind == AMOUNT)
+        rows[j, 3] = sum(c.value / (100 * PERCENT_UNITS) for c in parts if c.kind == PERCENT)
+        rows[j, 4] = sum((c.cap or 0) / 100 for c in parts if c.kind == PERCENT)
+        rows[j, 5] = sum(worst)
+        rows[j, 6] = max(worst, default=0.0)
+        rows[j, 7] = max(((c.min_spend or 0) / 100 for c in parts), default=0.0)
+        rows[j, 8] = sum(1 for c in parts if c.min_spend)
+    return rows.astype(np.float32)
+
+
 @dataclass(frozen=True)
 class Catalog:
     """Validated coupons and the allowed bundles (every one, singletons included, in their order)."""
@@ -276,6 +313,11 @@ class Catalog:
             min_spend=np.array([c.min_spend or 0 for c in self.coupons], np.float64) / 100,
             worst_case=np.array([c.worst_case for c in self.coupons], np.float64) / 100,
         )
+
+    def action_descriptors(self) -> np.ndarray:
+        """`action_descriptors` of the allowed bundles: row 0 no coupon, row j `bundles[j - 1]` (the bundle
+        world's action j)."""
+        return action_descriptors(self.coupons, [b.coupons for b in self.bundles])
 
     def membership(self, num_actions: int) -> np.ndarray:
         """[num_actions, len(bundles)] float32: 1 where the bundle holds the action."""

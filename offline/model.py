@@ -11,6 +11,16 @@ Two token layouts:
   and cost (the reward/cost are recovered from consecutive to-go values). 4x fewer tokens, 16x less
   attention work, same information; this is what keeps 128 users within a few ms on a CPU.
 
+Two ways to name an action:
+- by index (the paper's way, `action_features` 0): an action is one of K classes, embedded and scored by its
+  own row of each head, so a new coupon is a new class and needs a new model;
+- by features (`action_features` F > 0): an action is its row of an action table [K, F]
+  (contract/catalog.py `action_descriptors`: what a coupon or bundle gives), both where a step's action is
+  read (the previous-action input and the history) and where actions are scored (a two-tower value head:
+  the decision token's vector times an MLP of the action's row). Another table (a catalog with a coupon
+  added) is scored by the same weights, without retraining (`PolicyModule.catalog_terms`). The model's
+  table is the training catalog's; step layout and value objective only.
+
 Two kinds of output, read at the decision token:
 - action logits (the paper's Eq. 7 cross-entropy; objectives "dt-literal" / "dt-lagrangian");
 - per-action value heads (objective "value", the product default): expected revenue and cost now and
@@ -47,6 +57,7 @@ class ModelConfig:
     # Exponential moving averages of past actions / rewards / costs / purchases fed to each step token
     # ("step" layout): carry-over state (fatigue, habit, reference) in a form one layer can read.
     history_decays: tuple[float, ...] = (0.5, 0.8)
+    action_features: int = 0  # F > 0: actions are rows of an [num_actions, F] table (module docstring)
 
     def to_dict(self) -> dict[str, object]:
         return asdict(self)
@@ -102,6 +113,8 @@ class SacoTransformer(nn.Module):
     ctg_scale: torch.Tensor
     history_decay: torch.Tensor
     history_weights: torch.Tensor
+    action_table: torch.Tensor
+    action_scale: torch.Tensor
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
@@ -109,6 +122,8 @@ class SacoTransformer(nn.Module):
             raise ValueError(f"token_layout must be one of {TOKEN_LAYOUTS}")
         if cfg.d_model % cfg.n_heads:
             raise ValueError("d_model must be divisible by n_heads")
+        if cfg.action_features and (cfg.token_layout != "step" or cfg.objective != "value"):
+            raise ValueError("a model scoring actions by their features takes the step layout and the value objective")
         self.cfg = cfg
         self.num_actions = cfg.num_actions
         self.max_timestep = cfg.max_timestep
@@ -124,7 +139,21 @@ class SacoTransformer(nn.Module):
         self.register_buffer("ctg_scale", torch.ones(()))
 
         self.embed_state = nn.Linear(cfg.feature_dim, h)
-        self.embed_action = nn.Embedding(k + 1, h)  # index k = "no previous action" (first step)
+        self.by_features = cfg.action_features > 0
+        # what a step's action is to the history and the next step's token: its one-hot (K) or its row (F)
+        self.action_width = cfg.action_features if self.by_features else k
+        if self.by_features:
+            f = cfg.action_features
+            self.register_buffer("action_table", torch.zeros(k, f))  # the training catalog's rows, raw units
+            self.register_buffer("action_scale", torch.ones(f))  # the table's columns are read divided by it
+            self.embed_action_row = nn.Linear(f, h)  # a padding step's row is 0: the bias is "no previous action"
+            # two towers: value o of action a = <user_tower(x)[o], action_tower(row a)> (+ the tower's bias)
+            self.action_tower = nn.Sequential(nn.Linear(f, 2 * h), nn.GELU(), nn.Linear(2 * h, h))
+            self.user_tower = nn.Linear(h, 4 * h)
+        else:
+            self.embed_action = nn.Embedding(k + 1, h)  # index k = "no previous action" (first step)
+            self.register_buffer("action_table", torch.zeros(0, 0), persistent=False)
+            self.register_buffer("action_scale", torch.ones(0), persistent=False)
         self.embed_rtg = nn.Linear(1, h)
         self.embed_ctg = nn.Linear(1, h)
         self.embed_outcome = nn.Linear(2, h)  # previous reward and cost (step layout)
@@ -134,7 +163,7 @@ class SacoTransformer(nn.Module):
             "history_weights", self._history_weights(self.history_decay, cfg.context_length), persistent=False
         )
         self.use_history = len(cfg.history_decays) > 0
-        self.embed_history = nn.Linear(max(len(cfg.history_decays), 1) * (k + 3), h)
+        self.embed_history = nn.Linear(max(len(cfg.history_decays), 1) * (self.action_width + 3), h)
         self.embed_time = nn.Embedding(cfg.max_timestep, h)
         self.embed_lambda = nn.Linear(1, h)
         self.ln_in = nn.LayerNorm(h)
@@ -142,8 +171,9 @@ class SacoTransformer(nn.Module):
         self.blocks = nn.ModuleList([Block(cfg) for _ in range(cfg.n_layers - 1)])
         self.last_block = Block(cfg)
         self.ln_out = nn.LayerNorm(h)
-        self.action_head = nn.Linear(h, k)
-        self.value_head = nn.Linear(h, 4 * k)  # revenue now, cost now, revenue later, cost later
+        if not self.by_features:
+            self.action_head = nn.Linear(h, k)
+            self.value_head = nn.Linear(h, 4 * k)  # revenue now, cost now, revenue later, cost later
         self.apply(self._init_weights)
 
     @staticmethod
@@ -154,6 +184,24 @@ class SacoTransformer(nn.Module):
                 nn.init.zeros_(module.bias)
         elif isinstance(module, nn.Embedding):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    def set_action_table(self, table: torch.Tensor) -> None:
+        """The training catalog's action rows [num_actions, F] (raw units); each column is read divided by its
+        largest magnitude here (1 for a column of zeros), so a catalog with larger values reads above 1."""
+        if not self.by_features or tuple(table.shape) != tuple(self.action_table.shape):
+            raise ValueError(f"the action table must be {tuple(self.action_table.shape)}, got {tuple(table.shape)}")
+        self.action_table.copy_(table)
+        scale = table.abs().amax(dim=0)
+        self.action_scale.copy_(torch.where(scale > 0, scale, torch.ones_like(scale)))
+
+    def action_rows(self, actions: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+        """[..., F] the scaled rows of `table` [T, F] for action indices `actions` [...]."""
+        return F.embedding(actions, table / self.action_scale)
+
+    def action_values(self, x: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+        """[..., 4, T] the value heads (scaled units) of every action of `table` [T, F] for vectors x [..., h]."""
+        users = self.user_tower(x).unflatten(-1, (4, -1))  # [..., 4, h]
+        return users @ self.action_tower(table / self.action_scale).T
 
     def set_normalisation(
         self, state_mean: torch.Tensor, state_std: torch.Tensor, rtg_scale: float, ctg_scale: float
@@ -172,8 +220,9 @@ class SacoTransformer(nn.Module):
         timesteps: torch.Tensor,
         lam: torch.Tensor,
         mask: torch.Tensor,
+        table: torch.Tensor,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Embedded tokens [B, M, h] and which of them are real [B, M]."""
+        """Embedded tokens [B, M, h] and which of them are real [B, M]; `table` the action rows (by features)."""
         b, n = actions.shape
         s = (states - self.state_mean) / self.state_std
         g = (rtg / self.rtg_scale).unsqueeze(-1)  # [B, L, 1]
@@ -187,7 +236,12 @@ class SacoTransformer(nn.Module):
             # each step's token sees the previous step's action, reward and cost ("none" before the first)
             prev_real = torch.cat([torch.zeros_like(mask[:, :1]), mask[:, :-1]], dim=1)
             prev_action = torch.cat([torch.full_like(actions[:, :1], self.num_actions), actions[:, :-1]], dim=1)
-            prev_action = torch.where(prev_real, prev_action, torch.full_like(prev_action, self.num_actions))
+            if hasattr(self, "embed_action_row"):  # the previous action's row (zeros where there is none)
+                rows = self.action_rows(torch.where(prev_real, prev_action, torch.zeros_like(prev_action)), table)
+                prev_embedded = self.embed_action_row(rows * prev_real.unsqueeze(-1).to(rows.dtype))
+            else:
+                prev_action = torch.where(prev_real, prev_action, torch.full_like(prev_action, self.num_actions))
+                prev_embedded = self.embed_action(prev_action)
             # step j's reward and cost are the drops of the to-go values to step j+1 (0 where j+1 is unknown)
             to_go = torch.cat([g, c], dim=2)  # [B, L, 2]
             real = mask.to(g.dtype).unsqueeze(-1)
@@ -201,15 +255,13 @@ class SacoTransformer(nn.Module):
             weights = [self.embed_state.weight, self.embed_rtg.weight, self.embed_ctg.weight, self.embed_outcome.weight]
             bias = self.embed_state.bias + self.embed_rtg.bias + self.embed_ctg.bias + self.embed_outcome.bias
             if self.use_history:
-                inputs.append(self._history(actions, outcomes, real))
+                inputs.append(self._history(actions, outcomes, real, table))
                 weights.append(self.embed_history.weight)
                 bias = bias + self.embed_history.bias
-            x = (
-                F.linear(torch.cat(inputs, dim=2), torch.cat(weights, dim=1), bias)
-                + self.embed_action(prev_action)
-                + common
-            )
+            x = F.linear(torch.cat(inputs, dim=2), torch.cat(weights, dim=1), bias) + prev_embedded + common
             return self.drop(self.ln_in(x)), mask
+        if not hasattr(self, "embed_action"):
+            raise RuntimeError("the dt4 layout names actions by index")
         tokens = torch.stack(
             [self.embed_rtg(g), self.embed_ctg(c), self.embed_state(s), self.embed_action(actions)], dim=2
         ) + common.unsqueeze(2)
@@ -217,11 +269,17 @@ class SacoTransformer(nn.Module):
         x = tokens.reshape(b, 4 * n, -1)[:, :-1]
         return self.drop(self.ln_in(x)), mask.repeat_interleave(4, dim=1)[:, :-1]
 
-    def _history(self, actions: torch.Tensor, outcomes: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
-        """[B, L, D*(K+3)]: for each step, decayed sums over the steps before it of (action one-hot,
-        reward, cost, purchase), one set per decay rate. `outcomes` [B, L, 2]: each step's reward and cost."""
+    def _history(
+        self, actions: torch.Tensor, outcomes: torch.Tensor, real: torch.Tensor, table: torch.Tensor
+    ) -> torch.Tensor:
+        """[B, L, D*(A+3)]: for each step, decayed sums over the steps before it of (the action: its one-hot,
+        or its row of `table`; reward, cost, purchase), one set per decay rate. `outcomes` [B, L, 2]: each
+        step's reward and cost."""
         b, n = actions.shape
-        onehot = F.one_hot(actions, self.num_actions).to(outcomes.dtype) * real
+        if self.by_features:
+            onehot = self.action_rows(actions, table).to(outcomes.dtype) * real
+        else:
+            onehot = F.one_hot(actions, self.num_actions).to(outcomes.dtype) * real
         onehot[:, -1] = 0.0  # the last step's action is the decision being made
         events = torch.cat([onehot, outcomes, (outcomes[:, :, :1] > 0).to(outcomes.dtype)], dim=2)
         weights = self.history_weights
@@ -258,15 +316,18 @@ class SacoTransformer(nn.Module):
         lam: torch.Tensor,
         mask: torch.Tensor,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Training: action logits [B, L, K] and value heads [B, L, 4, K] (scaled units) at every step."""
+        """Training: action logits [B, L, K] (none when scoring by features: [B, L, 0]) and value heads
+        [B, L, 4, K] (scaled units) at every step."""
         b, n = actions.shape
-        x, token_mask = self._tokens(states, actions, rtg, ctg, timesteps, lam, mask)
+        x, token_mask = self._tokens(states, actions, rtg, ctg, timesteps, lam, mask, self.action_table)
         attn_mask = self._attention_mask(token_mask)
         for block in self.blocks:
             x = block(x, attn_mask)
         x = self.ln_out(self.last_block(x, attn_mask))
         if not self.step_layout:
             x = torch.cat([x, x[:, -1:]], dim=1).reshape(b, n, 4, -1)[:, :, 2]  # read at the state tokens
+        if hasattr(self, "user_tower"):
+            return x.new_zeros(b, n, 0), self.action_values(x, self.action_table)
         return self.action_head(x), self.value_head(x).view(b, n, 4, self.num_actions)
 
     def decide(
@@ -326,6 +387,7 @@ class PolicyModule(ScoringModule):
         super().__init__()
         self.model = model
         self.num_actions = model.num_actions
+        self.by_features = model.by_features
         self.context_length = model.cfg.context_length
         self.n_heads = model.cfg.n_heads
         self.step_layout = model.step_layout
@@ -345,14 +407,20 @@ class PolicyModule(ScoringModule):
     def _fold_tokens(self, m: SacoTransformer) -> None:
         k = m.num_actions
         state = m.embed_state.weight / m.state_std  # W (s - mean) / std = (W / std) s - (W / std) mean
-        none = m.embed_action.weight[k]  # "no previous action"; a one-hot action a adds row a - row none
+        none: torch.Tensor
+        action_weight: torch.Tensor
+        if m.by_features:  # the previous action's row times its weights; no previous action: the bias alone
+            none, action_weight = m.embed_action_row.bias, m.embed_action_row.weight
+        else:  # "no previous action"; a one-hot action a adds row a - row none
+            none = m.embed_action.weight[k]
+            action_weight = (m.embed_action.weight[:k] - none).T
         weights = [state, m.embed_rtg.weight, m.embed_ctg.weight]
         bias = m.embed_state.bias - state @ m.state_mean + m.embed_rtg.bias + m.embed_ctg.bias + none
         if self.use_lambda:
             weights.append(m.embed_lambda.weight)
             bias = bias + m.embed_lambda.bias
         # the previous step's events: one-hot action, reward, cost (and the purchase, not read here)
-        weights += [(m.embed_action.weight[:k] - none).T, m.embed_outcome.weight, torch.zeros_like(m.embed_rtg.weight)]
+        weights += [action_weight, m.embed_outcome.weight, torch.zeros_like(m.embed_rtg.weight)]
         bias = bias + m.embed_outcome.bias
         if m.use_history:
             weights.append(m.embed_history.weight)
@@ -362,7 +430,7 @@ class PolicyModule(ScoringModule):
         history = m.history_decay if m.use_history else m.history_decay[:0]  # (a placeholder decay when none)
         decays = torch.cat([history.new_zeros(1), history])
         self._buffer("history_decays", decays)
-        self._buffer("history_matrix", self._history_matrix(decays, self.context_length, k + 3))
+        self._buffer("history_matrix", self._history_matrix(decays, self.context_length, m.action_width + 3))
         self._buffer("to_go_scale", torch.stack([m.rtg_scale, m.ctg_scale]).view(2, 1))
         self._buffer("action_ids", torch.arange(k, device=decays.device).view(k, 1))
 
@@ -387,7 +455,15 @@ class PolicyModule(ScoringModule):
         self._buffer("mix_bias", attn.proj.weight @ b_v + attn.proj.bias)
 
     def _fold_heads(self, m: SacoTransformer) -> None:
-        if self.value_objective:  # [revenue now + fw * later; cost now + fw * later] in raw units
+        if m.by_features:  # the user tower's [revenue; cost; cost now] rows, raw units (times an action's tower)
+            self.action_tower = self.model.action_tower  # run as trained (float32), on the rows of any table
+            w = m.user_tower.weight.view(4, -1, m.user_tower.in_features)
+            b = m.user_tower.bias.view(4, -1)
+            fw = m.future_weight
+            weight = torch.cat([(w[0] + fw * w[2]) * m.rtg_scale, (w[1] + fw * w[3]) * m.ctg_scale, w[1] * m.ctg_scale])
+            bias = torch.cat([(b[0] + fw * b[2]) * m.rtg_scale, (b[1] + fw * b[3]) * m.ctg_scale, b[1] * m.ctg_scale])
+            cost_weight, cost_bias = weight[:0], bias[:0]
+        elif self.value_objective:  # [revenue now + fw * later; cost now + fw * later] in raw units
             w = m.value_head.weight.view(4, self.num_actions, -1)
             b = m.value_head.bias.view(4, self.num_actions)
             fw = m.future_weight
@@ -407,8 +483,52 @@ class PolicyModule(ScoringModule):
         score (score = revenue - lambda * cost, future weight included), then each coupon's expected cost now
         for this user. Raw units. The service scores any lambda from one forward, and `expected`
         reservations start from the cost now."""
+        if hasattr(self, "action_tower"):
+            return self._table_terms(x, self.model.action_table)
         terms = F.linear(x, self.head_weight, self.head_bias)
         return torch.cat([terms, F.linear(x, self.cost_weight, self.cost_bias)], dim=1)
+
+    def _table_terms(self, x: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+        """`terms` [B, 3T] of the actions of `table` [T, F] (a model scoring by features)."""
+        towers = self.action_tower(table / self.model.action_scale)  # [T, h]
+        users = F.linear(x, self.head_weight, self.head_bias).view(x.shape[0], 3, -1)
+        return torch.matmul(users, towers.T).flatten(1)
+
+    @torch.jit.export
+    def catalog_terms(
+        self,
+        states: torch.Tensor,
+        actions: torch.Tensor,
+        rtg: torch.Tensor,
+        ctg: torch.Tensor,
+        timesteps: torch.Tensor,
+        lam: torch.Tensor,
+        mask: torch.Tensor,
+        table: torch.Tensor,
+    ) -> torch.Tensor:
+        """`score_terms` [B, 3T] over the actions of another action table [T, F] (a model scoring by features:
+        a catalog with coupons or bundles the model never saw); `actions` index its rows."""
+        if not hasattr(self, "action_tower"):
+            raise RuntimeError("this model scores actions by index: it has no catalog_terms")
+        x = self._encode(states, actions, rtg, ctg, timesteps, lam, mask, table)
+        return self._table_terms(x, table)
+
+    @torch.jit.export
+    def catalog_scores(
+        self,
+        states: torch.Tensor,
+        actions: torch.Tensor,
+        rtg: torch.Tensor,
+        ctg: torch.Tensor,
+        timesteps: torch.Tensor,
+        lam: torch.Tensor,
+        mask: torch.Tensor,
+        table: torch.Tensor,
+    ) -> torch.Tensor:
+        """`forward` [B, T] over the actions of another action table (`catalog_terms`)."""
+        terms = self.catalog_terms(states, actions, rtg, ctg, timesteps, lam, mask, table)
+        t = table.shape[0]
+        return torch.addcmul(terms[:, :t], lam.view(-1, 1), terms[:, t : 2 * t], value=-1.0)
 
     def encode(
         self,
@@ -421,11 +541,24 @@ class PolicyModule(ScoringModule):
         mask: torch.Tensor,
     ) -> torch.Tensor:
         """The last layer's output at the decision token, [B, h]."""
+        return self._encode(states, actions, rtg, ctg, timesteps, lam, mask, self.model.action_table)
+
+    def _encode(
+        self,
+        states: torch.Tensor,
+        actions: torch.Tensor,
+        rtg: torch.Tensor,
+        ctg: torch.Tensor,
+        timesteps: torch.Tensor,
+        lam: torch.Tensor,
+        mask: torch.Tensor,
+        table: torch.Tensor,
+    ) -> torch.Tensor:
         if self.step_layout:
-            x = self._step_tokens(states, actions, rtg, ctg, timesteps, lam, mask)
+            x = self._step_tokens(states, actions, rtg, ctg, timesteps, lam, mask, table)
             token_mask = mask
         else:
-            x, token_mask = self.model._tokens(states, actions, rtg, ctg, timesteps, lam, mask)
+            x, token_mask = self.model._tokens(states, actions, rtg, ctg, timesteps, lam, mask, table)
         if len(self.model.blocks) > 0:
             attn_mask = self.model._attention_mask(token_mask)
             for block in self.model.blocks:
@@ -433,6 +566,10 @@ class PolicyModule(ScoringModule):
         return self.model.ln_out(self._last_block(x, token_mask))
 
     def scores(self, x: torch.Tensor, lam: torch.Tensor) -> torch.Tensor:
+        if hasattr(self, "action_tower"):
+            terms = self._table_terms(x, self.model.action_table)
+            k = self.num_actions
+            return torch.addcmul(terms[:, :k], lam.view(-1, 1), terms[:, k : 2 * k], value=-1.0)
         scores = F.linear(x, self.head_weight, self.head_bias)
         if self.value_objective:
             k = self.num_actions
@@ -448,6 +585,7 @@ class PolicyModule(ScoringModule):
         timesteps: torch.Tensor,
         lam: torch.Tensor,
         mask: torch.Tensor,
+        table: torch.Tensor,
     ) -> torch.Tensor:
         """`SacoTransformer._tokens` of the step layout (eval mode), [B, L, h]."""
         b, n = actions.shape
@@ -455,8 +593,14 @@ class PolicyModule(ScoringModule):
         real = mask.to(states.dtype).unsqueeze(1)
         to_go = torch.stack([rtg, ctg], dim=1) / self.to_go_scale  # [B, 2, L], as in training
         outcomes = (to_go[..., :-1] - to_go[..., 1:]) * (real[..., :-1] * real[..., 1:])  # reward and cost
-        taken = torch.where(mask, actions, self.num_actions)[..., :-1].unsqueeze(1) == self.action_ids  # one-hot
-        events = torch.cat([taken.to(states.dtype), outcomes, (outcomes[:, :1] > 0).to(states.dtype)], dim=1)
+        if self.by_features:  # each step's action row [B, F, L-1] (zeros on padding)
+            rows = self.model.action_rows(torch.where(mask, actions, torch.zeros_like(actions))[..., :-1], table)
+            taken = rows.transpose(1, 2).to(states.dtype) * real[..., :-1]
+        else:  # one-hot [B, K, L-1]
+            taken = (torch.where(mask, actions, self.num_actions)[..., :-1].unsqueeze(1) == self.action_ids).to(
+                states.dtype
+            )
+        events = torch.cat([taken, outcomes, (outcomes[:, :1] > 0).to(states.dtype)], dim=1)
         matrix = self.history_matrix
         if n != self.context_length:
             matrix = self._history_matrix(self.history_decays, n, events.shape[1])

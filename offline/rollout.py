@@ -210,8 +210,11 @@ class SequencePolicy(Policy):
         rtg_for_lambda: Any = None,
         offered: np.ndarray | None = None,
         max_timestep: int | None = None,
+        action_table: np.ndarray | None = None,
     ) -> None:
         self.module = module
+        # [T, F]: the actions to score, by their features (a module with `catalog_scores`); None: the module's own
+        self.action_table = None if action_table is None else torch.from_numpy(np.asarray(action_table, np.float32))
         # [K] bool: the actions `act` may choose (as the service offers only a campaign's coupons); None: every one
         self.offered = offered
         self.name = name
@@ -264,6 +267,9 @@ class SequencePolicy(Policy):
         h.mask[:, -1] = True
         lams = np.full(n, lam, dtype=np.float32)
         self.inputs = history_inputs(h, lams, self.rtg_start, self.initial_ctg, self.max_timestep)
+        if self.action_table is not None:
+            catalog_scores: Any = self.module.catalog_scores
+            return self._run(lambda part: catalog_scores(*part, self.action_table))
         return self._run(lambda part: self.module(*part))
 
     def _run(self, forward: Any, lam: float | None = None) -> np.ndarray:
@@ -282,8 +288,12 @@ class SequencePolicy(Policy):
     def expected_costs_now(self, lam: float) -> np.ndarray:
         """[n, K]: each coupon's expected cost now (the exported module's `score_terms`, last K columns) at
         the current step; call after `scores` of that step."""
-        score_terms: Any = self.module.score_terms
-        terms = self._run(lambda part: score_terms(*part), lam)
+        if self.action_table is not None:
+            catalog_terms: Any = self.module.catalog_terms
+            terms = self._run(lambda part: catalog_terms(*part, self.action_table), lam)
+        else:
+            score_terms: Any = self.module.score_terms
+            terms = self._run(lambda part: score_terms(*part), lam)
         return terms[:, 2 * terms.shape[1] // 3 :]
 
     def observe(self, actions: np.ndarray, reward: np.ndarray, cost: np.ndarray) -> None:

@@ -73,7 +73,7 @@ class TrainConfig:
     read_windows: int = 2048
     shuffle_buffer: int = 65_536
 
-    def model_config(self, feature_dim: int, num_actions: int) -> ModelConfig:
+    def model_config(self, feature_dim: int, num_actions: int, action_features: int = 0) -> ModelConfig:
         return ModelConfig(
             feature_dim=feature_dim,
             num_actions=num_actions,
@@ -87,6 +87,7 @@ class TrainConfig:
             objective=self.objective,
             future_weight=self.future_weight,
             history_decays=tuple(self.history_decays),
+            action_features=action_features,
         )
 
 
@@ -125,8 +126,13 @@ def train(
     progress: bool = True,
     batch_transform: Callable[[Batch], Batch] | None = None,
     initial: Mapping[str, torch.Tensor] | None = None,
+    action_table: np.ndarray | None = None,
 ) -> TrainResult:
     """Fit the SACO model on `logs`; returns the best model on held-out users.
+
+    `action_table`, if given, [K, F] (contract/catalog.py `Catalog.action_descriptors`; row a describes
+    logged action a): the model names actions by these features rather than by index (offline/model.py), so
+    that it scores a catalog it was not trained on. The action space is then its K rows.
 
     `initial`, if given, is a state dict of a model of the same configuration to start from (a warm start:
     its weights and its input normalisation, so the weights keep their meaning) instead of a fresh one.
@@ -144,7 +150,9 @@ def train(
     distributed, world, rank, device = _join_processes(cfg.threads)
     torch.manual_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
-    num_actions = action_space(logs, cfg.num_actions)
+    if action_table is not None and cfg.num_actions not in (None, len(action_table)):
+        raise ValueError(f"the action table has {len(action_table)} rows, not num_actions ({cfg.num_actions})")
+    num_actions = action_space(logs, cfg.num_actions if action_table is None else len(action_table))
     traj = build_trajectories(logs, cfg.context_length)
     train_users, val_users = split_users(logs.n_users, cfg.val_fraction, cfg.seed)
     if len(train_users) == 0:
@@ -155,7 +163,10 @@ def train(
     train_windows = windows[np.isin(end_user, train_users)]
     val_windows = windows[np.isin(end_user, val_users)]
 
-    model = SacoTransformer(cfg.model_config(logs.feature_dim, num_actions))
+    features_per_action = 0 if action_table is None else int(action_table.shape[1])
+    model = SacoTransformer(cfg.model_config(logs.feature_dim, num_actions, features_per_action))
+    if action_table is not None:
+        model.set_action_table(torch.from_numpy(np.asarray(action_table, np.float32)))
     feats = logs.features[in_train]
     rtg_scale, ctg_scale = traj.scales()
     model.set_normalisation(torch.from_numpy(feats.mean(0)), torch.from_numpy(feats.std(0)), rtg_scale, ctg_scale)

@@ -166,7 +166,12 @@ def calibrate_comparison(
     raise RuntimeError(f"no budget level can be compared; the lowest: {skipped[0]}")
 
 
-def saco_policy(result: TrainResult, feature_dim: int, name: str = "saco") -> SequencePolicy:
+def saco_policy(
+    result: TrainResult, feature_dim: int, name: str = "saco", action_table: np.ndarray | None = None
+) -> SequencePolicy:
+    """The trained model as a policy; `action_table` [T, F] (a model scoring by features): the actions it
+    chooses among, by their features (another catalog than its training one), where the world's action a is
+    row a."""
     return SequencePolicy(
         PolicyModule(result.model).eval(),
         result.config.context_length,
@@ -174,6 +179,7 @@ def saco_policy(result: TrainResult, feature_dim: int, name: str = "saco") -> Se
         result.initial_ctg,
         feature_dim,
         name=name,
+        action_table=action_table,
     )
 
 

@@ -7,7 +7,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from contract.catalog import MAX_BUNDLES, Catalog, CatalogError, Coupon, dominant
+from contract.catalog import ACTION_FEATURES, MAX_BUNDLES, Catalog, CatalogError, Coupon, dominant
 from contract.ranking import bundle_ranking, bundle_scores, first_fit, first_fit_bundles, ranking
 
 COUPONS: list[dict[str, Any]] = [
@@ -143,3 +143,26 @@ def test_a_rule_that_allows_too_many_bundles_is_refused_at_once() -> None:
         Catalog.parse(own, max_per_bundle=2)
     with pytest.raises(CatalogError, match="more than 4096"):
         Catalog.parse(own, max_per_bundle=8)
+
+
+def test_action_descriptors_describe_what_a_bundle_gives() -> None:
+    catalog = Catalog.parse(COUPONS, max_per_bundle=3)  # bundles (1,), (2,), (3,), (1, 2), (1, 3)
+    rows = catalog.action_descriptors()
+    assert rows.dtype == np.float32 and rows.shape == (6, len(ACTION_FEATURES))
+    named = [dict(zip(ACTION_FEATURES, map(float, row), strict=True)) for row in rows]
+    assert named[0] == {name: (1.0 if name == "step" else 0.0) for name in ACTION_FEATURES}  # no coupon
+    assert named[2] == {
+        "step": 1.0,
+        "coupons": 1.0,
+        "amount_off": 0.0,
+        "percent_off": pytest.approx(0.125),
+        "percent_cap": 8.0,
+        "worst_case": 8.0,
+        "largest_worst_case": 8.0,
+        "largest_min_spend": 20.0,
+        "with_min_spend": 1.0,
+    }
+    both = named[4]  # coupon 1 (2 off) with coupon 2 (12.5% capped at 8, needing 20)
+    assert (both["coupons"], both["amount_off"], both["worst_case"], both["largest_worst_case"]) == (2, 2, 10, 8)
+    assert (both["largest_min_spend"], both["with_min_spend"]) == (20.0, 1.0)
+    assert named[5]["amount_off"] == 7.0 and named[5]["with_min_spend"] == 0.0
