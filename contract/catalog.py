@@ -186,6 +186,29 @@ def action_descriptors(coupons: Sequence[Coupon], bundles: Sequence[Sequence[int
 
 
 @dataclass(frozen=True)
+class ActionRows:
+    """A campaign's decisions as the rows of an action table, for a model scoring by features: row a < K
+    (the model's num_actions) is coupon a alone (a row that is not one of the campaign's coupons reads as no
+    coupon and is never offered); row K + j the j-th bundle of several coupons in the catalog's order. What the
+    service passes the model (`table`) and how a decision's action in a user's context becomes its row
+    (`rows`), written once for serving and for training from the service's logs."""
+
+    table: np.ndarray  # f32 [K + len(several), len(ACTION_FEATURES)]
+    num_actions: int  # K
+    several: tuple[Bundle, ...]  # the bundles of several coupons, rows K, K + 1, ...
+
+    def rows(self, actions: np.ndarray) -> np.ndarray:
+        """i64: each decision action's row: a coupon action (< K) itself; a bundle of several coupons (its
+        action BUNDLE_ACTIONS + position) its row; any other action (a bundle no longer in the catalog) row 0,
+        read as no coupon."""
+        actions = np.asarray(actions, np.int64)
+        out = np.where((actions >= 0) & (actions < self.num_actions), actions, 0)
+        for j, bundle in enumerate(self.several):
+            out[actions == bundle.action] = self.num_actions + j
+        return out
+
+
+@dataclass(frozen=True)
 class Catalog:
     """Validated coupons and the allowed bundles (every one, singletons included, in their order)."""
 
@@ -318,6 +341,12 @@ class Catalog:
         """`action_descriptors` of the allowed bundles: row 0 no coupon, row j `bundles[j - 1]` (the bundle
         world's action j)."""
         return action_descriptors(self.coupons, [b.coupons for b in self.bundles])
+
+    def action_rows(self, num_actions: int) -> ActionRows:
+        """`ActionRows` of this catalog for a model of `num_actions` (every coupon action below it)."""
+        several = tuple(b for b in self.bundles if len(b.coupons) > 1)
+        alone = [(a,) if a in self.by_action else () for a in range(1, num_actions)]
+        return ActionRows(action_descriptors(self.coupons, alone + [b.coupons for b in several]), num_actions, several)
 
     def membership(self, num_actions: int) -> np.ndarray:
         """[num_actions, len(bundles)] float32: 1 where the bundle holds the action."""

@@ -53,6 +53,10 @@ class Manifest:
     # The module also exports `score_terms` -> [B, 3K]: the revenue and cost terms of the score (score =
     # revenue - lambda * cost) and each coupon's expected cost now for the user (currency units).
     score_terms: bool = False
+    # Empty: the model names actions by index (action a is coupon a). Otherwise it scores actions by their
+    # features: the names of the action table's columns (contract/catalog.py ACTION_FEATURES) that its
+    # exported `catalog_terms(inputs..., table)` reads, the inputs' actions being rows of that table.
+    action_features: list[str] = field(default_factory=list)
     # Per decision index (a user's 0th, 1st, ... decision in a campaign; the last entry for later ones): the
     # ratio of the learned environment's expected cost of the coupons the policy chooses to the policy's own
     # expected cost now of them, measured by `saco calibrate` at its lambda. The service multiplies the
@@ -92,6 +96,10 @@ class Manifest:
         for i, cost in enumerate(self.action_costs):
             if not _number(cost) or not math.isfinite(cost):
                 raise ValueError(f"manifest field action_costs[{i}] must be a finite number, got {cost!r}")
+        if not isinstance(self.action_features, list) or not all(isinstance(n, str) for n in self.action_features):
+            raise ValueError(f"manifest field action_features must be a list of names, got {self.action_features!r}")
+        if self.action_features and not self.score_terms:
+            raise ValueError("manifest field action_features needs score_terms (a model scoring by features has them)")
         if not isinstance(self.cost_ratios, list):
             raise ValueError(f"manifest field cost_ratios must be a list of numbers, got {self.cost_ratios!r}")
         for i, ratio in enumerate(self.cost_ratios):

@@ -9,6 +9,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from contract.catalog import ACTION_FEATURES
 from model_store import Artifact, ModelStore, load_scripted, save_scripted
 from offline.logs import Logs
 from offline.model import PolicyModule, SacoTransformer, parameter_count
@@ -125,6 +126,11 @@ def publish(
             terms_diff = max(float((rebuilt - reference).abs().max()), float((costs - cost_now).abs().max()))
             if not terms_diff <= PARITY_TOLERANCE * size:
                 raise ExportError(f"scripted score terms differ from the model's by {terms_diff:.2e}")
+        if model.by_features and cfg.action_features != len(ACTION_FEATURES):
+            raise ExportError(
+                f"the model reads {cfg.action_features} action features, the service describes actions by "
+                f"{len(ACTION_FEATURES)} (contract/catalog.py ACTION_FEATURES): train it on `action_descriptors`"
+            )
         manifest = {
             "feature_dim": cfg.feature_dim,
             "num_actions": cfg.num_actions,
@@ -141,6 +147,7 @@ def publish(
             },
             "action_costs": action_costs,
             "score_terms": bool(model.value_objective),
+            "action_features": list(ACTION_FEATURES) if model.by_features else [],
             "data_sha256": data_sha256,
             "metrics": {
                 **result.metrics,

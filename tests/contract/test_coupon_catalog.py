@@ -166,3 +166,15 @@ def test_action_descriptors_describe_what_a_bundle_gives() -> None:
     assert (both["coupons"], both["amount_off"], both["worst_case"], both["largest_worst_case"]) == (2, 2, 10, 8)
     assert (both["largest_min_spend"], both["with_min_spend"]) == (20.0, 1.0)
     assert named[5]["amount_off"] == 7.0 and named[5]["with_min_spend"] == 0.0
+
+
+def test_action_rows_the_service_passes_a_model_scoring_by_features() -> None:
+    catalog = Catalog.parse(COUPONS, max_per_bundle=3)  # coupons 1, 2, 3; bundles of several (1, 2), (1, 3)
+    rows = catalog.action_rows(num_actions=5)
+    described = catalog.action_descriptors()
+    assert rows.table.shape == (5 + 2, len(ACTION_FEATURES))
+    np.testing.assert_array_equal(rows.table[:4], described[:4])  # no coupon, then each coupon alone
+    np.testing.assert_array_equal(rows.table[4], described[0])  # action 4 is no coupon of this campaign's
+    np.testing.assert_array_equal(rows.table[5:], described[4:])  # the bundles of several coupons
+    decided = np.array([0, 3, 1_000_004, 1_000_005, 1_000_009, 2])
+    np.testing.assert_array_equal(rows.rows(decided), [0, 3, 5, 6, 0, 2])  # a bundle not in the catalog: row 0

@@ -117,7 +117,7 @@ def test_trained_on_bundle_logs_and_exported(tmp_path: Path) -> None:
     assert result.model.by_features and result.model.cfg.action_features == len(ACTION_FEATURES)
     np.testing.assert_array_equal(result.model.action_table.numpy(), table)
     artifact = export_and_publish(result, logs, ModelStore(tmp_path / "store"))
-    assert artifact.manifest.num_actions == 7
+    assert artifact.manifest.num_actions == 7 and artifact.manifest.action_features == list(ACTION_FEATURES)
     assert artifact.manifest.metrics["export_parity_max_abs_diff"] <= PARITY_TOLERANCE
     scripted = load_scripted(artifact.model_path)
     assert hasattr(scripted, "catalog_terms")
