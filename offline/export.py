@@ -122,7 +122,7 @@ def publish(
             rebuilt = terms[:, :k] - inputs[5].view(-1, 1) * terms[:, k : 2 * k]
             costs = terms[:, 2 * k :]
             size = max(1.0, float(reference.abs().max()), float(costs.abs().max()))
-            cost_now = values[:, -1, 1] * model.ctg_scale
+            cost_now = values[:, -1, 1, :k] * model.ctg_scale
             terms_diff = max(float((rebuilt - reference).abs().max()), float((costs - cost_now).abs().max()))
             if not terms_diff <= PARITY_TOLERANCE * size:
                 raise ExportError(f"scripted score terms differ from the model's by {terms_diff:.2e}")

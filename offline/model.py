@@ -19,7 +19,8 @@ Two ways to name an action:
   read (the previous-action input and the history) and where actions are scored (a two-tower value head:
   the decision token's vector times an MLP of the action's row). Another table (a catalog with a coupon
   added) is scored by the same weights, without retraining (`PolicyModule.catalog_terms`). The model's
-  table is the training catalog's; step layout and value objective only.
+  table is the training catalog's; its first num_actions rows are no coupon and each coupon alone, the
+  actions `decide` scores; step layout and value objective only.
 
 Two kinds of output, read at the decision token:
 - action logits (the paper's Eq. 7 cross-entropy; objectives "dt-literal" / "dt-lagrangian");
@@ -57,7 +58,11 @@ class ModelConfig:
     # Exponential moving averages of past actions / rewards / costs / purchases fed to each step token
     # ("step" layout): carry-over state (fatigue, habit, reference) in a form one layer can read.
     history_decays: tuple[float, ...] = (0.5, 0.8)
-    action_features: int = 0  # F > 0: actions are rows of an [num_actions, F] table (module docstring)
+    action_features: int = 0  # F > 0: actions are rows of an action table [table_rows, F] (module docstring)
+    # by features: the table's rows, at least num_actions (0: num_actions). Rows 0..num_actions-1 are no coupon
+    # and each coupon alone (what `forward` and `score_terms` of the export score), the rest other actions (the
+    # bundles of several coupons the training logs hold; contract/catalog.py `ActionRows`)
+    table_rows: int = 0
 
     def to_dict(self) -> dict[str, object]:
         return asdict(self)
@@ -124,6 +129,8 @@ class SacoTransformer(nn.Module):
             raise ValueError("d_model must be divisible by n_heads")
         if cfg.action_features and (cfg.token_layout != "step" or cfg.objective != "value"):
             raise ValueError("a model scoring actions by their features takes the step layout and the value objective")
+        if cfg.table_rows and cfg.table_rows < cfg.num_actions:
+            raise ValueError(f"the action table needs at least num_actions ({cfg.num_actions}) rows")
         self.cfg = cfg
         self.num_actions = cfg.num_actions
         self.max_timestep = cfg.max_timestep
@@ -144,7 +151,8 @@ class SacoTransformer(nn.Module):
         self.action_width = cfg.action_features if self.by_features else k
         if self.by_features:
             f = cfg.action_features
-            self.register_buffer("action_table", torch.zeros(k, f))  # the training catalog's rows, raw units
+            rows = cfg.table_rows or k
+            self.register_buffer("action_table", torch.zeros(rows, f))  # the training catalog's rows, raw units
             self.register_buffer("action_scale", torch.ones(f))  # the table's columns are read divided by it
             self.embed_action_row = nn.Linear(f, h)  # a padding step's row is 0: the bias is "no previous action"
             # two towers: value o of action a = <user_tower(x)[o], action_tower(row a)> (+ the tower's bias)
@@ -186,7 +194,7 @@ class SacoTransformer(nn.Module):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
 
     def set_action_table(self, table: torch.Tensor) -> None:
-        """The training catalog's action rows [num_actions, F] (raw units); each column is read divided by its
+        """The training catalog's action rows [table_rows, F] (raw units); each column is read divided by its
         largest magnitude here (1 for a column of zeros), so a catalog with larger values reads above 1."""
         if not self.by_features or tuple(table.shape) != tuple(self.action_table.shape):
             raise ValueError(f"the action table must be {tuple(self.action_table.shape)}, got {tuple(table.shape)}")
@@ -317,7 +325,8 @@ class SacoTransformer(nn.Module):
         mask: torch.Tensor,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Training: action logits [B, L, K] (none when scoring by features: [B, L, 0]) and value heads
-        [B, L, 4, K] (scaled units) at every step."""
+        [B, L, 4, K] (scaled units; by features every row of the action table: [B, L, 4, table rows]) at every
+        step."""
         b, n = actions.shape
         x, token_mask = self._tokens(states, actions, rtg, ctg, timesteps, lam, mask, self.action_table)
         attn_mask = self._attention_mask(token_mask)
@@ -340,11 +349,11 @@ class SacoTransformer(nn.Module):
         lam: torch.Tensor,
         mask: torch.Tensor,
     ) -> torch.Tensor:
-        """Decision scores [B, K] for the last step, read from the training forward: the reference that
-        `PolicyModule` (what is exported) computes with folded weights."""
+        """Decision scores [B, K] for the last step (no coupon and each coupon alone), read from the training
+        forward: the reference that `PolicyModule` (what is exported) computes with folded weights."""
         logits, values = self(states, actions, rtg, ctg, timesteps, lam, mask)
         if self.value_objective:
-            v = values[:, -1]
+            v = values[:, -1, :, : self.num_actions]
             revenue = (v[:, 0] + self.future_weight * v[:, 2]) * self.rtg_scale
             cost = (v[:, 1] + self.future_weight * v[:, 3]) * self.ctg_scale
             return revenue - lam.view(-1, 1) * cost
@@ -484,7 +493,7 @@ class PolicyModule(ScoringModule):
         for this user. Raw units. The service scores any lambda from one forward, and `expected`
         reservations start from the cost now."""
         if hasattr(self, "action_tower"):
-            return self._table_terms(x, self.model.action_table)
+            return self._table_terms(x, self.model.action_table[: self.num_actions])
         terms = F.linear(x, self.head_weight, self.head_bias)
         return torch.cat([terms, F.linear(x, self.cost_weight, self.cost_bias)], dim=1)
 
@@ -567,8 +576,8 @@ class PolicyModule(ScoringModule):
 
     def scores(self, x: torch.Tensor, lam: torch.Tensor) -> torch.Tensor:
         if hasattr(self, "action_tower"):
-            terms = self._table_terms(x, self.model.action_table)
             k = self.num_actions
+            terms = self._table_terms(x, self.model.action_table[:k])
             return torch.addcmul(terms[:, :k], lam.view(-1, 1), terms[:, k : 2 * k], value=-1.0)
         scores = F.linear(x, self.head_weight, self.head_bias)
         if self.value_objective:

@@ -73,7 +73,9 @@ class TrainConfig:
     read_windows: int = 2048
     shuffle_buffer: int = 65_536
 
-    def model_config(self, feature_dim: int, num_actions: int, action_features: int = 0) -> ModelConfig:
+    def model_config(
+        self, feature_dim: int, num_actions: int, action_features: int = 0, table_rows: int = 0
+    ) -> ModelConfig:
         return ModelConfig(
             feature_dim=feature_dim,
             num_actions=num_actions,
@@ -88,6 +90,7 @@ class TrainConfig:
             future_weight=self.future_weight,
             history_decays=tuple(self.history_decays),
             action_features=action_features,
+            table_rows=table_rows,
         )
 
 
@@ -130,9 +133,10 @@ def train(
 ) -> TrainResult:
     """Fit the SACO model on `logs`; returns the best model on held-out users.
 
-    `action_table`, if given, [K, F] (contract/catalog.py `Catalog.action_descriptors`; row a describes
-    logged action a): the model names actions by these features rather than by index (offline/model.py), so
-    that it scores a catalog it was not trained on. The action space is then its K rows.
+    `action_table`, if given, [T, F] (contract/catalog.py `Catalog.action_descriptors` or `ActionRows.table`;
+    row a describes logged action a): the model names actions by these features rather than by index
+    (offline/model.py), so that it scores a catalog it was not trained on. Its action space (no coupon and the
+    coupons alone) is `cfg.num_actions`, the table's first rows (None: every row).
 
     `initial`, if given, is a state dict of a model of the same configuration to start from (a warm start:
     its weights and its input normalisation, so the weights keep their meaning) instead of a fresh one.
@@ -150,9 +154,13 @@ def train(
     distributed, world, rank, device = _join_processes(cfg.threads)
     torch.manual_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
-    if action_table is not None and cfg.num_actions not in (None, len(action_table)):
-        raise ValueError(f"the action table has {len(action_table)} rows, not num_actions ({cfg.num_actions})")
-    num_actions = action_space(logs, cfg.num_actions if action_table is None else len(action_table))
+    if action_table is None:
+        num_actions, table_rows = action_space(logs, cfg.num_actions), 0
+    else:
+        table_rows = action_space(logs, len(action_table))
+        num_actions = table_rows if cfg.num_actions is None else cfg.num_actions
+        if num_actions > table_rows:
+            raise ValueError(f"the action table has {table_rows} rows, fewer than num_actions ({num_actions})")
     traj = build_trajectories(logs, cfg.context_length)
     train_users, val_users = split_users(logs.n_users, cfg.val_fraction, cfg.seed)
     if len(train_users) == 0:
@@ -164,7 +172,7 @@ def train(
     val_windows = windows[np.isin(end_user, val_users)]
 
     features_per_action = 0 if action_table is None else int(action_table.shape[1])
-    model = SacoTransformer(cfg.model_config(logs.feature_dim, num_actions, features_per_action))
+    model = SacoTransformer(cfg.model_config(logs.feature_dim, num_actions, features_per_action, table_rows))
     if action_table is not None:
         model.set_action_table(torch.from_numpy(np.asarray(action_table, np.float32)))
     feats = logs.features[in_train]

@@ -37,7 +37,7 @@ def random_model(table: torch.Tensor, seed: int = 0) -> SacoTransformer:
     return model.eval()
 
 
-def inputs(rows: int, length: int, num_actions: int, seed: int = 1) -> tuple[torch.Tensor, ...]:
+def inputs(rows: int, length: int, num_actions: int, seed: int = 1, dim: int = 5) -> tuple[torch.Tensor, ...]:
     g = torch.Generator().manual_seed(seed)
     mask = torch.ones(rows, length, dtype=torch.bool)
     mask[0, :2] = False  # a user with a short history
@@ -45,7 +45,7 @@ def inputs(rows: int, length: int, num_actions: int, seed: int = 1) -> tuple[tor
     actions = torch.randint(0, num_actions, (rows, length), generator=g) * mask
     actions[:, -1] = 0
     return (
-        torch.randn(rows, length, 5, generator=g) * mask.unsqueeze(-1),
+        torch.randn(rows, length, dim, generator=g) * mask.unsqueeze(-1),
         actions,
         torch.randn(rows, length, generator=g) * 10 * mask,
         torch.randn(rows, length, generator=g) * mask,
@@ -121,7 +121,7 @@ def test_trained_on_bundle_logs_and_exported(tmp_path: Path) -> None:
     assert artifact.manifest.metrics["export_parity_max_abs_diff"] <= PARITY_TOLERANCE
     scripted = load_scripted(artifact.model_path)
     assert hasattr(scripted, "catalog_terms")
-    with pytest.raises(ValueError, match="the action table has 7 rows, not num_actions \\(9\\)"):
+    with pytest.raises(ValueError, match="the action table has 7 rows, fewer than num_actions \\(9\\)"):
         train(logs, TrainConfig(epochs=1, num_actions=9), progress=False, action_table=table)
     with pytest.raises(ValueError, match="the logs hold action 6, beyond the 4 actions"):
         train(logs, cfg, progress=False, action_table=table[:4])
@@ -149,3 +149,21 @@ def _script(module: torch.nn.Module, tmp_path: Path) -> Path:
     path = tmp_path / "policy.pt"
     save_scripted(module, path)
     return path
+
+
+def test_a_table_beyond_the_coupons_alone(tmp_path: Path) -> None:
+    """num_actions 4 (no coupon and the 3 coupons alone, rows 0..3) with the bundles of several coupons as
+    rows 4..6: the export scores the coupons alone, `catalog_terms` every row."""
+    logs = validate_table(simulate_logs(WorldConfig(users=200, rounds=4, seed=0, catalog=CATALOG)))
+    table = CATALOG.action_descriptors()
+    result = train(logs, TrainConfig(epochs=1, d_model=16, context_length=3, num_actions=4), False, action_table=table)
+    assert (result.model.num_actions, result.model.action_table.shape[0]) == (4, 7)
+    artifact = export_and_publish(result, logs, ModelStore(tmp_path / "store"))
+    assert artifact.manifest.num_actions == 4
+    scripted = load_scripted(artifact.model_path)
+    x = inputs(5, 3, len(table), dim=logs.feature_dim)
+    with torch.inference_mode():
+        own = scripted.score_terms(*x)
+        every = scripted.catalog_terms(*x, torch.from_numpy(table))
+    assert own.shape == (5, 12) and every.shape == (5, 21)
+    assert torch.allclose(every.view(5, 3, 7)[:, :, :4].reshape(5, 12), own, atol=1e-5)
