@@ -256,6 +256,27 @@ class Catalog:
         return Catalog.build([parse_coupon(c, i) for i, c in enumerate(coupons)], bundles, max_per_bundle)
 
     @staticmethod
+    def from_view(view: Mapping[str, Any]) -> Catalog:
+        """The catalog of a campaign view (GET /v1/admin/campaigns/{id}: `coupons`, and a catalog campaign's
+        `bundles` and `max_per_bundle`), as `public` and `Coupon.public` render it; CatalogError naming the
+        field that breaks a rule."""
+        coupons = view.get("coupons")
+        if not isinstance(coupons, Sequence) or isinstance(coupons, str):
+            raise CatalogError(("coupons",), "must be a list of coupons", coupons)
+        parsed = []
+        for i, c in enumerate(coupons):
+            if not isinstance(c, Mapping):
+                raise CatalogError(("coupons", i), "must be an object", c)
+            if "value" in c:  # a catalog coupon: `cost` is its worst case, `stock_left` the view's own
+                c = {k: v for k, v in c.items() if k not in ("cost", "stock_left") and v is not None}
+            parsed.append(parse_coupon(c, i))
+        listed = view.get("bundles")
+        bundles = None if listed is None else [list(b.get("coupons", [])) for b in listed]
+        if bundles is not None and all(len(b) == 1 for b in bundles) and view.get("max_per_bundle") is None:
+            bundles = None  # each coupon alone
+        return Catalog.build(parsed, bundles, view.get("max_per_bundle"))
+
+    @staticmethod
     def of_costs(costs: Mapping[int, int]) -> Catalog:
         """Today's campaign: an amount coupon of each cost (cents), each alone."""
         return Catalog.build([Coupon(action, cents) for action, cents in sorted(costs.items())])

@@ -178,3 +178,17 @@ def test_action_rows_the_service_passes_a_model_scoring_by_features() -> None:
     np.testing.assert_array_equal(rows.table[5:], described[4:])  # the bundles of several coupons
     decided = np.array([0, 3, 1_000_004, 1_000_005, 1_000_009, 2])
     np.testing.assert_array_equal(rows.rows(decided), [0, 3, 5, 6, 0, 2])  # a bundle not in the catalog: row 0
+
+
+@pytest.mark.parametrize("max_per_bundle", [None, 2])
+def test_a_catalog_read_back_from_its_campaign_view(max_per_bundle: int | None) -> None:
+    catalog = Catalog.parse(COUPONS, max_per_bundle=max_per_bundle)
+    view = {"coupons": [{**c.public(), "stock_left": 3} for c in catalog.coupons], **catalog.public()}
+    again = Catalog.from_view(view)
+    assert again.coupons == catalog.coupons
+    assert [b.coupons for b in again.bundles] == [b.coupons for b in catalog.bundles]
+    assert again.action_rows(5).table.tolist() == catalog.action_rows(5).table.tolist()
+    plain = Catalog.from_view({"coupons": [{"action": 1, "cost": 2.0}, {"action": 3, "cost": 5.0}]})
+    assert plain == Catalog.of_costs({1: 200, 3: 500})
+    with pytest.raises(CatalogError, match=r"coupons\.0\.cap"):
+        Catalog.from_view({"coupons": [{"action": 1, "kind": "percent", "value": 10.0, "cap": None, "cost": 1.0}]})
