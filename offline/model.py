@@ -156,7 +156,9 @@ class SacoTransformer(nn.Module):
             self.register_buffer("action_scale", torch.ones(f))  # the table's columns are read divided by it
             self.embed_action_row = nn.Linear(f, h)  # a padding step's row is 0: the bias is "no previous action"
             # two towers: value o of action a = <user_tower(x)[o], action_tower(row a)> (+ the tower's bias)
-            self.action_tower = nn.Sequential(nn.Linear(f, 2 * h), nn.GELU(), nn.Linear(2 * h, h))
+            self.action_tower = nn.Sequential(
+                nn.Linear(f, 4 * h), nn.GELU(), nn.Linear(4 * h, 4 * h), nn.GELU(), nn.Linear(4 * h, h)
+            )
             self.user_tower = nn.Linear(h, 4 * h)
         else:
             self.embed_action = nn.Embedding(k + 1, h)  # index k = "no previous action" (first step)
