@@ -3,10 +3,12 @@
 service/lua/reserve.lua grants in that order (tested against `first_fit` and `first_fit_bundles` through the
 real store); calibration rollouts grant with `first_fit`.
 
-Until a model scores bundles itself, a bundle's score is built from the model's per-coupon scores (each
-action's score = revenue - lambda x cost, action 0 being no coupon): no coupon's score plus the sum of its
-coupons' gains over no coupon, s(B) = s_0 + sum over a in B of (s_a - s_0). A one-coupon bundle scores
-as its coupon; a bundle's coupons add their effects (the additive assumption a bundle-aware model lifts)."""
+Each action's score = revenue - lambda x cost, action 0 being no coupon. A one-coupon bundle scores as its
+coupon. A bundle of several coupons scores as the model scores it when the model scores bundles by their
+features (`several`: the model's own score of each of the catalog's bundles of several coupons); otherwise
+its score is built from the per-coupon scores: no coupon's score plus the sum of its coupons' gains over no
+coupon, s(B) = s_0 + sum over a in B of (s_a - s_0) (the additive rule: a bundle's coupons add their
+effects)."""
 
 from __future__ import annotations
 
@@ -25,36 +27,59 @@ def ranking(scores: np.ndarray, offered: list[int]) -> tuple[list[list[int]], li
     return _ranked(masked, ~np.isfinite(scores).all(axis=1))
 
 
-def bundle_scores(scores: np.ndarray, bundles: Sequence[Sequence[int]]) -> np.ndarray:
-    """[B, 1 + n] in the scores' precision: column 0 no coupon (s_0), column j the (j-1)-th bundle, s_0 + the
-    sum of its coupons' gains over no coupon (module docstring; summed in doubles); a one-coupon bundle is
-    its coupon's score as it is, so that it ranks exactly as the coupon does. A bundle naming an action the
-    scores lack scores -inf."""
+def bundle_scores(
+    scores: np.ndarray, bundles: Sequence[Sequence[int]], several: np.ndarray | None = None
+) -> np.ndarray:
+    """[B, 1 + n] in the scores' precision: column 0 no coupon (s_0), column j the (j-1)-th bundle. A
+    one-coupon bundle is its coupon's score as it is, so that it ranks exactly as the coupon does. A bundle
+    of several coupons is its column of `several` [B, m] (the model's scores of the bundles of several coupons
+    among `bundles`, in their order) when given; otherwise s_0 + the sum of its coupons' gains over no coupon
+    (module docstring; summed in doubles). A bundle naming an action the scores lack scores -inf."""
     rows, k = scores.shape
-    out = np.full((rows, 1 + len(bundles)), -np.inf, np.result_type(scores.dtype, np.float32))
+    dtype = np.result_type(scores.dtype, np.float32)
+    out = np.full((rows, 1 + len(bundles)), -np.inf, dtype)
     out[:, 0] = scores[:, 0]
-    several = [j for j, bundle in enumerate(bundles) if len(bundle) > 1 and all(0 < a < k for a in bundle)]
+    positions = [j for j, bundle in enumerate(bundles) if len(bundle) > 1]
+    if several is not None and several.shape != (rows, len(positions)):
+        raise ValueError(
+            f"several: the scores of the {len(positions)} bundles of several coupons must be "
+            f"[{rows}, {len(positions)}], got {list(several.shape)}"
+        )
     for j, bundle in enumerate(bundles):
         if len(bundle) == 1 and 0 < bundle[0] < k:
             out[:, j + 1] = scores[:, bundle[0]]
-    if several:
-        membership = np.zeros((k, len(several)), np.float64)
-        for column, j in enumerate(several):
-            membership[list(bundles[j]), column] = 1
-        base = scores[:, :1].astype(np.float64)
-        with np.errstate(invalid="ignore", over="ignore"):
-            out[:, [j + 1 for j in several]] = base + (scores - base) @ membership
+    scored = [(column, j) for column, j in enumerate(positions) if all(0 < a < k for a in bundles[j])]
+    if not scored:
+        return out
+    if several is not None:
+        out[:, [j + 1 for _, j in scored]] = several[:, [column for column, _ in scored]]
+        return out
+    membership = np.zeros((k, len(scored)), np.float64)
+    for column, (_, j) in enumerate(scored):
+        membership[list(bundles[j]), column] = 1
+    base = scores[:, :1].astype(np.float64)
+    with np.errstate(invalid="ignore", over="ignore"):
+        out[:, [j + 1 for _, j in scored]] = base + (scores - base) @ membership
     return out
 
 
 def bundle_ranking(
-    scores: np.ndarray, bundles: Sequence[Sequence[int]]
+    scores: np.ndarray, bundles: Sequence[Sequence[int]], several: np.ndarray | None = None
 ) -> tuple[list[list[int]], list[int], np.ndarray]:
     """`ranking` of bundles: per row, bundle positions (1-based in `bundles`; 0 no coupon) by descending
-    `bundle_scores`, cut after 0, as distinct lists and each row's index among them; and the priority order
-    of rows (largest gain of the best bundle over none first). Ties keep the earlier bundle and row; a row
-    with any non-finite score prefers no coupon alone and comes last."""
-    return _ranked(bundle_scores(scores, bundles), ~np.isfinite(scores).all(axis=1))
+    `bundle_scores` (`several`: the model's scores of the bundles of several coupons), cut after 0, as
+    distinct lists and each row's index among them; and the priority order of rows (largest gain of the best
+    bundle over none first). Ties keep the earlier bundle and row; a row with any non-finite score (of a
+    coupon or of a bundle of several) prefers no coupon alone and comes last."""
+    return _ranked(bundle_scores(scores, bundles, several), ~finite_rows(scores, several))
+
+
+def finite_rows(scores: np.ndarray, several: np.ndarray | None = None) -> np.ndarray:
+    """[B] bool: the rows whose scores (and bundle scores, when given) are all finite."""
+    finite = np.isfinite(scores).all(axis=1)
+    if several is not None:
+        finite &= np.isfinite(several).all(axis=1)
+    return np.asarray(finite)
 
 
 def _ranked(masked: np.ndarray, unscored: np.ndarray) -> tuple[list[list[int]], list[int], np.ndarray]:
@@ -112,14 +137,16 @@ def first_fit_bundles(
     prices: np.ndarray,
     stock: Mapping[int, int],
     available: int,
+    several: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """One request's bundles granted as the service grants them in its `strict` mode: rows in
     `bundle_ranking`'s priority order, each taking its first preferred bundle that fits whole: its price,
     the sum of its coupons' `prices` (cents, negative for an action not offered: no bundle holding it is
     granted), fits what is still available after the rows before it, and every coupon of it with a stock
     (`stock`: action -> units left) has a unit left; else no coupon. Returns each row's bundle (its position,
-    1-based in `bundles`; 0 no coupon) and whether its preferred bundle was refused."""
-    lists, index, priority = bundle_ranking(scores, bundles)
+    1-based in `bundles`; 0 no coupon) and whether its preferred bundle was refused. `several`: the model's
+    scores of the bundles of several coupons (`bundle_scores`)."""
+    lists, index, priority = bundle_ranking(scores, bundles, several)
     left = dict(stock)
     price = [
         int(sum(prices[a] for a in b)) if all(0 <= a < len(prices) and prices[a] >= 0 for a in b) else -1

@@ -62,6 +62,7 @@ class _Job:
     policy: LoadedPolicy
     inputs: ModelInputs
     future: asyncio.Future[np.ndarray]
+    table: np.ndarray | None = None  # a model scoring by features: the campaign's action table
     enqueued_at: float = field(default_factory=time.perf_counter)
 
 
@@ -106,14 +107,22 @@ class MicroBatcher:
         finally:
             ticket.close()
 
-    async def scores(self, policy: LoadedPolicy, inputs: ModelInputs, ticket: Ticket | None = None) -> np.ndarray:
+    async def scores(
+        self,
+        policy: LoadedPolicy,
+        inputs: ModelInputs,
+        ticket: Ticket | None = None,
+        table: np.ndarray | None = None,
+    ) -> np.ndarray:
+        """The policy's output for these inputs (`LoadedPolicy.scores`; `table`: the campaign's action table
+        of a model scoring by features), from a forward shared with the other requests queued with it."""
         future: asyncio.Future[np.ndarray] = asyncio.get_running_loop().create_future()
         try:
             with self._ready:
                 if self._stopping or len(self._jobs) >= self.queue_size:
                     self._metrics.overloaded.inc()
                     raise BatcherOverloaded("inference queue is full")
-                self._jobs.append(_Job(policy, inputs, future))
+                self._jobs.append(_Job(policy, inputs, future, table))
                 if ticket is not None:
                     # closed with the rows queued, under the same lock: the thread that takes them must not
                     # see this request still announced and wait for it (an extra wake-up per request)
@@ -184,14 +193,17 @@ def _deliver(jobs: list[_Job], results: list[np.ndarray] | BaseException) -> Non
 
 
 def _forward(jobs: list[_Job]) -> list[np.ndarray]:
-    """Runs on the inference thread: one forward per policy among the jobs (normally exactly one)."""
+    """Runs on the inference thread: one forward per policy and action table among the jobs (normally exactly
+    one; a model scoring by features, one per distinct catalog: each campaign's ActionRows are cached, so the
+    jobs of one catalog share its table)."""
     results: dict[int, np.ndarray] = {}
-    by_policy: dict[int, list[int]] = {}
+    groups: dict[tuple[int, int], list[int]] = {}
     for index, job in enumerate(jobs):
-        by_policy.setdefault(id(job.policy), []).append(index)
-    for indices in by_policy.values():
-        policy = jobs[indices[0]].policy
-        scores = policy.scores(ModelInputs.concatenate([jobs[i].inputs for i in indices]))
+        groups.setdefault((id(job.policy), id(job.table)), []).append(index)
+    for indices in groups.values():
+        policy, table = jobs[indices[0]].policy, jobs[indices[0]].table
+        inputs = ModelInputs.concatenate([jobs[i].inputs for i in indices])
+        scores = policy.scores(inputs) if table is None else policy.scores(inputs, table)
         row = 0
         for i in indices:
             rows = jobs[i].inputs.rows

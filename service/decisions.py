@@ -9,7 +9,6 @@ from collections import Counter
 
 import numpy as np
 
-from contract.catalog import dominant
 from contract.money import from_cents, to_cents
 from model_store import Manifest
 from service.background import Background
@@ -23,7 +22,7 @@ from service.schemas import (
     OutcomesRequest,
     OutcomesResponse,
 )
-from service.scoring import ScoreTerms, build_inputs, choose, min_redemption, render
+from service.scoring import ActionRowsCache, ScoreTerms, build_inputs, choose, min_redemption, render
 from service.settings import Settings
 from service.state import (
     CampaignConfig,
@@ -58,6 +57,7 @@ class Decisions:
         self.metrics = metrics
         self.background = background
         self.rng = random.Random(settings.exploration_seed)  # the exploration draws
+        self.action_rows = ActionRowsCache()  # each catalog's action table, for a model scoring by features
         # context writes still in flight, each with its campaign and users: the next read of one of those
         # users waits for it
         self._writes: dict[asyncio.Task[None], tuple[str, frozenset[str]]] = {}
@@ -71,16 +71,20 @@ class Decisions:
         with self.batcher.expect() as ticket:
             campaign, contexts = await self._read(campaign_id, user_ids)
             lam, _ = resolve_lambda(campaign, policy.manifest)  # the model's lambda input
-            inputs = build_inputs(policy.manifest, features, contexts, lam)
-            outputs = await self.batcher.scores(policy, inputs, ticket)
-        scores, expected = outputs, None
+            # a model scoring by features: the campaign's action table (cached per catalog)
+            action_rows = self.action_rows.of(campaign, policy.manifest.num_actions) if policy.by_features else None
+            table = None if action_rows is None else action_rows.table
+            inputs = build_inputs(policy.manifest, features, contexts, lam, campaign.settings.catalog, action_rows)
+            outputs = await self.batcher.scores(policy, inputs, ticket, table)
+        scores, expected, several = outputs, None, None
         if policy.manifest.score_terms:
-            terms = ScoreTerms.split(outputs, campaign, policy.manifest.cost_ratios, inputs.timesteps[:, -1])
+            bundles = None if action_rows is None else tuple(b.coupons for b in action_rows.several)
+            terms = ScoreTerms.split(outputs, campaign, policy.manifest.cost_ratios, inputs.timesteps[:, -1], bundles)
             terms = terms.floored(campaign, min_redemption(self.settings.min_redemption, campaign.settings))
             lam, _ = resolve_lambda(campaign, policy.manifest, terms, pacing_lambda_max=self.settings.pacing_lambda_max)
-            scores, expected = terms.scores(lam), terms.expected
+            scores, expected, several = terms.scores(lam), terms.expected, terms.bundle_scores(lam)
         rows = features.astype("<f4", copy=False)
-        order, batch = choose(scores, expected, campaign, body, rows, self.rng, self.metrics)
+        order, batch = choose(scores, expected, campaign, body, rows, self.rng, self.metrics, several)
         try:
             reserved = await self.store.reserve(
                 campaign_id,
@@ -142,15 +146,12 @@ class Decisions:
         manifest: Manifest,
     ) -> None:
         """Each new decision becomes a step of its user's context (written behind the answer: the
-        reservations are what must be durable before it), and the metrics. A bundle of several coupons is
-        its dearest coupon in the context (contract/catalog.py `dominant`): the model scores single coupons."""
+        reservations are what must be durable before it), and the metrics. A step holds the decision's action
+        as answered (a bundle of several coupons: BUNDLE_ACTIONS + its position); the model reads it as its
+        own action (service/scoring.py `model_actions`)."""
         new = reserved.new
         fresh = sum(new)
         steps_actions = reserved.actions
-        if reserved.components is not None:
-            steps_actions = [
-                dominant(c) if len(c) > 1 else a for a, c in zip(reserved.actions, reserved.components, strict=True)
-            ]
         if fresh == len(new):
             steps = NewSteps(
                 batch.user_ids, reserved.decision_ids, steps_actions, batch.features, [contexts[i] for i in order]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from contract.money import from_cents
-from contract.ranking import bundle_scores
+from contract.ranking import bundle_scores, finite_rows
 from model_store import Manifest
 from service.scoring import ScoreTerms
 from service.state import CampaignConfig
@@ -17,10 +17,11 @@ def plan_lambda(terms: ScoreTerms, campaign: CampaignConfig, target: float, lam_
     """The smallest lambda in [0, lam_max] at which the request's expected spend fits `target` cents: each
     user takes their best offered action (a catalog campaign's: bundle) or none at that lambda, and spends
     its expected cost corrected by the campaign's realised / predicted ratio of that action (of each coupon of
-    a bundle). Bisection: spend falls as lambda rises. Users whose terms are not finite are left out (they
-    get no coupon), as is a user whose scores at a lambda are not."""
-    usable = terms.finite
-    terms = ScoreTerms(terms.revenue[usable], terms.cost[usable], terms.expected[usable])
+    a bundle). Bundles rank by the scores `choose` ranks them by (contract/ranking.py `bundle_scores`: a
+    model's own scores of bundles of several coupons when it has them); a bundle spends the sum of its
+    coupons' expected costs. Bisection: spend falls as lambda rises. Users whose terms are not finite are left
+    out (they get no coupon), as is a user whose scores at a lambda are not."""
+    terms = terms.take(terms.finite)
     k = terms.revenue.shape[1]
     ratios = np.ones(k)
     if campaign.paced is not None:
@@ -35,20 +36,20 @@ def plan_lambda(terms: ScoreTerms, campaign: CampaignConfig, target: float, lam_
         offered[0] = True
         offered[[a for a in campaign.coupons if 0 < a < k]] = True
 
-        def columns(scores: np.ndarray) -> np.ndarray:
+        def columns(scores: np.ndarray, several: np.ndarray | None) -> np.ndarray:
             return np.where(offered, scores, -np.inf)
 
     else:  # a catalog's bundles (contract/ranking.py): a bundle spends its coupons' expected costs
         bundles = [b.coupons for b in catalog.bundles]
         spend = np.concatenate([np.zeros((len(spend), 1)), spend @ catalog.membership(k)], axis=1)
 
-        def columns(scores: np.ndarray) -> np.ndarray:
-            return bundle_scores(scores, bundles)
+        def columns(scores: np.ndarray, several: np.ndarray | None) -> np.ndarray:
+            return bundle_scores(scores, bundles, several)
 
     def spent(lam: float) -> float:
-        scores = terms.scores(lam)
-        chosen = columns(scores).argmax(axis=1)
-        chosen[~np.isfinite(scores).all(axis=1)] = 0
+        scores, several = terms.scores(lam), terms.bundle_scores(lam)
+        chosen = columns(scores, several).argmax(axis=1)
+        chosen[~finite_rows(scores, several)] = 0
         return float(spend[rows, chosen].sum())
 
     if spent(0.0) <= target:

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from contract.catalog import ACTION_FEATURES, Catalog, Coupon
 from contract.inputs import ModelInputs
 from model_store import Artifact, ArtifactError, Manifest, ModelStore, load_scripted
 
@@ -49,18 +50,31 @@ class LoadedPolicy:
         return None if calibration is None else calibration.id
 
     @property
+    def by_features(self) -> bool:
+        """Whether the model scores actions by their features (the manifest's `action_features`): it is given
+        each campaign's action table (contract/catalog.py `ActionRows`) and scores its bundles itself."""
+        return bool(self.manifest.action_features)
+
+    @property
     def outputs(self) -> int:
         """Columns of `scores`: K scores, or, when the manifest says `score_terms`, 3 K score terms."""
         return self.manifest.num_actions * (3 if self.manifest.score_terms else 1)
 
-    def scores(self, inputs: ModelInputs) -> np.ndarray:
+    def scores(self, inputs: ModelInputs, table: np.ndarray | None = None) -> np.ndarray:
         """f32 [B, num_actions]: the scores at each row's lambda; or, when the manifest says `score_terms`,
         [B, 3 num_actions]: the revenue and cost terms of the scores and each coupon's expected cost now
-        (`score_terms` of the exported module). Blocking: call it on the inference thread."""
+        (`score_terms` of the exported module). A model scoring by features, given an action table [T, F]
+        (`table`, the inputs' actions being its rows): [B, 3T], the terms of each of its rows
+        (`catalog_terms`). Blocking: call it on the inference thread."""
         device = self.device
-        forward = self.module.score_terms if self.manifest.score_terms else self.module
+        arrays = [torch.from_numpy(a).to(device) for a in inputs.arrays()]
         with torch.inference_mode():
-            out = forward(*(torch.from_numpy(a).to(device) for a in inputs.arrays()))
+            if table is not None:
+                out = self.module.catalog_terms(*arrays, torch.from_numpy(table).to(device))
+            elif self.manifest.score_terms:
+                out = self.module.score_terms(*arrays)
+            else:
+                out = self.module(*arrays)
         scores: np.ndarray = out.float().cpu().numpy()
         return scores
 
@@ -78,6 +92,15 @@ def smoke_inputs(manifest: Manifest, rows: int = 2) -> ModelInputs:
     return inputs
 
 
+def smoke_table(manifest: Manifest) -> np.ndarray:
+    """A small action table for a model scoring by features: a catalog of its first (at most three) coupon
+    actions, amounts of 1, 2, 3 (currency units), and a bundle of the first two when there are two."""
+    actions = list(range(1, min(4, manifest.num_actions)))
+    coupons = [Coupon(a, 100 * a) for a in actions]
+    bundles = [[a] for a in actions] + ([actions[:2]] if len(actions) > 1 else [])
+    return Catalog.build(coupons, bundles).action_rows(manifest.num_actions).table
+
+
 def load_policy(
     store_root: str, device_name: str, version: str | None = None, loaded: LoadedPolicy | None = None
 ) -> LoadedPolicy:
@@ -88,6 +111,7 @@ def load_policy(
         artifact = ModelStore(store_root).load(version)
     except ArtifactError as exc:
         raise PolicyRejected(str(exc)) from exc
+    _check_action_features(artifact)
     if loaded is not None and loaded.artifact.published == artifact.published:  # the same version, verified again
         return LoadedPolicy(artifact, loaded.module, loaded.device)
     device = resolve_device(device_name)
@@ -97,18 +121,37 @@ def load_policy(
         raise PolicyRejected(f"version {artifact.version!r}: cannot load the TorchScript model: {exc}") from exc
     policy = LoadedPolicy(artifact, module, device)
     manifest = artifact.manifest
-    try:
-        scores = policy.scores(smoke_inputs(manifest))
-    except Exception as exc:
-        raise PolicyRejected(f"version {artifact.version!r}: test forward failed: {exc}") from exc
-    if scores.shape != (2, policy.outputs):
+    _smoke_test(policy, None)
+    if policy.by_features:
+        _smoke_test(policy, smoke_table(manifest))
+    return policy
+
+
+def _check_action_features(artifact: Artifact) -> None:
+    """A model scoring by features must read the action table the service builds (contract/catalog.py)."""
+    names = artifact.manifest.action_features
+    if names and names != list(ACTION_FEATURES):
         raise PolicyRejected(
-            f"version {artifact.version!r}: test forward gave shape {tuple(scores.shape)}, "
-            f"the manifest says (batch, {policy.outputs})"
+            f"version {artifact.version!r}: the manifest's action_features {names} are not the action table "
+            f"this service builds ({list(ACTION_FEATURES)}, contract/catalog.py ACTION_FEATURES)"
+        )
+
+
+def _smoke_test(policy: LoadedPolicy, table: np.ndarray | None) -> None:
+    """A test forward of the expected shape and finite (`table`: `catalog_terms` on that action table)."""
+    version = policy.version
+    what = "test forward" if table is None else f"test forward of catalog_terms on a {len(table)}-row action table"
+    try:
+        scores = policy.scores(smoke_inputs(policy.manifest), table)
+    except Exception as exc:
+        raise PolicyRejected(f"version {version!r}: {what} failed: {exc}") from exc
+    columns = policy.outputs if table is None else 3 * len(table)
+    if scores.shape != (2, columns):
+        raise PolicyRejected(
+            f"version {version!r}: {what} gave shape {tuple(scores.shape)}, the manifest says (batch, {columns})"
         )
     if not np.isfinite(scores).all():
-        raise PolicyRejected(f"version {artifact.version!r}: test forward gave non-finite scores")
-    return policy
+        raise PolicyRejected(f"version {version!r}: {what} gave non-finite scores")
 
 
 class PolicyHolder:

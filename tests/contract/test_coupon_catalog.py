@@ -107,6 +107,25 @@ def test_a_bundles_score_adds_its_coupons_gains_over_none() -> None:
     np.testing.assert_array_equal(coupons[2], alone[2])
 
 
+def test_a_model_scoring_bundles_gives_their_scores_itself() -> None:
+    scores = np.array([[1.0, 3.0, 0.5, 2.0], [0.0, 1.0, 1.0, 1.0]], np.float32)
+    bundles = [(1,), (2,), (1, 3), (2, 3), (1, 2, 3)]
+    several = np.array([[0.0, 5.0, 2.0], [0.5, np.inf, 0.0]], np.float32)  # 1+3, 2+3, 1+2+3 as the model scores
+    np.testing.assert_allclose(bundle_scores(scores[:1], bundles, several[:1]), [[1.0, 3.0, 0.5, 0.0, 5.0, 2.0]])
+    lists, index, priority = bundle_ranking(scores, bundles, several)
+    # the model's 2+3 first (additive: 1+3 first, 4.0); a row with a non-finite bundle score: no coupon, last
+    assert lists[index[0]] == [4, 1, 5, 0] and lists[index[1]] == [0] and priority.tolist() == [0, 1]
+    assert bundle_ranking(scores, bundles)[0][0][0] == 3
+    with pytest.raises(ValueError, match=r"several: the scores of the 3 bundles of several coupons must be \[2, 3\]"):
+        bundle_scores(scores, bundles, several[:, :2])
+    # first fit grants by the model's scores: 2+3 (400) where it fits, else what comes next that fits
+    prices = np.array([-1, 100, 200, 200])
+    granted, refused = first_fit_bundles(scores[:1], bundles, prices, {}, 10_000, several[:1])
+    assert granted.tolist() == [4] and not refused.any()
+    granted, refused = first_fit_bundles(scores[:1], bundles, prices, {}, 300, several[:1])
+    assert granted.tolist() == [1] and refused.all()
+
+
 def test_first_fit_bundles_takes_budget_and_stock_whole() -> None:
     scores = np.array([[0.0, 1.0, 1.0, 1.0], [0.0, 1.0, 1.0, 0.5], [0.0, 0.2, 0.1, 0.1]])
     bundles = [(1,), (2,), (1, 2), (2, 3)]
