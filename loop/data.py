@@ -103,6 +103,24 @@ def model_actions(decisions: pa.Table, campaign: str) -> np.ndarray:
     return action
 
 
+def decision_coupons(decisions: pa.Table) -> tuple[pa.Array, pa.Array]:
+    """Each exported decision's coupons (list<int64>: [] no coupon, [a] one coupon, several for a bundle of
+    several) and their reserved costs (list<float64>, currency units), as its partition holds them; a partition
+    without the columns (written before decisions named their coupons) holds single coupons only: its action
+    alone at the decision's cost."""
+    if "coupons" in decisions.column_names:
+        coupons = decisions.column("coupons").combine_chunks().cast(pa.list_(pa.int64()))
+        costs = decisions.column("coupon_costs").combine_chunks().cast(pa.list_(pa.float64()))
+        return coupons, costs
+    action = decisions.column("action").to_numpy().astype(np.int64)
+    cost = decisions.column("cost").to_numpy().astype(np.float64)
+    given = action > 0
+    return (
+        pa.array([[int(a)] if g else [] for a, g in zip(action, given, strict=True)], pa.list_(pa.int64())),
+        pa.array([[float(c)] if g else [] for c, g in zip(cost, given, strict=True)], pa.list_(pa.float64())),
+    )
+
+
 @dataclass
 class LoggedData:
     """Joined decisions of the export: the log-schema table plus what the loop needs to know."""
@@ -120,7 +138,9 @@ def joined_decisions(
     ``reward``/``cost`` the outcome's (NaN when none has arrived), ``face_cost`` the decision's reserved
     cost, ``user_id`` = "<campaign>/<user>" (the service keeps one context per campaign and user), ``t`` the
     decision's rank in its user's trajectory, plus ``decision_id``, ``campaign_id``, ``probability``,
-    ``explored``, ``holdout``, ``lambda``, ``model_version``, ``decided_at_ms``, ``outcome_at_ms`` (-1: none)."""
+    ``explored``, ``holdout``, ``lambda``, ``model_version``, ``decided_at_ms``, ``outcome_at_ms`` (-1: none),
+    ``coupons`` and ``coupon_costs`` (`decision_coupons`). ``action`` is the action of a model that scores coupons
+    by index (`model_actions`); a model scoring by features reads ``coupons`` (loop/actions.py)."""
     root = Path(root)
     decision_dirs = _campaign_dirs(root, "decisions", campaigns)
     if not decision_dirs:
@@ -164,17 +184,17 @@ def joined_decisions(
         }
         for name in _LOGGING_COLUMNS:
             extra[name] = decisions.column(name).to_numpy(zero_copy_only=False)
-        parts.append(
-            logs_table(
-                users,
-                decisions.column("decided_at_ms").to_numpy(),
-                model_actions(decisions, campaign),
-                cost,
-                reward,
-                features,
-                extra,
-            )
+        part = logs_table(
+            users,
+            decisions.column("decided_at_ms").to_numpy(),
+            model_actions(decisions, campaign),
+            cost,
+            reward,
+            features,
+            extra,
         )
+        coupons, coupon_costs = decision_coupons(decisions)
+        parts.append(part.append_column("coupons", coupons).append_column("coupon_costs", coupon_costs))
     table = pa.concat_tables(parts)
     # t: the decision's rank in its user's trajectory (two decisions may share a millisecond)
     user = np.asarray(table.column("user_id").to_pylist(), dtype=str)

@@ -28,6 +28,11 @@ Two pieces of evidence, both required:
    incumbent at the median logged lambda, the candidate at the lambda whose simulated spend meets the
    incumbent's there; the value is priced the same way.
 
+Models that score coupons and bundles by their features are compared on the rows of the training table (the
+logged actions are its rows: no coupon, each coupon alone, each bundle of several coupons the logs hold;
+loop/actions.py): both choose among those rows, with the same weights whatever table they were trained on, so a
+logged bundle is matched by a model's choice of that bundle.
+
 The candidate is promoted only if the lower bound of the difference is at least
 ``-tolerance * incumbent's revenue`` per decision (with 95% confidence, the candidate earns at equal spend no
 less than the incumbent less the tolerance), its effective sample size (Kish: ``sum(w)^2 / sum(w^2)``) is at
@@ -339,11 +344,16 @@ def compare_at_equal_spend(
 class ModelChoices:
     """A model's choice at every logged decision, from the context the service would have built: the user's last
     steps (logged features, actions, outcomes) and the to-go values from the manifest's targets. The inputs are
-    built once; each call (a lambda per decision) is one forward pass."""
+    built once; each call (a lambda per decision) is one forward pass.
 
-    def __init__(self, artifact: Artifact, logs: Logs, batch_size: int = 4096) -> None:
+    A model scoring by features chooses among the rows of `table` [T, F] (the training table, whose rows the
+    logged actions are; default: the model's own), so a logged bundle is compared with its choice among bundles;
+    a model by index among its K actions (`table` is then not given)."""
+
+    def __init__(self, artifact: Artifact, logs: Logs, batch_size: int = 4096, table: np.ndarray | None = None) -> None:
         m = artifact.manifest
         self.module = load_scripted(artifact.model_path)
+        self.table = scoring_table(artifact, self.module, table)
         traj = build_trajectories(logs, m.context_length)
         windows = traj.windows(loss_on_every_step=False)  # one window ending at every row, in row order
         zero = np.zeros(len(windows))
@@ -371,14 +381,30 @@ class ModelChoices:
                 size = len(inputs[0])
                 given = list(inputs)
                 given[at] = torch.from_numpy(np.asarray(lam[start : start + size], dtype=np.float32))
-                out[start : start + size] = self.module(*given).argmax(dim=1).numpy()
+                scores = self.module(*given) if self.table is None else self.module.catalog_scores(*given, self.table)
+                out[start : start + size] = scores.argmax(dim=1).numpy()
                 start += size
         return out
 
 
-def greedy_actions(artifact: Artifact, logs: Logs, lam: np.ndarray, batch_size: int = 4096) -> np.ndarray:
+def scoring_table(artifact: Artifact, module: torch.nn.Module, table: np.ndarray | None) -> torch.Tensor | None:
+    """The action table a model chooses among: `table` (default: the model's own) for a model scoring by
+    features; None for a model by index (ValueError if a table is given for it)."""
+    if not artifact.manifest.action_features:
+        if table is not None:
+            raise ValueError(f"model {artifact.version} scores coupons by index: it takes no action table")
+        return None
+    if table is None:
+        scripted: Any = module
+        return torch.as_tensor(scripted.model.action_table).clone()
+    return torch.from_numpy(np.asarray(table, np.float32))
+
+
+def greedy_actions(
+    artifact: Artifact, logs: Logs, lam: np.ndarray, batch_size: int = 4096, table: np.ndarray | None = None
+) -> np.ndarray:
     """The model's choice at every logged decision at each decision's lambda (see `ModelChoices`)."""
-    return ModelChoices(artifact, logs, batch_size)(lam)
+    return ModelChoices(artifact, logs, batch_size, table)(lam)
 
 
 def direct_model(env: LogEnvironment, logs: Logs) -> tuple[np.ndarray, np.ndarray]:
@@ -458,9 +484,11 @@ def off_policy_comparison(
     incumbent: Artifact,
     cfg: GateConfig,
     target_cost: float | None = None,
+    table: np.ndarray | None = None,
 ) -> OffPolicyComparison:
     """`compare_at_equal_spend` of the candidates (each on its own part of the evidence: together, one policy)
-    and the incumbent on every part."""
+    and the incumbent on every part. `table`: for models scoring by features, the training table whose rows the
+    logged actions are; both models choose among its rows."""
     if not parts:
         raise ValueError("the gate needs evidence")
     scored_parts = [logged_decisions(p, cfg.doubly_robust) for p in parts]
@@ -479,8 +507,8 @@ def off_policy_comparison(
 
         return at
 
-    candidates = choices([ModelChoices(p.candidate, p.logs) for p in parts])
-    incumbents = choices([ModelChoices(incumbent, p.logs) for p in parts])
+    candidates = choices([ModelChoices(p.candidate, p.logs, table=table) for p in parts])
+    incumbents = choices([ModelChoices(incumbent, p.logs, table=table) for p in parts])
     return compare_at_equal_spend(decisions, candidates, incumbents, cfg, target_cost)
 
 
@@ -491,23 +519,28 @@ def environment_values(
     users: int | None = None,
     seed: int = 0,
     spend_low: float = 0.98,
+    table: np.ndarray | None = None,
 ) -> dict[str, dict[str, float]]:
     """Each model's value (revenue - lam * cost), revenue, cost per user and lambda in the learned environment:
     the incumbent at `lam`, the candidate at the lambda whose simulated spend meets the incumbent's (within
     [spend_low, 1]). Each model chooses among the actions the logs hold (the learned environment has no response
-    for the others, as a campaign offers only its own coupons)."""
+    for the others, as a campaign offers only its own coupons): models scoring by features among the rows of
+    `table` (the training table, whose rows the environment's actions are) that the logs hold."""
     from offline.calibrate import BudgetUnreachable, search_monotone
     from offline.rollout import SequencePolicy, rollout
 
     def run(artifact: Artifact) -> Callable[[float], tuple[float, float]]:
         m = artifact.manifest
+        module = load_scripted(artifact.model_path)
+        rows = scoring_table(artifact, module, table)
         policy = SequencePolicy(
-            load_scripted(artifact.model_path),
+            module,
             m.context_length,
             m.initial_rtg,
             m.initial_ctg,
             m.feature_dim,
             offered=env.logged_actions,
+            action_table=None if rows is None else rows.numpy(),
         )
 
         def per_user(at: float) -> tuple[float, float]:
@@ -613,13 +646,15 @@ def gate_candidate(
     environment_check: bool = True,
     target_cost: float | None = None,
     seed: int = 0,
+    table: np.ndarray | None = None,
 ) -> GateResult:
     """The gate on the evidence `parts` (see `off_policy_comparison`); the learned environment check runs the
-    first part's candidate (the one published) in that part's environment (None: no environment check)."""
-    comparison = off_policy_comparison(parts, incumbent, cfg, target_cost)
+    first part's candidate (the one published) in that part's environment (None: no environment check).
+    `table`: for models scoring by features, the training table (the rows the logged actions are)."""
+    comparison = off_policy_comparison(parts, incumbent, cfg, target_cost, table)
     env_values = None
     first = parts[0]
     if environment_check and first.env is not None:
         artifacts = {"candidate": first.candidate, "incumbent": incumbent}
-        env_values = environment_values(artifacts, first.env, comparison.lam_ref, seed=seed)
+        env_values = environment_values(artifacts, first.env, comparison.lam_ref, seed=seed, table=table)
     return decide(comparison, env_values, cfg)

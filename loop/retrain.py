@@ -6,6 +6,10 @@ recalibrate every active campaign's lambda from its remaining budget and horizon
 candidate becomes current in the model store (an atomic pointer swap) and is announced on ``<prefix>models``;
 then versions that never were current beyond the newest `keep_refused` are deleted.
 
+The candidate is of the incumbent's kind (`RetrainConfig.by_features`): a model that scores coupons by index, or
+one that scores coupons and bundles by their features, trained on the action table of the logs (loop/actions.py),
+its logged bundles of several coupons learned as bundles. A run never switches kinds (`model_kind`).
+
 A run that fails or is killed at any step leaves the incumbent current: the candidate is published as a
 version that is not current until the last step, and the logs are only ever read (the export acknowledges
 what it has written). Each run returns (and the CLI prints) one JSON object: inputs, metrics, decision,
@@ -28,6 +32,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pyarrow as pa
 
+from contract.catalog import Catalog, CatalogError
+from loop.actions import TrainingTable, logged_width, training_table, with_rows
 from loop.data import DAY_MS, DelayConfig, joined_decisions, label_outcomes
 from loop.gate import Evidence, GateConfig, gate_candidate
 from model_store import Artifact, ModelStore
@@ -62,6 +68,9 @@ class RetrainConfig:
     campaigns: list[str] | None = None  # train on (and recalibrate) these campaigns only; None: every campaign
     warm_start: bool = False  # the candidate starts from the incumbent's weights (default trainer only)
     keep_refused: int = 5  # versions never current (refused or failed candidates) kept in the store; older ones go
+    # the candidate scores coupons and bundles by their features (True) or coupons by index (False); None: the
+    # incumbent's kind (no incumbent: by index). A run that would switch kinds fails (`model_kind`)
+    by_features: bool | None = None
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -79,6 +88,7 @@ class RetrainConfig:
             "campaigns": self.campaigns,
             "warm_start": self.warm_start,
             "keep_refused": self.keep_refused,
+            "by_features": self.by_features,
         }
 
 
@@ -186,34 +196,81 @@ def _check_candidate(result: TrainResult, incumbent: Artifact | None) -> None:
     if incumbent is None:
         return
     got, m = result.model.cfg, incumbent.manifest
-    for name, have, want in (("actions", got.num_actions, m.num_actions), ("features", got.feature_dim, m.feature_dim)):
+    for name, have, want in (
+        ("actions", got.num_actions, m.num_actions),
+        ("features", got.feature_dim, m.feature_dim),
+        ("action features", got.action_features, len(m.action_features)),
+    ):
         if have != want:
             raise ValueError(f"the candidate has {have} {name}, the incumbent {want}: every replica would refuse it")
 
 
-def default_trainer(cfg: TrainConfig, initial: dict[str, Any] | None = None) -> Trainer:
-    return lambda logs: train(logs, cfg, progress=False, initial=initial)
+def model_kind(requested: bool | None, incumbent: Artifact | None) -> bool:
+    """Whether the candidate scores by features: `requested`, else the incumbent's kind (no incumbent: by index).
+    ValueError where `requested` would switch the incumbent's kind: the replicas serve one kind and the users'
+    contexts hold actions as it names them, so a model of the other kind is a new deployment (its own store)."""
+    if incumbent is None:
+        return bool(requested)
+    current = bool(incumbent.manifest.action_features)
+    if requested is None or requested == current:
+        return current
+    kinds = {True: "by features (--by-features)", False: "by index (--by-index)"}
+    raise ValueError(
+        f"the incumbent {incumbent.version} scores coupons {kinds[current]}: a candidate {kinds[requested]} would "
+        "switch kinds, which the replicas and the users' contexts (their actions, as the serving model names them) "
+        "do not follow; deploy a model of the other kind as a new deployment (its own model store), or retrain "
+        f"{kinds[current].split(' (')[0]}"
+    )
 
 
-def incumbent_weights(artifact: Artifact, cfg: TrainConfig) -> dict[str, Any]:
+def default_trainer(
+    cfg: TrainConfig, initial: dict[str, Any] | None = None, action_table: np.ndarray | None = None
+) -> Trainer:
+    return lambda logs: train(logs, cfg, progress=False, initial=initial, action_table=action_table)
+
+
+def incumbent_weights(artifact: Artifact, cfg: TrainConfig, action_table: np.ndarray | None = None) -> dict[str, Any]:
     """The trainable model's state dict inside an exported policy (its ``model.`` entries), for a warm start.
-    Raises ValueError when the incumbent's architecture is not the one `cfg` trains."""
+    `action_table` [T, F]: for a model scoring by features, the candidate's table (its rows may differ from the
+    incumbent's: new bundles logged), read at the incumbent's scale (`action_scale`: the weights' meaning of the
+    columns). Raises ValueError when the incumbent's architecture is not the one `cfg` trains."""
     import torch
 
     from model_store import load_scripted
 
     m = artifact.manifest
-    wanted = cfg.model_config(m.feature_dim, m.num_actions).to_dict()
+    features = len(m.action_features)
+    if (action_table is not None) != bool(features):
+        raise ValueError(
+            f"cannot warm start from {artifact.version}: it scores coupons "
+            f"{'by features' if features else 'by index'}, the candidate "
+            f"{'by features' if action_table is not None else 'by index'}"
+        )
+    rows = 0 if action_table is None else len(action_table)
+    model_cfg = cfg.model_config(m.feature_dim, m.num_actions, features, rows)
+    wanted = model_cfg.to_dict()
     have = {k: v for k, v in (artifact.manifest.model_config or {}).items() if k in wanted}
-    differs = {k: (have.get(k), v) for k, v in wanted.items() if k != "train" and _plain(have.get(k)) != _plain(v)}
+    # the table's rows are data (the logs' bundles), not the architecture
+    differs = {
+        k: (have.get(k), v)
+        for k, v in wanted.items()
+        if k not in ("train", "table_rows") and _plain(have.get(k)) != _plain(v)
+    }
     if differs:
         raise ValueError(f"cannot warm start from {artifact.version}: its model differs in {differs}")
     from offline.model import SacoTransformer
 
-    own = SacoTransformer(cfg.model_config(m.feature_dim, m.num_actions)).state_dict()
+    model = SacoTransformer(model_cfg)
     state = load_scripted(artifact.model_path).state_dict()
     # the export adds buffers of its own under the model (folded weights): only the model's entries
-    return {k: torch.as_tensor(state[f"model.{k}"]).clone() for k in own}
+    weights = {k: torch.as_tensor(state[f"model.{k}"]).clone() for k in model.state_dict()}
+    if action_table is not None:
+        scale = weights.pop("action_scale")
+        weights.pop("action_table")
+        model.load_state_dict(weights, strict=False)
+        model.set_action_table(torch.from_numpy(np.asarray(action_table, np.float32)), scale)
+        return {k: v.clone() for k, v in model.state_dict().items()}
+    return weights
 
 
 def _plain(value: Any) -> Any:
@@ -258,10 +315,13 @@ def recalibrate_campaigns(
     seed: int = 0,
     log: Callable[[str], None] | None = None,
     env: LogEnvironment | None = None,
+    table: TrainingTable | None = None,
 ) -> list[Recalibration]:
     """For each campaign with money left and a horizon, the lambda whose simulated spend over its remaining
     decisions meets its remaining budget (the learned environment, the serving model), set by PATCH. `env`: the
-    environment the gate learned, if any (else one is learned from `env_logs`)."""
+    environment the gate learned, if any (else one is learned from `env_logs`). A model scoring by features needs
+    `table`, the training table whose rows `env_logs`' actions are: it is offered the campaign's coupons alone and
+    its bundles' rows (contract/catalog.py `Catalog.from_view` of the campaign's view)."""
     import httpx
 
     from model_store import load_scripted
@@ -273,7 +333,15 @@ def recalibrate_campaigns(
     headers = {"Authorization": f"Bearer {admin_token}"} if admin_token else {}
     out: list[Recalibration] = []
     m = artifact.manifest
+    if m.action_features and table is None:
+        raise ValueError(
+            f"model {artifact.version} scores coupons by features: recalibrating it needs the training table (whose "
+            "rows the logged actions are)"
+        )
+    if not m.action_features and table is not None:
+        raise ValueError(f"model {artifact.version} scores coupons by index: it takes no training table")
     module = load_scripted(artifact.model_path)
+    space = m.num_actions if table is None else table.rows
     now = dt.datetime.now(dt.UTC)
     with httpx.Client(base_url=admin_url, headers=headers, timeout=30) as client:
         for campaign_id in campaign_ids:
@@ -293,16 +361,25 @@ def recalibrate_campaigns(
                 out.append(Recalibration(campaign_id, "skipped", reason, remaining=remaining))
                 continue
             if env is None:
-                env = LogEnvironment.fit(env_logs, seed=seed, num_actions=max(m.num_actions, env_logs.num_actions))
-            # the campaign's coupons, those the learned environment can price (the logs hold them), and no coupon
+                env = LogEnvironment.fit(env_logs, seed=seed, num_actions=max(space, env_logs.num_actions))
+            # the campaign's coupons (by features: and its bundles), those the learned environment can price (the
+            # logs hold them), and no coupon
             offered = np.zeros(env.num_actions, dtype=bool)
-            offered[[int(c["action"]) for c in view.get("coupons", []) if 0 < int(c["action"]) < env.num_actions]] = (
-                True
-            )
+            if table is None:
+                coupons = [int(c["action"]) for c in view.get("coupons", [])]
+                offered[[a for a in coupons if 0 < a < env.num_actions]] = True
+            else:
+                offered[: table.rows] = table.offered(Catalog.from_view(view))
             offered &= env.logged_actions
             offered[0] = True
             policy = SequencePolicy(
-                module, m.context_length, m.initial_rtg, m.initial_ctg, m.feature_dim, offered=offered
+                module,
+                m.context_length,
+                m.initial_rtg,
+                m.initial_ctg,
+                m.feature_dim,
+                offered=offered,
+                action_table=None if table is None else table.table,
             )
             users = max(1, math.ceil(decisions / env.rounds))
             scale = decisions / (users * env.rounds)  # simulated users come in whole trajectories
@@ -353,19 +430,36 @@ def _campaign_ids(redis_url: str, prefix: str) -> list[str]:
         client.close()
 
 
-def _campaign_coupons(admin_url: str, admin_token: str | None, campaign_ids: list[str]) -> dict[str, list[int]]:
-    """Each campaign's coupon actions, from the admin API (campaigns the service does not know are left out)."""
+def _campaign_views(admin_url: str, admin_token: str | None, campaign_ids: list[str]) -> dict[str, dict[str, Any]]:
+    """Each campaign's view from the admin API (campaigns the service does not know are left out)."""
     import httpx
 
     headers = {"Authorization": f"Bearer {admin_token}"} if admin_token else {}
-    out: dict[str, list[int]] = {}
+    out: dict[str, dict[str, Any]] = {}
     with httpx.Client(base_url=admin_url, headers=headers, timeout=30) as client:
         for campaign_id in campaign_ids:
             response = client.get(f"/v1/admin/campaigns/{campaign_id}")
             if response.status_code == 404:
                 continue
             response.raise_for_status()
-            out[campaign_id] = sorted(int(c["action"]) for c in response.json().get("coupons", []))
+            out[campaign_id] = response.json()
+    return out
+
+
+def _campaign_coupons(views: dict[str, dict[str, Any]]) -> dict[str, list[int]]:
+    """Each campaign's coupon actions."""
+    return {c: sorted(int(x["action"]) for x in view.get("coupons", [])) for c, view in views.items()}
+
+
+def _campaign_catalogs(views: dict[str, dict[str, Any]]) -> dict[str, Catalog]:
+    """Each campaign's catalog (contract/catalog.py `Catalog.from_view`); ValueError naming the campaign whose
+    view breaks a catalog rule."""
+    out = {}
+    for campaign, view in views.items():
+        try:
+            out[campaign] = Catalog.from_view(view)
+        except CatalogError as exc:
+            raise ValueError(f"campaign {campaign!r}: its catalog: {exc}") from exc
     return out
 
 
@@ -425,7 +519,19 @@ def retrain_once(
             if exported.trimmed:
                 say(f"warning: {exported.trimmed} log entries were trimmed before they were exported")
         step = enter("data")
+        incumbent_artifact = store.load(incumbent) if incumbent is not None else None
+        by_features = model_kind(cfg.by_features, incumbent_artifact)
         joined, counts = joined_decisions(cfg.logs, campaigns=cfg.campaigns)
+        views: dict[str, dict[str, Any]] = {}
+        if cfg.admin_url is not None and (incumbent_artifact is None or by_features):
+            logged_campaigns = sorted(set(joined.column("campaign_id").to_pylist()))
+            views = _campaign_views(cfg.admin_url, cfg.admin_token, logged_campaigns)
+        coupons = _campaign_coupons(views) if incumbent_artifact is None else {}
+        table: TrainingTable | None = None
+        if by_features:  # each decision's action is its row of the training table (loop/actions.py)
+            num_actions, space_from = action_space(incumbent_artifact, coupons, logged_width(joined))
+            table = training_table(joined, num_actions, _campaign_catalogs(views))
+            joined = with_rows(joined, table)
         # training and the gate see the same labels: under the delay model every decision, a pending one at
         # its expected outcome; under the maturity window the matured decisions only
         labelled, delay_metrics = label_outcomes(joined, now_ms, cfg.delay)
@@ -435,28 +541,30 @@ def retrain_once(
                 "--delay-method maturity; the delay model (--delay-method delay-model) labels young decisions too"
             )
         all_logs = validate_table(labelled)
-        incumbent_artifact = store.load(incumbent) if incumbent is not None else None
         cutoff = trained_until_ms(incumbent_artifact) if incumbent_artifact is not None else None
         plan = evidence_plan(all_logs, labelled, cutoff, cfg.eval_fraction, cfg.cross_fit)
-        coupons: dict[str, list[int]] = {}
-        if incumbent_artifact is None and cfg.admin_url is not None:
-            logged_campaigns = sorted(set(labelled.column("campaign_id").to_pylist()))
-            coupons = _campaign_coupons(cfg.admin_url, cfg.admin_token, logged_campaigns)
-        num_actions, space_from = action_space(incumbent_artifact, coupons, all_logs.num_actions)
+        if table is None:
+            num_actions, space_from = action_space(incumbent_artifact, coupons, all_logs.num_actions)
         report["metrics"]["data"] = {
             **counts,
             **delay_metrics,
             **plan.to_json(),
             "num_actions": num_actions,
             "action_space_from": space_from,
+            "by_features": by_features,
+            **({} if table is None else {"action_table": table.to_json()}),
         }
+        # the learned environment's actions: the training table's rows (by features), else the K actions
+        space = num_actions if table is None else table.rows
+        rows_table = None if table is None else table.table
 
         step = enter("train")
         train_cfg = replace(cfg.train, num_actions=num_actions)
         if trainer is None and cfg.warm_start and incumbent_artifact is not None:
             say(f"warm start from the incumbent {incumbent}")
-            trainer = default_trainer(train_cfg, incumbent_weights(incumbent_artifact, train_cfg))
-        fit = trainer or default_trainer(train_cfg)
+            initial = incumbent_weights(incumbent_artifact, train_cfg, rows_table)
+            trainer = default_trainer(train_cfg, initial, rows_table)
+        fit = trainer or default_trainer(train_cfg, action_table=rows_table)
         train_logs = [all_logs.subset_rows(rows) for rows in plan.train_rows]
         results = []
         for k, logs_k in enumerate(train_logs):
@@ -512,9 +620,7 @@ def retrain_once(
 
                         say(f"gate: fitting the learned environment on candidate {k + 1}'s training decisions")
                         logs_k = train_logs[k]
-                        env_k = LogEnvironment.fit(
-                            logs_k, seed=cfg.seed, num_actions=max(num_actions, logs_k.num_actions)
-                        )
+                        env_k = LogEnvironment.fit(logs_k, seed=cfg.seed, num_actions=max(space, logs_k.num_actions))
                     parts.append(plan.evidence(k, all_logs, labelled, artifact, env_k))
                 env = parts[0].env
                 say(
@@ -522,7 +628,12 @@ def retrain_once(
                     f"{plan.new_decisions:,} new to the incumbent) ({cfg.delay.method})"
                 )
                 gate = gate_candidate(
-                    parts, incumbent_artifact, cfg.gate, environment_check=cfg.environment_check, seed=cfg.seed
+                    parts,
+                    incumbent_artifact,
+                    cfg.gate,
+                    environment_check=cfg.environment_check,
+                    seed=cfg.seed,
+                    table=rows_table,
                 )
             promote, reasons = gate.promote, gate.reasons
             report["metrics"]["gate"] = {
@@ -555,6 +666,7 @@ def retrain_once(
                 seed=cfg.seed,
                 log=say,
                 env=env,
+                table=table,
             )
             report["recalibrated"] = [asdict(r) for r in recal]
 

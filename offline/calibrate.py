@@ -19,6 +19,11 @@ Three searches:
 `calibrate_artifact` (`saco calibrate`) runs the exported policy in the environment learned from the
 logs, the policy observing sampled outcomes drawn from seeded common random numbers, so the same store,
 logs, budget, user count and seed give the same lambda bit for bit.
+
+A model that scores coupons and bundles by their features (its manifest's `action_features`) reads the logs'
+actions as the rows of its own action table (what it was trained on: no coupon, each coupon alone, the bundles
+of several coupons its training logs held): the environment learns a response for every row the logs hold, and
+the policy chooses among those rows, so a model trained on bundle logs is calibrated granting bundles.
 """
 
 from __future__ import annotations
@@ -34,7 +39,8 @@ import numpy as np
 from scipy.optimize import minimize
 
 if TYPE_CHECKING:
-    from model_store import ModelStore
+    from model_store import Artifact, ModelStore
+    from offline.env import LogEnvironment
     from offline.logs import Logs
     from offline.rollout import Environment, SequencePolicy
     from offline.windows import Spread
@@ -289,6 +295,48 @@ def spend_table(simulate: Simulator, lams: list[float]) -> list[Evaluation]:
     return out
 
 
+def own_action_table(module: Any) -> np.ndarray:
+    """[T, F] float32: the action table of an exported policy that scores by features (the rows it trained on)."""
+    import torch
+
+    return np.asarray(torch.as_tensor(module.model.action_table).numpy(), np.float32).copy()
+
+
+def policy_in_environment(
+    artifact: Artifact, data: Logs, *, seed: int = 0, log: Callable[[str], None] | None = None
+) -> tuple[LogEnvironment, SequencePolicy]:
+    """The environment learned from `data` and the exported policy of `artifact` that runs in it, as `saco
+    calibrate` runs them: a model scoring by features chooses among the rows of its own table that the logs hold
+    (the logged actions are its rows; the environment has no response for the others). ValueError for logs the
+    model cannot read (other features, an action beyond its table's rows)."""
+    from model_store import load_scripted
+    from offline.env import LogEnvironment
+    from offline.rollout import SequencePolicy
+
+    m = artifact.manifest
+    if data.feature_dim != m.feature_dim:
+        raise ValueError(f"logs have {data.feature_dim} features, model {artifact.version} expects {m.feature_dim}")
+    module = load_scripted(artifact.model_path)
+    rows = own_action_table(module) if m.action_features else None
+    if rows is not None and data.num_actions > len(rows):
+        raise ValueError(
+            f"the logs hold action {data.num_actions - 1}, beyond the {len(rows)} rows of model {artifact.version}'s "
+            "action table (a model scoring by features reads the logged actions as the rows of the table it "
+            "trained on)"
+        )
+    env = LogEnvironment.fit(data, seed=seed, log=log, num_actions=None if rows is None else len(rows))
+    policy = SequencePolicy(
+        module,
+        m.context_length,
+        m.initial_rtg,
+        m.initial_ctg,
+        m.feature_dim,
+        offered=None if rows is None else env.logged_actions,
+        action_table=rows,
+    )
+    return env, policy
+
+
 def calibrate_artifact(
     store: ModelStore,
     data: Logs,
@@ -316,21 +364,15 @@ def calibrate_artifact(
     random order in requests of `request_size`) and returns the lambda that earns most through it.
     The lambda table is the spend without a ledger (it does not depend on the budget).
     `progress(phase, evaluation)` is told of every simulation pass as it ends."""
-    from model_store import LambdaPoint, load_scripted
-    from offline.env import LogEnvironment
-    from offline.rollout import SequencePolicy, StrictReservation, rollout
+    from model_store import LambdaPoint
+    from offline.rollout import StrictReservation, rollout
 
     if reservation not in RESERVATIONS:
         raise ValueError(f"reservation must be one of {', '.join(RESERVATIONS)}, got {reservation!r}")
     say = log or (lambda _msg: None)
     artifact = store.load(version)
     m = artifact.manifest
-    if data.feature_dim != m.feature_dim:
-        raise ValueError(f"logs have {data.feature_dim} features, model {artifact.version} expects {m.feature_dim}")
-    env = LogEnvironment.fit(data, seed=seed, log=say)
-    policy = SequencePolicy(
-        load_scripted(artifact.model_path), m.context_length, m.initial_rtg, m.initial_ctg, m.feature_dim
-    )
+    env, policy = policy_in_environment(artifact, data, seed=seed, log=say)
     n_users = users or data.n_users
     prices = face_values(data)
     ledger = StrictReservation(budget, prices, request_size=request_size, seed=seed)
@@ -457,7 +499,16 @@ def round_costs(
             return actions
 
     predicted = np.zeros(env.rounds)
-    tracking = Tracking(policy.module, policy.L, policy.initial_rtg, policy.initial_ctg, policy.d)
+    table = None if policy.action_table is None else policy.action_table.numpy()
+    tracking = Tracking(
+        policy.module,
+        policy.L,
+        policy.initial_rtg,
+        policy.initial_ctg,
+        policy.d,
+        offered=policy.offered,
+        action_table=table,
+    )
     result = rollout(env, tracking, lam, n_users=n_users, seed=seed)
     return predicted, result.cost_by_round
 
@@ -506,6 +557,7 @@ class _Policy:
     initial_rtg: float
     initial_ctg: float
     feature_dim: int
+    offered: tuple[bool, ...] | None = None  # by features: the rows of its own table it chooses among
 
 
 @dataclass(frozen=True)
@@ -650,7 +702,17 @@ def _loaded(task: _PassTask) -> tuple[Any, SequencePolicy]:
     if _WORKER.get("policy_spec") != task.policy:
         p = task.policy
         module = load_scripted(p.model_path)
-        _WORKER["policy"] = SequencePolicy(module, p.context_length, p.initial_rtg, p.initial_ctg, p.feature_dim)
+        offered = None if p.offered is None else np.array(p.offered, bool)
+        table = None if p.offered is None else own_action_table(module)
+        _WORKER["policy"] = SequencePolicy(
+            module,
+            p.context_length,
+            p.initial_rtg,
+            p.initial_ctg,
+            p.feature_dim,
+            offered=offered,
+            action_table=table,
+        )
         _WORKER["policy_spec"] = p
     return _WORKER["environment"], _WORKER["policy"]
 
@@ -756,7 +818,9 @@ def calibrate_shards(
     per_shard = _apportion(simulated, shard_users)
     fit_per_shard = _apportion(fit_users, shard_users)
     scale = n_users / simulated
-    policy = _Policy(str(artifact.model_path), m.context_length, m.initial_rtg, m.initial_ctg, m.feature_dim)
+    from model_store import load_scripted
+
+    rows = len(own_action_table(load_scripted(artifact.model_path))) if m.action_features else None
     context = multiprocessing.get_context("spawn")
     with (
         tempfile.TemporaryDirectory(prefix="saco-calibrate-") as scratch,
@@ -784,7 +848,18 @@ def calibrate_shards(
         fit_parts = [p.fit_logs for p in prepared if p.fit_logs is not None and p.fit_logs.n_rows]
         fit_logs = _concatenate_logs(fit_parts)
         num_actions = max(max(p.max_action for p in prepared) + 1, 2)
+        if rows is not None:  # by features: the rows of the model's own table
+            if num_actions > rows:
+                raise ValueError(
+                    f"the windows hold action {num_actions - 1}, beyond the {rows} rows of model "
+                    f"{artifact.version}'s action table"
+                )
+            num_actions = rows
         env = LogEnvironment.fit(fit_logs, seed=seed, log=say, num_actions=num_actions)
+        offered = None if rows is None else tuple(bool(x) for x in env.logged_actions)
+        policy = _Policy(
+            str(artifact.model_path), m.context_length, m.initial_rtg, m.initial_ctg, m.feature_dim, offered
+        )
         rounds = int(min(max(p.max_length for p in prepared), 64))
         parts = {
             "response": env.response,

@@ -195,14 +195,25 @@ class SacoTransformer(nn.Module):
         elif isinstance(module, nn.Embedding):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
 
-    def set_action_table(self, table: torch.Tensor) -> None:
+    def set_action_table(self, table: torch.Tensor, scale: torch.Tensor | None = None) -> None:
         """The training catalog's action rows [table_rows, F] (raw units); each column is read divided by its
-        largest magnitude here (1 for a column of zeros), so a catalog with larger values reads above 1."""
+        largest magnitude here (1 for a column of zeros), so a catalog with larger values reads above 1.
+        `scale` [F] (positive), if given, is the columns' divisor instead: a model's weights read the columns at
+        the scale they were trained at, so a model that goes on training on another table keeps its own."""
         if not self.by_features or tuple(table.shape) != tuple(self.action_table.shape):
             raise ValueError(f"the action table must be {tuple(self.action_table.shape)}, got {tuple(table.shape)}")
+        if scale is None:
+            largest = table.abs().amax(dim=0)
+            scale = torch.where(largest > 0, largest, torch.ones_like(largest))
+        elif tuple(scale.shape) != tuple(self.action_scale.shape) or not bool(
+            (torch.isfinite(scale) & (scale > 0)).all()
+        ):
+            raise ValueError(
+                f"the action table's scale must be {tuple(self.action_scale.shape)} positive numbers, got "
+                f"{scale.tolist()}"
+            )
         self.action_table.copy_(table)
-        scale = table.abs().amax(dim=0)
-        self.action_scale.copy_(torch.where(scale > 0, scale, torch.ones_like(scale)))
+        self.action_scale.copy_(scale)
 
     def action_rows(self, actions: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
         """[..., F] the scaled rows of `table` [T, F] for action indices `actions` [...]."""

@@ -406,6 +406,14 @@ def learning_loop(
         typer.Option(help="train on and recalibrate only this campaign (repeat for several; default: every one)"),
     ] = None,
     warm_start: Annotated[bool, typer.Option(help="start the candidate from the incumbent's weights")] = False,
+    by_features: Annotated[
+        bool | None,
+        typer.Option(
+            "--by-features/--by-index",
+            help="the candidate scores coupons and bundles by their features, or coupons by index (default: the "
+            "incumbent's kind; no incumbent: by index); a run never switches the incumbent's kind",
+        ),
+    ] = None,
     eval_fraction: Annotated[
         float, typer.Option(min=0, max=0.9, help="users held out of training (a stable hash): evidence for the gate")
     ] = 0.2,
@@ -447,6 +455,7 @@ def learning_loop(
         export=export,
         campaigns=campaign or None,
         warm_start=warm_start,
+        by_features=by_features,
         eval_fraction=eval_fraction,
         cross_fit=cross_fit,
         refit=refit,

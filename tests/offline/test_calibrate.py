@@ -275,3 +275,56 @@ def test_calibration_over_shards_refuses_the_strict_ledger(tmp_path: Path, tiny_
         capture_output=True, text=True, timeout=120,
     )  # fmt: skip
     assert proc.returncode != 0 and proc.stderr.startswith("error: --reservation strict simulates one ledger")
+
+
+def test_calibrating_a_model_by_features_on_bundle_logs_grants_bundles(tmp_path: Path):
+    """A model scoring by features, trained on logs whose actions are the rows of its table (no coupon, each
+    coupon alone, then bundles of two): `saco calibrate` learns a response for every row the logs hold and
+    simulates the policy choosing among them, bundles included; it records a lambda table."""
+    import dataclasses
+
+    from contract.catalog import Catalog
+    from offline.calibrate import policy_in_environment
+    from offline.logs import validate_table
+    from offline.rollout import rollout
+    from offline.train import TrainConfig, train
+
+    coupons = [
+        {"action": 1, "value": 2.0},
+        {"action": 2, "kind": "percent", "value": 10.0, "cap": 5.0},
+        {"action": 3, "value": 3.0, "min_spend": 25.0, "class": "threshold"},
+    ]
+    catalog = Catalog.parse(coupons, max_per_bundle=2)  # rows 4..6: the bundles of two coupons
+    table = simulate_logs(WorldConfig(users=300, rounds=4, seed=3, catalog=catalog))
+    logs = validate_table(table)
+    assert logs.num_actions == 7
+    cfg = TrainConfig(epochs=2, d_model=16, context_length=4, num_actions=4)
+    result = train(logs, cfg, progress=False, action_table=catalog.action_descriptors())
+    store = tmp_path / "store"
+    export_and_publish(result, logs, ModelStore(store))
+    path = write_logs(table, tmp_path / "bundles.parquet")
+    budget = round(0.5 * float(logs.cost.sum()), 2)
+    out = json.loads(
+        run_saco("calibrate", "--store", str(store), "--logs", str(path), "--budget", str(budget)).stdout.splitlines()[
+            -1
+        ]
+    )
+    assert 0.98 * budget <= out["cost"] <= budget, out
+    artifact = ModelStore(store).load()
+    record = artifact.calibration
+    assert record is not None and record.id == out["calibration"] and record.lam == out["lambda"]
+    assert len(record.lambda_table) >= 2 and record.lambda_table[0].lam == 0.0
+    assert len(artifact.manifest.cost_ratios) == 4  # one per round: the expected costs of the rows it grants
+
+    env, policy = policy_in_environment(artifact, logs)
+    assert env.num_actions == 7 and policy.action_table is not None and policy.action_table.shape[0] == 7
+    granted = rollout(env, policy, out["lambda"]).action_counts
+    assert len(granted) == 7 and granted[4:].sum() > 0, granted  # bundles of two coupons are granted
+    beyond = dataclasses.replace(logs, action=np.where(logs.action == 6, 7, logs.action))
+    with pytest.raises(ValueError, match="the logs hold action 7, beyond the 7 rows of model"):
+        policy_in_environment(artifact, beyond)
+
+    # over window shards: the same rows
+    build_windows(path, tmp_path / "w", context_length=4, shards=2, threads=1)
+    sharded = calibrate_shards(ModelStore(store), tmp_path / "w", budget, fit_rows=10_000)
+    assert 0.98 * budget <= sharded["cost"] <= budget, sharded

@@ -167,3 +167,20 @@ def test_a_table_beyond_the_coupons_alone(tmp_path: Path) -> None:
         every = scripted.catalog_terms(*x, torch.from_numpy(table))
     assert own.shape == (5, 12) and every.shape == (5, 21)
     assert torch.allclose(every.view(5, 3, 7)[:, :, :4].reshape(5, 12), own, atol=1e-5)
+
+
+def test_a_table_read_at_a_given_scale() -> None:
+    """A model that goes on training on another table keeps the scale its weights read the columns at."""
+    table = torch.from_numpy(CATALOG.action_descriptors())
+    model = random_model(table)
+    largest = table.abs().amax(0)
+    own = model.action_scale.clone()
+    assert torch.equal(own, torch.where(largest > 0, largest, torch.ones_like(largest)))  # a column's largest
+    larger = table * 2
+    model.set_action_table(larger, own)
+    assert torch.equal(model.action_table, larger) and torch.equal(model.action_scale, own)
+    model.set_action_table(larger)  # without a scale: the table's own
+    assert torch.equal(model.action_scale, torch.where(largest > 0, 2 * largest, torch.ones_like(largest)))
+    for bad in (torch.zeros_like(own), torch.ones(len(own) + 1), torch.full_like(own, float("nan"))):
+        with pytest.raises(ValueError, match="the action table's scale must be"):
+            model.set_action_table(table, bad)

@@ -98,6 +98,7 @@ def test_simulate_refuses_an_unknown_extension_before_simulating(tmp_path: Path)
 def test_help_reads_naturally() -> None:
     """Every boolean option reads --x / --no-x (or is a plain --x flag): never --no-no-x."""
     commands = [[], ["simulate"], ["train"], ["calibrate"], ["evaluate"], ["serve"], ["report"], ["models", "list"]]
+    commands.append(["retrain"])
     helps = {}
     for cmd in commands:
         proc = subprocess.run(
@@ -113,6 +114,7 @@ def test_help_reads_naturally() -> None:
     assert "--promote" in helps["train"] and "--no-promote" in helps["train"]
     assert "--effects" in helps["simulate"] and "--no-effects" in helps["simulate"]
     assert "--quick" in helps["report"] and "--no-quick" not in helps["report"]
+    assert "--by-features" in helps["retrain"] and "--by-index" in helps["retrain"]
 
 
 def test_windows_shards_a_parquet_log_and_names_a_bad_row(tmp_path: Path) -> None:
