@@ -24,7 +24,7 @@ Spend targets are fractions of what the singles oracle spends at lambda 0 (all i
 revenue per policy and target (mean ± std over seeds) and each policy's incremental revenue over no coupon
 relative to the oracle's over bundles (the share of the ceiling it reaches), mean (min..max over seeds).
 
-    .venv/bin/python benchmarks/bundle_policy.py                          # 3 seeds x 3 synergies, ~15 min on 2 cores
+    .venv/bin/python benchmarks/bundle_policy.py                          # 3 seeds x 3 synergies, ~8 min on 2 cores
     .venv/bin/python benchmarks/bundle_policy.py --png docs/bundle_policy.png --json docs/bundle_policy.json
 """
 
