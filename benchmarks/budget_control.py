@@ -507,10 +507,7 @@ def run_world(name: str, args: argparse.Namespace, root: Path, redis_url: str) -
     oracle_lam = search_monotone(oracle_sim, per_user_budget * args.log_users).lam
     publish_oracle(store, oracle_store, oracle_lam)
     artifact = ModelStore(store).load()
-    m = artifact.manifest
-    policy = SequencePolicy(
-        load_scripted(artifact.model_path), m.context_length, m.initial_rtg, m.initial_ctg, m.feature_dim
-    )
+    policy = SequencePolicy.of_artifact(artifact)
     model_lams = sorted({0.0, *(lam * f for f in (0.25, 0.5, 0.7, 0.85, 1.0, 1.15, 1.3, 1.6, 2.0, 3.0, 5.0, 10.0))})
     model_curve = curve(world, seeds, args.users, policy, model_lams)
     oracle_lams = [0.0, *np.geomspace(oracle_lam / 10, oracle_lam * 10, 41).tolist()]

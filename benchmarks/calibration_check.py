@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from model_store import ModelStore, load_scripted
+from model_store import ModelStore
 from offline.calibrate import calibrate_artifact
 from offline.export import export_and_publish
 from offline.logs import load_logs, validate_table, write_logs
@@ -98,10 +98,7 @@ def check(
         say(f"calibration run {run}: lambda {runs[-1]['lambda']!r} in {time.time() - started:.0f}s")
     lam, predicted = runs[0]["lambda"], runs[0]["cost"]
     artifact = store.load(runs[0]["version"])
-    m = artifact.manifest
-    policy = SequencePolicy(
-        load_scripted(artifact.model_path), m.context_length, m.initial_rtg, m.initial_ctg, m.feature_dim
-    )
+    policy = SequencePolicy.of_artifact(artifact)
     served = serve(policy, world_cfg, lam, budget, populations)
     realised = [r.sampled_cost for r in served]
     mean_realised = sum(realised) / len(realised)

@@ -55,7 +55,7 @@ import orjson
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
-from model_store import Artifact, ModelStore, load_scripted  # noqa: E402
+from model_store import Artifact, ModelStore  # noqa: E402
 from offline.calibrate import search_monotone  # noqa: E402
 from offline.logs import load_logs, write_logs  # noqa: E402
 from offline.rollout import Policy, SequencePolicy, rollout  # noqa: E402
@@ -160,10 +160,7 @@ class RandomPolicy(Policy):
 
 
 def sequence_policy(artifact: Artifact) -> SequencePolicy:
-    m = artifact.manifest
-    return SequencePolicy(
-        load_scripted(artifact.model_path), m.context_length, m.initial_rtg, m.initial_ctg, m.feature_dim
-    )
+    return SequencePolicy.of_artifact(artifact)
 
 
 def evaluate_at_spend(world: SyntheticWorld, artifact: Artifact, users: int, seed: int, target: float) -> Evaluation:

@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from model_store import ModelStore, load_scripted
+from model_store import ModelStore
 from offline.calibrate import CalibrationResult, search_monotone
 from offline.rollout import SequencePolicy
 from research.evaluate import COMPARISON_TARGET_LOW, CachedSimulator
@@ -130,11 +130,7 @@ def main() -> None:
     for run in runs:
         if "store" not in run:
             continue
-        manifest = ModelStore(Path(run["store"])).load()
-        m = manifest.manifest
-        policy = SequencePolicy(
-            load_scripted(manifest.model_path), m.context_length, m.initial_rtg, m.initial_ctg, m.feature_dim
-        )
+        policy = SequencePolicy.of_artifact(ModelStore(Path(run["store"])).load())
         sims[run["store"]] = CachedSimulator(world, policy, args.eval_users, 12_345)
     reference = min(sim(0.0)[1] for sim in sims.values())
     for run in runs:

@@ -530,17 +530,10 @@ def environment_values(
     from offline.rollout import SequencePolicy, rollout
 
     def run(artifact: Artifact) -> Callable[[float], tuple[float, float]]:
-        m = artifact.manifest
         module = load_scripted(artifact.model_path)
         rows = scoring_table(artifact, module, table)
-        policy = SequencePolicy(
-            module,
-            m.context_length,
-            m.initial_rtg,
-            m.initial_ctg,
-            m.feature_dim,
-            offered=env.logged_actions,
-            action_table=None if rows is None else rows.numpy(),
+        policy = SequencePolicy.of_artifact(
+            artifact, module, offered=env.logged_actions, action_table=None if rows is None else rows.numpy()
         )
 
         def per_user(at: float) -> tuple[float, float]:

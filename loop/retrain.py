@@ -372,14 +372,8 @@ def recalibrate_campaigns(
                 offered[: table.rows] = table.offered(Catalog.from_view(view))
             offered &= env.logged_actions
             offered[0] = True
-            policy = SequencePolicy(
-                module,
-                m.context_length,
-                m.initial_rtg,
-                m.initial_ctg,
-                m.feature_dim,
-                offered=offered,
-                action_table=None if table is None else table.table,
+            policy = SequencePolicy.of_artifact(
+                artifact, module, offered=offered, action_table=None if table is None else table.table
             )
             users = max(1, math.ceil(decisions / env.rounds))
             scale = decisions / (users * env.rounds)  # simulated users come in whole trajectories

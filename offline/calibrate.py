@@ -325,14 +325,8 @@ def policy_in_environment(
             "trained on)"
         )
     env = LogEnvironment.fit(data, seed=seed, log=log, num_actions=None if rows is None else len(rows))
-    policy = SequencePolicy(
-        module,
-        m.context_length,
-        m.initial_rtg,
-        m.initial_ctg,
-        m.feature_dim,
-        offered=None if rows is None else env.logged_actions,
-        action_table=rows,
+    policy = SequencePolicy.of_artifact(
+        artifact, module, offered=None if rows is None else env.logged_actions, action_table=rows
     )
     return env, policy
 

@@ -25,6 +25,7 @@ import torch
 from contract.inputs import History, ModelInputs, history_inputs
 from contract.money import rounded_cents
 from contract.ranking import first_fit
+from model_store import Artifact, load_scripted
 
 
 class Environment(Protocol):
@@ -225,6 +226,27 @@ class SequencePolicy(Policy):
         self.batch_size = batch_size
         self.rtg_for_lambda = rtg_for_lambda  # optional lam -> initial RTG (dt-lagrangian ablation)
         self.max_timestep = max_timestep if max_timestep is not None else np.iinfo(np.int64).max
+
+    @classmethod
+    def of_artifact(
+        cls,
+        artifact: Artifact,
+        module: torch.nn.Module | None = None,
+        offered: np.ndarray | None = None,
+        action_table: np.ndarray | None = None,
+    ) -> SequencePolicy:
+        """A published model as a policy: its manifest's context length, to-go targets and feature count;
+        `module` its loaded TorchScript (default: loaded here)."""
+        m = artifact.manifest
+        return cls(
+            load_scripted(artifact.model_path) if module is None else module,
+            m.context_length,
+            m.initial_rtg,
+            m.initial_ctg,
+            m.feature_dim,
+            offered=offered,
+            action_table=action_table,
+        )
 
     def begin(self, n_users: int) -> None:
         L = self.L
