@@ -203,9 +203,18 @@ class ActionRows:
         read as no coupon."""
         actions = np.asarray(actions, np.int64)
         out = np.where((actions >= 0) & (actions < self.num_actions), actions, 0)
-        for j, bundle in enumerate(self.several):
-            out[actions == bundle.action] = self.num_actions + j
+        position = actions - BUNDLE_ACTIONS
+        bundled = (position >= 1) & (position < len(self._bundle_rows))
+        out[bundled] = self._bundle_rows[position[bundled]]
         return out
+
+    @cached_property
+    def _bundle_rows(self) -> np.ndarray:
+        """i64 [1 + the largest position]: the row of the bundle answered as BUNDLE_ACTIONS + position (0: none)."""
+        rows = np.zeros(1 + max((b.action - BUNDLE_ACTIONS for b in self.several), default=0), np.int64)
+        for j, bundle in enumerate(self.several):
+            rows[bundle.action - BUNDLE_ACTIONS] = self.num_actions + j
+        return rows
 
 
 @dataclass(frozen=True)
