@@ -207,8 +207,10 @@ def _check_candidate(result: TrainResult, incumbent: Artifact | None) -> None:
 
 def model_kind(requested: bool | None, incumbent: Artifact | None) -> bool:
     """Whether the candidate scores by features: `requested`, else the incumbent's kind (no incumbent: by index).
-    ValueError where `requested` would switch the incumbent's kind: the replicas serve one kind and the users'
-    contexts hold actions as it names them, so a model of the other kind is a new deployment (its own store)."""
+    ValueError where `requested` would switch the incumbent's kind: the gate judges a candidate against the
+    incumbent on the logged decisions as the candidate's kind names them, which an incumbent of the other kind
+    did not serve by (a model by index ranks bundles by the additive rule), and no weights carry over; a model of
+    the other kind is a new deployment (its own model store: its first retrain names the kind)."""
     if incumbent is None:
         return bool(requested)
     current = bool(incumbent.manifest.action_features)
@@ -217,9 +219,9 @@ def model_kind(requested: bool | None, incumbent: Artifact | None) -> bool:
     kinds = {True: "by features (--by-features)", False: "by index (--by-index)"}
     raise ValueError(
         f"the incumbent {incumbent.version} scores coupons {kinds[current]}: a candidate {kinds[requested]} would "
-        "switch kinds, which the replicas and the users' contexts (their actions, as the serving model names them) "
-        "do not follow; deploy a model of the other kind as a new deployment (its own model store), or retrain "
-        f"{kinds[current].split(' (')[0]}"
+        "switch kinds, which the gate cannot judge against it (the logged decisions name bundles as one kind does) "
+        "and a warm start cannot carry over; deploy a model of the other kind as a new deployment (its own model "
+        f"store), or retrain {kinds[current].split(' (')[0]}"
     )
 
 
