@@ -7,6 +7,9 @@ its own seed) at the lambda whose exact expected spend is within [0.995, 1] x ea
 
     bundles            the catalog with bundles (max_per_bundle 2), the model scoring actions by features
     bundles by index   the same logs, the model naming each bundle as a class (the paper's way: an ablation)
+    additive           the same logs as a model by index is served with bundles: trained on single coupons (a
+                       logged bundle is its dearest coupon, as the learning loop records it), each bundle scored
+                       by the additive rule (contract/ranking.py `bundle_scores`), its history the dearest coupons
     singles            the catalog without bundles, each coupon alone (by features)
     oracle bundles     the perfect-information myopic oracle over bundles: the ceiling
     oracle singles     the same oracle over single coupons
@@ -34,7 +37,7 @@ import argparse
 import json
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -45,10 +48,11 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 from bundle_world import COUPONS, MAX_PER_BUNDLE, NoCoupon  # noqa: E402
 
-from contract.catalog import Catalog  # noqa: E402
+from contract.catalog import Catalog, dominant  # noqa: E402
+from contract.ranking import bundle_scores  # noqa: E402
 from offline.calibrate import search_monotone  # noqa: E402
 from offline.logs import validate_table  # noqa: E402
-from offline.rollout import Policy, rollout  # noqa: E402
+from offline.rollout import Policy, SequencePolicy, rollout  # noqa: E402
 from offline.train import TrainConfig, train  # noqa: E402
 from research.baselines import MyopicOracle  # noqa: E402
 from research.evaluate import CachedSimulator, saco_policy  # noqa: E402
@@ -61,6 +65,7 @@ TARGETS = (0.25, 0.5)
 POLICIES = (
     "bundles",
     "bundles by index",
+    "additive",
     "singles",
     "added, by features",
     "left out",
@@ -68,6 +73,35 @@ POLICIES = (
     "oracle singles",
 )
 CEILING = "oracle bundles"
+
+
+class Additive(Policy):
+    """A model of single coupons serving a catalog's bundles as the service serves a model by index: each bundle
+    scored by the additive rule, the user's history holding each bundle as its dearest coupon. The world's action
+    j is the catalog's bundle j - 1 (its coupons alone first, in action order: action a is coupon a alone)."""
+
+    def __init__(self, inner: SequencePolicy, catalog: Catalog, name: str) -> None:
+        self.inner, self.name = inner, name
+        self.bundles = [b.coupons for b in catalog.bundles]
+        self.dearest = dearest_coupon(catalog)
+
+    def begin(self, n_users: int) -> None:
+        self.inner.begin(n_users)
+
+    def act(self, features, t, lam, expected=None):
+        scores = bundle_scores(self.inner.scores(features, t, lam), self.bundles)
+        return np.asarray(scores.argmax(axis=1), dtype=np.int64)
+
+    def observe(self, actions, reward, cost):
+        self.inner.observe(self.dearest[actions], reward, cost)
+
+
+def dearest_coupon(catalog: Catalog) -> np.ndarray:
+    """[1 + bundles]: each world action's dearest coupon (contract/catalog.py `dominant`, the rule by which the
+    learning loop and a model by index read a bundle), 0 for no coupon."""
+    return np.array(
+        [0] + [dominant([(a, catalog.by_action[a].worst_case) for a in b.coupons]) for b in catalog.bundles], np.int64
+    )
 
 
 @dataclass
@@ -100,17 +134,20 @@ def run_seed(
     cfg = TrainConfig(seed=seed)
     models: dict[str, Any] = {}
     trained: dict[str, dict[str, float]] = {}
-    for name, by_features in (("bundles", True), ("bundles by index", False), ("singles", True), ("without", True)):
-        world_name = name.split()[0]
+    kinds = (("bundles", True), ("bundles by index", False), ("additive", False), ("singles", True), ("without", True))
+    for name, by_features in kinds:
+        world_name = "bundles" if name == "additive" else name.split()[0]
         logs = validate_table(simulate_logs(worlds[world_name]))
         table = cats[world_name].action_descriptors() if by_features else None
+        if name == "additive":  # a logged bundle as its dearest coupon
+            logs = replace(logs, action=dearest_coupon(cats["bundles"])[logs.action])
         started = time.time()
         result = train(logs, cfg, progress=False, action_table=table)
         trained[name] = {"seconds": time.time() - started, "val_loss": result.metrics["val_loss"]}
         models[name] = (result, logs.feature_dim)
         log(f"synergy {synergy:+.1f} seed {seed}: trained '{name}' in {trained[name]['seconds']:.0f}s")
 
-    def model(name: str, table_of: str | None = None) -> Policy:
+    def model(name: str, table_of: str | None = None) -> SequencePolicy:
         result, feature_dim = models[name]
         table = None if table_of is None else cats[table_of].action_descriptors()
         return saco_policy(result, feature_dim, name, action_table=table)
@@ -119,6 +156,7 @@ def run_seed(
     plan: dict[str, tuple[str, Policy]] = {
         "bundles": ("bundles", model("bundles")),
         "bundles by index": ("bundles", model("bundles by index")),
+        "additive": ("bundles", Additive(model("additive"), cats["bundles"], "additive")),
         "singles": ("singles", model("singles")),
         "added, by features": ("bundles", model("without", table_of="bundles")),
         "left out": ("without", model("without")),
@@ -177,6 +215,7 @@ def ratios(rows: list[Row]) -> list[str]:
     pairs = (
         ("bundles", "singles"),
         ("bundles", "bundles by index"),
+        ("bundles", "additive"),
         ("added, by features", "left out"),
         ("added, by features", "bundles"),
         ("oracle bundles", "oracle singles"),
