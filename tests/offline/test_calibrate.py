@@ -298,7 +298,7 @@ def test_calibrating_a_model_by_features_on_bundle_logs_grants_bundles(tmp_path:
     table = simulate_logs(WorldConfig(users=300, rounds=4, seed=3, catalog=catalog))
     logs = validate_table(table)
     assert logs.num_actions == 7
-    cfg = TrainConfig(epochs=2, d_model=16, context_length=4, num_actions=4)
+    cfg = TrainConfig(epochs=8, d_model=16, context_length=4, num_actions=4)
     result = train(logs, cfg, progress=False, action_table=catalog.action_descriptors())
     store = tmp_path / "store"
     export_and_publish(result, logs, ModelStore(store))
