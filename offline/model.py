@@ -14,7 +14,7 @@ Two token layouts:
 Two ways to name an action:
 - by index (the paper's way, `action_features` 0): an action is one of K classes, embedded and scored by its
   own row of each head, so a new coupon is a new class and needs a new model;
-- by features (`action_features` F > 0): an action is its row of an action table [K, F]
+- by features (`action_features` F > 0): an action is its row of an action table [T, F]
   (contract/catalog.py `action_descriptors`: what a coupon or bundle gives), both where a step's action is
   read (the previous-action input and the history) and where actions are scored (a two-tower value head:
   the decision token's vector times an MLP of the action's row). Another table (a catalog with a coupon
