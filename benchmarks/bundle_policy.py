@@ -48,7 +48,7 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 from bundle_world import COUPONS, MAX_PER_BUNDLE, NoCoupon  # noqa: E402
 
-from contract.catalog import Catalog, dominant  # noqa: E402
+from contract.catalog import Catalog  # noqa: E402
 from contract.ranking import bundle_scores  # noqa: E402
 from offline.calibrate import search_monotone  # noqa: E402
 from offline.logs import validate_table  # noqa: E402
@@ -99,9 +99,7 @@ class Additive(Policy):
 def dearest_coupon(catalog: Catalog) -> np.ndarray:
     """[1 + bundles]: each world action's dearest coupon (contract/catalog.py `dominant`, the rule by which the
     learning loop and a model by index read a bundle), 0 for no coupon."""
-    return np.array(
-        [0] + [dominant([(a, catalog.by_action[a].worst_case) for a in b.coupons]) for b in catalog.bundles], np.int64
-    )
+    return np.array([0] + [catalog.dominant(b) for b in catalog.bundles], np.int64)
 
 
 @dataclass

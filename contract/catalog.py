@@ -372,6 +372,10 @@ class Catalog:
         world's action j)."""
         return action_descriptors(self.coupons, [b.coupons for b in self.bundles])
 
+    def dominant(self, bundle: Bundle) -> int:
+        """The coupon that stands for `bundle` where one action must (`dominant` of its coupons' worst cases)."""
+        return dominant([(a, self.by_action[a].worst_case) for a in bundle.coupons])
+
     def action_rows(self, num_actions: int) -> ActionRows:
         """`ActionRows` of this catalog for a model of `num_actions` (every coupon action below it)."""
         several = tuple(b for b in self.bundles if len(b.coupons) > 1)

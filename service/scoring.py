@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 import orjson
 
-from contract.catalog import BUNDLE_ACTIONS, ActionRows, Catalog, dominant
+from contract.catalog import BUNDLE_ACTIONS, ActionRows, Catalog
 from contract.inputs import History, ModelInputs, history_inputs
 from contract.money import from_cents
 from contract.ranking import bundle_ranking, finite_rows, ranking
@@ -259,9 +259,7 @@ def _dominant_of(catalog: Catalog | None, action: int) -> int:
     if catalog is None or not 1 <= position <= len(catalog.bundles):
         return 0
     bundle = catalog.bundles[position - 1]
-    if bundle.action != action:
-        return 0
-    return dominant([(a, catalog.by_action[a].worst_case) for a in bundle.coupons])
+    return catalog.dominant(bundle) if bundle.action == action else 0
 
 
 class ActionRowsCache:
